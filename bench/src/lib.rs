@@ -1,0 +1,1 @@
+//! Measurement helpers shared by Ambit's benchmarks (`bench/src/bin/*`).

@@ -128,6 +128,11 @@ impl<'de> serde::Deserialize<'de> for Identity {
     }
 }
 
+/// Checks that `trust_domain` could appear in an identity (as [`Identity::new`] would).
+pub fn validate_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
+    check_trust_domain(&format!("spiffe://{trust_domain}"), trust_domain)
+}
+
 /// A trust domain is a DNS-like name: lowercase letters, digits, '.', '-' and '_'
 /// (SPIFFE ID spec), at most 255 bytes.
 fn check_trust_domain(uri: &str, td: &str) -> Result<(), IdentityError> {

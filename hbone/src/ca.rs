@@ -462,3 +462,264 @@ fn random_serial() -> SerialNumber {
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     SerialNumber::from_slice(&bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cert::WorkloadCertificate;
+    use crate::Identity;
+    use rustls_pki_types::UnixTime;
+    use x509_parser::extensions::GeneralName;
+
+    const TD: &str = "cluster.local";
+    const ROOT_PEM: &str = include_str!("../tests/fixtures/pki/root-ec.pem");
+    const ROOT_KEY: &str = include_str!("../tests/fixtures/pki/root-ec.key");
+    const INTERMEDIATE_PEM: &str = include_str!("../tests/fixtures/pki/intermediate-rsa.pem");
+    const INTERMEDIATE_KEY: &str = include_str!("../tests/fixtures/pki/intermediate-rsa.key");
+
+    fn alice() -> Identity {
+        Identity::new(TD, "default", "alice").unwrap()
+    }
+
+    /// Signs a fresh CSR for alice, returning the chain and the key.
+    fn issue(ca: &CertificateAuthority) -> (Vec<CertificateDer<'static>>, csr::WorkloadCsr) {
+        let request = csr::new_csr(&alice()).unwrap();
+        let valid = ca.validate_csr(&request.csr_pem, Some(&alice())).unwrap();
+        (ca.sign(&valid, DEFAULT_CERT_VALIDITY).unwrap(), request)
+    }
+
+    /// What a peer does: verify the chain against the roots, for both usages.
+    fn verify(chain: &[CertificateDer<'static>], roots: &[CertificateDer<'static>]) {
+        let anchors: Vec<_> = roots
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).unwrap())
+            .collect();
+        let leaf = webpki::EndEntityCert::try_from(&chain[0]).unwrap();
+        for usage in [
+            webpki::KeyUsage::client_auth(),
+            webpki::KeyUsage::server_auth(),
+        ] {
+            leaf.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &chain[1..],
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .unwrap();
+        }
+    }
+
+    fn secs(t: SystemTime) -> i64 {
+        t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    #[test]
+    fn generated_root_signs_verifiable_spiffe_leaves() {
+        let ca = CertificateAuthority::generate(TD, DEFAULT_ROOT_VALIDITY).unwrap();
+        let roots = ca.trust_roots();
+        let root = cert::parse(&roots[0]).unwrap();
+        assert_eq!(
+            root.subject().to_string(),
+            "O=cluster.local, CN=Ambit root CA"
+        );
+        assert!(root.is_ca());
+        assert!(root.key_usage().unwrap().unwrap().value.key_cert_sign());
+        let root_life =
+            root.validity().not_after.timestamp() - root.validity().not_before.timestamp();
+        assert_eq!(root_life, DEFAULT_ROOT_VALIDITY.as_secs() as i64 + 60);
+
+        let before = secs(SystemTime::now());
+        let (chain, request) = issue(&ca);
+        assert_eq!(chain.len(), 1, "a root CA sends the leaf alone");
+        verify(&chain, &roots);
+
+        let leaf = cert::parse(&chain[0]).unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::URI(
+                "spiffe://cluster.local/ns/default/sa/alice"
+            )]
+        );
+        assert!(san.critical, "empty subject requires a critical SAN");
+        assert!(leaf.subject().as_raw().len() <= 2, "subject is empty");
+        assert!(!leaf.is_ca());
+        let ku = leaf.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && ku.key_encipherment() && !ku.key_cert_sign());
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        let nb = leaf.validity().not_before.timestamp();
+        let na = leaf.validity().not_after.timestamp();
+        assert!(
+            (before - 61..=before - 59).contains(&nb),
+            "not_before {nb} vs now {before}"
+        );
+        assert!(
+            (before + 86399..=before + 86402).contains(&na),
+            "not_after {na} vs now {before}"
+        );
+
+        let workload =
+            WorkloadCertificate::new(chain.clone(), request.private_key(), roots).unwrap();
+        assert_eq!(workload.identity(), &alice());
+
+        let (again, _) = issue(&ca);
+        assert_ne!(
+            cert::parse(&again[0]).unwrap().raw_serial(),
+            leaf.raw_serial(),
+            "serials must be unique"
+        );
+    }
+
+    #[test]
+    fn leaves_never_outlive_the_ca() {
+        let ca = CertificateAuthority::generate(TD, Duration::from_secs(3600)).unwrap();
+        let (chain, _) = issue(&ca);
+        let leaf = cert::parse(&chain[0]).unwrap();
+        assert_eq!(leaf.validity().not_after.timestamp(), secs(ca.not_after()));
+
+        let now = SystemTime::now();
+        let valid = ca
+            .validate_csr(&csr::new_csr(&alice()).unwrap().csr_pem, None)
+            .unwrap();
+        let err = ca
+            .sign_between(&valid, now, now - Duration::from_secs(1))
+            .unwrap_err();
+        assert!(matches!(err, CaError::EmptyValidity { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn refuses_to_sign_for_another_trust_domain() {
+        let ca = CertificateAuthority::generate(TD, DEFAULT_ROOT_VALIDITY).unwrap();
+        let other = Identity::new("other.example", "default", "alice").unwrap();
+        // Validated for the wrong trust domain by a confused caller: the CA still says no.
+        let valid = csr::validate(
+            &csr::new_csr(&other).unwrap().csr_pem,
+            "other.example",
+            None,
+        )
+        .unwrap();
+        let err = ca.sign(&valid, DEFAULT_CERT_VALIDITY).unwrap_err();
+        let CaError::Csr(inner) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            inner.to_string(),
+            "CSR asks for spiffe://other.example/ns/default/sa/alice, \
+             outside this CA's trust domain \"cluster.local\""
+        );
+    }
+
+    #[test]
+    fn generated_ca_survives_a_reload() {
+        let ca = CertificateAuthority::generate(TD, DEFAULT_ROOT_VALIDITY).unwrap();
+        let stored = ca.to_pem();
+        assert!(stored.chain_pem.is_empty());
+        assert!(!format!("{stored:?}").contains("PRIVATE KEY"));
+        let reloaded =
+            CertificateAuthority::from_pem(TD, &stored.cert_pem, &stored.key_pem, Some(""))
+                .unwrap();
+        assert_eq!(reloaded.roots_pem(), ca.roots_pem());
+        let (chain, _) = issue(&reloaded);
+        verify(&chain, &ca.trust_roots());
+    }
+
+    #[test]
+    fn plugged_in_ecdsa_root_signs() {
+        let ca = CertificateAuthority::from_pem(TD, ROOT_PEM, ROOT_KEY, None).unwrap();
+        assert_eq!(ca.roots_pem(), vec![ROOT_PEM.to_string()]);
+        let (chain, _) = issue(&ca);
+        assert_eq!(chain.len(), 1);
+        verify(&chain, &cert::parse_pem_certs(ROOT_PEM).unwrap());
+        let leaf = cert::parse(&chain[0]).unwrap();
+        assert_eq!(
+            leaf.issuer().to_string(),
+            "O=Example Corp, CN=Example Root CA"
+        );
+    }
+
+    #[test]
+    fn plugged_in_rsa_intermediate_signs_and_sends_itself() {
+        let ca =
+            CertificateAuthority::from_pem(TD, INTERMEDIATE_PEM, INTERMEDIATE_KEY, Some(ROOT_PEM))
+                .unwrap();
+        assert_eq!(ca.roots_pem(), vec![ROOT_PEM.to_string()]);
+        let (chain, request) = issue(&ca);
+        let intermediate = cert::parse_pem_certs(INTERMEDIATE_PEM).unwrap();
+        assert_eq!(chain.len(), 2, "leaf, then the intermediate, not the root");
+        assert_eq!(chain[1], intermediate[0]);
+        verify(&chain, &ca.trust_roots());
+        let leaf = cert::parse(&chain[0]).unwrap();
+        assert_eq!(
+            leaf.issuer().to_string(),
+            "O=Example Corp, CN=Example Mesh Intermediate"
+        );
+        WorkloadCertificate::new(chain, request.private_key(), ca.trust_roots()).unwrap();
+
+        // And an RSA requester works too.
+        let rsa_csr = include_str!("../tests/fixtures/pki/csr-rsa2048.pem");
+        let valid = ca.validate_csr(rsa_csr, None).unwrap();
+        let chain = ca.sign(&valid, DEFAULT_CERT_VALIDITY).unwrap();
+        verify(&chain, &ca.trust_roots());
+
+        // Reloading keeps the chain.
+        let stored = ca.to_pem();
+        assert_eq!(stored.chain_pem, ROOT_PEM);
+        let reloaded = CertificateAuthority::from_pem(
+            TD,
+            &stored.cert_pem,
+            &stored.key_pem,
+            Some(&stored.chain_pem),
+        )
+        .unwrap();
+        assert_eq!(issue(&reloaded).0.len(), 2);
+    }
+
+    #[test]
+    fn refuses_bad_plugged_in_material() {
+        let load = |cert: &str, key: &str, chain: Option<&str>| {
+            CertificateAuthority::from_pem(TD, cert, key, chain)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            load(ROOT_PEM, INTERMEDIATE_KEY, None),
+            "CA private key does not match the CA certificate (subject O=Example Corp, CN=Example Root CA)"
+        );
+        assert_eq!(
+            load(
+                include_str!("../tests/fixtures/pki/not-ca.pem"),
+                include_str!("../tests/fixtures/pki/not-ca.key"),
+                Some(ROOT_PEM)
+            ),
+            "certificate CN=Not A CA is not a CA (basicConstraints has CA:FALSE)"
+        );
+        assert_eq!(
+            load(INTERMEDIATE_PEM, INTERMEDIATE_KEY, None),
+            "chain ends at O=Example Corp, CN=Example Mesh Intermediate, which is not a \
+             self-signed root; include the root certificate in the chain"
+        );
+        let stranger = CertificateAuthority::generate(TD, DEFAULT_ROOT_VALIDITY).unwrap();
+        let msg = load(
+            INTERMEDIATE_PEM,
+            INTERMEDIATE_KEY,
+            Some(&stranger.roots_pem()[0]),
+        );
+        assert!(
+            msg.starts_with(
+                "chain is broken: O=Example Corp, CN=Example Mesh Intermediate is not signed by \
+                 O=cluster.local, CN=Ambit root CA"
+            ),
+            "{msg}"
+        );
+        assert!(load("", ROOT_KEY, None).contains("holds no certificate"));
+        assert!(load(ROOT_PEM, "nope", None).starts_with("CA private key is unreadable"));
+        assert!(matches!(
+            CertificateAuthority::generate("Bad Domain", DEFAULT_ROOT_VALIDITY),
+            Err(CaError::TrustDomain(_))
+        ));
+    }
+}

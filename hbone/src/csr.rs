@@ -403,3 +403,188 @@ pub(crate) fn csr_for(identity: &Identity, key: &KeyPair) -> Result<String, CsrE
         .and_then(|csr| csr.pem())
         .map_err(CsrError::Generate)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TD: &str = "cluster.local";
+
+    fn id(sa: &str) -> Identity {
+        Identity::new(TD, "default", sa).unwrap()
+    }
+
+    /// A CSR with arbitrary SANs, to exercise what `new_csr` would never produce.
+    fn csr_with(sans: Vec<SanType>, key: &KeyPair) -> String {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = sans;
+        params.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    fn refusal(pem: &str, expected: Option<&Identity>) -> (CsrError, String) {
+        let err = validate(pem, TD, expected).unwrap_err();
+        let msg = err.to_string();
+        (err, msg)
+    }
+
+    #[test]
+    fn new_csr_validates_and_names_only_the_identity() {
+        let alice = id("alice");
+        let request = new_csr(&alice).unwrap();
+        let valid = validate(&request.csr_pem, TD, Some(&alice)).unwrap();
+        assert_eq!(valid.identity(), &alice);
+        assert_eq!(valid.key_type(), KeyType::EcdsaP256);
+        // The key is PKCS#8 and is the CSR's key.
+        let key = KeyPair::from_pem(&request.private_key_pem()).unwrap();
+        assert_eq!(valid.public_key().der_bytes(), key.public_key_raw());
+        assert!(request
+            .private_key_pem()
+            .starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        assert!(!format!("{request:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn accepts_other_key_types() {
+        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let valid = validate(&csr_for(&id("ed"), &ed).unwrap(), TD, None).unwrap();
+        assert_eq!(valid.key_type(), KeyType::Ed25519);
+
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let valid = validate(&csr_for(&id("p"), &p384).unwrap(), TD, None).unwrap();
+        assert_eq!(valid.key_type(), KeyType::EcdsaP384);
+
+        let rsa = include_str!("../tests/fixtures/pki/csr-rsa2048.pem");
+        let valid = validate(rsa, TD, Some(&id("rsa"))).unwrap();
+        assert_eq!(valid.key_type(), KeyType::Rsa(2048));
+    }
+
+    #[test]
+    fn refuses_other_identity_than_asked() {
+        let request = new_csr(&id("alice")).unwrap();
+        let (err, msg) = refusal(&request.csr_pem, Some(&id("bob")));
+        assert!(matches!(err, CsrError::IdentityMismatch { .. }), "{err:?}");
+        assert_eq!(
+            msg,
+            "CSR asks for spiffe://cluster.local/ns/default/sa/alice, \
+             but the caller asked for spiffe://cluster.local/ns/default/sa/bob"
+        );
+    }
+
+    #[test]
+    fn refuses_extra_or_missing_sans() {
+        let key = KeyPair::generate().unwrap();
+        let alice = "spiffe://cluster.local/ns/default/sa/alice";
+        let cases: Vec<(Vec<SanType>, &str)> = vec![
+            (vec![], "CSR has no subjectAltName"),
+            (
+                vec![
+                    uri(alice),
+                    SanType::DnsName("alice.default".try_into().unwrap()),
+                ],
+                "CSR subjectAltName DNS name \"alice.default\" is not allowed",
+            ),
+            (
+                vec![SanType::IpAddress([10, 0, 0, 1].into()), uri(alice)],
+                "CSR subjectAltName IP address",
+            ),
+            (
+                vec![
+                    uri(alice),
+                    SanType::Rfc822Name("a@example.com".try_into().unwrap()),
+                ],
+                "CSR subjectAltName email \"a@example.com\" is not allowed",
+            ),
+            (
+                vec![uri(alice), uri("spiffe://cluster.local/ns/default/sa/bob")],
+                "CSR has 2 URI SANs (spiffe://cluster.local/ns/default/sa/alice, \
+                 spiffe://cluster.local/ns/default/sa/bob); exactly one is allowed",
+            ),
+            (
+                vec![uri("https://alice.example.com/")],
+                "CSR URI SAN \"https://alice.example.com/\" is not an Ambit SPIFFE identity",
+            ),
+            (
+                vec![uri("spiffe://cluster.local/alice")],
+                "CSR URI SAN \"spiffe://cluster.local/alice\" is not an Ambit SPIFFE identity",
+            ),
+        ];
+        for (sans, want) in cases {
+            let desc = format!("{sans:?}");
+            let (_, msg) = refusal(&csr_with(sans, &key), None);
+            assert!(msg.contains(want), "{desc}: {msg:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_other_trust_domain() {
+        let other = Identity::new("other.example", "default", "alice").unwrap();
+        let request = new_csr(&other).unwrap();
+        let (err, msg) = refusal(&request.csr_pem, None);
+        assert!(matches!(err, CsrError::TrustDomain { .. }), "{err:?}");
+        assert_eq!(
+            msg,
+            "CSR asks for spiffe://other.example/ns/default/sa/alice, \
+             outside this CA's trust domain \"cluster.local\""
+        );
+    }
+
+    #[test]
+    fn refuses_weak_and_unsupported_keys() {
+        let (err, msg) = refusal(include_str!("../tests/fixtures/pki/csr-rsa1024.pem"), None);
+        assert!(
+            matches!(err, CsrError::WeakRsaKey { bits: 1024 }),
+            "{err:?}"
+        );
+        assert_eq!(msg, "CSR RSA key has 1024 bits; at least 2048 are required");
+
+        let (err, msg) = refusal(include_str!("../tests/fixtures/pki/csr-p521.pem"), None);
+        assert!(matches!(err, CsrError::UnsupportedKey { .. }), "{err:?}");
+        assert!(
+            msg.starts_with("CSR key type ECDSA on curve 1.3.132.0.35 is not accepted"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn refuses_tampered_signature() {
+        let request = new_csr(&id("alice")).unwrap();
+        let der = CertificateSigningRequestDer::from_pem_slice(request.csr_pem.as_bytes()).unwrap();
+        // Swap the identity for another of the same length: still well-formed, and
+        // exactly what an attacker replaying someone else's CSR would try.
+        let mut bytes = der.as_ref().to_vec();
+        let at = bytes
+            .windows(5)
+            .position(|w| w == b"alice")
+            .expect("URI in CSR");
+        bytes[at..at + 5].copy_from_slice(b"mallo");
+        let tampered = crate::cert::pem_encode("CERTIFICATE REQUEST", &bytes);
+        let (err, msg) = refusal(&tampered, None);
+        assert!(matches!(err, CsrError::Signature(_)), "{err:?}");
+        assert_eq!(
+            msg,
+            "CSR signature does not verify with the CSR's own public key"
+        );
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        let (err, _) = refusal("hello", None);
+        assert!(matches!(err, CsrError::Pem(_)), "{err:?}");
+        let junk = crate::cert::pem_encode("CERTIFICATE REQUEST", b"\x30\x03\x02\x01\x00");
+        let (err, msg) = refusal(&junk, None);
+        assert!(matches!(err, CsrError::Parse(_)), "{err:?}");
+        assert_eq!(msg, "CSR is not a valid PKCS#10 request");
+    }
+
+    #[test]
+    fn modulus_bits_ignores_leading_zeroes() {
+        assert_eq!(modulus_bits(&[0x00, 0x80, 0x00]), 16);
+        assert_eq!(modulus_bits(&[0x01, 0x00]), 9);
+        assert_eq!(modulus_bits(&[0x00]), 0);
+    }
+}

@@ -4,14 +4,20 @@
 //! - [`identity`]: SPIFFE identities (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
 //! - [`csr`], [`ca`], [`cert`], [`tls`]: certificate requests, the CA, workload
 //!   certificates and the mutual-TLS configs that check identities.
+//! - [`server`], [`client`], [`stream`], [`copy`]: the HBONE tunnel (HTTP/2 `CONNECT` over
+//!   that mutual TLS): the server, the pooled client, the tunnel stream, and a copy loop.
 //!
 //! This crate knows nothing of Kubernetes, discovery or policy: callers decide who may
 //! talk to whom; this crate proves who is talking and carries the bytes.
 
 pub mod ca;
 pub mod cert;
+pub mod client;
+pub mod copy;
 pub mod csr;
 pub mod identity;
+pub mod server;
+pub mod stream;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;

@@ -1,0 +1,618 @@
+//! The HBONE server: accepts mTLS HTTP/2 connections on port 15008 and turns each
+//! `CONNECT ip:port` stream into a [`TunnelStream`] for a caller-supplied [`Handler`].
+//!
+//! Per connection: TCP accept -> server TLS config from the caller's [`ServerConfigSource`]
+//! (fetched per connection so rotated certificates apply to new connections) -> TLS 1.3
+//! handshake -> ALPN must be `h2` -> HTTP/2 handshake, all under one handshake deadline so a
+//! slow or hostile peer cannot hold a socket and a task for free. Then per stream, decide then
+//! do: the request is checked (method, strict `ip:port` authority), the handler's
+//! [`Handler::accept`] decides, and every refusal becomes a status in one place
+//! ([`Refusal::status`]) with its reason logged; only after `200` is sent does
+//! [`Handler::serve`] get the stream.
+//!
+//! We use `h2` directly rather than hyper: a CONNECT tunnel is the only thing this server
+//! speaks, h2 lets us size the flow-control windows and hand each stream's `SendStream` /
+//! `RecvStream` straight to the tunnel type (hyper's upgrade path adds a buffering layer and
+//! a body type we do not need), and h2 exposes GOAWAY (`graceful_shutdown`) directly.
+//!
+//! Draining: when the drain future given to [`Server::run`] completes, the listener closes,
+//! every open connection sends GOAWAY (no new streams, open ones continue), and after
+//! [`ServerSettings::drain_deadline`] whatever is left is cut.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::stream::TunnelStream;
+use crate::tls::{self, ALPN_H2};
+use crate::Identity;
+
+/// Why the server, or one of its connections, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Accepting a TCP connection failed in a way that is not per-connection.
+    #[error("accepting HBONE connections failed: {0}")]
+    Accept(#[source] std::io::Error),
+    /// The configuration source had no TLS configuration to offer (e.g. no certificate yet).
+    #[error("no TLS server configuration available: {0}")]
+    Config(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The TLS handshake failed (bad or untrusted client certificate, protocol error).
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Tls {
+        peer: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client did not negotiate ALPN `h2`.
+    #[error("{peer} negotiated ALPN {alpn:?}, HBONE requires h2")]
+    Alpn {
+        peer: SocketAddr,
+        alpn: Option<String>,
+    },
+    /// The client's certificate did not carry a usable SPIFFE identity.
+    #[error("client {peer} has no usable identity: {source}")]
+    Identity {
+        peer: SocketAddr,
+        #[source]
+        source: tls::TlsError,
+    },
+    /// The HTTP/2 handshake or connection failed.
+    #[error("HTTP/2 with {peer} failed: {source}")]
+    Http2 {
+        peer: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    /// TLS plus HTTP/2 handshakes did not finish within the handshake timeout.
+    #[error("handshake with {peer} did not finish within {timeout:?}")]
+    HandshakeTimeout { peer: SocketAddr, timeout: Duration },
+}
+
+/// Where the server gets its TLS configuration, once per accepted connection (so a rotated
+/// certificate applies to the next connection without a restart).
+pub trait ServerConfigSource: Send + Sync + 'static {
+    /// The configuration for a connection accepted on `local` (a node proxy serving several
+    /// workloads may pick the certificate by destination address).
+    fn server_config(
+        &self,
+        local: SocketAddr,
+    ) -> impl Future<
+        Output = Result<Arc<rustls::ServerConfig>, Box<dyn std::error::Error + Send + Sync>>,
+    > + Send;
+}
+
+/// A fixed configuration (tests, benchmarks, or a caller that rotates by swapping servers).
+impl ServerConfigSource for Arc<rustls::ServerConfig> {
+    async fn server_config(
+        &self,
+        _local: SocketAddr,
+    ) -> Result<Arc<rustls::ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.clone())
+    }
+}
+
+/// A `CONNECT` request that passed the protocol checks, as the handler sees it.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// The client's identity, from its verified certificate.
+    pub peer_identity: Identity,
+    /// The client's socket address (the far end of the HBONE TCP connection).
+    pub peer_addr: SocketAddr,
+    /// The local address the connection was accepted on.
+    pub local_addr: SocketAddr,
+    /// The tunnel's destination, from `:authority`.
+    pub authority: SocketAddr,
+    /// The request headers (pseudo-headers excluded).
+    pub headers: HeaderMap,
+}
+
+/// Why a `CONNECT` is refused. [`Refusal::status`] is the one place these become statuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The client is not authenticated well enough for this destination (401).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Policy denies the connection (403).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The destination cannot be reached (503).
+    #[error("destination unreachable: {0}")]
+    Unreachable(String),
+    /// The request is malformed, e.g. `:authority` is not an `ip:port` (400).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The method is not `CONNECT` (405).
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(String),
+}
+
+impl Refusal {
+    /// The status sent to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            Refusal::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+}
+
+/// What the server does with each well-formed `CONNECT`: decide, then serve.
+pub trait Handler: Send + Sync + 'static {
+    /// Whatever `accept` learned or opened (e.g. the connected upstream socket) that `serve`
+    /// needs.
+    type Accepted: Send + 'static;
+
+    /// Decides whether to open the tunnel. Anything that can fail before the tunnel opens
+    /// (policy, connecting upstream) belongs here, so the client gets a precise status.
+    fn accept(
+        &self,
+        request: &ConnectRequest,
+    ) -> impl Future<Output = Result<Self::Accepted, Refusal>> + Send;
+
+    /// Carries the tunnel; called after `200` was sent. The stream is dropped (reset if not
+    /// closed) when this returns.
+    fn serve(
+        &self,
+        accepted: Self::Accepted,
+        stream: TunnelStream,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// HTTP/2 flow-control and framing settings, shared by the server and the client pool.
+///
+/// Defaults were picked with `bench/src/bin/hbone_tunnel.rs` on loopback. A stream window
+/// of 4 MiB lets one tunnel keep ~4 MiB in flight, which covers the bandwidth-delay product
+/// of a fast intra-cluster link (10 Gb/s x 3 ms); the default 64 KiB caps a single tunnel at
+/// a few hundred Mb/s once there is any latency. The connection window is 16 MiB, four
+/// streams' worth, so one bulk stream cannot starve the others on a shared connection, while
+/// bounding per-connection memory. Frames of up to 1 MiB cut per-frame overhead
+/// (headers, wakeups) for bulk data; small writes still make small frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct H2Settings {
+    /// SETTINGS_INITIAL_WINDOW_SIZE: how much a peer may send on one stream before we read.
+    pub stream_window: u32,
+    /// The connection-level receive window (sum over all streams).
+    pub connection_window: u32,
+    /// SETTINGS_MAX_FRAME_SIZE we accept.
+    pub max_frame_size: u32,
+    /// How much one stream may have queued in h2 for sending (bounds memory per stream).
+    pub max_send_buffer: usize,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_send_buffer: 1024 * 1024,
+        }
+    }
+}
+
+/// Server tuning.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// TLS + HTTP/2 handshakes must finish within this.
+    pub handshake_timeout: Duration,
+    /// After the drain signal, open streams get this long before connections are cut.
+    pub drain_deadline: Duration,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS advertised per connection. Clients pool up to 100
+    /// streams per connection by default; this leaves room and still bounds one client.
+    pub max_concurrent_streams: u32,
+    /// Flow control and framing.
+    pub h2: H2Settings,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            handshake_timeout: Duration::from_secs(10),
+            drain_deadline: Duration::from_secs(30),
+            max_concurrent_streams: 1000,
+            h2: H2Settings::default(),
+        }
+    }
+}
+
+/// Counters for what the server did; cheap to read at any time (metrics, tests).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// TCP connections accepted.
+    pub connections_accepted: AtomicU64,
+    /// Connections that failed or timed out before HTTP/2 was up.
+    pub handshakes_failed: AtomicU64,
+    /// Connections fully established (TLS + HTTP/2).
+    pub connections_established: AtomicU64,
+    /// Tunnels opened (200 sent).
+    pub streams_opened: AtomicU64,
+    /// `CONNECT`s refused with a status.
+    pub streams_refused: AtomicU64,
+}
+
+impl ServerStats {
+    fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An HBONE server bound to a listener. Build with [`Server::new`], start with [`Server::run`].
+pub struct Server<C, H> {
+    listener: TcpListener,
+    configs: Arc<C>,
+    handler: Arc<H>,
+    settings: Arc<ServerSettings>,
+    stats: Arc<ServerStats>,
+}
+
+impl<C: ServerConfigSource, H: Handler> Server<C, H> {
+    /// A server on an already bound listener (the caller binds, possibly inside a pod's
+    /// network namespace).
+    pub fn new(listener: TcpListener, configs: C, handler: H, settings: ServerSettings) -> Self {
+        Server {
+            listener,
+            configs: Arc::new(configs),
+            handler: Arc::new(handler),
+            settings: Arc::new(settings),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Counters, shared with the running server.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
+    /// Serves until `drain` completes, then drains: stops accepting, sends GOAWAY on every
+    /// connection, waits up to the drain deadline for open streams, and cuts the rest.
+    pub async fn run(self, drain: impl Future<Output = ()> + Send) {
+        let Server {
+            listener,
+            configs,
+            handler,
+            settings,
+            stats,
+        } = self;
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        tokio::pin!(drain);
+        loop {
+            tokio::select! {
+                () = &mut drain => break,
+                accepted = listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(err) => {
+                            // Usually a per-connection failure (the peer reset before accept)
+                            // or a transient lack of file descriptors; back off briefly rather
+                            // than spin or give up.
+                            warn!(error = %ServerError::Accept(err), "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    ServerStats::inc(&stats.connections_accepted);
+                    let conn = Connection {
+                        configs: configs.clone(),
+                        handler: handler.clone(),
+                        settings: settings.clone(),
+                        stats: stats.clone(),
+                        drain: drain_rx.clone(),
+                        peer,
+                    };
+                    connections.spawn(conn.serve(tcp));
+                }
+                // Reap finished connection tasks so the set does not grow without bound.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(listener);
+        let open = connections.len();
+        info!(open, deadline = ?settings.drain_deadline, "HBONE server draining");
+        let _ = drain_tx.send(true);
+        let drained = tokio::time::timeout(settings.drain_deadline, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                left = connections.len(),
+                "drain deadline passed, closing remaining HBONE connections"
+            );
+            connections.shutdown().await;
+        }
+    }
+}
+
+/// One accepted connection and what it needs.
+struct Connection<C, H> {
+    configs: Arc<C>,
+    handler: Arc<H>,
+    settings: Arc<ServerSettings>,
+    stats: Arc<ServerStats>,
+    drain: watch::Receiver<bool>,
+    peer: SocketAddr,
+}
+
+impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
+    async fn serve(mut self, tcp: TcpStream) {
+        let peer = self.peer;
+        let local = match tcp.local_addr() {
+            Ok(local) => local,
+            Err(err) => {
+                debug!(%peer, error = %err, "connection gone before handshake");
+                return;
+            }
+        };
+        // Tunnelled traffic is often request/response; do not let Nagle hold small writes.
+        let _ = tcp.set_nodelay(true);
+        let timeout = self.settings.handshake_timeout;
+        let handshake = tokio::time::timeout(timeout, self.handshake(tcp, local)).await;
+        let (mut h2, identity) = match handshake {
+            Ok(Ok(established)) => established,
+            Ok(Err(err)) => {
+                ServerStats::inc(&self.stats.handshakes_failed);
+                info!(%peer, error = %err, "HBONE handshake failed");
+                return;
+            }
+            Err(_) => {
+                ServerStats::inc(&self.stats.handshakes_failed);
+                info!(%peer, error = %ServerError::HandshakeTimeout { peer, timeout }, "HBONE handshake failed");
+                return;
+            }
+        };
+        ServerStats::inc(&self.stats.connections_established);
+        debug!(%peer, %identity, "HBONE connection established");
+
+        // Stream tasks live in this set so that when the connection is cut (drain deadline)
+        // its streams go with it.
+        let mut streams = JoinSet::new();
+        let mut draining = *self.drain.borrow();
+        if draining {
+            h2.graceful_shutdown();
+        }
+        loop {
+            tokio::select! {
+                // `accept` also drives the connection's I/O, for all streams; it returns None
+                // once the connection is closed (after GOAWAY, once streams are done).
+                next = h2.accept() => match next {
+                    Some(Ok((request, respond))) => {
+                        let stream = StreamContext {
+                            handler: self.handler.clone(),
+                            stats: self.stats.clone(),
+                            peer_identity: identity.clone(),
+                            peer_addr: peer,
+                            local_addr: local,
+                        };
+                        streams.spawn(stream.handle(request, respond));
+                    }
+                    Some(Err(err)) => {
+                        debug!(%peer, error = %ServerError::Http2 { peer, source: err }, "HBONE connection ended");
+                        break;
+                    }
+                    None => break,
+                },
+                changed = self.drain.changed(), if !draining => {
+                    // Either drain was signalled or the server is gone: send GOAWAY, let
+                    // open streams finish.
+                    let _ = changed;
+                    draining = true;
+                    h2.graceful_shutdown();
+                }
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            }
+        }
+        // The connection is closed; streams still running (their h2 side now fails) finish
+        // on their own.
+        while streams.join_next().await.is_some() {}
+    }
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        local: SocketAddr,
+    ) -> Result<
+        (
+            h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+            Identity,
+        ),
+        ServerError,
+    > {
+        let peer = self.peer;
+        let config = self
+            .configs
+            .server_config(local)
+            .await
+            .map_err(ServerError::Config)?;
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .map_err(|source| ServerError::Tls { peer, source })?;
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(ALPN_H2) {
+            return Err(ServerError::Alpn {
+                peer,
+                alpn: session
+                    .alpn_protocol()
+                    .map(|p| String::from_utf8_lossy(p).into_owned()),
+            });
+        }
+        let identity =
+            tls::peer_identity(session).map_err(|source| ServerError::Identity { peer, source })?;
+        let h2 = self
+            .h2_builder()
+            .handshake(tls)
+            .await
+            .map_err(|source| ServerError::Http2 { peer, source })?;
+        Ok((h2, identity))
+    }
+
+    fn h2_builder(&self) -> h2::server::Builder {
+        let s = &self.settings;
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(s.h2.stream_window)
+            .initial_connection_window_size(s.h2.connection_window)
+            .max_frame_size(s.h2.max_frame_size)
+            .max_send_buffer_size(s.h2.max_send_buffer)
+            .max_concurrent_streams(s.max_concurrent_streams);
+        builder
+    }
+}
+
+/// What one stream's task needs.
+struct StreamContext<H> {
+    handler: Arc<H>,
+    stats: Arc<ServerStats>,
+    peer_identity: Identity,
+    peer_addr: SocketAddr,
+    local_addr: SocketAddr,
+}
+
+impl<H: Handler> StreamContext<H> {
+    async fn handle(self, request: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+        let (parts, body) = request.into_parts();
+        let decision = match check_request(&parts.method, &parts.uri) {
+            Ok(authority) => {
+                let request = ConnectRequest {
+                    peer_identity: self.peer_identity.clone(),
+                    peer_addr: self.peer_addr,
+                    local_addr: self.local_addr,
+                    authority,
+                    headers: parts.headers,
+                };
+                self.handler.accept(&request).await.map(|a| (a, request))
+            }
+            Err(refusal) => Err(refusal),
+        };
+        let (accepted, request) = match decision {
+            Ok(ok) => ok,
+            Err(refusal) => {
+                ServerStats::inc(&self.stats.streams_refused);
+                info!(
+                    peer = %self.peer_addr,
+                    identity = %self.peer_identity,
+                    uri = %parts.uri,
+                    status = refusal.status().as_u16(),
+                    reason = %refusal,
+                    "HBONE CONNECT refused"
+                );
+                let _ = respond.send_response(status_response(refusal.status()), true);
+                return;
+            }
+        };
+        let send = match respond.send_response(status_response(StatusCode::OK), false) {
+            Ok(send) => send,
+            Err(err) => {
+                debug!(peer = %self.peer_addr, authority = %request.authority, error = %err, "client went away before the tunnel opened");
+                return;
+            }
+        };
+        ServerStats::inc(&self.stats.streams_opened);
+        let stream = TunnelStream::new(send, body, self.peer_identity, self.peer_addr, None);
+        self.handler.serve(accepted, stream).await;
+    }
+}
+
+fn status_response(status: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    response
+}
+
+/// The protocol checks every stream passes before the handler sees it: method `CONNECT`,
+/// `:authority` a literal `ip:port` with a non-zero port. Host names are refused rather than
+/// resolved: the client already chose the address, and resolving here would let a client
+/// steer the server's DNS.
+fn check_request(method: &Method, uri: &http::Uri) -> Result<SocketAddr, Refusal> {
+    if method != Method::CONNECT {
+        return Err(Refusal::MethodNotAllowed(format!(
+            "{method} (HBONE only accepts CONNECT)"
+        )));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| Refusal::BadRequest("CONNECT without :authority".into()))?;
+    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
+        return Err(Refusal::BadRequest(format!(
+            "CONNECT target {uri} is not in authority form"
+        )));
+    }
+    let addr: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| Refusal::BadRequest(format!("authority {authority:?} is not an ip:port")))?;
+    if addr.port() == 0 {
+        return Err(Refusal::BadRequest(format!(
+            "authority {authority:?} has port 0"
+        )));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_must_be_a_literal_ip_and_port() {
+        let ok = |s: &str| check_request(&Method::CONNECT, &s.parse().unwrap());
+        // Targets that are not even a valid URI never reach us (h2 rejects the stream), so
+        // these are the ones that parse as a URI but are not an ip:port.
+        assert_eq!(ok("10.0.0.1:8080"), Ok("10.0.0.1:8080".parse().unwrap()));
+        assert_eq!(ok("[fd00::1]:443"), Ok("[fd00::1]:443".parse().unwrap()));
+        for bad in [
+            "example.com:80",
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "010.0.0.1:80",
+            "1.2.3:80",
+            "http://10.0.0.1:80/",
+        ] {
+            let refusal = ok(bad).unwrap_err();
+            assert_eq!(
+                refusal.status(),
+                StatusCode::BAD_REQUEST,
+                "{bad}: {refusal}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_connect_is_allowed() {
+        let refusal = check_request(&Method::GET, &"10.0.0.1:80".parse().unwrap()).unwrap_err();
+        assert_eq!(refusal.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn refusals_map_to_their_statuses() {
+        let cases = [
+            (Refusal::Unauthenticated("x".into()), 401),
+            (Refusal::Forbidden("x".into()), 403),
+            (Refusal::Unreachable("x".into()), 503),
+            (Refusal::BadRequest("x".into()), 400),
+            (Refusal::MethodNotAllowed("x".into()), 405),
+        ];
+        for (refusal, status) in cases {
+            assert_eq!(refusal.status().as_u16(), status, "{refusal}");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The byte stream inside one HBONE tunnel: one HTTP/2 `CONNECT` stream seen as a plain
+//! `AsyncRead + AsyncWrite`, the same type on the client and the server side.
+//!
+//! `shutdown()` sends END_STREAM (a TCP half-close, so the peer reads EOF while it can still
+//! answer); reading returns EOF once the peer half-closes. Dropping the stream before both
+//! directions are closed resets it (RST_STREAM CANCEL), which the peer sees as a connection
+//! reset: the tunnel keeps TCP's distinction between a clean close and an abort.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::Identity;
+
+/// Something kept alive for as long as the stream lives (the client pool uses it to count
+/// streams per connection and to keep the connection alive).
+pub(crate) type Guard = Box<dyn Send + Sync>;
+
+/// Why a tunnel stream failed, before it is surfaced as an [`io::Error`] (the
+/// `AsyncRead`/`AsyncWrite` contract).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The peer reset the stream (RST_STREAM) with this reason, or the connection went away.
+    #[error("HBONE stream reset by peer: {0}")]
+    Reset(Reason),
+    /// The HTTP/2 connection carrying the stream failed.
+    #[error("HBONE connection failed: {0}")]
+    Connection(#[source] h2::Error),
+}
+
+impl StreamError {
+    /// Maps an h2 error to the `io::Error` a TCP socket would have given in the same situation,
+    /// so code written for `TcpStream` (copy loops, access logs) needs no HBONE special case.
+    fn into_io(err: h2::Error) -> io::Error {
+        if err.is_io() {
+            return err
+                .into_io()
+                .unwrap_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        let kind = match err.reason() {
+            Some(Reason::CANCEL) | Some(Reason::STREAM_CLOSED) | Some(Reason::REFUSED_STREAM) => {
+                io::ErrorKind::ConnectionReset
+            }
+            Some(Reason::NO_ERROR) => io::ErrorKind::BrokenPipe,
+            _ if err.is_go_away() => io::ErrorKind::ConnectionAborted,
+            _ => io::ErrorKind::Other,
+        };
+        let inner = match err.reason() {
+            Some(reason) if err.is_reset() => StreamError::Reset(reason),
+            _ => StreamError::Connection(err),
+        };
+        io::Error::new(kind, inner)
+    }
+}
+
+/// One HBONE tunnel: bytes written here come out of the peer's stream and vice versa.
+pub struct TunnelStream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received but not yet handed to the reader. HTTP/2 receive flow control is released
+    /// only as the reader consumes bytes, so a slow reader slows the sender down instead of
+    /// making us buffer without bound.
+    pending: Bytes,
+    read_eof: bool,
+    write_closed: bool,
+    peer_identity: Identity,
+    peer_addr: SocketAddr,
+    _guard: Option<Guard>,
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("stream_id", &self.send.stream_id().as_u32())
+            .field("peer_identity", &self.peer_identity)
+            .field("peer_addr", &self.peer_addr)
+            .field("read_eof", &self.read_eof)
+            .field("write_closed", &self.write_closed)
+            .finish()
+    }
+}
+
+impl TunnelStream {
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        peer_identity: Identity,
+        peer_addr: SocketAddr,
+        guard: Option<Guard>,
+    ) -> Self {
+        TunnelStream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            read_eof: false,
+            write_closed: false,
+            peer_identity,
+            peer_addr,
+            _guard: guard,
+        }
+    }
+
+    /// The identity the other end proved in the TLS handshake: on the server side, the
+    /// client's workload identity (for policy and logs); on the client side, the server's,
+    /// which the TLS configuration already checked against the expected one.
+    pub fn peer_identity(&self) -> &Identity {
+        &self.peer_identity
+    }
+
+    /// The socket address of the other end of the HBONE connection (not the tunnel's
+    /// `:authority`).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    fn write_error(&mut self, cx: &mut Context<'_>, err: Option<h2::Error>) -> io::Error {
+        // A send-side failure says little; the reset reason (if the peer sent one) says why.
+        if let Poll::Ready(Ok(reason)) = self.send.poll_reset(cx) {
+            return match reason {
+                Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED => {
+                    io::Error::new(io::ErrorKind::BrokenPipe, StreamError::Reset(reason))
+                }
+                other => io::Error::new(io::ErrorKind::ConnectionReset, StreamError::Reset(other)),
+            };
+        }
+        match err {
+            Some(err) => StreamError::into_io(err),
+            None => io::Error::from(io::ErrorKind::BrokenPipe),
+        }
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                // Fails only if the stream is already gone, and then the next poll says so.
+                let _ = this.recv.flow_control().release_capacity(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_eof || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                None => {
+                    this.read_eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Ok(data)) => this.pending = data,
+                // RST_STREAM(NO_ERROR) is the peer saying "I am done, stop sending": for the
+                // reader that is an end of stream, not a failure.
+                Some(Err(err)) if err.reason() == Some(Reason::NO_ERROR) => {
+                    this.read_eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(err)) => return Poll::Ready(Err(StreamError::into_io(err))),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown of an HBONE stream",
+            )));
+        }
+        // Ask for capacity for the whole buffer; h2 assigns what the peer's windows (stream
+        // and connection) allow. We only ever hand h2 bytes it has capacity for, so its
+        // internal buffering stays bounded by the flow-control windows.
+        this.send.reserve_capacity(buf.len());
+        loop {
+            let capacity = this.send.capacity();
+            if capacity > 0 {
+                let n = capacity.min(buf.len());
+                return match this
+                    .send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                {
+                    Ok(()) => Poll::Ready(Ok(n)),
+                    Err(err) => Poll::Ready(Err(this.write_error(cx, Some(err)))),
+                };
+            }
+            match ready!(this.send.poll_capacity(cx)) {
+                // Capacity was assigned: loop to read how much.
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return Poll::Ready(Err(this.write_error(cx, Some(err)))),
+                // The stream can no longer send (reset or closed).
+                None => return Poll::Ready(Err(this.write_error(cx, None))),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Data handed to h2 is written by the connection task as soon as it can be; there is
+        // no buffer of ours to flush.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.write_closed = true;
+        match this.send.send_data(Bytes::new(), true) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(err) => Poll::Ready(Err(this.write_error(cx, Some(err)))),
+        }
+    }
+}

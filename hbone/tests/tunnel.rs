@@ -1,6 +1,9 @@
 //! The HBONE tunnel end to end: real certificates from a test CA, real TLS 1.3 and HTTP/2
 //! over loopback sockets, the pooled client against the server.
 
+// Helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

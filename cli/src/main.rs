@@ -1,6 +1,49 @@
-//! ambitctl. Not built yet.
+//! `ambitctl`: install Ambit on Kubernetes, run a whole mesh on one machine, inspect proxies.
+//!
+//! A clap dispatcher with one module per subcommand; each module owns its `Args` and its `run`.
+//! Today: `install` (alias `render`) and `crds`, which only print manifests and never talk to a
+//! cluster. The local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`) join as
+//! sibling modules.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("ambitctl: not implemented yet");
-    std::process::ExitCode::from(2)
+mod crds;
+mod install;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ambit's command-line tool.
+#[derive(Debug, Parser)]
+#[command(name = "ambitctl", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the Kubernetes manifests that install Ambit (pipe them to `kubectl apply -f -`).
+    ///
+    /// Never talks to a cluster: this is always a dry run, the output is the whole effect.
+    #[command(visible_alias = "render")]
+    Install(install::Args),
+    /// Print only Ambit's CustomResourceDefinitions.
+    Crds(crds::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Install(args) => install::run(&args),
+        Command::Crds(args) => crds::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole cause chain on one line: "reading --ca-cert: cannot read …".
+            eprintln!("ambitctl: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,287 @@
+//! The controller's namespace, Deployment and Service, and the Secret/ConfigMap of a plugged-in root.
+//!
+//! One replica and no leader election: the controller is the CA, and replicas would each need the
+//! same root (which they only share when it is plugged in); proxies keep serving from their last
+//! good state while the controller restarts (DESIGN.md), so a single replica is available enough.
+//!
+//! Configuration reaches the controller through `AMBIT_*` environment variables (see
+//! `manifests/README.md` for the list), so its clap options can read them with `env = ...`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::ByteString;
+
+use crate::{meta, ports, InstallOptions, Object, CA_TOKEN_AUDIENCE};
+
+/// Name of the controller's Deployment, Service and ServiceAccount.
+pub const NAME: &str = "ambit-controller";
+/// Secret holding a plugged-in signing certificate (`ca.crt`) and key (`ca.key`).
+pub const CA_SECRET: &str = "ambit-ca";
+/// ConfigMap holding the trust anchor (`root-cert.pem`), which proxies use to verify the controller.
+pub const ROOT_CERT_CONFIGMAP: &str = "ambit-root-cert";
+/// Where the controller finds the CA Secret's files.
+pub const CA_DIR: &str = "/etc/ambit/ca";
+/// The UID/GID the controller runs as: any non-root id works; 65532 is the distroless "nonroot".
+const NONROOT: i64 = 65532;
+
+/// An `EnvVar` with a literal value.
+pub(crate) fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+/// An `EnvVar` from the pod's own fields (downward API).
+pub(crate) fn env_field(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// A named container port.
+pub(crate) fn port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+/// An HTTP GET probe.
+pub(crate) fn http_probe(path: &str, port: i32, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(port),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// Requests (and a memory limit) as quantities.
+pub(crate) fn resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.to_owned())),
+            ("memory".to_owned(), Quantity(memory.to_owned())),
+        ])),
+        // No CPU limit: throttling a proxy or the CA adds latency to every request it handles.
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity(memory_limit.to_owned()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The install namespace.
+pub fn namespace(opts: &InstallOptions) -> Namespace {
+    let mut metadata = meta::cluster_meta(&opts.namespace, "ambit");
+    // ztunnel needs NET_ADMIN/SYS_ADMIN, which the "baseline" Pod Security level forbids; this
+    // namespace holds only Ambit's own pods.
+    metadata.labels.get_or_insert_with(BTreeMap::new).insert(
+        "pod-security.kubernetes.io/enforce".to_owned(),
+        "privileged".to_owned(),
+    );
+    Namespace {
+        metadata,
+        ..Namespace::default()
+    }
+}
+
+/// The plugged-in root's Secret and ConfigMap (if any), the Deployment and the Service.
+pub fn objects(opts: &InstallOptions) -> Vec<Object> {
+    let mut objects = Vec::new();
+    if let Some(ca) = &opts.root_ca {
+        objects.push(Object::Secret(Secret {
+            metadata: meta::namespaced_meta(CA_SECRET, &opts.namespace, NAME),
+            type_: Some("Opaque".to_owned()),
+            data: Some(BTreeMap::from([
+                (
+                    "ca.crt".to_owned(),
+                    ByteString(ca.cert_chain_pem.clone().into_bytes()),
+                ),
+                (
+                    "ca.key".to_owned(),
+                    ByteString(ca.key_pem.clone().into_bytes()),
+                ),
+            ])),
+            ..Secret::default()
+        }));
+        objects.push(Object::ConfigMap(ConfigMap {
+            metadata: meta::namespaced_meta(ROOT_CERT_CONFIGMAP, &opts.namespace, NAME),
+            data: Some(BTreeMap::from([(
+                "root-cert.pem".to_owned(),
+                ca.trust_anchor_pem.clone(),
+            )])),
+            ..ConfigMap::default()
+        }));
+    }
+    objects.push(Object::Deployment(deployment(opts)));
+    objects.push(Object::Service(service(opts)));
+    objects
+}
+
+/// The controller Deployment.
+pub fn deployment(opts: &InstallOptions) -> Deployment {
+    let container = Container {
+        name: "controller".to_owned(),
+        image: Some(opts.image("controller")),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        env: Some(vec![
+            env_field("AMBIT_NAMESPACE", "metadata.namespace"),
+            env_field("AMBIT_POD_NAME", "metadata.name"),
+            env("AMBIT_TRUST_DOMAIN", opts.trust_domain.clone()),
+            env("AMBIT_CA_DIR", CA_DIR),
+            env("AMBIT_TOKEN_AUDIENCE", CA_TOKEN_AUDIENCE),
+            env("AMBIT_WAYPOINT_IMAGE", opts.image("waypoint")),
+            env("RUST_LOG", "info"),
+        ]),
+        ports: Some(vec![
+            port("grpc", ports::DISCOVERY),
+            port("http-monitoring", ports::CONTROLLER_HTTP),
+        ]),
+        // Ready once its stores have synced (it must not hand proxies a partial world); alive as
+        // long as its HTTP server answers.
+        readiness_probe: Some(http_probe("/healthz/ready", ports::CONTROLLER_HTTP, 5)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(5),
+            ..http_probe("/healthz/live", ports::CONTROLLER_HTTP, 10)
+        }),
+        resources: Some(resources("100m", "128Mi", "1Gi")),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "ca".to_owned(),
+                mount_path: CA_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        service_account_name: Some(NAME.to_owned()),
+        containers: vec![container],
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(NONROOT),
+            run_as_group: Some(NONROOT),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        node_selector: Some(BTreeMap::from([(
+            "kubernetes.io/os".to_owned(),
+            "linux".to_owned(),
+        )])),
+        volumes: Some(vec![
+            Volume {
+                name: "ca".to_owned(),
+                // Optional: without a plugged-in root the controller generates one.
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(CA_SECRET.to_owned()),
+                    optional: Some(true),
+                    default_mode: Some(0o400),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "tmp".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+        ]),
+        ..PodSpec::default()
+    };
+    Deployment {
+        metadata: meta::namespaced_meta(NAME, &opts.namespace, NAME),
+        spec: DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(meta::selector_labels(NAME)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(meta::labels(NAME)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    }
+}
+
+/// The controller Service: discovery + CA for proxies, metrics for Prometheus.
+pub fn service(opts: &InstallOptions) -> Service {
+    Service {
+        metadata: meta::namespaced_meta(NAME, &opts.namespace, NAME),
+        spec: Some(ServiceSpec {
+            selector: Some(meta::selector_labels(NAME)),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("grpc".to_owned()),
+                    port: ports::DISCOVERY,
+                    target_port: Some(IntOrString::String("grpc".to_owned())),
+                    app_protocol: Some("grpc".to_owned()),
+                    protocol: Some("TCP".to_owned()),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("http-monitoring".to_owned()),
+                    port: ports::CONTROLLER_HTTP,
+                    target_port: Some(IntOrString::String("http-monitoring".to_owned())),
+                    protocol: Some("TCP".to_owned()),
+                    ..ServicePort::default()
+                },
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}

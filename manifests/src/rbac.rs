@@ -1,0 +1,136 @@
+//! Who may do what: the controller's and ztunnel's ServiceAccounts and the controller's roles.
+//!
+//! Least privilege, and each rule says why it exists:
+//! - the controller reads the objects its model is made of, and creates `TokenReview`s to check the
+//!   tokens proxies present to the CA. It writes nothing in the core install.
+//! - with waypoints enabled, a second ClusterRole lets it create and patch (server-side apply needs
+//!   both) the Deployment, Service and ServiceAccount of each waypoint, in whatever namespace the
+//!   `Gateway` is, and report on the `Gateway` and its class. That is a strong permission (a
+//!   Deployment can run as any ServiceAccount of its namespace), hence its own role: an operator who
+//!   wants waypoints only in some namespaces can bind this ClusterRole there with RoleBindings
+//!   instead of the ClusterRoleBinding. Deletion is left to the garbage collector (the objects are
+//!   owned by their `Gateway`), so no `delete` verb.
+//! - ztunnel has no permission at all: it only talks to the controller, and its token is not even
+//!   mounted; it gets a projected token for the `ambit-ca` audience instead (see [`crate::ztunnel`]).
+//! - no Leases: the controller runs one replica and elects no leader (see [`crate::controller`]).
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+
+use crate::{controller, meta, ztunnel, InstallOptions, Object};
+
+/// Name of the controller's read-only ClusterRole (and its binding).
+pub const CONTROLLER_ROLE: &str = "ambit-controller";
+/// Name of the ClusterRole that lets the controller deploy waypoints (and its binding).
+pub const WAYPOINT_ROLE: &str = "ambit-controller-waypoints";
+
+const READ: &[&str] = &["get", "list", "watch"];
+
+fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![group.to_owned()]),
+        resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    }
+}
+
+/// The controller's rules in every install.
+pub fn controller_rules() -> Vec<PolicyRule> {
+    vec![
+        // The model: workloads, services and the identities they run as; nodes so the CA can tie a
+        // ztunnel's token to the node it runs on (and the pods it may ask certificates for).
+        rule(
+            "",
+            &["namespaces", "pods", "services", "serviceaccounts", "nodes"],
+            READ,
+        ),
+        rule("discovery.k8s.io", &["endpointslices"], READ),
+        // Policy: Ambit's own CRDs.
+        rule("security.ambit.dev", &["authorizationpolicies"], READ),
+        rule("traffic.ambit.dev", &["trafficpolicies"], READ),
+        // Routing (GAMMA) and waypoint declarations. Harmless where the Gateway API CRDs are absent.
+        rule(
+            "gateway.networking.k8s.io",
+            &["gateways", "httproutes", "grpcroutes"],
+            READ,
+        ),
+        // The CA authenticates proxies' projected tokens.
+        rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
+    ]
+}
+
+/// The extra rules for running waypoints.
+pub fn waypoint_rules() -> Vec<PolicyRule> {
+    vec![
+        // Each waypoint is a Deployment + Service + its own ServiceAccount (its identity), written
+        // with server-side apply: PATCH, plus CREATE for the first apply.
+        rule("apps", &["deployments"], &["create", "patch"]),
+        rule("", &["services", "serviceaccounts"], &["create", "patch"]),
+        // Report Accepted/Programmed on the Gateway, and Accepted on our GatewayClass (which the
+        // controller must read to know it is ours).
+        rule(
+            "gateway.networking.k8s.io",
+            &["gateways/status"],
+            &["patch"],
+        ),
+        rule("gateway.networking.k8s.io", &["gatewayclasses"], READ),
+        rule(
+            "gateway.networking.k8s.io",
+            &["gatewayclasses/status"],
+            &["patch"],
+        ),
+    ]
+}
+
+fn binding(name: &str, opts: &InstallOptions) -> ClusterRoleBinding {
+    ClusterRoleBinding {
+        metadata: meta::cluster_meta(name, controller::NAME),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "ClusterRole".to_owned(),
+            name: name.to_owned(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: controller::NAME.to_owned(),
+            namespace: Some(opts.namespace.clone()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// ServiceAccounts, the controller's ClusterRole and its binding.
+pub fn objects(opts: &InstallOptions) -> Vec<Object> {
+    vec![
+        Object::ServiceAccount(ServiceAccount {
+            metadata: meta::namespaced_meta(controller::NAME, &opts.namespace, controller::NAME),
+            ..ServiceAccount::default()
+        }),
+        Object::ServiceAccount(ServiceAccount {
+            metadata: meta::namespaced_meta(ztunnel::NAME, &opts.namespace, ztunnel::NAME),
+            // Nothing in ztunnel talks to the API server; not mounting the token means a
+            // compromised ztunnel has no API credential at all.
+            automount_service_account_token: Some(false),
+            ..ServiceAccount::default()
+        }),
+        Object::ClusterRole(ClusterRole {
+            metadata: meta::cluster_meta(CONTROLLER_ROLE, controller::NAME),
+            rules: Some(controller_rules()),
+            ..ClusterRole::default()
+        }),
+        Object::ClusterRoleBinding(binding(CONTROLLER_ROLE, opts)),
+    ]
+}
+
+/// The waypoint ClusterRole and its binding (only with `--enable-waypoints`).
+pub fn waypoint_objects(opts: &InstallOptions) -> Vec<Object> {
+    vec![
+        Object::ClusterRole(ClusterRole {
+            metadata: meta::cluster_meta(WAYPOINT_ROLE, controller::NAME),
+            rules: Some(waypoint_rules()),
+            ..ClusterRole::default()
+        }),
+        Object::ClusterRoleBinding(binding(WAYPOINT_ROLE, opts)),
+    ]
+}

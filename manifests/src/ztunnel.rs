@@ -1,0 +1,215 @@
+//! The ztunnel DaemonSet: one node proxy per node, in "in-pod" mode.
+//!
+//! Why it looks the way it does:
+//! - Not `hostNetwork`: ztunnel lives in its own pod network namespace and does its work inside
+//!   each enrolled pod's namespace, entering it with `setns` from a dedicated thread (DESIGN.md,
+//!   "Traffic capture"). So its capture listeners (15001, 15006, 15008) open *in the pods*, not in
+//!   ztunnel's own pod, and are not container ports here; the admin port (15000) is bound to
+//!   localhost and is not declared either. Only metrics (15020) and readiness (15021) are.
+//! - The host's netns directory `/var/run/netns` (where CNI plugins bind-mount each pod's network
+//!   namespace) is mounted read-only with `HostToContainer` propagation, so namespaces created after
+//!   ztunnel started show up inside it. Host `/proc` is NOT mounted and `hostPID` is off: the netns
+//!   files are all ztunnel needs, and host `/proc` would expose every process on the node.
+//! - Capabilities, everything else dropped:
+//!   - `NET_ADMIN`: program iptables rules in the pod's namespace, set `IP_TRANSPARENT` (original
+//!     source address) and `SO_MARK` (so its own sockets are never captured again);
+//!   - `NET_RAW`: iptables talks to the kernel over a raw socket (legacy backend);
+//!   - `SYS_ADMIN`: `setns(CLONE_NEWNET)` requires it over the target namespace;
+//!   - not `SYS_PTRACE`: only needed to open `/proc/<pid>/ns/net` of other processes, which we
+//!     don't (see above).
+//! - `privileged: false`, but `allowPrivilegeEscalation: true` and `runAsUser: 0`: capabilities
+//!   added to a container only reach the process's effective set when it runs as root, and the API
+//!   server rejects `allowPrivilegeEscalation: false` together with `SYS_ADMIN` (the Pod Security
+//!   Standards define SYS_ADMIN as implying escalation).
+//! - The ServiceAccount token is not mounted (ztunnel has no API permissions); a projected token for
+//!   the `ambit-ca` audience is, and ztunnel presents it to the controller's CA, which checks it with
+//!   a TokenReview for that audience (so the token is useless to the API server or anyone else).
+//! - Tolerates every taint and runs as `system-node-critical`: a node whose ztunnel is missing has
+//!   enrolled pods with no connectivity.
+//! - `terminationGracePeriodSeconds` leaves time to drain: ztunnel stops accepting, lets open
+//!   connections finish, then exits before the hard kill.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, HostPathVolumeSource, PodSpec, PodTemplateSpec,
+    ProjectedVolumeSource, SeccompProfile, SecurityContext, ServiceAccountTokenProjection,
+    Toleration, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::controller::{env, env_field, http_probe, port, resources, ROOT_CERT_CONFIGMAP};
+use crate::{meta, ports, InstallOptions, CA_TOKEN_AUDIENCE};
+
+/// Name of the DaemonSet and its ServiceAccount.
+pub const NAME: &str = "ambit-ztunnel";
+/// The capabilities ztunnel adds (everything else is dropped); see the module docs for why.
+pub const CAPABILITIES: &[&str] = &["NET_ADMIN", "NET_RAW", "SYS_ADMIN"];
+/// The host directory holding pods' network namespaces, mounted at the same path.
+pub const NETNS_DIR: &str = "/var/run/netns";
+/// Where the projected CA token is mounted.
+pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+/// File name of the projected CA token in [`TOKEN_DIR`].
+pub const TOKEN_FILE: &str = "ambit-ca-token";
+/// Where the trust anchor is mounted (when one is plugged in).
+pub const ROOT_CERT_DIR: &str = "/var/run/secrets/ambit";
+/// Seconds ztunnel gets to drain before it is killed.
+pub const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// Lifetime of the projected CA token; the kubelet refreshes it at 80 %.
+const TOKEN_EXPIRY_SECONDS: i64 = 43_200;
+
+/// The ztunnel DaemonSet.
+pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
+    let container = Container {
+        name: "ztunnel".to_owned(),
+        image: Some(opts.image("ztunnel")),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        env: Some(vec![
+            env_field("NODE_NAME", "spec.nodeName"),
+            env_field("POD_NAME", "metadata.name"),
+            env_field("POD_NAMESPACE", "metadata.namespace"),
+            env_field("INSTANCE_IP", "status.podIP"),
+            env("AMBIT_CONTROLLER_ADDRESS", opts.controller_address()),
+            env("AMBIT_TRUST_DOMAIN", opts.trust_domain.clone()),
+            env("AMBIT_NETNS_DIR", NETNS_DIR),
+            env("AMBIT_CA_TOKEN_PATH", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+            env(
+                "AMBIT_ROOT_CERT_PATH",
+                format!("{ROOT_CERT_DIR}/root-cert.pem"),
+            ),
+            env("RUST_LOG", "info"),
+        ]),
+        ports: Some(vec![
+            port("http-metrics", ports::METRICS),
+            port("http-ready", ports::READINESS),
+        ]),
+        readiness_probe: Some(http_probe("/healthz/ready", ports::READINESS, 5)),
+        resources: Some(resources("200m", "256Mi", "1Gi")),
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            allow_privilege_escalation: Some(true),
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            // The runtime's default profile allows setns/unshare to a process holding SYS_ADMIN.
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "netns".to_owned(),
+                mount_path: NETNS_DIR.to_owned(),
+                mount_propagation: Some("HostToContainer".to_owned()),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "ca-token".to_owned(),
+                mount_path: TOKEN_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "root-cert".to_owned(),
+                mount_path: ROOT_CERT_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        service_account_name: Some(NAME.to_owned()),
+        automount_service_account_token: Some(false),
+        host_network: Some(false),
+        host_pid: Some(false),
+        priority_class_name: Some("system-node-critical".to_owned()),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        node_selector: Some(BTreeMap::from([(
+            "kubernetes.io/os".to_owned(),
+            "linux".to_owned(),
+        )])),
+        // Every node, whatever its taints (NoSchedule and NoExecute alike).
+        tolerations: Some(vec![Toleration {
+            operator: Some("Exists".to_owned()),
+            ..Toleration::default()
+        }]),
+        containers: vec![container],
+        volumes: Some(vec![
+            Volume {
+                name: "netns".to_owned(),
+                host_path: Some(HostPathVolumeSource {
+                    path: NETNS_DIR.to_owned(),
+                    type_: Some("DirectoryOrCreate".to_owned()),
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "ca-token".to_owned(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(vec![VolumeProjection {
+                        service_account_token: Some(ServiceAccountTokenProjection {
+                            audience: Some(CA_TOKEN_AUDIENCE.to_owned()),
+                            expiration_seconds: Some(TOKEN_EXPIRY_SECONDS),
+                            path: TOKEN_FILE.to_owned(),
+                            user: None,
+                        }),
+                        ..VolumeProjection::default()
+                    }]),
+                    ..ProjectedVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "root-cert".to_owned(),
+                // Present only when a root is plugged in; otherwise the controller's root is
+                // obtained some other way and the empty directory is harmless.
+                config_map: Some(ConfigMapVolumeSource {
+                    name: ROOT_CERT_CONFIGMAP.to_owned(),
+                    optional: Some(true),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+        ]),
+        ..PodSpec::default()
+    };
+    DaemonSet {
+        metadata: meta::namespaced_meta(NAME, &opts.namespace, NAME),
+        spec: DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(meta::selector_labels(NAME)),
+                ..LabelSelector::default()
+            },
+            // One node at a time: an upgrading node's pods lose their proxy briefly.
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    ..RollingUpdateDaemonSet::default()
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(meta::labels(NAME)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DaemonSetSpec::default()
+        },
+        ..DaemonSet::default()
+    }
+}

@@ -50,9 +50,9 @@ pub enum CaError {
     Certificate {
         /// Which input ("certificate", "chain").
         what: &'static str,
-        /// What was wrong.
+        /// What was wrong (boxed: X.509 errors are large, and this path is cold).
         #[source]
-        source: CertError,
+        source: Box<CertError>,
     },
     /// The CA certificate input holds no certificate.
     #[error("CA certificate PEM holds no certificate")]
@@ -102,7 +102,7 @@ pub enum CaError {
     },
     /// The CSR was refused (for a [`ValidCsr`]: it names another trust domain).
     #[error("CSR refused")]
-    Csr(#[from] CsrError),
+    Csr(#[source] Box<CsrError>),
     /// The validity window is empty once capped at the CA's own expiry.
     #[error("requested validity is empty: not_before {not_before} is not before not_after {not_after} (capped at the CA's expiry)")]
     EmptyValidity {
@@ -193,7 +193,7 @@ impl CertificateAuthority {
             .map(|c| cert::to_system_time(c.validity().not_after))
             .map_err(|source| CaError::Certificate {
                 what: "certificate",
-                source,
+                source: Box::new(source),
             })?;
         Ok(CertificateAuthority {
             trust_domain: trust_domain.into(),
@@ -220,7 +220,7 @@ impl CertificateAuthority {
         identity::validate_trust_domain(trust_domain).map_err(CaError::TrustDomain)?;
         let mut certs = cert::parse_pem_certs(cert_pem).map_err(|source| CaError::Certificate {
             what: "certificate",
-            source,
+            source: Box::new(source),
         })?;
         if certs.is_empty() {
             return Err(CaError::NoCertificate);
@@ -229,7 +229,7 @@ impl CertificateAuthority {
             certs.extend(cert::parse_pem_certs(chain_pem).map_err(|source| {
                 CaError::Certificate {
                     what: "chain",
-                    source,
+                    source: Box::new(source),
                 }
             })?);
         }
@@ -239,7 +239,7 @@ impl CertificateAuthority {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| CaError::Certificate {
                 what: "chain",
-                source,
+                source: Box::new(source),
             })?;
 
         let key = KeyPair::from_pem(key_pem).map_err(CaError::Key)?;
@@ -368,10 +368,10 @@ impl CertificateAuthority {
         // ValidCsr was checked against the trust domain its caller named; make sure it
         // was ours, so no code path can mint identities of another mesh.
         if csr.identity().trust_domain() != &*self.trust_domain {
-            return Err(CaError::Csr(CsrError::TrustDomain {
+            return Err(CaError::Csr(Box::new(CsrError::TrustDomain {
                 identity: csr.identity().clone(),
                 trust_domain: self.trust_domain.to_string(),
-            }));
+            })));
         }
         let not_after = not_after.min(self.not_after);
         if not_after <= not_before {

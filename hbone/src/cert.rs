@@ -402,3 +402,147 @@ pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
     out.push_str(&format!("-----END {label}-----\n"));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestPki;
+
+    fn pki_and_cert() -> (TestPki, WorkloadCertificate) {
+        let pki = TestPki::new("cluster.local");
+        let cert = pki.issue_for("default", "alice");
+        (pki, cert)
+    }
+
+    #[test]
+    fn pem_round_trip_keeps_identity_and_dates() {
+        let (_pki, cert) = pki_and_cert();
+        let chain_pem = chain_to_pem(cert.chain());
+        let key_pem = match cert.private_key() {
+            PrivateKeyDer::Pkcs8(k) => pem_encode("PRIVATE KEY", k.secret_pkcs8_der()),
+            other => panic!("unexpected key kind {other:?}"),
+        };
+        let roots_pem = chain_to_pem(cert.roots());
+        let again = WorkloadCertificate::from_pem(&chain_pem, &key_pem, &roots_pem).unwrap();
+        assert_eq!(
+            again.identity().to_string(),
+            "spiffe://cluster.local/ns/default/sa/alice"
+        );
+        assert_eq!(again.not_after(), cert.not_after());
+        assert_eq!(again.summary(), cert.summary());
+    }
+
+    #[test]
+    fn rotation_schedule_is_half_life() {
+        let pki = TestPki::new("cluster.local");
+        let id = Identity::new("cluster.local", "default", "alice").unwrap();
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let cert = pki.issue_between(&id, start, start + Duration::from_secs(24 * 3600));
+        assert_eq!(cert.not_before(), start);
+        assert_eq!(
+            cert.refresh_at(),
+            start + Duration::from_secs(12 * 3600),
+            "refresh half-way"
+        );
+        assert!(!cert.is_expired(start + Duration::from_secs(24 * 3600)));
+        assert!(cert.is_expired(start + Duration::from_secs(24 * 3600 + 1)));
+
+        let (_, fresh) = pki_and_cert();
+        let left = fresh.expires_in();
+        assert!(
+            left > Duration::from_secs(24 * 3600 - 60) && left <= Duration::from_secs(24 * 3600),
+            "{left:?}"
+        );
+        let expired = pki.issue_between(
+            &id,
+            SystemTime::now() - Duration::from_secs(7200),
+            SystemTime::now() - Duration::from_secs(3600),
+        );
+        assert_eq!(expired.expires_in(), Duration::ZERO);
+        assert!(expired.is_expired(SystemTime::now()));
+    }
+
+    #[test]
+    fn summary_shows_what_an_operator_needs_and_no_key() {
+        let pki = TestPki::new("cluster.local");
+        let id = Identity::new("cluster.local", "default", "alice").unwrap();
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let cert = pki.issue_between(&id, start, start + Duration::from_secs(3600));
+        let summary = cert.summary();
+        assert_eq!(summary.identity, id);
+        assert_eq!(summary.not_before, "2033-05-18T03:33:20Z");
+        assert_eq!(summary.not_after, "2033-05-18T04:33:20Z");
+        assert_eq!(summary.issuer, "O=cluster.local, CN=Ambit root CA");
+        assert_eq!(summary.chain_length, 1);
+        assert_eq!(summary.serial.split(':').count(), 16, "{}", summary.serial);
+        let debug = format!("{cert:?}");
+        assert!(debug.contains("spiffe://cluster.local/ns/default/sa/alice"));
+        assert!(!debug.to_lowercase().contains("key"), "{debug}");
+    }
+
+    #[test]
+    fn refuses_key_of_another_certificate() {
+        let (pki, alice) = pki_and_cert();
+        let bob = pki.issue_for("default", "bob");
+        let err = WorkloadCertificate::new(
+            alice.chain().to_vec(),
+            bob.private_key(),
+            alice.roots().to_vec(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, CertError::KeyMismatch { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "private key does not match the certificate for spiffe://cluster.local/ns/default/sa/alice"
+        );
+    }
+
+    #[test]
+    fn refuses_leaves_without_exactly_one_spiffe_uri() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cases: Vec<(Vec<rcgen::SanType>, &str)> = vec![
+            (
+                vec![rcgen::SanType::DnsName("alice.default".try_into().unwrap())],
+                "certificate subjectAltName DNS name \"alice.default\" is not allowed",
+            ),
+            (vec![], "certificate has no subjectAltName"),
+            (
+                vec![
+                    rcgen::SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap()),
+                    rcgen::SanType::URI("spiffe://cluster.local/ns/a/sa/c".try_into().unwrap()),
+                ],
+                "certificate has 2 URI SANs",
+            ),
+            (
+                vec![rcgen::SanType::URI(
+                    "https://example.com".try_into().unwrap(),
+                )],
+                "certificate URI SAN \"https://example.com\" is not an Ambit SPIFFE identity",
+            ),
+        ];
+        for (sans, want) in cases {
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names = sans;
+            let der = params.self_signed(&key).unwrap().der().clone();
+            let err = WorkloadCertificate::new(
+                vec![der.clone()],
+                PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                vec![der],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with(want), "{err:?} is not {want:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_empty_inputs() {
+        let (_pki, cert) = pki_and_cert();
+        let err = WorkloadCertificate::new(vec![], cert.private_key(), cert.roots().to_vec());
+        assert!(matches!(err, Err(CertError::EmptyChain)));
+        let err = WorkloadCertificate::new(cert.chain().to_vec(), cert.private_key(), vec![]);
+        assert!(matches!(err, Err(CertError::NoRoots)));
+        let err = WorkloadCertificate::from_pem(&chain_to_pem(cert.chain()), "junk", "");
+        assert_eq!(err.unwrap_err().to_string(), "not a PEM private key");
+    }
+}

@@ -470,3 +470,400 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+    use crate::testing::TestPki;
+
+    const TD: &str = "cluster.local";
+
+    fn id(sa: &str) -> Identity {
+        Identity::new(TD, "default", sa).unwrap()
+    }
+
+    /// What each side of one handshake over loopback saw.
+    struct Outcome {
+        /// The server's view: the client identity it would hand to policy, or why the
+        /// handshake failed.
+        server: Result<Identity, String>,
+        /// The client's view: the server identity and the bytes the server sent.
+        client: Result<(Identity, Vec<u8>), String>,
+    }
+
+    async fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Outcome {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_H2));
+            let peer = peer_identity(tls.get_ref().1).map_err(|e| e.to_string())?;
+            tls.write_all(b"hello").await.unwrap();
+            tls.shutdown().await.unwrap();
+            Ok(peer)
+        });
+        let client = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = TlsConnector::from(client)
+                .connect(server_name(), tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let peer = peer_identity(tls.get_ref().1).map_err(|e| e.to_string())?;
+            // TLS 1.3 clients finish before the server has checked their certificate:
+            // a refusal shows up as an alert on the first read.
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await.map_err(|e| e.to_string())?;
+            Ok((peer, got))
+        }
+        .await;
+        let server = server_task.await.unwrap();
+        Outcome { server, client }
+    }
+
+    async fn connect(
+        server_cert: &WorkloadCertificate,
+        client_cert: &WorkloadCertificate,
+        server_bundle: &TrustBundle,
+        client_bundle: &TrustBundle,
+        expected: &Identity,
+    ) -> Outcome {
+        handshake(
+            server_config(server_cert, server_bundle).unwrap(),
+            client_config(client_cert, client_bundle, expected).unwrap(),
+        )
+        .await
+    }
+
+    fn assert_server_refused(outcome: &Outcome, want: &str) {
+        let err = outcome.server.as_ref().unwrap_err();
+        assert!(err.contains(want), "server error {err:?} lacks {want:?}");
+        let client = outcome.client.as_ref().unwrap_err();
+        assert!(
+            client.contains("received fatal alert"),
+            "client error {client:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_proves_both_identities() {
+        let pki = TestPki::new(TD);
+        let (server, client) = (pki.issue(&id("server")), pki.issue(&id("client")));
+        let bundle = pki.bundle();
+        let outcome = connect(&server, &client, &bundle, &bundle, &id("server")).await;
+        assert_eq!(outcome.server.unwrap(), id("client"));
+        assert_eq!(outcome.client.unwrap(), (id("server"), b"hello".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn chains_through_an_intermediate() {
+        let ca = crate::ca::CertificateAuthority::from_pem(
+            TD,
+            include_str!("../tests/fixtures/pki/intermediate-rsa.pem"),
+            include_str!("../tests/fixtures/pki/intermediate-rsa.key"),
+            Some(include_str!("../tests/fixtures/pki/root-ec.pem")),
+        )
+        .unwrap();
+        let pki = TestPki { ca };
+        let (server, client) = (pki.issue(&id("server")), pki.issue(&id("client")));
+        assert_eq!(server.chain().len(), 2);
+        let bundle = TrustBundle::for_workload(&server).unwrap();
+        let outcome = connect(&server, &client, &bundle, &bundle, &id("server")).await;
+        assert_eq!(outcome.server.unwrap(), id("client"));
+        assert_eq!(outcome.client.unwrap().0, id("server"));
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_of_another_trust_domain() {
+        let pki = TestPki::new(TD);
+        let foreign = TestPki::new("other.example");
+        let server = pki.issue(&id("server"));
+        let client = foreign.issue_for("default", "client");
+        // Both roots trusted (as during a root migration): the chain verifies, so only
+        // the trust-domain check stands between this client and policy.
+        let mut roots = pki.ca.trust_roots();
+        roots.extend(foreign.ca.trust_roots());
+        let server_bundle = TrustBundle::new(TD, roots).unwrap();
+        let outcome = connect(
+            &server,
+            &client,
+            &server_bundle,
+            &pki.bundle(),
+            &id("server"),
+        )
+        .await;
+        assert_server_refused(
+            &outcome,
+            "peer identity spiffe://other.example/ns/default/sa/client is outside trust domain \"cluster.local\"",
+        );
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_of_another_root() {
+        let pki = TestPki::new(TD);
+        let impostor = TestPki {
+            ca: crate::ca::CertificateAuthority::from_pem(
+                TD,
+                include_str!("../tests/fixtures/pki/root-ec.pem"),
+                include_str!("../tests/fixtures/pki/root-ec.key"),
+                None,
+            )
+            .unwrap(),
+        };
+        let server = pki.issue(&id("server"));
+        let client = impostor.issue(&id("client"));
+        let outcome = connect(
+            &server,
+            &client,
+            &pki.bundle(),
+            &pki.bundle(),
+            &id("server"),
+        )
+        .await;
+        assert_server_refused(&outcome, "invalid peer certificate: UnknownIssuer");
+    }
+
+    #[tokio::test]
+    async fn server_refuses_expired_client() {
+        let pki = TestPki::new(TD);
+        let server = pki.issue(&id("server"));
+        let hour = Duration::from_secs(3600);
+        let now = SystemTime::now();
+        let client = pki.issue_between(&id("client"), now - 2 * hour, now - hour);
+        let outcome = connect(
+            &server,
+            &client,
+            &pki.bundle(),
+            &pki.bundle(),
+            &id("server"),
+        )
+        .await;
+        assert_server_refused(&outcome, "invalid peer certificate: certificate expired");
+    }
+
+    /// A certificate from the mesh's own CA but with only a DNS SAN, as a misconfigured
+    /// (or hostile) issuer might produce.
+    fn dns_only_cert(pki: &TestPki) -> RotatingCert {
+        let stored = pki.ca.to_pem();
+        let ca_key = rcgen::KeyPair::from_pem(&stored.key_pem).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&stored.cert_pem, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["client.default.svc".into()]).unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let leaf = params.signed_by(&key, &issuer).unwrap();
+        let certified = CertifiedKey::from_der(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            &rustls::crypto::ring::default_provider(),
+        )
+        .unwrap();
+        RotatingCert::from_certified_key(Arc::new(certified))
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_without_spiffe_san() {
+        let pki = TestPki::new(TD);
+        let server = pki.issue(&id("server"));
+        let client =
+            client_config_rotating(&dns_only_cert(&pki), &pki.bundle(), &id("server")).unwrap();
+        let outcome = handshake(server_config(&server, &pki.bundle()).unwrap(), client).await;
+        assert_server_refused(
+            &outcome,
+            "peer certificate does not name a SPIFFE identity: certificate subjectAltName \
+             DNS name \"client.default.svc\" is not allowed",
+        );
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_without_certificate() {
+        let pki = TestPki::new(TD);
+        let server = pki.issue(&id("server"));
+        let mut anonymous = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
+                roots: pki.bundle().store.clone(),
+                trust_domain: TD.into(),
+                expected: id("server"),
+                algorithms: provider().signature_verification_algorithms,
+            }))
+            .with_no_client_auth();
+        anonymous.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let outcome = handshake(
+            server_config(&server, &pki.bundle()).unwrap(),
+            Arc::new(anonymous),
+        )
+        .await;
+        assert_server_refused(&outcome, "peer sent no certificates");
+    }
+
+    #[tokio::test]
+    async fn client_refuses_unexpected_server_identity() {
+        let pki = TestPki::new(TD);
+        let (server, client) = (pki.issue(&id("impostor")), pki.issue(&id("client")));
+        let bundle = pki.bundle();
+        let outcome = connect(&server, &client, &bundle, &bundle, &id("server")).await;
+        let err = outcome.client.unwrap_err();
+        assert_eq!(
+            err,
+            "invalid peer certificate: Other(OtherError(server identity is \
+             spiffe://cluster.local/ns/default/sa/impostor, expected \
+             spiffe://cluster.local/ns/default/sa/server))"
+        );
+        assert!(
+            outcome.server.unwrap_err().contains("received fatal alert"),
+            "the server is told"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_of_another_root() {
+        let pki = TestPki::new(TD);
+        let impostor = TestPki::new(TD);
+        let server = impostor.issue(&id("server"));
+        let client = pki.issue(&id("client"));
+        let outcome = connect(
+            &server,
+            &client,
+            &pki.bundle(),
+            &pki.bundle(),
+            &id("server"),
+        )
+        .await;
+        // Both generated roots are named "Ambit root CA": the issuer is found by name and
+        // refused on its signature.
+        assert_eq!(
+            outcome.client.unwrap_err(),
+            "invalid peer certificate: BadSignature"
+        );
+    }
+
+    #[tokio::test]
+    async fn tls12_is_never_negotiated() {
+        let pki = TestPki::new(TD);
+        let server = pki.issue(&id("server"));
+        let client = pki.issue(&id("client"));
+        let mut old = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
+                roots: pki.bundle().store.clone(),
+                trust_domain: TD.into(),
+                expected: id("server"),
+                algorithms: provider().signature_verification_algorithms,
+            }))
+            .with_client_cert_resolver(Arc::new(RotatingCert::new(&client)));
+        old.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let outcome = handshake(
+            server_config(&server, &pki.bundle()).unwrap(),
+            Arc::new(old),
+        )
+        .await;
+        let err = outcome.server.unwrap_err();
+        assert!(err.contains("peer is incompatible"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rotated_certificate_applies_to_new_handshakes() {
+        let pki = TestPki::new(TD);
+        let first = pki.issue(&id("server"));
+        let slot = RotatingCert::new(&first);
+        let server = server_config_rotating(&slot, &pki.bundle()).unwrap();
+        let client_cert = pki.issue(&id("client"));
+        let client = client_config(&client_cert, &pki.bundle(), &id("server")).unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = TlsAcceptor::from(server.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    // Echo, so an old connection can prove it still works.
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let open = || async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            TlsConnector::from(client.clone())
+                .connect(server_name(), tcp)
+                .await
+                .unwrap()
+        };
+        let leaf_of = |tls: &tokio_rustls::client::TlsStream<TcpStream>| {
+            tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+        };
+
+        let mut before = open().await;
+        assert_eq!(&leaf_of(&before), first.leaf());
+
+        let second = pki.issue(&id("server"));
+        assert_ne!(second.leaf(), first.leaf());
+        slot.set(&second);
+
+        let after = open().await;
+        assert_eq!(
+            &leaf_of(&after),
+            second.leaf(),
+            "new handshakes see the new cert"
+        );
+
+        before.write_all(b"still here").await.unwrap();
+        let mut echo = [0u8; 10];
+        before.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"still here", "old connections keep working");
+    }
+
+    #[test]
+    fn bundles_refuse_empty_or_invalid_input() {
+        assert!(matches!(
+            TrustBundle::new(TD, vec![]),
+            Err(TlsError::EmptyBundle)
+        ));
+        assert!(matches!(
+            TrustBundle::from_pem(TD, ""),
+            Err(TlsError::EmptyBundle)
+        ));
+        assert!(matches!(
+            TrustBundle::new("Not Valid", TestPki::new(TD).ca.trust_roots()),
+            Err(TlsError::TrustDomainName(_))
+        ));
+        let pki = TestPki::new(TD);
+        let bundle = TrustBundle::from_pem(TD, &pki.ca.roots_pem().concat()).unwrap();
+        assert_eq!(bundle.roots(), pki.ca.trust_roots().as_slice());
+        assert_eq!(bundle.trust_domain(), TD);
+    }
+
+    #[test]
+    fn peer_identity_needs_a_certificate() {
+        assert!(matches!(
+            peer_identity_from_certs(&[]),
+            Err(TlsError::NoPeerCertificate)
+        ));
+        let cert = TestPki::new(TD).issue(&id("alice"));
+        assert_eq!(peer_identity_from_certs(cert.chain()).unwrap(), id("alice"));
+    }
+}

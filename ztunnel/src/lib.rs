@@ -3,8 +3,11 @@
 pub mod access_log;
 pub mod admin;
 pub mod certs;
+pub mod decision;
+pub mod discovery;
 pub mod drain;
 pub mod http_server;
 pub mod metrics;
 pub mod readiness;
+pub mod state;
 pub mod telemetry;

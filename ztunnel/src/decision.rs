@@ -1,0 +1,514 @@
+//! Where a connection goes, and whether it may: pure functions from state to a decision.
+//!
+//! STYLE.md's "decide, then do": the proxy code computes an [`Outbound`] or [`Inbound`] value
+//! from a [`State`] snapshot and then performs the I/O it describes. Nothing here touches a
+//! socket, so every routing and refusal rule is covered by table tests on fixtures.
+//!
+//! Status codes of inbound refusals (what the HBONE server answers to `CONNECT`):
+//!
+//! | status | when |
+//! | --- | --- |
+//! | 400 | malformed authority, authority not the pod behind this listener (spoofing), or one of ztunnel's own ports (a loop) |
+//! | 401 | no peer identity on an HBONE stream; plaintext in strict mode |
+//! | 403 | L4 policy denies; the pod has a waypoint and the peer is not a waypoint |
+//! | 503 | the pod is not in the mesh (not enrolled) |
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ambit_hbone::Identity;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::state::policy::{authorize, ConnectionInfo};
+use crate::state::service::{Endpoint, LoadBalancing, Service};
+use crate::state::workload::{GatewayAddress, TunnelProtocol, Workload, HBONE_PORT};
+use crate::state::State;
+
+/// ztunnel's own ports (DESIGN.md): a connection addressed to one of them on a pod is a
+/// loop or a probe of the proxy itself, never application traffic.
+pub const ZTUNNEL_PORTS: [u16; 7] = [15001, 15006, 15008, 15000, 15020, 15021, 15053];
+
+/// What to do with a connection an enrolled pod opened (captured on 15001).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Outbound {
+    /// Not a mesh destination (unknown address, or a workload outside the mesh): connect to
+    /// `destination` with plain TCP.
+    Passthrough {
+        destination: SocketAddr,
+        /// Why, for the access log.
+        reason: &'static str,
+    },
+    /// Tunnel to a mesh workload.
+    Hbone {
+        /// Where the HBONE connection goes: in in-pod mode, the destination pod's IP on 15008.
+        peer: SocketAddr,
+        /// `CONNECT` authority: the pod IP and target port.
+        authority: SocketAddr,
+        /// Identity the peer's certificate must carry.
+        expected_identity: Identity,
+        workload: Arc<Workload>,
+        /// The service, when the connection was addressed to a VIP.
+        service: Option<Arc<Service>>,
+    },
+    /// Tunnel to the waypoint that guards the destination.
+    Waypoint {
+        /// The waypoint's HBONE address (a waypoint pod on 15008).
+        peer: SocketAddr,
+        /// `CONNECT` authority: the original VIP:port, or the pod IP:port for a workload
+        /// waypoint.
+        authority: SocketAddr,
+        /// Identity the waypoint must present.
+        expected_identity: Identity,
+        service: Option<Arc<Service>>,
+        workload: Option<Arc<Workload>>,
+    },
+    /// Close the connection: the destination cannot be served.
+    Refuse(String),
+}
+
+/// One endpoint a connection to a VIP may go to.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub workload: &'a Arc<Workload>,
+    pub endpoint: &'a Endpoint,
+}
+
+/// Picks one endpoint among equally near candidates (never called with none).
+pub trait Chooser {
+    /// Index into `candidates`.
+    fn choose(&self, service: &Service, candidates: &[Candidate<'_>]) -> usize;
+}
+
+impl<F: Fn(&Service, &[Candidate<'_>]) -> usize> Chooser for F {
+    fn choose(&self, service: &Service, candidates: &[Candidate<'_>]) -> usize {
+        self(service, candidates)
+    }
+}
+
+/// The proxy's load balancer: random, least-connections or round-robin as each service
+/// asks, with the per-endpoint connection counts least-connections needs. Cheap to clone;
+/// the proxy keeps one.
+#[derive(Clone)]
+pub struct Balancer {
+    inner: Arc<BalancerInner>,
+}
+
+struct BalancerInner {
+    /// Open connections by workload uid, kept by [`ConnectionGuard`]s.
+    connections: Mutex<HashMap<Arc<str>, usize>>,
+    /// Next index by service hostname, for round-robin.
+    turns: Mutex<HashMap<Arc<str>, usize>>,
+    rng: Mutex<StdRng>,
+}
+
+/// Counts one connection to an endpoint for as long as it lives.
+pub struct ConnectionGuard {
+    inner: Arc<BalancerInner>,
+    uid: Arc<str>,
+}
+
+/// Critical sections here are a few instructions and cannot panic half-way, so a poisoned
+/// lock still holds consistent data.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Balancer {
+    /// A balancer seeded from the operating system.
+    pub fn new() -> Self {
+        Self::with_rng(StdRng::from_os_rng())
+    }
+
+    /// A balancer with a given random source (tests make it deterministic).
+    pub fn with_rng(rng: StdRng) -> Self {
+        Balancer {
+            inner: Arc::new(BalancerInner {
+                connections: Mutex::new(HashMap::new()),
+                turns: Mutex::new(HashMap::new()),
+                rng: Mutex::new(rng),
+            }),
+        }
+    }
+
+    /// Starts counting a connection to workload `uid`; the count drops with the guard.
+    pub fn track(&self, uid: Arc<str>) -> ConnectionGuard {
+        *lock(&self.inner.connections)
+            .entry(uid.clone())
+            .or_default() += 1;
+        ConnectionGuard {
+            inner: self.inner.clone(),
+            uid,
+        }
+    }
+
+    /// Connections currently open to workload `uid`.
+    pub fn connections(&self, uid: &str) -> usize {
+        lock(&self.inner.connections).get(uid).copied().unwrap_or(0)
+    }
+
+    fn random(&self, n: usize) -> usize {
+        lock(&self.inner.rng).random_range(0..n)
+    }
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let mut conns = lock(&self.inner.connections);
+        if let Some(n) = conns.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                conns.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl Chooser for Balancer {
+    fn choose(&self, service: &Service, candidates: &[Candidate<'_>]) -> usize {
+        let n = candidates.len();
+        if n <= 1 {
+            return 0;
+        }
+        match service.load_balancing {
+            LoadBalancing::Random => self.random(n),
+            LoadBalancing::RoundRobin => {
+                let mut turns = lock(&self.inner.turns);
+                let t = turns.entry(service.hostname.clone()).or_default();
+                let i = *t % n;
+                *t = t.wrapping_add(1);
+                i
+            }
+            LoadBalancing::LeastConnections => {
+                let counts: Vec<usize> = {
+                    let conns = lock(&self.inner.connections);
+                    candidates
+                        .iter()
+                        .map(|c| conns.get(&c.workload.uid).copied().unwrap_or(0))
+                        .collect()
+                };
+                let min = counts.iter().copied().min().unwrap_or(0);
+                // Ties are broken at random so that idle endpoints share the load.
+                let tied: Vec<usize> = (0..n).filter(|&i| counts[i] == min).collect();
+                tied[self.random(tied.len())]
+            }
+        }
+    }
+}
+
+/// True when `source` is the waypoint `wp` (so its traffic must not loop back to itself).
+fn is_waypoint(source: &Workload, wp: &GatewayAddress) -> bool {
+    source.has_address(wp.address) || (source.is_waypoint && source.identity == wp.identity)
+}
+
+/// Ready endpoints of `svc` whose workload the state knows and can address.
+fn ready_candidates<'a>(state: &'a State, svc: &'a Service) -> Vec<Candidate<'a>> {
+    svc.endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| {
+            let w = state.workload_by_uid(&e.workload_uid)?;
+            (!w.addresses.is_empty()).then_some(Candidate {
+                workload: w,
+                endpoint: e,
+            })
+        })
+        .collect()
+}
+
+/// Nearest candidates first: same node, else same zone, else all of them.
+fn nearest<'a>(source: &Workload, all: Vec<Candidate<'a>>) -> Vec<Candidate<'a>> {
+    let same_node: Vec<_> = all
+        .iter()
+        .copied()
+        .filter(|c| !source.node.is_empty() && c.workload.node == source.node)
+        .collect();
+    if !same_node.is_empty() {
+        return same_node;
+    }
+    let same_zone: Vec<_> = all
+        .iter()
+        .copied()
+        .filter(|c| source.zone.is_some() && c.workload.zone == source.zone)
+        .collect();
+    if !same_zone.is_empty() {
+        return same_zone;
+    }
+    all
+}
+
+/// Where to send the tunnel for waypoint `wp`: a waypoint addressed by its Service VIP is
+/// resolved to one of its pods here, since HBONE goes to a pod's 15008.
+fn waypoint_peer(
+    state: &State,
+    source: &Workload,
+    wp: &GatewayAddress,
+    chooser: &dyn Chooser,
+) -> Option<SocketAddr> {
+    let Some(svc) = state.service_by_vip(wp.address) else {
+        return Some(wp.hbone_addr());
+    };
+    let near = nearest(source, ready_candidates(state, svc));
+    if near.is_empty() {
+        return None;
+    }
+    let c = near[chooser.choose(svc, &near).min(near.len() - 1)];
+    let ip = c.workload.address_like(wp.address)?;
+    Some(SocketAddr::new(ip, wp.hbone_port))
+}
+
+fn to_waypoint(
+    state: &State,
+    source: &Workload,
+    wp: &GatewayAddress,
+    authority: SocketAddr,
+    service: Option<Arc<Service>>,
+    workload: Option<Arc<Workload>>,
+    chooser: &dyn Chooser,
+) -> Outbound {
+    match waypoint_peer(state, source, wp, chooser) {
+        Some(peer) => Outbound::Waypoint {
+            peer,
+            authority,
+            expected_identity: wp.identity.clone(),
+            service,
+            workload,
+        },
+        None => Outbound::Refuse(format!(
+            "waypoint {} ({}) has no ready endpoint",
+            wp.address, wp.identity
+        )),
+    }
+}
+
+/// The decision for a connection to workload `w` at `addr`.
+fn to_workload(
+    state: &State,
+    source: &Workload,
+    w: &Arc<Workload>,
+    addr: SocketAddr,
+    service: Option<Arc<Service>>,
+    chooser: &dyn Chooser,
+) -> Outbound {
+    if w.protocol == TunnelProtocol::Tcp {
+        return Outbound::Passthrough {
+            destination: addr,
+            reason: "destination workload is not in the mesh",
+        };
+    }
+    if let Some(wp) = &w.waypoint {
+        if !is_waypoint(source, wp) {
+            return to_waypoint(state, source, wp, addr, service, Some(w.clone()), chooser);
+        }
+    }
+    Outbound::Hbone {
+        peer: SocketAddr::new(addr.ip(), HBONE_PORT),
+        authority: addr,
+        expected_identity: w.identity.clone(),
+        workload: w.clone(),
+        service,
+    }
+}
+
+/// Decides where a connection from `source` to `original_dst` (its original destination,
+/// as captured) goes. `chooser` picks among equally near endpoints of a VIP.
+pub fn outbound(
+    state: &State,
+    source: &Workload,
+    original_dst: SocketAddr,
+    chooser: &dyn Chooser,
+) -> Outbound {
+    let dst = SocketAddr::new(original_dst.ip().to_canonical(), original_dst.port());
+    if let Some(svc) = state.service_by_vip(dst.ip()) {
+        let describe = || format!("service {}/{}", svc.namespace, svc.name);
+        let Some(port) = svc.port(dst.port()) else {
+            return Outbound::Refuse(format!(
+                "{} does not expose port {}",
+                describe(),
+                dst.port()
+            ));
+        };
+        if let Some(wp) = &svc.waypoint {
+            if !is_waypoint(source, wp) {
+                return to_waypoint(state, source, wp, dst, Some(svc.clone()), None, chooser);
+            }
+        }
+        let near = nearest(source, ready_candidates(state, svc));
+        if near.is_empty() {
+            return Outbound::Refuse(format!(
+                "{} has no ready endpoint for port {}",
+                describe(),
+                dst.port()
+            ));
+        }
+        let c = near[chooser.choose(svc, &near).min(near.len() - 1)];
+        let target = svc.target_port(c.endpoint, port);
+        let Some(ip) = c.workload.address_like(dst.ip()) else {
+            // ready_candidates only keeps workloads with an address.
+            return Outbound::Refuse(format!(
+                "{}: endpoint {} has no address",
+                describe(),
+                c.workload.describe()
+            ));
+        };
+        return to_workload(
+            state,
+            source,
+            c.workload,
+            SocketAddr::new(ip, target),
+            Some(svc.clone()),
+            chooser,
+        );
+    }
+    if let Some(w) = state.workload_by_ip(dst.ip()) {
+        return to_workload(state, source, w, dst, None, chooser);
+    }
+    Outbound::Passthrough {
+        destination: dst,
+        reason: "destination is not a mesh address",
+    }
+}
+
+/// What to do with a connection arriving for a pod (HBONE `CONNECT`, or plaintext on 15006).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Inbound {
+    /// Connect to `destination` (the pod) from the client's address.
+    Accept {
+        destination: SocketAddr,
+        /// An AUDIT policy matched: the access log marks the connection.
+        audit: bool,
+        /// Which policy allowed it (or that none applies), for the access log.
+        reason: String,
+    },
+    /// Refuse with `status` (the `CONNECT` response; for plaintext, the access-log code).
+    Refuse { status: u16, reason: String },
+}
+
+impl Inbound {
+    fn refuse(status: u16, reason: impl Into<String>) -> Self {
+        Inbound::Refuse {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Checks shared by both inbound paths: the address is the pod's, and not a loop.
+fn check_destination(pod: &Workload, dst: SocketAddr) -> Result<(), Inbound> {
+    if !pod.has_address(dst.ip()) {
+        return Err(Inbound::refuse(
+            400,
+            format!(
+                "{} is not the pod behind this listener ({})",
+                dst.ip(),
+                pod.describe()
+            ),
+        ));
+    }
+    if ZTUNNEL_PORTS.contains(&dst.port()) {
+        return Err(Inbound::refuse(
+            400,
+            format!("port {} is one of ztunnel's own ports (loop)", dst.port()),
+        ));
+    }
+    if pod.protocol != TunnelProtocol::Hbone {
+        return Err(Inbound::refuse(
+            503,
+            format!("{} is not in the mesh", pod.describe()),
+        ));
+    }
+    Ok(())
+}
+
+fn policy(state: &State, pod: &Workload, conn: ConnectionInfo<'_>, dst: SocketAddr) -> Inbound {
+    let verdict = authorize(state, pod, &conn);
+    if verdict.allowed {
+        Inbound::Accept {
+            destination: dst,
+            audit: verdict.audit,
+            reason: verdict.reason,
+        }
+    } else {
+        Inbound::refuse(403, verdict.reason)
+    }
+}
+
+/// Decides on an HBONE `CONNECT` to `authority` arriving on the listener of `pod`, from a
+/// peer that presented `peer` and connected from `source_ip`.
+pub fn inbound(
+    state: &State,
+    pod: &Workload,
+    peer: Option<&Identity>,
+    source_ip: IpAddr,
+    authority: &str,
+) -> Inbound {
+    let Ok(dst) = authority.parse::<SocketAddr>() else {
+        return Inbound::refuse(400, format!("authority {authority:?} is not an ip:port"));
+    };
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    if let Err(refusal) = check_destination(pod, dst) {
+        return refusal;
+    }
+    let Some(peer) = peer else {
+        return Inbound::refuse(401, "HBONE stream without a peer identity");
+    };
+    // Traffic for a pod behind a waypoint must have gone through one, or L7 policy would
+    // be bypassed by dialling the pod directly.
+    if let Some(wp) = &pod.waypoint {
+        if *peer != wp.identity && !state.is_waypoint_identity(peer) {
+            return Inbound::refuse(
+                403,
+                format!(
+                    "{} must be reached through its waypoint ({}), not from {peer}",
+                    pod.describe(),
+                    wp.identity
+                ),
+            );
+        }
+    }
+    let conn = ConnectionInfo {
+        src_identity: Some(peer),
+        src_ip: source_ip.to_canonical(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    policy(state, pod, conn, dst)
+}
+
+/// Decides on a plaintext connection to `dst` captured on 15006 for `pod`. In strict mode
+/// plaintext is refused; otherwise policy runs without a source identity (so principal and
+/// namespace rules cannot match it).
+pub fn inbound_plaintext(
+    state: &State,
+    pod: &Workload,
+    source_ip: IpAddr,
+    dst: SocketAddr,
+    strict: bool,
+) -> Inbound {
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    if let Err(refusal) = check_destination(pod, dst) {
+        return refusal;
+    }
+    if strict {
+        return Inbound::refuse(401, "plaintext refused: strict mTLS");
+    }
+    let conn = ConnectionInfo {
+        src_identity: None,
+        src_ip: source_ip.to_canonical(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    policy(state, pod, conn, dst)
+}
+
+#[cfg(test)]
+#[path = "decision_tests.rs"]
+mod tests;

@@ -1,0 +1,469 @@
+//! Table tests of outbound and inbound decisions against one fixture mesh.
+
+use super::*;
+use crate::state::fixtures::{self, *};
+use crate::state::Store;
+use ambit_proto::discovery as pb;
+use pb::{PolicyAction as A, PolicyScope as S};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/app/sa/waypoint";
+
+fn zoned(mut w: pb::Workload, zone: &str) -> pb::Workload {
+    w.zone = zone.into();
+    w
+}
+
+/// client (node-1, z1); s1 (node-1, z1), s2 (node-2, z1), s3 (node-3, z2); a waypoint; a
+/// pod behind it; a pod outside the mesh; services over them.
+fn mesh() -> Arc<State> {
+    let mut legacy = workload("legacy", "l", "default", "node-2", "10.0.4.1");
+    legacy.tunnel_protocol = pb::TunnelProtocol::None as i32;
+    let mut wp = workload("app", "wp", "waypoint", "node-2", "10.0.5.1");
+    wp.is_waypoint = true;
+    let mut guarded = workload("app", "guarded", "guarded", "node-2", "10.0.6.1");
+    guarded.waypoint = Some(gateway("10.0.5.1", WAYPOINT_ID));
+    let mut behind_wp = service("app", "wp-svc", "10.96.0.5", 80, 8080, &["app/s2"]);
+    behind_wp.waypoint = Some(gateway("10.0.5.1", WAYPOINT_ID));
+    let mut behind_wp_vip = service("app", "wp-vip-svc", "10.96.0.7", 80, 8080, &["app/s2"]);
+    behind_wp_vip.waypoint = Some(gateway("10.96.0.9", WAYPOINT_ID));
+    let mut empty = service(
+        "app",
+        "empty",
+        "10.96.0.4",
+        80,
+        8080,
+        &["app/s1", "app/gone"],
+    );
+    empty.endpoints[0].ready = false;
+    let mut override_port = service("app", "override", "10.96.0.8", 80, 8080, &["app/s3"]);
+    override_port.endpoints[0].ports.insert(80, 9999);
+    let push = full(
+        1,
+        vec![
+            res_w(zoned(
+                workload("client", "c", "curl", "node-1", "10.0.1.10"),
+                "z1",
+            )),
+            res_w(zoned(
+                workload("app", "s1", "s1", "node-1", "10.0.1.20"),
+                "z1",
+            )),
+            res_w(zoned(
+                workload("app", "s2", "s2", "node-2", "10.0.2.20"),
+                "z1",
+            )),
+            res_w(zoned(
+                workload("app", "s3", "s3", "node-3", "10.0.3.20"),
+                "z2",
+            )),
+            res_w(legacy),
+            res_w(wp),
+            res_w(guarded),
+            res_s(service(
+                "app",
+                "web",
+                "10.96.0.1",
+                80,
+                8080,
+                &["app/s3", "app/s2", "app/s1"],
+            )),
+            res_s(service(
+                "app",
+                "remote",
+                "10.96.0.2",
+                80,
+                8080,
+                &["app/s3", "app/s2"],
+            )),
+            res_s(service("app", "far", "10.96.0.3", 80, 8080, &["app/s3"])),
+            res_s(empty),
+            res_s(behind_wp),
+            res_s(behind_wp_vip),
+            res_s(service(
+                "app",
+                "waypoint",
+                "10.96.0.9",
+                15008,
+                15008,
+                &["app/wp"],
+            )),
+            res_s(service(
+                "legacy",
+                "old",
+                "10.96.0.6",
+                80,
+                9000,
+                &["legacy/l"],
+            )),
+            res_s(override_port),
+            res_a(fixtures::policy(
+                "app",
+                "deny-9090",
+                S::Namespace,
+                A::Deny,
+                vec![pb::Rule {
+                    to: vec![pb::Operation {
+                        ports: vec![9090],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            )),
+            res_a(fixtures::policy(
+                "legacy",
+                "principals-only",
+                S::Namespace,
+                A::Allow,
+                vec![pb::Rule {
+                    from: vec![pb::Source {
+                        principals: vec![presence()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            )),
+        ],
+    );
+    let mut store = Store::new(None);
+    store.apply(push).expect("fixture applies");
+    store.snapshot()
+}
+
+fn first(_: &Service, _: &[Candidate<'_>]) -> usize {
+    0
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test socket address")
+}
+
+/// A compact view of a decision for table comparison.
+fn summary(o: &Outbound) -> String {
+    match o {
+        Outbound::Passthrough { destination, .. } => format!("passthrough {destination}"),
+        Outbound::Hbone {
+            peer,
+            authority,
+            expected_identity,
+            service,
+            ..
+        } => format!(
+            "hbone {peer} {authority} {expected_identity} svc={}",
+            service.as_ref().map(|s| &*s.name).unwrap_or("-")
+        ),
+        Outbound::Waypoint {
+            peer,
+            authority,
+            expected_identity,
+            ..
+        } => format!("waypoint {peer} {authority} {expected_identity}"),
+        Outbound::Refuse(r) => format!("refuse {r}"),
+    }
+}
+
+#[test]
+fn outbound_table() {
+    let s = mesh();
+    let client = s.workload_by_uid("client/c").unwrap().clone();
+    let waypoint = s.workload_by_uid("app/wp").unwrap().clone();
+    let cases: Vec<(&str, &Arc<Workload>, &str, &str)> = vec![
+        (
+            "unknown address",
+            &client,
+            "8.8.8.8:443",
+            "passthrough 8.8.8.8:443",
+        ),
+        (
+            "pod address",
+            &client,
+            "10.0.2.20:8080",
+            "hbone 10.0.2.20:15008 10.0.2.20:8080 spiffe://cluster.local/ns/app/sa/s2 svc=-",
+        ),
+        (
+            "VIP prefers same node",
+            &client,
+            "10.96.0.1:80",
+            "hbone 10.0.1.20:15008 10.0.1.20:8080 spiffe://cluster.local/ns/app/sa/s1 svc=web",
+        ),
+        (
+            "VIP then same zone",
+            &client,
+            "10.96.0.2:80",
+            "hbone 10.0.2.20:15008 10.0.2.20:8080 spiffe://cluster.local/ns/app/sa/s2 svc=remote",
+        ),
+        (
+            "VIP then anywhere",
+            &client,
+            "10.96.0.3:80",
+            "hbone 10.0.3.20:15008 10.0.3.20:8080 spiffe://cluster.local/ns/app/sa/s3 svc=far",
+        ),
+        (
+            "endpoint port override",
+            &client,
+            "10.96.0.8:80",
+            "hbone 10.0.3.20:15008 10.0.3.20:9999 spiffe://cluster.local/ns/app/sa/s3 svc=override",
+        ),
+        (
+            "port not exposed",
+            &client,
+            "10.96.0.1:81",
+            "refuse service app/web does not expose port 81",
+        ),
+        (
+            "no ready endpoint",
+            &client,
+            "10.96.0.4:80",
+            "refuse service app/empty has no ready endpoint for port 80",
+        ),
+        (
+            "service waypoint",
+            &client,
+            "10.96.0.5:80",
+            "waypoint 10.0.5.1:15008 10.96.0.5:80 spiffe://cluster.local/ns/app/sa/waypoint",
+        ),
+        (
+            "waypoint addressed by VIP resolves to its pod",
+            &client,
+            "10.96.0.7:80",
+            "waypoint 10.0.5.1:15008 10.96.0.7:80 spiffe://cluster.local/ns/app/sa/waypoint",
+        ),
+        (
+            "the waypoint itself goes to the endpoint",
+            &waypoint,
+            "10.96.0.5:80",
+            "hbone 10.0.2.20:15008 10.0.2.20:8080 spiffe://cluster.local/ns/app/sa/s2 svc=wp-svc",
+        ),
+        (
+            "workload waypoint",
+            &client,
+            "10.0.6.1:8080",
+            "waypoint 10.0.5.1:15008 10.0.6.1:8080 spiffe://cluster.local/ns/app/sa/waypoint",
+        ),
+        (
+            "waypoint to its guarded pod",
+            &waypoint,
+            "10.0.6.1:8080",
+            "hbone 10.0.6.1:15008 10.0.6.1:8080 spiffe://cluster.local/ns/app/sa/guarded svc=-",
+        ),
+        (
+            "pod outside the mesh",
+            &client,
+            "10.0.4.1:9000",
+            "passthrough 10.0.4.1:9000",
+        ),
+        (
+            "VIP of pods outside the mesh",
+            &client,
+            "10.96.0.6:80",
+            "passthrough 10.0.4.1:9000",
+        ),
+        (
+            "IPv4-mapped destination",
+            &client,
+            "[::ffff:10.0.2.20]:8080",
+            "hbone 10.0.2.20:15008 10.0.2.20:8080 spiffe://cluster.local/ns/app/sa/s2 svc=-",
+        ),
+    ];
+    for (name, source, dst, want) in cases {
+        let got = summary(&outbound(&s, source, sa(dst), &first));
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn balancer_modes() {
+    let s = mesh();
+    let svc = s.service_by_vip(ip("10.96.0.1")).unwrap();
+    let all: Vec<Candidate> = svc
+        .endpoints
+        .iter()
+        .map(|e| Candidate {
+            workload: s.workload_by_uid(&e.workload_uid).unwrap(),
+            endpoint: e,
+        })
+        .collect();
+    let b = Balancer::with_rng(StdRng::seed_from_u64(1));
+
+    let mut lc = (**svc).clone();
+    lc.load_balancing = LoadBalancing::LeastConnections;
+    let _g1 = b.track(all[0].workload.uid.clone());
+    let _g2 = b.track(all[1].workload.uid.clone());
+    assert_eq!(b.choose(&lc, &all), 2, "the idle endpoint");
+    {
+        let _g3 = b.track(all[2].workload.uid.clone());
+        let _g4 = b.track(all[2].workload.uid.clone());
+        assert_eq!(b.connections(&all[2].workload.uid), 2);
+        assert_ne!(b.choose(&lc, &all), 2);
+    }
+    assert_eq!(b.connections(&all[2].workload.uid), 0, "guards release");
+
+    let mut rr = (**svc).clone();
+    rr.load_balancing = LoadBalancing::RoundRobin;
+    let picks: Vec<usize> = (0..6).map(|_| b.choose(&rr, &all)).collect();
+    assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+
+    // Random: deterministic under a seed, spread over every candidate.
+    let pick = |seed| {
+        let b = Balancer::with_rng(StdRng::seed_from_u64(seed));
+        (0..60).map(|_| b.choose(svc, &all)).collect::<Vec<_>>()
+    };
+    assert_eq!(pick(9), pick(9));
+    let p = pick(9);
+    assert!((0..3).all(|i| p.contains(&i)), "{p:?}");
+}
+
+/// Name, pod behind the listener, peer identity, authority, accepted reason or refusal.
+type InboundCase<'a> = (
+    &'a str,
+    &'a Workload,
+    Option<&'a Identity>,
+    &'a str,
+    Result<&'a str, (u16, &'a str)>,
+);
+
+#[test]
+fn inbound_table() {
+    let s = mesh();
+    let client: Identity = "spiffe://cluster.local/ns/client/sa/curl".parse().unwrap();
+    let waypoint: Identity = WAYPOINT_ID.parse().unwrap();
+    let s1 = s.workload_by_uid("app/s1").unwrap();
+    let guarded = s.workload_by_uid("app/guarded").unwrap();
+    let legacy = s.workload_by_uid("legacy/l").unwrap();
+    let from = ip("10.0.1.10");
+    let cases: Vec<InboundCase> = vec![
+        (
+            "accepted",
+            s1,
+            Some(&client),
+            "10.0.1.20:8080",
+            Ok("no ALLOW policy applies"),
+        ),
+        (
+            "malformed authority",
+            s1,
+            Some(&client),
+            "web:80",
+            Err((400, "is not an ip:port")),
+        ),
+        (
+            "spoofed authority",
+            s1,
+            Some(&client),
+            "10.0.2.20:8080",
+            Err((400, "10.0.2.20 is not the pod behind this listener (app/s1")),
+        ),
+        (
+            "ztunnel port loop",
+            s1,
+            Some(&client),
+            "10.0.1.20:15008",
+            Err((400, "port 15008 is one of ztunnel's own ports")),
+        ),
+        (
+            "admin port loop",
+            s1,
+            Some(&client),
+            "10.0.1.20:15000",
+            Err((400, "loop")),
+        ),
+        (
+            "no identity",
+            s1,
+            None,
+            "10.0.1.20:8080",
+            Err((401, "without a peer identity")),
+        ),
+        (
+            "policy denies",
+            s1,
+            Some(&client),
+            "10.0.1.20:9090",
+            Err((403, "denied by app/deny-9090 (rule 0)")),
+        ),
+        (
+            "waypoint bypass",
+            guarded,
+            Some(&client),
+            "10.0.6.1:8080",
+            Err((403, "must be reached through its waypoint")),
+        ),
+        (
+            "through the waypoint",
+            guarded,
+            Some(&waypoint),
+            "10.0.6.1:8080",
+            Ok("no ALLOW"),
+        ),
+        (
+            "not in the mesh",
+            legacy,
+            Some(&client),
+            "10.0.4.1:9000",
+            Err((503, "not in the mesh")),
+        ),
+    ];
+    for (name, pod, peer, authority, want) in cases {
+        let got = inbound(&s, pod, peer, from, authority);
+        match (want, &got) {
+            (
+                Ok(reason),
+                Inbound::Accept {
+                    reason: r,
+                    destination,
+                    ..
+                },
+            ) => {
+                assert!(r.contains(reason), "{name}: {got:?}");
+                assert_eq!(destination.to_string(), authority, "{name}");
+            }
+            (
+                Err((status, reason)),
+                Inbound::Refuse {
+                    status: st,
+                    reason: r,
+                },
+            ) => {
+                assert_eq!(*st, status, "{name}: {got:?}");
+                assert!(r.contains(reason), "{name}: {r:?} lacks {reason:?}");
+            }
+            _ => panic!("{name}: {got:?} but wanted {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn inbound_plaintext() {
+    let s = mesh();
+    let s1 = s.workload_by_uid("app/s1").unwrap();
+    let from = ip("10.0.9.9");
+    let strict = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:8080"), true);
+    assert!(
+        matches!(strict, Inbound::Refuse { status: 401, ref reason } if reason.contains("strict"))
+    );
+    let ok = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:8080"), false);
+    assert!(matches!(ok, Inbound::Accept { .. }), "{ok:?}");
+    let denied = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:9090"), false);
+    assert!(
+        matches!(denied, Inbound::Refuse { status: 403, .. }),
+        "{denied:?}"
+    );
+    let looped = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:15006"), false);
+    assert!(
+        matches!(looped, Inbound::Refuse { status: 400, .. }),
+        "{looped:?}"
+    );
+
+    // A principal-only ALLOW policy cannot match plaintext (no identity), HBONE passes.
+    let mut mesh_legacy = (**s.workload_by_uid("legacy/l").unwrap()).clone();
+    mesh_legacy.protocol = TunnelProtocol::Hbone;
+    let plain = super::inbound_plaintext(&s, &mesh_legacy, from, sa("10.0.4.1:9000"), false);
+    assert!(
+        matches!(plain, Inbound::Refuse { status: 403, ref reason } if reason.contains("legacy/principals-only")),
+        "{plain:?}"
+    );
+    let id: Identity = "spiffe://cluster.local/ns/client/sa/curl".parse().unwrap();
+    let tunnelled = inbound(&s, &mesh_legacy, Some(&id), from, "10.0.4.1:9000");
+    assert!(matches!(tunnelled, Inbound::Accept { .. }), "{tunnelled:?}");
+}

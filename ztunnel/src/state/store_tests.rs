@@ -1,0 +1,266 @@
+//! Store tests: indexes, atomic pushes, last good state, the local-workloads watch.
+
+use super::*;
+use crate::state::fixtures::*;
+use crate::state::workload::TunnelProtocol;
+use pb::{PolicyAction as A, PolicyScope as S, ResourceKind as K};
+
+fn base_push() -> pb::Push {
+    let mut b = workload("default", "b", "b", "node-2", "10.0.2.1");
+    b.addresses.push(crate::state::ip_to_bytes(ip("fd00::2:1")));
+    b.authorization_policies = vec!["default/select-b".into()];
+    full(
+        1,
+        vec![
+            res_w(workload("default", "a", "a", "node-1", "10.0.1.1")),
+            res_w(b),
+            res_s(service(
+                "default",
+                "svc",
+                "10.96.0.1",
+                80,
+                8080,
+                &["default/a", "default/b"],
+            )),
+            res_a(policy("root", "global", S::Global, A::Deny, vec![])),
+            res_a(policy("default", "ns", S::Namespace, A::Allow, vec![])),
+            res_a(policy("other", "ns-other", S::Namespace, A::Allow, vec![])),
+            res_a(policy(
+                "default",
+                "select-b",
+                S::WorkloadSelector,
+                A::Allow,
+                vec![],
+            )),
+            res_a(pb::Authorization {
+                target_gateway: "default/waypoint".into(),
+                ..policy("default", "for-waypoint", S::Namespace, A::Deny, vec![])
+            }),
+        ],
+    )
+}
+
+#[test]
+fn full_state_is_indexed() {
+    let mut store = Store::new(Some("node-1"));
+    let out = store.apply(base_push()).unwrap();
+    assert_eq!((out.workloads, out.services, out.policies), (2, 1, 5));
+    let s = store.reader().snapshot();
+    assert_eq!(s.version(), 1);
+    assert_eq!(&*s.workload_by_ip(ip("10.0.1.1")).unwrap().name, "a");
+    assert_eq!(&*s.workload_by_ip(ip("fd00::2:1")).unwrap().name, "b");
+    assert_eq!(
+        &*s.workload_by_ip(ip("::ffff:10.0.2.1")).unwrap().name,
+        "b",
+        "IPv4-mapped IPv6 finds the IPv4 workload"
+    );
+    assert!(s.workload_by_ip(ip("10.0.9.9")).is_none());
+    assert_eq!(&*s.workload_by_uid("default/a").unwrap().name, "a");
+    let (svc, port) = s.service_by_addr("10.96.0.1:80".parse().unwrap()).unwrap();
+    assert_eq!(&*svc.name, "svc");
+    assert_eq!(port.unwrap().target_port, 8080);
+    let (_, port) = s.service_by_addr("10.96.0.1:81".parse().unwrap()).unwrap();
+    assert!(port.is_none());
+    assert!(s
+        .service_by_hostname("svc.default.svc.cluster.local")
+        .is_some());
+    assert!(s.policy("default/ns").is_some());
+    let on1: Vec<_> = s
+        .workloads_on_node("node-1")
+        .iter()
+        .map(|w| &*w.name)
+        .collect();
+    assert_eq!(on1, vec!["a"]);
+    assert!(s.workloads_on_node("node-9").is_empty());
+
+    let keys = |w: &str| -> Vec<String> {
+        let w = s.workload_by_uid(w).unwrap();
+        s.policies_for(w).iter().map(|p| p.key()).collect()
+    };
+    assert_eq!(keys("default/a"), vec!["root/global", "default/ns"]);
+    assert_eq!(
+        keys("default/b"),
+        vec!["root/global", "default/ns", "default/select-b"]
+    );
+    // The config dump serialises.
+    let dump = serde_json::to_value(&*s).unwrap();
+    assert_eq!(
+        dump["workloads"]["default/a"]["identity"],
+        "spiffe://cluster.local/ns/default/sa/a"
+    );
+}
+
+#[test]
+fn incremental_pushes_upsert_and_remove() {
+    let mut store = Store::new(None);
+    store.apply(base_push()).unwrap();
+    let mut a2 = workload("default", "a", "a", "node-1", "10.0.1.2");
+    a2.tunnel_protocol = pb::TunnelProtocol::None as i32;
+    let out = store
+        .apply(delta(
+            2,
+            vec![
+                res_w(a2),
+                res_w(workload("default", "c", "c", "node-1", "10.0.1.3")),
+            ],
+            vec![
+                (K::Workload, "default/b"),
+                (K::Service, "default/svc.default.svc.cluster.local"),
+                (K::Authorization, "default/ns"),
+                (K::Workload, "never-existed"),
+                (K::Route, "default/r"),
+            ],
+        ))
+        .unwrap();
+    assert_eq!(out.removals, 3);
+    let s = store.snapshot();
+    assert_eq!(s.version(), 2);
+    assert!(
+        s.workload_by_ip(ip("10.0.1.1")).is_none(),
+        "old address unindexed"
+    );
+    assert_eq!(
+        s.workload_by_ip(ip("10.0.1.2")).unwrap().protocol,
+        TunnelProtocol::Tcp
+    );
+    assert!(s.workload_by_uid("default/b").is_none());
+    assert!(s.workload_by_ip(ip("fd00::2:1")).is_none());
+    assert!(s.service_by_vip(ip("10.96.0.1")).is_none());
+    assert!(s.policy("default/ns").is_none());
+    assert!(s.policy("root/global").is_some());
+}
+
+#[test]
+fn a_bad_push_is_refused_whole_and_the_last_good_state_stays() {
+    let mut store = Store::new(None);
+    let reader = store.reader();
+    store.apply(base_push()).unwrap();
+    let mut bad = workload("default", "web-0", "web", "node-1", "10.0.1.9");
+    bad.uid = "uid-9".into();
+    bad.addresses.push(vec![1, 2, 3, 4, 5]);
+    for push in [
+        delta(
+            2,
+            vec![
+                res_w(workload("default", "ok", "ok", "n", "10.0.1.8")),
+                res_w(bad.clone()),
+            ],
+            vec![],
+        ),
+        full(2, vec![res_w(bad)]),
+    ] {
+        let err = store.apply(push).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "workload default/web-0 (uid uid-9): address 1 is 5 bytes, not an IPv4 or IPv6 address"
+        );
+        let s = reader.snapshot();
+        assert_eq!(s.version(), 1);
+        assert_eq!(s.workloads().count(), 2);
+        assert!(
+            s.workload_by_ip(ip("10.0.1.8")).is_none(),
+            "nothing of the push applied"
+        );
+    }
+    let dup = full(
+        3,
+        vec![
+            res_w(workload("default", "a", "a", "n", "10.0.0.1")),
+            res_w(workload("default", "a", "a", "n", "10.0.0.2")),
+        ],
+    );
+    assert!(store
+        .apply(dup)
+        .unwrap_err()
+        .to_string()
+        .contains("appears twice"));
+    let empty = full(3, vec![pb::Resource { kind: None }]);
+    assert!(store
+        .apply(empty)
+        .unwrap_err()
+        .to_string()
+        .contains("resource 0"));
+    let bad_kind = pb::Push {
+        removals: vec![pb::ResourceKey {
+            kind: 0,
+            name: "x".into(),
+        }],
+        ..delta(3, vec![], vec![])
+    };
+    assert!(store
+        .apply(bad_kind)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown kind 0"));
+    assert_eq!(reader.snapshot().version(), 1);
+}
+
+#[test]
+fn full_state_replaces_everything() {
+    let mut store = Store::new(None);
+    store.apply(base_push()).unwrap();
+    store
+        .apply(pb::Push {
+            trust_roots: vec!["PEM".into()],
+            ..full(7, vec![res_w(workload("x", "z", "z", "n", "10.0.7.1"))])
+        })
+        .unwrap();
+    let s = store.snapshot();
+    assert_eq!(s.workloads().count(), 1);
+    assert_eq!(s.services().count(), 0);
+    assert_eq!(s.policies().count(), 0);
+    assert_eq!(s.trust_roots().len(), 1);
+    // Incremental pushes without roots keep them.
+    store.apply(delta(8, vec![], vec![])).unwrap();
+    assert_eq!(store.snapshot().trust_roots().len(), 1);
+}
+
+#[test]
+fn local_watch_fires_only_when_local_workloads_change() {
+    let mut store = Store::new(Some("node-1"));
+    let mut rx = store.reader().watch_local();
+    store.apply(base_push()).unwrap();
+    assert!(rx.has_changed().unwrap());
+    let local: Vec<_> = rx
+        .borrow_and_update()
+        .keys()
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(local, vec!["default/a"]);
+
+    // A change on another node: no wake-up.
+    store
+        .apply(delta(
+            2,
+            vec![res_w(workload("default", "b", "b2", "node-2", "10.0.2.1"))],
+            vec![],
+        ))
+        .unwrap();
+    assert!(!rx.has_changed().unwrap());
+
+    // Un-enrolling a local pod is a change.
+    let mut a = workload("default", "a", "a", "node-1", "10.0.1.1");
+    a.tunnel_protocol = pb::TunnelProtocol::None as i32;
+    store.apply(delta(3, vec![res_w(a)], vec![])).unwrap();
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(
+        rx.borrow_and_update()["default/a"].protocol,
+        TunnelProtocol::Tcp
+    );
+
+    // A new local pod, then its removal.
+    store
+        .apply(delta(
+            4,
+            vec![res_w(workload("default", "n", "n", "node-1", "10.0.1.4"))],
+            vec![],
+        ))
+        .unwrap();
+    assert_eq!(rx.borrow_and_update().len(), 2);
+    store
+        .apply(delta(5, vec![], vec![(K::Workload, "default/n")]))
+        .unwrap();
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(rx.borrow_and_update().len(), 1);
+    assert_eq!(*store.reader().watch_version().borrow(), 5);
+}

@@ -575,6 +575,33 @@ mod tests {
     }
 
     #[test]
+    fn requested_extensions_other_than_the_san_are_ignored() {
+        // A CSR asking to become a CA (or for extra usages) gets a plain leaf: the CA
+        // decides every extension itself and only takes the identity from the request.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/default/sa/alice"
+                .try_into()
+                .unwrap(),
+        )];
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+
+        let ca = CertificateAuthority::generate(TD, DEFAULT_ROOT_VALIDITY).unwrap();
+        let valid = ca.validate_csr(&pem, Some(&alice())).unwrap();
+        let chain = ca.sign(&valid, DEFAULT_CERT_VALIDITY).unwrap();
+        let leaf = cert::parse(&chain[0]).unwrap();
+        assert!(!leaf.is_ca());
+        assert!(!leaf.key_usage().unwrap().unwrap().value.key_cert_sign());
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(!eku.code_signing && eku.server_auth && eku.client_auth);
+    }
+
+    #[test]
     fn leaves_never_outlive_the_ca() {
         let ca = CertificateAuthority::generate(TD, Duration::from_secs(3600)).unwrap();
         let (chain, _) = issue(&ca);

@@ -1,2 +1,43 @@
 //! Shared fixtures for Ambit's end-to-end tests: a builder of nodes and pods as network
 //! namespaces, cleaned up when the test ends (also when it panics).
+//!
+//! ```text
+//!  fabric netns: bridge br0 (10.77.0.0/24 between nodes)
+//!    |-- n1 <veth> eth0 [node 1: 10.77.0.11, ip_forward] p0 <veth> eth0 [pod: 10.77.1.2/32]
+//!    |                                                    p1 <veth> eth0 [pod: 10.77.1.3/32]
+//!    '-- n2 <veth> eth0 [node 2: 10.77.0.12, ip_forward] p0 <veth> eth0 [pod: 10.77.2.2/32]
+//! ```
+//!
+//! Every topology has its own fabric namespace, so address plans may repeat across tests running
+//! at the same time; only namespace *names* must be unique (a short tag of the test name plus the
+//! process id and a counter). Interfaces are created directly inside the namespaces, so their
+//! names (`eth0`, `p0`, `n1`) never meet in the host's namespace and need no uniquifying.
+//!
+//! - [`topology`]: [`Topology`] and its builder.
+//! - [`ns`]: running commands and closures inside a namespace.
+//! - [`server`]: a reply/echo server and a client helper, both inside pods.
+
+pub mod ns;
+pub mod server;
+pub mod topology;
+
+pub use ns::{exec_in, in_netns};
+pub use server::{connect_from, echo, read_greeting, ReplyServer, Seen};
+pub use topology::{Pod, Topology, TopologyBuilder};
+
+/// Whether these tests can build namespaces. Under `CI=true` a missing privilege is a failure
+/// (panics with a clear message), never a silent pass; elsewhere the test prints a note and is
+/// skipped (returns `false`).
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let why = format!(
+        "{test}: needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to create network namespaces \
+         and iptables rules"
+    );
+    assert!(!ci, "{why}; CI=true, so this is a failure, not a skip");
+    eprintln!("SKIPPED {why}; run as root (e.g. sudo -E cargo test -p ambit-tests)");
+    false
+}

@@ -2,6 +2,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod capture;
 pub mod certs;
 pub mod decision;
 pub mod discovery;

@@ -1,0 +1,320 @@
+//! The topology builder: nodes and pods as network namespaces for one test, torn down on Drop.
+//!
+//! Address plan (fixed, because every topology has its own fabric; see the crate docs):
+//! node k (1-based) is 10.77.0.(10+k)/24 on the fabric bridge; its pods are 10.77.k.2, .3, ...
+//! as /32s behind a veth each, with 10.77.k.1 (on every node-side veth) as their gateway. Nodes
+//! forward, and route each remote node's 10.77.m.0/24 via that node.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::Context;
+
+use crate::ns::{exec_in, run, NETNS_RUN_DIR};
+
+/// Per-process counter that keeps namespace names of concurrent tests apart.
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Where each topology publishes symlinks to its pods' namespaces, so a ztunnel under test can
+/// scan only this test's pods (the real `/var/run/netns` may hold other tests' pods with the
+/// same addresses).
+const TEST_NETNS_ROOT: &str = "/run/ambit-tests";
+
+/// A pod: a network namespace with one address, attached to a node.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// The name given to the builder.
+    pub name: String,
+    /// The namespace name (under `/var/run/netns`).
+    pub netns: String,
+    /// The pod IP.
+    pub ip: Ipv4Addr,
+    /// The node's namespace name.
+    pub node_netns: String,
+}
+
+/// A node: a forwarding namespace on the fabric.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The name given to the builder.
+    pub name: String,
+    /// The namespace name.
+    pub netns: String,
+    /// The node's fabric address.
+    pub ip: Ipv4Addr,
+}
+
+/// Describes the nodes and pods of one test.
+#[derive(Debug)]
+pub struct TopologyBuilder {
+    test: String,
+    nodes: Vec<String>,
+    pods: Vec<(String, String)>,
+}
+
+impl TopologyBuilder {
+    /// A topology for the test called `test` (its name tags the namespaces).
+    pub fn new(test: &str) -> Self {
+        Self {
+            test: test.to_owned(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+        }
+    }
+
+    /// Adds a node.
+    pub fn node(mut self, name: &str) -> Self {
+        self.nodes.push(name.to_owned());
+        self
+    }
+
+    /// Adds a pod on an already added node.
+    pub fn pod(mut self, name: &str, node: &str) -> Self {
+        self.pods.push((name.to_owned(), node.to_owned()));
+        self
+    }
+
+    /// Builds it, or returns `None` when not root outside CI (see [`crate::require_root`]).
+    /// Panics when building fails: a test cannot run without its topology.
+    pub fn build_or_skip(self) -> Option<Topology> {
+        if !crate::require_root(&self.test) {
+            return None;
+        }
+        let test = self.test.clone();
+        match self.build() {
+            Ok(topology) => Some(topology),
+            Err(err) => panic!("{test}: cannot build the test topology: {err:#}"),
+        }
+    }
+
+    /// Creates every namespace, link, address and route. On error, what was created is removed.
+    pub fn build(self) -> anyhow::Result<Topology> {
+        let tag: String = self
+            .test
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(4)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{tag}{:04x}{id:x}", std::process::id() & 0xffff);
+        let mut topo = Topology {
+            netns_dir: Path::new(TEST_NETNS_ROOT).join(&prefix),
+            prefix,
+            namespaces: Vec::new(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+        };
+        // From here on, an early return drops `topo`, which deletes what exists so far.
+        std::fs::create_dir_all(&topo.netns_dir)
+            .with_context(|| format!("cannot create {}", topo.netns_dir.display()))?;
+
+        let fabric = topo.add_netns("fab")?;
+        ip(&fabric, &["link", "add", "br0", "type", "bridge"])?;
+        ip(&fabric, &["link", "set", "br0", "up"])?;
+
+        for (k, name) in self.nodes.iter().enumerate() {
+            let k = k + 1;
+            let netns = topo.add_netns(name)?;
+            // Nodes route between pods; rp_filter would drop asymmetric paths in between.
+            exec_in(
+                &netns,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+            )?;
+            let uplink = format!("n{k}");
+            ip(
+                &fabric,
+                &[
+                    "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+                ],
+            )?;
+            ip(&fabric, &["link", "set", &uplink, "master", "br0", "up"])?;
+            let node_ip = Ipv4Addr::new(10, 77, 0, 10 + octet(k)?);
+            ip(
+                &netns,
+                &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"],
+            )?;
+            ip(&netns, &["link", "set", "eth0", "up"])?;
+            topo.nodes.push(Node {
+                name: name.clone(),
+                netns,
+                ip: node_ip,
+            });
+        }
+        for (k, node) in topo.nodes.iter().enumerate() {
+            for (m, other) in topo.nodes.iter().enumerate() {
+                if k != m {
+                    let subnet = format!("10.77.{}.0/24", m + 1);
+                    ip(
+                        &node.netns,
+                        &["route", "add", &subnet, "via", &other.ip.to_string()],
+                    )?;
+                }
+            }
+        }
+
+        for (name, node_name) in &self.pods {
+            let (k, node) = topo
+                .nodes
+                .iter()
+                .enumerate()
+                .find(|(_, n)| &n.name == node_name)
+                .with_context(|| format!("pod {name}: no node {node_name}"))?;
+            let (k, node) = (k + 1, node.clone());
+            let j = topo
+                .pods
+                .iter()
+                .filter(|p| p.node_netns == node.netns)
+                .count();
+            let gateway = Ipv4Addr::new(10, 77, octet(k)?, 1);
+            let pod_ip = Ipv4Addr::new(10, 77, octet(k)?, octet(j + 2)?);
+            let netns = topo.add_netns(name)?;
+            let host_side = format!("p{j}");
+            ip(
+                &node.netns,
+                &[
+                    "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns",
+                    &netns,
+                ],
+            )?;
+            ip(
+                &node.netns,
+                &["addr", "add", &format!("{gateway}/32"), "dev", &host_side],
+            )?;
+            ip(&node.netns, &["link", "set", &host_side, "up"])?;
+            ip(
+                &node.netns,
+                &["route", "add", &format!("{pod_ip}/32"), "dev", &host_side],
+            )?;
+            ip(
+                &netns,
+                &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"],
+            )?;
+            ip(&netns, &["link", "set", "eth0", "up"])?;
+            ip(
+                &netns,
+                &["route", "add", &gateway.to_string(), "dev", "eth0"],
+            )?;
+            ip(
+                &netns,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gateway.to_string(),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            let link = topo.netns_dir.join(&netns);
+            std::os::unix::fs::symlink(Path::new(NETNS_RUN_DIR).join(&netns), &link)
+                .with_context(|| format!("cannot create {}", link.display()))?;
+            topo.pods.push(Pod {
+                name: name.clone(),
+                netns,
+                ip: pod_ip,
+                node_netns: node.netns.clone(),
+            });
+        }
+        Ok(topo)
+    }
+}
+
+fn octet(n: usize) -> anyhow::Result<u8> {
+    u8::try_from(n)
+        .ok()
+        .filter(|o| *o < 250)
+        .with_context(|| format!("{n} does not fit the address plan"))
+}
+
+/// `ip -n <netns> <args>`.
+fn ip(netns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// A built topology. Dropping it deletes every namespace it made (links and routes go with
+/// them) and its namespace directory, also when the test panics.
+#[derive(Debug)]
+pub struct Topology {
+    prefix: String,
+    netns_dir: PathBuf,
+    /// In creation order; deleted in reverse.
+    namespaces: Vec<String>,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+}
+
+impl Topology {
+    /// A builder for the test called `test`.
+    pub fn builder(test: &str) -> TopologyBuilder {
+        TopologyBuilder::new(test)
+    }
+
+    fn add_netns(&mut self, suffix: &str) -> anyhow::Result<String> {
+        let name = format!("{}-{suffix}", self.prefix);
+        // A namespace of this name can only be left over from a killed run with a reused pid.
+        let _ = run("ip", &["netns", "del", &name]);
+        run("ip", &["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip(&name, &["link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    /// The short unique prefix of every namespace name.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A directory holding (symlinks to) exactly this topology's pod namespaces: what a ztunnel
+    /// under test should scan instead of `/var/run/netns`.
+    pub fn netns_dir(&self) -> &Path {
+        &self.netns_dir
+    }
+
+    /// The pod called `name`. Panics if there is none (a bug in the test).
+    pub fn pod(&self, name: &str) -> &Pod {
+        match self.pods.iter().find(|p| p.name == name) {
+            Some(pod) => pod,
+            None => panic!("no pod {name} in this topology"),
+        }
+    }
+
+    /// The node called `name`. Panics if there is none (a bug in the test).
+    pub fn node(&self, name: &str) -> &Node {
+        match self.nodes.iter().find(|n| n.name == name) {
+            Some(node) => node,
+            None => panic!("no node {name} in this topology"),
+        }
+    }
+
+    /// Every namespace name, in creation order.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for name in self.namespaces.iter().rev() {
+            if let Err(err) = run("ip", &["netns", "del", name]) {
+                eprintln!("topology cleanup: {err:#}");
+            }
+        }
+        if let Err(err) = std::fs::remove_dir_all(&self.netns_dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("topology cleanup: {}: {err}", self.netns_dir.display());
+            }
+        }
+    }
+}

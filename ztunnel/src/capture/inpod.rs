@@ -1,0 +1,415 @@
+//! Enrolling pods: for each one, find its network namespace, open ztunnel's listeners inside it,
+//! install the capture rules, and undo all of it when the pod leaves.
+//!
+//! A [`CapturedPod`] owns one pod's capture: the namespace worker, the listeners (until the
+//! proxy takes them), the socket factory and the installed rules. [`CaptureManager`] keys them by
+//! pod uid. [`dedicated`] is the same thing for the namespace ztunnel itself runs in (a VM or a
+//! machine outside Kubernetes, with one workload beside ztunnel).
+//!
+//! Order matters on both ends: listeners are opened *before* the rules go in, so a captured
+//! connection never meets a closed port; on teardown the rules go *first*, so new connections
+//! flow directly to the app again before the listeners close. The app is never restarted: its
+//! listening socket is untouched and connections it already had keep flowing (the rules only
+//! capture new connections).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::iptables::{self, IptablesError, RuleConfig};
+use super::netns::{self, NetnsError, NetnsHandle, NetnsWorker};
+use super::sockets::{self, SocketFactory};
+
+/// Errors from enrolling and removing pods. Each names the pod and its namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum InpodError {
+    /// The pod's network namespace could not be found or entered.
+    #[error("pod {uid}: cannot find the network namespace of {ip} under {dir}")]
+    Netns {
+        /// The pod uid.
+        uid: Arc<str>,
+        /// The pod IP looked for.
+        ip: IpAddr,
+        /// The configured namespace directory.
+        dir: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: NetnsError,
+    },
+    /// The pod's namespace worker could not be started or stopped answering.
+    #[error("pod {uid}: cannot work inside its network namespace")]
+    Worker {
+        /// The pod uid.
+        uid: Arc<str>,
+        /// What went wrong.
+        #[source]
+        source: NetnsError,
+    },
+    /// A capture listener could not be opened in the pod.
+    #[error("pod {uid}: cannot listen on {addr} in network namespace {netns}")]
+    Listen {
+        /// The pod uid.
+        uid: Arc<str>,
+        /// The listen address.
+        addr: SocketAddr,
+        /// The namespace file.
+        netns: PathBuf,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The capture rules could not be installed.
+    #[error("pod {uid}: cannot install capture rules in network namespace {netns}")]
+    Apply {
+        /// The pod uid.
+        uid: Arc<str>,
+        /// The namespace file.
+        netns: PathBuf,
+        /// The failing command.
+        #[source]
+        source: IptablesError,
+    },
+    /// The capture rules could not be removed (the pod may still be captured).
+    #[error("pod {uid}: cannot remove capture rules from network namespace {netns}")]
+    Remove {
+        /// The pod uid.
+        uid: Arc<str>,
+        /// The namespace file.
+        netns: PathBuf,
+        /// The failing command.
+        #[source]
+        source: IptablesError,
+    },
+}
+
+/// The three listeners ztunnel serves for one pod, all inside the pod's namespace.
+#[derive(Debug)]
+pub struct PodListeners {
+    /// 127.0.0.1:15001: the app's outbound connections, REDIRECTed; use
+    /// [`sockets::original_dst`] on accepted streams for the real destination.
+    pub outbound: TcpListener,
+    /// 0.0.0.0:15006, IP_TRANSPARENT: plaintext inbound connections, TPROXYed; an accepted
+    /// stream's `local_addr` is the original destination, `peer_addr` the real client.
+    pub inbound: TcpListener,
+    /// 0.0.0.0:15008: inbound HBONE, addressed to the pod IP directly.
+    pub hbone: TcpListener,
+}
+
+/// One pod's capture. See the module docs for the lifecycle.
+#[derive(Debug)]
+pub struct CapturedPod {
+    uid: Arc<str>,
+    ip: Option<IpAddr>,
+    worker: NetnsWorker,
+    rules: RuleConfig,
+    sockets: SocketFactory,
+    listeners: Mutex<Option<PodListeners>>,
+    /// `true` once torn down; proxy tasks wait on it to stop serving the pod.
+    closed: watch::Sender<bool>,
+}
+
+impl CapturedPod {
+    /// Captures the namespace `netns` for pod `uid`: starts its worker, opens the listeners,
+    /// installs the rules. `ip` is informational (logs, the manager's bookkeeping).
+    pub async fn start(
+        uid: &str,
+        ip: Option<IpAddr>,
+        netns: NetnsHandle,
+        rules: RuleConfig,
+    ) -> Result<Self, InpodError> {
+        let uid: Arc<str> = Arc::from(uid);
+        let path = netns.path().to_path_buf();
+        let worker = NetnsWorker::spawn(netns).map_err(|source| InpodError::Worker {
+            uid: uid.clone(),
+            source,
+        })?;
+
+        let any = sockets::unspecified(ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
+        // REDIRECT from OUTPUT rewrites the destination to 127.0.0.1, so loopback suffices and
+        // keeps the port unreachable from outside the pod.
+        let specs = [
+            (
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), rules.outbound_port),
+                false,
+            ),
+            (SocketAddr::new(any, rules.inbound_port), true),
+            (SocketAddr::new(any, rules.hbone_port), false),
+        ];
+        let opened = worker
+            .run(move || {
+                specs
+                    .into_iter()
+                    .map(|(addr, transparent)| {
+                        sockets::bind_listener(addr, transparent).map_err(|e| (addr, e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|source| InpodError::Worker {
+                uid: uid.clone(),
+                source,
+            })?
+            .map_err(|(addr, source)| InpodError::Listen {
+                uid: uid.clone(),
+                addr,
+                netns: path.clone(),
+                source,
+            })?;
+        let mut tokio_listeners = Vec::with_capacity(3);
+        for listener in opened {
+            let addr = listener
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::new(any, 0));
+            let listener =
+                TcpListener::from_std(listener).map_err(|source| InpodError::Listen {
+                    uid: uid.clone(),
+                    addr,
+                    netns: path.clone(),
+                    source,
+                })?;
+            tokio_listeners.push(listener);
+        }
+        let mut it = tokio_listeners.into_iter();
+        let (Some(outbound), Some(inbound), Some(hbone)) = (it.next(), it.next(), it.next()) else {
+            unreachable!("three listener specs give three listeners");
+        };
+
+        let cfg = rules.clone();
+        let applied = worker
+            .run(move || {
+                let result = iptables::apply(&cfg);
+                if result.is_err() {
+                    // Leave nothing half-installed (e.g. the route without the rules).
+                    if let Err(err) = iptables::remove(&cfg) {
+                        tracing::warn!(error = %err, "cleanup after a failed apply failed");
+                    }
+                }
+                result
+            })
+            .await
+            .map_err(|source| InpodError::Worker {
+                uid: uid.clone(),
+                source,
+            })?;
+        applied.map_err(|source| InpodError::Apply {
+            uid: uid.clone(),
+            netns: path.clone(),
+            source,
+        })?;
+        tracing::info!(%uid, ?ip, netns = %path.display(), "pod captured");
+
+        Ok(Self {
+            sockets: SocketFactory::new(worker.clone(), rules.mark),
+            uid,
+            ip,
+            worker,
+            rules,
+            listeners: Mutex::new(Some(PodListeners {
+                outbound,
+                inbound,
+                hbone,
+            })),
+            closed: watch::Sender::new(false),
+        })
+    }
+
+    /// The pod uid.
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// The pod IP it was enrolled with, if any.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ip
+    }
+
+    /// The pod's namespace.
+    pub fn netns(&self) -> &NetnsHandle {
+        self.worker.netns()
+    }
+
+    /// The rules this pod was captured with (ports, marks).
+    pub fn rules(&self) -> &RuleConfig {
+        &self.rules
+    }
+
+    /// Hands the listeners to the proxy (once; later calls get `None`). The proxy stops
+    /// accepting when [`CapturedPod::closed`] resolves and then drops them.
+    pub fn take_listeners(&self) -> Option<PodListeners> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Creates ztunnel's marked outbound sockets inside this pod.
+    pub fn sockets(&self) -> &SocketFactory {
+        &self.sockets
+    }
+
+    /// Resolves once the pod has been torn down.
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        // The sender lives in `self`, so this only ends by seeing `true`.
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// Whether the pod has been torn down.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Removes the rules, closes the listeners if the proxy never took them, and tells the proxy
+    /// to stop. Idempotent. On error the pod is still marked closed (the proxy stops), but rules
+    /// may remain in the namespace: the error says which.
+    pub async fn teardown(&self) -> Result<(), InpodError> {
+        if self.closed.send_replace(true) {
+            return Ok(());
+        }
+        let cfg = self.rules.clone();
+        let removed = self.worker.run(move || iptables::remove(&cfg)).await;
+        drop(self.take_listeners());
+        tracing::info!(uid = %self.uid, "pod capture removed");
+        removed
+            .map_err(|source| InpodError::Worker {
+                uid: self.uid.clone(),
+                source,
+            })?
+            .map_err(|source| InpodError::Remove {
+                uid: self.uid.clone(),
+                netns: self.netns().path().to_path_buf(),
+                source,
+            })
+    }
+}
+
+impl Drop for CapturedPod {
+    fn drop(&mut self) {
+        if self.closed.send_replace(true) {
+            return;
+        }
+        // Dropped without `teardown()`: still remove the rules, or the pod's traffic would
+        // keep going to ports nobody listens on. Queued, not awaited: Drop must not block.
+        let cfg = self.rules.clone();
+        let uid = self.uid.clone();
+        let queued = self.worker.spawn_detached(move || {
+            if let Err(err) = iptables::remove(&cfg) {
+                tracing::error!(%uid, error = %err, "cannot remove capture rules of dropped pod");
+            }
+        });
+        if let Err(err) = queued {
+            tracing::error!(uid = %self.uid, error = %err, "cannot remove capture rules of dropped pod");
+        }
+    }
+}
+
+/// Where to find pods and how to capture them.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Directory of network namespace files (what `ip netns add` uses, or the CNI's).
+    pub netns_dir: PathBuf,
+    /// Ports, marks and backend of the rules.
+    pub rules: RuleConfig,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            netns_dir: PathBuf::from("/var/run/netns"),
+            rules: RuleConfig::default(),
+        }
+    }
+}
+
+/// The captured pods of this node, by uid.
+#[derive(Debug)]
+pub struct CaptureManager {
+    cfg: CaptureConfig,
+    /// An async lock: enroll/remove of the same uid must not interleave across awaits.
+    pods: tokio::sync::Mutex<HashMap<Arc<str>, Arc<CapturedPod>>>,
+}
+
+impl CaptureManager {
+    /// A manager with no pods yet.
+    pub fn new(cfg: CaptureConfig) -> Self {
+        Self {
+            cfg,
+            pods: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CaptureConfig {
+        &self.cfg
+    }
+
+    /// Captures the pod `uid` whose namespace carries `ip`. Enrolling an enrolled pod again
+    /// returns the existing capture; a changed IP re-captures it.
+    pub async fn enroll(&self, ip: IpAddr, uid: &str) -> Result<Arc<CapturedPod>, InpodError> {
+        let mut pods = self.pods.lock().await;
+        if let Some(existing) = pods.get(uid) {
+            if existing.ip() == Some(ip) && !existing.is_closed() {
+                return Ok(existing.clone());
+            }
+            if let Some(old) = pods.remove(uid) {
+                if let Err(err) = old.teardown().await {
+                    tracing::warn!(error = %err, "re-enroll: tearing down the old capture failed");
+                }
+            }
+        }
+        let dir = self.cfg.netns_dir.clone();
+        let find_dir = dir.clone();
+        // The scan enters every namespace in turn and takes milliseconds each: off the runtime.
+        let found = tokio::task::spawn_blocking(move || netns::find_by_ip(&find_dir, ip))
+            .await
+            .unwrap_or_else(|_| Err(NetnsError::WorkerGone { path: dir.clone() }));
+        let handle = found.map_err(|source| InpodError::Netns {
+            uid: Arc::from(uid),
+            ip,
+            dir,
+            source,
+        })?;
+        let pod =
+            Arc::new(CapturedPod::start(uid, Some(ip), handle, self.cfg.rules.clone()).await?);
+        pods.insert(pod.uid.clone(), pod.clone());
+        Ok(pod)
+    }
+
+    /// Un-captures pod `uid`. Returns whether it was enrolled.
+    pub async fn remove(&self, uid: &str) -> Result<bool, InpodError> {
+        let pod = self.pods.lock().await.remove(uid);
+        match pod {
+            Some(pod) => pod.teardown().await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The capture of pod `uid`, if enrolled.
+    pub async fn get(&self, uid: &str) -> Option<Arc<CapturedPod>> {
+        self.pods.lock().await.get(uid).cloned()
+    }
+
+    /// The uids of every enrolled pod.
+    pub async fn uids(&self) -> Vec<Arc<str>> {
+        self.pods.lock().await.keys().cloned().collect()
+    }
+}
+
+/// Dedicated mode: captures the namespace the calling thread is in (ztunnel running beside one
+/// workload, on a VM or a machine outside Kubernetes) with the same rules and listeners.
+///
+/// ztunnel's own outbound connections there (to the controller, to peers) must use
+/// [`CapturedPod::sockets`] or be listed in `rules.outbound_exclude_ports`, and its admin,
+/// metrics and readiness ports (and e.g. ssh) in `rules.inbound_exclude_ports`: every other TCP
+/// connection in the namespace is captured.
+pub async fn dedicated(uid: &str, rules: RuleConfig) -> Result<CapturedPod, InpodError> {
+    let handle = NetnsHandle::current().map_err(|source| InpodError::Worker {
+        uid: Arc::from(uid),
+        source,
+    })?;
+    CapturedPod::start(uid, None, handle, rules).await
+}

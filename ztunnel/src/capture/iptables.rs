@@ -1,0 +1,612 @@
+//! The in-pod capture rules: rendered as `iptables-restore` documents (pure, unit-tested), applied
+//! atomically with `iptables-restore --noflush`, plus the policy routing that TPROXY needs.
+//!
+//! Everything here acts on the network namespace of the *calling thread* (commands are spawned as
+//! children of it and inherit it), so callers run it on the pod's [`NetnsWorker`]
+//! (`super::netns::NetnsWorker`). Rules live in our own chains (`AMBIT_PRERT`, `AMBIT_OUTPUT`),
+//! reached by one jump each from the built-in chains, so removal deletes exactly what we added and
+//! re-applying replaces our rules in one transaction instead of stacking duplicates.
+//!
+//! The rule set (IPv4; for the `mangle`/`nat` split and the marks, see [`render_apply`]):
+//! - outbound: the app's new TCP connections, except to loopback and except ztunnel's own marked
+//!   sockets, are REDIRECTed to the outbound port (15001); `SO_ORIGINAL_DST` gives the target.
+//! - inbound plaintext: new TCP connections arriving from outside are TPROXYed to 15006 and marked;
+//!   `ip rule fwmark <tproxy mark> lookup <table>` + `local 0.0.0.0/0 dev lo` in that table
+//!   deliver them locally whatever their destination.
+//! - inbound HBONE: 15008 is exempt from TPROXY; ztunnel listens on it in the pod directly.
+//! - connections ztunnel opens to the app *from the client's IP* (IP_TRANSPARENT, marked) get a
+//!   connmark when they arrive on `lo`; the app's replies take that mark back and are routed to
+//!   `lo` by the same table, instead of out of the pod towards the real client.
+//! - UDP (and so DNS) is left alone.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+/// Chain in `mangle` PREROUTING: inbound TPROXY and the connmark of ztunnel's transparent dials.
+pub const CHAIN_PREROUTING: &str = "AMBIT_PRERT";
+/// Chain in `mangle` OUTPUT (mark restore) and `nat` OUTPUT (outbound REDIRECT).
+pub const CHAIN_OUTPUT: &str = "AMBIT_OUTPUT";
+/// Every chain we own starts with this; nothing else is ever touched.
+const OWN_PREFIX: &str = "AMBIT_";
+
+/// (table, built-in chain, our chain) for every jump we install.
+const JUMPS: [(&str, &str, &str); 3] = [
+    ("mangle", "PREROUTING", CHAIN_PREROUTING),
+    ("mangle", "OUTPUT", CHAIN_OUTPUT),
+    ("nat", "OUTPUT", CHAIN_OUTPUT),
+];
+
+/// Which iptables implementation to drive. The rules are the same for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Whatever `iptables-restore` on `PATH` is (nft or legacy, as the distribution chose).
+    #[default]
+    Default,
+    /// `iptables-nft-restore`.
+    Nft,
+    /// `iptables-legacy-restore` (x_tables), for hosts whose other tools still use it.
+    Legacy,
+}
+
+impl Backend {
+    fn restore_program(self) -> &'static str {
+        match self {
+            Backend::Default => "iptables-restore",
+            Backend::Nft => "iptables-nft-restore",
+            Backend::Legacy => "iptables-legacy-restore",
+        }
+    }
+
+    fn save_program(self) -> &'static str {
+        match self {
+            Backend::Default => "iptables-save",
+            Backend::Nft => "iptables-nft-save",
+            Backend::Legacy => "iptables-legacy-save",
+        }
+    }
+}
+
+/// Marks, ports and routing numbers of the capture rules. The defaults are the numbers operators
+/// know from Istio's ambient mode, so existing firewall exceptions keep working.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    /// SO_MARK carried by every socket ztunnel opens in a pod: never captured.
+    pub mark: u32,
+    /// The bits of the packet mark that belong to us; others are left to other tools.
+    pub mask: u32,
+    /// Mark for packets TPROXYed to the inbound port and for replies to transparent dials.
+    pub tproxy_mark: u32,
+    /// Routing table holding `local 0.0.0.0/0 dev lo`.
+    pub route_table: u32,
+    /// Priority of the `fwmark` policy-routing rule (before `main` at 32766).
+    pub rule_priority: u32,
+    /// Outbound capture port (REDIRECT target).
+    pub outbound_port: u16,
+    /// Inbound plaintext capture port (TPROXY target).
+    pub inbound_port: u16,
+    /// Inbound HBONE port: listened on directly, never TPROXYed.
+    pub hbone_port: u16,
+    /// Destination ports of inbound connections that bypass capture (dedicated mode: e.g. ssh,
+    /// ztunnel's admin/metrics/readiness ports).
+    pub inbound_exclude_ports: Vec<u16>,
+    /// Destination ports of outbound connections that bypass capture.
+    pub outbound_exclude_ports: Vec<u16>,
+    /// The iptables implementation.
+    pub backend: Backend,
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        Self {
+            mark: 0x539,
+            mask: 0xfff,
+            tproxy_mark: 0x111,
+            route_table: 133,
+            rule_priority: 32764,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            hbone_port: 15008,
+            inbound_exclude_ports: Vec::new(),
+            outbound_exclude_ports: Vec::new(),
+            backend: Backend::Default,
+        }
+    }
+}
+
+impl RuleConfig {
+    fn fwmark(&self) -> String {
+        format!("{:#x}/{:#x}", self.tproxy_mark, self.mask)
+    }
+}
+
+/// Errors from running iptables and iproute2.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    /// The program could not be started (not installed, not on `PATH`).
+    #[error("cannot run {program}")]
+    Spawn {
+        /// The program.
+        program: &'static str,
+        /// Why it could not start.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The rules document could not be written to `iptables-restore`.
+    #[error("cannot feed rules to {program}")]
+    Stdin {
+        /// The program.
+        program: &'static str,
+        /// The write error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+}
+
+/// What of ours is present in a namespace, as read from `iptables-save`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Existing {
+    /// Per table, our chains that exist.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// (table, built-in chain, our chain) -> how many identical jumps exist.
+    pub jumps: BTreeMap<(String, String, String), usize>,
+}
+
+impl Existing {
+    /// True when nothing of ours is installed.
+    pub fn is_empty(&self) -> bool {
+        self.chains.values().all(Vec::is_empty) && self.jumps.values().all(|n| *n == 0)
+    }
+
+    fn jump_count(&self, table: &str, hook: &str, chain: &str) -> usize {
+        self.jumps
+            .get(&(table.to_owned(), hook.to_owned(), chain.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Reads our chains and jumps out of an `iptables-save` dump. Other rules are ignored.
+pub fn parse_save(dump: &str) -> Existing {
+    let mut existing = Existing::default();
+    let mut table = String::new();
+    for line in dump.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.to_owned();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or_default();
+            if chain.starts_with(OWN_PREFIX) {
+                existing
+                    .chains
+                    .entry(table.clone())
+                    .or_default()
+                    .push(chain.to_owned());
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            // Only the exact jump we install counts; a hand-written rule mentioning our chain
+            // with extra matches is someone else's business.
+            let words: Vec<&str> = rule.split_whitespace().collect();
+            if let [hook, "-j", target] = words[..] {
+                if target.starts_with(OWN_PREFIX) && !hook.starts_with(OWN_PREFIX) {
+                    *existing
+                        .jumps
+                        .entry((table.clone(), hook.to_owned(), target.to_owned()))
+                        .or_default() += 1;
+                }
+            }
+        }
+    }
+    existing
+}
+
+/// Renders the `iptables-restore --noflush` document that installs (or re-installs) the rules.
+///
+/// Declaring a chain in a `--noflush` restore creates it, or empties it if it exists, so our
+/// rules are replaced wholesale; the jumps are only added when `existing` lacks them. The whole
+/// document commits atomically per table: a pod is never half-captured.
+pub fn render_apply(cfg: &RuleConfig, existing: &Existing) -> String {
+    let mark = format!("{:#x}/{:#x}", cfg.mark, cfg.mask);
+    let tproxy = cfg.fwmark();
+    let mut doc = String::new();
+    let mut line = |s: String| {
+        doc.push_str(&s);
+        doc.push('\n');
+    };
+
+    line("*mangle".into());
+    line(format!(":{CHAIN_PREROUTING} - [0:0]"));
+    line(format!(":{CHAIN_OUTPUT} - [0:0]"));
+    // ztunnel's own dials to the app (marked, looped back to this namespace): remember the
+    // connection so the app's replies can be steered back to ztunnel (see mangle OUTPUT).
+    line(format!(
+        "-A {CHAIN_PREROUTING} -i lo -m mark --mark {mark} -j CONNMARK --set-xmark {tproxy}"
+    ));
+    // Anything else on loopback is the pod talking to itself, or outbound traffic already
+    // REDIRECTed to 127.0.0.1:15001: not inbound traffic.
+    line(format!("-A {CHAIN_PREROUTING} -i lo -j RETURN"));
+    // HBONE is addressed to the pod IP and ztunnel listens on it in the pod: no steering needed.
+    for port in std::iter::once(cfg.hbone_port).chain(cfg.inbound_exclude_ports.iter().copied()) {
+        line(format!(
+            "-A {CHAIN_PREROUTING} -p tcp -m tcp --dport {port} -j RETURN"
+        ));
+    }
+    // TPROXY keeps the packet untouched (local_addr on the accepted socket is the original
+    // destination) and marks it so the policy route delivers it locally.
+    //
+    // Only the opening SYN is steered. Later packets are addressed to the pod's own IP, so the
+    // kernel finds the accepted socket by its addresses anyway; and connections that predate
+    // enrollment must not be touched: conntrack sees their first packet after enrollment as
+    // NEW (loose pickup), and TPROXYing it would land on our listener and be reset.
+    line(format!(
+        "-A {CHAIN_PREROUTING} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j TPROXY --on-port {} --on-ip 0.0.0.0 --tproxy-mark {tproxy}",
+        cfg.inbound_port
+    ));
+    // Replies of connections marked above get the mark back, and with it the route to `lo`.
+    // Only our mask bits are restored, so other tools' mark bits survive.
+    line(format!(
+        "-A {CHAIN_OUTPUT} -m connmark --mark {tproxy} -j CONNMARK --restore-mark --nfmask {mask:#x} --ctmask {mask:#x}",
+        mask = cfg.mask
+    ));
+    for (table, hook, chain) in JUMPS.iter().filter(|(t, _, _)| *t == "mangle") {
+        if existing.jump_count(table, hook, chain) == 0 {
+            line(format!("-A {hook} -j {chain}"));
+        }
+    }
+    line("COMMIT".into());
+
+    line("*nat".into());
+    line(format!(":{CHAIN_OUTPUT} - [0:0]"));
+    // Loopback and the pod's own IP (routed via lo) are in-pod traffic, not mesh traffic.
+    line(format!("-A {CHAIN_OUTPUT} -o lo -j RETURN"));
+    line(format!("-A {CHAIN_OUTPUT} -d 127.0.0.0/8 -j RETURN"));
+    // ztunnel's own sockets (HBONE to other nodes, dials to the app) must never loop back.
+    line(format!(
+        "-A {CHAIN_OUTPUT} -p tcp -m mark --mark {mark} -j RETURN"
+    ));
+    for port in &cfg.outbound_exclude_ports {
+        line(format!(
+            "-A {CHAIN_OUTPUT} -p tcp -m tcp --dport {port} -j RETURN"
+        ));
+    }
+    // SYN only, for the same reason as TPROXY: NAT binds a connection at the first packet
+    // conntrack sees, and for a connection older than the rules that is not a SYN.
+    line(format!(
+        "-A {CHAIN_OUTPUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports {}",
+        cfg.outbound_port
+    ));
+    for (table, hook, chain) in JUMPS.iter().filter(|(t, _, _)| *t == "nat") {
+        if existing.jump_count(table, hook, chain) == 0 {
+            line(format!("-A {hook} -j {chain}"));
+        }
+    }
+    line("COMMIT".into());
+    doc
+}
+
+/// Renders the document that deletes every jump to our chains (duplicates included) and then
+/// our chains. `None` when there is nothing to delete.
+pub fn render_remove(existing: &Existing) -> Option<String> {
+    if existing.is_empty() {
+        return None;
+    }
+    let mut doc = String::new();
+    let tables: std::collections::BTreeSet<&String> = existing
+        .chains
+        .keys()
+        .chain(existing.jumps.keys().map(|(t, _, _)| t))
+        .collect();
+    for table in tables {
+        // `writeln!` into a String cannot fail.
+        let _ = writeln!(doc, "*{table}");
+        for ((t, hook, chain), count) in &existing.jumps {
+            if t == table {
+                for _ in 0..*count {
+                    let _ = writeln!(doc, "-D {hook} -j {chain}");
+                }
+            }
+        }
+        for chain in existing.chains.get(table).into_iter().flatten() {
+            let _ = writeln!(doc, "-F {chain}");
+            let _ = writeln!(doc, "-X {chain}");
+        }
+        let _ = writeln!(doc, "COMMIT");
+    }
+    Some(doc)
+}
+
+/// Whether `ip -4 rule show` output holds our fwmark rule.
+pub fn has_policy_rule(cfg: &RuleConfig, rules: &str) -> bool {
+    let pref = format!("{}:", cfg.rule_priority);
+    let needle = format!("fwmark {} lookup {}", cfg.fwmark(), cfg.route_table);
+    rules
+        .lines()
+        .any(|l| l.trim_start().starts_with(&pref) && l.contains(&needle))
+}
+
+/// The `ip` arguments for our policy rule, with `verb` = `add` or `del`.
+fn policy_rule_args(cfg: &RuleConfig, verb: &'static str) -> Vec<String> {
+    ["-4", "rule", verb, "pref"]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            cfg.rule_priority.to_string(),
+            "fwmark".into(),
+            cfg.fwmark(),
+            "lookup".into(),
+            cfg.route_table.to_string(),
+        ])
+        .collect()
+}
+
+/// Dumps the current namespace's rules with the configured backend.
+pub fn save(backend: Backend) -> Result<String, IptablesError> {
+    run(backend.save_program(), &[], None)
+}
+
+/// Installs (or refreshes) the rules and policy routing in the calling thread's namespace.
+/// Idempotent: applying twice leaves exactly one copy.
+pub fn apply(cfg: &RuleConfig) -> Result<(), IptablesError> {
+    // Routing first: once TPROXY rules exist, marked packets need the table to be delivered.
+    let table = cfg.route_table.to_string();
+    run(
+        "ip",
+        &[
+            "-4",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
+        None,
+    )?;
+    if !has_policy_rule(cfg, &run("ip", &["-4", "rule", "show"], None)?) {
+        let args = policy_rule_args(cfg, "add");
+        run(
+            "ip",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            None,
+        )?;
+    }
+    let existing = parse_save(&save(cfg.backend)?);
+    let doc = render_apply(cfg, &existing);
+    run(
+        cfg.backend.restore_program(),
+        &["-w", "5", "--noflush"],
+        Some(&doc),
+    )?;
+    Ok(())
+}
+
+/// Removes our chains, jumps, policy rule and route from the calling thread's namespace.
+/// Removing what is not there is not an error.
+pub fn remove(cfg: &RuleConfig) -> Result<(), IptablesError> {
+    // Rules first, so nothing is TPROXYed towards a route that is already gone.
+    let existing = parse_save(&save(cfg.backend)?);
+    if let Some(doc) = render_remove(&existing) {
+        run(
+            cfg.backend.restore_program(),
+            &["-w", "5", "--noflush"],
+            Some(&doc),
+        )?;
+    }
+    let del = policy_rule_args(cfg, "del");
+    let del: Vec<&str> = del.iter().map(String::as_str).collect();
+    // `ip rule add` happily adds duplicates (e.g. after a crash mid-apply): delete them all.
+    while has_policy_rule(cfg, &run("ip", &["-4", "rule", "show"], None)?) {
+        run("ip", &del, None)?;
+    }
+    let table = cfg.route_table.to_string();
+    let routes = run("ip", &["-4", "route", "show", "table", &table], None)?;
+    if !routes.trim().is_empty() {
+        run("ip", &["-4", "route", "flush", "table", &table], None)?;
+    }
+    Ok(())
+}
+
+/// Runs `program args`, optionally feeding `stdin`, and returns its stdout.
+fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, IptablesError> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| IptablesError::Spawn { program, source })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| IptablesError::Stdin { program, source })?;
+        // Dropping the pipe closes it: restore reads to EOF before committing.
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| IptablesError::Spawn { program, source })?;
+    if !out.status.success() {
+        return Err(IptablesError::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRESH: &str = "\
+*mangle
+:AMBIT_PRERT - [0:0]
+:AMBIT_OUTPUT - [0:0]
+-A AMBIT_PRERT -i lo -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A AMBIT_PRERT -i lo -j RETURN
+-A AMBIT_PRERT -p tcp -m tcp --dport 15008 -j RETURN
+-A AMBIT_PRERT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x111/0xfff
+-A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff
+-A PREROUTING -j AMBIT_PRERT
+-A OUTPUT -j AMBIT_OUTPUT
+COMMIT
+*nat
+:AMBIT_OUTPUT - [0:0]
+-A AMBIT_OUTPUT -o lo -j RETURN
+-A AMBIT_OUTPUT -d 127.0.0.0/8 -j RETURN
+-A AMBIT_OUTPUT -p tcp -m mark --mark 0x539/0xfff -j RETURN
+-A AMBIT_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports 15001
+-A OUTPUT -j AMBIT_OUTPUT
+COMMIT
+";
+
+    /// What `iptables-save` prints after FRESH was applied, plus someone else's rules.
+    const SAVED: &str = "\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:AMBIT_OUTPUT - [0:0]
+:AMBIT_PRERT - [0:0]
+:OTHER - [0:0]
+-A PREROUTING -j AMBIT_PRERT
+-A PREROUTING -j OTHER
+-A OUTPUT -j AMBIT_OUTPUT
+-A OUTPUT -p tcp -j AMBIT_OUTPUT
+-A AMBIT_PRERT -i lo -j RETURN
+COMMIT
+*nat
+:OUTPUT ACCEPT [0:0]
+:AMBIT_OUTPUT - [0:0]
+-A OUTPUT -j AMBIT_OUTPUT
+-A OUTPUT -j AMBIT_OUTPUT
+-A AMBIT_OUTPUT -o lo -j RETURN
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+COMMIT
+";
+
+    #[test]
+    fn fresh_namespace_gets_chains_rules_and_jumps() {
+        assert_eq!(
+            render_apply(&RuleConfig::default(), &Existing::default()),
+            FRESH
+        );
+    }
+
+    #[test]
+    fn reapply_replaces_rules_but_never_duplicates_jumps() {
+        let doc = render_apply(&RuleConfig::default(), &parse_save(SAVED));
+        assert!(!doc.contains("-A PREROUTING"), "{doc}");
+        assert!(!doc.contains("-A OUTPUT"), "{doc}");
+        // Our chains are still declared (so flushed and refilled) and the rules are all there.
+        let expected: String = FRESH
+            .lines()
+            .filter(|l| !l.starts_with("-A PREROUTING") && !l.starts_with("-A OUTPUT"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(doc, expected);
+    }
+
+    #[test]
+    fn parse_finds_only_our_chains_and_exact_jumps() {
+        let existing = parse_save(SAVED);
+        assert_eq!(
+            existing.chains,
+            BTreeMap::from([
+                (
+                    "mangle".to_owned(),
+                    vec!["AMBIT_OUTPUT".to_owned(), "AMBIT_PRERT".to_owned()]
+                ),
+                ("nat".to_owned(), vec!["AMBIT_OUTPUT".to_owned()]),
+            ])
+        );
+        let key = |t: &str, h: &str, c: &str| (t.to_owned(), h.to_owned(), c.to_owned());
+        assert_eq!(
+            existing.jumps,
+            BTreeMap::from([
+                (key("mangle", "OUTPUT", "AMBIT_OUTPUT"), 1),
+                (key("mangle", "PREROUTING", "AMBIT_PRERT"), 1),
+                (key("nat", "OUTPUT", "AMBIT_OUTPUT"), 2),
+            ])
+        );
+    }
+
+    #[test]
+    fn remove_deletes_every_jump_then_our_chains_only() {
+        let doc = render_remove(&parse_save(SAVED)).unwrap();
+        assert_eq!(
+            doc,
+            "\
+*mangle
+-D OUTPUT -j AMBIT_OUTPUT
+-D PREROUTING -j AMBIT_PRERT
+-F AMBIT_OUTPUT
+-X AMBIT_OUTPUT
+-F AMBIT_PRERT
+-X AMBIT_PRERT
+COMMIT
+*nat
+-D OUTPUT -j AMBIT_OUTPUT
+-D OUTPUT -j AMBIT_OUTPUT
+-F AMBIT_OUTPUT
+-X AMBIT_OUTPUT
+COMMIT
+"
+        );
+        assert!(!doc.contains("OTHER"));
+        assert_eq!(
+            render_remove(&parse_save("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")),
+            None
+        );
+    }
+
+    #[test]
+    fn exclusions_and_custom_numbers_are_rendered() {
+        let cfg = RuleConfig {
+            mark: 0x1000,
+            mask: 0xf000,
+            tproxy_mark: 0x2000,
+            inbound_exclude_ports: vec![22, 15021],
+            outbound_exclude_ports: vec![15012],
+            ..RuleConfig::default()
+        };
+        let doc = render_apply(&cfg, &Existing::default());
+        assert!(doc.contains("-A AMBIT_PRERT -p tcp -m tcp --dport 22 -j RETURN\n"));
+        assert!(doc.contains("-A AMBIT_PRERT -p tcp -m tcp --dport 15021 -j RETURN\n"));
+        assert!(doc.contains("-A AMBIT_OUTPUT -p tcp -m tcp --dport 15012 -j RETURN\n"));
+        assert!(doc.contains("--tproxy-mark 0x2000/0xf000"));
+        assert!(doc.contains("-m mark --mark 0x1000/0xf000 -j RETURN"));
+        // Exclusions come before the capturing rule, or they would never match.
+        let excl = doc.find("--dport 15012").unwrap();
+        assert!(excl < doc.find("REDIRECT").unwrap());
+    }
+
+    #[test]
+    fn policy_rule_is_recognised_in_ip_rule_output() {
+        let cfg = RuleConfig::default();
+        let shown = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 133\n32766:\tfrom all lookup main\n";
+        assert!(has_policy_rule(&cfg, shown));
+        assert!(!has_policy_rule(&cfg, "0:\tfrom all lookup local\n"));
+        assert_eq!(
+            policy_rule_args(&cfg, "add").join(" "),
+            "-4 rule add pref 32764 fwmark 0x111/0xfff lookup 133"
+        );
+    }
+}

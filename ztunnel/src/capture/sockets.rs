@@ -1,0 +1,212 @@
+//! Sockets for captured traffic: the three listeners ztunnel opens in a pod, and the outbound
+//! sockets it dials from inside the pod (marked, so the capture rules let them through).
+//!
+//! The plain functions here create sockets in the calling thread's network namespace; the
+//! [`SocketFactory`] runs them on the pod's namespace worker and hands the result to tokio. A
+//! socket stays in the namespace it was created in, so only creation needs the worker: connect,
+//! accept and I/O happen on the main runtime.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::netns::{NetnsError, NetnsWorker};
+
+/// Backlog of the capture listeners: bursts of new connections from an app are normal.
+const BACKLOG: i32 = 1024;
+
+/// Errors from creating capture sockets.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// The socket could not be created or configured in the pod's namespace.
+    #[error("cannot create {what} socket in network namespace {netns}")]
+    Create {
+        /// Which socket (e.g. "outbound", "transparent from 10.77.1.2").
+        what: String,
+        /// The pod's namespace file.
+        netns: String,
+        /// The system call that failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The pod's namespace worker is gone.
+    #[error("cannot reach the namespace worker")]
+    Worker(#[source] NetnsError),
+    /// The socket could not be registered with the tokio runtime.
+    #[error("cannot register a socket with the runtime")]
+    Register(#[source] io::Error),
+    /// Connecting failed.
+    #[error("cannot connect to {dst}")]
+    Connect {
+        /// Where to.
+        dst: SocketAddr,
+        /// Why not.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn tcp_socket(family: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(family),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Binds a non-blocking TCP listener at `addr` in the calling thread's namespace.
+///
+/// `transparent` sets IP_TRANSPARENT, which the inbound TPROXY listener needs so that the kernel
+/// hands it connections addressed to other IPs/ports. SO_REUSEADDR lets a re-enrolled pod rebind
+/// while old connections linger in TIME_WAIT.
+pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
+    let socket = tcp_socket(addr)?;
+    socket.set_reuse_address(true)?;
+    if transparent {
+        match addr {
+            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A marked, unbound, non-blocking socket for `dst`'s family, in the calling thread's namespace.
+pub fn marked_socket(dst: SocketAddr, mark: u32) -> io::Result<Socket> {
+    let socket = tcp_socket(dst)?;
+    // The capture rules skip packets with this mark; without it the dial would be captured.
+    socket.set_mark(mark)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket)
+}
+
+/// A marked socket bound to `src` (any port), which need not be a local address: IP_TRANSPARENT
+/// lets ztunnel dial the app *as the original client*, so the app and its logs see the real peer.
+pub fn transparent_socket(src: IpAddr, mark: u32) -> io::Result<Socket> {
+    let bind = SocketAddr::new(src, 0);
+    let socket = marked_socket(bind, mark)?;
+    match src {
+        IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+    }
+    socket.bind(&bind.into())?;
+    Ok(socket)
+}
+
+/// The destination an outbound-captured (REDIRECTed) connection was originally addressed to.
+pub fn original_dst(stream: &impl AsFd) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let v4 = sock.original_dst_v4();
+    let addr = match v4 {
+        Ok(addr) => addr,
+        // An IPv6 socket answers only the IPv6 option.
+        Err(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
+}
+
+/// Creates ztunnel's outbound sockets inside one pod's namespace. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SocketFactory {
+    worker: NetnsWorker,
+    mark: u32,
+}
+
+impl SocketFactory {
+    /// A factory for the namespace `worker` lives in, marking sockets with `mark`.
+    pub fn new(worker: NetnsWorker, mark: u32) -> Self {
+        Self { worker, mark }
+    }
+
+    fn netns(&self) -> String {
+        self.worker.netns().path().display().to_string()
+    }
+
+    /// A marked socket in the pod, unbound: connect it anywhere (HBONE to another node leaves
+    /// from the pod's own IP, as with Istio's in-pod mode).
+    pub async fn outbound(&self, dst: SocketAddr) -> Result<TcpSocket, SocketError> {
+        let mark = self.mark;
+        let socket = self
+            .worker
+            .run(move || marked_socket(dst, mark))
+            .await
+            .map_err(SocketError::Worker)?
+            .map_err(|source| SocketError::Create {
+                what: "outbound".into(),
+                netns: self.netns(),
+                source,
+            })?;
+        Ok(TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// A marked IP_TRANSPARENT socket in the pod bound to `src` (the original client's IP).
+    pub async fn transparent(&self, src: IpAddr) -> Result<TcpSocket, SocketError> {
+        let mark = self.mark;
+        let socket = self
+            .worker
+            .run(move || transparent_socket(src, mark))
+            .await
+            .map_err(SocketError::Worker)?
+            .map_err(|source| SocketError::Create {
+                what: format!("transparent from {src}"),
+                netns: self.netns(),
+                source,
+            })?;
+        Ok(TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// Connects from inside the pod, past the capture rules.
+    pub async fn connect(&self, dst: SocketAddr) -> Result<TcpStream, SocketError> {
+        let socket = self.outbound(dst).await?;
+        socket
+            .connect(dst)
+            .await
+            .map_err(|source| SocketError::Connect { dst, source })
+    }
+
+    /// Connects from inside the pod to `dst` (normally the pod's own app) as if from `src`.
+    pub async fn connect_from(
+        &self,
+        src: IpAddr,
+        dst: SocketAddr,
+    ) -> Result<TcpStream, SocketError> {
+        let socket = self.transparent(src).await?;
+        socket
+            .connect(dst)
+            .await
+            .map_err(|source| SocketError::Connect { dst, source })
+    }
+}
+
+/// The wildcard address of `ip`'s family, for listeners that must see every local address.
+pub(crate) fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listener_and_plain_connection_on_loopback() {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        // Not REDIRECTed: the kernel has no original destination to report.
+        assert!(original_dst(&server).is_err());
+    }
+}

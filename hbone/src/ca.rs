@@ -111,6 +111,9 @@ pub enum CaError {
         /// End of validity, RFC 3339.
         not_after: String,
     },
+    /// A validity bound falls outside the years X.509 can express (1-9999).
+    #[error("validity bound outside the years X.509 can express")]
+    ValidityOutOfRange,
     /// rcgen could not produce the leaf.
     #[error("could not sign the certificate")]
     Sign(#[source] rcgen::Error),
@@ -184,8 +187,12 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        params.not_before = (now - CLOCK_SKEW).into();
-        params.not_after = (now + validity).into();
+        let not_after = now
+            .checked_add(validity)
+            .and_then(cert::to_offset)
+            .ok_or(CaError::ValidityOutOfRange)?;
+        params.not_before = cert::to_offset(now - CLOCK_SKEW).ok_or(CaError::ValidityOutOfRange)?;
+        params.not_after = not_after;
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(CaError::Generate)?;
         let der = cert.der().clone();
@@ -251,7 +258,7 @@ impl CertificateAuthority {
         }
 
         let now = SystemTime::now();
-        let mut not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
+        let mut not_after: Option<SystemTime> = None;
         for c in &parsed {
             check_is_ca(c)?;
             let (nb, na) = (
@@ -265,12 +272,12 @@ impl CertificateAuthority {
                     not_after: cert::rfc3339(na),
                 });
             }
-            not_after = not_after.min(na);
+            not_after = Some(not_after.map_or(na, |t| t.min(na)));
         }
         for pair in parsed.windows(2) {
             check_link(&pair[0], &pair[1])?;
         }
-        let Some(last) = parsed.last() else {
+        let (Some(last), Some(not_after)) = (parsed.last(), not_after) else {
             return Err(CaError::NoCertificate);
         };
         if last.subject().as_raw() != last.issuer().as_raw() || last.verify_signature(None).is_err()
@@ -354,7 +361,10 @@ impl CertificateAuthority {
         validity: Duration,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let now = SystemTime::now();
-        self.sign_between(csr, now - CLOCK_SKEW, now + validity)
+        // The validity may come from a peer's request: saturate rather than overflow,
+        // the CA's own expiry caps it anyway.
+        let not_after = now.checked_add(validity).unwrap_or(self.not_after);
+        self.sign_between(csr, now - CLOCK_SKEW, not_after)
     }
 
     /// [`Self::sign`] with an explicit validity window, for callers that control the
@@ -397,8 +407,8 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
+        params.not_before = cert::to_offset(not_before).ok_or(CaError::ValidityOutOfRange)?;
+        params.not_after = cert::to_offset(not_after).ok_or(CaError::ValidityOutOfRange)?;
         params.serial_number = Some(random_serial());
         let leaf = params
             .signed_by(csr.public_key(), &self.issuer)
@@ -608,10 +618,19 @@ mod tests {
         let leaf = cert::parse(&chain[0]).unwrap();
         assert_eq!(leaf.validity().not_after.timestamp(), secs(ca.not_after()));
 
-        let now = SystemTime::now();
+        // A peer asking for an absurd lifetime gets the CA's, not a panic.
         let valid = ca
             .validate_csr(&csr::new_csr(&alice()).unwrap().csr_pem, None)
             .unwrap();
+        let chain = ca.sign(&valid, Duration::MAX).unwrap();
+        let leaf = cert::parse(&chain[0]).unwrap();
+        assert_eq!(leaf.validity().not_after.timestamp(), secs(ca.not_after()));
+        assert!(matches!(
+            CertificateAuthority::generate(TD, Duration::MAX),
+            Err(CaError::ValidityOutOfRange)
+        ));
+
+        let now = SystemTime::now();
         let err = ca
             .sign_between(&valid, now, now - Duration::from_secs(1))
             .unwrap_err();

@@ -367,14 +367,28 @@ pub(crate) fn to_system_time(t: ASN1Time) -> SystemTime {
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .ok()
+    to_offset(t)
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
         })
         .unwrap_or_else(|| format!("{t:?}"))
+}
+
+/// `t` to whole seconds as a calendar date, or `None` outside the years 1-9999 that
+/// X.509 can express (`OffsetDateTime::from` would panic there).
+pub(crate) fn to_offset(t: SystemTime) -> Option<time::OffsetDateTime> {
+    let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).ok()?,
+        Err(before) => {
+            // Round towards the past, as the non-negative branch does.
+            let d = before.duration();
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            -(i64::try_from(secs).ok()?)
+        }
+    };
+    let t = time::OffsetDateTime::from_unix_timestamp(secs).ok()?;
+    (1..=9999).contains(&t.year()).then_some(t)
 }
 
 /// PEM-encodes one DER block with 64-column lines, as OpenSSL does.
@@ -533,6 +547,18 @@ mod tests {
             .to_string();
             assert!(err.starts_with(want), "{err:?} is not {want:?}");
         }
+    }
+
+    #[test]
+    fn dates_outside_x509_are_refused_not_panicked_on() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(rfc3339(epoch), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(epoch - Duration::from_millis(1500)),
+            "1969-12-31T23:59:58Z"
+        );
+        assert!(to_offset(epoch + Duration::from_secs(300_000_000_000)).is_none());
+        assert!(to_offset(epoch - Duration::from_secs(70_000_000_000)).is_none());
     }
 
     #[test]

@@ -1,1 +1,12 @@
-//! Ambit's control plane: watches Kubernetes or a folder of YAML, pushes state to proxies and signs workload certificates.
+//! Ambit's control plane: watches Kubernetes or a folder of YAML, pushes state to proxies
+//! and signs workload certificates.
+//!
+//! The flow is one-way: sources ([`source`]) turn Kubernetes-format objects into
+//! [`model::SourceEvent`]s; the [`model`] keeps the objects, derives the wire resources
+//! proxies need and publishes versioned snapshots; the [`discovery`] service filters a
+//! snapshot per proxy and pushes only what changed. This crate does not talk to proxies'
+//! data paths and holds no per-connection state beyond discovery subscriptions.
+
+pub mod crd;
+pub mod model;
+pub mod source;

@@ -1,0 +1,452 @@
+//! The controller's one model: the objects all sources report, and the wire resources
+//! derived from them.
+//!
+//! Sources send batches of [`SourceEvent`]s through a [`SourceSink`]; a single worker
+//! task (the only writer) applies them to a [`Store`], re-derives every proxy resource
+//! ([`derive::derive`]), and publishes an immutable [`Snapshot`] on a `watch` channel.
+//! Each snapshot carries a model version that grows with every change, and each resource
+//! carries a content hash and the version at which it last changed, so the discovery
+//! service can push only what differs from what a proxy already has. Deriving everything
+//! on each batch keeps the logic obviously consistent (no incremental dependency
+//! tracking between pods, services, namespaces and policies); bursts are coalesced into
+//! one derivation.
+
+mod derive;
+mod object;
+mod policy;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use ambit_proto::discovery::{resource, Resource, ResourceKey, ResourceKind};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+
+pub use derive::{derive, Derived, DerivedResource};
+pub use object::{Kind, Object, ObjectKey, DEFAULT_NAMESPACE};
+pub(crate) use store::typed;
+pub use store::Store;
+
+/// Settings the derivation depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// SPIFFE trust domain of workload identities.
+    pub trust_domain: String,
+    /// Namespace whose authorization policies apply mesh-wide.
+    pub root_namespace: String,
+    /// DNS suffix of service host names (`name.ns.svc.<suffix>`).
+    pub domain_suffix: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            trust_domain: "cluster.local".to_string(),
+            root_namespace: "ambit-system".to_string(),
+            domain_suffix: "cluster.local".to_string(),
+        }
+    }
+}
+
+/// What a source tells the model. Sources batch these; one batch is one model change.
+#[derive(Clone, Debug)]
+pub enum SourceEvent {
+    /// An object was created or changed (the whole new object).
+    Apply(Object),
+    /// An object is gone.
+    Delete(ObjectKey),
+    /// The source's complete view of these kinds: objects of these kinds that are not
+    /// listed are gone. A Kubernetes source sends this after each (re)list; the local
+    /// source may use it too.
+    Replace {
+        kinds: Vec<Kind>,
+        objects: Vec<Object>,
+    },
+    /// The source has delivered its initial state. The model serves proxies only once
+    /// every source has said this, so no proxy sees a half-loaded mesh.
+    Synced,
+}
+
+/// Why something in the model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// An object could not be converted; it was rejected and the rest still applies.
+    #[error("{kind} {namespace}/{name} rejected: field {field}")]
+    Rejected {
+        kind: Kind,
+        namespace: String,
+        name: String,
+        /// Path of the offending field, e.g. `spec.rules[0].from[0].source.ipBlocks[1]`.
+        field: String,
+        /// What is wrong with it.
+        #[source]
+        reason: FieldError,
+    },
+    /// An `ambit.dev/use-waypoint` label names a waypoint that does not exist or has no
+    /// address; the object is served without a waypoint.
+    #[error("{kind} {namespace}/{name}: waypoint {waypoint:?} {why}")]
+    WaypointUnresolved {
+        kind: Kind,
+        namespace: String,
+        name: String,
+        waypoint: String,
+        why: &'static str,
+    },
+    /// The model worker has stopped, so events can no longer be delivered.
+    #[error("the model has stopped")]
+    Closed,
+}
+
+/// What is wrong with one field.
+#[derive(Debug, thiserror::Error)]
+pub enum FieldError {
+    /// Not an IP address or CIDR.
+    #[error("{value:?} is not an IP address or CIDR")]
+    Cidr {
+        value: String,
+        #[source]
+        source: ipnet::AddrParseError,
+    },
+    /// Not an IP address.
+    #[error("{value:?} is not an IP address")]
+    Ip {
+        value: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// Not a port number (1-65535).
+    #[error("{0:?} is not a port number (1-65535)")]
+    Port(String),
+    /// Not a duration such as `10s` or `250ms`.
+    #[error("{0:?} is not a duration such as \"10s\" or \"250ms\"")]
+    Duration(String),
+    /// A number outside its allowed range.
+    #[error("{value} is outside {min}..={max}")]
+    Range { value: f64, min: f64, max: f64 },
+    /// A value the field does not allow.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A resource's identity in a snapshot: its kind and its name as in [`ResourceKey`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub kind: ResourceKind,
+    pub name: String,
+}
+
+impl Key {
+    /// The key of a resource.
+    pub fn of(resource: &Resource) -> Option<Key> {
+        let (kind, name) = match resource.kind.as_ref()? {
+            resource::Kind::Workload(w) => (ResourceKind::Workload, w.uid.clone()),
+            resource::Kind::Service(s) => (
+                ResourceKind::Service,
+                format!("{}/{}", s.namespace, s.hostname),
+            ),
+            resource::Kind::Authorization(a) => (
+                ResourceKind::Authorization,
+                format!("{}/{}", a.namespace, a.name),
+            ),
+            resource::Kind::Route(r) => {
+                (ResourceKind::Route, format!("{}/{}", r.namespace, r.name))
+            }
+            resource::Kind::TrafficPolicy(t) => (
+                ResourceKind::TrafficPolicy,
+                format!("{}/{}", t.namespace, t.name),
+            ),
+        };
+        Some(Key { kind, name })
+    }
+
+    /// The wire form.
+    pub fn to_proto(&self) -> ResourceKey {
+        ResourceKey {
+            kind: self.kind as i32,
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// One derived resource in a snapshot.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// What proxies receive.
+    pub resource: Resource,
+    /// Content hash; equal hashes mean a proxy holding one needs nothing new.
+    pub hash: u64,
+    /// Model version at which this content first appeared.
+    pub version: u64,
+    /// For services and workloads: `namespace/name` of the waypoint Gateway they use.
+    /// Lets the discovery service find what a waypoint is responsible for.
+    pub waypoint: Option<String>,
+}
+
+/// An immutable view of the model at one version.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Grows by one with every change.
+    pub version: u64,
+    /// True once every source has delivered its initial state.
+    pub ready: bool,
+    /// Every derived resource.
+    pub resources: BTreeMap<Key, Arc<Entry>>,
+    /// Objects rejected or only partly applied by the last derivation.
+    pub errors: Arc<Vec<ModelError>>,
+}
+
+/// A content hash that does not depend on map iteration order (prost maps are
+/// `HashMap`s, whose encoding order varies between instances).
+pub fn content_hash(resource: &Resource) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut canonical = resource.clone();
+    match canonical.kind.as_mut() {
+        Some(resource::Kind::Workload(w)) => {
+            let labels: BTreeMap<_, _> = std::mem::take(&mut w.labels).into_iter().collect();
+            labels.hash(&mut hasher);
+        }
+        Some(resource::Kind::Service(s)) => {
+            for e in &mut s.endpoints {
+                let ports: BTreeMap<_, _> = std::mem::take(&mut e.ports).into_iter().collect();
+                ports.hash(&mut hasher);
+            }
+        }
+        _ => {}
+    }
+    canonical.encode_to_vec().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// One batch of events from one source, as the model receives it.
+#[derive(Debug)]
+pub struct SourceBatch {
+    /// Which registered source sent it.
+    pub source: usize,
+    pub events: Vec<SourceEvent>,
+}
+
+/// Where a source sends its events. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SourceSink {
+    id: usize,
+    name: Arc<str>,
+    tx: mpsc::Sender<SourceBatch>,
+}
+
+impl SourceSink {
+    /// The source's name, for logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sends one batch; the model applies it as one change. Waits when the model is busy,
+    /// which slows a source down rather than buffering without bound.
+    pub async fn send(&self, events: Vec<SourceEvent>) -> Result<(), ModelError> {
+        self.tx
+            .send(SourceBatch {
+                source: self.id,
+                events,
+            })
+            .await
+            .map_err(|_| ModelError::Closed)
+    }
+}
+
+impl SourceSink {
+    /// A sink not connected to a model: the receiver sees exactly what the source sends.
+    /// For testing a source on its own.
+    pub fn detached(name: &str, capacity: usize) -> (SourceSink, mpsc::Receiver<SourceBatch>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (
+            SourceSink {
+                id: 0,
+                name: name.into(),
+                tx,
+            },
+            rx,
+        )
+    }
+}
+
+/// Assembles the model: register every source first, then [`ModelBuilder::spawn`].
+pub struct ModelBuilder {
+    config: ModelConfig,
+    names: Vec<Arc<str>>,
+    tx: mpsc::Sender<SourceBatch>,
+    rx: mpsc::Receiver<SourceBatch>,
+}
+
+impl ModelBuilder {
+    /// A model with these settings and no sources yet.
+    pub fn new(config: ModelConfig) -> Self {
+        let (tx, rx) = mpsc::channel(64);
+        ModelBuilder {
+            config,
+            names: Vec::new(),
+            tx,
+            rx,
+        }
+    }
+
+    /// Registers a source; the model is ready once every registered source sent
+    /// [`SourceEvent::Synced`].
+    pub fn sink(&mut self, name: &str) -> SourceSink {
+        let name: Arc<str> = name.into();
+        self.names.push(name.clone());
+        SourceSink {
+            id: self.names.len() - 1,
+            name,
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Starts the worker task. The model keeps running while any sink is alive.
+    pub fn spawn(self) -> Model {
+        let ready = self.names.is_empty();
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot {
+            ready,
+            ..Snapshot::default()
+        }));
+        drop(self.tx);
+        let worker = Worker {
+            config: self.config,
+            store: Store::new(),
+            pending: vec![true; self.names.len()],
+            names: self.names,
+            snapshot: snap_tx,
+        };
+        tokio::spawn(worker.run(self.rx));
+        Model { snapshot: snap_rx }
+    }
+}
+
+/// Read handle on the model. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Model {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl Model {
+    /// The latest snapshot.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot (intermediate ones may be skipped).
+    pub fn watch(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// Waits for a snapshot that satisfies `f`.
+    pub async fn wait_for(
+        &self,
+        mut f: impl FnMut(&Snapshot) -> bool,
+    ) -> Result<Arc<Snapshot>, ModelError> {
+        let mut rx = self.snapshot.clone();
+        let snap = rx
+            .wait_for(|s| f(s))
+            .await
+            .map_err(|_| ModelError::Closed)?;
+        Ok(snap.clone())
+    }
+}
+
+struct Worker {
+    config: ModelConfig,
+    store: Store,
+    names: Vec<Arc<str>>,
+    /// Sources that have not sent `Synced` yet.
+    pending: Vec<bool>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::Receiver<SourceBatch>) {
+        while let Some(batch) = rx.recv().await {
+            self.apply(batch);
+            // Coalesce a burst: everything already queued becomes one derivation.
+            while let Ok(batch) = rx.try_recv() {
+                self.apply(batch);
+            }
+            self.publish();
+        }
+        tracing::debug!("every source has stopped; model worker exits");
+    }
+
+    fn apply(&mut self, SourceBatch { source: id, events }: SourceBatch) {
+        for event in events {
+            if matches!(event, SourceEvent::Synced) {
+                if let Some(p) = self.pending.get_mut(id) {
+                    if *p {
+                        tracing::info!(source = %self.names[id], "source synced");
+                    }
+                    *p = false;
+                }
+            }
+            self.store.apply(event);
+        }
+    }
+
+    fn publish(&mut self) {
+        let previous = self.snapshot.borrow().clone();
+        let derived = derive(&self.store, &self.config);
+        let ready = !self.pending.iter().any(|p| *p);
+        let version = previous.version + 1;
+        let mut changed = ready != previous.ready;
+        let mut resources = BTreeMap::new();
+        for (key, d) in derived.resources {
+            let hash = content_hash(&d.resource);
+            let entry = match previous.resources.get(&key) {
+                Some(old) if old.hash == hash && old.waypoint == d.waypoint => old.clone(),
+                _ => {
+                    changed = true;
+                    Arc::new(Entry {
+                        resource: d.resource,
+                        hash,
+                        version,
+                        waypoint: d.waypoint,
+                    })
+                }
+            };
+            resources.insert(key, entry);
+        }
+        changed |= previous
+            .resources
+            .keys()
+            .any(|k| !resources.contains_key(k));
+        // Report each problem once, when it appears, rather than on every change.
+        let old: std::collections::HashSet<String> =
+            previous.errors.iter().map(|e| error_chain(e)).collect();
+        let new: Vec<String> = derived.errors.iter().map(|e| error_chain(e)).collect();
+        for e in new.iter().filter(|e| !old.contains(*e)) {
+            tracing::warn!(error = %e, "model");
+        }
+        changed |= new.len() != old.len() || new.iter().any(|e| !old.contains(e));
+        if !changed {
+            return;
+        }
+        tracing::debug!(version, resources = resources.len(), "model changed");
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            version,
+            ready,
+            resources,
+            errors: Arc::new(derived.errors),
+        }));
+    }
+}
+
+/// An error and its causes on one line, for logs and reports.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

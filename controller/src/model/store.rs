@@ -1,0 +1,108 @@
+//! The objects the model currently holds, indexed by kind, and how source events change
+//! them.
+
+use std::collections::BTreeMap;
+
+use super::object::{Kind, Object, ObjectKey};
+use super::SourceEvent;
+
+/// Every object the sources have reported, by kind then (namespace, name).
+#[derive(Clone, Debug, Default)]
+pub struct Store {
+    objects: BTreeMap<Kind, BTreeMap<(String, String), Object>>,
+}
+
+impl Store {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store holding these objects (later duplicates win); objects without a name are
+    /// skipped. Handy for fixtures.
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut store = Store::new();
+        for o in objects {
+            store.insert(o);
+        }
+        store
+    }
+
+    /// Adds or replaces an object. Returns false when it has no name.
+    pub fn insert(&mut self, object: Object) -> bool {
+        let Some(key) = object.key() else {
+            return false;
+        };
+        self.objects
+            .entry(key.kind)
+            .or_default()
+            .insert((key.namespace, key.name), object);
+        true
+    }
+
+    /// Removes an object; true when it was there.
+    pub fn remove(&mut self, key: &ObjectKey) -> bool {
+        self.objects
+            .get_mut(&key.kind)
+            .and_then(|m| m.remove(&(key.namespace.clone(), key.name.clone())))
+            .is_some()
+    }
+
+    /// Applies one source event.
+    pub fn apply(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Apply(object) => {
+                if !self.insert(object) {
+                    tracing::warn!("ignoring an object without a name");
+                }
+            }
+            SourceEvent::Delete(key) => {
+                self.remove(&key);
+            }
+            SourceEvent::Replace { kinds, objects } => {
+                for kind in kinds {
+                    self.objects.remove(&kind);
+                }
+                for object in objects {
+                    self.insert(object);
+                }
+            }
+            SourceEvent::Synced => {}
+        }
+    }
+
+    /// The object with this key.
+    pub fn get(&self, key: &ObjectKey) -> Option<&Object> {
+        self.objects
+            .get(&key.kind)?
+            .get(&(key.namespace.clone(), key.name.clone()))
+    }
+
+    /// Every object of a kind, ordered by namespace then name.
+    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Object> + '_ {
+        self.objects.get(&kind).into_iter().flat_map(|m| m.values())
+    }
+
+    /// Number of objects held.
+    pub fn len(&self) -> usize {
+        self.objects.values().map(BTreeMap::len).sum()
+    }
+
+    /// True when no object is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Typed iteration: `typed!(store, Pod)` yields `&Pod`s.
+macro_rules! typed {
+    ($store:expr, $variant:ident) => {
+        $store
+            .of_kind($crate::model::Kind::$variant)
+            .filter_map(|o| match o {
+                $crate::model::Object::$variant(x) => Some(x),
+                _ => None,
+            })
+    };
+}
+pub(crate) use typed;

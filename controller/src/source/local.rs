@@ -1,0 +1,458 @@
+//! The local source: a folder of Kubernetes-format YAML (or JSON) files, watched.
+//!
+//! Local mode has no API server, so this source plays its part: it parses every
+//! `.yaml`/`.yml`/`.json` file (many `---` documents each), checks each document against
+//! the typed objects, and sends the model the difference from what it sent before.
+//! Files change under us (editors write, rename and truncate), so every change triggers
+//! a full rescan after a short debounce, and a periodic rescan catches anything the
+//! file-system watcher missed.
+//!
+//! A file that fails (bad YAML, unknown kind, missing or mistyped field, an object in a
+//! namespace that does not exist) is reported with its path, the document's 1-based index
+//! and the reason (serde_yaml's line and column kept), and *its* last good objects stay in
+//! force while other files keep updating: a typo must never take workloads away.
+//! Because there is no kubelet, pods carry `spec.nodeName` and `status.podIP(s)` in YAML.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize as _;
+use tokio::sync::{watch, Notify};
+
+use crate::model::{
+    Kind, ModelError, Object, ObjectKey, SourceEvent, SourceSink, DEFAULT_NAMESPACE,
+};
+
+/// Problems with the folder or one of its files.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The folder cannot be listed.
+    #[error("cannot read directory {}", path.display())]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file cannot be read.
+    #[error("cannot read {}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A document is not valid YAML, or does not fit the type its kind requires (a
+    /// missing required field or a wrong type).
+    #[error("{}: document {document}{}", path.display(), at(*line, *column))]
+    Parse {
+        path: PathBuf,
+        document: usize,
+        line: Option<usize>,
+        column: Option<usize>,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// A document lacks `apiVersion`, `kind` or `metadata.name`.
+    #[error("{}: document {document}: missing required field {field}", path.display())]
+    MissingField {
+        path: PathBuf,
+        document: usize,
+        field: &'static str,
+    },
+    /// A document's `apiVersion`/`kind` is not one the controller understands.
+    #[error("{}: document {document}: unknown kind {api_version}/{kind} (known: {known})", path.display())]
+    UnknownKind {
+        path: PathBuf,
+        document: usize,
+        api_version: String,
+        kind: String,
+        known: String,
+    },
+    /// A document puts an object in a namespace that no file defines.
+    #[error("{}: document {document}: {key} is in namespace {namespace:?}, which does not exist", path.display())]
+    UnknownNamespace {
+        path: PathBuf,
+        document: usize,
+        key: ObjectKey,
+        namespace: String,
+    },
+    /// The file-system watcher could not be set up.
+    #[error("cannot watch {}", path.display())]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    /// The model has stopped taking events.
+    #[error("cannot deliver events")]
+    Model(#[source] ModelError),
+}
+
+fn at(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(" (line {l}, column {c})"),
+        _ => String::new(),
+    }
+}
+
+/// One object read from a file, with where it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Located {
+    pub object: Object,
+    /// 1-based index of the document in its file.
+    pub document: usize,
+}
+
+/// Parses one file's text into objects. Every problem is returned, not just the first.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Located>, Vec<LocalError>> {
+    let mut values = Vec::new();
+    let mut errors = Vec::new();
+    // First pass: generic values, to learn each document's kind (and catch bad YAML).
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        match serde_yaml::Value::deserialize(doc) {
+            Ok(v) => values.push(Some(v)),
+            Err(source) => {
+                errors.push(parse_error(path, i + 1, source));
+                // After a syntax error the document boundaries are unreliable.
+                return Err(errors);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    // Second pass: typed, straight from the text so errors keep their line and column.
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let document = i + 1;
+        let Some(Some(value)) = values.get(i) else {
+            break;
+        };
+        if value.is_null() {
+            continue; // an empty document (comments only, or a trailing `---`)
+        }
+        let field = |name: &str| value.get(name).and_then(serde_yaml::Value::as_str);
+        let Some(api_version) = field("apiVersion") else {
+            errors.push(LocalError::MissingField {
+                path: path.into(),
+                document,
+                field: "apiVersion",
+            });
+            continue;
+        };
+        let Some(kind_name) = field("kind") else {
+            errors.push(LocalError::MissingField {
+                path: path.into(),
+                document,
+                field: "kind",
+            });
+            continue;
+        };
+        let Some(kind) = Kind::from_type(api_version, kind_name) else {
+            errors.push(LocalError::UnknownKind {
+                path: path.into(),
+                document,
+                api_version: api_version.into(),
+                kind: kind_name.into(),
+                known: Kind::ALL
+                    .iter()
+                    .map(|k| format!("{}/{}", k.api_version(), k.name()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+            continue;
+        };
+        match kind.deserialize(doc) {
+            Ok(mut object) => {
+                let meta = object.metadata_mut();
+                if meta.name.as_deref().is_none_or(str::is_empty) {
+                    errors.push(LocalError::MissingField {
+                        path: path.into(),
+                        document,
+                        field: "metadata.name",
+                    });
+                    continue;
+                }
+                if kind.namespaced() && meta.namespace.is_none() {
+                    meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
+                }
+                out.push(Located { object, document });
+            }
+            Err(source) => errors.push(parse_error(path, document, source)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_error(path: &Path, document: usize, source: serde_yaml::Error) -> LocalError {
+    let loc = source.location();
+    LocalError::Parse {
+        path: path.into(),
+        document,
+        line: loc.as_ref().map(|l| l.line()),
+        column: loc.as_ref().map(|l| l.column()),
+        source,
+    }
+}
+
+/// The files the source reads, sorted so later files deterministically win on duplicates.
+fn list_files(dir: &Path) -> Result<Vec<PathBuf>, LocalError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|source| LocalError::ReadDir {
+            path: d.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| n.starts_with('.'));
+            if hidden {
+                continue; // editors' swap and lock files
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What a scan decided, before it is sent.
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    pub events: Vec<SourceEvent>,
+    pub errors: Vec<LocalError>,
+}
+
+/// The folder's state across scans: each file's last good objects and what the model
+/// has from us.
+#[derive(Debug, Default)]
+pub struct Scanner {
+    dir: PathBuf,
+    last_good: BTreeMap<PathBuf, Vec<Located>>,
+    sent: BTreeMap<ObjectKey, Object>,
+}
+
+impl Scanner {
+    /// A scanner for a folder; nothing is read until [`Scanner::scan`].
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Scanner {
+            dir: dir.into(),
+            ..Scanner::default()
+        }
+    }
+
+    /// Reads the folder and returns the events that bring the model up to date.
+    pub fn scan(&mut self) -> ScanResult {
+        let mut errors = Vec::new();
+        let files = match list_files(&self.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                // Keep serving what we have: a folder that vanishes for a moment (a
+                // checkout being swapped) must not empty the mesh.
+                return ScanResult {
+                    events: Vec::new(),
+                    errors: vec![e],
+                };
+            }
+        };
+        let mut fresh: BTreeMap<PathBuf, Vec<Located>> = BTreeMap::new();
+        for path in &files {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(source) => {
+                    errors.push(LocalError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    });
+                    continue;
+                }
+            };
+            match parse_file(path, &text) {
+                Ok(objects) => {
+                    fresh.insert(path.clone(), objects);
+                }
+                Err(e) => errors.extend(e),
+            }
+        }
+        // Files that are gone take their objects with them.
+        self.last_good.retain(|p, _| files.contains(p));
+
+        // Namespace references are checked against the namespaces in force: those of the
+        // fresh files plus the last good state of failing files. A file failing the check
+        // falls back to its last good state, which may remove namespaces, so repeat until
+        // nothing changes (each round fails at least one more file, so it terminates).
+        loop {
+            let in_force = |p: &PathBuf| fresh.get(p).or_else(|| self.last_good.get(p));
+            let mut namespaces: BTreeSet<String> = BTreeSet::from([DEFAULT_NAMESPACE.to_string()]);
+            for path in &files {
+                for l in in_force(path).into_iter().flatten() {
+                    if let Object::Namespace(ns) = &l.object {
+                        namespaces.extend(ns.metadata.name.clone());
+                    }
+                }
+            }
+            let mut failed = Vec::new();
+            for (path, objects) in &fresh {
+                for l in objects {
+                    let Some(key) = l.object.key() else { continue };
+                    if key.kind.namespaced() && !namespaces.contains(&key.namespace) {
+                        errors.push(LocalError::UnknownNamespace {
+                            path: path.clone(),
+                            document: l.document,
+                            namespace: key.namespace.clone(),
+                            key,
+                        });
+                        failed.push(path.clone());
+                    }
+                }
+            }
+            if failed.is_empty() {
+                break;
+            }
+            for p in failed {
+                fresh.remove(&p);
+            }
+        }
+        for (path, objects) in fresh {
+            self.last_good.insert(path, objects);
+        }
+
+        let mut desired: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        for objects in self.last_good.values() {
+            for l in objects {
+                if let Some(key) = l.object.key() {
+                    desired.insert(key, l.object.clone());
+                }
+            }
+        }
+        let mut events = Vec::new();
+        for key in self.sent.keys() {
+            if !desired.contains_key(key) {
+                events.push(SourceEvent::Delete(key.clone()));
+            }
+        }
+        for (key, object) in &desired {
+            if self.sent.get(key) != Some(object) {
+                events.push(SourceEvent::Apply(object.clone()));
+            }
+        }
+        self.sent = desired;
+        ScanResult { events, errors }
+    }
+}
+
+/// Timing of the watch loop.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalOptions {
+    /// Quiet time after a change before rescanning, so a burst of writes is one scan.
+    pub debounce: Duration,
+    /// Rescan this often even without notifications.
+    pub rescan: Duration,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions {
+            debounce: Duration::from_millis(100),
+            rescan: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The watched folder as a model source.
+pub struct LocalSource {
+    dir: PathBuf,
+    options: LocalOptions,
+    errors: watch::Sender<Arc<Vec<LocalError>>>,
+}
+
+impl LocalSource {
+    /// A source for this folder.
+    pub fn new(dir: impl Into<PathBuf>, options: LocalOptions) -> Self {
+        LocalSource {
+            dir: dir.into(),
+            options,
+            errors: watch::Sender::new(Arc::new(Vec::new())),
+        }
+    }
+
+    /// The problems found by the latest scan (empty when every file is good).
+    pub fn errors(&self) -> watch::Receiver<Arc<Vec<LocalError>>> {
+        self.errors.subscribe()
+    }
+
+    /// Scans, sends, and keeps watching until the model stops. Fails only when the
+    /// folder cannot be watched at all.
+    pub async fn run(self, sink: SourceSink) -> Result<(), LocalError> {
+        let changed = Arc::new(Notify::new());
+        let notify_changed = changed.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Err(e) = &res {
+                tracing::warn!(error = %e, "file watcher");
+            }
+            notify_changed.notify_one();
+        })
+        .map_err(|source| LocalError::Watch {
+            path: self.dir.clone(),
+            source,
+        })?;
+        use notify::Watcher as _;
+        watcher
+            .watch(&self.dir, notify::RecursiveMode::Recursive)
+            .map_err(|source| LocalError::Watch {
+                path: self.dir.clone(),
+                source,
+            })?;
+
+        let mut scanner = Scanner::new(&self.dir);
+        let mut first = true;
+        let mut last_report = String::new();
+        loop {
+            let ScanResult { mut events, errors } = scanner.scan();
+            let report: String = errors
+                .iter()
+                .map(|e| crate::model::error_chain(e) + "\n")
+                .collect();
+            if report != last_report {
+                for e in &errors {
+                    tracing::error!(error = %crate::model::error_chain(e), "local source: file rejected, its last good objects stay in force");
+                }
+                last_report = report;
+            }
+            self.errors.send_replace(Arc::new(errors));
+            if first {
+                events.push(SourceEvent::Synced);
+                first = false;
+            }
+            if !events.is_empty() {
+                tracing::debug!(events = events.len(), dir = %self.dir.display(), "local source changed");
+                sink.send(events).await.map_err(LocalError::Model)?;
+            }
+            tokio::select! {
+                () = changed.notified() => {
+                    // Debounce: wait until the burst is over.
+                    loop {
+                        tokio::select! {
+                            () = changed.notified() => continue,
+                            () = tokio::time::sleep(self.options.debounce) => break,
+                        }
+                    }
+                }
+                () = tokio::time::sleep(self.options.rescan) => {}
+            }
+        }
+    }
+}

@@ -1,1 +1,112 @@
-//! Measurement helpers shared by Ambit's benchmarks (`bench/src/bin/*`).
+//! Measurement helpers shared by Ambit's benchmarks (`bench/src/bin/*`): latency
+//! percentiles and the table every benchmark prints, with the ratio of each measured path
+//! to the direct one from the same run.
+
+use std::time::Duration;
+
+/// Latency samples of one path.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
+    sorted: bool,
+    values: Vec<Duration>,
+}
+
+impl Samples {
+    /// Room for `n` samples, so recording does not allocate while measuring.
+    pub fn with_capacity(n: usize) -> Self {
+        Samples {
+            sorted: false,
+            values: Vec::with_capacity(n),
+        }
+    }
+
+    pub fn record(&mut self, sample: Duration) {
+        self.sorted = false;
+        self.values.push(sample);
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The `p`-th percentile (0..=100), nearest rank; zero when empty.
+    pub fn percentile(&mut self, p: f64) -> Duration {
+        if self.values.is_empty() {
+            return Duration::ZERO;
+        }
+        if !self.sorted {
+            self.values.sort_unstable();
+            self.sorted = true;
+        }
+        let rank = ((p / 100.0) * self.values.len() as f64).ceil() as usize;
+        self.values[rank.clamp(1, self.values.len()) - 1]
+    }
+}
+
+/// Microseconds, for tables.
+pub fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Megabytes (10^6 bytes) per second.
+pub fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / 1e6 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+}
+
+/// One row: a metric measured on the direct path and on the path under test.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub metric: String,
+    pub direct: f64,
+    pub measured: f64,
+}
+
+/// Prints rows as a fixed-width table with the measured/direct ratio.
+pub fn print_table(title: &str, measured_name: &str, rows: &[Row]) {
+    println!("{title}");
+    let width = rows
+        .iter()
+        .map(|r| r.metric.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:<width$}  {:>12}  {:>12}  {:>14}",
+        "metric",
+        "direct",
+        measured_name,
+        format!("{measured_name}/direct"),
+    );
+    for row in rows {
+        let ratio = if row.direct == 0.0 {
+            f64::NAN
+        } else {
+            row.measured / row.direct
+        };
+        println!(
+            "{:<width$}  {:>12.1}  {:>12.1}  {:>14.2}",
+            row.metric, row.direct, row.measured, ratio
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut s = Samples::default();
+        for i in 1..=100u64 {
+            s.record(Duration::from_micros(i));
+        }
+        assert_eq!(s.percentile(50.0), Duration::from_micros(50));
+        assert_eq!(s.percentile(99.0), Duration::from_micros(99));
+        assert_eq!(s.percentile(100.0), Duration::from_micros(100));
+        assert_eq!(s.percentile(0.0), Duration::from_micros(1));
+    }
+}

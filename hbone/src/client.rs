@@ -36,7 +36,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::server::H2Settings;
+use crate::server::{BufferedTcp, H2Settings, TLS_READ_BUFFER};
 use crate::stream::TunnelStream;
 use crate::tls::ALPN_H2;
 use crate::Identity;
@@ -548,7 +548,10 @@ impl Pool {
         let server_name = crate::tls::server_name();
         let tls = tokio::time::timeout_at(
             deadline,
-            tokio_rustls::TlsConnector::from(target.tls.clone()).connect(server_name, tcp),
+            tokio_rustls::TlsConnector::from(target.tls.clone()).connect(
+                server_name,
+                BufferedTcp::with_capacity(TLS_READ_BUFFER, tcp),
+            ),
         )
         .await
         .map_err(|_| timeout(Phase::Tls))?
@@ -565,7 +568,7 @@ impl Pool {
             });
         }
 
-        let h2 = &config.h2;
+        let h2 = config.h2.clamped();
         let mut builder = h2::client::Builder::new();
         builder
             .initial_window_size(h2.stream_window)
@@ -636,7 +639,7 @@ async fn drive(
     pool: Weak<Inner>,
     key: Key,
     conn: Weak<Conn>,
-    connection: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    connection: h2::client::Connection<tokio_rustls::client::TlsStream<BufferedTcp>, Bytes>,
     idle_timeout: Duration,
 ) {
     let id = conn.upgrade().map(|c| c.id);

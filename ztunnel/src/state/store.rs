@@ -145,21 +145,19 @@ impl State {
     /// waypoint are left to the waypoint. A selector reference to a policy the state lacks
     /// is skipped, as Istio does: pushes are atomic, so that is a controller bug, logged there.
     pub fn policies_for(&self, dst: &Workload) -> Vec<Arc<Authorization>> {
+        // Scopes are disjoint (a policy has one), so only selector references can repeat.
         let mut out: Vec<Arc<Authorization>> = self.idx.global_policies.clone();
         if let Some(ps) = self.idx.namespace_policies.get(&dst.namespace) {
-            out.extend(
-                ps.iter()
-                    .filter(|p| !out.contains(p))
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            );
+            out.extend(ps.iter().cloned());
         }
+        let first_selected = out.len();
         for key in &dst.authorization_policies {
-            if let Some(p) = self.policies.get(key) {
-                if p.scope == PolicyScope::WorkloadSelector && !p.for_waypoint() && !out.contains(p)
-                {
-                    out.push(p.clone());
-                }
+            let Some(p) = self.policies.get(key) else {
+                continue;
+            };
+            let selectable = p.scope == PolicyScope::WorkloadSelector && !p.for_waypoint();
+            if selectable && !out[first_selected..].iter().any(|q| Arc::ptr_eq(p, q)) {
+                out.push(p.clone());
             }
         }
         out
@@ -353,9 +351,14 @@ impl Store {
         let mut next = if full_state {
             State::default()
         } else {
+            // Pointer copies of the primary maps; the indexes are rebuilt below.
             State {
+                version: current.version,
+                workloads: current.workloads.clone(),
+                services: current.services.clone(),
+                policies: current.policies.clone(),
+                trust_roots: current.trust_roots.clone(),
                 idx: Indexes::default(),
-                ..(*current).clone()
             }
         };
         next.version = version;

@@ -60,6 +60,23 @@ pub enum CaError {
     /// The key is unreadable or of a type rcgen/ring cannot sign with.
     #[error("CA private key is unreadable (a PKCS#8 \"PRIVATE KEY\" PEM is required; convert with `openssl pkcs8 -topk8 -nocrypt`)")]
     Key(#[source] rcgen::Error),
+    /// rcgen cannot sign with this CA certificate (unsupported name or extension).
+    #[error("CA certificate {subject} cannot be used to sign")]
+    Issuer {
+        /// The CA certificate's subject.
+        subject: String,
+        /// rcgen's reason.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// A test leaf signed at load did not chain to the CA certificate.
+    #[error("CA self-test failed: a leaf signed by {subject} does not chain to it ({why})")]
+    SelfTest {
+        /// The CA certificate's subject.
+        subject: String,
+        /// What went wrong.
+        why: String,
+    },
     /// The key is not the one the CA certificate certifies.
     #[error("CA private key does not match the CA certificate (subject {subject})")]
     KeyMismatch {
@@ -287,7 +304,15 @@ impl CertificateAuthority {
             });
         }
 
-        let issuer = Issuer::from_ca_cert_der(&certs[0], key).map_err(CaError::Key)?;
+        let issuer =
+            Issuer::from_ca_cert_der(&certs[0], key).map_err(|source| CaError::Issuer {
+                subject: ca.subject().to_string(),
+                source,
+            })?;
+        // rcgen re-encodes the issuer name from its parsed form; if that ever differs
+        // from the CA's own encoding, every leaf would fail chain building at every
+        // handshake. Sign a throw-away leaf now so that shows up here, at load.
+        probe(&issuer, ca)?;
         let root = certs[certs.len() - 1].clone();
         let intermediates = if certs.len() > 1 {
             certs[..certs.len() - 1].to_vec()
@@ -418,6 +443,24 @@ impl CertificateAuthority {
         chain.extend(self.intermediates.iter().cloned());
         Ok(chain)
     }
+}
+
+/// Signs a throw-away leaf with `issuer` and checks it links to `ca` (name and signature).
+fn probe(issuer: &Issuer<'static, KeyPair>, ca: &X509Certificate<'_>) -> Result<(), CaError> {
+    let failed = |why: String| CaError::SelfTest {
+        subject: ca.subject().to_string(),
+        why,
+    };
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| failed(format!("key generation: {e}")))?;
+    let mut params = CertificateParams::default();
+    params.not_before = ca.validity().not_before.to_datetime();
+    params.not_after = ca.validity().not_after.to_datetime();
+    let leaf = params
+        .signed_by(&key, issuer)
+        .map_err(|e| failed(format!("signing: {e}")))?;
+    let parsed = cert::parse(leaf.der()).map_err(|e| failed(e.to_string()))?;
+    check_link(&parsed, ca).map_err(|e| failed(e.to_string()))
 }
 
 fn check_is_ca(c: &X509Certificate<'_>) -> Result<(), CaError> {

@@ -298,13 +298,11 @@ fn modulus_bits(modulus: &[u8]) -> usize {
 
 fn requested_identity(csr: &X509CertificationRequest<'_>) -> Result<Identity, CsrError> {
     let mut uris = Vec::new();
-    let mut san_seen = false;
     // x509-parser drops the extension request silently when it is malformed, so check
     // for parse errors explicitly rather than mistaking them for "no SAN".
     for ext in csr.requested_extensions().into_iter().flatten() {
         match ext {
             ParsedExtension::SubjectAlternativeName(san) => {
-                san_seen = true;
                 for name in &san.general_names {
                     match name {
                         GeneralName::URI(uri) => uris.push(uri.to_string()),
@@ -327,7 +325,7 @@ fn requested_identity(csr: &X509CertificationRequest<'_>) -> Result<Identity, Cs
         }
     }
     match uris.as_slice() {
-        [] if !san_seen => Err(CsrError::NoSan),
+        [] => Err(CsrError::NoSan),
         [uri] => uri.parse().map_err(|source| CsrError::Identity {
             uri: uri.clone(),
             source,

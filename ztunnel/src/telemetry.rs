@@ -60,6 +60,25 @@ impl FromStr for LogFormat {
     }
 }
 
+/// The logging flags every binary shares; `#[command(flatten)]` them into its CLI.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct LogArgs {
+    /// How log lines are written.
+    #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Text, env = "AMBIT_LOG_FORMAT")]
+    pub format: LogFormat,
+    /// Log filter in env-filter syntax (`info`, `ambit_ztunnel=debug,info`); `RUST_LOG`
+    /// wins when set. Changeable at runtime through the admin `/logging` endpoint.
+    #[arg(long = "log-level", default_value = DEFAULT_DIRECTIVES, env = "AMBIT_LOG_LEVEL")]
+    pub level: String,
+}
+
+impl LogArgs {
+    /// Installs the process-wide subscriber these flags describe (see [`init`]).
+    pub fn init(&self) -> Result<LogHandle, TelemetryError> {
+        init(self.format, &self.level)
+    }
+}
+
 type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
 
 /// Changes the log filter of a running subscriber. Cheap to clone.
@@ -215,6 +234,21 @@ mod tests {
         let err = handle.set("=nonsense=").expect_err("bad filter");
         assert!(err.to_string().contains("invalid log filter"), "{err}");
         assert_eq!(handle.current(), "debug");
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            log: LogArgs,
+        }
+        let cli = Cli::try_parse_from(["ztunnel", "--log-format", "json", "--log-level", "debug"])
+            .expect("parse");
+        assert_eq!(cli.log.format, LogFormat::Json);
+        assert_eq!(cli.log.level, "debug");
+        assert!(Cli::try_parse_from(["ztunnel", "--log-format", "xml"]).is_err());
     }
 
     #[test]

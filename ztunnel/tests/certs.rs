@@ -31,6 +31,8 @@ struct TestCa {
     /// When set, answers every CSR with a certificate for this identity instead (same
     /// key, so only the identity check can catch it).
     impersonate: Arc<Mutex<Option<Identity>>>,
+    /// When set, certificates start this long before now (so may arrive past half-life).
+    backdate: Arc<Mutex<Option<Duration>>>,
 }
 
 impl TestCa {
@@ -44,6 +46,7 @@ impl TestCa {
             calls: Arc::default(),
             down: Arc::default(),
             impersonate: Arc::default(),
+            backdate: Arc::default(),
         }
     }
 
@@ -59,12 +62,18 @@ impl TestCa {
         CertManager::new(self.clone(), self.clock, config, metrics)
     }
 
-    fn sign_as(&self, csr_pem: &str, other: &Identity, validity: Duration) -> SignedChain {
+    fn sign_as(
+        &self,
+        csr_pem: &str,
+        other: &Identity,
+        backdate: Duration,
+        validity: Duration,
+    ) -> SignedChain {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).expect("csr");
         let uri = rcgen::string::Ia5String::try_from(other.to_string()).expect("uri");
         csr.params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
         let now = self.clock.now();
-        csr.params.not_before = now.into();
+        csr.params.not_before = (now - backdate).into();
         csr.params.not_after = (now + validity).into();
         let pem = self.inner.authority().to_pem();
         let key = rcgen::KeyPair::from_pem(&pem.key_pem).expect("CA key");
@@ -81,14 +90,31 @@ impl CaClient for TestCa {
     async fn sign(&self, csr_pem: String, validity: Duration) -> Result<SignedChain, CertsError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
-            return Err(CertsError::Rpc(tonic::Status::unavailable("CA is down")));
+            return Err(CertsError::Rpc {
+                code: tonic::Code::Unavailable,
+                message: "CA is down".into(),
+            });
         }
         let impersonate = self.impersonate.lock().expect("lock").clone();
-        match impersonate {
-            Some(other) => Ok(self.sign_as(&csr_pem, &other, validity)),
-            None => self.inner.sign_now(&csr_pem, validity),
+        let backdate = *self.backdate.lock().expect("lock");
+        match (impersonate, backdate) {
+            (None, None) => self.inner.sign_now(&csr_pem, validity),
+            (other, backdate) => {
+                let identity = match other {
+                    Some(other) => other,
+                    None => ambit_hbone::csr::validate(&csr_pem, "cluster.local", None)
+                        .expect("valid CSR")
+                        .identity()
+                        .clone(),
+                };
+                Ok(self.sign_as(&csr_pem, &identity, backdate.unwrap_or_default(), validity))
+            }
         }
     }
+}
+
+fn csr_pem_for(identity: &Identity) -> String {
+    ambit_hbone::csr::new_csr(identity).expect("csr").csr_pem
 }
 
 fn one_hour() -> CertConfig {
@@ -324,6 +350,29 @@ async fn a_certificate_for_another_identity_is_refused() {
     assert_eq!(cert.identity(), &sleep);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_certificate_past_half_life_on_arrival_does_not_spin() {
+    let ca = TestCa::new();
+    // Started three hours ago, ends in one: half-life was an hour ago.
+    *ca.backdate.lock().expect("lock") = Some(3 * HOUR);
+    let m = ca.manager(one_hour(), None);
+    let sleep = id("sleep");
+    m.ensure(&sleep);
+    let cert = m.wait_ready(&sleep).await.expect("usable all the same");
+    assert!(cert.refresh_at() < ca.clock.now());
+    tokio::time::sleep(10 * MINUTE).await;
+    let calls = ca.calls();
+    assert!((5..=30).contains(&calls), "{calls} requests in 10 minutes");
+    assert!(m.current(&sleep).is_some());
+
+    // Once the CA behaves, rotation goes back to the half-life schedule.
+    *ca.backdate.lock().expect("lock") = None;
+    tokio::time::sleep(2 * MINUTE).await;
+    let settled = ca.calls();
+    tokio::time::sleep(20 * MINUTE).await;
+    assert_eq!(ca.calls(), settled);
+}
+
 /// The gRPC client against a real tonic server: the bearer credential is read from its
 /// file on every request, so a rotated token is used as soon as it is written.
 #[tokio::test]
@@ -412,9 +461,8 @@ async fn grpc_client_sends_the_current_credential() {
 
     // The kubelet rotates the token in place: the next request carries the new one.
     std::fs::write(&token, "token-2").expect("rotate token");
-    let csr = ambit_hbone::csr::new_csr(&sleep).expect("csr");
     client
-        .sign(csr.csr_pem.clone(), HOUR)
+        .sign(csr_pem_for(&sleep), HOUR)
         .await
         .expect("signed with the rotated token");
     assert_eq!(
@@ -427,24 +475,33 @@ async fn grpc_client_sends_the_current_credential() {
 
     std::fs::write(&token, "stolen").expect("write");
     let err = client
-        .sign(csr.csr_pem.clone(), HOUR)
+        .sign(csr_pem_for(&sleep), HOUR)
         .await
         .expect_err("refused");
     assert!(
-        matches!(&err, CertsError::Rpc(s) if s.code() == tonic::Code::Unauthenticated),
+        matches!(
+            &err,
+            CertsError::Rpc {
+                code: tonic::Code::Unauthenticated,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("unknown token"), "{err}");
 
     std::fs::write(&token, "  \n").expect("write");
     let err = client
-        .sign(csr.csr_pem.clone(), HOUR)
+        .sign(csr_pem_for(&sleep), HOUR)
         .await
         .expect_err("empty");
     assert!(matches!(err, CertsError::BadCredential { .. }), "{err:?}");
 
     std::fs::remove_file(&token).expect("remove");
-    let err = client.sign(csr.csr_pem, HOUR).await.expect_err("missing");
+    let err = client
+        .sign(csr_pem_for(&sleep), HOUR)
+        .await
+        .expect_err("missing");
     assert!(matches!(err, CertsError::Credential { .. }), "{err:?}");
     assert!(
         err.to_string().contains(&token.display().to_string()),

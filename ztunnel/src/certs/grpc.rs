@@ -74,11 +74,26 @@ impl CaClient for GrpcCaClient {
             .clone()
             .create_certificate(request)
             .await
-            .map_err(CertsError::Rpc)?
+            .map_err(rpc_error)?
             .into_inner();
         Ok(SignedChain {
             cert_chain: response.cert_chain,
             trust_roots: response.trust_roots,
         })
+    }
+}
+
+/// Folds a status and its transport causes ("connection refused"...) into one error.
+fn rpc_error(status: tonic::Status) -> CertsError {
+    let mut message = status.message().to_string();
+    let mut cause = std::error::Error::source(&status);
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    CertsError::Rpc {
+        code: status.code(),
+        message,
     }
 }

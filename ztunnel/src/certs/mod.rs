@@ -64,9 +64,15 @@ pub enum CertsError {
         /// The file configured.
         path: std::path::PathBuf,
     },
-    /// The CA could not be reached or refused the request.
-    #[error("certificate request refused or failed: {}", .0.message())]
-    Rpc(#[source] tonic::Status),
+    /// The CA could not be reached or refused the request (a gRPC status; transport
+    /// causes are folded into the message, since `tonic::Status` prints poorly).
+    #[error("certificate request failed ({code:?}): {message}")]
+    Rpc {
+        /// The gRPC status code (`Unavailable` for an unreachable CA).
+        code: tonic::Code,
+        /// The status message and, for transport failures, their causes.
+        message: String,
+    },
     /// The CA refused to sign (an in-process CA's own error, with its causes).
     #[error("the CA refused to sign: {reason}")]
     Refused {
@@ -313,7 +319,9 @@ impl CertManager {
     }
 
     /// A workload with `identity` appeared on this node: fetch its certificate now if
-    /// it is the first one, else count one more user of the shared certificate.
+    /// it is the first one, else count one more user of the shared certificate. Call
+    /// once per workload, inside the runtime (a worker may be spawned), and pair with
+    /// [`Self::release`].
     pub fn ensure(&self, identity: &Identity) {
         let mut entries = self.lock();
         if let Some(entry) = entries.get_mut(identity) {
@@ -448,7 +456,6 @@ impl<C: CaClient> Worker<C> {
         loop {
             match self.fetch().await {
                 Ok(cert) => {
-                    backoff = self.config.initial_backoff;
                     let refresh_at = cert.refresh_at();
                     tracing::info!(
                         identity = %self.identity,
@@ -465,10 +472,25 @@ impl<C: CaClient> Worker<C> {
                         s.last_error = None;
                         s.failures = 0;
                     });
-                    let wait = refresh_at
-                        .duration_since(self.clock.now())
-                        .unwrap_or_default();
-                    tokio::time::sleep(wait).await;
+                    match refresh_at.duration_since(self.clock.now()) {
+                        Ok(wait) if !wait.is_zero() => {
+                            backoff = self.config.initial_backoff;
+                            tokio::time::sleep(wait).await;
+                        }
+                        // Already past half-life on arrival (a very short lifetime or a
+                        // CA clock far behind ours): use it, but renew on the back-off
+                        // schedule rather than hammering the CA in a loop.
+                        _ => {
+                            let delay = jitter(backoff);
+                            backoff = (backoff * 2).min(self.config.max_backoff);
+                            tracing::warn!(
+                                identity = %self.identity,
+                                retry_in_ms = delay.as_millis() as u64,
+                                "certificate arrived past its half-life; check the CA's clock and lifetime"
+                            );
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
                 }
                 Err(e) => {
                     let delay = jitter(backoff);

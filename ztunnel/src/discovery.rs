@@ -50,6 +50,19 @@ impl Connect for Endpoint {
     }
 }
 
+/// A [`Connect`] from a closure, e.g. one that builds a SPIFFE TLS connector per attempt.
+pub struct ConnectFn<F>(pub F);
+
+impl<F, Fut> Connect for ConnectFn<F>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Channel, BoxError>> + Send + 'static,
+{
+    fn connect(&self) -> ConnectFuture {
+        Box::pin((self.0)())
+    }
+}
+
 /// Why a discovery stream ended (logged, and shown in [`Status::last_error`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ambit_proto::discovery as pb;
-use ambit_ztunnel::discovery::{Backoff, DiscoveryClient, DiscoveryConfig};
+use ambit_ztunnel::discovery::{Backoff, BoxError, ConnectFn, DiscoveryClient, DiscoveryConfig};
 use ambit_ztunnel::state::Store;
 use anyhow::{bail, Context, Result};
 use pb::discovery_server::{Discovery, DiscoveryServer};
@@ -288,8 +288,13 @@ async fn stays_unready_without_a_controller_and_stops_with_its_handles() -> Resu
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?;
     let store = Store::new(None);
     let reader = store.reader();
+    // A closure connector, as a caller plugging in its own TLS would write it.
+    let connector = ConnectFn(move || {
+        let endpoint = endpoint.clone();
+        async move { endpoint.connect().await.map_err(BoxError::from) }
+    });
     let client = DiscoveryClient::spawn(
-        endpoint,
+        connector,
         store,
         DiscoveryConfig {
             node: "node-1".into(),

@@ -303,8 +303,8 @@ fn condition(res: Ctx, i: usize, c: &pb::Condition) -> Result<Condition, Convert
             not_values: strs(&c.not_values),
         },
         "source.principal" => Condition::SourcePrincipal {
-            values: strs(&c.values),
-            not_values: strs(&c.not_values),
+            values: principal_form(strs(&c.values)),
+            not_values: principal_form(strs(&c.not_values)),
         },
         "destination.port" => Condition::DestinationPort {
             values: ports(&c.values, "values")?,
@@ -314,6 +314,23 @@ fn condition(res: Ctx, i: usize, c: &pb::Condition) -> Result<Condition, Convert
         // not knowable at L4, so the rule fails closed rather than the push failing.
         other => Condition::Unsupported { name: other.into() },
     })
+}
+
+/// Principals are matched in Istio's form, without "spiffe://". A pattern written with the
+/// scheme would otherwise never match: an ALLOW would fail closed, but a DENY would fail
+/// open, so the scheme is dropped here rather than trusted to every policy author.
+fn principal_form(ms: Vec<StringMatch>) -> Vec<StringMatch> {
+    let strip = |s: Arc<str>| match s.strip_prefix("spiffe://") {
+        Some(rest) => Arc::from(rest),
+        None => s,
+    };
+    ms.into_iter()
+        .map(|m| match m {
+            StringMatch::Exact(s) => StringMatch::Exact(strip(s)),
+            StringMatch::Prefix(s) => StringMatch::Prefix(strip(s)),
+            other => other,
+        })
+        .collect()
 }
 
 fn source(res: Ctx, field: &str, s: &pb::Source) -> Result<Source, ConvertError> {
@@ -326,8 +343,12 @@ fn source(res: Ctx, field: &str, s: &pb::Source) -> Result<Source, ConvertError>
         l7_fields.push("not_request_principals");
     }
     Ok(Source {
-        principals: string_matches(res, &f("principals"), &s.principals)?,
-        not_principals: string_matches(res, &f("not_principals"), &s.not_principals)?,
+        principals: principal_form(string_matches(res, &f("principals"), &s.principals)?),
+        not_principals: principal_form(string_matches(
+            res,
+            &f("not_principals"),
+            &s.not_principals,
+        )?),
         namespaces: string_matches(res, &f("namespaces"), &s.namespaces)?,
         not_namespaces: string_matches(res, &f("not_namespaces"), &s.not_namespaces)?,
         ip_blocks: ip_blocks(res, &f("ip_blocks"), &s.ip_blocks)?,

@@ -134,6 +134,22 @@ fn l4_authorization_table() {
         .from(Some(OTHER), "10.1.0.5")
         .want(false, "no ALLOW policy matched (checked: app/a)"),
         case(
+            "principals written with spiffe:// still match (a DENY must not fail open)",
+            vec![deny(
+                "d",
+                vec![rule(
+                    vec![src(vec![exact("spiffe://cluster.local/ns/client/sa/curl")])],
+                    vec![],
+                    vec![cond(
+                        "source.principal",
+                        &["spiffe://cluster.local/ns/client/*"],
+                        &[],
+                    )],
+                )],
+            )],
+        )
+        .want(false, "denied by app/d (rule 0)"),
+        case(
             "deny policy on principal prefix",
             vec![deny(
                 "d",

@@ -2,9 +2,9 @@
 //! `TrafficPolicy` (traffic.ambit.dev/v1), with structural schemas that make the API server refuse
 //! bad objects at admission instead of leaving the controller to discover them.
 //!
-//! Written by hand for now: the controller's Rust types are being written alongside, and a schema
-//! generated from them (`kube::CustomResourceExt::crd()`) would not carry the enums, patterns and
-//! bounds below unless the types say so. `manifests/tests/crd_schema.rs` checks these schemas
+//! Written by hand, field for field after the controller's types (`controller/src/crd/`): a schema
+//! generated from them (`kube::CustomResourceExt::crd()`) would not carry the patterns and bounds
+//! below, since the types keep ports, CIDRs and durations as strings. `manifests/tests/crd_schema.rs` checks these schemas
 //! against the fixtures in `manifests/examples/`; once the types exist, the same fixtures should
 //! deserialize into them (or the CRDs should be generated from them), so the two cannot drift.
 //!
@@ -14,7 +14,8 @@
 //!   one leading or trailing `*` (the Istio matching rules), paths start with `/` or `*`.
 //! - `targetRefs` name a `Service` (core group) or a `Gateway` (gateway.networking.k8s.io), and
 //!   cannot be combined with `selector` (they pick the enforcement point in exclusive ways).
-//! - A TrafficPolicy must target a Service.
+//! - A TrafficPolicy must target a Service; percentages are 0..100, abort statuses 200..599,
+//!   durations are Go-style (`250ms`, `1m30s`), counts fit the controller's `u32`.
 //! - NOT checked: "L7 fields need targetRefs". DESIGN.md gives such a policy a meaning (ztunnel
 //!   fails closed on it), so rejecting it at admission would change the semantics, not enforce them.
 
@@ -52,8 +53,8 @@ const METHOD: &str = "^(\\*|[A-Z]+)$";
 const PATH: &str = "^[/*]\\S*$";
 /// A host (no whitespace; `*` patterns allowed).
 const HOST: &str = "^\\S+$";
-/// A Gateway API duration: `1h`, `500ms`, `1m30s`.
-const DURATION: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
+/// A Go-style duration, as Istio writes them: `10s`, `250ms`, `1m30s`, `1.5s`.
+const DURATION: &str = "^([0-9]+(\\.[0-9]+)?(h|m|s|ms|us|ns))+$";
 
 fn strings(pattern: &str) -> Value {
     json!({ "type": "array", "items": { "type": "string", "pattern": pattern } })
@@ -80,8 +81,9 @@ fn percentage() -> Value {
     })
 }
 
-fn count(description: &str, minimum: i64) -> Value {
-    json!({ "type": "integer", "format": "int32", "minimum": minimum, "maximum": 2147483647_i64,
+/// A `u32` in the controller's types.
+fn count(description: &str) -> Value {
+    json!({ "type": "integer", "format": "int64", "minimum": 0, "maximum": 4_294_967_295_u32,
             "description": description })
 }
 
@@ -89,11 +91,12 @@ fn crd(
     group: &str,
     kind: &str,
     plural: &str,
+    short_name: &str,
     printer_columns: Value,
     spec: Value,
-) -> Result<CustomResourceDefinition, CrdError> {
+) -> Value {
     let name = format!("{plural}.{group}");
-    let value = json!({
+    json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
@@ -112,6 +115,7 @@ fn crd(
                 "listKind": format!("{kind}List"),
                 "plural": plural,
                 "singular": kind.to_lowercase(),
+                "shortNames": [short_name],
                 "categories": ["ambit"],
             },
             "versions": [{
@@ -131,12 +135,11 @@ fn crd(
                 }},
             }],
         },
-    });
-    serde_json::from_value(value).map_err(|source| CrdError { name, source })
+    })
 }
 
-/// `authorizationpolicies.security.ambit.dev`.
-pub fn authorization_policy() -> Result<CustomResourceDefinition, CrdError> {
+/// `authorizationpolicies.security.ambit.dev`, as JSON.
+pub fn authorization_policy() -> Value {
     let source = json!({
         "type": "object",
         "description": "Who the peer is. All fields set must match; within a field, any item.",
@@ -147,6 +150,10 @@ pub fn authorization_policy() -> Result<CustomResourceDefinition, CrdError> {
             "notNamespaces": strings(NAMESPACE),
             "ipBlocks": ip_blocks(),
             "notIpBlocks": ip_blocks(),
+            "requestPrincipals": strings(PRINCIPAL),
+            "notRequestPrincipals": strings(PRINCIPAL),
+            "remoteIpBlocks": ip_blocks(),
+            "notRemoteIpBlocks": ip_blocks(),
         },
     });
     let operation = json!({
@@ -252,13 +259,25 @@ pub fn authorization_policy() -> Result<CustomResourceDefinition, CrdError> {
         "security.ambit.dev",
         "AuthorizationPolicy",
         "authorizationpolicies",
+        "ap",
         columns,
         spec,
     )
 }
 
-/// `trafficpolicies.traffic.ambit.dev`.
-pub fn traffic_policy() -> Result<CustomResourceDefinition, CrdError> {
+/// `trafficpolicies.traffic.ambit.dev`, as JSON.
+pub fn traffic_policy() -> Value {
+    let connection_pool = json!({
+        "type": "object",
+        "description": "Limits on connections and requests to the service (circuit breaking). \
+                        Unset means unlimited.",
+        "properties": {
+            "maxConnections": count("Maximum concurrent connections to the service."),
+            "maxPendingRequests": count("Maximum requests waiting for a connection."),
+            "maxRequestsPerConnection":
+                count("Requests per connection before it is recycled (1 disables keep-alive)."),
+        },
+    });
     let spec = json!({
         "type": "object",
         "description": "Resilience settings Gateway API lacks, for traffic to one Service.",
@@ -266,81 +285,97 @@ pub fn traffic_policy() -> Result<CustomResourceDefinition, CrdError> {
         "properties": {
             "targetRef": {
                 "type": "object",
-                "required": ["kind", "name"],
+                "description": "The Service these settings apply to, in the policy's namespace.",
+                "required": ["name"],
                 "properties": {
-                    "group": { "type": "string", "enum": [""] },
-                    "kind": { "type": "string", "enum": ["Service"] },
+                    "group": { "type": "string", "enum": [""], "default": "" },
+                    "kind": { "type": "string", "enum": ["Service"], "default": "Service" },
                     "name": { "type": "string", "minLength": 1, "maxLength": 63 },
                 },
             },
-            "loadBalancer": {
-                "type": "object",
-                "required": ["algorithm"],
-                "properties": {
-                    "algorithm": {
-                        "type": "string",
-                        "enum": ["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"],
-                    },
-                },
-            },
-            "circuitBreaker": {
-                "type": "object",
-                "description": "Limits beyond which new requests fail fast (503).",
-                "properties": {
-                    "maxConnections": count("Connections to the Service.", 1),
-                    "maxPendingRequests": count("Requests waiting for a connection.", 1),
-                    "maxRequests": count("Requests in flight.", 1),
-                    "maxRetries": count("Retries in flight.", 0),
-                },
-            },
+            // `circuitBreaker` is an accepted alias of `connectionPool` (the controller's type
+            // reads either); both are in the schema so the API server does not prune either.
+            "connectionPool": connection_pool.clone(),
+            "circuitBreaker": connection_pool,
             "outlierDetection": {
                 "type": "object",
-                "description": "Eject endpoints that keep failing.",
+                "description": "Ejects endpoints that keep failing.",
                 "properties": {
-                    "consecutiveErrors": count("Consecutive 5xx/connect errors that eject.", 1),
-                    "interval": duration("How often endpoints are evaluated."),
-                    "baseEjectionTime": duration("Ejection time, multiplied by ejection count."),
+                    "consecutive5xxErrors":
+                        count("Consecutive 5xx responses before an endpoint is ejected."),
+                    "consecutiveGatewayErrors":
+                        count("Consecutive 502/503/504 or connect failures before ejection."),
+                    "interval": duration("How often ejections are evaluated, e.g. 10s."),
+                    "baseEjectionTime":
+                        duration("Minimum ejection time, multiplied by the number of ejections."),
                     "maxEjectionPercent": {
                         "type": "integer", "format": "int32", "minimum": 0, "maximum": 100,
-                        "description": "Most endpoints ever ejected at once (%).",
+                        "description": "Upper bound on the share of endpoints ejected at once.",
                     },
                 },
             },
             "rateLimit": {
                 "type": "object",
-                "description": "A local token bucket per proxy; requests beyond it get 429.",
-                "required": ["maxTokens", "tokensPerFill", "fillInterval"],
+                "description": "Local (per-waypoint) token-bucket rate limit.",
+                "required": ["tokensPerFill", "fillInterval", "maxTokens"],
                 "properties": {
-                    "maxTokens": count("Bucket size.", 1),
-                    "tokensPerFill": count("Tokens added per interval.", 1),
-                    "fillInterval": duration("Interval between fills."),
+                    "tokensPerFill": count("Tokens added at every fill."),
+                    "fillInterval": duration("Time between fills, e.g. 1s."),
+                    "maxTokens": count("Bucket size (burst)."),
+                    "perSourceIdentity": {
+                        "type": "boolean",
+                        "description": "One bucket per source identity rather than one for all.",
+                    },
                 },
             },
             "faultInjection": {
                 "type": "object",
+                "description": "Delays or aborts a share of requests, for testing resilience.",
                 "properties": {
                     "delay": {
                         "type": "object",
                         "required": ["fixedDelay"],
                         "properties": {
+                            "fixedDelay": duration("How long to wait before forwarding."),
                             "percentage": percentage(),
-                            "fixedDelay": duration("Delay added before forwarding."),
                         },
                     },
                     "abort": {
                         "type": "object",
                         "required": ["httpStatus"],
                         "properties": {
-                            "percentage": percentage(),
                             "httpStatus": {
                                 "type": "integer", "format": "int32",
                                 "minimum": 200, "maximum": 599,
+                                "description": "HTTP status returned.",
                             },
+                            "percentage": percentage(),
+                        },
+                    },
+                },
+            },
+            "loadBalancer": {
+                "type": "object",
+                "description": "How the waypoint picks an endpoint.",
+                "properties": {
+                    "simple": {
+                        "type": "string",
+                        "enum": ["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"],
+                    },
+                    "consistentHash": {
+                        "type": "object",
+                        "required": ["httpHeaderName"],
+                        "properties": {
+                            "httpHeaderName": { "type": "string", "minLength": 1 },
                         },
                     },
                 },
             },
         },
+        "x-kubernetes-validations": [{
+            "rule": "!(has(self.connectionPool) && has(self.circuitBreaker))",
+            "message": "circuitBreaker is another name for connectionPool: set one of them",
+        }],
     });
     let columns = json!([
         { "name": "Service", "type": "string", "jsonPath": ".spec.targetRef.name" },
@@ -350,12 +385,29 @@ pub fn traffic_policy() -> Result<CustomResourceDefinition, CrdError> {
         "traffic.ambit.dev",
         "TrafficPolicy",
         "trafficpolicies",
+        "tp",
         columns,
         spec,
     )
 }
 
+/// Both CRDs as written here, before they pass through the k8s-openapi type. Tests compare these
+/// with their typed round trip: a field the type does not know (a misspelling) would be dropped
+/// silently by `all`, and the comparison catches it.
+pub fn all_values() -> Vec<Value> {
+    vec![authorization_policy(), traffic_policy()]
+}
+
 /// Both CRDs.
 pub fn all() -> Result<Vec<CustomResourceDefinition>, CrdError> {
-    Ok(vec![authorization_policy()?, traffic_policy()?])
+    all_values()
+        .into_iter()
+        .map(|value| {
+            let name = value["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            serde_json::from_value(value).map_err(|source| CrdError { name, source })
+        })
+        .collect()
 }

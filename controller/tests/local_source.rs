@@ -1,0 +1,255 @@
+//! The local source against a real folder: files written, changed, broken and removed
+//! while it watches; assertions on the events the model would receive and the errors an
+//! operator would read.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_controller::model::{
+    error_chain, Kind, Object, ObjectKey, SourceBatch, SourceEvent, SourceSink,
+};
+use ambit_controller::source::local::{LocalError, LocalOptions, LocalSource};
+use tokio::sync::{mpsc, watch};
+
+const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels: {ambit.dev/dataplane-mode: ambient}\n";
+
+fn pod(name: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{app: {app}}}\nspec:\n  nodeName: node-a\n  containers: [{{name: c, image: i}}]\nstatus:\n  podIP: 10.0.0.{}\n",
+        name.len()
+    )
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    rx: mpsc::Receiver<SourceBatch>,
+    errors: watch::Receiver<Arc<Vec<LocalError>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    fn start(files: &[(&str, &str)], rescan: Duration) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        let (sink, rx) = SourceSink::detached("local", 16);
+        let source = LocalSource::new(
+            dir.path(),
+            LocalOptions {
+                debounce: Duration::from_millis(50),
+                rescan,
+            },
+        );
+        let errors = source.errors();
+        let task = tokio::spawn(async move {
+            let _ = source.run(sink).await;
+        });
+        Harness {
+            dir,
+            rx,
+            errors,
+            task,
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        // Write-then-rename, as editors and `kubectl`-style tools do, so the source never
+        // reads a half-written file.
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, self.dir.path().join(name)).expect("rename");
+    }
+
+    async fn next(&mut self) -> Vec<SourceEvent> {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("no events within 10s")
+            .expect("source stopped")
+            .events
+    }
+
+    async fn quiet(&mut self) {
+        if let Ok(Some(b)) = tokio::time::timeout(Duration::from_millis(400), self.rx.recv()).await
+        {
+            panic!("unexpected events: {:?}", summary(&b.events));
+        }
+    }
+
+    async fn errors(&mut self) -> Vec<String> {
+        let errs = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.errors.wait_for(|e| !e.is_empty()),
+        )
+        .await
+        .expect("no error reported within 10s")
+        .expect("source stopped")
+        .clone();
+        errs.iter().map(|e| error_chain(e)).collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Events as short strings: `apply Pod demo/a app=x`, `delete Pod demo/a`, `synced`.
+fn summary(events: &[SourceEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match e {
+            SourceEvent::Apply(o) => {
+                let key = o.key().expect("key");
+                let app = match o {
+                    Object::Pod(p) => p
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("app"))
+                        .cloned()
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
+                format!("apply {key} {app}").trim_end().to_string()
+            }
+            SourceEvent::Delete(k) => format!("delete {k}"),
+            SourceEvent::Replace { .. } => "replace".into(),
+            SourceEvent::Synced => "synced".into(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn initial_state_changes_and_removals_are_events() {
+    let pods = format!("{}---\n{}", pod("a", "web"), pod("bb", "db"));
+    let mut h = Harness::start(
+        &[("00-ns.yaml", NS), ("pods.yml", &pods)],
+        Duration::from_secs(3600),
+    );
+    assert_eq!(
+        summary(&h.next().await),
+        vec![
+            "apply Namespace demo",
+            "apply Pod demo/a web",
+            "apply Pod demo/bb db",
+            "synced"
+        ]
+    );
+
+    // Change one pod: only that pod is sent.
+    h.write(
+        "pods.yml",
+        &format!("{}---\n{}", pod("a", "web2"), pod("bb", "db")),
+    );
+    assert_eq!(summary(&h.next().await), vec!["apply Pod demo/a web2"]);
+
+    // Remove one object from a file, then a whole file.
+    h.write("pods.yml", &pod("a", "web2"));
+    assert_eq!(summary(&h.next().await), vec!["delete Pod demo/bb"]);
+    h.write("more.json", r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"demo"},"spec":{"ports":[{"port":80}]}}"#);
+    assert_eq!(summary(&h.next().await), vec!["apply Service demo/web"]);
+    std::fs::remove_file(h.dir.path().join("more.json")).expect("rm");
+    assert_eq!(summary(&h.next().await), vec!["delete Service demo/web"]);
+    assert!(h.errors.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn periodic_rescan_catches_what_the_watcher_missed() {
+    // With the watcher's notifications coalesced into rescans, the periodic rescan is the
+    // safety net; here it is the only trigger fast enough to matter.
+    let mut h = Harness::start(&[("ns.yaml", NS)], Duration::from_millis(200));
+    assert_eq!(
+        summary(&h.next().await),
+        vec!["apply Namespace demo", "synced"]
+    );
+    std::fs::write(h.dir.path().join("p.yaml"), pod("a", "web")).expect("write");
+    assert_eq!(summary(&h.next().await), vec!["apply Pod demo/a web"]);
+}
+
+#[tokio::test]
+async fn a_broken_file_keeps_its_last_good_objects() {
+    let pods = format!("{}---\n{}", pod("a", "web"), pod("bb", "db"));
+    let mut h = Harness::start(
+        &[
+            ("ns.yaml", NS),
+            ("pods.yaml", &pods),
+            ("other.yaml", &pod("c", "x")),
+        ],
+        Duration::from_secs(3600),
+    );
+    assert_eq!(summary(&h.next().await).len(), 5);
+
+    let cases: &[(&str, &[&str])] = &[
+        // Bad YAML in the second document: line 14 of the file.
+        ("{pod_a}---\napiVersion: v1\nkind: Pod\nmetadata: {name: [\n", &["pods.yaml", "document 2", "line 16"]),
+        // Wrong type, reported with its position.
+        ("{pod_a}---\napiVersion: v1\nkind: Pod\nmetadata: {name: bb, namespace: demo}\nspec:\n  nodeName: [1, 2]\n  containers: []\n", &["pods.yaml", "document 2", "line 17", "invalid type"]),
+        // A missing required field.
+        ("{pod_a}---\napiVersion: traffic.ambit.dev/v1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: demo}\nspec: {rateLimit: {tokensPerFill: 1, fillInterval: 1s, maxTokens: 1}}\n", &["pods.yaml", "document 2", "missing field `targetRef`"]),
+        // An unknown kind.
+        ("{pod_a}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm, namespace: demo}\n", &["pods.yaml", "document 2", "unknown kind v1/ConfigMap"]),
+        // No name.
+        ("{pod_a}---\napiVersion: v1\nkind: Pod\nmetadata: {namespace: demo}\nspec: {containers: []}\n", &["pods.yaml", "document 2", "metadata.name"]),
+        // A namespace that does not exist.
+        ("{pod_a}---\napiVersion: v1\nkind: Pod\nmetadata: {name: bb, namespace: ghost}\nspec: {containers: []}\n", &["pods.yaml", "document 2", "Pod ghost/bb", "\"ghost\", which does not exist"]),
+    ];
+    for (text, wants) in cases {
+        // The first document changes too, so a partial apply would show up as an event.
+        let text = text.replace("{pod_a}", &pod("a", "changed"));
+        h.write("pods.yaml", &text);
+        let errors = h.errors().await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        for want in *wants {
+            assert!(errors[0].contains(want), "{:?} lacks {want:?}", errors[0]);
+        }
+        // Other files still update while this one is broken.
+        h.write(
+            "other.yaml",
+            &pod("c", &format!("x{}", wants.len() + text.len())),
+        );
+        let events = summary(&h.next().await);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].starts_with("apply Pod demo/c"), "{events:?}");
+        // Restore, so each case starts from the same last good state.
+        h.write("pods.yaml", &pods);
+        tokio::time::timeout(Duration::from_secs(10), h.errors.wait_for(|e| e.is_empty()))
+            .await
+            .expect("errors clear")
+            .expect("source");
+        h.quiet().await;
+    }
+}
+
+#[tokio::test]
+async fn removing_a_namespace_is_reported_against_the_objects_in_it() {
+    let mut h = Harness::start(
+        &[("ns.yaml", NS), ("pods.yaml", &pod("a", "web"))],
+        Duration::from_secs(3600),
+    );
+    assert_eq!(summary(&h.next().await).len(), 3);
+    std::fs::remove_file(h.dir.path().join("ns.yaml")).expect("rm");
+    // The namespace goes; the pod file now refers to a missing namespace, so it keeps its
+    // last good objects and is reported.
+    assert_eq!(summary(&h.next().await), vec!["delete Namespace demo"]);
+    let errors = h.errors().await;
+    assert!(
+        errors[0].contains("pods.yaml: document 1") && errors[0].contains("\"demo\""),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn objects_default_to_the_default_namespace() {
+    let objects = ambit_controller::source::local::parse_file(
+        Path::new("x.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+    )
+    .expect("parse");
+    assert_eq!(
+        objects[0].object.key(),
+        Some(ObjectKey::new(Kind::Service, "default", "s"))
+    );
+}

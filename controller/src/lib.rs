@@ -10,3 +10,7 @@
 pub mod crd;
 pub mod model;
 pub mod source;
+
+/// Test support (the fake API server), for this crate's and other crates' tests.
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,505 @@
+//! The Kubernetes source against the fake API server, over real sockets with the real kube-rs
+//! client: what the model derives (workloads, services, policies) is the assertion, and each
+//! test drives a wire-level situation a real cluster produces (watch events, bookmarks, 410 Gone
+//! after compaction, a CRD that is not installed, a kind the source may not list).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_controller::model::{Model, ModelBuilder, ModelConfig, Snapshot};
+use ambit_controller::source::kube::{KubeSource, Stores};
+use ambit_controller::testing::apiserver::{gateway_api_resources, ApiError, FakeApiServer, Verb};
+use ambit_proto::discovery::{resource, Service as WireService, TunnelProtocol, Workload};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+/// Upper bound for anything the source must do after a change.
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// A model fed only by a Kubernetes source watching `server`.
+struct Harness {
+    model: Model,
+    stores: Stores,
+    ready: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn start(server: &FakeApiServer) -> Result<Harness> {
+    let mut builder = ModelBuilder::new(ModelConfig::default());
+    let sink = builder.sink("kubernetes");
+    let model = builder.spawn();
+    let source = KubeSource::new(server.client()?);
+    let stores = source.stores();
+    let ready = source.ready();
+    let task = tokio::spawn(async move {
+        if let Err(e) = source.run(sink).await {
+            eprintln!("kubernetes source stopped: {e:?}");
+        }
+    });
+    Ok(Harness {
+        model,
+        stores,
+        ready,
+        task,
+    })
+}
+
+impl Harness {
+    /// Waits (bounded) for a snapshot satisfying `f`; on timeout, fails with what the model
+    /// held last so the failure explains itself.
+    async fn eventually(
+        &self,
+        what: &str,
+        f: impl FnMut(&Snapshot) -> bool,
+    ) -> Result<Arc<Snapshot>> {
+        match tokio::time::timeout(CONVERGE, self.model.wait_for(f)).await {
+            Ok(snap) => Ok(snap?),
+            Err(_) => bail!(
+                "timed out waiting for {what}; last snapshot: {}",
+                summary(&self.model.current())
+            ),
+        }
+    }
+}
+
+/// Polls a condition on something other than the model (server counters, stores).
+async fn poll(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    while !f() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn workload<'a>(snap: &'a Snapshot, namespace: &str, name: &str) -> Option<&'a Workload> {
+    snap.resources
+        .values()
+        .find_map(|e| match e.resource.kind.as_ref()? {
+            resource::Kind::Workload(w) if w.namespace == namespace && w.name == name => Some(w),
+            _ => None,
+        })
+}
+
+fn service<'a>(snap: &'a Snapshot, namespace: &str, name: &str) -> Option<&'a WireService> {
+    snap.resources
+        .values()
+        .find_map(|e| match e.resource.kind.as_ref()? {
+            resource::Kind::Service(s) if s.namespace == namespace && s.name == name => Some(s),
+            _ => None,
+        })
+}
+
+fn has_authorization(snap: &Snapshot, namespace: &str, name: &str) -> bool {
+    snap.resources.values().any(|e| {
+        matches!(e.resource.kind.as_ref(),
+            Some(resource::Kind::Authorization(a)) if a.namespace == namespace && a.name == name)
+    })
+}
+
+fn hbone(w: Option<&Workload>) -> bool {
+    w.is_some_and(|w| w.tunnel_protocol == TunnelProtocol::Hbone as i32)
+}
+
+fn summary(snap: &Snapshot) -> String {
+    let names: Vec<String> = snap
+        .resources
+        .values()
+        .filter_map(|e| match e.resource.kind.as_ref()? {
+            resource::Kind::Workload(w) => Some(format!(
+                "workload {}/{} tunnel={}",
+                w.namespace, w.name, w.tunnel_protocol
+            )),
+            resource::Kind::Service(s) => Some(format!("service {}/{}", s.namespace, s.name)),
+            resource::Kind::Authorization(a) => Some(format!("authz {}/{}", a.namespace, a.name)),
+            _ => None,
+        })
+        .collect();
+    format!("version={} ready={} {names:?}", snap.version, snap.ready)
+}
+
+fn namespace(name: &str, enrolled: bool) -> Value {
+    let labels = if enrolled {
+        json!({"ambit.dev/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(namespace: &str, name: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "nodeName": "node-1", "serviceAccountName": name,
+            "containers": [{"name": "app", "image": "app:1"}],
+        },
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+fn service_obj(namespace: &str, name: &str, vip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "clusterIP": vip, "clusterIPs": [vip], "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    })
+}
+
+fn endpoint_slice(namespace: &str, service: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-abc"), "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+}
+
+fn authorization_policy(namespace: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "security.ambit.dev/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"namespaces": [namespace]}}]}],
+        },
+    })
+}
+
+fn rv_of(obj: &Value) -> u64 {
+    obj.pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn initial_list_populates_the_model() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(&namespace("apps", true))?;
+    server.apply(&namespace("legacy", false))?;
+    server.apply(&pod("apps", "web", "10.0.0.5", json!({"app": "web"})))?;
+    server.apply(&pod(
+        "apps",
+        "batch",
+        "10.0.0.6",
+        json!({"app": "batch", "ambit.dev/dataplane-mode": "none"}),
+    ))?;
+    server.apply(&pod("legacy", "old", "10.0.1.5", json!({"app": "old"})))?;
+    server.apply(&service_obj("apps", "web", "10.96.0.10"))?;
+    server.apply(&endpoint_slice("apps", "web", "10.0.0.5"))?;
+    server.apply(&authorization_policy("apps", "allow-apps"))?;
+
+    let h = start(&server)?;
+    let snap = h.eventually("the source to sync", |s| s.ready).await?;
+
+    // Enrollment comes from the namespace label, opting out from the pod label.
+    let web = workload(&snap, "apps", "web").context("apps/web workload")?;
+    assert!(hbone(Some(web)), "{}", summary(&snap));
+    assert_eq!(web.addresses, vec![vec![10, 0, 0, 5]]);
+    assert_eq!(web.node, "node-1");
+    assert_eq!(
+        web.authorization_policies,
+        vec!["apps/allow-apps".to_owned()]
+    );
+    assert!(
+        !hbone(workload(&snap, "apps", "batch")),
+        "opted-out pod stays plain"
+    );
+    assert!(
+        !hbone(workload(&snap, "legacy", "old")),
+        "pod in a plain namespace stays plain"
+    );
+    let svc = service(&snap, "apps", "web").context("apps/web service")?;
+    assert_eq!(svc.hostname, "web.apps.svc.cluster.local");
+    assert_eq!(svc.vips, vec![vec![10, 96, 0, 10]]);
+    assert_eq!(svc.endpoints.len(), 1, "endpoint from the EndpointSlice");
+    assert_eq!(svc.endpoints[0].workload_uid, web.uid);
+    assert!(has_authorization(&snap, "apps", "allow-apps"));
+
+    // Readiness and caching: every kind listed once, stores hold objects without managed
+    // fields although the server stamped them.
+    assert!(*h.ready.borrow());
+    assert_eq!(server.count(Verb::List, "pods"), 1);
+    let stored = server
+        .get("v1", "Pod", "apps", "web")
+        .context("server pod")?;
+    assert!(stored.pointer("/metadata/managedFields/0").is_some());
+    let cached = h
+        .stores
+        .pods
+        .state()
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some("web"))
+        .context("pod in the reflector store")?;
+    assert!(cached
+        .metadata
+        .managed_fields
+        .as_ref()
+        .is_none_or(Vec::is_empty));
+    Ok(())
+}
+
+#[tokio::test]
+async fn watch_events_reach_the_model() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(&namespace("apps", true))?;
+    let h = start(&server)?;
+    h.eventually("the source to sync", |s| s.ready).await?;
+
+    let created = server.apply(&pod("apps", "web", "10.0.0.5", json!({"app": "web"})))?;
+    h.eventually("ADDED pod as an HBONE workload", |s| {
+        hbone(workload(s, "apps", "web"))
+    })
+    .await?;
+
+    let modified = server.apply(&pod(
+        "apps",
+        "web",
+        "10.0.0.5",
+        json!({"app": "web", "ambit.dev/dataplane-mode": "none"}),
+    ))?;
+    assert!(rv_of(&modified) > rv_of(&created));
+    h.eventually("MODIFIED pod to opt out", |s| {
+        workload(s, "apps", "web").is_some_and(|w| w.tunnel_protocol == TunnelProtocol::None as i32)
+    })
+    .await?;
+    // The store caught up with the server's resourceVersion for the object.
+    poll("the store to hold the modified pod", || {
+        h.stores.pods.state().iter().any(|p| {
+            p.metadata.resource_version.as_deref() == Some(rv_of(&modified).to_string().as_str())
+        })
+    })
+    .await?;
+
+    // Namespace changes re-derive the pods inside (enrollment needs no pod restart).
+    server.apply(&pod("apps", "api", "10.0.0.7", json!({"app": "api"})))?;
+    h.eventually("second pod enrolled", |s| hbone(workload(s, "apps", "api")))
+        .await?;
+    server.apply(&namespace("apps", false))?;
+    h.eventually("un-enrolling the namespace", |s| {
+        workload(s, "apps", "api").is_some_and(|w| w.tunnel_protocol == TunnelProtocol::None as i32)
+    })
+    .await?;
+
+    server.delete("v1", "Pod", "apps", "web")?;
+    h.eventually("DELETED pod to disappear", |s| {
+        workload(s, "apps", "web").is_none()
+    })
+    .await?;
+
+    // All of it travelled over the watch: one LIST per kind, no relist.
+    assert_eq!(server.count(Verb::List, "pods"), 1);
+    assert_eq!(server.count(Verb::List, "namespaces"), 1);
+    assert_eq!(server.expired_sent(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bookmarks_advance_the_watch_without_changing_the_model() -> Result<()> {
+    let server = FakeApiServer::builder()
+        .bookmark_interval(Duration::from_millis(50))
+        .start()
+        .await?;
+    server.apply(&namespace("apps", true))?;
+    server.apply(&pod("apps", "web", "10.0.0.5", json!({"app": "web"})))?;
+    let h = start(&server)?;
+    let synced = h
+        .eventually("the source to sync", |s| {
+            s.ready && workload(s, "apps", "web").is_some()
+        })
+        .await?;
+
+    // Writes to kinds the source does not watch move the cluster's resourceVersion; only
+    // bookmarks tell the pod watcher about it.
+    for i in 0..5 {
+        server.apply(&json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("cm{i}"), "namespace": "apps"},
+        }))?;
+    }
+    let moved_to = server.resource_version();
+    let before = server.bookmarks_sent();
+    // Every one of the eleven watches gets several bookmarks.
+    poll("bookmarks on every watch", || {
+        server.bookmarks_sent() >= before + 33
+    })
+    .await?;
+    assert_eq!(
+        h.model.current().version,
+        synced.version,
+        "bookmarks changed the model"
+    );
+
+    // A watcher that consumed the bookmarks resumes from the bookmarked version.
+    let watches_before = server.count(Verb::Watch, "pods");
+    server.close_watches();
+    poll("the pod watch to resume", || {
+        server.count(Verb::Watch, "pods") > watches_before
+    })
+    .await?;
+    let resumed = server
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.is(Verb::Watch, "pods"))
+        .and_then(|r| {
+            r.param("resourceVersion")
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .context("resumed watch's resourceVersion")?;
+    assert!(
+        resumed >= moved_to,
+        "resumed from {resumed}, bookmarks said {moved_to}"
+    );
+    assert_eq!(server.count(Verb::List, "pods"), 1, "no relist");
+    assert_eq!(h.model.current().version, synced.version);
+    Ok(())
+}
+
+#[tokio::test]
+async fn gone_after_compaction_relists_and_converges() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(&namespace("apps", true))?;
+    server.apply(&pod("apps", "keep", "10.0.0.5", json!({"app": "keep"})))?;
+    server.apply(&pod("apps", "doomed", "10.0.0.6", json!({"app": "doomed"})))?;
+    let h = start(&server)?;
+    h.eventually("both pods", |s| {
+        s.ready && workload(s, "apps", "keep").is_some() && workload(s, "apps", "doomed").is_some()
+    })
+    .await?;
+    assert_eq!(server.count(Verb::List, "pods"), 1);
+
+    // A partition: watches drop and cannot reconnect; meanwhile the cluster changes and etcd
+    // compacts past the watchers' versions.
+    server.pause_watches();
+    server.delete("v1", "Pod", "apps", "doomed")?;
+    server.apply(&pod(
+        "apps",
+        "newcomer",
+        "10.0.0.7",
+        json!({"app": "newcomer"}),
+    ))?;
+    server.compact();
+    server.resume_watches();
+
+    let snap = h
+        .eventually("convergence after 410", |s| {
+            workload(s, "apps", "doomed").is_none()
+                && hbone(workload(s, "apps", "newcomer"))
+                && hbone(workload(s, "apps", "keep"))
+        })
+        .await?;
+    assert!(server.expired_sent() >= 1, "the server sent 410 Expired");
+    assert!(
+        server.count(Verb::List, "pods") >= 2,
+        "the pod watcher relisted"
+    );
+    assert!(snap.ready);
+
+    // And the relisted watcher keeps watching.
+    server.delete("v1", "Pod", "apps", "keep")?;
+    h.eventually("delete after the relist", |s| {
+        workload(s, "apps", "keep").is_none()
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_crd_does_not_stop_other_kinds() -> Result<()> {
+    let server = FakeApiServer::builder()
+        .without_group("gateway.networking.k8s.io")
+        .start()
+        .await?;
+    server.apply(&namespace("apps", true))?;
+    let h = start(&server)?;
+    h.eventually("sync without the Gateway API", |s| s.ready)
+        .await?;
+    assert!(server.count(Verb::List, "gateways") >= 1);
+
+    server.apply(&pod("apps", "web", "10.0.0.5", json!({"app": "web"})))?;
+    h.eventually("pods flowing", |s| hbone(workload(s, "apps", "web")))
+        .await?;
+
+    // Installing the CRD later is picked up by the retrying watcher.
+    for rt in gateway_api_resources() {
+        server.install(rt);
+    }
+    server.apply(&json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": "apps"},
+        "spec": {
+            "gatewayClassName": "ambit-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    while h.stores.gateways.state().is_empty() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the gateway watcher never picked up the installed CRD");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn not_ready_until_every_kind_listed() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(&namespace("apps", true))?;
+    server.apply(&pod("apps", "web", "10.0.0.5", json!({"app": "web"})))?;
+    // Missing RBAC for services: LIST is 403 until fixed.
+    server.inject_fault(
+        Verb::List,
+        "services",
+        ApiError::Forbidden("services is forbidden".into()),
+    );
+    let h = start(&server)?;
+
+    // Other kinds flow, and the failing one is retried, but the source is not ready.
+    h.eventually("pods despite the failing kind", |s| {
+        hbone(workload(s, "apps", "web"))
+    })
+    .await?;
+    poll("a retried services LIST", || {
+        server.count(Verb::List, "services") >= 2
+    })
+    .await?;
+    assert!(!*h.ready.borrow(), "ready although services never listed");
+    assert!(
+        !h.model.current().ready,
+        "model served before every kind listed"
+    );
+
+    server.clear_faults();
+    server.apply(&service_obj("apps", "web", "10.96.0.10"))?;
+    let snap = h
+        .eventually("ready once services list", |s| s.ready)
+        .await?;
+    assert!(
+        service(&snap, "apps", "web").is_some(),
+        "{}",
+        summary(&snap)
+    );
+    assert!(*h.ready.borrow());
+    Ok(())
+}

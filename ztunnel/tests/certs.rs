@@ -189,6 +189,33 @@ async fn workloads_sharing_an_identity_share_one_certificate() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn readiness_waits_for_every_local_identity() {
+    use ambit_ztunnel::readiness::Ready;
+    let ca = TestCa::new();
+    ca.set_down(true);
+    let m = ca.manager(one_hour(), None);
+    let ids = [id("sleep"), id("echo")];
+    for i in &ids {
+        m.ensure(i);
+    }
+    let ready = Ready::new();
+    let block = ready.register("certificates for local workloads");
+    tokio::spawn({
+        let m = m.clone();
+        async move {
+            if m.wait_all_ready(&ids).await.is_ok() {
+                block.done();
+            }
+        }
+    });
+    tokio::time::sleep(MINUTE).await;
+    assert_eq!(ready.pending(), ["certificates for local workloads"]);
+    ca.set_down(false);
+    tokio::time::sleep(2 * MINUTE).await;
+    assert!(ready.is_ready(), "{:?}", ready.pending());
+}
+
+#[tokio::test(start_paused = true)]
 async fn rotates_at_half_life_without_touching_holders() {
     let ca = TestCa::new();
     let m = ca.manager(one_hour(), None);

@@ -393,6 +393,17 @@ impl CertManager {
         }
     }
 
+    /// Waits until every identity in `identities` has a valid certificate: what the
+    /// readiness task "certificates for local workloads" waits for at startup. The
+    /// fetches already run concurrently (one worker each), so waiting in turn costs
+    /// nothing.
+    pub async fn wait_all_ready(&self, identities: &[Identity]) -> Result<(), CertsError> {
+        for identity in identities {
+            self.wait_ready(identity).await?;
+        }
+        Ok(())
+    }
+
     /// Identities currently managed.
     pub fn identities(&self) -> Vec<Identity> {
         let mut ids: Vec<_> = self.lock().keys().cloned().collect();

@@ -41,7 +41,8 @@ pub enum Outbound {
         /// Why, for the access log.
         reason: &'static str,
     },
-    /// Tunnel to a mesh workload.
+    /// Tunnel to a mesh workload. While the connection lives, the proxy holds a
+    /// [`Balancer::track`] guard for `workload.uid` so least-connections sees it.
     Hbone {
         /// Where the HBONE connection goes: in in-pod mode, the destination pod's IP on 15008.
         peer: SocketAddr,
@@ -443,6 +444,10 @@ fn policy(state: &State, pod: &Workload, conn: ConnectionInfo<'_>, dst: SocketAd
 
 /// Decides on an HBONE `CONNECT` to `authority` arriving on the listener of `pod`, from a
 /// peer that presented `peer` and connected from `source_ip`.
+///
+/// Only a waypoint set on the workload itself is enforced here: a service's waypoint guards
+/// the service's VIP, and dialling a pod IP directly is, as in Istio, the pod's own policy's
+/// business.
 pub fn inbound(
     state: &State,
     pod: &Workload,

@@ -596,15 +596,16 @@ pub fn evaluate<'p>(
     let mut audits = Vec::new();
     let mut allows_checked = Vec::new();
     let mut allowed_by = None;
+    let mut denied_by = None;
+    // Every policy is looked at (no early return on DENY) so that AUDIT policies flag denied
+    // connections too.
     for p in policies {
         match p.action {
             Action::Deny => {
-                if let Some(i) = p.matching_rule(&facts) {
-                    return Verdict {
-                        allowed: false,
-                        audit: false,
-                        reason: format!("denied by {} (rule {i})", p.key()),
-                    };
+                if denied_by.is_none() {
+                    if let Some(i) = p.matching_rule(&facts) {
+                        denied_by = Some(format!("denied by {} (rule {i})", p.key()));
+                    }
                 }
             }
             Action::Audit => {
@@ -622,10 +623,11 @@ pub fn evaluate<'p>(
             }
         }
     }
-    let (allowed, mut reason) = match allowed_by {
-        Some(r) => (true, r),
-        None if allows_checked.is_empty() => (true, "no ALLOW policy applies".to_string()),
-        None => (
+    let (allowed, mut reason) = match (denied_by, allowed_by) {
+        (Some(r), _) => (false, r),
+        (None, Some(r)) => (true, r),
+        (None, None) if allows_checked.is_empty() => (true, "no ALLOW policy applies".to_string()),
+        (None, None) => (
             false,
             format!(
                 "no ALLOW policy matched (checked: {})",

@@ -494,6 +494,24 @@ fn l4_authorization_table() {
         )
         .want(false, "denied by app/d"),
         case(
+            "audit flags denied connections too",
+            vec![
+                deny("d", vec![rule(vec![], vec![], vec![])]),
+                policy(
+                    "app",
+                    "audit",
+                    S::Namespace,
+                    A::Audit,
+                    vec![rule(vec![], vec![], vec![])],
+                ),
+            ],
+        )
+        .want(
+            false,
+            "denied by app/d (rule 0); audited by app/audit (rule 0)",
+        )
+        .audited(),
+        case(
             "several allows, reason lists them",
             vec![
                 allow("x", vec![rule(vec![], vec![ports(&[1])], vec![])]),

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ambit_hbone::client::{ConnectError, ConnectTarget, Pool, PoolConfig};
+use ambit_hbone::client::{ConnectError, ConnectTarget, Pool, PoolConfig, SocketFactory};
 use ambit_hbone::server::{ConnectRequest, Handler, Refusal, Server, ServerSettings, ServerStats};
 use ambit_hbone::stream::TunnelStream;
 use ambit_hbone::testing::TestPki;
@@ -612,6 +612,9 @@ async fn a_goaway_connection_is_not_reused() {
     // ...new connections are not accepted (the listener is closed)...
     let err = pool.connect(t.clone()).await.unwrap_err();
     assert!(matches!(err, ConnectError::Tcp { .. }), "{err:?}");
+    // The stream was refused by the GOAWAY'd connection before being sent, and retried
+    // (once) on a fresh connection, which is what failed.
+    assert_eq!(pool.stats().retries.load(Ordering::Relaxed), 1);
     // ...and at the deadline the rest is cut.
     let mut rest = Vec::new();
     let cut = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await;
@@ -656,4 +659,77 @@ async fn a_silent_peer_hits_the_handshake_timeout() {
     let closed = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
     assert_eq!(server.stats.handshakes_failed.load(Ordering::Relaxed), 1);
+}
+
+/// Counts the sockets it makes, and binds them to a chosen source address, as the node
+/// proxy's factory would set a mark or a network namespace.
+struct CountingFactory {
+    made: std::sync::atomic::AtomicUsize,
+}
+
+impl SocketFactory for CountingFactory {
+    fn new_socket(
+        &self,
+        _source: &Identity,
+        _peer: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpSocket> {
+        self.made.fetch_add(1, Ordering::Relaxed);
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.1:0".parse().unwrap())?;
+        Ok(socket)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_come_from_the_factory_and_idle_connections_close() {
+    let pki = TestPki::new(TD);
+    let (client_id, server_id) = (id("app", "client"), id("app", "server"));
+    let handler = TestHandler::default();
+    let server = start_server(
+        &pki,
+        &server_id,
+        handler.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerSettings::default(),
+    )
+    .await;
+    let factory = Arc::new(CountingFactory {
+        made: Default::default(),
+    });
+    let config = PoolConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..PoolConfig::default()
+    };
+    let pool = Pool::with_socket_factory(config, factory.clone());
+    let t = target(&pki, &client_id, &server_id, server.addr, "10.0.0.1:7");
+
+    for round in 0..3 {
+        let mut stream = pool.connect(t.clone()).await.unwrap();
+        echo_roundtrip(&mut stream, format!("round {round}").as_bytes()).await;
+    }
+    // Three tunnels one after the other: one connection, one socket.
+    assert_eq!(factory.made.load(Ordering::Relaxed), 1);
+    assert_eq!(pool.connection_count(), 1);
+
+    // A connection with an open stream is not idle, however long the stream lasts.
+    let mut held = pool.connect(t.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(pool.connection_count(), 1);
+    echo_roundtrip(&mut held, b"still here").await;
+    drop(held);
+
+    // Without streams it closes after the idle timeout...
+    let closed = async {
+        while pool.connection_count() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("idle connection still pooled");
+    // ...and the next tunnel opens a new one through the factory.
+    let mut stream = pool.connect(t).await.unwrap();
+    echo_roundtrip(&mut stream, b"fresh").await;
+    assert_eq!(factory.made.load(Ordering::Relaxed), 2);
+    assert_eq!(server.stats.connections_accepted.load(Ordering::Relaxed), 2);
 }

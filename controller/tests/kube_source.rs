@@ -11,6 +11,7 @@ use ambit_controller::source::kube::{KubeSource, Stores};
 use ambit_controller::testing::apiserver::{gateway_api_resources, ApiError, FakeApiServer, Verb};
 use ambit_proto::discovery::{resource, Service as WireService, TunnelProtocol, Workload};
 use anyhow::{bail, Context, Result};
+use kube::runtime::watcher;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -32,10 +33,14 @@ impl Drop for Harness {
 }
 
 fn start(server: &FakeApiServer) -> Result<Harness> {
+    start_with(server, watcher::Config::default())
+}
+
+fn start_with(server: &FakeApiServer, config: watcher::Config) -> Result<Harness> {
     let mut builder = ModelBuilder::new(ModelConfig::default());
     let sink = builder.sink("kubernetes");
     let model = builder.spawn();
-    let source = KubeSource::new(server.client()?);
+    let source = KubeSource::new(server.client()?).watcher_config(config);
     let stores = source.stores();
     let ready = source.ready();
     let task = tokio::spawn(async move {
@@ -501,5 +506,58 @@ async fn not_ready_until_every_kind_listed() -> Result<()> {
         summary(&snap)
     );
     assert!(*h.ready.borrow());
+    Ok(())
+}
+
+#[tokio::test]
+async fn paginated_and_streaming_initial_lists() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(&namespace("apps", true))?;
+    for i in 0..5 {
+        server.apply(&pod(
+            "apps",
+            &format!("p{i}"),
+            &format!("10.0.0.{}", 10 + i),
+            json!({}),
+        ))?;
+    }
+    let all_five =
+        |s: &Snapshot| s.ready && (0..5).all(|i| hbone(workload(s, "apps", &format!("p{i}"))));
+
+    // Pages of two: the watcher follows continue tokens and the model gets all five.
+    let paged = start_with(&server, watcher::Config::default().page_size(2))?;
+    paged
+        .eventually("all pods over three pages", all_five)
+        .await?;
+    let pages: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.is(Verb::List, "pods"))
+        .map(|r| {
+            (
+                r.param("limit").map(str::to_owned),
+                r.param("continue").is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(pages.len(), 3, "{pages:?}");
+    assert!(pages.iter().all(|(limit, _)| limit.as_deref() == Some("2")));
+    assert_eq!(pages.iter().filter(|(_, cont)| *cont).count(), 2);
+    drop(paged);
+
+    // Streaming lists (sendInitialEvents): no LIST at all, the initial-events-end bookmark
+    // marks the end of the initial state.
+    let lists_before = server.count(Verb::List, "pods");
+    let streamed = start_with(&server, watcher::Config::default().streaming_lists())?;
+    streamed
+        .eventually("all pods over a streaming list", all_five)
+        .await?;
+    assert_eq!(server.count(Verb::List, "pods"), lists_before);
+    server.delete("v1", "Pod", "apps", "p0")?;
+    streamed
+        .eventually("a delete after the streaming list", |s| {
+            workload(s, "apps", "p0").is_none()
+        })
+        .await?;
     Ok(())
 }

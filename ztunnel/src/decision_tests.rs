@@ -37,6 +37,11 @@ fn mesh() -> Arc<State> {
         &["app/s1", "app/gone"],
     );
     empty.endpoints[0].ready = false;
+    let mut s2 = zoned(workload("app", "s2", "s2", "node-2", "10.0.2.20"), "z1");
+    s2.addresses
+        .push(crate::state::ip_to_bytes(ip("fd00::2:20")));
+    let mut wp_down = service("app", "wp-down-svc", "10.96.0.11", 80, 8080, &["app/s2"]);
+    wp_down.waypoint = Some(gateway("10.96.0.12", WAYPOINT_ID));
     let mut override_port = service("app", "override", "10.96.0.8", 80, 8080, &["app/s3"]);
     override_port.endpoints[0].ports.insert(80, 9999);
     let push = full(
@@ -50,10 +55,7 @@ fn mesh() -> Arc<State> {
                 workload("app", "s1", "s1", "node-1", "10.0.1.20"),
                 "z1",
             )),
-            res_w(zoned(
-                workload("app", "s2", "s2", "node-2", "10.0.2.20"),
-                "z1",
-            )),
+            res_w(s2),
             res_w(zoned(
                 workload("app", "s3", "s3", "node-3", "10.0.3.20"),
                 "z2",
@@ -98,6 +100,16 @@ fn mesh() -> Arc<State> {
                 &["legacy/l"],
             )),
             res_s(override_port),
+            res_s(service("app", "web6", "fd00:96::1", 80, 8080, &["app/s2"])),
+            res_s(wp_down),
+            res_s(service(
+                "app",
+                "waypoint-down",
+                "10.96.0.12",
+                15008,
+                15008,
+                &[],
+            )),
             res_a(fixtures::policy(
                 "app",
                 "deny-9090",
@@ -246,6 +258,24 @@ fn outbound_table() {
             &waypoint,
             "10.0.6.1:8080",
             "hbone 10.0.6.1:15008 10.0.6.1:8080 spiffe://cluster.local/ns/app/sa/guarded svc=-",
+        ),
+        (
+            "waypoint without a ready pod",
+            &client,
+            "10.96.0.11:80",
+            "refuse waypoint 10.96.0.12 (spiffe://cluster.local/ns/app/sa/waypoint) has no ready endpoint",
+        ),
+        (
+            "IPv6 VIP picks the endpoint's IPv6 address",
+            &client,
+            "[fd00:96::1]:80",
+            "hbone [fd00::2:20]:15008 [fd00::2:20]:8080 spiffe://cluster.local/ns/app/sa/s2 svc=web6",
+        ),
+        (
+            "IPv6 pod address",
+            &client,
+            "[fd00::2:20]:8080",
+            "hbone [fd00::2:20]:15008 [fd00::2:20]:8080 spiffe://cluster.local/ns/app/sa/s2 svc=-",
         ),
         (
             "pod outside the mesh",

@@ -152,9 +152,17 @@ fn the_comparison_sees_every_field() {
     // Guards the walk above: if kube-rs changed how it nests schemas, `fields` could find nothing
     // on both sides and the comparison would pass vacuously.
     let ap = spec_fields(&serde_json::to_value(AuthorizationPolicy::crd()).unwrap());
-    assert!(ap.contains_key("spec.rules[].from[].source.principals[]"), "{:?}", ap.keys());
+    assert!(
+        ap.contains_key("spec.rules[].from[].source.principals[]"),
+        "{:?}",
+        ap.keys()
+    );
     assert!(ap.contains_key("spec.targetRefs[].kind"));
     let tp = spec_fields(&serde_json::to_value(TrafficPolicy::crd()).unwrap());
-    assert!(tp.contains_key("spec.faultInjection.abort.httpStatus"), "{:?}", tp.keys());
+    assert!(
+        tp.contains_key("spec.faultInjection.abort.httpStatus"),
+        "{:?}",
+        tp.keys()
+    );
     assert!(ap.len() > 30 && tp.len() > 25, "{} {}", ap.len(), tp.len());
 }

@@ -422,7 +422,10 @@ impl Pool {
             .map(|e| {
                 lock(&e.conns)
                     .iter()
-                    .filter(|c| !c.dead.load(Ordering::Acquire))
+                    .filter(|c| {
+                        !c.dead.load(Ordering::Acquire)
+                            && c.active.load(Ordering::Acquire) != CLOSED
+                    })
                     .count()
             })
             .sum()
@@ -437,10 +440,26 @@ impl Pool {
             expected: target.expected_identity.clone(),
         };
         let entry = self.entry(&key);
+        let result = self.connect_with(&key, &entry, &target).await;
+        if result.is_err() {
+            // A key whose every attempt failed has no connection whose driver would ever
+            // remove it; do it here so unreachable peers do not accumulate.
+            drop(entry);
+            self.inner.forget_if_unused(&key);
+        }
+        result
+    }
+
+    async fn connect_with(
+        &self,
+        key: &Key,
+        entry: &Arc<Entry>,
+        target: &ConnectTarget,
+    ) -> Result<TunnelStream, ConnectError> {
         let mut retried = false;
         loop {
-            let slot = self.checkout(&key, &entry, &target).await?;
-            match open_stream(slot, &target, self.inner.config.response_timeout).await {
+            let slot = self.checkout(key, entry, target).await?;
+            match open_stream(slot, target, self.inner.config.response_timeout).await {
                 Attempt::Open(stream) => {
                     self.inner
                         .stats
@@ -449,13 +468,18 @@ impl Pool {
                     return Ok(stream);
                 }
                 Attempt::Retry(err) if !retried => {
-                    debug!(peer = %target.peer, error = %err, "stream not processed by the peer, retrying on a fresh connection");
+                    debug!(peer = %target.peer, error = %err, "stream not processed by the peer, retrying on another connection");
                     self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
                     retried = true;
                 }
                 Attempt::Retry(err) | Attempt::Fail(err) => return Err(err),
             }
         }
+    }
+
+    /// Keys currently in the pool (with connections, or callers waiting for one).
+    pub fn key_count(&self) -> usize {
+        lock(&self.inner.entries).len()
     }
 
     fn entry(&self, key: &Key) -> Arc<Entry> {
@@ -698,14 +722,25 @@ async fn wait_idle(conn: Weak<Conn>, idle_timeout: Duration) {
 
 impl Inner {
     fn evict(&self, key: &Key, id: u64) {
+        self.remove_and_forget(key, Some(id));
+    }
+
+    fn forget_if_unused(&self, key: &Key) {
+        self.remove_and_forget(key, None);
+    }
+
+    /// Removes connection `id` from `key`, then forgets the key if it has no connection
+    /// left and no caller (each holds a clone of the entry) is using it.
+    fn remove_and_forget(&self, key: &Key, id: Option<u64>) {
         let mut entries = lock(&self.entries);
         if let Some(entry) = entries.get(key) {
             let empty = {
                 let mut conns = lock(&entry.conns);
-                conns.retain(|c| c.id != id);
+                if let Some(id) = id {
+                    conns.retain(|c| c.id != id);
+                }
                 conns.is_empty()
             };
-            // Forget the key when no connection and no caller (who holds a clone) needs it.
             if empty && Arc::strong_count(entry) == 1 {
                 entries.remove(key);
             }

@@ -405,6 +405,8 @@ async fn client_refuses_a_server_with_an_unexpected_identity() {
     );
     assert!(handler.seen().is_empty());
     assert_eq!(pool.connection_count(), 0);
+    // Nothing is kept for a key that never got a connection.
+    assert_eq!(pool.key_count(), 0);
 }
 
 /// Opens `n` tunnels through `pool` all at once (they are all open at the same moment),
@@ -718,9 +720,9 @@ async fn sockets_come_from_the_factory_and_idle_connections_close() {
     echo_roundtrip(&mut held, b"still here").await;
     drop(held);
 
-    // Without streams it closes after the idle timeout...
+    // Without streams it closes after the idle timeout (and the key is forgotten)...
     let closed = async {
-        while pool.connection_count() != 0 {
+        while pool.connection_count() != 0 || pool.key_count() != 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };

@@ -3,7 +3,7 @@
 //! Address plan (fixed, because every topology has its own fabric; see the crate docs):
 //! node k (1-based) is 10.77.0.(10+k)/24 on the fabric bridge; its pods are 10.77.k.2, .3, ...
 //! as /32s behind a veth each, with 10.77.k.1 (on every node-side veth) as their gateway. Nodes
-//! forward, and route each remote node's 10.77.m.0/24 via that node.
+//! forward, and route each remote node's 10.77.m.0/24 via that node. Pods use strict rp_filter.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -177,6 +177,18 @@ impl TopologyBuilder {
             let gateway = Ipv4Addr::new(10, 77, octet(k)?, 1);
             let pod_ip = Ipv4Addr::new(10, 77, octet(k)?, octet(j + 2)?);
             let netns = topo.add_netns(name)?;
+            // Strict reverse-path filtering, as many distributions set it: the harder case for
+            // ztunnel's transparent dials from a client IP that is not local to the pod.
+            exec_in(
+                &netns,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.conf.all.rp_filter=1",
+                    "net.ipv4.conf.default.rp_filter=1",
+                ],
+            )?;
             let host_side = format!("p{j}");
             ip(
                 &node.netns,

@@ -110,7 +110,7 @@ async fn outbound_capture_redirects_the_app_but_not_ztunnel() -> anyhow::Result<
     );
 
     // ztunnel's own (marked) socket from the factory goes straight through, from the pod IP.
-    let mut own = pod.sockets().connect(target).await?;
+    let mut own = within("marked dial", pod.sockets().connect(target)).await??;
     let seen = parse_greeting(&read_line(&mut own).await?)?;
     assert_eq!(seen.local, target);
     assert_eq!(
@@ -191,7 +191,11 @@ async fn ztunnel_dials_the_app_from_the_client_ip() -> anyhow::Result<()> {
     let listeners = pod.take_listeners().context("listeners already taken")?;
 
     // The bare factory call: an IP_TRANSPARENT socket bound to A's IP, inside B.
-    let mut spoofed = pod.sockets().connect_from(ip(&a), app.addr()).await?;
+    let mut spoofed = within(
+        "transparent dial",
+        pod.sockets().connect_from(ip(&a), app.addr()),
+    )
+    .await??;
     let seen = parse_greeting(&read_line(&mut spoofed).await?)?;
     assert_eq!(seen.local, app.addr());
     assert_eq!(seen.peer.ip(), ip(&a), "the app sees the client's IP");
@@ -531,7 +535,7 @@ fn dedicated_mode_captures_the_current_namespace() -> anyhow::Result<()> {
             assert_eq!(original_dst(&accepted)?, target);
             app.write_all(b"vm").await?;
             assert_eq!(read_exactly(&mut accepted, 2).await?, b"vm");
-            let mut own = pod.sockets().connect(target).await?;
+            let mut own = within("marked dial", pod.sockets().connect(target)).await??;
             let seen = parse_greeting(&read_line(&mut own).await?)?;
             assert_eq!(seen.peer, own.local_addr()?);
             pod.teardown().await?;

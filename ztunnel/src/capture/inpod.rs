@@ -141,12 +141,15 @@ impl CapturedPod {
         ];
         let opened = worker
             .run(move || {
-                specs
-                    .into_iter()
-                    .map(|(addr, transparent)| {
-                        sockets::bind_listener(addr, transparent).map_err(|e| (addr, e))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
+                let open = |(addr, transparent): (SocketAddr, bool)| {
+                    sockets::bind_listener(addr, transparent).map_err(|e| (addr, e))
+                };
+                let [outbound, inbound, hbone] = specs;
+                Ok::<_, (SocketAddr, std::io::Error)>([
+                    open(outbound)?,
+                    open(inbound)?,
+                    open(hbone)?,
+                ])
             })
             .await
             .map_err(|source| InpodError::Worker {
@@ -159,24 +162,21 @@ impl CapturedPod {
                 netns: path.clone(),
                 source,
             })?;
-        let mut tokio_listeners = Vec::with_capacity(3);
-        for listener in opened {
+        // Registration needs the runtime, so it happens here rather than on the worker.
+        let register = |listener: std::net::TcpListener| {
             let addr = listener
                 .local_addr()
                 .unwrap_or_else(|_| SocketAddr::new(any, 0));
-            let listener =
-                TcpListener::from_std(listener).map_err(|source| InpodError::Listen {
-                    uid: uid.clone(),
-                    addr,
-                    netns: path.clone(),
-                    source,
-                })?;
-            tokio_listeners.push(listener);
-        }
-        let mut it = tokio_listeners.into_iter();
-        let (Some(outbound), Some(inbound), Some(hbone)) = (it.next(), it.next(), it.next()) else {
-            unreachable!("three listener specs give three listeners");
+            TcpListener::from_std(listener).map_err(|source| InpodError::Listen {
+                uid: uid.clone(),
+                addr,
+                netns: path.clone(),
+                source,
+            })
         };
+        let [outbound, inbound, hbone] = opened;
+        let (outbound, inbound, hbone) =
+            (register(outbound)?, register(inbound)?, register(hbone)?);
 
         let cfg = rules.clone();
         let applied = worker

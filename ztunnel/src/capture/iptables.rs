@@ -91,6 +91,9 @@ pub struct RuleConfig {
     /// Destination ports of inbound connections that bypass capture (dedicated mode: e.g. ssh,
     /// ztunnel's admin/metrics/readiness ports).
     pub inbound_exclude_ports: Vec<u16>,
+    /// Sources whose inbound connections bypass capture: e.g. the address kubelet's health
+    /// probes come from (Istio SNATs them to 169.254.7.127), so probes reach the app as before.
+    pub inbound_exclude_sources: Vec<ipnet::Ipv4Net>,
     /// Destination ports of outbound connections that bypass capture.
     pub outbound_exclude_ports: Vec<u16>,
     /// The iptables implementation.
@@ -109,6 +112,7 @@ impl Default for RuleConfig {
             inbound_port: 15006,
             hbone_port: 15008,
             inbound_exclude_ports: Vec::new(),
+            inbound_exclude_sources: Vec::new(),
             outbound_exclude_ports: Vec::new(),
             backend: Backend::Default,
         }
@@ -235,6 +239,9 @@ pub fn render_apply(cfg: &RuleConfig, existing: &Existing) -> String {
     // Anything else on loopback is the pod talking to itself, or outbound traffic already
     // REDIRECTed to 127.0.0.1:15001: not inbound traffic.
     line(format!("-A {CHAIN_PREROUTING} -i lo -j RETURN"));
+    for net in &cfg.inbound_exclude_sources {
+        line(format!("-A {CHAIN_PREROUTING} -s {net} -p tcp -j RETURN"));
+    }
     // HBONE is addressed to the pod IP and ztunnel listens on it in the pod: no steering needed.
     for port in std::iter::once(cfg.hbone_port).chain(cfg.inbound_exclude_ports.iter().copied()) {
         line(format!(
@@ -584,10 +591,12 @@ COMMIT
             mask: 0xf000,
             tproxy_mark: 0x2000,
             inbound_exclude_ports: vec![22, 15021],
+            inbound_exclude_sources: vec!["169.254.7.127/32".parse().unwrap()],
             outbound_exclude_ports: vec![15012],
             ..RuleConfig::default()
         };
         let doc = render_apply(&cfg, &Existing::default());
+        assert!(doc.contains("-A AMBIT_PRERT -s 169.254.7.127/32 -p tcp -j RETURN\n"));
         assert!(doc.contains("-A AMBIT_PRERT -p tcp -m tcp --dport 22 -j RETURN\n"));
         assert!(doc.contains("-A AMBIT_PRERT -p tcp -m tcp --dport 15021 -j RETURN\n"));
         assert!(doc.contains("-A AMBIT_OUTPUT -p tcp -m tcp --dport 15012 -j RETURN\n"));

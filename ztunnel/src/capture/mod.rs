@@ -8,6 +8,12 @@
 //! - [`inpod`]: one pod's capture ([`CapturedPod`]), the per-node [`CaptureManager`], and
 //!   [`dedicated`] mode for a workload outside Kubernetes.
 //!
+//! Threads and ports, per enrolled pod: one namespace worker thread (socket creation and
+//! `iptables-restore` only; all I/O stays on the main runtime), and three listeners inside the
+//! pod: 127.0.0.1:15001 (outbound, REDIRECT), 0.0.0.0:15006 (inbound plaintext, TPROXY,
+//! IP_TRANSPARENT), 0.0.0.0:15008 (HBONE, not redirected). ztunnel's own sockets in the pod
+//! carry SO_MARK 0x539 (mask 0xfff). IPv4 only for now: IPv6 traffic is not captured.
+//!
 //! This module only moves packets to ztunnel; deciding what to do with a connection is the
 //! proxy's job. No `unsafe` is needed: `setns` and every socket option have safe wrappers (nix,
 //! socket2), and commands inherit the namespace of the thread that spawns them.

@@ -147,6 +147,23 @@ impl SocketFactory {
         Ok(TcpSocket::from_std_stream(socket.into()))
     }
 
+    /// [`SocketFactory::outbound`] for synchronous callers (the HBONE pool's socket factory):
+    /// blocks the calling thread for one round trip to the namespace worker, which only makes
+    /// a socket (tens of microseconds), never waits on the network.
+    pub fn outbound_blocking(&self, dst: SocketAddr) -> Result<TcpSocket, SocketError> {
+        let mark = self.mark;
+        let socket = self
+            .worker
+            .run_blocking(move || marked_socket(dst, mark))
+            .map_err(SocketError::Worker)?
+            .map_err(|source| SocketError::Create {
+                what: "outbound".into(),
+                netns: self.netns(),
+                source,
+            })?;
+        Ok(TcpSocket::from_std_stream(socket.into()))
+    }
+
     /// A marked IP_TRANSPARENT socket in the pod bound to `src` (the original client's IP).
     pub async fn transparent(&self, src: IpAddr) -> Result<TcpSocket, SocketError> {
         let mark = self.mark;

@@ -47,8 +47,9 @@ pub enum CertsError {
     Csr {
         /// The identity asked for.
         identity: Identity,
+        // Boxed: hbone's errors are large, and this one travels by value on every path.
         #[source]
-        source: CsrError,
+        source: Box<CsrError>,
     },
     /// The credential file could not be read.
     #[error("cannot read the CA credential from {path}")]
@@ -88,7 +89,7 @@ pub enum CertsError {
         /// The identity asked for.
         identity: Identity,
         #[source]
-        source: CertError,
+        source: Box<CertError>,
     },
     /// The CA returned a certificate for another identity than the one asked for.
     #[error("asked the CA for {requested} but got a certificate for {received}")]
@@ -535,7 +536,7 @@ impl<C: CaClient> Worker<C> {
         let identity = &self.identity;
         let request = csr::new_csr(identity).map_err(|source| CertsError::Csr {
             identity: identity.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let timeout = self.config.request_timeout;
         let signed = tokio::time::timeout(
@@ -546,7 +547,7 @@ impl<C: CaClient> Worker<C> {
         .map_err(|_| CertsError::Timeout(timeout))??;
         let invalid = |source| CertsError::Invalid {
             identity: identity.clone(),
-            source,
+            source: Box::new(source),
         };
         let chain =
             ambit_hbone::cert::parse_pem_certs(&signed.cert_chain.concat()).map_err(invalid)?;

@@ -107,7 +107,7 @@ pub struct Peer {
 
 impl Peer {
     /// A peer known only by address.
-    pub fn addr(addr: SocketAddr) -> Self {
+    pub fn from_addr(addr: SocketAddr) -> Self {
         Peer {
             addr,
             workload: None,
@@ -195,7 +195,7 @@ mod tests {
                         .expect("id"),
                 ),
             },
-            dst: Peer::addr("10.0.1.2:8080".parse().expect("addr")),
+            dst: Peer::from_addr("10.0.1.2:8080".parse().expect("addr")),
             service: Some("echo.default.svc.cluster.local".into()),
             direction: Direction::Outbound,
             protocol: Protocol::Hbone,

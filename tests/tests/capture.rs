@@ -551,3 +551,38 @@ fn dedicated_mode_captures_the_current_namespace() -> anyhow::Result<()> {
     assert_eq!(server.seen().len(), 2);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_captured_pod_still_removes_its_rules() -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("drop_cleanup")
+        .node("n1")
+        .pod("a", "n1")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let a = topo.pod("a").clone();
+    let handle = NetnsHandle::open(topo.netns_dir().join(&a.netns))?;
+    let pod = ambit_ztunnel::capture::CapturedPod::start(
+        "uid-a",
+        Some(ip(&a)),
+        handle,
+        RuleConfig::default(),
+    )
+    .await?;
+    assert!(save(&a, "iptables-save")?.contains("AMBIT_PRERT"));
+    drop(pod);
+    // Drop only queues the removal (it must not block): poll for it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let saved = save(&a, "iptables-save")?;
+        let rules = exec_in(&a.netns, &["ip", "-4", "rule", "show"])?;
+        if !saved.contains("AMBIT") && !rules.contains("fwmark") {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("rules left after drop:\n{saved}\n{rules}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

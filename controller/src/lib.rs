@@ -8,7 +8,9 @@
 //! data paths and holds no per-connection state beyond discovery subscriptions.
 
 pub mod crd;
+pub mod discovery;
 pub mod model;
+pub mod server;
 pub mod source;
 
 /// Test support (the fake API server), for this crate's and other crates' tests.

@@ -53,6 +53,7 @@ impl Default for ModelConfig {
 }
 
 /// What a source tells the model. Sources batch these; one batch is one model change.
+#[allow(clippy::large_enum_variant)] // as `Object`: boxing buys nothing at this rate
 #[derive(Clone, Debug)]
 pub enum SourceEvent {
     /// An object was created or changed (the whole new object).

@@ -1,0 +1,143 @@
+//! Per-subscriber discovery statistics, kept where the metrics endpoint can read them.
+//!
+//! Updates happen a few times per push, so a mutex per subscriber is cheap and keeps the
+//! values consistent with each other (a push count never runs ahead of its nonce).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Nonces remembered while waiting for their ACK; older ones are forgotten.
+const MAX_PENDING: usize = 32;
+
+/// A copy of one subscriber's statistics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubscriberStats {
+    /// Stream id, unique in this controller's lifetime.
+    pub id: u64,
+    /// `ztunnel node=...` or `waypoint gateway=...`.
+    pub proxy: String,
+    /// Pushes queued for the proxy (full and incremental).
+    pub pushes: u64,
+    pub acks: u64,
+    pub nacks: u64,
+    /// Model version of the latest push queued.
+    pub version_sent: u64,
+    /// Model version of the latest push ACKed.
+    pub version_acked: u64,
+    /// Time from queueing the latest ACKed push to its ACK.
+    pub last_ack_latency: Option<Duration>,
+    /// Nonce and reason of the latest NACK.
+    pub last_nack: Option<(String, String)>,
+}
+
+#[derive(Debug)]
+struct State {
+    stats: SubscriberStats,
+    /// (nonce, version, when queued), oldest first.
+    pending: VecDeque<(String, u64, Instant)>,
+}
+
+/// One subscriber's statistics.
+#[derive(Debug)]
+pub struct SubscriberMetrics {
+    state: Mutex<State>,
+}
+
+impl SubscriberMetrics {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not stop metrics; the data stays usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the statistics.
+    pub fn stats(&self) -> SubscriberStats {
+        self.lock().stats.clone()
+    }
+
+    pub(crate) fn pushed(&self, nonce: &str, version: u64) {
+        let mut s = self.lock();
+        s.stats.pushes += 1;
+        s.stats.version_sent = version;
+        if s.pending.len() == MAX_PENDING {
+            s.pending.pop_front();
+        }
+        s.pending
+            .push_back((nonce.to_string(), version, Instant::now()));
+    }
+
+    /// Records an ACK; returns false for a nonce we do not know (never sent or too old).
+    pub(crate) fn acked(&self, nonce: &str) -> bool {
+        let mut s = self.lock();
+        let Some(i) = s.pending.iter().position(|(n, _, _)| n == nonce) else {
+            return false;
+        };
+        // An ACK covers everything sent before it too.
+        let drained: Vec<_> = s.pending.drain(..=i).collect();
+        if let Some((_, version, at)) = drained.last() {
+            s.stats.acks += 1;
+            s.stats.version_acked = *version;
+            s.stats.last_ack_latency = Some(at.elapsed());
+        }
+        true
+    }
+
+    pub(crate) fn nacked(&self, nonce: &str, reason: &str) {
+        let mut s = self.lock();
+        s.stats.nacks += 1;
+        s.stats.last_nack = Some((nonce.to_string(), reason.to_string()));
+        if let Some(i) = s.pending.iter().position(|(n, _, _)| n == nonce) {
+            s.pending.drain(..=i);
+        }
+    }
+}
+
+/// Every connected subscriber's metrics. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    subscribers: Arc<Mutex<BTreeMap<u64, Arc<SubscriberMetrics>>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<SubscriberMetrics>>> {
+        self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Statistics of every connected subscriber, by id.
+    pub fn snapshot(&self) -> Vec<SubscriberStats> {
+        self.lock().values().map(|m| m.stats()).collect()
+    }
+
+    pub(crate) fn register(&self, id: u64, proxy: String) -> Registration {
+        let metrics = Arc::new(SubscriberMetrics {
+            state: Mutex::new(State {
+                stats: SubscriberStats {
+                    id,
+                    proxy,
+                    ..SubscriberStats::default()
+                },
+                pending: VecDeque::new(),
+            }),
+        });
+        self.lock().insert(id, metrics.clone());
+        Registration {
+            registry: self.clone(),
+            id,
+            metrics,
+        }
+    }
+}
+
+/// A subscriber's entry; removed from the registry when dropped (the stream ended).
+#[derive(Debug)]
+pub(crate) struct Registration {
+    registry: Registry,
+    id: u64,
+    pub metrics: Arc<SubscriberMetrics>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}

@@ -17,6 +17,7 @@ mod object;
 pub mod pki;
 pub mod rbac;
 pub mod waypoint;
+mod yaml;
 pub mod ztunnel;
 
 pub use object::{Object, ObjectError};
@@ -164,9 +165,6 @@ pub enum RenderError {
     /// A CRD literal does not fit its type (a bug, caught by the tests).
     #[error(transparent)]
     Crd(#[from] crds::CrdError),
-    /// Turning JSON into YAML failed (a bug as well).
-    #[error("writing YAML")]
-    Yaml(#[source] serde_yaml::Error),
 }
 
 /// One file of the install: `kubectl apply -f DIR` applies them in name order, so the namespace and
@@ -229,13 +227,13 @@ pub fn to_yaml(files: &[ManifestFile]) -> Result<String, RenderError> {
     Ok(out)
 }
 
-/// One file as a YAML stream, headed by a comment that says where it comes from.
+/// One file as a YAML stream, one document per object.
 pub fn file_to_yaml(file: &ManifestFile) -> Result<String, RenderError> {
     let mut out = String::new();
     for object in &file.objects {
         let value = object.to_value()?;
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).map_err(RenderError::Yaml)?);
+        out.push_str(&yaml::to_string(&value));
     }
     Ok(out)
 }

@@ -144,6 +144,41 @@ fn options_reach_the_objects() {
 }
 
 #[test]
+fn yaml_reads_back_identically_even_with_yaml_1_1_words() {
+    // `no`, `yes` and `on` are valid names but booleans to kubectl's YAML 1.1 parser; `1.10` is a
+    // float to any YAML parser. They must come out quoted.
+    let opts = InstallOptions {
+        namespace: "no".to_owned(),
+        trust_domain: "yes".to_owned(),
+        tag: "1.10".to_owned(),
+        image_registry: "on".to_owned(),
+        ..full_options()
+    };
+    let files = render(&opts).unwrap();
+    let yaml = ambit_manifests::to_yaml(&files).unwrap();
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let expected: Vec<Value> = objects(&opts)
+        .iter()
+        .map(|o| o.to_value().unwrap())
+        .collect();
+    assert_eq!(docs, expected);
+    for word in ["no", "yes", "on", "1.10"] {
+        for line in yaml.lines() {
+            assert!(
+                !line.ends_with(&format!(": {word}")),
+                "unquoted {word}: {line}"
+            );
+            assert!(
+                !line.ends_with(&format!("- {word}")),
+                "unquoted {word}: {line}"
+            );
+        }
+    }
+}
+
+#[test]
 fn bad_options_are_refused_before_rendering() {
     for (opts, option) in [
         (

@@ -189,6 +189,8 @@ async fn a_broken_file_keeps_its_last_good_objects() {
         ("{pod_a}---\napiVersion: v1\nkind: Pod\nmetadata: {name: bb, namespace: demo}\nspec:\n  nodeName: [1, 2]\n  containers: []\n", &["pods.yaml", "document 2", "line 17", "invalid type"]),
         // A missing required field.
         ("{pod_a}---\napiVersion: traffic.ambit.dev/v1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: demo}\nspec: {rateLimit: {tokensPerFill: 1, fillInterval: 1s, maxTokens: 1}}\n", &["pods.yaml", "document 2", "missing field `targetRef`"]),
+        // A misspelt policy field, which would otherwise widen the rule.
+        ("{pod_a}---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec:\n  rules: [{from: [{source: {principal: [a]}}]}]\n", &["pods.yaml", "document 2", "unknown field spec.rules[0].from[0].source.principal"]),
         // An unknown kind.
         ("{pod_a}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm, namespace: demo}\n", &["pods.yaml", "document 2", "unknown kind v1/ConfigMap"]),
         // No name.

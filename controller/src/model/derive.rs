@@ -28,6 +28,8 @@ pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "ambit.dev/use-waypoint-namespace";
 /// Label Gateway API implementations put on a gateway's pods.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Node label naming the node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Port on which waypoints accept HBONE unless their Gateway lists another.
 pub const HBONE_PORT: u32 = 15008;
 
@@ -68,10 +70,19 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
         .collect();
     let ns_labels = |ns: &str| namespaces.get(ns).and_then(|n| n.metadata.labels.as_ref());
 
+    // Zones come from the nodes, as Kubernetes' topology labels put them there.
+    let zones: HashMap<&str, String> = typed!(store, Node)
+        .filter_map(|n| {
+            let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL)?;
+            Some((n.metadata.name.as_deref()?, zone.clone()))
+        })
+        .collect();
     for pod in typed!(store, Pod) {
         if let Some((w, waypoint)) =
             workload(pod, config, &ns_labels, &waypoints, &authz, &mut out.errors)
         {
+            let mut w = w;
+            w.zone = zones.get(w.node.as_str()).cloned().unwrap_or_default();
             out.push(resource::Kind::Workload(w), waypoint);
         }
     }

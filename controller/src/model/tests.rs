@@ -130,8 +130,14 @@ fn enrollment_by_namespace_label_and_pod_opt_out() {
 #[test]
 fn workload_defaults_and_canonical_labels() {
     let yaml = ns("demo", "") + "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: reviews-v1-5d8f-x2\n  namespace: demo\n  uid: 1234\n  labels: {app: reviews, version: v1}\n  ownerReferences:\n  - {apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-5d8f, uid: r, controller: true}\nspec:\n  containers: [{name: c}]\nstatus:\n  podIPs: [{ip: 10.0.0.9}, {ip: 'fd00::9'}]\n";
+    let yaml = yaml + "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-z, labels: {topology.kubernetes.io/zone: z1}}\n";
+    let yaml = yaml.replace(
+        "containers: [{name: c}]",
+        "nodeName: node-z\n  containers: [{name: c}]",
+    );
     let d = derived(&yaml);
     let w = workload(&d, "1234");
+    assert_eq!(w.zone, "z1");
     assert_eq!(w.service_account, "default");
     assert_eq!(w.workload_name, "reviews-v1");
     assert_eq!(w.canonical_name, "reviews");
@@ -557,4 +563,19 @@ async fn model_versions_and_readiness() {
         .await
         .expect("removed");
     assert!(s2.version > s1.version && v1 <= s1.version);
+}
+
+#[test]
+fn policy_fields_are_checked_strictly_but_known_spellings_pass() {
+    let ok = ns("demo", "")
+        + "---\napiVersion: traffic.ambit.dev/v1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: demo}\nspec:\n  targetRef: {name: web}\n  circuitBreaker: {maxConnections: 10}\n  outlierDetection: {consecutive5xxErrors: 3, interval: 10s}\n"
+        + "---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec:\n  selector: {matchLabels: {}}\n  targetRefs: []\n  rules: [{from: [{source: {principals: ['*'], ipBlocks: []}}], to: [{operation: {ports: ['80']}}], when: [{key: source.ip, values: [10.0.0.1]}]}]\n"
+        + "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: demo}\nspec: {parentRefs: [{kind: Service, name: web}], futureField: {x: 1}}\n";
+    assert_eq!(store(&ok).len(), 4);
+    let bad = "apiVersion: traffic.ambit.dev/v1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: demo}\nspec:\n  targetRef: {name: web}\n  rateLimit: {tokensPerFill: 1, fillInterval: 1s, maxTokens: 1, perSource: true}\n";
+    let errs = parse_file(Path::new("tp.yaml"), bad).expect_err("typo accepted");
+    assert_eq!(
+        error_chain(&errs[0]),
+        "tp.yaml: document 1: unknown field spec.rateLimit.perSource"
+    );
 }

@@ -69,6 +69,14 @@ pub enum LocalError {
         kind: String,
         known: String,
     },
+    /// A policy document has a field its schema does not know (a typo such as
+    /// `principal:` would otherwise silently widen the policy).
+    #[error("{}: document {document}: unknown field {field}", path.display())]
+    UnknownField {
+        path: PathBuf,
+        document: usize,
+        field: String,
+    },
     /// A document puts an object in a namespace that no file defines.
     #[error("{}: document {document}: {key} is in namespace {namespace:?}, which does not exist", path.display())]
     UnknownNamespace {
@@ -174,6 +182,14 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Located>, Vec<LocalErro
                 if kind.namespaced() && meta.namespace.is_none() {
                     meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
                 }
+                if let Some(field) = unknown_policy_field(value, &object) {
+                    errors.push(LocalError::UnknownField {
+                        path: path.into(),
+                        document,
+                        field,
+                    });
+                    continue;
+                }
                 out.push(Located { object, document });
             }
             Err(source) => errors.push(parse_error(path, document, source)),
@@ -183,6 +199,58 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Located>, Vec<LocalErro
         Ok(out)
     } else {
         Err(errors)
+    }
+}
+
+/// For Ambit's own policy kinds, the first field of `spec` the typed form does not know.
+/// Like `kubectl apply`'s strict validation: for security policy a dropped field changes
+/// the meaning (a misspelt `principals` makes a rule match every source). Gateway API and
+/// core kinds stay tolerant, as their schemas evolve outside Ambit.
+fn unknown_policy_field(input: &serde_yaml::Value, object: &Object) -> Option<String> {
+    let typed = match object {
+        Object::AuthorizationPolicy(p) => serde_json::to_value(&p.spec),
+        Object::TrafficPolicy(p) => serde_json::to_value(&p.spec),
+        _ => return None,
+    }
+    .ok()?;
+    let input = serde_json::to_value(input.get("spec")?).ok()?;
+    first_unknown(&input, &typed, "spec")
+}
+
+/// Accepted spellings that serialise under another name.
+const ALIASES: &[(&str, &str)] = &[("circuitBreaker", "connectionPool")];
+
+fn first_unknown(input: &serde_json::Value, typed: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    };
+    match (input, typed) {
+        (Value::Object(i), Value::Object(t)) => i.iter().find_map(|(k, v)| {
+            let name = ALIASES
+                .iter()
+                .find(|(a, _)| a == k)
+                .map_or(k.as_str(), |(_, n)| n);
+            match t.get(name) {
+                Some(tv) => first_unknown(v, tv, &format!("{at}.{k}")),
+                // Omitted on output because empty: known but unset.
+                None if empty(v) => None,
+                None => Some(format!("{at}.{k}")),
+            }
+        }),
+        (Value::Object(i), _) => i
+            .iter()
+            .find(|(_, v)| !empty(v))
+            .map(|(k, _)| format!("{at}.{k}")),
+        (Value::Array(i), Value::Array(t)) => i
+            .iter()
+            .zip(t)
+            .enumerate()
+            .find_map(|(n, (iv, tv))| first_unknown(iv, tv, &format!("{at}[{n}]"))),
+        _ => None,
     }
 }
 

@@ -1,0 +1,293 @@
+//! ztunnel's configuration: the command line ([`Args`], clap, every flag also an environment
+//! variable for the DaemonSet) and the validated [`Config`] the app is built from. Tests build
+//! a [`Config`] directly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::capture::RuleConfig;
+use crate::telemetry::LogArgs;
+
+/// Why the command line does not describe a runnable ztunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Neither a controller nor a static state file was given (or both were).
+    #[error("give exactly one of --controller and --static-state")]
+    StateSource,
+    /// No CA to ask for certificates.
+    #[error("no CA: give --controller, --ca-address, or --local-ca-cert/--local-ca-key")]
+    NoCa,
+    /// A URL flag is not an `http(s)://host:port` URL.
+    #[error("{flag} {value:?} is not an http:// or https:// URL")]
+    Url { flag: &'static str, value: String },
+    /// An https controller without the root to verify it.
+    #[error("{flag} uses https: give --ca-root-file with the mesh root that signed it")]
+    NoRoot { flag: &'static str },
+    /// The local CA needs both files.
+    #[error("--local-ca-cert and --local-ca-key go together")]
+    LocalCa,
+}
+
+/// How ztunnel finds its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mode {
+    /// One ztunnel per node, capturing every enrolled pod's namespace (in-pod redirection).
+    #[default]
+    Node,
+    /// ztunnel beside one workload (a VM), capturing the namespace it runs in.
+    Dedicated,
+}
+
+/// The command line.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "ztunnel", version, about = "Ambit's node proxy")]
+pub struct Args {
+    /// This node's name: pods scheduled here are the ones ztunnel captures.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// The controller (discovery and CA), e.g. https://10.77.0.1:15012.
+    #[arg(long, env = "AMBIT_CONTROLLER")]
+    pub controller: Option<String>,
+    /// Read the mesh state from this YAML file instead of a controller (re-read when it
+    /// changes).
+    #[arg(long, env = "AMBIT_STATIC_STATE")]
+    pub static_state: Option<PathBuf>,
+    /// The CA's address, when it is not the controller.
+    #[arg(long, env = "AMBIT_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM root(s) of the mesh, to verify the controller's and CA's TLS certificates.
+    #[arg(long, env = "AMBIT_CA_ROOT_FILE")]
+    pub ca_root_file: Option<PathBuf>,
+    /// File holding the bearer token the CA authenticates us by (re-read per request).
+    #[arg(long, env = "AMBIT_CREDENTIAL_FILE")]
+    pub credential_file: Option<PathBuf>,
+    /// Sign workload certificates in-process with this CA certificate (local mode, tests).
+    #[arg(long, env = "AMBIT_LOCAL_CA_CERT")]
+    pub local_ca_cert: Option<PathBuf>,
+    /// The local CA's private key.
+    #[arg(long, env = "AMBIT_LOCAL_CA_KEY")]
+    pub local_ca_key: Option<PathBuf>,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = ambit_hbone::identity::DEFAULT_TRUST_DOMAIN, env = "AMBIT_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// Where pods' network namespaces are found.
+    #[arg(long, default_value = "/var/run/netns", env = "AMBIT_NETNS_DIR")]
+    pub netns_dir: PathBuf,
+    /// Refuse plaintext inbound connections to enrolled pods.
+    #[arg(long, env = "AMBIT_STRICT_INBOUND")]
+    pub strict_inbound: bool,
+    /// Node (in-pod capture) or dedicated (capture ztunnel's own namespace).
+    #[arg(long, value_enum, default_value_t = Mode::Node, env = "AMBIT_MODE")]
+    pub mode: Mode,
+    /// Prometheus metrics.
+    #[arg(long, default_value = "0.0.0.0:15020", env = "AMBIT_METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021", env = "AMBIT_READINESS_ADDR")]
+    pub readiness_addr: SocketAddr,
+    /// Admin (config dump, certificates, log level); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000", env = "AMBIT_ADMIN_ADDR")]
+    pub admin_addr: SocketAddr,
+    /// Seconds open connections get to finish on shutdown or un-enrollment.
+    #[arg(long, default_value_t = 5, env = "AMBIT_DRAIN_SECONDS")]
+    pub drain_seconds: u64,
+    /// Lifetime asked of the CA for workload certificates, in seconds.
+    #[arg(long, default_value_t = 24 * 3600, env = "AMBIT_CERT_VALIDITY_SECONDS")]
+    pub cert_validity_seconds: u64,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Where the state comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSource {
+    /// The controller's discovery service.
+    Controller(String),
+    /// A YAML file, re-read when its modification time changes.
+    StaticFile(PathBuf),
+}
+
+/// Where certificates come from (the app's default CA client; tests may inject their own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// `CreateCertificate` over gRPC at this URL.
+    Grpc(String),
+    /// Sign in-process with this CA (cert, key PEM files).
+    Local { cert: PathBuf, key: PathBuf },
+    /// None configured: the caller must inject a CA client.
+    Injected,
+}
+
+/// Everything the app needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: String,
+    pub state: StateSource,
+    pub ca: CaSource,
+    pub ca_root_file: Option<PathBuf>,
+    pub credential_file: Option<PathBuf>,
+    pub trust_domain: String,
+    pub mode: Mode,
+    pub netns_dir: PathBuf,
+    pub rules: RuleConfig,
+    pub strict_inbound: bool,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub drain_deadline: Duration,
+    pub cert_validity: Duration,
+    /// How often a static state file is checked for changes.
+    pub static_poll: Duration,
+}
+
+impl Config {
+    /// A config for tests: loopback ops ports on ephemeral ports, static state.
+    pub fn for_tests(node: &str, state: PathBuf, netns_dir: PathBuf) -> Self {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        Config {
+            node: node.to_string(),
+            state: StateSource::StaticFile(state),
+            ca: CaSource::Injected,
+            ca_root_file: None,
+            credential_file: None,
+            trust_domain: ambit_hbone::identity::DEFAULT_TRUST_DOMAIN.to_string(),
+            mode: Mode::Node,
+            netns_dir,
+            rules: RuleConfig::default(),
+            strict_inbound: false,
+            metrics_addr: local,
+            readiness_addr: local,
+            admin_addr: local,
+            drain_deadline: Duration::from_secs(2),
+            cert_validity: ambit_hbone::ca::DEFAULT_CERT_VALIDITY,
+            static_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+fn check_url(flag: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(ConfigError::Url {
+            flag,
+            value: value.to_string(),
+        })
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, Self::Error> {
+        let state = match (&a.controller, &a.static_state) {
+            (Some(c), None) => {
+                check_url("--controller", c)?;
+                StateSource::Controller(c.clone())
+            }
+            (None, Some(path)) => StateSource::StaticFile(path.clone()),
+            _ => return Err(ConfigError::StateSource),
+        };
+        let ca = match (&a.local_ca_cert, &a.local_ca_key, &a.ca_address) {
+            (Some(cert), Some(key), _) => CaSource::Local {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (Some(_), None, _) | (None, Some(_), _) => return Err(ConfigError::LocalCa),
+            (None, None, Some(addr)) => {
+                check_url("--ca-address", addr)?;
+                CaSource::Grpc(addr.clone())
+            }
+            (None, None, None) => match &a.controller {
+                Some(c) => CaSource::Grpc(c.clone()),
+                None => return Err(ConfigError::NoCa),
+            },
+        };
+        for (flag, url) in [
+            ("--controller", a.controller.as_deref()),
+            ("--ca-address", a.ca_address.as_deref()),
+        ] {
+            if url.is_some_and(|u| u.starts_with("https://")) && a.ca_root_file.is_none() {
+                return Err(ConfigError::NoRoot { flag });
+            }
+        }
+        let mut rules = RuleConfig::default();
+        if a.mode == Mode::Dedicated {
+            // ztunnel's own ports and its controller must stay reachable from inside the
+            // namespace it captures.
+            rules.inbound_exclude_ports.extend([
+                a.metrics_addr.port(),
+                a.readiness_addr.port(),
+                a.admin_addr.port(),
+            ]);
+            rules.outbound_exclude_ports.push(15012);
+        }
+        Ok(Config {
+            node: a.node,
+            state,
+            ca,
+            ca_root_file: a.ca_root_file,
+            credential_file: a.credential_file,
+            trust_domain: a.trust_domain,
+            mode: a.mode,
+            netns_dir: a.netns_dir,
+            rules,
+            strict_inbound: a.strict_inbound,
+            metrics_addr: a.metrics_addr,
+            readiness_addr: a.readiness_addr,
+            admin_addr: a.admin_addr,
+            drain_deadline: Duration::from_secs(a.drain_seconds),
+            cert_validity: Duration::from_secs(a.cert_validity_seconds),
+            static_poll: Duration::from_secs(1),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut full = vec!["ztunnel", "--node", "n1"];
+        full.extend_from_slice(args);
+        Config::try_from(Args::parse_from(full))
+    }
+
+    #[test]
+    fn controller_is_also_the_ca_and_https_needs_a_root() {
+        let err = parse(&["--controller", "https://10.0.0.1:15012"]).unwrap_err();
+        assert!(matches!(err, ConfigError::NoRoot { .. }), "{err}");
+        let cfg = parse(&[
+            "--controller",
+            "https://10.0.0.1:15012",
+            "--ca-root-file",
+            "/r.pem",
+        ])
+        .unwrap();
+        assert_eq!(cfg.ca, CaSource::Grpc("https://10.0.0.1:15012".into()));
+        assert_eq!(cfg.admin_addr.to_string(), "127.0.0.1:15000");
+    }
+
+    #[test]
+    fn exactly_one_state_source_and_some_ca() {
+        assert!(matches!(parse(&[]), Err(ConfigError::StateSource)));
+        assert!(matches!(
+            parse(&["--static-state", "/s.yaml"]),
+            Err(ConfigError::NoCa)
+        ));
+        let cfg = parse(&[
+            "--static-state",
+            "/s.yaml",
+            "--local-ca-cert",
+            "/c",
+            "--local-ca-key",
+            "/k",
+            "--strict-inbound",
+        ])
+        .unwrap();
+        assert!(cfg.strict_inbound);
+        assert!(matches!(cfg.ca, CaSource::Local { .. }));
+    }
+}

@@ -1,0 +1,380 @@
+//! The per-node pod manager: keeps "pods captured and proxied" equal to "this node's workloads
+//! that are in the mesh", as the state changes.
+//!
+//! One task watches the store's local-workloads channel (the store writer only flips a
+//! `watch`, so it is never blocked by this) and reconciles:
+//!
+//! - a workload on this node with protocol HBONE and an address, not yet running: ask the
+//!   certificate manager for its identity (`ensure`, so the fetch starts now), capture the
+//!   pod (`CaptureManager::enroll`), start its three proxies on the listeners;
+//! - a running pod that left, or became un-enrolled (its namespace lost the label: protocol
+//!   TCP), or changed address or identity: stop it. The capture rules go first (new
+//!   connections flow straight to the app again), then the pod's listeners stop accepting and
+//!   its open connections get the drain deadline, in the background; then the identity is
+//!   released.
+//!
+//! Enrolling is idempotent. A pod that fails to enroll (its namespace not there yet, iptables
+//! failing) is logged with its name and the reason and retried with capped exponential
+//! back-off, so the node converges without an operator.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_hbone::Identity;
+use serde::Serialize;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::capture::{self, CaptureManager, CapturedPod, InpodError, RuleConfig};
+use crate::drain::{self, DrainOutcome, DrainTrigger};
+use crate::proxy::{self, PodProxy, Shared};
+use crate::state::{LocalWorkloads, TunnelProtocol, Workload};
+use crate::telemetry::error_chain;
+
+/// Why a pod could not be enrolled (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// Capturing the pod failed.
+    #[error("cannot capture the pod")]
+    Capture(#[source] InpodError),
+    /// The capture's listeners were already taken (a bug: each capture serves once).
+    #[error("the pod's capture listeners were already taken")]
+    ListenersTaken,
+}
+
+/// How pods are captured.
+#[derive(Debug, Clone)]
+pub enum CaptureMode {
+    /// In-pod: find each pod's namespace under the manager's directory.
+    Node(Arc<CaptureManager>),
+    /// Dedicated: ztunnel runs beside its one workload and captures its own namespace.
+    Dedicated(RuleConfig),
+}
+
+/// First and longest retry delays of a failed enrollment.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where one local pod stands, for tests and the admin dump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum PodStatus {
+    /// Captured; its proxies are serving.
+    Enrolled { ip: IpAddr, identity: String },
+    /// Enrolling failed; retried after back-off.
+    Failed { reason: String, attempts: u32 },
+}
+
+/// The pods of this node by uid.
+pub type Statuses = BTreeMap<Arc<str>, PodStatus>;
+
+/// Handle to the enrollment task.
+pub struct Enrollment {
+    status: watch::Receiver<Arc<Statuses>>,
+    stop: Option<oneshot::Sender<Duration>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Enrollment {
+    /// Starts reconciling `local` (the store's local-workloads watch).
+    pub fn spawn(
+        shared: Shared,
+        capture: CaptureMode,
+        local: watch::Receiver<Arc<LocalWorkloads>>,
+        retry: RetryPolicy,
+    ) -> Self {
+        let (status_tx, status) = watch::channel(Arc::new(Statuses::new()));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let worker = Worker {
+            shared,
+            capture,
+            retry,
+            running: HashMap::new(),
+            failed: HashMap::new(),
+            stopping: JoinSet::new(),
+            status: status_tx,
+        };
+        let task = tokio::spawn(worker.run(local, stop_rx));
+        Enrollment {
+            status,
+            stop: Some(stop_tx),
+            task,
+        }
+    }
+
+    /// Status of every local pod; changes on every enrollment or failure.
+    pub fn status(&self) -> watch::Receiver<Arc<Statuses>> {
+        self.status.clone()
+    }
+
+    /// Stops every pod (capture rules removed, open connections given `deadline`) and waits.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(deadline);
+        }
+        if let Err(e) = (&mut self.task).await {
+            tracing::error!(error = %e, "enrollment task ended abnormally");
+        }
+    }
+}
+
+/// A pod whose proxies are running.
+struct Running {
+    ip: IpAddr,
+    identity: Identity,
+    name: Arc<str>,
+    capture: Arc<CapturedPod>,
+    drain: DrainTrigger,
+    tasks: JoinSet<()>,
+}
+
+struct Failed {
+    attempts: u32,
+    retry_at: Instant,
+    reason: String,
+}
+
+struct Worker {
+    shared: Shared,
+    capture: CaptureMode,
+    retry: RetryPolicy,
+    running: HashMap<Arc<str>, Running>,
+    failed: HashMap<Arc<str>, Failed>,
+    /// Pods draining in the background.
+    stopping: JoinSet<()>,
+    status: watch::Sender<Arc<Statuses>>,
+}
+
+/// The address ztunnel captures a workload by (its first, as the pod's primary IP).
+fn enrolled_ip(w: &Workload) -> Option<IpAddr> {
+    (w.protocol == TunnelProtocol::Hbone)
+        .then(|| w.addresses.first().copied())
+        .flatten()
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut local: watch::Receiver<Arc<LocalWorkloads>>,
+        mut stop: oneshot::Receiver<Duration>,
+    ) {
+        loop {
+            let desired = local.borrow_and_update().clone();
+            self.reconcile(&desired).await;
+            let retry_at = self.failed.values().map(|f| f.retry_at).min();
+            tokio::select! {
+                deadline = &mut stop => {
+                    let deadline = deadline.unwrap_or(self.shared.settings.drain_deadline);
+                    self.shutdown(deadline).await;
+                    return;
+                }
+                changed = local.changed() => {
+                    if changed.is_err() {
+                        // The store is gone: nothing will change any more; keep serving
+                        // until told to stop.
+                        let deadline = (&mut stop).await.unwrap_or(self.shared.settings.drain_deadline);
+                        self.shutdown(deadline).await;
+                        return;
+                    }
+                }
+                () = async {
+                    match retry_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                Some(_) = self.stopping.join_next(), if !self.stopping.is_empty() => {}
+            }
+        }
+    }
+
+    async fn reconcile(&mut self, desired: &LocalWorkloads) {
+        // Stop what must not run (gone, un-enrolled, or changed).
+        let stale: Vec<Arc<str>> = self
+            .running
+            .iter()
+            .filter(|(uid, r)| match desired.get(*uid) {
+                Some(w) => enrolled_ip(w) != Some(r.ip) || w.identity != r.identity,
+                None => true,
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in stale {
+            if let Some(r) = self.running.remove(&uid) {
+                self.stop_pod(&uid, r, self.shared.settings.drain_deadline)
+                    .await;
+            }
+        }
+        self.failed
+            .retain(|uid, _| desired.get(uid).and_then(|w| enrolled_ip(w)).is_some());
+        // Start what should run.
+        let now = Instant::now();
+        for (uid, w) in desired.iter() {
+            let Some(ip) = enrolled_ip(w) else { continue };
+            if self.running.contains_key(uid) {
+                continue;
+            }
+            if self.failed.get(uid).is_some_and(|f| f.retry_at > now) {
+                continue;
+            }
+            match self.start_pod(w, ip).await {
+                Ok(running) => {
+                    self.failed.remove(uid);
+                    self.running.insert(uid.clone(), running);
+                }
+                Err(e) => {
+                    let attempts = self.failed.get(uid).map_or(0, |f| f.attempts) + 1;
+                    let exp = attempts.saturating_sub(1).min(16);
+                    let delay = (self.retry.initial * 2u32.pow(exp)).min(self.retry.max);
+                    let reason = error_chain(&e);
+                    tracing::warn!(
+                        pod = %format!("{}/{}", w.namespace, w.name),
+                        uid = %uid,
+                        %ip,
+                        reason = %reason,
+                        attempts,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "cannot enroll pod; will retry"
+                    );
+                    self.failed.insert(
+                        uid.clone(),
+                        Failed {
+                            attempts,
+                            retry_at: Instant::now() + delay,
+                            reason,
+                        },
+                    );
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let mut statuses = Statuses::new();
+        for (uid, r) in &self.running {
+            statuses.insert(
+                uid.clone(),
+                PodStatus::Enrolled {
+                    ip: r.ip,
+                    identity: r.identity.to_string(),
+                },
+            );
+        }
+        for (uid, f) in &self.failed {
+            statuses.insert(
+                uid.clone(),
+                PodStatus::Failed {
+                    reason: f.reason.clone(),
+                    attempts: f.attempts,
+                },
+            );
+        }
+        self.status.send_if_modified(|cur| {
+            if **cur == statuses {
+                false
+            } else {
+                *cur = Arc::new(statuses);
+                true
+            }
+        });
+    }
+
+    async fn start_pod(&mut self, w: &Workload, ip: IpAddr) -> Result<Running, EnrollError> {
+        // Start fetching the certificate now, so the first connection does not wait on the CA.
+        self.shared.certs.ensure(&w.identity);
+        let captured = match &self.capture {
+            CaptureMode::Node(manager) => manager.enroll(ip, &w.uid).await,
+            CaptureMode::Dedicated(rules) => capture::dedicated(&w.uid, rules.clone())
+                .await
+                .map(Arc::new),
+        };
+        let captured = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.certs.release(&w.identity);
+                return Err(EnrollError::Capture(e));
+            }
+        };
+        let Some(listeners) = captured.take_listeners() else {
+            // Re-capture from scratch on the next attempt.
+            self.remove_capture(&w.uid, &captured).await;
+            self.shared.certs.release(&w.identity);
+            return Err(EnrollError::ListenersTaken);
+        };
+        let pod = Arc::new(PodProxy::new(&self.shared, w, ip, captured.clone()));
+        let (trigger, watcher) = drain::channel();
+        let tasks = proxy::spawn(&self.shared, pod.clone(), listeners, watcher);
+        tracing::info!(pod = %pod.name, uid = %w.uid, %ip, identity = %w.identity, "pod enrolled");
+        Ok(Running {
+            ip,
+            identity: w.identity.clone(),
+            name: pod.name.clone(),
+            capture: captured,
+            drain: trigger,
+            tasks,
+        })
+    }
+
+    async fn remove_capture(&self, uid: &str, captured: &CapturedPod) {
+        let removed = match &self.capture {
+            CaptureMode::Node(manager) => manager.remove(uid).await.map(drop),
+            CaptureMode::Dedicated(_) => captured.teardown().await,
+        };
+        if let Err(e) = removed {
+            tracing::error!(uid, error = %error_chain(&e), "cannot remove capture rules");
+        }
+    }
+
+    /// Un-captures the pod now and drains its proxies in the background.
+    async fn stop_pod(&mut self, uid: &str, r: Running, deadline: Duration) {
+        tracing::info!(pod = %r.name, uid, "un-enrolling pod");
+        // Rules first: from here on new connections reach the app directly.
+        self.remove_capture(uid, &r.capture).await;
+        let certs = self.shared.certs.clone();
+        self.stopping.spawn(async move {
+            let Running {
+                name,
+                identity,
+                drain,
+                mut tasks,
+                ..
+            } = r;
+            let outcome = drain.drain_and_wait(deadline).await;
+            if let DrainOutcome::DeadlineExceeded { remaining } = outcome {
+                tracing::info!(pod = %name, remaining, "connections cut at the drain deadline");
+            }
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            certs.release(&identity);
+            tracing::info!(pod = %name, "pod un-enrolled");
+        });
+    }
+
+    async fn shutdown(&mut self, deadline: Duration) {
+        let uids: Vec<Arc<str>> = self.running.keys().cloned().collect();
+        for uid in uids {
+            if let Some(r) = self.running.remove(&uid) {
+                self.stop_pod(&uid, r, deadline).await;
+            }
+        }
+        self.failed.clear();
+        self.publish();
+        while self.stopping.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,196 @@
+//! The pod's inbound HBONE proxy (15008): the HBONE server with the pod's certificate, and a
+//! handler that decides on each `CONNECT` before the tunnel opens.
+//!
+//! `accept` (decide): [`decision::inbound`] on a state snapshot (the authority must be this
+//! pod and not one of ztunnel's ports, then L4 policy with the peer's authenticated identity)
+//! -> refusal with its status; otherwise dial the app *from the client's IP* (IP_TRANSPARENT,
+//! inside the pod) -> 503 if that fails. `serve` (do): copy until both sides close. Refusals
+//! and failures are logged and counted in `accept`, successes when `serve` ends.
+//!
+//! The server takes its TLS config from the pod's [`Credentials`](super::Credentials) on every
+//! connection, so a rotated certificate applies to the next handshake without a restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ambit_hbone::server::{ConnectRequest, Handler, Refusal, Server, ServerSettings};
+use ambit_hbone::stream::TunnelStream;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{error_outcome, labels, peer_of, PodProxy, ProxyError, Report, Shared};
+use crate::access_log::{Direction, Outcome, Protocol};
+use crate::decision::{self, Inbound};
+use crate::drain::DrainWatcher;
+use crate::metrics::{Reporter, ResponseFlags};
+
+/// Serves HBONE for the pod until drain (then GOAWAY, and the drain deadline for open streams).
+pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, drain: DrainWatcher) {
+    let settings = ServerSettings {
+        drain_deadline: shared.settings.drain_deadline,
+        ..ServerSettings::default()
+    };
+    let handler = InboundHandler {
+        shared: shared.clone(),
+        pod: pod.clone(),
+    };
+    let server = Server::new(listener, pod.credentials.clone(), handler, settings);
+    // The server task holds a watcher for as long as it runs (drain included), so the pod's
+    // drain waits for its tunnels.
+    let signal = drain.clone();
+    server
+        .run(async move {
+            let _ = signal.signaled().await;
+        })
+        .await;
+    drop(drain);
+    tracing::debug!(pod = %pod.name, "HBONE listener closed");
+}
+
+/// Decides and serves `CONNECT`s for one pod.
+pub struct InboundHandler {
+    shared: Shared,
+    pod: Arc<PodProxy>,
+}
+
+/// What `accept` hands to `serve`.
+pub struct Accepted {
+    upstream: TcpStream,
+    report: Report,
+}
+
+/// The one place an inbound decision's status becomes a refusal.
+fn refusal(status: u16, reason: String) -> Refusal {
+    match status {
+        401 => Refusal::Unauthenticated(reason),
+        403 => Refusal::Forbidden(reason),
+        503 => Refusal::Unreachable(reason),
+        _ => Refusal::BadRequest(reason),
+    }
+}
+
+fn flags_for(status: u16) -> ResponseFlags {
+    match status {
+        401 | 403 => ResponseFlags::Denied,
+        _ => ResponseFlags::NoHealthyUpstream,
+    }
+}
+
+impl Handler for InboundHandler {
+    type Accepted = Accepted;
+
+    async fn accept(&self, request: &ConnectRequest) -> Result<Accepted, Refusal> {
+        let started = Instant::now();
+        let (shared, pod) = (&self.shared, &self.pod);
+        let state = shared.state.snapshot();
+        let client = request.peer_addr;
+        let src = state.workload_by_ip(client.ip()).cloned();
+        let dst = state.workload_by_uid(&pod.uid).cloned();
+        let report = Report {
+            labels: labels(
+                Reporter::Destination,
+                src.as_deref(),
+                Some(&request.peer_identity),
+                dst.as_deref(),
+                None,
+                true,
+                ResponseFlags::None,
+            ),
+            src: peer_of(client, src.as_deref(), Some(&request.peer_identity)),
+            dst: peer_of(request.authority, dst.as_deref(), Some(&pod.identity)),
+            service: None,
+            direction: Direction::Inbound,
+            protocol: Protocol::Hbone,
+            started,
+        };
+        let Some(dst) = dst else {
+            let reason = format!("pod {} is no longer in the state", pod.name);
+            report.refused(
+                &shared.metrics,
+                ResponseFlags::NoHealthyUpstream,
+                Outcome::Refused {
+                    reason: reason.clone().into(),
+                },
+            );
+            return Err(Refusal::Unreachable(reason));
+        };
+        let decided = decision::inbound(
+            &state,
+            &dst,
+            Some(&request.peer_identity),
+            client.ip(),
+            &request.authority.to_string(),
+        );
+        drop(state);
+        let destination = match decided {
+            Inbound::Refuse { status, reason } => {
+                report.refused(
+                    &shared.metrics,
+                    flags_for(status),
+                    Outcome::Refused {
+                        reason: format!("{status}: {reason}").into(),
+                    },
+                );
+                return Err(refusal(status, reason));
+            }
+            Inbound::Accept {
+                destination,
+                audit,
+                reason,
+            } => {
+                tracing::debug!(pod = %pod.name, %destination, audit, reason, "inbound allowed");
+                destination
+            }
+        };
+        match dial_as_client(shared, pod, client, destination).await {
+            Ok(upstream) => Ok(Accepted { upstream, report }),
+            Err(e) => {
+                let outcome = error_outcome(&e);
+                report.refused(
+                    &shared.metrics,
+                    ResponseFlags::UpstreamConnectionFailure,
+                    outcome,
+                );
+                Err(Refusal::Unreachable(format!(
+                    "cannot connect to {destination}"
+                )))
+            }
+        }
+    }
+
+    async fn serve(&self, accepted: Accepted, mut stream: TunnelStream) {
+        let Accepted {
+            mut upstream,
+            report,
+        } = accepted;
+        report
+            .copy(&self.shared.metrics, &mut stream, &mut upstream)
+            .await;
+    }
+}
+
+/// Connects to the app inside the pod from `client`'s IP, so the app sees the real client.
+pub(crate) async fn dial_as_client(
+    shared: &Shared,
+    pod: &PodProxy,
+    client: SocketAddr,
+    destination: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
+    let dial = pod.capture.sockets().connect_from(client.ip(), destination);
+    match tokio::time::timeout(shared.settings.connect_timeout, dial).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(ProxyError::Socket(e)),
+        Err(_) => Err(ProxyError::Socket(
+            crate::capture::sockets::SocketError::Connect {
+                dst: destination,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("timed out after {:?}", shared.settings.connect_timeout),
+                ),
+            },
+        )),
+    }
+}

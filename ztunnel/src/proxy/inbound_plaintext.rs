@@ -1,0 +1,124 @@
+//! The pod's inbound plaintext proxy (15006): TCP from clients outside the mesh, TPROXYed
+//! by the capture rules. The accepted socket's local address is the original destination
+//! and its peer the real client.
+//!
+//! [`decision::inbound_plaintext`] refuses in strict mode (and applies policy without a
+//! source identity otherwise); an allowed connection is dialled to the app from the client's
+//! IP, like HBONE inbound, and copied. A refusal closes the connection: plain TCP has no
+//! status to send.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::inbound::dial_as_client;
+use super::{error_outcome, labels, peer_of, PodProxy, Report, Shared};
+use crate::access_log::{Direction, Outcome, Protocol};
+use crate::decision::{self, Inbound};
+use crate::drain::DrainWatcher;
+use crate::metrics::{Reporter, ResponseFlags};
+
+/// Accepts plaintext connections for the pod until drain.
+pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, drain: DrainWatcher) {
+    loop {
+        let accepted = tokio::select! {
+            _ = drain.signaled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let (shared, pod, watcher) = (shared.clone(), pod.clone(), drain.clone());
+                tokio::spawn(async move {
+                    let _ = watcher.run(handle(&shared, &pod, stream, peer)).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, error = %e, "inbound plaintext accept failed");
+                tokio::time::sleep(super::ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+    tracing::debug!(pod = %pod.name, "inbound plaintext listener closed");
+}
+
+async fn handle(shared: &Shared, pod: &PodProxy, mut client_stream: TcpStream, client: SocketAddr) {
+    let started = Instant::now();
+    let _ = client_stream.set_nodelay(true);
+    // TPROXY keeps the original destination as the socket's local address.
+    let original = match client_stream.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::debug!(pod = %pod.name, error = %e, "plaintext connection gone before handling");
+            return;
+        }
+    };
+    let state = shared.state.snapshot();
+    let src = state.workload_by_ip(client.ip()).cloned();
+    let dst = state.workload_by_uid(&pod.uid).cloned();
+    let report = Report {
+        labels: labels(
+            Reporter::Destination,
+            src.as_deref(),
+            None,
+            dst.as_deref(),
+            None,
+            false,
+            ResponseFlags::None,
+        ),
+        src: peer_of(client, src.as_deref(), None),
+        dst: peer_of(original, dst.as_deref(), Some(&pod.identity)),
+        service: None,
+        direction: Direction::Inbound,
+        protocol: Protocol::Tcp,
+        started,
+    };
+    let Some(dst) = dst else {
+        report.refused(
+            &shared.metrics,
+            ResponseFlags::NoHealthyUpstream,
+            Outcome::Refused {
+                reason: format!("pod {} is no longer in the state", pod.name).into(),
+            },
+        );
+        return;
+    };
+    let decided = decision::inbound_plaintext(
+        &state,
+        &dst,
+        client.ip(),
+        original,
+        shared.settings.strict_inbound,
+    );
+    drop(state);
+    match decided {
+        Inbound::Refuse { status, reason } => {
+            let flags = match status {
+                401 | 403 => ResponseFlags::Denied,
+                _ => ResponseFlags::NoHealthyUpstream,
+            };
+            report.refused(
+                &shared.metrics,
+                flags,
+                Outcome::Refused {
+                    reason: format!("{status}: {reason}").into(),
+                },
+            );
+        }
+        Inbound::Accept { destination, .. } => {
+            match dial_as_client(shared, pod, client, destination).await {
+                Ok(mut upstream) => {
+                    report
+                        .copy(&shared.metrics, &mut client_stream, &mut upstream)
+                        .await
+                }
+                Err(e) => report.refused(
+                    &shared.metrics,
+                    ResponseFlags::UpstreamConnectionFailure,
+                    error_outcome(&e),
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The data path: the three proxies ztunnel runs for every enrolled pod, on the listeners
+//! capture opened inside the pod's network namespace.
+//!
+//! - [`outbound`] (15001): the pod's own connections, REDIRECTed; decides with
+//!   [`decision::outbound`](crate::decision::outbound) and either passes through, or tunnels
+//!   over HBONE as the pod's identity.
+//! - [`inbound`] (15008): HBONE from other proxies; decides with
+//!   [`decision::inbound`](crate::decision::inbound) and dials the app *as the client*.
+//! - [`inbound_plaintext`] (15006): plain TCP from outside the mesh, TPROXYed; decides with
+//!   [`decision::inbound_plaintext`](crate::decision::inbound_plaintext).
+//!
+//! Every connection is decided first (a plain value from a state snapshot), then served; each
+//! ends with its metrics recorded and exactly one access-log line. [`PodProxy`] is what the
+//! three share for one pod: its identity's credentials (with the TLS configs cached per
+//! certificate), its HBONE pool (whose sockets are made inside the pod, so tunnels leave from
+//! the pod's IP), and its socket factory.
+
+pub mod credentials;
+pub mod inbound;
+pub mod inbound_plaintext;
+pub mod outbound;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_hbone::client::{ConnectError, Pool, PoolConfig};
+use ambit_hbone::copy::{CopyError, Transferred};
+use ambit_hbone::Identity;
+use tokio::task::JoinSet;
+
+use crate::access_log::{self, ConnectionLog, Direction, Outcome, Peer, Protocol};
+use crate::capture::sockets::SocketError;
+use crate::capture::{CapturedPod, PodListeners};
+use crate::certs::{CertManager, CertsError};
+use crate::decision::Balancer;
+use crate::drain::DrainWatcher;
+use crate::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
+use crate::state::{Service, StateReader, Workload};
+
+pub use credentials::Credentials;
+
+// Errors are built at most once per failed connection and carry the names an operator
+// needs (identities, addresses); boxing them would cost more than moving them.
+#[allow(clippy::result_large_err)]
+/// Why one proxied connection failed (refusals on purpose are not errors: they are
+/// decisions, logged with their reason).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The kernel could not tell where a captured connection was going.
+    #[error("cannot read the original destination of a captured connection")]
+    OriginalDst(#[source] std::io::Error),
+    /// The pod's identity has no usable certificate (yet, or any more).
+    #[error("no certificate for {identity} within {waited:?}")]
+    NoCertificate {
+        /// The pod's identity.
+        identity: Identity,
+        /// How long we waited for the certificate manager.
+        waited: Duration,
+        /// Why, when the manager said.
+        #[source]
+        source: Option<Box<CertsError>>,
+    },
+    /// Building a TLS configuration from the certificate failed.
+    #[error("cannot build a TLS configuration for {identity}")]
+    Tls {
+        /// The pod's identity.
+        identity: Identity,
+        #[source]
+        source: ambit_hbone::tls::TlsError,
+    },
+    /// A socket inside the pod could not be created or connected.
+    #[error("cannot connect from the pod")]
+    Socket(#[source] SocketError),
+    /// The HBONE tunnel could not be opened.
+    #[error("cannot open the HBONE tunnel")]
+    Tunnel(#[source] ConnectError),
+    /// Copying between the two sides failed part-way.
+    #[error("connection broke while copying")]
+    Copy(#[source] CopyError),
+}
+
+/// Knobs of the data path.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// The mesh's trust domain: peers' identities must be in it.
+    pub trust_domain: Arc<str>,
+    /// Refuse plaintext inbound connections (15006).
+    pub strict_inbound: bool,
+    /// How long a connection waits for its pod's first certificate.
+    pub cert_wait: Duration,
+    /// How long open connections get when a pod is un-enrolled or ztunnel drains.
+    pub drain_deadline: Duration,
+    /// TCP connect timeout for passthrough and for dials to the app.
+    pub connect_timeout: Duration,
+    /// HBONE pool tuning (one pool per pod).
+    pub pool: PoolConfig,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            trust_domain: Arc::from(ambit_hbone::identity::DEFAULT_TRUST_DOMAIN),
+            strict_inbound: false,
+            cert_wait: Duration::from_secs(10),
+            drain_deadline: crate::drain::DEFAULT_DRAIN_DEADLINE,
+            connect_timeout: Duration::from_secs(10),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+/// What every pod's proxies share: the state, certificates, metrics, load balancer.
+#[derive(Clone)]
+pub struct Shared {
+    pub state: StateReader,
+    pub certs: CertManager,
+    pub metrics: Metrics,
+    pub balancer: Balancer,
+    pub settings: Arc<ProxySettings>,
+}
+
+/// One enrolled pod as its proxies see it.
+pub struct PodProxy {
+    /// The pod uid: the key into the state (the workload is looked up per connection, so
+    /// policy and label changes apply without re-enrolling).
+    pub uid: Arc<str>,
+    /// `namespace/name`, for logs.
+    pub name: Arc<str>,
+    /// The pod IP it was enrolled with.
+    pub ip: IpAddr,
+    /// The identity the pod's tunnels carry.
+    pub identity: Identity,
+    /// The pod's capture (socket factory, namespace).
+    pub capture: Arc<CapturedPod>,
+    /// HBONE connections from this pod, made with sockets inside it.
+    pub pool: Pool,
+    /// The identity's certificate and TLS configs.
+    pub credentials: Credentials,
+}
+
+impl PodProxy {
+    /// The proxy state of `workload`, captured as `capture`.
+    pub fn new(
+        shared: &Shared,
+        workload: &Workload,
+        ip: IpAddr,
+        capture: Arc<CapturedPod>,
+    ) -> Self {
+        let factory = Arc::new(PodSockets(capture.sockets().clone()));
+        PodProxy {
+            uid: workload.uid.clone(),
+            name: Arc::from(format!("{}/{}", workload.namespace, workload.name)),
+            ip,
+            identity: workload.identity.clone(),
+            pool: Pool::with_socket_factory(shared.settings.pool.clone(), factory),
+            credentials: Credentials::new(
+                shared.certs.clone(),
+                workload.identity.clone(),
+                shared.settings.trust_domain.clone(),
+                shared.settings.cert_wait,
+            ),
+            capture,
+        }
+    }
+}
+
+/// The HBONE pool's sockets for one pod: marked, inside the pod's namespace.
+struct PodSockets(crate::capture::SocketFactory);
+
+impl ambit_hbone::client::SocketFactory for PodSockets {
+    fn new_socket(
+        &self,
+        _source: &Identity,
+        peer: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpSocket> {
+        self.0
+            .outbound_blocking(peer)
+            .map_err(|e| std::io::Error::other(crate::telemetry::error_chain(&e)))
+    }
+}
+
+/// Starts the pod's three proxies on `listeners`. They stop accepting when `drain` fires;
+/// every connection holds a clone of it, so the pod's drain trigger waits for them.
+pub fn spawn(
+    shared: &Shared,
+    pod: Arc<PodProxy>,
+    listeners: PodListeners,
+    drain: DrainWatcher,
+) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(outbound::serve(
+        shared.clone(),
+        pod.clone(),
+        listeners.outbound,
+        drain.clone(),
+    ));
+    tasks.spawn(inbound_plaintext::serve(
+        shared.clone(),
+        pod.clone(),
+        listeners.inbound,
+        drain.clone(),
+    ));
+    tasks.spawn(inbound::serve(shared.clone(), pod, listeners.hbone, drain));
+    tasks
+}
+
+/// Accept-loop back-off after a failed `accept` (usually EMFILE or a reset before accept).
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A peer as the access log shows it, from a workload of the state.
+pub(crate) fn peer_of(addr: SocketAddr, w: Option<&Workload>, id: Option<&Identity>) -> Peer {
+    Peer {
+        addr,
+        workload: w.map(|w| Arc::from(format!("{}/{}", w.namespace, w.name))),
+        identity: id.cloned().or_else(|| w.map(|w| w.identity.clone())),
+    }
+}
+
+/// Metric labels of one connection.
+pub(crate) fn labels(
+    reporter: Reporter,
+    src: Option<&Workload>,
+    src_identity: Option<&Identity>,
+    dst: Option<&Workload>,
+    service: Option<&Service>,
+    mtls: bool,
+    flags: ResponseFlags,
+) -> ConnectionLabels {
+    let mut l = ConnectionLabels::unknown(reporter);
+    if let Some(w) = src {
+        l.source_workload = w.workload_name.clone();
+        l.source_workload_namespace = w.namespace.clone();
+        l.source_principal = Arc::from(w.identity.to_string());
+    }
+    if let Some(id) = src_identity {
+        l.source_principal = Arc::from(id.to_string());
+    }
+    if let Some(w) = dst {
+        l.destination_workload = w.workload_name.clone();
+        l.destination_workload_namespace = w.namespace.clone();
+        l.destination_principal = Arc::from(w.identity.to_string());
+    }
+    if let Some(s) = service {
+        l.destination_service = s.hostname.clone();
+        l.destination_service_namespace = s.namespace.clone();
+    }
+    l.connection_security_policy = if mtls {
+        SecurityPolicy::MutualTls
+    } else {
+        SecurityPolicy::None
+    };
+    l.response_flags = flags;
+    l
+}
+
+/// How a finished connection is reported: the labels and log fields that do not change.
+pub(crate) struct Report {
+    pub labels: ConnectionLabels,
+    pub src: Peer,
+    pub dst: Peer,
+    pub service: Option<Arc<str>>,
+    pub direction: Direction,
+    pub protocol: Protocol,
+    pub started: Instant,
+}
+
+impl Report {
+    /// Records a connection that never carried bytes (refused, or failed to connect).
+    pub fn refused(mut self, metrics: &Metrics, flags: ResponseFlags, outcome: Outcome) {
+        self.labels.response_flags = flags;
+        drop(metrics.connection_opened(&self.labels));
+        self.log(Transferred::default(), flags, outcome);
+    }
+
+    /// Copies between the two sides, then records bytes and writes the log line.
+    /// `a` is the client side, `b` the destination side.
+    pub async fn copy<A, B>(self, metrics: &Metrics, a: &mut A, b: &mut B)
+    where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
+        let conn = metrics.connection_opened(&self.labels);
+        let (moved, outcome) = match ambit_hbone::copy::copy_bidirectional(a, b).await {
+            Ok(moved) => (moved, Outcome::Ok),
+            Err(e) => (
+                e.transferred(),
+                Outcome::Error {
+                    error: crate::telemetry::error_chain(&ProxyError::Copy(e)),
+                },
+            ),
+        };
+        conn.record_sent(moved.a_to_b);
+        conn.record_received(moved.b_to_a);
+        drop(conn);
+        self.log(moved, ResponseFlags::None, outcome);
+    }
+
+    fn log(self, moved: Transferred, flags: ResponseFlags, outcome: Outcome) {
+        access_log::log(&ConnectionLog {
+            src: self.src,
+            dst: self.dst,
+            service: self.service,
+            direction: self.direction,
+            protocol: self.protocol,
+            bytes_sent: moved.a_to_b,
+            bytes_received: moved.b_to_a,
+            duration: self.started.elapsed(),
+            outcome,
+            response_flags: flags,
+        });
+    }
+}
+
+/// An error as an access-log outcome, with its causes.
+pub(crate) fn error_outcome(e: &ProxyError) -> Outcome {
+    Outcome::Error {
+        error: crate::telemetry::error_chain(e),
+    }
+}

@@ -586,3 +586,65 @@ async fn dropping_a_captured_pod_still_removes_its_rules() -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Both ends enrolled, HBONE replaced by a plain TCP hop with a one-line header: A's app dials
+/// B's app; A's ztunnel takes it on 15001 and dials B:15008 from inside A (marked); B's ztunnel
+/// takes that on 15008 and dials B's app as A's IP. The app must see A, bytes must flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_ends_enrolled_end_to_end_through_15001_and_15008() -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("end_to_end")
+        .node("n1")
+        .node("n2")
+        .pod("a", "n1")
+        .pod("b", "n2")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let (a, b) = (topo.pod("a").clone(), topo.pod("b").clone());
+    let app = ReplyServer::start(&b, 9000)?;
+    let mgr = manager(&topo, RuleConfig::default());
+    let pod_a = mgr.enroll(ip(&a), "uid-a").await?;
+    let pod_b = mgr.enroll(ip(&b), "uid-b").await?;
+    let la = pod_a.take_listeners().context("listeners of a")?;
+    let lb = pod_b.take_listeners().context("listeners of b")?;
+
+    let (sock_a, sock_b) = (pod_a.sockets().clone(), pod_b.sockets().clone());
+    let b_ip = ip(&b);
+    let outbound = tokio::spawn(async move {
+        let (mut app_conn, peer) = la.outbound.accept().await?;
+        let dst = original_dst(&app_conn)?;
+        let mut tunnel = sock_a.connect(SocketAddr::new(b_ip, 15008)).await?;
+        tunnel
+            .write_all(format!("{dst} {}\n", peer.ip()).as_bytes())
+            .await?;
+        tokio::io::copy_bidirectional(&mut app_conn, &mut tunnel).await?;
+        anyhow::Ok(())
+    });
+    let inbound = tokio::spawn(async move {
+        let (mut tunnel, _) = lb.hbone.accept().await?;
+        let header = read_line(&mut tunnel).await?;
+        let (dst, src) = header.split_once(' ').context("header")?;
+        let (dst, src): (SocketAddr, IpAddr) = (dst.parse()?, src.parse()?);
+        let mut upstream = sock_b.connect_from(src, dst).await?;
+        tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await?;
+        anyhow::Ok(())
+    });
+
+    let (a2, dst) = (a.clone(), app.addr());
+    let (seen, echoed) = blocking(move || {
+        let mut c = connect_from(&a2, dst)?;
+        Ok((read_greeting(&mut c)?, echo(&mut c, b"across nodes")?))
+    })
+    .await?;
+    assert_eq!(seen.peer.ip(), ip(&a), "B's app sees A's pod IP");
+    assert_eq!(seen.local, app.addr());
+    assert_eq!(echoed, b"across nodes");
+    within("outbound side", outbound).await???;
+    within("inbound side", inbound).await???;
+
+    assert!(mgr.remove("uid-a").await?);
+    assert!(mgr.remove("uid-b").await?);
+    assert!(mgr.uids().await.is_empty());
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! `ambit-controller`: the control plane binary.
 //!
 //! One tokio runtime runs everything, because the work is small and bursty: the sources
-//! (today the local YAML folder; the Kubernetes watchers plug into the same
+//! (the local YAML folder with `--local-dir`, else the Kubernetes watchers, both through the
 //! [`Sources`] seam), the model worker (the only writer of the model), one task per
 //! discovery subscriber, and the gRPC server on `--listen` (15012: discovery now, the CA
 //! next, both over TLS once the CA provides certificates). SIGINT/SIGTERM stop the server;
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use ambit_controller::discovery::{DiscoveryOptions, DiscoveryService};
 use ambit_controller::model::{ModelBuilder, ModelConfig};
 use ambit_controller::server::GrpcServer;
+use ambit_controller::source::kube::KubeSource;
 use ambit_controller::source::local::{LocalOptions, LocalSource};
 use ambit_controller::source::Sources;
 use anyhow::{bail, Context};
@@ -32,6 +33,10 @@ struct Args {
     /// Folder of Kubernetes-format YAML to serve (local mode). Watched for changes.
     #[arg(long, env = "AMBIT_LOCAL_DIR")]
     local_dir: Option<PathBuf>,
+    /// Kubeconfig of the cluster to watch when `--local-dir` is not given; without it,
+    /// in-cluster credentials are used (else `KUBECONFIG` or `~/.kube/config`).
+    #[arg(long, conflicts_with = "local_dir")]
+    kubeconfig: Option<PathBuf>,
     /// Address of the gRPC server (discovery and CA).
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
@@ -127,7 +132,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             sources.add(LocalSource::new(dir, LocalOptions::default()));
         }
-        None => bail!("no source configured: pass --local-dir (the Kubernetes source is not part of this build yet)"),
+        None => {
+            let source = KubeSource::connect(args.kubeconfig.as_deref())
+                .await
+                .context("starting the Kubernetes source")?;
+            sources.add(source);
+        }
     }
     let mut model = ModelBuilder::new(config);
     let mut source_tasks = sources.spawn(&mut model);

@@ -695,3 +695,62 @@ async fn gateway_api_and_ambit_crds_flow_through_watches() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Kills the controller process when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(&namespace("apps", true))?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n\
+             users:\n- name: tester\n  user:\n    token: kubeconfig-token\n",
+            server.url()
+        ),
+    )?;
+    let _child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ambit-controller"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting ambit-controller")?,
+    );
+    // Every kind is listed and then watched, with the kubeconfig's credentials.
+    for plural in [
+        "namespaces",
+        "pods",
+        "endpointslices",
+        "authorizationpolicies",
+        "httproutes",
+    ] {
+        poll(&format!("the controller to watch {plural}"), || {
+            server.count(Verb::Watch, plural) >= 1
+        })
+        .await?;
+    }
+    let requests = server.requests();
+    assert!(requests.iter().any(|r| r.is(Verb::List, "pods")));
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.bearer.as_deref() == Some("kubeconfig-token")),
+        "a request without the kubeconfig's token"
+    );
+    Ok(())
+}

@@ -182,6 +182,14 @@ impl KubeSource {
         }
     }
 
+    /// A source for the cluster named by `kubeconfig`, else in-cluster credentials, else the
+    /// default kubeconfig (see [`client_config`]).
+    pub async fn connect(kubeconfig: Option<&Path>) -> Result<Self, KubeSourceError> {
+        let config = client_config(kubeconfig).await?;
+        let client = Client::try_from(config).map_err(KubeSourceError::Client)?;
+        Ok(Self::new(client))
+    }
+
     /// Sets the watcher settings (watch timeout, page size, bookmarks).
     pub fn watcher_config(mut self, config: watcher::Config) -> Self {
         self.config = config;

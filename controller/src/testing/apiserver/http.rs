@@ -47,11 +47,18 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     let route = route(&shared, &path);
     let verb = verb(&method, &path, &route, &query);
+    let bearer = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
     let fault = shared.record(RequestRecord {
         method: method.to_string(),
         path: path.clone(),
         query: query.clone(),
         verb,
+        bearer,
     });
     let result = match (route, fault) {
         (_, Some(fault)) => Err(fault),

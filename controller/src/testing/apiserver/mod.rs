@@ -89,6 +89,8 @@ pub struct RequestRecord {
     pub query: Vec<(String, String)>,
     /// What the request was.
     pub verb: Verb,
+    /// The bearer token the client authenticated with, if any.
+    pub bearer: Option<String>,
 }
 
 impl RequestRecord {

@@ -34,9 +34,9 @@ use h2::Reason;
 use http::{HeaderMap, Method, Request, StatusCode};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info};
 
-use crate::server::{BufferedTcp, H2Settings, TLS_READ_BUFFER};
+use crate::server::{keepalive_failed, BufferedTcp, H2Settings, Keepalive, TLS_READ_BUFFER};
 use crate::stream::TunnelStream;
 use crate::tls::ALPN_H2;
 use crate::Identity;
@@ -238,6 +238,8 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Flow control and framing.
     pub h2: H2Settings,
+    /// PINGs that find peers which vanished without closing; `None` disables them.
+    pub keepalive: Option<Keepalive>,
 }
 
 impl Default for PoolConfig {
@@ -248,6 +250,7 @@ impl Default for PoolConfig {
             response_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
             h2: H2Settings::default(),
+            keepalive: Some(Keepalive::default()),
         }
     }
 }
@@ -609,7 +612,37 @@ impl Pool {
                 peer,
                 source: Arc::new(e),
             })?;
-        let ping_pong = connection.ping_pong();
+        // Wait for the peer's SETTINGS before handing out streams: until they arrive we do
+        // not know its SETTINGS_MAX_CONCURRENT_STREAMS, and streams beyond it would queue
+        // inside h2 (stalling their callers) instead of going to another connection. The
+        // peer sends SETTINGS first, so once it answered a PING they have been applied.
+        // Costs one round trip per new connection, not per stream. It is also where a
+        // server that refused our certificate says so: in TLS 1.3 the client's handshake
+        // completes before the server has checked the client.
+        let mut ping_pong = connection.ping_pong();
+        let settled = async {
+            let ping = async {
+                match ping_pong.as_mut() {
+                    Some(ping_pong) => ping_pong.ping(h2::Ping::opaque()).await.map(drop),
+                    None => Ok(()),
+                }
+            };
+            tokio::select! {
+                pong = ping => pong,
+                // The connection must be polled for the PONG to arrive; it ending first
+                // means the peer closed it.
+                ended = &mut connection => Err(ended
+                    .err()
+                    .unwrap_or_else(|| h2::Error::from(Reason::REFUSED_STREAM))),
+            }
+        };
+        tokio::time::timeout_at(deadline, settled)
+            .await
+            .map_err(|_| timeout(Phase::Http2))?
+            .map_err(|e| ConnectError::Http2 {
+                peer,
+                source: Arc::new(e),
+            })?;
 
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
@@ -626,29 +659,10 @@ impl Pool {
             key.clone(),
             Arc::downgrade(&conn),
             connection,
+            ping_pong,
             config.idle_timeout,
+            config.keepalive,
         ));
-        // Wait for the peer's SETTINGS before handing out streams: until they arrive we do
-        // not know its SETTINGS_MAX_CONCURRENT_STREAMS, and streams beyond it would queue
-        // inside h2 (stalling their callers) instead of going to another connection. The
-        // peer sends SETTINGS first, so once it answered a PING they have been applied.
-        // Costs one round trip per new connection, not per stream.
-        if let Some(mut ping_pong) = ping_pong {
-            let pong = tokio::time::timeout_at(deadline, ping_pong.ping(h2::Ping::opaque())).await;
-            let failed = match pong {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(ConnectError::Http2 {
-                    peer,
-                    source: Arc::new(e),
-                }),
-                Err(_) => Some(timeout(Phase::Http2)),
-            };
-            if let Some(err) = failed {
-                // Dropping the last handle closes the connection; the driver then ends.
-                conn.mark_dead();
-                return Err(err);
-            }
-        }
         self.inner
             .stats
             .connections_opened
@@ -658,16 +672,18 @@ impl Pool {
     }
 }
 
-/// Drives one connection's I/O until it ends or stays idle too long, then evicts it.
+/// Drives one connection's I/O until it ends, stays idle too long or stops answering
+/// keepalive PINGs, then evicts it.
 async fn drive(
     pool: Weak<Inner>,
     key: Key,
     conn: Weak<Conn>,
-    connection: h2::client::Connection<tokio_rustls::client::TlsStream<BufferedTcp>, Bytes>,
+    mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<BufferedTcp>, Bytes>,
+    mut ping_pong: Option<h2::PingPong>,
     idle_timeout: Duration,
+    keepalive: Option<Keepalive>,
 ) {
     let id = conn.upgrade().map(|c| c.id);
-    tokio::pin!(connection);
     let ended = tokio::select! {
         result = &mut connection => {
             debug!(peer = %key.peer, ?id, ?result, "HBONE connection ended");
@@ -676,6 +692,11 @@ async fn drive(
         () = wait_idle(conn.clone(), idle_timeout) => {
             debug!(peer = %key.peer, ?id, "closing idle HBONE connection");
             false
+        }
+        () = keepalive_failed(ping_pong.as_mut(), keepalive) => {
+            // Dropping the connection below fails its streams at once.
+            info!(peer = %key.peer, ?id, "HBONE peer stopped answering PINGs, closing");
+            true
         }
     };
     if let Some(conn) = conn.upgrade() {

@@ -255,6 +255,8 @@ pub struct ServerSettings {
     pub max_concurrent_streams: u32,
     /// Flow control and framing.
     pub h2: H2Settings,
+    /// PINGs that find clients which vanished without closing; `None` disables them.
+    pub keepalive: Option<Keepalive>,
 }
 
 impl Default for ServerSettings {
@@ -264,6 +266,55 @@ impl Default for ServerSettings {
             drain_deadline: Duration::from_secs(30),
             max_concurrent_streams: 1000,
             h2: H2Settings::default(),
+            keepalive: Some(Keepalive::default()),
+        }
+    }
+}
+
+/// HTTP/2 PING keepalive. A peer that disappears without a FIN or RST (node lost, network
+/// partition) otherwise leaves its connection, every tunnel on it, and their upstream
+/// sockets open until TCP gives up many minutes later; a PING that goes unanswered
+/// closes them after `interval + timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between PINGs.
+    pub interval: Duration,
+    /// How long the peer has to answer one.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        // Detects a dead peer within 30 s; one 17-byte frame per 20 s is free.
+        Keepalive {
+            interval: Duration::from_secs(20),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Completes when the peer fails to answer a keepalive PING in time; never completes when
+/// keepalive is off or h2 gave no ping handle.
+pub(crate) async fn keepalive_failed(
+    ping_pong: Option<&mut h2::PingPong>,
+    keepalive: Option<Keepalive>,
+) {
+    let (Some(ping_pong), Some(keepalive)) = (ping_pong, keepalive) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(keepalive.interval).await;
+        let pong = tokio::time::timeout(keepalive.timeout, ping_pong.ping(h2::Ping::opaque()));
+        match pong.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                debug!(error = %err, "keepalive PING failed");
+                return;
+            }
+            Err(_) => {
+                debug!(timeout = ?keepalive.timeout, "keepalive PING unanswered");
+                return;
+            }
         }
     }
 }
@@ -429,6 +480,9 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
         if draining {
             h2.graceful_shutdown();
         }
+        let mut ping_pong = h2.ping_pong();
+        let keepalive = keepalive_failed(ping_pong.as_mut(), self.settings.keepalive);
+        tokio::pin!(keepalive);
         loop {
             tokio::select! {
                 // `accept` also drives the connection's I/O, for all streams; it returns None
@@ -458,10 +512,15 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
                     h2.graceful_shutdown();
                 }
                 Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                () = &mut keepalive => {
+                    info!(%peer, %identity, "HBONE client stopped answering PINGs, closing");
+                    break;
+                }
             }
         }
-        // The connection is closed; streams still running (their h2 side now fails) finish
-        // on their own.
+        // Dropping the connection fails whatever its streams still wait for, so their tasks
+        // (and the upstream sockets they hold) end too.
+        drop(h2);
         while streams.join_next().await.is_some() {}
     }
 

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ambit_hbone::client::{ConnectError, ConnectTarget, Pool, PoolConfig, SocketFactory};
-use ambit_hbone::server::{ConnectRequest, Handler, Refusal, Server, ServerSettings, ServerStats};
+use ambit_hbone::server::{
+    ConnectRequest, Handler, Keepalive, Refusal, Server, ServerSettings, ServerStats,
+};
 use ambit_hbone::stream::TunnelStream;
 use ambit_hbone::testing::TestPki;
 use ambit_hbone::{tls, Identity};
@@ -68,6 +70,8 @@ struct Seen {
 #[derive(Clone, Default)]
 struct TestHandler {
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// `serve` calls that returned.
+    finished: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl TestHandler {
@@ -108,10 +112,13 @@ impl Handler for TestHandler {
             _ => {
                 self.seen.lock().unwrap().push(seen);
                 let (mut r, mut w) = tokio::io::split(stream);
-                tokio::io::copy(&mut r, &mut w).await.unwrap();
-                w.shutdown().await.unwrap();
+                // Errors are for the client side to see; some tests cut tunnels on purpose.
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
             }
         }
+        self.finished.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -734,4 +741,96 @@ async fn sockets_come_from_the_factory_and_idle_connections_close() {
     echo_roundtrip(&mut stream, b"fresh").await;
     assert_eq!(factory.made.load(Ordering::Relaxed), 2);
     assert_eq!(server.stats.connections_accepted.load(Ordering::Relaxed), 2);
+}
+
+/// A TCP relay that can turn into a black hole: once frozen it swallows what it reads and
+/// keeps every socket open, like a peer whose node vanished.
+async fn freezable_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    async fn pump(
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+        frozen: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.load(Ordering::Relaxed) {
+                return std::future::pending().await;
+            }
+            if w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (a, _) = listener.accept().await.unwrap();
+            let b = tokio::net::TcpStream::connect(to).await.unwrap();
+            let ((ar, aw), (br, bw)) = (a.into_split(), b.into_split());
+            tokio::spawn(pump(ar, bw, f.clone()));
+            tokio::spawn(pump(br, aw, f.clone()));
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_closes_tunnels_through_a_vanished_peer() {
+    let pki = TestPki::new(TD);
+    let (client_id, server_id) = (id("app", "client"), id("app", "server"));
+    let handler = TestHandler::default();
+    let keepalive = Some(Keepalive {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(200),
+    });
+    let server = start_server(
+        &pki,
+        &server_id,
+        handler.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerSettings {
+            keepalive,
+            ..ServerSettings::default()
+        },
+    )
+    .await;
+    let (relay, frozen) = freezable_relay(server.addr).await;
+    let pool = Pool::new(PoolConfig {
+        keepalive,
+        ..PoolConfig::default()
+    });
+    let mut stream = pool
+        .connect(target(&pki, &client_id, &server_id, relay, "10.0.0.1:7"))
+        .await
+        .unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0; 4];
+    stream.read_exact(&mut buf).await.unwrap();
+    // Quiet for several keepalive intervals: PINGs are answered, nothing is closed.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stream.write_all(b"pong").await.unwrap();
+    stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+
+    frozen.store(true, Ordering::Relaxed);
+    // The client gives up on the silent peer: the tunnel fails rather than hanging...
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Err(_))), "{read:?}");
+    assert_eq!(pool.connection_count(), 0);
+    // ...and the server gives up on the silent client, ending the tunnel's handler.
+    let finished = async {
+        while handler.finished.load(Ordering::Relaxed) != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), finished)
+        .await
+        .expect("server kept the tunnel of a silent client");
 }

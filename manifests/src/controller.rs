@@ -206,6 +206,9 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
             run_as_non_root: Some(true),
             run_as_user: Some(NONROOT),
             run_as_group: Some(NONROOT),
+            // Mounted Secrets and projected tokens are group-owned by fsGroup, so the non-root
+            // user can read them.
+            fs_group: Some(NONROOT),
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".to_owned(),
                 ..SeccompProfile::default()
@@ -223,7 +226,7 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
                 secret: Some(SecretVolumeSource {
                     secret_name: Some(CA_SECRET.to_owned()),
                     optional: Some(true),
-                    default_mode: Some(0o400),
+                    default_mode: Some(0o440),
                     ..SecretVolumeSource::default()
                 }),
                 ..Volume::default()

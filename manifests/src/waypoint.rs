@@ -175,6 +175,9 @@ pub fn render(p: &WaypointParams<'_>) -> Result<WaypointObjects, WaypointError> 
             run_as_non_root: Some(true),
             run_as_user: Some(NONROOT),
             run_as_group: Some(NONROOT),
+            // Mounted Secrets and projected tokens are group-owned by fsGroup, so the non-root
+            // user can read them.
+            fs_group: Some(NONROOT),
             seccomp_profile: Some(SeccompProfile {
                 type_: "RuntimeDefault".to_owned(),
                 ..SeccompProfile::default()

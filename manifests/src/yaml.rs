@@ -28,10 +28,13 @@ fn is_plain_safe(s: &str) -> bool {
     // and indicators.
     (first.is_ascii_alphabetic() || first == '/')
         && !s.ends_with(':')
+        && !s.ends_with(' ')
         && !s.contains(": ")
         && !s.contains(" #")
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':' | '@'))
+        && s.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(c, '-' | '_' | '.' | '/' | ':' | '@' | ' ' | ',' | '(' | ')')
+        })
         && !RESERVED.iter().any(|r| r.eq_ignore_ascii_case(s))
 }
 
@@ -157,6 +160,8 @@ mod tests {
             "x:",
             "2001-12-14",
             "a\nb",
+            "x ",
+            "a, b #c",
         ] {
             assert!(!is_plain_safe(s), "{s:?}");
             let doc = to_string(&json!({ "k": s }));
@@ -172,8 +177,12 @@ mod tests {
             "NET_ADMIN",
             "yesterday",
             "none",
+            "/var/run/netns",
+            "Who the peer is (any), within reason",
         ] {
             assert!(is_plain_safe(s), "{s:?}");
+            let back: Value = serde_yaml::from_str(&to_string(&json!({ "k": s }))).unwrap();
+            assert_eq!(back["k"], s);
         }
     }
 

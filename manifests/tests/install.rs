@@ -452,6 +452,8 @@ fn controller_is_hardened_and_exposes_15012_and_15014() {
     let pod = deployment.spec.template.spec.unwrap();
     let psc = pod.security_context.unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
+    // The CA Secret is readable by the non-root user through its group.
+    assert!(psc.fs_group.is_some() && psc.fs_group == psc.run_as_group);
     assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
     let c = &pod.containers[0];
     let sc = c.security_context.clone().unwrap();

@@ -6,6 +6,8 @@
 //!   certificates and the mutual-TLS configs that check identities.
 //! - [`server`], [`client`], [`stream`], [`copy`]: the HBONE tunnel (HTTP/2 `CONNECT` over
 //!   that mutual TLS): the server, the pooled client, the tunnel stream, and a copy loop.
+//! - [`control`]: the proxies' TLS channel to the controller (gRPC), checking its SPIFFE
+//!   identity against the mesh root.
 //!
 //! This crate knows nothing of Kubernetes, discovery or policy: callers decide who may
 //! talk to whom; this crate proves who is talking and carries the bytes.
@@ -13,6 +15,7 @@
 pub mod ca;
 pub mod cert;
 pub mod client;
+pub mod control;
 pub mod copy;
 pub mod csr;
 pub mod identity;

@@ -293,6 +293,21 @@ pub fn client_config_rotating(
     Ok(Arc::new(config))
 }
 
+/// The check [`client_config`] makes of a server (chain to `bundle`, exactly `expected`),
+/// for clients that present no certificate of their own: the controller connection in
+/// [`crate::control`], where proxies authenticate with a bearer token instead.
+pub(crate) fn server_verifier(
+    bundle: &TrustBundle,
+    expected: &Identity,
+) -> Arc<dyn ServerCertVerifier> {
+    Arc::new(SpiffeServerVerifier {
+        roots: bundle.store.clone(),
+        trust_domain: bundle.trust_domain.clone(),
+        expected: expected.clone(),
+        algorithms: provider().signature_verification_algorithms,
+    })
+}
+
 /// The identity the peer proved during the handshake (its certificate was verified by
 /// the configs above), for the server to hand to policy.
 pub fn peer_identity(state: &CommonState) -> Result<Identity, TlsError> {
@@ -305,7 +320,7 @@ pub fn peer_identity_from_certs(certs: &[CertificateDer<'_>]) -> Result<Identity
     cert::identity_of(leaf).map_err(TlsError::PeerIdentity)
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

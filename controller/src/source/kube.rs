@@ -452,3 +452,44 @@ fn key_of<K: Resource>(kind: Kind, obj: &K) -> ObjectKey {
         meta.name.as_deref().unwrap_or_default(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16, reason: &str) -> kube::core::Status {
+        kube::core::Status {
+            code,
+            reason: reason.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn classifies_watcher_failures() {
+        let list = |code| {
+            watcher::Error::InitialListFailed(kube::Error::Api(Box::new(api_error(code, "x"))))
+        };
+        assert_eq!(classify(&list(404)), Failure::NotServed);
+        assert_eq!(classify(&list(403)), Failure::Other);
+        let gone = watcher::Error::WatchError(Box::new(api_error(410, "Expired")));
+        assert_eq!(classify(&gone), Failure::Expired);
+        let other = watcher::Error::WatchError(Box::new(api_error(500, "InternalError")));
+        assert_eq!(classify(&other), Failure::Other);
+    }
+
+    #[test]
+    fn ready_exactly_once_when_the_last_kind_lists() {
+        let (tx, rx) = watch::channel(false);
+        let tracker = SyncTracker {
+            pending: Mutex::new([Kind::Pod, Kind::Node].into_iter().collect()),
+            ready: tx,
+        };
+        assert!(!tracker.listed(Kind::Pod));
+        assert!(!tracker.listed(Kind::Pod), "a relist does not count twice");
+        assert!(!*rx.borrow());
+        assert!(tracker.listed(Kind::Node));
+        assert!(*rx.borrow());
+        assert!(!tracker.listed(Kind::Node), "Synced is sent once");
+    }
+}

@@ -181,6 +181,12 @@ pub struct TokenUser {
 }
 
 impl TokenUser {
+    /// The same user with a token valid only for these audiences (as projected tokens are).
+    pub fn with_audiences(mut self, audiences: &[&str]) -> Self {
+        self.audiences = audiences.iter().map(|a| (*a).to_owned()).collect();
+        self
+    }
+
     /// A projected service-account token bound to a pod on a node, as kubelet mounts them.
     pub fn service_account(namespace: &str, sa: &str, pod: &str, node: &str) -> Self {
         let one = |v: &str| vec![v.to_owned()];

@@ -231,6 +231,28 @@ async fn token_review_answers_from_registered_tokens() {
         .await
         .expect("review");
     assert_ne!(bad.status.and_then(|s| s.authenticated), Some(true));
+    // A token projected for the CA's audience is accepted for it, and says so.
+    let ca_user =
+        TokenUser::service_account("a", "sa1", "p1", "node-1").with_audiences(&["ambit-ca"]);
+    server.add_token("t2", ca_user);
+    let for_ca = review("t2", Some(vec!["ambit-ca".to_owned()]));
+    let ok = reviews
+        .create(&PostParams::default(), &for_ca)
+        .await
+        .expect("review");
+    let status = ok.status.expect("status");
+    assert_eq!(status.authenticated, Some(true));
+    assert_eq!(status.audiences, Some(vec!["ambit-ca".to_owned()]));
+    let default_aud = reviews
+        .create(&PostParams::default(), &review("t2", None))
+        .await;
+    assert_ne!(
+        default_aud
+            .expect("review")
+            .status
+            .and_then(|s| s.authenticated),
+        Some(true)
+    );
     let wrong_aud = review("t1", Some(vec!["other".to_owned()]));
     let bad = reviews
         .create(&PostParams::default(), &wrong_aud)

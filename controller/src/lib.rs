@@ -4,9 +4,11 @@
 //! The flow is one-way: sources ([`source`]) turn Kubernetes-format objects into
 //! [`model::SourceEvent`]s; the [`model`] keeps the objects, derives the wire resources
 //! proxies need and publishes versioned snapshots; the [`discovery`] service filters a
-//! snapshot per proxy and pushes only what changed. This crate does not talk to proxies'
+//! snapshot per proxy and pushes only what changed. The [`ca`] signs workload certificates
+//! for authenticated callers, authorized against the same model. This crate does not talk to proxies'
 //! data paths and holds no per-connection state beyond discovery subscriptions.
 
+pub mod ca;
 pub mod crd;
 pub mod discovery;
 pub mod model;

@@ -1,0 +1,326 @@
+//! Shared by the `ztunnel_*` end-to-end tests: a mesh of in-process ztunnels (one `App` per
+//! node of a [`Topology`]) fed by one static state file, a CA client backed by a real
+//! [`CertificateAuthority`], and helpers to read metrics, sniff the fabric and talk HBONE
+//! from inside a pod.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ambit_hbone::ca::CertificateAuthority;
+use ambit_hbone::cert::WorkloadCertificate;
+use ambit_hbone::Identity;
+use ambit_tests::{Pod, Topology};
+use ambit_ztunnel::app::App;
+use ambit_ztunnel::capture::{NetnsHandle, NetnsWorker};
+use ambit_ztunnel::certs::{CaClient, CertsError, SignedChain};
+use ambit_ztunnel::config::Config;
+use ambit_ztunnel::enrollment::PodStatus;
+use anyhow::{bail, Context};
+
+/// Bound of every wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Signs with a real CA, valid from a second ago for `validity`, so rotation happens at
+/// half of `validity` (the production CA backdates a minute, which would put a short-lived
+/// certificate past its half-life on arrival).
+#[derive(Clone)]
+pub struct TestCa {
+    pub ca: Arc<CertificateAuthority>,
+    pub validity: Duration,
+    pub issued: Arc<AtomicUsize>,
+}
+
+impl TestCa {
+    pub fn new(validity: Duration) -> Self {
+        TestCa {
+            ca: Arc::new(
+                CertificateAuthority::generate("cluster.local", Duration::from_secs(86400))
+                    .expect("generate CA"),
+            ),
+            validity,
+            issued: Arc::default(),
+        }
+    }
+
+    /// A certificate for `identity` (for test clients speaking HBONE themselves).
+    pub fn issue(&self, identity: &Identity) -> WorkloadCertificate {
+        let req = ambit_hbone::csr::new_csr(identity).expect("csr");
+        let signed = self.sign_now(&req.csr_pem).expect("sign");
+        let chain = ambit_hbone::cert::parse_pem_certs(&signed.cert_chain.concat()).expect("chain");
+        WorkloadCertificate::new(chain, req.private_key(), self.ca.trust_roots()).expect("cert")
+    }
+
+    fn sign_now(&self, csr_pem: &str) -> Result<SignedChain, CertsError> {
+        let refused = |e: &dyn std::error::Error| CertsError::Refused {
+            reason: e.to_string(),
+        };
+        let csr = self
+            .ca
+            .validate_csr(csr_pem, None)
+            .map_err(|e| refused(&e))?;
+        let now = SystemTime::now();
+        let chain = self
+            .ca
+            .sign_between(&csr, now - Duration::from_secs(1), now + self.validity)
+            .map_err(|e| refused(&e))?;
+        self.issued.fetch_add(1, Ordering::Relaxed);
+        Ok(SignedChain {
+            cert_chain: chain
+                .iter()
+                .map(|c| ambit_hbone::cert::to_pem(c.as_ref()))
+                .collect(),
+            trust_roots: self.ca.roots_pem(),
+        })
+    }
+}
+
+impl CaClient for TestCa {
+    async fn sign(&self, csr_pem: String, _validity: Duration) -> Result<SignedChain, CertsError> {
+        self.sign_now(&csr_pem)
+    }
+}
+
+/// One workload of the state file.
+pub fn workload(pod: &Pod, namespace: &str, sa: &str, node: &str, enrolled: bool) -> String {
+    format!(
+        "  - name: {}\n    namespace: {namespace}\n    serviceAccount: {sa}\n    node: {node}\n    addresses: [{}]\n    protocol: {}\n",
+        pod.name,
+        pod.ip,
+        if enrolled { "HBONE" } else { "TCP" }
+    )
+}
+
+/// The uid the static file gives a workload.
+pub fn uid(namespace: &str, pod: &Pod) -> String {
+    format!("{namespace}/{}", pod.name)
+}
+
+/// ztunnels for the nodes of a topology, sharing one state file.
+pub struct Mesh {
+    pub ca: TestCa,
+    pub state_file: PathBuf,
+    pub apps: Vec<(String, App)>,
+}
+
+impl Mesh {
+    /// Starts one ztunnel per node in `nodes`, each configured by `tweak`.
+    pub async fn start(
+        topo: &Topology,
+        nodes: &[&str],
+        state: &str,
+        ca: TestCa,
+        tweak: impl Fn(&str, &mut Config),
+    ) -> anyhow::Result<Mesh> {
+        let state_file = std::env::temp_dir().join(format!("ambit-{}-state.yaml", topo.prefix()));
+        std::fs::write(&state_file, state)?;
+        let mut apps = Vec::new();
+        for node in nodes {
+            let mut config =
+                Config::for_tests(node, state_file.clone(), topo.netns_dir().to_path_buf());
+            tweak(node, &mut config);
+            let app = App::start(config, ca.clone())
+                .await
+                .with_context(|| format!("start ztunnel for {node}"))?;
+            apps.push((node.to_string(), app));
+        }
+        Ok(Mesh {
+            ca,
+            state_file,
+            apps,
+        })
+    }
+
+    pub fn app(&self, node: &str) -> &App {
+        match self.apps.iter().find(|(n, _)| n == node) {
+            Some((_, app)) => app,
+            None => panic!("no ztunnel for {node}"),
+        }
+    }
+
+    /// Replaces the state and makes every ztunnel apply it now.
+    pub async fn set_state(&self, state: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.state_file, state)?;
+        for (node, app) in &self.apps {
+            app.reload_state()
+                .await
+                .with_context(|| format!("{node}: reload"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `uid` is enrolled (or, with `false`, not) on `node`'s ztunnel.
+    pub async fn wait_enrolled(&self, node: &str, uid: &str, enrolled: bool) -> anyhow::Result<()> {
+        let mut rx = self.app(node).enrollment();
+        let check = |s: &ambit_ztunnel::enrollment::Statuses| {
+            matches!(s.get(uid), Some(PodStatus::Enrolled { .. })) == enrolled
+        };
+        let waited = tokio::time::timeout(WAIT, rx.wait_for(|s| check(s))).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => bail!(
+                "{node}: {uid} did not become enrolled={enrolled}: {:?}",
+                self.app(node).enrollment().borrow()
+            ),
+        }
+    }
+
+    /// Waits until every identity of `node` has a certificate.
+    pub async fn wait_certs(&self, node: &str) -> anyhow::Result<()> {
+        let app = self.app(node);
+        let ids = app.certs().identities();
+        tokio::time::timeout(WAIT, app.certs().wait_all_ready(&ids))
+            .await
+            .context("certificates did not arrive")??;
+        Ok(())
+    }
+
+    pub async fn shutdown(self) {
+        for (_, app) in self.apps {
+            app.shutdown().await;
+        }
+        let _ = std::fs::remove_file(&self.state_file);
+    }
+}
+
+/// Sum of the samples of `metric` (e.g. `istio_tcp_connections_opened_total`) whose labels
+/// contain every `k="v"` of `labels`.
+pub fn metric(app: &App, metric: &str, labels: &[(&str, &str)]) -> u64 {
+    let text = app.metrics().encode().expect("encode metrics");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Polls `cond` until it holds, for at most [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Runs a blocking fixture call off the runtime.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// Connects from `pod` to `dst`, reads the reply server's greeting and echoes `payload`;
+/// returns the client address the server saw.
+pub async fn round_trip(pod: &Pod, dst: SocketAddr, payload: &[u8]) -> anyhow::Result<SocketAddr> {
+    let (pod, payload) = (pod.clone(), payload.to_vec());
+    blocking(move || {
+        let mut s = ambit_tests::connect_from(&pod, dst)?;
+        let seen = ambit_tests::read_greeting(&mut s)?;
+        let back = ambit_tests::echo(&mut s, &payload)?;
+        if back != payload {
+            bail!("echo came back different");
+        }
+        Ok(seen.peer)
+    })
+    .await
+}
+
+/// Records every frame on every interface of a namespace (the fabric) until dropped.
+pub struct Sniffer {
+    stop: Arc<AtomicBool>,
+    frames: Arc<Mutex<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sniffer {
+    pub fn start(netns: &str) -> anyhow::Result<Self> {
+        // ETH_P_ALL in network byte order.
+        let socket = ambit_tests::in_netns(netns, || {
+            socket2::Socket::new(
+                socket2::Domain::PACKET,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::from(0x0300)),
+            )
+        })??;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let thread = std::thread::spawn({
+            let (stop, frames) = (stop.clone(), frames.clone());
+            move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = (&socket).read(&mut buf) {
+                        frames
+                            .lock()
+                            .expect("sniffer lock")
+                            .extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+        });
+        Ok(Sniffer {
+            stop,
+            frames,
+            thread: Some(thread),
+        })
+    }
+
+    /// Everything captured so far, frames concatenated.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.frames.lock().expect("sniffer lock").clone()
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// HBONE pool sockets made inside a pod's namespace (the test acting as a mesh peer).
+pub struct PodSocketFactory(pub NetnsWorker);
+
+impl PodSocketFactory {
+    pub fn for_pod(pod: &Pod) -> anyhow::Result<Self> {
+        let handle = NetnsHandle::open(format!("/var/run/netns/{}", pod.netns))?;
+        Ok(PodSocketFactory(NetnsWorker::spawn(handle)?))
+    }
+}
+
+impl ambit_hbone::client::SocketFactory for PodSocketFactory {
+    fn new_socket(
+        &self,
+        _source: &Identity,
+        _peer: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpSocket> {
+        self.0
+            .run_blocking(|| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                s.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(s)
+            })
+            .map_err(std::io::Error::other)?
+            .map(|s| tokio::net::TcpSocket::from_std_stream(s.into()))
+    }
+}

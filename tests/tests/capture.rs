@@ -527,7 +527,12 @@ fn dedicated_mode_captures_the_current_namespace() -> anyhow::Result<()> {
             .enable_all()
             .build()?;
         rt.block_on(async move {
-            let pod = dedicated("vm", RuleConfig::default()).await?;
+            let pod = dedicated("vm", RuleConfig::dedicated()).await?;
+            // The dedicated-mode exclusions (ztunnel's own ports, the controller) are installed.
+            let saved =
+                String::from_utf8(std::process::Command::new("iptables-save").output()?.stdout)?;
+            assert!(saved.contains("-A AMBIT_PRERT -p tcp -m tcp --dport 15020 -j RETURN"));
+            assert!(saved.contains("-A AMBIT_OUTPUT -p tcp -m tcp --dport 15012 -j RETURN"));
             let listeners = pod.take_listeners().context("listeners already taken")?;
             let mut app = TcpStream::connect(target).await?;
             let (mut accepted, _) =

@@ -163,20 +163,26 @@ impl CapturedPod {
                 source,
             })?;
         // Registration needs the runtime, so it happens here rather than on the worker.
+        // The closure returns the small (addr, io error) pair; the large InpodError is built
+        // once, below (clippy::result_large_err).
         let register = |listener: std::net::TcpListener| {
             let addr = listener
                 .local_addr()
                 .unwrap_or_else(|_| SocketAddr::new(any, 0));
-            TcpListener::from_std(listener).map_err(|source| InpodError::Listen {
-                uid: uid.clone(),
-                addr,
-                netns: path.clone(),
-                source,
-            })
+            TcpListener::from_std(listener).map_err(|source| (addr, source))
+        };
+        let listen_error = |(addr, source)| InpodError::Listen {
+            uid: uid.clone(),
+            addr,
+            netns: path.clone(),
+            source,
         };
         let [outbound, inbound, hbone] = opened;
-        let (outbound, inbound, hbone) =
-            (register(outbound)?, register(inbound)?, register(hbone)?);
+        let (outbound, inbound, hbone) = (
+            register(outbound).map_err(listen_error)?,
+            register(inbound).map_err(listen_error)?,
+            register(hbone).map_err(listen_error)?,
+        );
 
         let cfg = rules.clone();
         let applied = worker
@@ -405,7 +411,7 @@ impl CaptureManager {
 /// ztunnel's own outbound connections there (to the controller, to peers) must use
 /// [`CapturedPod::sockets`] or be listed in `rules.outbound_exclude_ports`, and its admin,
 /// metrics and readiness ports (and e.g. ssh) in `rules.inbound_exclude_ports`: every other TCP
-/// connection in the namespace is captured.
+/// connection in the namespace is captured. [`RuleConfig::dedicated`] has those exclusions.
 pub async fn dedicated(uid: &str, rules: RuleConfig) -> Result<CapturedPod, InpodError> {
     let handle = NetnsHandle::current().map_err(|source| InpodError::Worker {
         uid: Arc::from(uid),

@@ -2,8 +2,8 @@
 //! atomically with `iptables-restore --noflush`, plus the policy routing that TPROXY needs.
 //!
 //! Everything here acts on the network namespace of the *calling thread* (commands are spawned as
-//! children of it and inherit it), so callers run it on the pod's [`NetnsWorker`]
-//! (`super::netns::NetnsWorker`). Rules live in our own chains (`AMBIT_PRERT`, `AMBIT_OUTPUT`),
+//! children of it and inherit it), so callers run it on the pod's
+//! [`NetnsWorker`](super::netns::NetnsWorker). Rules live in our own chains (`AMBIT_PRERT`, `AMBIT_OUTPUT`),
 //! reached by one jump each from the built-in chains, so removal deletes exactly what we added and
 //! re-applying replaces our rules in one transaction instead of stacking duplicates.
 //!
@@ -120,6 +120,17 @@ impl Default for RuleConfig {
 }
 
 impl RuleConfig {
+    /// Defaults for dedicated mode, where ztunnel shares the namespace it captures: its
+    /// admin, metrics and readiness ports and ssh stay reachable, and its own connections to
+    /// the controller (15012) are not captured even when made without the socket factory.
+    pub fn dedicated() -> Self {
+        Self {
+            inbound_exclude_ports: vec![22, 15000, 15020, 15021],
+            outbound_exclude_ports: vec![15012],
+            ..Self::default()
+        }
+    }
+
     fn fwmark(&self) -> String {
         format!("{:#x}/{:#x}", self.tproxy_mark, self.mask)
     }

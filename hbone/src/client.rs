@@ -639,10 +639,7 @@ impl Pool {
         tokio::time::timeout_at(deadline, settled)
             .await
             .map_err(|_| timeout(Phase::Http2))?
-            .map_err(|e| ConnectError::Http2 {
-                peer,
-                source: Arc::new(e),
-            })?;
+            .map_err(|e| setup_error(peer, &target.expected_identity, e))?;
 
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
@@ -669,6 +666,36 @@ impl Pool {
             .fetch_add(1, Ordering::Relaxed);
         debug!(%peer, source = %key.source, id = conn.id, "HBONE connection established");
         Ok(conn)
+    }
+}
+
+/// An HTTP/2 error while a connection is being set up, as a TLS error when it is one: a
+/// TLS 1.3 server reports a refused client certificate with an alert after the client's
+/// handshake already completed, so it surfaces here rather than in the handshake.
+/// tokio-rustls reports every TLS failure (alerts included) as `InvalidData`, which TCP
+/// never produces, and h2 keeps only the kind and message of I/O errors, so the kind is
+/// what tells them apart.
+fn setup_error(peer: SocketAddr, expected: &Identity, err: h2::Error) -> ConnectError {
+    let is_tls = err
+        .get_io()
+        .is_some_and(|io| io.kind() == io::ErrorKind::InvalidData);
+    if !is_tls {
+        return ConnectError::Http2 {
+            peer,
+            source: Arc::new(err),
+        };
+    }
+    match err.into_io() {
+        Some(io) => ConnectError::Tls {
+            peer,
+            expected: expected.clone(),
+            source: Arc::new(io),
+        },
+        // Not reached: `is_tls` saw an I/O error.
+        None => ConnectError::Http2 {
+            peer,
+            source: Arc::new(h2::Error::from(Reason::PROTOCOL_ERROR)),
+        },
     }
 }
 

@@ -834,3 +834,36 @@ async fn keepalive_closes_tunnels_through_a_vanished_peer() {
         .await
         .expect("server kept the tunnel of a silent client");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_server_does_not_trust_gets_a_tls_error() {
+    let pki = TestPki::new(TD);
+    let stranger_pki = TestPki::new(TD);
+    let (client_id, server_id) = (id("app", "client"), id("app", "server"));
+    let handler = TestHandler::default();
+    let server = start_server(
+        &pki,
+        &server_id,
+        handler.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServerSettings::default(),
+    )
+    .await;
+    let pool = Pool::new(PoolConfig::default());
+    // The client trusts the server's CA but its own certificate comes from another CA.
+    let mut t = target(&pki, &client_id, &server_id, server.addr, "10.0.0.1:7");
+    let mut roots = pki.bundle().roots().to_vec();
+    roots.extend(stranger_pki.bundle().roots().iter().cloned());
+    let bundle = tls::TrustBundle::new(TD, roots).unwrap();
+    t.tls = tls::client_config(&stranger_pki.issue(&client_id), &bundle, &server_id).unwrap();
+
+    let err = pool.connect(t).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err:?}");
+    assert!(err.to_string().contains("alert"), "{err}");
+    assert!(handler.seen().is_empty());
+    assert_eq!(server.stats.handshakes_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        server.stats.connections_established.load(Ordering::Relaxed),
+        0
+    );
+}

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, Authorizations};
-use super::{typed, FieldError, Key, Kind, ModelConfig, ModelError, Store};
+use super::{typed, typed_in, FieldError, Key, Kind, ModelConfig, ModelError, Store};
 use crate::crd::gateway::WAYPOINT_CLASS;
 
 /// Namespace label that enrolls its pods (`ambient`); on a pod, `none` opts it out.
@@ -446,18 +446,16 @@ fn service<'a>(
         })
         .collect();
 
-    let slices: Vec<_> = typed!(store, EndpointSlice)
+    let slices: Vec<_> = typed_in!(store, EndpointSlice, &namespace)
         .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(namespace.as_str())
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    == Some(&name)
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                == Some(&name)
         })
         .collect();
-    let pods_in_ns: Vec<&Pod> = typed!(store, Pod)
-        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace.as_str()))
+    let pods_in_ns: Vec<&Pod> = typed_in!(store, Pod, &namespace)
         .filter(|p| !matches!(pod_phase(p), Some("Succeeded" | "Failed")))
         .collect();
     let uid_of = |p: &Pod| {

@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, watch};
 
 pub use derive::{derive, Derived, DerivedResource};
 pub use object::{Kind, Object, ObjectKey, DEFAULT_NAMESPACE};
-pub(crate) use store::typed;
 pub use store::Store;
+pub(crate) use store::{typed, typed_in};
 
 /// Settings the derivation depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -83,6 +83,20 @@ impl Store {
         self.objects.get(&kind).into_iter().flat_map(|m| m.values())
     }
 
+    /// Every object of a kind in one namespace, ordered by name; a range lookup, so
+    /// per-service derivation does not scan the whole cluster.
+    pub fn of_kind_in<'a>(
+        &'a self,
+        kind: Kind,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Object> + 'a {
+        self.objects.get(&kind).into_iter().flat_map(move |m| {
+            m.range((namespace.to_string(), String::new())..)
+                .take_while(move |((ns, _), _)| ns == namespace)
+                .map(|(_, o)| o)
+        })
+    }
+
     /// Number of objects held.
     pub fn len(&self) -> usize {
         self.objects.values().map(BTreeMap::len).sum()
@@ -106,3 +120,16 @@ macro_rules! typed {
     };
 }
 pub(crate) use typed;
+
+/// Typed iteration within a namespace: `typed_in!(store, Pod, "demo")`.
+macro_rules! typed_in {
+    ($store:expr, $variant:ident, $ns:expr) => {
+        $store
+            .of_kind_in($crate::model::Kind::$variant, $ns)
+            .filter_map(|o| match o {
+                $crate::model::Object::$variant(x) => Some(x),
+                _ => None,
+            })
+    };
+}
+pub(crate) use typed_in;

@@ -12,6 +12,9 @@
 //! at the same time; only namespace *names* must be unique (a short tag of the test name plus the
 //! process id and a counter). Interfaces are created directly inside the namespaces, so their
 //! names (`eth0`, `p0`, `n1`) never meet in the host's namespace and need no uniquifying.
+//! Namespaces live under `/var/run/netns` (`ip netns add`); each topology also has its own
+//! directory of symlinks to just its pods ([`Topology::netns_dir`]), which is what a ztunnel
+//! under test scans, so concurrent tests with the same addresses never see each other's pods.
 //!
 //! - [`topology`]: [`Topology`] and its builder.
 //! - [`ns`]: running commands and closures inside a namespace.

@@ -4,8 +4,9 @@
 //! - [`identity`]: SPIFFE identities (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
 //! - [`csr`], [`ca`], [`cert`], [`tls`]: certificate requests, the CA, workload
 //!   certificates and the mutual-TLS configs that check identities.
-//! - [`server`], [`client`], [`stream`], [`copy`]: the HBONE tunnel (HTTP/2 `CONNECT` over
-//!   that mutual TLS): the server, the pooled client, the tunnel stream, and a copy loop.
+//! - [`server`], [`pool`], [`client`], [`stream`], [`copy`]: the HBONE tunnel (HTTP/2
+//!   `CONNECT` over that mutual TLS): the server, the client's connection pool, one client
+//!   connection and stream, the tunnel stream, and a copy loop.
 //! - [`control`]: the proxies' TLS channel to the controller (gRPC), checking its SPIFFE
 //!   identity against the mesh root.
 //!
@@ -19,6 +20,7 @@ pub mod control;
 pub mod copy;
 pub mod csr;
 pub mod identity;
+pub mod pool;
 pub mod server;
 pub mod stream;
 #[cfg(any(test, feature = "testing"))]

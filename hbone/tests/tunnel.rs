@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ambit_hbone::client::{ConnectError, ConnectTarget, Pool, PoolConfig, SocketFactory};
+use ambit_hbone::client::{ConnectError, ConnectTarget, SocketFactory};
+use ambit_hbone::pool::{Pool, PoolConfig};
 use ambit_hbone::server::{
     ConnectRequest, Handler, Keepalive, Refusal, Server, ServerSettings, ServerStats,
 };

@@ -18,8 +18,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ambit_bench::{mb_per_s, micros, print_table, Row, Samples};
-use ambit_hbone::client::{ConnectTarget, Pool, PoolConfig};
+use ambit_hbone::client::ConnectTarget;
 use ambit_hbone::copy::copy_bidirectional;
+use ambit_hbone::pool::{Pool, PoolConfig};
 use ambit_hbone::server::{ConnectRequest, H2Settings, Handler, Refusal, Server, ServerSettings};
 use ambit_hbone::stream::TunnelStream;
 use ambit_hbone::testing::TestPki;

@@ -4,24 +4,26 @@
 //! same root (which they only share when it is plugged in); proxies keep serving from their last
 //! good state while the controller restarts (DESIGN.md), so a single replica is available enough.
 //!
-//! Configuration reaches the controller through `AMBIT_*` environment variables (see
-//! `manifests/README.md` for the list), so its clap options can read them with `env = ...`.
+//! Configuration reaches the controller as its command-line flags; a plugged-in root is mounted
+//! at [`CA_DIR`] (`ca.crt`, `ca.key`) for the CA to load.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 
-use crate::{meta, ports, InstallOptions, Object, CA_TOKEN_AUDIENCE};
+use crate::ztunnel::ROOT_CERT_DIR;
+use crate::{meta, ports, InstallOptions, Object};
 
 /// Name of the controller's Deployment, Service and ServiceAccount.
 pub const NAME: &str = "ambit-controller";
@@ -55,6 +57,20 @@ pub(crate) fn env_field(name: &str, field_path: &str) -> EnvVar {
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
+    }
+}
+
+/// A TCP-connect probe.
+pub(crate) fn tcp_probe(port: i32, period: i32) -> Probe {
+    Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::Int(port),
+            ..TCPSocketAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(3),
+        ..Probe::default()
     }
 }
 
@@ -149,30 +165,83 @@ pub fn objects(opts: &InstallOptions) -> Vec<Object> {
 
 /// The controller Deployment.
 pub fn deployment(opts: &InstallOptions) -> Deployment {
+    let mut args = vec![
+        format!("--listen=0.0.0.0:{}", ports::DISCOVERY),
+        format!("--trust-domain={}", opts.trust_domain),
+        format!("--root-namespace={}", opts.namespace),
+        "--log-format=json".to_owned(),
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "ca".to_owned(),
+            mount_path: CA_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "ca".to_owned(),
+            // Optional: without a plugged-in root the controller generates one.
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(CA_SECRET.to_owned()),
+                optional: Some(true),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    if opts.root_ca.is_some() {
+        // The roots proxies must trust, sent with every full state.
+        args.push(format!("--trust-roots={ROOT_CERT_DIR}/root-cert.pem"));
+        mounts.push(VolumeMount {
+            name: "root-cert".to_owned(),
+            mount_path: ROOT_CERT_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "root-cert".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ROOT_CERT_CONFIGMAP.to_owned(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let container = Container {
         name: "controller".to_owned(),
         image: Some(opts.image("controller")),
         image_pull_policy: Some("IfNotPresent".to_owned()),
-        env: Some(vec![
-            env_field("AMBIT_NAMESPACE", "metadata.namespace"),
-            env_field("AMBIT_POD_NAME", "metadata.name"),
-            env("AMBIT_TRUST_DOMAIN", opts.trust_domain.clone()),
-            env("AMBIT_CA_DIR", CA_DIR),
-            env("AMBIT_TOKEN_AUDIENCE", CA_TOKEN_AUDIENCE),
-            env("AMBIT_WAYPOINT_IMAGE", opts.image("waypoint")),
-            env("RUST_LOG", "info"),
-        ]),
+        // The controller's own flags (controller/src/main.rs). `--root-namespace` is the install
+        // namespace: policies placed there apply mesh-wide.
+        args: Some(args),
+        // Read by the waypoint deployer (the image it fills into the waypoint template).
+        env: Some(vec![env("AMBIT_WAYPOINT_IMAGE", opts.image("waypoint"))]),
         ports: Some(vec![
             port("grpc", ports::DISCOVERY),
             port("http-monitoring", ports::CONTROLLER_HTTP),
         ]),
-        // Ready once its stores have synced (it must not hand proxies a partial world); alive as
-        // long as its HTTP server answers.
-        readiness_probe: Some(http_probe("/healthz/ready", ports::CONTROLLER_HTTP, 5)),
-        liveness_probe: Some(Probe {
-            initial_delay_seconds: Some(5),
-            ..http_probe("/healthz/live", ports::CONTROLLER_HTTP, 10)
+        // TCP on the gRPC port until the controller serves `/healthz/ready` on 15014: it listens
+        // once its stores are synced, so "accepts connections" is "ready". The startup probe
+        // gives a large cluster's first sync five minutes before liveness may restart it.
+        startup_probe: Some(Probe {
+            failure_threshold: Some(60),
+            ..tcp_probe(ports::DISCOVERY, 5)
         }),
+        readiness_probe: Some(tcp_probe(ports::DISCOVERY, 5)),
+        liveness_probe: Some(tcp_probe(ports::DISCOVERY, 10)),
         resources: Some(resources("100m", "128Mi", "1Gi")),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -184,19 +253,7 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "ca".to_owned(),
-                mount_path: CA_DIR.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".to_owned(),
-                mount_path: "/tmp".to_owned(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     let pod = PodSpec {
@@ -219,24 +276,7 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
             "kubernetes.io/os".to_owned(),
             "linux".to_owned(),
         )])),
-        volumes: Some(vec![
-            Volume {
-                name: "ca".to_owned(),
-                // Optional: without a plugged-in root the controller generates one.
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(CA_SECRET.to_owned()),
-                    optional: Some(true),
-                    default_mode: Some(0o440),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".to_owned(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     };
     Deployment {

@@ -92,10 +92,10 @@ impl InstallOptions {
         )
     }
 
-    /// The controller's in-cluster address, as proxies dial it.
+    /// The controller's in-cluster URL, as proxies dial it (`--controller` / `AMBIT_CONTROLLER`).
     pub fn controller_address(&self) -> String {
         format!(
-            "{}.{}.svc:{}",
+            "https://{}.{}.svc:{}",
             controller::NAME,
             self.namespace,
             ports::DISCOVERY

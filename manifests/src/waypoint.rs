@@ -46,7 +46,7 @@ pub struct WaypointParams<'a> {
     pub image: &'a str,
     /// The trust domain.
     pub trust_domain: &'a str,
-    /// The controller's address, `host:port`.
+    /// The controller's URL, `https://host:port`.
     pub controller_address: &'a str,
 }
 
@@ -112,21 +112,20 @@ pub fn render(p: &WaypointParams<'_>) -> Result<WaypointObjects, WaypointError> 
         name: "waypoint".to_owned(),
         image: Some(p.image.to_owned()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
+        // The same variable names as ztunnel's flags, plus who this waypoint is.
         env: Some(vec![
             env_field("NODE_NAME", "spec.nodeName"),
-            env_field("POD_NAME", "metadata.name"),
             env_field("POD_NAMESPACE", "metadata.namespace"),
-            env_field("INSTANCE_IP", "status.podIP"),
             env_field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
             env("AMBIT_WAYPOINT_NAME", p.name),
-            env("AMBIT_CONTROLLER_ADDRESS", p.controller_address),
-            env("AMBIT_TRUST_DOMAIN", p.trust_domain),
-            env("AMBIT_CA_TOKEN_PATH", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+            env("AMBIT_CONTROLLER", p.controller_address),
             env(
-                "AMBIT_ROOT_CERT_PATH",
+                "AMBIT_CA_ROOT_FILE",
                 format!("{ROOT_CERT_DIR}/root-cert.pem"),
             ),
-            env("RUST_LOG", "info"),
+            env("AMBIT_CREDENTIAL_FILE", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+            env("AMBIT_TRUST_DOMAIN", p.trust_domain),
+            env("AMBIT_LOG_FORMAT", "json"),
         ]),
         ports: Some(vec![
             port("hbone", ports::HBONE),
@@ -274,7 +273,7 @@ mod tests {
             gateway_uid: "0b7e6c0e-1111-2222-3333-444455556666",
             image: "ambit/waypoint:0.1.0",
             trust_domain: "cluster.local",
-            controller_address: "ambit-controller.ambit-system.svc:15012",
+            controller_address: "https://ambit-controller.ambit-system.svc:15012",
         }
     }
 

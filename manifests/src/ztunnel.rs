@@ -55,10 +55,14 @@ pub const NETNS_DIR: &str = "/var/run/netns";
 pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 /// File name of the projected CA token in [`TOKEN_DIR`].
 pub const TOKEN_FILE: &str = "ambit-ca-token";
-/// Where the trust anchor is mounted (when one is plugged in).
+/// Where the trust anchor (`root-cert.pem`, from the `ambit-root-cert` ConfigMap) is mounted; ztunnel
+/// verifies the controller's TLS certificate with it.
 pub const ROOT_CERT_DIR: &str = "/var/run/secrets/ambit";
 /// Seconds ztunnel gets to drain before it is killed.
 pub const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// Seconds ztunnel lets open connections finish once told to stop: less than the grace period,
+/// so it exits on its own (with its "drained" log line) before the kubelet's SIGKILL.
+pub const DRAIN_SECONDS: i64 = 20;
 /// Lifetime of the projected CA token; the kubelet refreshes it at 80 %.
 const TOKEN_EXPIRY_SECONDS: i64 = 43_200;
 
@@ -68,20 +72,19 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
         name: "ztunnel".to_owned(),
         image: Some(opts.image("ztunnel")),
         image_pull_policy: Some("IfNotPresent".to_owned()),
+        // ztunnel's flags, through the environment variables its clap options read.
         env: Some(vec![
             env_field("NODE_NAME", "spec.nodeName"),
-            env_field("POD_NAME", "metadata.name"),
-            env_field("POD_NAMESPACE", "metadata.namespace"),
-            env_field("INSTANCE_IP", "status.podIP"),
-            env("AMBIT_CONTROLLER_ADDRESS", opts.controller_address()),
-            env("AMBIT_TRUST_DOMAIN", opts.trust_domain.clone()),
-            env("AMBIT_NETNS_DIR", NETNS_DIR),
-            env("AMBIT_CA_TOKEN_PATH", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+            env("AMBIT_CONTROLLER", opts.controller_address()),
             env(
-                "AMBIT_ROOT_CERT_PATH",
+                "AMBIT_CA_ROOT_FILE",
                 format!("{ROOT_CERT_DIR}/root-cert.pem"),
             ),
-            env("RUST_LOG", "info"),
+            env("AMBIT_CREDENTIAL_FILE", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
+            env("AMBIT_TRUST_DOMAIN", opts.trust_domain.clone()),
+            env("AMBIT_NETNS_DIR", NETNS_DIR),
+            env("AMBIT_DRAIN_SECONDS", DRAIN_SECONDS.to_string()),
+            env("AMBIT_LOG_FORMAT", "json"),
         ]),
         ports: Some(vec![
             port("http-metrics", ports::METRICS),
@@ -174,8 +177,8 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
             },
             Volume {
                 name: "root-cert".to_owned(),
-                // Present only when a root is plugged in; otherwise the controller's root is
-                // obtained some other way and the empty directory is harmless.
+                // Rendered by `ambitctl install --ca-cert`; without a plugged-in root the
+                // controller must publish it (see manifests/README.md, "Open ends").
                 config_map: Some(ConfigMapVolumeSource {
                     name: ROOT_CERT_CONFIGMAP.to_owned(),
                     optional: Some(true),

@@ -131,7 +131,9 @@ fn options_reach_the_objects() {
     assert!(yaml.contains("image: registry.example/ambit/ztunnel:v9"));
     assert!(yaml.contains("image: registry.example/ambit/controller:v9"));
     assert!(yaml.contains("value: registry.example/ambit/waypoint:v9"));
-    assert!(yaml.contains("value: ambit-controller.mesh.svc:15012"));
+    assert!(yaml.contains("value: https://ambit-controller.mesh.svc:15012"));
+    assert!(yaml.contains(r#"- "--root-namespace=mesh""#));
+    assert!(yaml.contains(r#"- "--trust-roots=/var/run/secrets/ambit/root-cert.pem""#));
     assert!(yaml.contains("value: example.org"));
     assert!(!yaml.contains("ambit-system"), "default namespace leaked");
     let json: Value =
@@ -418,6 +420,14 @@ fn ztunnel_is_ready_on_15021_runs_everywhere_and_drains() {
         .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()));
     assert!(pod.termination_grace_period_seconds.unwrap() >= 10);
     let env = c.env.unwrap();
+    let value = |name: &str| env.iter().find(|e| e.name == name).unwrap().value.clone();
+    // Drain ends before the kubelet's SIGKILL.
+    let drain: i64 = value("AMBIT_DRAIN_SECONDS").unwrap().parse().unwrap();
+    assert!(drain < pod.termination_grace_period_seconds.unwrap());
+    assert_eq!(
+        value("AMBIT_CREDENTIAL_FILE").as_deref(),
+        Some("/var/run/secrets/tokens/ambit-ca-token")
+    );
     let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
     assert_eq!(
         node.value_from

@@ -16,6 +16,7 @@
 //! Deliberate simplifications are listed on the items that make them (server-side apply is
 //! create-or-merge; LIST pages after the first read current state).
 
+mod crd;
 mod http;
 mod selector;
 mod store;
@@ -257,6 +258,13 @@ impl Default for Builder {
 }
 
 impl Builder {
+    /// Serves only the built-in resources: CRDs must be installed (through the API, as
+    /// `kubectl apply` of the manifests would, or with [`FakeApiServer::install`]).
+    pub fn builtins_only(mut self) -> Self {
+        self.resources = builtin_resources();
+        self
+    }
+
     /// Does not serve this API group (as if its CRDs were not installed).
     pub fn without_group(mut self, group: &str) -> Self {
         self.resources.retain(|r| r.group != group);

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use super::crd;
+
 /// A resource the server serves: one entry of an APIResourceList.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceType {
@@ -414,8 +416,8 @@ impl State {
         }
     }
 
-    /// Deletes an object; deleting a namespace deletes what it holds first (the namespace
-    /// controller's job on a real cluster, done at once here).
+    /// Deletes an object; deleting a namespace (or a CRD) deletes what it holds (its custom
+    /// resources) first: the namespace controller's job on a real cluster, done at once here.
     pub(crate) fn delete(
         &mut self,
         rt: &ResourceType,
@@ -426,11 +428,26 @@ impl State {
         let Some(old) = self.objects.get(&key).cloned() else {
             return Err(not_found(rt, name));
         };
-        if rt.group.is_empty() && rt.plural == "namespaces" {
+        let crd_served = if rt.api_version() == crd::CRD_API_VERSION {
+            crd::served_resources(&old)
+        } else {
+            Vec::new()
+        };
+        let is_namespace = rt.group.is_empty() && rt.plural == "namespaces";
+        if is_namespace || !crd_served.is_empty() {
+            // A namespace's objects, or a CRD's custom resources, go first.
             let inside: Vec<Key> = self
                 .objects
                 .keys()
-                .filter(|k| k.namespace == name)
+                .filter(|k| {
+                    if is_namespace {
+                        k.namespace == name
+                    } else {
+                        crd_served
+                            .iter()
+                            .any(|r| r.api_version() == k.api_version && r.plural == k.plural)
+                    }
+                })
                 .cloned()
                 .collect();
             for k in inside {
@@ -464,6 +481,27 @@ impl State {
                 self.replace(&rt, &namespace, &name, obj, "ambit-test")
             }
             _ => self.create(&rt, &namespace, obj, "ambit-test"),
+        }
+    }
+
+    /// Starts or stops serving a CRD's resources as it is written or deleted.
+    fn serve_crd(&mut self, obj: &mut Value, kind: ChangeType) {
+        let served = crd::served_resources(obj);
+        let same = |a: &ResourceType, b: &ResourceType| a.group == b.group && a.plural == b.plural;
+        if let Some(first) = served.first().cloned() {
+            // Versions no longer listed stop being served.
+            self.resources
+                .retain(|r| !same(r, &first) || served.contains(r));
+        }
+        if kind == ChangeType::Deleted {
+            self.resources.retain(|r| !served.contains(r));
+        } else {
+            for rt in served {
+                if !self.resources.contains(&rt) {
+                    self.resources.push(rt);
+                }
+            }
+            crd::establish(obj);
         }
     }
 
@@ -531,6 +569,10 @@ impl State {
         let rv = self.rv;
         if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.insert("resourceVersion".to_owned(), json!(rv.to_string()));
+        }
+        let is_crd = key.api_version == crd::CRD_API_VERSION && key.plural == crd::CRD_PLURAL;
+        if is_crd {
+            self.serve_crd(&mut obj, kind);
         }
         let obj = Arc::new(obj);
         let previous = match kind {
@@ -691,94 +733,5 @@ pub(crate) fn now_rfc3339() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn state() -> State {
-        let mut s = State::new(
-            vec![
-                ResourceType::new("", "v1", "namespaces", "Namespace", false),
-                ResourceType::new("", "v1", "pods", "Pod", true),
-            ],
-            3,
-        );
-        s.upsert(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}))
-            .expect("namespace");
-        s
-    }
-
-    fn pod(name: &str) -> Value {
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "a"}})
-    }
-
-    #[test]
-    fn writes_bump_one_revision_and_stamp_objects() {
-        let mut s = state();
-        let before = s.rv;
-        let p = s.upsert(pod("p1")).expect("create");
-        assert_eq!(s.rv, before + 1);
-        assert_eq!(
-            p["metadata"]["resourceVersion"],
-            json!((before + 1).to_string())
-        );
-        assert_eq!(
-            p["metadata"]["managedFields"][0]["manager"],
-            json!("ambit-test")
-        );
-        let uid = p["metadata"]["uid"].clone();
-        let p = s.upsert(pod("p1")).expect("replace");
-        assert_eq!(p["metadata"]["uid"], uid, "uid survives updates");
-        assert_eq!(s.history.back().map(|c| c.kind), Some(ChangeType::Modified));
-    }
-
-    #[test]
-    fn creating_in_a_missing_namespace_is_not_found() {
-        let mut s = state();
-        let mut p = pod("p1");
-        p["metadata"]["namespace"] = json!("nope");
-        assert_eq!(s.upsert(p).map_err(|e| e.code()).err(), Some(404));
-    }
-
-    #[test]
-    fn stale_resource_version_conflicts() {
-        let mut s = state();
-        let rt = s.resource("v1", "pods").cloned().expect("pods");
-        s.upsert(pod("p1")).expect("create");
-        let mut stale = pod("p1");
-        stale["metadata"]["resourceVersion"] = json!("1");
-        let err = s.replace(&rt, "a", "p1", stale, "m").expect_err("conflict");
-        assert_eq!(err.code(), 409);
-    }
-
-    #[test]
-    fn bounded_history_raises_the_floor() {
-        let mut s = state();
-        for i in 0..5 {
-            s.upsert(pod(&format!("p{i}"))).expect("create");
-        }
-        assert_eq!(s.history.len(), 3);
-        assert_eq!(s.floor, s.rv - 3);
-        s.compact();
-        assert!(s.history.is_empty());
-        assert_eq!(s.floor, s.rv);
-    }
-
-    #[test]
-    fn deleting_a_namespace_deletes_its_objects() {
-        let mut s = state();
-        let ns = s.resource("v1", "namespaces").cloned().expect("namespaces");
-        let pods = s.resource("v1", "pods").cloned().expect("pods");
-        s.upsert(pod("p1")).expect("create");
-        s.delete(&ns, "", "a").expect("delete");
-        assert!(s.list(&pods, None).is_empty());
-        let kinds: Vec<_> = s.history.iter().rev().take(2).map(|c| c.kind).collect();
-        assert_eq!(kinds, vec![ChangeType::Deleted, ChangeType::Deleted]);
-    }
-
-    #[test]
-    fn merge_patch_removes_nulls() {
-        let mut v = json!({"a": {"b": 1, "c": 2}});
-        merge(&mut v, &json!({"a": {"b": null, "d": 3}}));
-        assert_eq!(v, json!({"a": {"c": 2, "d": 3}}));
-    }
-}
+#[path = "store_tests.rs"]
+mod tests;

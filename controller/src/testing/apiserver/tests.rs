@@ -260,3 +260,71 @@ async fn token_review_answers_from_registered_tokens() {
         .expect("review");
     assert_ne!(bad.status.and_then(|s| s.authenticated), Some(true));
 }
+
+#[tokio::test]
+async fn crds_written_through_the_api_are_served() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+
+    let server = server().await;
+    let client = server.client().expect("client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object"}}}],
+        },
+    }))
+    .expect("crd");
+    let created = crds
+        .patch(
+            "widgets.example.com",
+            &PatchParams::apply("installer"),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+    let established = created
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Established" && c.status == "True");
+    assert!(established, "installers wait for Established");
+
+    let gvk = GroupVersionKind::gvk("example.com", "v1", "Widget");
+    let widgets: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "a", &ApiResource::from_gvk(&gvk));
+    let widget: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "example.com/v1", "kind": "Widget",
+        "metadata": {"name": "w1"}, "spec": {"size": 3},
+    }))
+    .expect("widget");
+    widgets
+        .create(&PostParams::default(), &widget)
+        .await
+        .expect("create widget");
+    assert_eq!(
+        widgets
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+
+    crds.delete("widgets.example.com", &Default::default())
+        .await
+        .expect("delete CRD");
+    let gone = widgets
+        .list(&ListParams::default())
+        .await
+        .expect_err("not served any more");
+    assert!(matches!(gone, kube::Error::Api(s) if s.code == 404));
+    assert!(server.get("example.com/v1", "Widget", "a", "w1").is_none());
+}

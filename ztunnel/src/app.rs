@@ -103,8 +103,12 @@ impl DefaultCa {
     pub fn from_config(config: &Config) -> Result<Self, AppError> {
         match &config.ca {
             CaSource::Grpc(url) => {
-                let channel = control::channel(url, config.ca_root_file.as_deref())
-                    .map_err(AppError::Control)?;
+                let channel = control::channel(
+                    url,
+                    config.ca_root_file.as_deref(),
+                    &config.controller_identity,
+                )
+                .map_err(AppError::Control)?;
                 Ok(DefaultCa::Grpc(GrpcCaClient::new(
                     channel,
                     config.credential_file.clone(),
@@ -205,8 +209,12 @@ impl App {
                 (Some(st), None)
             }
             StateSource::Controller(url) => {
-                let channel = control::channel(url, config.ca_root_file.as_deref())
-                    .map_err(AppError::Control)?;
+                let channel = control::channel(
+                    url,
+                    config.ca_root_file.as_deref(),
+                    &config.controller_identity,
+                )
+                .map_err(AppError::Control)?;
                 let connector = crate::discovery::ConnectFn(move || {
                     let channel = channel.clone();
                     async move { Ok(channel) }

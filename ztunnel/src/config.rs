@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ambit_hbone::Identity;
+
 use crate::capture::RuleConfig;
 use crate::telemetry::LogArgs;
 
@@ -24,6 +26,13 @@ pub enum ConfigError {
     /// An https controller without the root to verify it.
     #[error("{flag} uses https: give --ca-root-file with the mesh root that signed it")]
     NoRoot { flag: &'static str },
+    /// --controller-identity is not a SPIFFE identity of the trust domain.
+    #[error("--controller-identity {value:?} is not a SPIFFE identity")]
+    ControllerIdentity {
+        value: String,
+        #[source]
+        source: ambit_hbone::identity::IdentityError,
+    },
     /// The local CA needs both files.
     #[error("--local-ca-cert and --local-ca-key go together")]
     LocalCa,
@@ -59,6 +68,10 @@ pub struct Args {
     /// PEM root(s) of the mesh, to verify the controller's and CA's TLS certificates.
     #[arg(long, env = "AMBIT_CA_ROOT_FILE")]
     pub ca_root_file: Option<PathBuf>,
+    /// The SPIFFE identity the controller must prove (default:
+    /// spiffe://<trust-domain>/ns/ambit-system/sa/ambit-controller).
+    #[arg(long, env = "AMBIT_CONTROLLER_IDENTITY")]
+    pub controller_identity: Option<String>,
     /// File holding the bearer token the CA authenticates us by (re-read per request).
     #[arg(long, env = "AMBIT_CREDENTIAL_FILE")]
     pub credential_file: Option<PathBuf>,
@@ -126,6 +139,8 @@ pub struct Config {
     pub state: StateSource,
     pub ca: CaSource,
     pub ca_root_file: Option<PathBuf>,
+    /// What the controller's TLS certificate must prove.
+    pub controller_identity: Identity,
     pub credential_file: Option<PathBuf>,
     pub trust_domain: String,
     pub mode: Mode,
@@ -150,6 +165,9 @@ impl Config {
             state: StateSource::StaticFile(state),
             ca: CaSource::Injected,
             ca_root_file: None,
+            controller_identity: default_controller_identity(
+                ambit_hbone::identity::DEFAULT_TRUST_DOMAIN,
+            ),
             credential_file: None,
             trust_domain: ambit_hbone::identity::DEFAULT_TRUST_DOMAIN.to_string(),
             mode: Mode::Node,
@@ -164,6 +182,20 @@ impl Config {
             static_poll: Duration::from_millis(500),
         }
     }
+}
+
+/// `spiffe://<trust_domain>/ns/ambit-system/sa/ambit-controller`, as the install deploys it.
+pub fn default_controller_identity(trust_domain: &str) -> Identity {
+    Identity::new(trust_domain, "ambit-system", "ambit-controller").unwrap_or_else(|_| {
+        // Only reachable with an invalid trust domain, which the CA and every certificate
+        // check reject anyway; fall back to the default domain.
+        Identity::new(
+            ambit_hbone::identity::DEFAULT_TRUST_DOMAIN,
+            "ambit-system",
+            "ambit-controller",
+        )
+        .unwrap_or_else(|_| unreachable!("the default controller identity is valid"))
+    })
 }
 
 fn check_url(flag: &'static str, value: &str) -> Result<(), ConfigError> {
@@ -212,6 +244,15 @@ impl TryFrom<Args> for Config {
                 return Err(ConfigError::NoRoot { flag });
             }
         }
+        let controller_identity = match &a.controller_identity {
+            Some(v) => v
+                .parse::<Identity>()
+                .map_err(|source| ConfigError::ControllerIdentity {
+                    value: v.clone(),
+                    source,
+                })?,
+            None => default_controller_identity(&a.trust_domain),
+        };
         let mut rules = RuleConfig::default();
         if a.mode == Mode::Dedicated {
             // ztunnel's own ports and its controller must stay reachable from inside the
@@ -228,6 +269,7 @@ impl TryFrom<Args> for Config {
             state,
             ca,
             ca_root_file: a.ca_root_file,
+            controller_identity,
             credential_file: a.credential_file,
             trust_domain: a.trust_domain,
             mode: a.mode,

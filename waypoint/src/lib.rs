@@ -1,1 +1,28 @@
-//! Ambit's L7 proxy: terminates HBONE for the namespaces or services that opt in, applies L7 policy and routing.
+//! Ambit's L7 proxy (the waypoint): terminates HBONE for the namespaces or services that opt
+//! in, applies L7 authorization, routing (Gateway API HTTPRoute/GRPCRoute) and resilience
+//! (TrafficPolicy), and forwards over HBONE to the chosen endpoint's ztunnel. It never speaks
+//! plaintext to workloads and does not capture traffic: ztunnel does both.
+//!
+//! Map: [`server`] (HBONE in, protocol detection, hyper) → [`proxy`] (the request chain:
+//! [`policy`], [`route`], [`resilience`]) → [`upstream`] (HBONE out, pooled hyper clients);
+//! [`state`] holds what the controller (or a static file) said; [`metrics`] records each
+//! request; [`admin`] serves metrics, readiness and the config dump.
+
+pub mod admin;
+pub mod discovery;
+pub mod duration;
+pub mod metrics;
+pub mod policy;
+pub mod protocol;
+pub mod proxy;
+pub mod resilience;
+pub mod route;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+/// Errors carried by bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type on both sides of the proxy.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;

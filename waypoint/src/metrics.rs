@@ -1,0 +1,280 @@
+//! Request metrics with the names and labels Istio dashboards know, and the access log: both
+//! written once per request, when the response body ends (or is dropped), by
+//! [`Recorder`], so durations and byte counts cover the whole exchange.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use crate::BoxError;
+
+/// The labels of every request metric.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct Labels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub request_protocol: String,
+    pub response_code: String,
+    pub response_flags: String,
+    pub grpc_response_status: String,
+}
+
+fn new_duration_histogram() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    ])
+}
+
+fn new_bytes_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 10.0, 9,
+    ))
+}
+
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// The request metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    requests: Family<Labels, Counter>,
+    duration: HistogramFamily,
+    request_bytes: HistogramFamily,
+    response_bytes: HistogramFamily,
+}
+
+impl Metrics {
+    /// Registers the metrics in `registry` (names get no prefix: they are Istio's).
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(new_duration_histogram),
+            request_bytes: Family::new_with_constructor(new_bytes_histogram),
+            response_bytes: Family::new_with_constructor(new_bytes_histogram),
+        };
+        registry.register("istio_requests", "Requests handled", m.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            m.duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
+        );
+        m
+    }
+}
+
+/// What the access log says besides the labels.
+#[derive(Debug, Clone, Default)]
+pub struct LogFields {
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub upstream: String,
+    pub route: String,
+    pub reason: String,
+    pub trace_id: String,
+}
+
+/// Records one request when dropped.
+#[derive(Debug)]
+pub struct Recorder {
+    metrics: Metrics,
+    pub labels: Labels,
+    pub log: LogFields,
+    start: Instant,
+    pub request_bytes: Arc<AtomicU64>,
+    response_bytes: u64,
+}
+
+impl Recorder {
+    pub fn new(metrics: Metrics, start: Instant) -> Self {
+        Recorder {
+            metrics,
+            labels: Labels {
+                reporter: "waypoint".into(),
+                ..Labels::default()
+            },
+            log: LogFields::default(),
+            start,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            response_bytes: 0,
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let l = &self.labels;
+        let elapsed = self.start.elapsed();
+        let req_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.metrics.requests.get_or_create(l).inc();
+        self.metrics
+            .duration
+            .get_or_create(l)
+            .observe(elapsed.as_secs_f64() * 1000.0);
+        self.metrics
+            .request_bytes
+            .get_or_create(l)
+            .observe(req_bytes as f64);
+        self.metrics
+            .response_bytes
+            .get_or_create(l)
+            .observe(self.response_bytes as f64);
+        let f = &self.log;
+        tracing::info!(
+            target: "access",
+            src_principal = %l.source_principal,
+            src_workload = %l.source_workload,
+            dst_service = %l.destination_service,
+            dst_workload = %l.destination_workload,
+            upstream = %f.upstream,
+            method = %f.method,
+            path = %f.path,
+            authority = %f.authority,
+            protocol = %l.request_protocol,
+            status = %l.response_code,
+            flags = %l.response_flags,
+            grpc_status = %l.grpc_response_status,
+            route = %f.route,
+            reason = %f.reason,
+            trace_id = %f.trace_id,
+            bytes_sent = self.response_bytes,
+            bytes_received = req_bytes,
+            duration_ms = elapsed.as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+/// A body that counts its bytes into a shared counter (request bodies).
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Counted { inner, count }
+    }
+}
+
+impl<B> HttpBody for Counted<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body: counts bytes, notes `grpc-status` from trailers, and owns the
+/// [`Recorder`] so the request is recorded when the body ends or is dropped.
+pub struct Recorded {
+    inner: crate::Body,
+    recorder: Option<Recorder>,
+}
+
+impl Recorded {
+    pub fn new(inner: crate::Body, recorder: Recorder) -> Self {
+        Recorded {
+            inner,
+            recorder: Some(recorder),
+        }
+    }
+
+    /// As a boxed body.
+    pub fn boxed(self) -> crate::Body {
+        BodyExt::boxed_unsync(self)
+    }
+}
+
+impl HttpBody for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(r) = this.recorder.as_mut() {
+                if let Some(d) = frame.data_ref() {
+                    r.response_bytes += d.len() as u64;
+                }
+                if let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    r.labels.grpc_response_status = status.to_string();
+                }
+            }
+        }
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            // Record now rather than when hyper drops the body.
+            this.recorder.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

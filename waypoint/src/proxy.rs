@@ -1,0 +1,912 @@
+//! The HTTP request chain, in phases that each know their status, response flag and log
+//! reason: resolve the destination (503 `NR`) → L7 authorization (403, naming the policy)
+//! → rate limit (429 `RL`) → fault injection (`DI`/`FI`) → route (404 `NR`, redirect) →
+//! circuit breaker (503 `UO`) → attempts with retries, budget, outlier detection and the
+//! route timeout (504 `UT`; 503 `UF`/`UC` when no response) → response filters → metrics and
+//! the access log when the body ends.
+//!
+//! Headers added towards the destination (documented in `ARCHITECTURE.md`): the caller's
+//! identity in `x-ambit-peer-identity` (any value sent by the client is removed first, so it
+//! cannot be forged), the caller's address appended to `Forwarded: for=`, and `traceparent`
+//! with a new span id (a new trace when absent or malformed).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use rand::Rng as _;
+use tokio::time::Instant;
+
+use crate::metrics::{Counted, Metrics, Recorded, Recorder};
+use crate::policy::{self, Attributes, HttpAttributes, Verdict};
+use crate::resilience::{circuit, fault, lb, outlier, ratelimit, Settings};
+use crate::route::{filters, matching, retry, BackendRef, Rule};
+use crate::state::{Service, State, StateHandle, Target, Upstream};
+use crate::upstream::{Upstreams, Version};
+use crate::Body;
+
+/// The header carrying the caller's SPIFFE identity to the destination.
+pub const PEER_IDENTITY_HEADER: &str = "x-ambit-peer-identity";
+/// Request bodies up to this size are buffered so they can be retried or mirrored.
+pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
+
+/// Runtime state of one destination service, kept across state updates while its traffic
+/// policy is unchanged.
+#[derive(Debug)]
+struct ServiceRuntime {
+    settings: Arc<Settings>,
+    breaker: circuit::Breaker,
+    limiter: Option<ratelimit::Limiter>,
+    outlier: Option<outlier::Detector>,
+    budget: Arc<retry::Budget>,
+    rr: AtomicUsize,
+    active: Mutex<HashMap<SocketAddr, usize>>,
+}
+
+impl ServiceRuntime {
+    fn new(settings: Arc<Settings>) -> Self {
+        ServiceRuntime {
+            breaker: circuit::Breaker::new(settings.circuit.as_ref()),
+            limiter: settings.rate_limit.clone().map(ratelimit::Limiter::new),
+            outlier: settings.outlier.clone().map(outlier::Detector::new),
+            budget: Arc::default(),
+            rr: AtomicUsize::new(0),
+            active: Mutex::default(),
+            settings,
+        }
+    }
+}
+
+/// Who is calling, for one downstream connection.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// SPIFFE URI of the caller (from the HBONE client certificate).
+    pub principal: String,
+    pub namespace: String,
+    /// Original source address.
+    pub addr: SocketAddr,
+    /// The tunnel's `:authority`.
+    pub authority: SocketAddr,
+}
+
+/// Everything the request chain needs.
+#[derive(Clone)]
+pub struct Proxy {
+    pub state: StateHandle,
+    pub upstreams: Upstreams,
+    pub metrics: Metrics,
+    /// `namespace/name` of this waypoint's Gateway.
+    pub gateway: String,
+    runtimes: Arc<Mutex<HashMap<String, Arc<ServiceRuntime>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// A locally generated response.
+fn local(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Hop-by-hop headers a proxy must not forward (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(keep_upgrade && n == header::UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    for h in HOP_BY_HOP {
+        if keep_upgrade && (h == "connection" || h == "upgrade") {
+            continue;
+        }
+        // gRPC needs `te: trailers` end to end.
+        if h == "te" && headers.get(h).is_some_and(|v| v == "trailers") {
+            continue;
+        }
+        headers.remove(h);
+    }
+}
+
+/// The `traceparent` to send: same trace and flags, new span id; a new trace if absent.
+pub fn next_traceparent(incoming: Option<&str>, rng: &mut impl rand::Rng) -> (String, String) {
+    let span: u64 = rng.random::<u64>() | 1;
+    let parsed = incoming.and_then(|v| {
+        let parts: Vec<&str> = v.trim().split('-').collect();
+        match parts.as_slice() {
+            [ver, trace, parent, flags]
+                if ver.len() == 2
+                    && trace.len() == 32
+                    && parent.len() == 16
+                    && flags.len() == 2
+                    && trace.bytes().all(|b| b.is_ascii_hexdigit())
+                    && *trace != "00000000000000000000000000000000" =>
+            {
+                Some((trace.to_ascii_lowercase(), flags.to_string()))
+            }
+            _ => None,
+        }
+    });
+    let (trace, flags) =
+        parsed.unwrap_or_else(|| (format!("{:032x}", rng.random::<u128>() | 1), "01".into()));
+    (format!("00-{trace}-{span:016x}-{flags}"), trace)
+}
+
+/// The outcome of the chain before upstream I/O.
+enum Plan {
+    Respond(Response<Body>, &'static str, String),
+    Forward {
+        upstreams: Vec<Upstream>,
+        runtime: Arc<ServiceRuntime>,
+        rule: Option<Rule>,
+        backend: Option<BackendRef>,
+    },
+}
+
+impl Proxy {
+    pub fn new(
+        state: StateHandle,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        gateway: String,
+    ) -> Self {
+        Proxy {
+            state,
+            upstreams,
+            metrics,
+            gateway,
+            runtimes: Arc::default(),
+        }
+    }
+
+    fn runtime(&self, state: &State, key: &str) -> Arc<ServiceRuntime> {
+        let settings = state.settings(key).cloned().unwrap_or_default();
+        let mut map = lock(&self.runtimes);
+        match map.get(key) {
+            Some(rt) if rt.settings == settings => rt.clone(),
+            _ => {
+                let rt = Arc::new(ServiceRuntime::new(settings));
+                map.insert(key.to_string(), rt.clone());
+                rt
+            }
+        }
+    }
+
+    /// Serves one request from `caller`.
+    pub async fn handle(&self, caller: &Caller, mut req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        // Taken before the request is consumed; resolved only if the upstream agrees (101).
+        let downstream_upgrade = (req.version() == http::Version::HTTP_11
+            && req.headers().contains_key(header::UPGRADE))
+        .then(|| hyper::upgrade::on(&mut req));
+        let mut rec = Recorder::new(self.metrics.clone(), start);
+        let (mut parts, body) = req.into_parts();
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        rec.labels.request_protocol = match (grpc, parts.version) {
+            (true, _) => "grpc",
+            (false, http::Version::HTTP_2) => "http2",
+            _ => "http",
+        }
+        .into();
+        let state = self.state.load();
+        let src = state.workload_by_ip(caller.addr.ip());
+        rec.labels.source_principal = caller.principal.clone();
+        rec.labels.source_workload = src
+            .map(|w| w.metrics_name().to_string())
+            .unwrap_or_default();
+        rec.labels.source_workload_namespace = caller.namespace.clone();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| caller.authority.to_string());
+        rec.log.method = parts.method.to_string();
+        rec.log.path = parts.uri.path().to_string();
+        rec.log.authority = host.clone();
+        let (traceparent, trace_id) = {
+            let incoming = parts
+                .headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok());
+            next_traceparent(incoming, &mut rand::rng())
+        };
+        rec.log.trace_id = trace_id;
+
+        let plan = self.plan(&state, caller, &mut parts, &host, &mut rec).await;
+        let (upstreams, runtime, rule, backend) = match plan {
+            Plan::Respond(resp, flag, reason) => return finish(resp, rec, flag, reason),
+            Plan::Forward {
+                upstreams,
+                runtime,
+                rule,
+                backend,
+            } => (upstreams, runtime, rule, backend),
+        };
+
+        // Headers towards the destination.
+        let upgrading =
+            parts.version == http::Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
+        strip_hop_by_hop(&mut parts.headers, upgrading);
+        if let Ok(v) = HeaderValue::from_str(&caller.principal) {
+            parts.headers.insert(PEER_IDENTITY_HEADER, v);
+        }
+        let for_value = match caller.addr.ip() {
+            std::net::IpAddr::V4(ip) => format!("for={ip}"),
+            std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+        };
+        if let Ok(v) = HeaderValue::from_str(&for_value) {
+            parts.headers.append(header::FORWARDED, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&traceparent) {
+            parts.headers.insert("traceparent", v);
+        }
+        let route_filters: Vec<_> = rule
+            .iter()
+            .flat_map(|r| r.filters.iter())
+            .chain(backend.iter().flat_map(|b| b.filters.iter()))
+            .cloned()
+            .collect();
+        filters::apply_request_headers(&route_filters, &mut parts.headers);
+
+        // Circuit breaker.
+        let _slot = match runtime.breaker.acquire().await {
+            Ok(slot) => slot,
+            Err(e) => {
+                return finish(
+                    local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("upstream overflow: {e}\n"),
+                    ),
+                    rec,
+                    "UO",
+                    e.to_string(),
+                )
+            }
+        };
+        let _active = runtime.budget.enter();
+
+        // Body: buffered when small enough to retry or mirror.
+        let count = rec.request_bytes.clone();
+        let wants_copy = rule.as_ref().is_some_and(|r| r.retry.is_some())
+            || filters::mirrors(&route_filters).next().is_some();
+        let small = body.is_end_stream()
+            || body
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= MAX_BUFFERED_BODY as u64);
+        let (buffered, mut streaming): (Option<Bytes>, Option<Body>) =
+            if wants_copy && small && !upgrading {
+                match Limited::new(Counted::new(body, count), MAX_BUFFERED_BODY)
+                    .collect()
+                    .await
+                {
+                    Ok(c) => (Some(c.to_bytes()), None),
+                    Err(e) => {
+                        return finish(
+                            local(
+                                StatusCode::BAD_REQUEST,
+                                format!("reading request body: {e}\n"),
+                            ),
+                            rec,
+                            "DPE",
+                            e.to_string(),
+                        )
+                    }
+                }
+            } else {
+                (None, Some(Counted::new(body, count).boxed_unsync()))
+            };
+
+        // Mirrors: fire and forget.
+        if let Some(bytes) = &buffered {
+            for m in filters::mirrors(&route_filters) {
+                let pct = m.percent.unwrap_or(100);
+                if rand::rng().random_range(0..100) >= pct {
+                    continue;
+                }
+                let ns = m.backend_ref.namespace.clone().unwrap_or_default();
+                let Some(svc) = state.service_by_name(&ns, &m.backend_ref.name) else {
+                    continue;
+                };
+                let port = m.backend_ref.port.unwrap_or(caller.authority.port());
+                let Some(up) = state.upstreams(svc, port).into_iter().next() else {
+                    continue;
+                };
+                let req = build_request(
+                    &parts,
+                    Full::new(bytes.clone())
+                        .map_err(|e| match e {})
+                        .boxed_unsync(),
+                    &up,
+                    grpc,
+                );
+                let ups = self.upstreams.clone();
+                tokio::spawn(async move {
+                    let _ = ups.send(&up, version_of(grpc, &req), req, None).await;
+                });
+            }
+        }
+
+        let request_timeout = rule.as_ref().and_then(|r| r.request_timeout);
+        let attempts = self.attempts(
+            &state,
+            &runtime,
+            &upstreams,
+            &parts,
+            buffered,
+            &mut streaming,
+            rule.as_ref(),
+            grpc,
+            &mut rec,
+        );
+        let result = match request_timeout {
+            Some(t) => match tokio::time::timeout(t, attempts).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return finish(
+                        local(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream request timeout\n".into(),
+                        ),
+                        rec,
+                        "UT",
+                        format!("route timeout {t:?}"),
+                    )
+                }
+            },
+            None => attempts.await,
+        };
+        match result {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(down) = downstream_upgrade {
+                        let up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(splice_upgraded(down, up));
+                    }
+                }
+                let (mut rparts, rbody) = resp.into_parts();
+                if rparts.status != StatusCode::SWITCHING_PROTOCOLS {
+                    strip_hop_by_hop(&mut rparts.headers, false);
+                }
+                filters::apply_response_headers(&route_filters, &mut rparts.headers);
+                if let Some(s) = rparts
+                    .headers
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    rec.labels.grpc_response_status = s.to_string();
+                }
+                rec.labels.response_code = rparts.status.as_u16().to_string();
+                if rec.labels.response_flags.is_empty() {
+                    rec.labels.response_flags = "-".into();
+                }
+                let body = rbody.map_err(Into::into).boxed_unsync();
+                Response::from_parts(rparts, Recorded::new(body, rec).boxed())
+            }
+            Err((status, flag, reason)) => {
+                finish(local(status, format!("{reason}\n")), rec, flag, reason)
+            }
+        }
+    }
+
+    /// Policy, rate limit, faults and routing: everything decided before upstream I/O.
+    async fn plan(
+        &self,
+        state: &State,
+        caller: &Caller,
+        parts: &mut http::request::Parts,
+        host: &str,
+        rec: &mut Recorder,
+    ) -> Plan {
+        let Some(target) = state.resolve(caller.authority) else {
+            return Plan::Respond(
+                local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no service or workload known at {}\n", caller.authority),
+                ),
+                "NR",
+                "unknown destination".into(),
+            );
+        };
+        let (service, direct): (Option<Arc<Service>>, Option<Upstream>) = match &target {
+            Target::Service { service, .. } => (Some(service.clone()), None),
+            Target::Workload { upstream, service } => (service.clone(), Some(upstream.clone())),
+        };
+        let key = service.as_ref().map(|s| s.key());
+        rec.labels.destination_service = service
+            .as_ref()
+            .map(|s| s.hostname.clone())
+            .unwrap_or_else(|| caller.authority.to_string());
+
+        // Authorization.
+        let policies = state.policies_for(&self.gateway, key.as_deref());
+        let attrs = Attributes {
+            principal: &caller.principal,
+            namespace: &caller.namespace,
+            source_ip: caller.addr.ip(),
+            destination_ip: caller.authority.ip(),
+            destination_port: caller.authority.port(),
+            http: Some(HttpAttributes {
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                host,
+                headers: &parts.headers,
+            }),
+        };
+        match policy::evaluate(&policies, &attrs) {
+            Verdict::Deny { by, .. } => {
+                return Plan::Respond(
+                    local(
+                        StatusCode::FORBIDDEN,
+                        format!("RBAC: access denied by {by}\n"),
+                    ),
+                    "RBAC",
+                    format!("denied by {by}"),
+                )
+            }
+            Verdict::Allow { audited } if !audited.is_empty() => {
+                tracing::info!(target: "audit", policies = ?audited, principal = %caller.principal, path = %parts.uri.path(), "audited request");
+            }
+            Verdict::Allow { .. } => {}
+        }
+
+        let runtime = self.runtime(state, key.as_deref().unwrap_or(""));
+        if let Some(limiter) = &runtime.limiter {
+            if let ratelimit::Decision::Limited { retry_after } =
+                limiter.check(&caller.principal, Instant::now())
+            {
+                let mut r = local(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "local rate limit exceeded\n".into(),
+                );
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                return Plan::Respond(r, "RL", "rate limited".into());
+            }
+        }
+        if !runtime.settings.fault.is_empty() {
+            let decision: fault::Decision = {
+                let mut rng = rand::rng();
+                runtime
+                    .settings
+                    .fault
+                    .decide(rng.random_range(0.0..100.0), rng.random_range(0.0..100.0))
+            };
+            if let Some(d) = decision.delay {
+                tokio::time::sleep(d).await;
+                rec.labels.response_flags = "DI".into();
+            }
+            if let Some(status) = decision.abort {
+                let status =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return Plan::Respond(
+                    local(status, "fault filter abort\n".into()),
+                    "FI",
+                    "fault injected".into(),
+                );
+            }
+        }
+
+        if let Some(up) = direct {
+            return Plan::Forward {
+                upstreams: vec![up],
+                runtime,
+                rule: None,
+                backend: None,
+            };
+        }
+        let Some(service) = service else {
+            return Plan::Respond(
+                local(StatusCode::SERVICE_UNAVAILABLE, "no service\n".into()),
+                "NR",
+                "no service".into(),
+            );
+        };
+        let port = caller.authority.port();
+        let Some(rules) = state.rules(&service.key()).filter(|r| !r.is_empty()) else {
+            return Plan::Forward {
+                upstreams: state.upstreams(&service, port),
+                runtime,
+                rule: None,
+                backend: None,
+            };
+        };
+        let view = matching::RequestView {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        let Some(rule) = matching::select(rules, &view).cloned() else {
+            return Plan::Respond(
+                local(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no route of {} matches {} {}\n",
+                        service.hostname,
+                        parts.method,
+                        parts.uri.path()
+                    ),
+                ),
+                "NR",
+                "no route matched".into(),
+            );
+        };
+        rec.log.route = rule.route.clone();
+        let matched = rule
+            .matches
+            .iter()
+            .find(|m| m.matches(&view))
+            .map(|m| m.path.clone());
+        if let Some((status, location)) =
+            filters::redirect(&rule.filters, &parts.uri, host, matched.as_ref())
+        {
+            let mut r = local(status, String::new());
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            return Plan::Respond(r, "-", "redirect".into());
+        }
+        let (new_path, new_host) = filters::rewrite(&rule.filters, &parts.uri, matched.as_ref());
+        if let Some(p) = new_path.and_then(|p| p.parse::<http::uri::PathAndQuery>().ok()) {
+            let mut up = parts.uri.clone().into_parts();
+            up.path_and_query = Some(p);
+            if let Ok(uri) = http::Uri::from_parts(up) {
+                parts.uri = uri;
+            }
+        }
+        if let Some(h) = new_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+            parts.headers.insert(header::HOST, h);
+        }
+        if rule.backends.is_empty() {
+            return Plan::Forward {
+                upstreams: state.upstreams(&service, port),
+                runtime,
+                rule: Some(rule),
+                backend: None,
+            };
+        }
+        let total: u64 = rule
+            .backends
+            .iter()
+            .map(|b| u64::from(b.weight.unwrap_or(1)))
+            .sum();
+        if total == 0 {
+            return Plan::Respond(
+                local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "route has no backend with weight\n".into(),
+                ),
+                "NR",
+                "all backend weights are zero".into(),
+            );
+        }
+        let mut draw = rand::rng().random_range(0..total);
+        let mut chosen = &rule.backends[0];
+        for b in &rule.backends {
+            let w = u64::from(b.weight.unwrap_or(1));
+            if draw < w {
+                chosen = b;
+                break;
+            }
+            draw -= w;
+        }
+        let ns = chosen
+            .namespace
+            .clone()
+            .unwrap_or_else(|| service.namespace.clone());
+        let Some(backend_svc) = state.service_by_name(&ns, &chosen.name) else {
+            return Plan::Respond(
+                local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "route backend {ns}/{} is not a known service\n",
+                        chosen.name
+                    ),
+                ),
+                "NR",
+                "unknown backend".into(),
+            );
+        };
+        rec.labels.destination_service = backend_svc.hostname.clone();
+        let backend_runtime = self.runtime(state, &backend_svc.key());
+        Plan::Forward {
+            upstreams: state.upstreams(backend_svc, chosen.port.unwrap_or(port)),
+            runtime: backend_runtime,
+            backend: Some(chosen.clone()),
+            rule: Some(rule),
+        }
+    }
+
+    /// Attempts until a response is final: retries, budget, outlier detection, LB.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        _state: &State,
+        runtime: &Arc<ServiceRuntime>,
+        upstreams: &[Upstream],
+        parts: &http::request::Parts,
+        buffered: Option<Bytes>,
+        streaming: &mut Option<Body>,
+        rule: Option<&Rule>,
+        grpc: bool,
+        rec: &mut Recorder,
+    ) -> Result<Response<Incoming>, (StatusCode, &'static str, String)> {
+        if upstreams.is_empty() {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                "no healthy upstream".into(),
+            ));
+        }
+        let retry_policy = rule
+            .and_then(|r| r.retry.clone())
+            .filter(|_| buffered.is_some());
+        let per_try = rule.and_then(|r| r.backend_timeout);
+        let max_uses = runtime
+            .settings
+            .circuit
+            .and_then(|c| c.max_requests_per_connection);
+        let mut attempt = 0u32;
+        let mut _retry_slot: Option<retry::RetryGuard> = None;
+        loop {
+            let up = self.pick(runtime, upstreams, &parts.headers);
+            rec.log.upstream = up.addr.to_string();
+            rec.labels.destination_workload = up.workload.metrics_name().to_string();
+            rec.labels.destination_workload_namespace = up.workload.namespace.clone();
+            rec.labels.destination_principal = up.identity.to_string();
+            let body = match (&buffered, streaming.take()) {
+                (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed_unsync(),
+                (None, Some(s)) => s,
+                (None, None) => Full::new(Bytes::new())
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            };
+            let req = build_request(parts, body, &up, grpc);
+            let version = version_of(grpc, &req);
+            inc_active(runtime, up.addr, 1);
+            let sent = self.upstreams.send(&up, version, req, max_uses);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, sent).await.unwrap_or(Err(
+                    crate::upstream::UpstreamError::Timeout {
+                        addr: up.addr,
+                        after: t,
+                    },
+                )),
+                None => sent.await,
+            };
+            inc_active(runtime, up.addr, -1);
+            let (outcome, failure) = match &result {
+                Ok(r) => (retry::Outcome::Status(r.status().as_u16()), None),
+                Err(e) if e.is_connect_failure() => (
+                    retry::Outcome::ConnectFailure,
+                    Some((StatusCode::SERVICE_UNAVAILABLE, "UF", e.to_string())),
+                ),
+                Err(e) => (
+                    retry::Outcome::Reset,
+                    Some((StatusCode::SERVICE_UNAVAILABLE, "UC", e.to_string())),
+                ),
+            };
+            if let Some(d) = &runtime.outlier {
+                let obs = match outcome {
+                    retry::Outcome::Status(s) => outlier::Observation::Status(s),
+                    _ => outlier::Observation::ConnectFailure,
+                };
+                if d.observe(up.addr, obs, upstreams.len(), Instant::now()) {
+                    tracing::info!(endpoint = %up.addr, "outlier ejected");
+                }
+            }
+            let again = retry_policy
+                .as_ref()
+                .filter(|p| p.should_retry(outcome, attempt))
+                .and_then(|_| runtime.budget.try_retry());
+            match again {
+                Some(slot) => {
+                    _retry_slot = Some(slot);
+                    attempt += 1;
+                    rec.labels.response_flags = "URX".into();
+                    let backoff = retry_policy
+                        .as_ref()
+                        .map(|p| p.backoff(attempt, rand::rng().random_range(0.0..1.0)))
+                        .unwrap_or_default();
+                    tokio::time::sleep(backoff).await;
+                }
+                None => {
+                    if attempt > 0 && matches!(outcome, retry::Outcome::Status(200..=499)) {
+                        rec.labels.response_flags = "-".into();
+                    }
+                    return match (result, failure) {
+                        (Ok(r), _) => Ok(r),
+                        (Err(_), Some(f)) => Err(f),
+                        (Err(e), None) => {
+                            Err((StatusCode::SERVICE_UNAVAILABLE, "UC", e.to_string()))
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    fn pick(
+        &self,
+        runtime: &ServiceRuntime,
+        upstreams: &[Upstream],
+        headers: &HeaderMap,
+    ) -> Upstream {
+        let now = Instant::now();
+        let healthy: Vec<&Upstream> = match &runtime.outlier {
+            Some(d) => upstreams
+                .iter()
+                .filter(|u| !d.is_ejected(u.addr, now))
+                .collect(),
+            None => upstreams.iter().collect(),
+        };
+        // All ejected: use them all rather than fail (Envoy's panic mode).
+        let pool: Vec<&Upstream> = if healthy.is_empty() {
+            upstreams.iter().collect()
+        } else {
+            healthy
+        };
+        let active = lock(&runtime.active);
+        let candidates: Vec<lb::Candidate> = pool
+            .iter()
+            .map(|u| lb::Candidate {
+                addr: u.addr,
+                active: active.get(&u.addr).copied().unwrap_or(0),
+            })
+            .collect();
+        drop(active);
+        let key = match &runtime.settings.lb {
+            lb::Algorithm::HeaderHash(h) => headers.get(h.as_str()).map(|v| v.as_bytes().to_vec()),
+            _ => None,
+        };
+        let draws = {
+            let mut rng = rand::rng();
+            (rng.random::<u32>() as usize, rng.random::<u32>() as usize)
+        };
+        let i = lb::pick(
+            &runtime.settings.lb,
+            &candidates,
+            &runtime.rr,
+            draws,
+            key.as_deref(),
+        );
+        pool.get(i)
+            .map(|u| (*u).clone())
+            .unwrap_or_else(|| upstreams[0].clone())
+    }
+}
+
+/// Copies bytes between both sides of an upgraded (e.g. WebSocket) connection.
+async fn splice_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut down = hyper_util::rt::TokioIo::new(down);
+    let mut up = hyper_util::rt::TokioIo::new(up);
+    if let Err(e) = ambit_hbone::copy::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}
+
+fn inc_active(runtime: &ServiceRuntime, addr: SocketAddr, delta: isize) {
+    let mut map = lock(&runtime.active);
+    let e = map.entry(addr).or_insert(0);
+    *e = e.saturating_add_signed(delta);
+    if *e == 0 {
+        map.remove(&addr);
+    }
+}
+
+fn version_of(grpc: bool, req: &Request<Body>) -> Version {
+    if grpc || req.version() == http::Version::HTTP_2 {
+        Version::Http2
+    } else {
+        Version::Http1
+    }
+}
+
+/// The upstream request: same head, URI in the form the upstream version needs.
+fn build_request(
+    parts: &http::request::Parts,
+    body: Body,
+    up: &Upstream,
+    grpc: bool,
+) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    let h2 = grpc || parts.version == http::Version::HTTP_2;
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    if h2 {
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| up.addr.to_string());
+        *req.version_mut() = http::Version::HTTP_2;
+        *req.uri_mut() = format!("http://{authority}{pq}")
+            .parse()
+            .unwrap_or_else(|_| parts.uri.clone());
+        req.headers_mut().remove(header::HOST);
+    } else {
+        *req.version_mut() = http::Version::HTTP_11;
+        *req.uri_mut() = pq.parse().unwrap_or_else(|_| parts.uri.clone());
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(a) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(header::HOST, a);
+            }
+        }
+    }
+    req
+}
+
+fn finish(
+    resp: Response<Body>,
+    mut rec: Recorder,
+    flag: &'static str,
+    reason: String,
+) -> Response<Body> {
+    rec.labels.response_code = resp.status().as_u16().to_string();
+    rec.labels.response_flags = flag.to_string();
+    rec.log.reason = reason;
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, Recorded::new(body, rec).boxed())
+}

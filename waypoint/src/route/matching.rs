@@ -1,0 +1,333 @@
+//! Route matching with Gateway API precedence: among every rule match that accepts the
+//! request, the winner has an Exact path, then a regular expression (Gateway API leaves its
+//! rank to implementations; above prefixes so a catch-all `/` cannot shadow it), then a prefix
+//! (longer first), then a method condition, then more header conditions, then more query
+//! conditions; remaining ties go to the earlier route (routes are ordered by
+//! `namespace/name`) and the earlier rule.
+
+use regex::Regex;
+
+use super::{GrpcRouteMatch, HttpRouteMatch, RouteError, Rule, ValueMatch};
+
+/// A path condition.
+#[derive(Debug, Clone)]
+pub enum PathCond {
+    Exact(String),
+    /// Segment-wise prefix, stored without a trailing slash (except `/`).
+    Prefix(String),
+    Regex(Regex),
+}
+
+/// A value condition (header or query parameter).
+#[derive(Debug, Clone)]
+pub enum ValueCond {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl ValueCond {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            ValueCond::Exact(e) => e == v,
+            ValueCond::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// Sort key of a match: path kind rank, path length, has method, header and query counts.
+pub type Precedence = (u8, usize, bool, usize, usize);
+
+/// One compiled match; all its parts must hold.
+#[derive(Debug, Clone)]
+pub struct Match {
+    pub path: PathCond,
+    pub method: Option<String>,
+    /// Lower-case header names.
+    pub headers: Vec<(String, ValueCond)>,
+    pub query: Vec<(String, ValueCond)>,
+}
+
+/// What matching looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+}
+
+impl Match {
+    /// Everything (a rule without matches).
+    pub fn any() -> Self {
+        Match {
+            path: PathCond::Prefix("/".into()),
+            method: None,
+            headers: Vec::new(),
+            query: Vec::new(),
+        }
+    }
+
+    /// True when the request satisfies every condition.
+    pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        let path_ok = match &self.path {
+            PathCond::Exact(p) => r.path == p,
+            PathCond::Prefix(p) => prefix_matches(p, r.path),
+            PathCond::Regex(re) => re.is_match(r.path),
+        };
+        path_ok
+            && self.method.as_deref().is_none_or(|m| m == r.method)
+            && self.headers.iter().all(|(name, cond)| {
+                r.headers
+                    .get(name.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| cond.matches(v))
+            })
+            && self.query.iter().all(|(name, cond)| {
+                r.query
+                    .unwrap_or("")
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                    // Gateway API: the first value of a repeated parameter counts.
+                    .find(|(k, _)| k == name)
+                    .is_some_and(|(_, v)| cond.matches(v))
+            })
+    }
+
+    /// Precedence, larger first.
+    pub fn precedence(&self) -> Precedence {
+        let (rank, len) = match &self.path {
+            PathCond::Exact(p) => (3, p.len()),
+            PathCond::Regex(_) => (2, 0),
+            PathCond::Prefix(p) => (1, p.len()),
+        };
+        (
+            rank,
+            len,
+            self.method.is_some(),
+            self.headers.len(),
+            self.query.len(),
+        )
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+fn regex(route: &str, pattern: &str) -> Result<Regex, RouteError> {
+    // Gateway API regular expressions match the whole value.
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|source| RouteError::Regex {
+        route: route.to_string(),
+        pattern: pattern.to_string(),
+        source,
+    })
+}
+
+fn value_conds(
+    route: &str,
+    list: &[ValueMatch],
+    lower: bool,
+) -> Result<Vec<(String, ValueCond)>, RouteError> {
+    list.iter()
+        .map(|v| {
+            let name = if lower {
+                v.name.to_ascii_lowercase()
+            } else {
+                v.name.clone()
+            };
+            let cond = match v.type_.as_deref() {
+                Some("RegularExpression") => ValueCond::Regex(regex(route, &v.value)?),
+                _ => ValueCond::Exact(v.value.clone()),
+            };
+            Ok((name, cond))
+        })
+        .collect()
+}
+
+/// Compiles HTTPRoute matches (an empty list matches everything).
+pub fn compile_http(route: &str, matches: &[HttpRouteMatch]) -> Result<Vec<Match>, RouteError> {
+    if matches.is_empty() {
+        return Ok(vec![Match::any()]);
+    }
+    matches
+        .iter()
+        .map(|m| {
+            let path = match &m.path {
+                None => PathCond::Prefix("/".into()),
+                Some(p) => match p.type_.as_str() {
+                    "Exact" => PathCond::Exact(p.value.clone()),
+                    "RegularExpression" => PathCond::Regex(regex(route, &p.value)?),
+                    _ => {
+                        let trimmed = p.value.trim_end_matches('/');
+                        PathCond::Prefix(if trimmed.is_empty() {
+                            "/".into()
+                        } else {
+                            trimmed.to_string()
+                        })
+                    }
+                },
+            };
+            Ok(Match {
+                path,
+                method: m.method.clone(),
+                headers: value_conds(route, &m.headers, true)?,
+                query: value_conds(route, &m.query_params, false)?,
+            })
+        })
+        .collect()
+}
+
+/// Compiles GRPCRoute matches into path conditions on `/<service>/<method>`.
+pub fn compile_grpc(route: &str, matches: &[GrpcRouteMatch]) -> Result<Vec<Match>, RouteError> {
+    if matches.is_empty() {
+        return Ok(vec![Match::any()]);
+    }
+    matches
+        .iter()
+        .map(|m| {
+            let path = match &m.method {
+                None => PathCond::Prefix("/".into()),
+                Some(gm) => {
+                    let is_regex = gm.type_.as_deref() == Some("RegularExpression");
+                    match (gm.service.as_deref(), gm.method.as_deref(), is_regex) {
+                        (Some(s), Some(me), false) => PathCond::Exact(format!("/{s}/{me}")),
+                        (Some(s), None, false) => PathCond::Prefix(format!("/{s}")),
+                        (None, Some(me), false) => {
+                            PathCond::Regex(regex(route, &format!("/[^/]+/{}", regex::escape(me)))?)
+                        }
+                        (s, me, _) => PathCond::Regex(regex(
+                            route,
+                            &format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")),
+                        )?),
+                    }
+                }
+            };
+            Ok(Match {
+                path,
+                method: None,
+                headers: value_conds(route, &m.headers, true)?,
+                query: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+/// The winning rule for a request, by Gateway API precedence; `None` when no rule matches.
+pub fn select<'a>(rules: &'a [Rule], req: &RequestView<'_>) -> Option<&'a Rule> {
+    let mut best: Option<(&Rule, Precedence)> = None;
+    for rule in rules {
+        for m in &rule.matches {
+            if !m.matches(req) {
+                continue;
+            }
+            let p = m.precedence();
+            if best.as_ref().is_none_or(|(_, bp)| p > *bp) {
+                best = Some((rule, p));
+            }
+        }
+    }
+    best.map(|(r, _)| r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::RouteResource;
+
+    fn rules(spec: serde_json::Value) -> Vec<Rule> {
+        RouteResource {
+            name: "r".into(),
+            namespace: "demo".into(),
+            kind: "HTTPRoute".into(),
+            parent_services: vec![],
+            spec,
+        }
+        .compile()
+        .expect("compile")
+    }
+
+    fn pick(rules: &[Rule], method: &str, uri: &str, headers: &[(&str, &str)]) -> Option<usize> {
+        let uri: http::Uri = uri.parse().expect("uri");
+        let mut h = http::HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                http::HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let view = RequestView {
+            method,
+            path: uri.path(),
+            query: uri.query(),
+            headers: &h,
+        };
+        let chosen = select(rules, &view)?;
+        rules.iter().position(|r| std::ptr::eq(r, chosen))
+    }
+
+    #[test]
+    fn precedence() {
+        let r = rules(serde_json::json!({"rules": [
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}]},
+            {"matches": [{"path": {"type": "Exact", "value": "/api/login"}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "POST"}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"name": "X-Canary", "value": "1"}]}]},
+            {"matches": [{"path": {"type": "RegularExpression", "value": "/img/.*\\.png"}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/q"}, "queryParams": [{"name": "v", "value": "2"}]}]},
+        ]}));
+        let cases = [
+            ("GET", "/", vec![], Some(0)),
+            ("GET", "/apix", vec![], Some(0)),
+            ("GET", "/api", vec![], Some(1)),
+            ("GET", "/api/users", vec![], Some(1)),
+            ("GET", "/api/login", vec![], Some(2)),
+            ("POST", "/api/login", vec![], Some(2)),
+            ("POST", "/api/users", vec![("x-canary", "1")], Some(3)),
+            ("GET", "/api/users", vec![("x-canary", "1")], Some(4)),
+            ("GET", "/img/a.png", vec![], Some(5)),
+            ("GET", "/img/a.jpg", vec![], Some(0)),
+            ("GET", "/q?v=2", vec![], Some(6)),
+            ("GET", "/q?v=1", vec![], Some(0)),
+        ];
+        for (method, uri, headers, want) in cases {
+            assert_eq!(
+                pick(&r, method, uri, &headers),
+                want,
+                "{method} {uri} {headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let r = rules(serde_json::json!({"rules": [
+            {"matches": [{"path": {"type": "Exact", "value": "/only"}}]},
+        ]}));
+        assert_eq!(pick(&r, "GET", "/other", &[]), None);
+    }
+
+    #[test]
+    fn grpc_methods() {
+        let route = RouteResource {
+            name: "g".into(),
+            namespace: "demo".into(),
+            kind: "GRPCRoute".into(),
+            parent_services: vec![],
+            spec: serde_json::json!({"rules": [
+                {"matches": [{"method": {"service": "pkg.Svc", "method": "Get"}}]},
+                {"matches": [{"method": {"service": "pkg.Svc"}}]},
+            ]}),
+        };
+        let r = route.compile().expect("compile");
+        assert_eq!(pick(&r, "POST", "/pkg.Svc/Get", &[]), Some(0));
+        assert_eq!(pick(&r, "POST", "/pkg.Svc/List", &[]), Some(1));
+        assert_eq!(pick(&r, "POST", "/other.Svc/Get", &[]), None);
+    }
+}

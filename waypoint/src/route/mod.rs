@@ -1,0 +1,339 @@
+//! Routing: the Gateway API `HTTPRoute`/`GRPCRoute` specs the controller forwards as JSON
+//! (our own serde types, tolerant of fields we do not use), compiled per parent Service into
+//! an ordered rule list ([`matching`]), the filters they apply ([`filters`]) and the retry
+//! policy with its budget ([`retry`]).
+
+pub mod filters;
+pub mod matching;
+pub mod retry;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration;
+
+/// Why a route could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The spec JSON does not have the Gateway API shape.
+    #[error("route {route}: invalid spec: {source}")]
+    Spec {
+        route: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A regular expression match does not compile.
+    #[error("route {route}: invalid regular expression {pattern:?}: {source}")]
+    Regex {
+        route: String,
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    /// A duration (timeout, back-off) is not Go-style.
+    #[error("route {route}: {source}")]
+    Duration {
+        route: String,
+        #[source]
+        source: duration::DurationError,
+    },
+    /// `kind` is neither HTTPRoute nor GRPCRoute.
+    #[error("route {route}: unknown kind {kind:?}")]
+    Kind { route: String, kind: String },
+}
+
+/// `HTTPRoute` spec (the fields the waypoint uses).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    pub rules: Vec<HttpRouteRule>,
+}
+
+/// `GRPCRoute` spec.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+/// One HTTP rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    pub matches: Vec<HttpRouteMatch>,
+    pub filters: Vec<Filter>,
+    pub backend_refs: Vec<BackendRef>,
+    pub timeouts: Option<Timeouts>,
+    pub retry: Option<RetrySpec>,
+}
+
+/// One gRPC rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    pub matches: Vec<GrpcRouteMatch>,
+    pub filters: Vec<Filter>,
+    pub backend_refs: Vec<BackendRef>,
+}
+
+/// Conditions of an HTTP rule; all must hold.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    pub path: Option<PathMatch>,
+    pub headers: Vec<ValueMatch>,
+    pub query_params: Vec<ValueMatch>,
+    pub method: Option<String>,
+}
+
+/// A gRPC method match.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GrpcRouteMatch {
+    pub method: Option<GrpcMethodMatch>,
+    pub headers: Vec<ValueMatch>,
+}
+
+/// `service`/`method` of a gRPC call.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GrpcMethodMatch {
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    pub service: Option<String>,
+    pub method: Option<String>,
+}
+
+/// Path condition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PathMatch {
+    /// `Exact`, `PathPrefix` (default) or `RegularExpression`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub value: String,
+}
+
+impl Default for PathMatch {
+    fn default() -> Self {
+        PathMatch {
+            type_: "PathPrefix".into(),
+            value: "/".into(),
+        }
+    }
+}
+
+/// Header or query parameter condition.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ValueMatch {
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+/// A weighted backend.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct BackendRef {
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u16>,
+    pub weight: Option<u32>,
+    pub filters: Vec<Filter>,
+}
+
+/// Route timeouts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Timeouts {
+    pub request: Option<String>,
+    pub backend_request: Option<String>,
+}
+
+/// Retry settings (the controller's `retry`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RetrySpec {
+    pub codes: Vec<u16>,
+    pub attempts: Option<u32>,
+    pub backoff: Option<String>,
+}
+
+/// A filter, Gateway API shape: `type` names the field that carries the settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Filter {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub request_header_modifier: Option<HeaderModifier>,
+    pub response_header_modifier: Option<HeaderModifier>,
+    pub request_mirror: Option<MirrorSpec>,
+    pub request_redirect: Option<RedirectSpec>,
+    pub url_rewrite: Option<RewriteSpec>,
+}
+
+/// Header changes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HeaderModifier {
+    pub set: Vec<NameValue>,
+    pub add: Vec<NameValue>,
+    pub remove: Vec<String>,
+}
+
+/// A header to set or add.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NameValue {
+    pub name: String,
+    pub value: String,
+}
+
+/// Mirror settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct MirrorSpec {
+    pub backend_ref: BackendRef,
+    pub percent: Option<u32>,
+}
+
+/// Path modification of a redirect or rewrite.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PathModifier {
+    /// `ReplaceFullPath` or `ReplacePrefixMatch`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub replace_full_path: Option<String>,
+    pub replace_prefix_match: Option<String>,
+}
+
+/// Redirect settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RedirectSpec {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+    pub port: Option<u16>,
+    pub status_code: Option<u16>,
+}
+
+/// Rewrite settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RewriteSpec {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+/// A route as delivered by discovery or the static file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RouteResource {
+    pub name: String,
+    pub namespace: String,
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: String,
+    /// `namespace/hostname` of each parent Service.
+    pub parent_services: Vec<String>,
+    /// The spec as JSON.
+    pub spec: serde_json::Value,
+}
+
+/// A compiled rule, ready to match.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// `namespace/name` of the route, for logs.
+    pub route: String,
+    pub matches: Vec<matching::Match>,
+    pub filters: Vec<Filter>,
+    pub backends: Vec<BackendRef>,
+    /// Whole request including retries.
+    pub request_timeout: Option<Duration>,
+    /// One attempt.
+    pub backend_timeout: Option<Duration>,
+    pub retry: Option<retry::RetryPolicy>,
+}
+
+impl RouteResource {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Compiles the rules of this route.
+    pub fn compile(&self) -> Result<Vec<Rule>, RouteError> {
+        let key = self.key();
+        let spec_err = |source| RouteError::Spec {
+            route: key.clone(),
+            source,
+        };
+        let dur = |s: &Option<String>| -> Result<Option<Duration>, RouteError> {
+            s.as_deref()
+                .map(duration::parse)
+                .transpose()
+                .map_err(|source| RouteError::Duration {
+                    route: key.clone(),
+                    source,
+                })
+        };
+        match self.kind.as_str() {
+            "HTTPRoute" | "" => {
+                let spec: HttpRouteSpec =
+                    serde_json::from_value(self.spec.clone()).map_err(spec_err)?;
+                spec.rules
+                    .iter()
+                    .map(|r| {
+                        let matches = matching::compile_http(&key, &r.matches)?;
+                        let timeouts = r.timeouts.clone().unwrap_or_default();
+                        let retry = match &r.retry {
+                            Some(spec) => Some(retry::RetryPolicy {
+                                codes: spec.codes.clone(),
+                                attempts: spec.attempts.unwrap_or(1),
+                                backoff: dur(&spec.backoff)?.unwrap_or(Duration::from_millis(25)),
+                            }),
+                            None => None,
+                        };
+                        Ok(Rule {
+                            route: key.clone(),
+                            matches,
+                            filters: r.filters.clone(),
+                            backends: r.backend_refs.clone(),
+                            request_timeout: dur(&timeouts.request)?,
+                            backend_timeout: dur(&timeouts.backend_request)?,
+                            retry,
+                        })
+                    })
+                    .collect()
+            }
+            "GRPCRoute" => {
+                let spec: GrpcRouteSpec =
+                    serde_json::from_value(self.spec.clone()).map_err(spec_err)?;
+                spec.rules
+                    .iter()
+                    .map(|r| {
+                        Ok(Rule {
+                            route: key.clone(),
+                            matches: matching::compile_grpc(&key, &r.matches)?,
+                            filters: r.filters.clone(),
+                            backends: r.backend_refs.clone(),
+                            request_timeout: None,
+                            backend_timeout: None,
+                            retry: None,
+                        })
+                    })
+                    .collect()
+            }
+            other => Err(RouteError::Kind {
+                route: key,
+                kind: other.to_string(),
+            }),
+        }
+    }
+}

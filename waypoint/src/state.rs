@@ -1,0 +1,385 @@
+//! What the waypoint knows about the mesh: workloads, services, the authorization policies,
+//! routes and traffic policies bound to it. One serde shape ([`StateFile`]) serves the static
+//! file mode (YAML or JSON), the discovery client's output and the admin config dump; it is
+//! compiled into an indexed [`State`] (routes and traffic policies checked) that request
+//! handling reads through [`StateHandle`] (one writer, lock-free readers).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use ambit_hbone::Identity;
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Policy, PolicyError};
+use crate::resilience::{ResilienceError, Settings, TrafficPolicyResource};
+use crate::route::{RouteError, RouteResource, Rule};
+
+/// Why a state could not be loaded or built.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The static file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The static file is neither valid YAML nor JSON of the expected shape.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// A workload's identity is not a valid SPIFFE identity.
+    #[error("workload {uid}: invalid identity: {source}")]
+    Identity {
+        uid: String,
+        #[source]
+        source: ambit_hbone::identity::IdentityError,
+    },
+    /// A route does not compile.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// A traffic policy does not compile.
+    #[error(transparent)]
+    Resilience(#[from] ResilienceError),
+    /// A policy cannot be evaluated.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// A pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub addresses: Vec<IpAddr>,
+    /// Owner name for metrics (`reviews-v1`); the pod name when empty.
+    pub workload_name: String,
+}
+
+impl Workload {
+    /// The SPIFFE identity it proves.
+    pub fn identity(&self) -> Result<Identity, StateError> {
+        let td = if self.trust_domain.is_empty() {
+            ambit_hbone::identity::DEFAULT_TRUST_DOMAIN
+        } else {
+            &self.trust_domain
+        };
+        Identity::new(td, &self.namespace, &self.service_account).map_err(|source| {
+            StateError::Identity {
+                uid: self.uid.clone(),
+                source,
+            }
+        })
+    }
+
+    /// The name used in metrics.
+    pub fn metrics_name(&self) -> &str {
+        if self.workload_name.is_empty() {
+            &self.name
+        } else {
+            &self.workload_name
+        }
+    }
+}
+
+/// A service port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub service_port: u16,
+    /// 0 means the same as `service_port`.
+    pub target_port: u16,
+    pub app_protocol: String,
+}
+
+/// An endpoint of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Endpoint {
+    pub workload_uid: String,
+    /// Target port by service port, when it differs per endpoint.
+    pub ports: BTreeMap<u16, u16>,
+    pub ready: bool,
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Endpoint {
+            workload_uid: String::new(),
+            ports: BTreeMap::new(),
+            ready: true,
+        }
+    }
+}
+
+/// A service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// `namespace/hostname`, the key routes and policies use.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Everything the waypoint is told, in one serialisable shape.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct StateFile {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub policies: Vec<Policy>,
+    pub routes: Vec<RouteResource>,
+    pub traffic_policies: Vec<TrafficPolicyResource>,
+}
+
+impl StateFile {
+    /// Reads a YAML (or JSON, a subset of YAML) file.
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| StateError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// An endpoint ready to dial.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Pod ip and target port (the tunnel's `:authority`).
+    pub addr: SocketAddr,
+    pub identity: Identity,
+    pub workload: Arc<Workload>,
+}
+
+/// What a tunnel's `:authority` names.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A service VIP and service port.
+    Service { service: Arc<Service>, port: u16 },
+    /// A pod address directly; `service` is one that selects it, if any (for policy).
+    Workload {
+        upstream: Upstream,
+        service: Option<Arc<Service>>,
+    },
+}
+
+/// The compiled, indexed state.
+#[derive(Debug, Default)]
+pub struct State {
+    /// As received, for the config dump.
+    pub source: StateFile,
+    workloads: HashMap<String, Arc<Workload>>,
+    identities: HashMap<String, Identity>,
+    workload_by_ip: HashMap<IpAddr, String>,
+    services: HashMap<String, Arc<Service>>,
+    service_by_vip: HashMap<IpAddr, String>,
+    service_by_name: HashMap<(String, String), String>,
+    policies: Vec<Policy>,
+    /// Rules per service key, routes in `namespace/name` order.
+    routes: HashMap<String, Vec<Rule>>,
+    settings: HashMap<String, Arc<Settings>>,
+}
+
+impl State {
+    /// Checks and indexes `file`.
+    pub fn build(file: StateFile) -> Result<State, StateError> {
+        let mut s = State::default();
+        for w in &file.workloads {
+            let id = w.identity()?;
+            for ip in &w.addresses {
+                s.workload_by_ip.insert(*ip, w.uid.clone());
+            }
+            s.identities.insert(w.uid.clone(), id);
+            s.workloads.insert(w.uid.clone(), Arc::new(w.clone()));
+        }
+        for svc in &file.services {
+            let key = svc.key();
+            for vip in &svc.vips {
+                s.service_by_vip.insert(*vip, key.clone());
+            }
+            s.service_by_name
+                .insert((svc.namespace.clone(), svc.name.clone()), key.clone());
+            s.services.insert(key, Arc::new(svc.clone()));
+        }
+        for p in &file.policies {
+            p.validate()?;
+        }
+        s.policies = file.policies.clone();
+        let mut routes: Vec<&RouteResource> = file.routes.iter().collect();
+        routes.sort_by_key(|r| r.key());
+        for r in routes {
+            let rules = r.compile()?;
+            for parent in &r.parent_services {
+                s.routes
+                    .entry(parent.clone())
+                    .or_default()
+                    .extend(rules.iter().cloned());
+            }
+        }
+        for tp in &file.traffic_policies {
+            s.settings
+                .insert(tp.target_service.clone(), Arc::new(tp.compile()?));
+        }
+        s.source = file;
+        Ok(s)
+    }
+
+    /// The workload with this address.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workload_by_ip
+            .get(&ip)
+            .and_then(|uid| self.workloads.get(uid))
+    }
+
+    /// A service by `namespace/hostname`.
+    pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.services.get(key)
+    }
+
+    /// A service by namespace and short name (route backends).
+    pub fn service_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.service_by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .and_then(|k| self.services.get(k))
+    }
+
+    /// Resolves a tunnel's `:authority`.
+    pub fn resolve(&self, authority: SocketAddr) -> Option<Target> {
+        if let Some(svc) = self
+            .service_by_vip
+            .get(&authority.ip())
+            .and_then(|k| self.services.get(k))
+        {
+            return Some(Target::Service {
+                service: svc.clone(),
+                port: authority.port(),
+            });
+        }
+        let workload = self.workload_by_ip(authority.ip())?.clone();
+        let identity = self.identities.get(&workload.uid)?.clone();
+        let service = self
+            .services
+            .values()
+            .find(|s| s.endpoints.iter().any(|e| e.workload_uid == workload.uid))
+            .cloned();
+        Some(Target::Workload {
+            upstream: Upstream {
+                addr: authority,
+                identity,
+                workload,
+            },
+            service,
+        })
+    }
+
+    /// Ready endpoints of `service` for service port `port`.
+    pub fn upstreams(&self, service: &Service, port: u16) -> Vec<Upstream> {
+        let default_target = service
+            .ports
+            .iter()
+            .find(|p| p.service_port == port)
+            .map(|p| {
+                if p.target_port == 0 {
+                    port
+                } else {
+                    p.target_port
+                }
+            })
+            .unwrap_or(port);
+        service
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .filter_map(|e| {
+                let workload = self.workloads.get(&e.workload_uid)?;
+                let identity = self.identities.get(&e.workload_uid)?;
+                let ip = *workload.addresses.first()?;
+                let target = e.ports.get(&port).copied().unwrap_or(default_target);
+                Some(Upstream {
+                    addr: SocketAddr::new(ip, target),
+                    identity: identity.clone(),
+                    workload: workload.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Policies bound to traffic for `service` through the waypoint `gateway`.
+    pub fn policies_for(&self, gateway: &str, service: Option<&str>) -> Vec<&Policy> {
+        self.policies
+            .iter()
+            .filter(|p| {
+                (!p.target_gateway.is_empty() && p.target_gateway == gateway)
+                    || service.is_some_and(|s| p.target_service == s)
+            })
+            .collect()
+    }
+
+    /// Route rules attached to a service.
+    pub fn rules(&self, service_key: &str) -> Option<&[Rule]> {
+        self.routes.get(service_key).map(Vec::as_slice)
+    }
+
+    /// Traffic policy settings of a service.
+    pub fn settings(&self, service_key: &str) -> Option<&Arc<Settings>> {
+        self.settings.get(service_key)
+    }
+}
+
+/// The current state: one writer replaces it whole, readers take snapshots.
+#[derive(Debug, Clone)]
+pub struct StateHandle {
+    inner: Arc<ArcSwap<State>>,
+}
+
+impl Default for StateHandle {
+    fn default() -> Self {
+        StateHandle {
+            inner: Arc::new(ArcSwap::from_pointee(State::default())),
+        }
+    }
+}
+
+impl StateHandle {
+    /// A handle holding `state`.
+    pub fn new(state: State) -> Self {
+        StateHandle {
+            inner: Arc::new(ArcSwap::from_pointee(state)),
+        }
+    }
+
+    /// A snapshot for one decision.
+    pub fn load(&self) -> Arc<State> {
+        self.inner.load_full()
+    }
+
+    /// Replaces the state.
+    pub fn store(&self, state: State) {
+        self.inner.store(Arc::new(state));
+    }
+}

@@ -1,0 +1,257 @@
+//! Sending requests to endpoints: an HBONE tunnel to the endpoint's ztunnel (`pod ip:15008`,
+//! `:authority` = `pod ip:target port`, the waypoint's own certificate, the endpoint's identity
+//! expected), with hyper's HTTP/1.1 or HTTP/2 client on top, pooled per endpoint.
+//!
+//! HTTP/2 (and gRPC) share one hyper connection per endpoint (multiplexed, reopened when it
+//! closes). HTTP/1.1 keeps idle connections per endpoint for reuse; a connection goes back to
+//! the pool when its response head arrives and is handed out again only once hyper says it
+//! is ready (its previous response body finished), and it is retired after
+//! `maxRequestsPerConnection` requests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use ambit_hbone::client::{ConnectError, ConnectTarget};
+use ambit_hbone::pool::Pool;
+use ambit_hbone::tls::{self, RotatingCert, TrustBundle};
+use ambit_hbone::Identity;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::state::Upstream;
+use crate::Body;
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_H1: usize = 64;
+
+/// Why an attempt got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The HBONE tunnel could not be opened (flag `UF`).
+    #[error("opening HBONE tunnel to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: ConnectError,
+    },
+    /// No TLS client config for the endpoint's identity.
+    #[error("TLS config for {identity}: {source}")]
+    Tls {
+        identity: Identity,
+        #[source]
+        source: tls::TlsError,
+    },
+    /// The HTTP handshake over the tunnel failed (flag `UF`).
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    /// The attempt exceeded the route's per-try timeout (`timeouts.backendRequest`).
+    #[error("request to {addr} timed out after {after:?}")]
+    Timeout {
+        addr: SocketAddr,
+        after: std::time::Duration,
+    },
+    /// The request failed after the connection was up (flag `UC`: reset or closed).
+    #[error("request to {addr} failed: {source}")]
+    Request {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// True when no connection was made, so nothing reached the application.
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::Tls { .. }
+                | UpstreamError::Handshake { .. }
+        )
+    }
+}
+
+/// The HTTP version spoken to the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+#[derive(Default)]
+struct Conns {
+    h1: Vec<(http1::SendRequest<Body>, u32)>,
+    h2: Option<http2::SendRequest<Body>>,
+}
+
+/// Upstream connections of the waypoint.
+#[derive(Clone)]
+pub struct Upstreams {
+    pool: Pool,
+    source: Identity,
+    cert: RotatingCert,
+    bundle: TrustBundle,
+    hbone_port: u16,
+    tls: Arc<Mutex<HashMap<Identity, Arc<rustls::ClientConfig>>>>,
+    conns: Arc<Mutex<HashMap<SocketAddr, Conns>>>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("source", &self.source)
+            .field("hbone_port", &self.hbone_port)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl Upstreams {
+    /// Tunnels as `source` (whose certificate `cert` holds) to peers on `hbone_port`.
+    pub fn new(
+        pool: Pool,
+        source: Identity,
+        cert: RotatingCert,
+        bundle: TrustBundle,
+        hbone_port: u16,
+    ) -> Self {
+        Upstreams {
+            pool,
+            source,
+            cert,
+            bundle,
+            hbone_port,
+            tls: Arc::default(),
+            conns: Arc::default(),
+        }
+    }
+
+    /// A tunnel to `up`, for raw TCP or for a new HTTP connection.
+    pub async fn tunnel(
+        &self,
+        up: &Upstream,
+    ) -> Result<ambit_hbone::stream::TunnelStream, UpstreamError> {
+        let tls = {
+            let mut cache = lock(&self.tls);
+            match cache.get(&up.identity) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = tls::client_config_rotating(&self.cert, &self.bundle, &up.identity)
+                        .map_err(|source| UpstreamError::Tls {
+                            identity: up.identity.clone(),
+                            source,
+                        })?;
+                    cache.insert(up.identity.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        let target = ConnectTarget {
+            source: self.source.clone(),
+            tls,
+            peer: SocketAddr::new(up.addr.ip(), self.hbone_port),
+            expected_identity: up.identity.clone(),
+            authority: up.addr,
+            headers: http::HeaderMap::new(),
+        };
+        self.pool
+            .connect(target)
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                addr: up.addr,
+                source,
+            })
+    }
+
+    /// Sends `req` to `up` over `version`; `max_uses` retires HTTP/1.1 connections.
+    pub async fn send(
+        &self,
+        up: &Upstream,
+        version: Version,
+        req: Request<Body>,
+        max_uses: Option<u32>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let addr = up.addr;
+        let req_err = |source| UpstreamError::Request { addr, source };
+        match version {
+            Version::Http2 => {
+                let existing = lock(&self.conns)
+                    .get(&addr)
+                    .and_then(|c| c.h2.clone())
+                    .filter(|s| !s.is_closed());
+                let mut sender = match existing {
+                    Some(s) => s,
+                    None => {
+                        let io = TokioIo::new(self.tunnel(up).await?);
+                        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                            .await
+                            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                            }
+                        });
+                        lock(&self.conns).entry(addr).or_default().h2 = Some(sender.clone());
+                        sender
+                    }
+                };
+                sender.ready().await.map_err(req_err)?;
+                sender.send_request(req).await.map_err(req_err)
+            }
+            Version::Http1 => {
+                let reused = {
+                    let mut map = lock(&self.conns);
+                    let conns = map.entry(addr).or_default();
+                    conns.h1.retain(|(s, _)| !s.is_closed());
+                    conns
+                        .h1
+                        .iter()
+                        .position(|(s, _)| s.is_ready())
+                        .map(|i| conns.h1.swap_remove(i))
+                };
+                let (mut sender, uses) = match reused {
+                    Some(s) => s,
+                    None => {
+                        let io = TokioIo::new(self.tunnel(up).await?);
+                        let (sender, conn) = http1::handshake(io)
+                            .await
+                            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.with_upgrades().await {
+                                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+                            }
+                        });
+                        (sender, 0)
+                    }
+                };
+                sender.ready().await.map_err(req_err)?;
+                let upgrading = req.headers().contains_key(http::header::UPGRADE);
+                let fut = sender.send_request(req);
+                let uses = uses + 1;
+                let keep = !upgrading && max_uses.is_none_or(|m| uses < m);
+                let resp = fut.await.map_err(req_err)?;
+                if keep {
+                    let mut map = lock(&self.conns);
+                    let conns = map.entry(addr).or_default();
+                    if conns.h1.len() < MAX_IDLE_H1 {
+                        conns.h1.push((sender, uses));
+                    }
+                }
+                Ok(resp)
+            }
+        }
+    }
+}

@@ -511,7 +511,13 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
                     draining = true;
                     h2.graceful_shutdown();
                 }
-                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                Some(done) = streams.join_next(), if !streams.is_empty() => {
+                    if let Err(err) = done {
+                        if err.is_panic() {
+                            warn!(%peer, %identity, "HBONE stream handler panicked");
+                        }
+                    }
+                }
                 () = &mut keepalive => {
                     info!(%peer, %identity, "HBONE client stopped answering PINGs, closing");
                     break;

@@ -238,3 +238,16 @@ impl AsyncWrite for TunnelStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What callers rely on: a tunnel goes wherever a `TcpStream` goes (spawned tasks,
+    /// `copy_bidirectional`, boxed as `dyn AsyncRead + AsyncWrite`).
+    #[test]
+    fn tunnel_stream_is_a_plain_async_byte_stream() {
+        fn plain<T: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static>() {}
+        plain::<TunnelStream>();
+    }
+}

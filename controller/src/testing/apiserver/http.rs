@@ -34,6 +34,8 @@ enum Route {
         rt: ResourceType,
         namespace: Option<String>,
         name: Option<String>,
+        /// The `/status` subresource of the object.
+        status: bool,
     },
 }
 
@@ -147,6 +149,10 @@ fn route(shared: &Shared, path: &str) -> Result<Route, ApiError> {
             .cloned()
             .ok_or_else(unknown)
     };
+    let (rest, status) = match rest {
+        [head @ .., "status"] if head.len() == 2 || head.len() == 4 => (head, true),
+        _ => (rest, false),
+    };
     let (rt, namespace, name) = match rest {
         [] => {
             let (group, version) = api_version.split_once('/').unwrap_or(("", "v1"));
@@ -167,6 +173,7 @@ fn route(shared: &Shared, path: &str) -> Result<Route, ApiError> {
         rt,
         namespace: namespace.map(str::to_owned),
         name: name.map(str::to_owned),
+        status,
     })
 }
 
@@ -211,7 +218,47 @@ async fn dispatch(
             Route::Resource {
                 rt,
                 namespace,
+                name: Some(name),
+                status: true,
+            },
+            method,
+        ) => {
+            let ns = namespace.unwrap_or_default();
+            // The status subresource: writes change `status` and nothing else.
+            let status = match method {
+                Method::GET => None,
+                Method::PUT => Some(parse_json(&body)?.get("status").cloned()),
+                Method::PATCH => {
+                    let patch = parse_patch(&content_type, &body)?;
+                    let mut merged = shared.lock().get(&rt, &ns, &name).map(|o| (*o).clone());
+                    if let Some(m) = merged.as_mut() {
+                        super::store::merge(m, &patch);
+                    }
+                    Some(merged.and_then(|m| m.get("status").cloned()))
+                }
+                other => {
+                    return Err(ApiError::MethodNotAllowed(format!(
+                        "{other} is not supported on {}/status",
+                        rt.plural
+                    )))
+                }
+            };
+            let obj = match status {
+                None => shared.lock().get(&rt, &ns, &name),
+                Some(status) => {
+                    Some(shared.write(|s| s.set_status(&rt, &ns, &name, status, &manager))?)
+                }
+            };
+            Ok(ok(&obj.ok_or_else(|| {
+                ApiError::NotFound(format!("{} \"{name}\" not found", rt.plural))
+            })?))
+        }
+        (
+            Route::Resource {
+                rt,
+                namespace,
                 name,
+                status: _,
             },
             method,
         ) => {
@@ -239,26 +286,11 @@ async fn dispatch(
                     ))
                 }
                 (Method::PATCH, Some(name)) => {
-                    let kind = content_type.split(';').next().unwrap_or("").trim();
-                    let obj = match kind {
-                        "application/merge-patch+json"
-                        | "application/strategic-merge-patch+json" => {
-                            let patch = parse_json(&body)?;
-                            shared.write(|s| s.merge_patch(&rt, &ns, &name, &patch, &manager))?
-                        }
-                        "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
-                            let patch: Value = serde_yaml::from_slice(&body)
-                                .map_err(|e| ApiError::BadRequest(format!("invalid YAML: {e}")))?;
-                            shared.write(|s| s.apply_patch(&rt, &ns, &name, patch, &manager))?
-                        }
-                        other => {
-                            return Err(ApiError::UnsupportedMediaType(format!(
-                                "the body of the request was in an unknown format - \
-                                 accepted media types include: application/merge-patch+json, \
-                                 application/strategic-merge-patch+json, \
-                                 application/apply-patch+yaml (got {other})"
-                            )))
-                        }
+                    let patch = parse_patch(&content_type, &body)?;
+                    let obj = if is_apply(&content_type) {
+                        shared.write(|s| s.apply_patch(&rt, &ns, &name, patch, &manager))?
+                    } else {
+                        shared.write(|s| s.merge_patch(&rt, &ns, &name, &patch, &manager))?
                     };
                     Ok(ok(&obj))
                 }
@@ -273,6 +305,31 @@ async fn dispatch(
         }
         (_, method) => Err(ApiError::MethodNotAllowed(format!(
             "{method} is not supported here"
+        ))),
+    }
+}
+
+fn media_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
+}
+
+fn is_apply(content_type: &str) -> bool {
+    media_type(content_type).starts_with("application/apply-patch")
+}
+
+/// Parses a PATCH body: merge and strategic-merge patches (treated alike: they differ only for
+/// lists with merge keys) and server-side apply (YAML, which includes JSON).
+fn parse_patch(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    match media_type(content_type) {
+        "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+            parse_json(body)
+        }
+        "application/apply-patch+yaml" => serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid YAML: {e}"))),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "the body of the request was in an unknown format - accepted media types include: \
+             application/merge-patch+json, application/strategic-merge-patch+json, \
+             application/apply-patch+yaml (got {other})"
         ))),
     }
 }

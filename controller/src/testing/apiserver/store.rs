@@ -382,6 +382,30 @@ impl State {
         Ok(self.commit(key, ChangeType::Modified, obj))
     }
 
+    /// Writes the status subresource: only `status` changes (and `generation` does not).
+    pub(crate) fn set_status(
+        &mut self,
+        rt: &ResourceType,
+        namespace: &str,
+        name: &str,
+        status: Option<Value>,
+        manager: &str,
+    ) -> Result<Arc<Value>, ApiError> {
+        let key = Self::key(rt, namespace, name);
+        let Some(old) = self.objects.get(&key).cloned() else {
+            return Err(not_found(rt, name));
+        };
+        let mut obj = (*old).clone();
+        if let Some(o) = obj.as_object_mut() {
+            match status {
+                Some(status) => o.insert("status".to_owned(), status),
+                None => o.remove("status"),
+            };
+        }
+        stamp_manager(&mut obj, rt, manager, "Update");
+        Ok(self.commit(key, ChangeType::Modified, obj))
+    }
+
     /// Server-side apply, simplified to create-or-merge with the manager recorded in
     /// `managedFields` (field ownership and conflicts are not modelled).
     pub(crate) fn apply_patch(

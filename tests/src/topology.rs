@@ -1,4 +1,6 @@
 //! The topology builder: nodes and pods as network namespaces for one test, torn down on Drop.
+//! The plumbing itself is `ambitctl::local::net`, the same code `ambitctl up` builds its local
+//! cluster with.
 //!
 //! Address plan (fixed, because every topology has its own fabric; see the crate docs):
 //! node k (1-based) is 10.77.0.(10+k)/24 on the fabric bridge; its pods are 10.77.k.2, .3, ...
@@ -11,7 +13,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::Context;
 
-use crate::ns::{exec_in, run, NETNS_RUN_DIR};
+use ambitctl::local::net;
+
+use crate::ns::{run, NETNS_RUN_DIR};
 
 /// Per-process counter that keeps namespace names of concurrent tests apart.
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
@@ -111,55 +115,24 @@ impl TopologyBuilder {
             .with_context(|| format!("cannot create {}", topo.netns_dir.display()))?;
 
         let fabric = topo.add_netns("fab")?;
-        ip(&fabric, &["link", "add", "br0", "type", "bridge"])?;
-        ip(&fabric, &["link", "set", "br0", "up"])?;
+        net::make_fabric_bridge(&fabric, false)?;
 
         for (k, name) in self.nodes.iter().enumerate() {
-            let k = k + 1;
             let netns = topo.add_netns(name)?;
-            // Nodes route between pods; rp_filter would drop asymmetric paths in between.
-            exec_in(
-                &netns,
-                &[
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    "net.ipv4.ip_forward=1",
-                    "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.default.rp_filter=0",
-                ],
-            )?;
-            let uplink = format!("n{k}");
-            ip(
-                &fabric,
-                &[
-                    "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &netns,
-                ],
-            )?;
-            ip(&fabric, &["link", "set", &uplink, "master", "br0", "up"])?;
-            let node_ip = Ipv4Addr::new(10, 77, 0, 10 + octet(k)?);
-            ip(
-                &netns,
-                &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"],
-            )?;
-            ip(&netns, &["link", "set", "eth0", "up"])?;
+            let ip = net::attach_node(&fabric, &netns, k + 1)?;
             topo.nodes.push(Node {
                 name: name.clone(),
                 netns,
-                ip: node_ip,
+                ip,
             });
         }
-        for (k, node) in topo.nodes.iter().enumerate() {
-            for (m, other) in topo.nodes.iter().enumerate() {
-                if k != m {
-                    let subnet = format!("10.77.{}.0/24", m + 1);
-                    ip(
-                        &node.netns,
-                        &["route", "add", &subnet, "via", &other.ip.to_string()],
-                    )?;
-                }
-            }
-        }
+        let indexed: Vec<(&str, usize)> = topo
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(k, n)| (n.netns.as_str(), k + 1))
+            .collect();
+        net::route_between_nodes(&indexed)?;
 
         for (name, node_name) in &self.pods {
             let (k, node) = topo
@@ -174,59 +147,8 @@ impl TopologyBuilder {
                 .iter()
                 .filter(|p| p.node_netns == node.netns)
                 .count();
-            let gateway = Ipv4Addr::new(10, 77, octet(k)?, 1);
-            let pod_ip = Ipv4Addr::new(10, 77, octet(k)?, octet(j + 2)?);
             let netns = topo.add_netns(name)?;
-            // Strict reverse-path filtering, as many distributions set it: the harder case for
-            // ztunnel's transparent dials from a client IP that is not local to the pod.
-            exec_in(
-                &netns,
-                &[
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    "net.ipv4.conf.all.rp_filter=1",
-                    "net.ipv4.conf.default.rp_filter=1",
-                ],
-            )?;
-            let host_side = format!("p{j}");
-            ip(
-                &node.netns,
-                &[
-                    "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns",
-                    &netns,
-                ],
-            )?;
-            ip(
-                &node.netns,
-                &["addr", "add", &format!("{gateway}/32"), "dev", &host_side],
-            )?;
-            ip(&node.netns, &["link", "set", &host_side, "up"])?;
-            ip(
-                &node.netns,
-                &["route", "add", &format!("{pod_ip}/32"), "dev", &host_side],
-            )?;
-            ip(
-                &netns,
-                &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"],
-            )?;
-            ip(&netns, &["link", "set", "eth0", "up"])?;
-            ip(
-                &netns,
-                &["route", "add", &gateway.to_string(), "dev", "eth0"],
-            )?;
-            ip(
-                &netns,
-                &[
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &gateway.to_string(),
-                    "dev",
-                    "eth0",
-                ],
-            )?;
+            let pod_ip = net::attach_pod(&node.netns, k, &netns, j)?;
             let link = topo.netns_dir.join(&netns);
             std::os::unix::fs::symlink(Path::new(NETNS_RUN_DIR).join(&netns), &link)
                 .with_context(|| format!("cannot create {}", link.display()))?;
@@ -239,20 +161,6 @@ impl TopologyBuilder {
         }
         Ok(topo)
     }
-}
-
-fn octet(n: usize) -> anyhow::Result<u8> {
-    u8::try_from(n)
-        .ok()
-        .filter(|o| *o < 250)
-        .with_context(|| format!("{n} does not fit the address plan"))
-}
-
-/// `ip -n <netns> <args>`.
-fn ip(netns: &str, args: &[&str]) -> anyhow::Result<String> {
-    let mut full = vec!["-n", netns];
-    full.extend_from_slice(args);
-    run("ip", &full)
 }
 
 /// A built topology. Dropping it deletes every namespace it made (links and routes go with
@@ -275,11 +183,10 @@ impl Topology {
 
     fn add_netns(&mut self, suffix: &str) -> anyhow::Result<String> {
         let name = format!("{}-{suffix}", self.prefix);
-        // A namespace of this name can only be left over from a killed run with a reused pid.
-        let _ = run("ip", &["netns", "del", &name]);
-        run("ip", &["netns", "add", &name])?;
+        // A namespace of this name can only be left over from a killed run with a reused pid;
+        // add_netns replaces it.
+        net::add_netns(&name)?;
         self.namespaces.push(name.clone());
-        ip(&name, &["link", "set", "lo", "up"])?;
         Ok(name)
     }
 

@@ -1,0 +1,4 @@
+//! The local mesh: a whole ambient mesh on one Linux machine, pods being network namespaces.
+//!
+//! - [`net`]: namespaces, bridge, veth pairs, addresses and routes (shared with the tests).
+pub mod net;

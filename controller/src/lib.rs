@@ -12,6 +12,7 @@ pub mod ca;
 pub mod crd;
 pub mod discovery;
 pub mod model;
+pub mod ops;
 pub mod server;
 pub mod source;
 

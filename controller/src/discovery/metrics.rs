@@ -2,10 +2,15 @@
 //!
 //! Updates happen a few times per push, so a mutex per subscriber is cheap and keeps the
 //! values consistent with each other (a push count never runs ahead of its nonce).
+//! [`Totals`] adds up every subscriber that ever connected, for Prometheus counters that
+//! must never go down when a proxy disconnects.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Nonces remembered while waiting for their ACK; older ones are forgotten.
 const MAX_PENDING: usize = 32;
@@ -31,6 +36,54 @@ pub struct SubscriberStats {
     pub last_nack: Option<(String, String)>,
 }
 
+/// Counters over all subscribers, past and present. Clones share the values.
+#[derive(Clone, Debug)]
+pub struct Totals {
+    /// Pushes queued (full and incremental).
+    pub pushes: Counter,
+    /// Pushes refused by the proxy.
+    pub nacks: Counter,
+    /// Seconds from queueing a push to its ACK: delivery plus the proxy applying it.
+    pub push_duration: Histogram,
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Totals {
+            pushes: Counter::default(),
+            nacks: Counter::default(),
+            // 1 ms to ~16 s: a push is normally applied in milliseconds; seconds mean a
+            // slow or stuck proxy.
+            push_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
+        }
+    }
+}
+
+impl Totals {
+    /// Registers `ambit_pushes_total`, `ambit_nacks_total` and
+    /// `ambit_push_duration_seconds`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "ambit_pushes",
+            "Discovery pushes queued",
+            self.pushes.clone(),
+        );
+        registry.register(
+            "ambit_nacks",
+            "Discovery pushes refused by proxies",
+            self.nacks.clone(),
+        );
+        registry.register_with_unit(
+            "ambit_push_duration",
+            "Time from queueing a discovery push to the proxy's ACK",
+            prometheus_client::registry::Unit::Seconds,
+            self.push_duration.clone(),
+        );
+    }
+}
+
 #[derive(Debug)]
 struct State {
     stats: SubscriberStats,
@@ -42,6 +95,7 @@ struct State {
 #[derive(Debug)]
 pub struct SubscriberMetrics {
     state: Mutex<State>,
+    totals: Totals,
 }
 
 impl SubscriberMetrics {
@@ -56,6 +110,7 @@ impl SubscriberMetrics {
     }
 
     pub(crate) fn pushed(&self, nonce: &str, version: u64) {
+        self.totals.pushes.inc();
         let mut s = self.lock();
         s.stats.pushes += 1;
         s.stats.version_sent = version;
@@ -78,11 +133,15 @@ impl SubscriberMetrics {
             s.stats.acks += 1;
             s.stats.version_acked = *version;
             s.stats.last_ack_latency = Some(at.elapsed());
+            self.totals
+                .push_duration
+                .observe(at.elapsed().as_secs_f64());
         }
         true
     }
 
     pub(crate) fn nacked(&self, nonce: &str, reason: &str) {
+        self.totals.nacks.inc();
         let mut s = self.lock();
         s.stats.nacks += 1;
         s.stats.last_nack = Some((nonce.to_string(), reason.to_string()));
@@ -96,11 +155,17 @@ impl SubscriberMetrics {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     subscribers: Arc<Mutex<BTreeMap<u64, Arc<SubscriberMetrics>>>>,
+    totals: Totals,
 }
 
 impl Registry {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<SubscriberMetrics>>> {
         self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counters over every subscriber so far.
+    pub fn totals(&self) -> &Totals {
+        &self.totals
     }
 
     /// Statistics of every connected subscriber, by id.
@@ -118,6 +183,7 @@ impl Registry {
                 },
                 pending: VecDeque::new(),
             }),
+            totals: self.totals.clone(),
         });
         self.lock().insert(id, metrics.clone());
         Registration {

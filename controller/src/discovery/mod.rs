@@ -9,6 +9,11 @@
 //! so a slow proxy receives one push with the net difference. Every push has a nonce; ACKs
 //! and NACKs are recorded in [`metrics`] (a NACK is logged with the proxy's reason, and
 //! the model moves on regardless: the proxy keeps its last good state).
+//!
+//! With an authenticator ([`DiscoveryService::with_authenticator`], always set in
+//! production) a subscriber must prove, by its bearer token, that it is the proxy its
+//! `Hello` names: a node's credential subscribes only for that node, so one compromised
+//! ztunnel cannot read another node's view.
 
 pub mod metrics;
 pub mod view;
@@ -24,8 +29,9 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ca::auth::{AuthError, Authenticator, Caller};
 use crate::model::Model;
-pub use metrics::{Registry, SubscriberStats};
+pub use metrics::{Registry, SubscriberStats, Totals};
 pub use view::Proxy;
 
 /// How long a new stream may take to say `Hello`.
@@ -46,6 +52,19 @@ pub enum DiscoveryError {
     /// The `Hello` does not describe a proxy we can serve.
     #[error("bad hello: {0}")]
     BadHello(&'static str),
+    /// The caller's credential proves nothing.
+    #[error("unauthenticated")]
+    Unauthenticated(#[source] AuthError),
+    /// The caller may not subscribe as the proxy its `Hello` names.
+    #[error("{caller} may not subscribe as {proxy}: {why}")]
+    NotAllowed {
+        /// Who the credential says the caller is.
+        caller: String,
+        /// What the `Hello` claimed.
+        proxy: String,
+        /// Which rule refused it.
+        why: &'static str,
+    },
 }
 
 impl From<DiscoveryError> for Status {
@@ -57,6 +76,8 @@ impl From<DiscoveryError> for Status {
             | DiscoveryError::NotHello
             | DiscoveryError::BadHello(_) => Status::invalid_argument(e.to_string()),
             DiscoveryError::HelloTimeout(_) => Status::deadline_exceeded(e.to_string()),
+            DiscoveryError::Unauthenticated(a) => a.to_status(),
+            DiscoveryError::NotAllowed { .. } => Status::permission_denied(e.to_string()),
         }
     }
 }
@@ -83,6 +104,10 @@ pub struct DiscoveryService {
     options: DiscoveryOptions,
     registry: Registry,
     next_id: Arc<AtomicU64>,
+    /// Checks callers' bearer tokens; `None` serves anyone (tests on loopback).
+    authenticator: Option<Authenticator>,
+    /// Turns true when the controller shuts down: every push stream then ends cleanly.
+    closing: watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
@@ -99,7 +124,25 @@ impl DiscoveryService {
             options,
             registry: Registry::default(),
             next_id: Arc::new(AtomicU64::new(1)),
+            authenticator: None,
+            // Without `with_shutdown`, never closing (see `shutting_down`).
+            closing: watch::Sender::new(false).subscribe(),
         }
+    }
+
+    /// Ends every push stream (with an OK status) once `closing` turns true, so a
+    /// graceful server shutdown does not wait on streams that never end by themselves.
+    pub fn with_shutdown(mut self, closing: watch::Receiver<bool>) -> Self {
+        self.closing = closing;
+        self
+    }
+
+    /// Requires every subscriber to authenticate as the proxy its `Hello` names: a
+    /// ztunnel's credential must be its node's, a waypoint's its own service account's
+    /// (in the Gateway's namespace). Production always sets this.
+    pub fn with_authenticator(mut self, authenticator: Authenticator) -> Self {
+        self.authenticator = Some(authenticator);
+        self
     }
 
     /// Per-subscriber statistics, for the metrics endpoint.
@@ -142,9 +185,27 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<PushStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = request
+            .extensions()
+            .get::<crate::server::TlsConnectInfo>()
+            .map(|i| i.remote_addr)
+            .or_else(|| request.remote_addr());
+        // Authenticate before reading anything else: an unknown caller learns nothing.
+        let caller = match &self.authenticator {
+            Some(a) => Some(
+                a.authenticate(request.metadata())
+                    .await
+                    .map_err(DiscoveryError::Unauthenticated)
+                    .inspect_err(|e| tracing::warn!(?peer, error = %crate::model::error_chain(e), "subscription refused"))?,
+            ),
+            None => None,
+        };
         let mut inbound = request.into_inner();
         let proxy = read_hello(&mut inbound).await?;
+        if let Some(caller) = &caller {
+            may_subscribe(caller, &proxy)
+                .inspect_err(|e| tracing::warn!(?peer, error = %e, "subscription refused"))?;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let registration = Arc::new(self.registry.register(id, proxy.to_string()));
         tracing::info!(id, %proxy, ?peer, "proxy subscribed");
@@ -157,16 +218,54 @@ impl Discovery for DiscoveryService {
             trust_roots: self.trust_roots.clone(),
             tx,
             registration: registration.clone(),
+            closing: self.closing.clone(),
         };
-        let push_task = tokio::spawn(pusher.run());
-        // ACKs and NACKs; when the proxy's side ends, stop pushing.
+        let mut push_task = tokio::spawn(pusher.run());
+        // ACKs and NACKs; when the proxy's side ends, stop pushing. When pushing ends
+        // first (shutdown), stop reading too: dropping the request stream lets the HTTP/2
+        // stream close, or a graceful shutdown would wait on it forever.
         tokio::spawn(async move {
-            read_acks(id, &mut inbound, &registration).await;
-            push_task.abort();
+            tokio::select! {
+                () = read_acks(id, &mut inbound, &registration) => push_task.abort(),
+                _ = &mut push_task => {}
+            }
+            drop(inbound);
             tracing::info!(id, %proxy, "proxy unsubscribed");
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Whether an authenticated `caller` may subscribe as `proxy`.
+fn may_subscribe(caller: &Caller, proxy: &Proxy) -> Result<(), DiscoveryError> {
+    let refuse = |why| DiscoveryError::NotAllowed {
+        caller: caller.to_string(),
+        proxy: proxy.to_string(),
+        why,
+    };
+    match (caller, proxy) {
+        (Caller::Node { node: own }, Proxy::Ztunnel { node }) if own == node => Ok(()),
+        (Caller::Node { .. }, Proxy::Ztunnel { .. }) => {
+            Err(refuse("a ztunnel may only subscribe for its own node"))
+        }
+        (Caller::Workload { identity: own, .. }, Proxy::Waypoint { gateway, identity }) => {
+            if identity.parse::<ambit_hbone::Identity>().ok().as_ref() != Some(own) {
+                return Err(refuse("a waypoint must name its own identity"));
+            }
+            match gateway.split_once('/') {
+                Some((ns, _)) if ns == own.namespace() => Ok(()),
+                _ => Err(refuse(
+                    "a waypoint may only serve a Gateway of its own namespace",
+                )),
+            }
+        }
+        (Caller::Node { .. }, Proxy::Waypoint { .. }) => {
+            Err(refuse("a node credential cannot subscribe as a waypoint"))
+        }
+        (Caller::Workload { .. }, Proxy::Ztunnel { .. }) => Err(refuse(
+            "only the ztunnel service account may subscribe as a ztunnel",
+        )),
     }
 }
 
@@ -200,6 +299,13 @@ async fn read_acks(
     }
 }
 
+/// Completes once `closing` turns true; never, if its sender is gone without that.
+async fn shutting_down(closing: &mut watch::Receiver<bool>) {
+    if closing.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// One subscriber's push task.
 struct Pusher {
     id: u64,
@@ -208,6 +314,7 @@ struct Pusher {
     trust_roots: watch::Receiver<Arc<Vec<String>>>,
     tx: mpsc::Sender<Result<Push, Status>>,
     registration: Arc<metrics::Registration>,
+    closing: watch::Receiver<bool>,
 }
 
 impl Pusher {
@@ -256,6 +363,10 @@ impl Pusher {
                     Err(_) => return,
                 },
                 () = self.tx.closed() => return,
+                () = shutting_down(&mut self.closing) => {
+                    tracing::debug!(id = self.id, "controller shutting down; ending the push stream");
+                    return;
+                }
             }
         }
     }

@@ -12,7 +12,8 @@ use std::time::Duration;
 use ambit_hbone::client::{ConnectError, ConnectTarget, SocketFactory};
 use ambit_hbone::pool::{Pool, PoolConfig};
 use ambit_hbone::server::{
-    ConnectRequest, Handler, Keepalive, Refusal, Server, ServerSettings, ServerStats,
+    ConnectRequest, Handler, Keepalive, Refusal, Server, ServerConfigSource, ServerSettings,
+    ServerStats,
 };
 use ambit_hbone::stream::TunnelStream;
 use ambit_hbone::testing::TestPki;
@@ -867,4 +868,58 @@ async fn a_client_the_server_does_not_trust_gets_a_tls_error() {
         server.stats.connections_established.load(Ordering::Relaxed),
         0
     );
+}
+
+/// A certificate source with nothing to offer until `ready` is set, like a proxy whose
+/// first certificate is still being signed.
+struct NotYet {
+    config: Arc<rustls::ServerConfig>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ServerConfigSource for NotYet {
+    async fn server_config(
+        &self,
+        _local: SocketAddr,
+    ) -> Result<Arc<rustls::ServerConfig>, Box<dyn std::error::Error + Send + Sync>> {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(self.config.clone())
+        } else {
+            Err("no certificate yet".into())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_asks_its_config_source_per_connection() {
+    let pki = TestPki::new(TD);
+    let (client_id, server_id) = (id("app", "client"), id("app", "server"));
+    let source = NotYet {
+        config: tls::server_config(&pki.issue(&server_id), &pki.bundle()).unwrap(),
+        ready: Default::default(),
+        asked: Default::default(),
+    };
+    let (ready, asked) = (source.ready.clone(), source.asked.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::new(
+        listener,
+        source,
+        TestHandler::default(),
+        ServerSettings::default(),
+    );
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run(std::future::pending()));
+    let pool = Pool::new(PoolConfig::default());
+    let t = target(&pki, &client_id, &server_id, addr, "10.0.0.1:7");
+
+    // No certificate: the connection is closed before TLS, the client sees a TLS failure.
+    let err = pool.connect(t.clone()).await.unwrap_err();
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err:?}");
+    // Once there is one, the next connection gets it without restarting the server.
+    ready.store(true, Ordering::Relaxed);
+    let mut stream = pool.connect(t).await.unwrap();
+    echo_roundtrip(&mut stream, b"certified").await;
+    assert_eq!(asked.load(Ordering::Relaxed), 2);
 }

@@ -62,9 +62,26 @@ impl Handler for DestZtunnel {
 async fn backend_reply(
     name: String,
     b: Arc<Behaviour>,
-    req: http::Request<Incoming>,
+    mut req: http::Request<Incoming>,
 ) -> http::Response<Full<Bytes>> {
     b.hits.fetch_add(1, Ordering::SeqCst);
+    // `upgrade: echo`: switch protocols and echo bytes back (a WebSocket stand-in).
+    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = http::Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", http::HeaderValue::from_static("echo"));
+        r.headers_mut()
+            .insert("connection", http::HeaderValue::from_static("upgrade"));
+        return r;
+    }
     let delay = b.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -155,6 +172,15 @@ pub struct Mesh {
 /// Each mesh gets its own loopback /24 (`127.0.0.` in the arguments is rewritten), so tests
 /// run in parallel without port clashes.
 pub async fn start(pods: &[(&str, &str)], state_yaml: &str, limits: Limits) -> Mesh {
+    start_with_prefix(pods, state_yaml, limits).await.0
+}
+
+/// [`start`], also returning the loopback prefix (`127.a.b.`) this mesh's pods use.
+pub async fn start_with_prefix(
+    pods: &[(&str, &str)],
+    state_yaml: &str,
+    limits: Limits,
+) -> (Mesh, String) {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
     let prefix = format!(
         "127.{}.{}.",
@@ -210,7 +236,7 @@ pub async fn start(pods: &[(&str, &str)], state_yaml: &str, limits: Limits) -> M
         ServerSettings::default(),
     );
     tokio::spawn(server.run(std::future::pending()));
-    Mesh {
+    let mesh = Mesh {
         pki,
         waypoint_addr,
         waypoint_id,
@@ -219,7 +245,8 @@ pub async fn start(pods: &[(&str, &str)], state_yaml: &str, limits: Limits) -> M
         state,
         registry: Arc::new(Mutex::new(registry)),
         backends,
-    }
+    };
+    (mesh, prefix)
 }
 
 impl Mesh {

@@ -243,6 +243,30 @@ async fn removing_a_namespace_is_reported_against_the_objects_in_it() {
     );
 }
 
+#[tokio::test]
+async fn a_duplicate_object_is_reported_and_the_first_copy_served() {
+    let mut h = Harness::start(
+        &[("a.yaml", &format!("{NS}---\n{}", pod("p", "first")))],
+        Duration::from_secs(3600),
+    );
+    assert_eq!(
+        summary(&h.next().await),
+        vec!["apply Namespace demo", "apply Pod demo/p first", "synced"]
+    );
+    h.write("b.yaml", &pod("p", "second"));
+    let errors = h.errors().await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("b.yaml: document 1: Pod demo/p is already defined in")
+            && errors[0].contains("a.yaml"),
+        "{errors:?}"
+    );
+    h.quiet().await;
+    // Removing the first copy makes the other one the definition.
+    std::fs::write(h.dir.path().join("a.yaml"), NS).expect("write");
+    assert_eq!(summary(&h.next().await), vec!["apply Pod demo/p second"]);
+}
+
 #[test]
 fn objects_default_to_the_default_namespace() {
     let objects = ambit_controller::source::local::parse_file(

@@ -85,6 +85,15 @@ pub enum LocalError {
         key: ObjectKey,
         namespace: String,
     },
+    /// An object is defined again (in this file or another); the first definition, in
+    /// path order, is the one served.
+    #[error("{}: document {document}: {key} is already defined in {}; this copy is ignored", path.display(), first.display())]
+    Duplicate {
+        path: PathBuf,
+        document: usize,
+        key: ObjectKey,
+        first: PathBuf,
+    },
     /// The file-system watcher could not be set up.
     #[error("cannot watch {}", path.display())]
     Watch {
@@ -399,11 +408,23 @@ impl Scanner {
         }
 
         let mut desired: BTreeMap<ObjectKey, Object> = BTreeMap::new();
-        for objects in self.last_good.values() {
+        let mut defined_in: BTreeMap<ObjectKey, &PathBuf> = BTreeMap::new();
+        for (path, objects) in &self.last_good {
             for l in objects {
-                if let Some(key) = l.object.key() {
-                    desired.insert(key, l.object.clone());
+                let Some(key) = l.object.key() else { continue };
+                // The first definition (in path order) wins, so which copy is served
+                // does not depend on edit order; the other is reported.
+                if let Some(first) = defined_in.get(&key) {
+                    errors.push(LocalError::Duplicate {
+                        path: path.clone(),
+                        document: l.document,
+                        first: (*first).clone(),
+                        key,
+                    });
+                    continue;
                 }
+                defined_in.insert(key.clone(), path);
+                desired.insert(key, l.object.clone());
             }
         }
         let mut events = Vec::new();

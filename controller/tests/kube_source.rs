@@ -313,6 +313,13 @@ async fn watch_events_reach_the_model() -> Result<()> {
     })
     .await?;
 
+    // Deleting the namespace deletes what is in it.
+    server.delete("v1", "Namespace", "", "apps")?;
+    h.eventually("the namespace's pods to go with it", |s| {
+        workload(s, "apps", "api").is_none()
+    })
+    .await?;
+
     // All of it travelled over the watch: one LIST per kind, no relist.
     assert_eq!(server.count(Verb::List, "pods"), 1);
     assert_eq!(server.count(Verb::List, "namespaces"), 1);
@@ -722,12 +729,15 @@ async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
             server.url()
         ),
     )?;
+    // The controller's log goes to a file, shown only if the test fails.
+    let log = dir.path().join("controller.log");
     let _child = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_ambit-controller"))
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .args(["--listen", "127.0.0.1:0"])
             .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting ambit-controller")?,
     );
@@ -739,10 +749,14 @@ async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
         "authorizationpolicies",
         "httproutes",
     ] {
-        poll(&format!("the controller to watch {plural}"), || {
+        let watched = poll(&format!("the controller to watch {plural}"), || {
             server.count(Verb::Watch, plural) >= 1
         })
-        .await?;
+        .await;
+        if let Err(e) = watched {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("{e}; controller log:\n{log}");
+        }
     }
     let requests = server.requests();
     assert!(requests.iter().any(|r| r.is(Verb::List, "pods")));

@@ -77,7 +77,9 @@ pub async fn client_config(kubeconfig: Option<&Path>) -> Result<kube::Config, Ku
 }
 
 /// The reflector stores the source keeps, readable while it runs (e.g. by the CA, to check
-/// which node a pod runs on). Objects in them have no managed fields.
+/// which node a pod runs on). Objects in them have no managed fields. Each store is ready
+/// (`Store::wait_until_ready`) after its kind's first list; the store of a kind the cluster
+/// does not serve stays unready, so wait on [`KubeSource::ready`] instead to cover that case.
 #[derive(Clone)]
 pub struct Stores {
     /// Namespaces.

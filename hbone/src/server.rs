@@ -183,7 +183,7 @@ pub trait Handler: Send + Sync + 'static {
 /// HTTP/2 flow-control and framing settings, shared by the server and the client pool.
 ///
 /// Picked with `bench/src/bin/hbone_tunnel.rs` (1 GiB one way through one tunnel on
-/// loopback, 2 busy cores; ± 10% noise between runs):
+/// loopback, 2 cores shared with other builds, so ± 15% between runs):
 ///
 /// | stream / connection window | max frame | tunnel MB/s |
 /// | --- | --- | --- |

@@ -253,17 +253,24 @@ impl TryFrom<Args> for Config {
                 })?,
             None => default_controller_identity(&a.trust_domain),
         };
-        let mut rules = RuleConfig::default();
-        if a.mode == Mode::Dedicated {
-            // ztunnel's own ports and its controller must stay reachable from inside the
-            // namespace it captures.
-            rules.inbound_exclude_ports.extend([
-                a.metrics_addr.port(),
-                a.readiness_addr.port(),
-                a.admin_addr.port(),
-            ]);
-            rules.outbound_exclude_ports.push(15012);
-        }
+        let rules = match a.mode {
+            Mode::Node => RuleConfig::default(),
+            Mode::Dedicated => {
+                // ztunnel shares the namespace it captures: its own ports (also when moved
+                // by flags) and its controller must stay reachable.
+                let mut rules = RuleConfig::dedicated();
+                for port in [
+                    a.metrics_addr.port(),
+                    a.readiness_addr.port(),
+                    a.admin_addr.port(),
+                ] {
+                    if !rules.inbound_exclude_ports.contains(&port) {
+                        rules.inbound_exclude_ports.push(port);
+                    }
+                }
+                rules
+            }
+        };
         Ok(Config {
             node: a.node,
             state,

@@ -128,6 +128,8 @@ pub(crate) struct Shared {
     bookmarks_sent: AtomicU64,
     expired_sent: AtomicU64,
     addr: SocketAddr,
+    /// The only bearer token accepted, if the server checks.
+    bearer: Option<String>,
 }
 
 impl Shared {
@@ -155,6 +157,12 @@ impl Shared {
             .find(|(verb, plural, _)| record.is(*verb, plural))
             .map(|(_, _, e)| e.clone());
         drop(faults);
+        let fault = match &self.bearer {
+            Some(want) if record.bearer.as_ref() != Some(want) => {
+                Some(ApiError::Unauthorized("Unauthorized".to_owned()))
+            }
+            _ => fault,
+        };
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -242,6 +250,7 @@ pub struct Builder {
     resources: Vec<ResourceType>,
     history_limit: usize,
     bookmark_interval: Duration,
+    bearer: Option<String>,
 }
 
 impl Default for Builder {
@@ -253,6 +262,7 @@ impl Default for Builder {
             resources,
             history_limit: 1000,
             bookmark_interval: Duration::from_secs(1),
+            bearer: None,
         }
     }
 }
@@ -262,6 +272,12 @@ impl Builder {
     /// `kubectl apply` of the manifests would, or with [`FakeApiServer::install`]).
     pub fn builtins_only(mut self) -> Self {
         self.resources = builtin_resources();
+        self
+    }
+
+    /// Answers `401 Unauthorized` to requests that do not carry this bearer token.
+    pub fn require_bearer(mut self, token: &str) -> Self {
+        self.bearer = Some(token.to_owned());
         self
     }
 
@@ -316,6 +332,7 @@ impl Builder {
             bookmarks_sent: AtomicU64::new(0),
             expired_sent: AtomicU64::new(0),
             addr,
+            bearer: self.bearer,
         });
         tokio::spawn(accept(listener, shared.clone()));
         Ok(FakeApiServer { shared })

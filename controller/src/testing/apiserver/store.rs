@@ -84,6 +84,9 @@ pub enum ApiError {
     /// A patch type the server does not implement.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The request carries no valid credentials.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The caller lacks permission (only ever injected by a test, to mimic missing RBAC).
     #[error("{0}")]
     Forbidden(String),
@@ -102,6 +105,7 @@ impl ApiError {
             Self::BadRequest(_) => 400,
             Self::MethodNotAllowed(_) => 405,
             Self::UnsupportedMediaType(_) => 415,
+            Self::Unauthorized(_) => 401,
             Self::Forbidden(_) => 403,
             Self::Internal(_) => 500,
         }
@@ -117,6 +121,7 @@ impl ApiError {
             Self::BadRequest(_) => "BadRequest",
             Self::MethodNotAllowed(_) => "MethodNotAllowed",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            Self::Unauthorized(_) => "Unauthorized",
             Self::Forbidden(_) => "Forbidden",
             Self::Internal(_) => "InternalError",
         }

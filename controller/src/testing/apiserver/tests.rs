@@ -363,3 +363,29 @@ async fn status_subresource_writes_only_status() {
     let got = gateways.get_status("waypoint").await.expect("get status");
     assert!(got.status.is_some());
 }
+
+#[tokio::test]
+async fn bearer_token_required_when_configured() {
+    let server = FakeApiServer::builder()
+        .require_bearer("secret")
+        .start()
+        .await
+        .expect("start");
+    let namespaces: Api<Namespace> = Api::all(server.client().expect("client"));
+    let denied = namespaces
+        .list(&ListParams::default())
+        .await
+        .expect_err("401");
+    assert!(matches!(denied, kube::Error::Api(s) if s.code == 401));
+    let mut config = server.kube_config().expect("config");
+    config.auth_info.token = Some("secret".to_owned().into());
+    let client = kube::Client::try_from(config).expect("client");
+    let listed = Api::<Namespace>::all(client)
+        .list(&ListParams::default())
+        .await;
+    assert_eq!(
+        listed.expect("authorised list").items.len(),
+        2,
+        "default and kube-system"
+    );
+}

@@ -38,7 +38,39 @@ fn is_plain_safe(s: &str) -> bool {
         && !RESERVED.iter().any(|r| r.eq_ignore_ascii_case(s))
 }
 
-fn scalar(out: &mut String, value: &Value) {
+/// Whether a multi-line string can be written as a literal block (`|`) and read back exactly:
+/// printable, no carriage returns or tabs, no line with trailing or (first line) leading spaces.
+fn is_literal_safe(s: &str) -> bool {
+    s.contains('\n')
+        && !s.starts_with(' ')
+        && !s.starts_with('\n')
+        && s.lines().all(|l| !l.ends_with(' '))
+        && s.chars()
+            .all(|c| c == '\n' || (c.is_ascii_graphic() || c == ' '))
+}
+
+/// Writes `s` as a literal block whose lines are indented by `indent`.
+fn literal(out: &mut String, s: &str, indent: usize) {
+    let body = s.trim_end_matches('\n');
+    // Chomping: `|-` strips the final newline, `|` keeps one, `|+` keeps them all.
+    out.push_str(match s.len() - body.len() {
+        0 => "|-",
+        1 => "|",
+        _ => "|+",
+    });
+    for line in body.split('\n') {
+        out.push('\n');
+        if !line.is_empty() {
+            pad(out, indent);
+            out.push_str(line);
+        }
+    }
+    for _ in 0..(s.len() - body.len()).saturating_sub(1) {
+        out.push('\n');
+    }
+}
+
+fn scalar(out: &mut String, value: &Value, indent: usize) {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -46,6 +78,7 @@ fn scalar(out: &mut String, value: &Value) {
             let _ = write!(out, "{n}");
         }
         Value::String(s) if is_plain_safe(s) => out.push_str(s),
+        Value::String(s) if is_literal_safe(s) => literal(out, s, indent),
         // A JSON string literal is a valid YAML double-quoted scalar with the same meaning.
         Value::String(s) => out.push_str(&Value::String(s.clone()).to_string()),
         Value::Array(_) => out.push_str("[]"),
@@ -54,7 +87,12 @@ fn scalar(out: &mut String, value: &Value) {
 }
 
 fn key(out: &mut String, k: &str) {
-    scalar(out, &Value::String(k.to_owned()));
+    // Keys are never block scalars: keep them on one line.
+    let k = Value::String(k.to_owned());
+    match &k {
+        Value::String(s) if is_plain_safe(s) => out.push_str(s),
+        _ => out.push_str(&k.to_string()),
+    }
 }
 
 fn is_block(value: &Value) -> bool {
@@ -88,7 +126,7 @@ fn map(out: &mut String, m: &Map<String, Value>, indent: usize, first_inline: bo
             }
             _ => {
                 out.push_str(": ");
-                scalar(out, v);
+                scalar(out, v, indent + 2);
                 out.push('\n');
             }
         }
@@ -106,7 +144,7 @@ fn seq(out: &mut String, items: &[Value], indent: usize) {
                 seq(out, inner, indent + 2);
             }
             _ => {
-                scalar(out, item);
+                scalar(out, item, indent + 2);
                 out.push('\n');
             }
         }
@@ -120,7 +158,7 @@ pub(crate) fn to_string(value: &Value) -> String {
         Value::Object(m) if is_block(value) => map(&mut out, m, 0, false),
         Value::Array(items) if is_block(value) => seq(&mut out, items, 0),
         _ => {
-            scalar(&mut out, value);
+            scalar(&mut out, value, 2);
             out.push('\n');
         }
     }
@@ -165,7 +203,7 @@ mod tests {
         ] {
             assert!(!is_plain_safe(s), "{s:?}");
             let doc = to_string(&json!({ "k": s }));
-            assert!(doc.contains('"'), "{s:?} -> {doc}");
+            assert!(doc.contains('"') || doc.contains("k: |"), "{s:?} -> {doc}");
             let back: Value = serde_yaml::from_str(&doc).unwrap();
             assert_eq!(back["k"], s);
         }
@@ -192,6 +230,8 @@ mod tests {
             "a": { "b": [1, 2.5, { "c": "d", "e": [] }, ["x", "y"]], "f": {} },
             "g": [{ "h": { "i": null } }, true],
             "pem": "-----BEGIN X-----\nAAA\n-----END X-----\n",
+            "list": ["one\ntwo", "x\n\n", "a\n\nb", "  lead\nx", "tab\t\nx", "trail \nx", "\nfirst"],
+            "nested": { "deep": { "text": "l1\nl2\n" } },
         });
         let doc = to_string(&v);
         let back: Value = serde_yaml::from_str(&doc).unwrap();

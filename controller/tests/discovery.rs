@@ -487,7 +487,7 @@ async fn a_slow_subscriber_does_not_delay_others_and_later_gets_the_net_state() 
 async fn a_reconnecting_proxy_gets_full_state() {
     let (sink, model) = direct_model().await;
     apply(&sink, &(ns("demo") + &pod("demo", "a", "n", "app: a"))).await;
-    let server = serve(model).await;
+    let server = serve(model.clone()).await;
     let mut c = connect(server.addr, ztunnel("n")).await;
     let first = c.next().await;
     assert_eq!(upserts(&first), vec!["workload demo/a"]);
@@ -495,6 +495,10 @@ async fn a_reconnecting_proxy_gets_full_state() {
     wait_stats(&server.registry, "subscriber gone", |_| true).await;
 
     apply(&sink, &pod("demo", "b", "n", "app: b")).await;
+    model
+        .wait_for(|s| s.resources.len() == 2)
+        .await
+        .expect("model");
     let mut c = connect(server.addr, ztunnel("n")).await;
     let again = c.next().await;
     assert!(again.full_state);

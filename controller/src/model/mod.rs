@@ -315,7 +315,7 @@ impl ModelBuilder {
         drop(self.tx);
         let worker = Worker {
             config: self.config,
-            store: Store::new(),
+            store: Arc::new(Store::new()),
             pending: vec![true; self.names.len()],
             names: self.names,
             snapshot: snap_tx,
@@ -358,7 +358,9 @@ impl Model {
 
 struct Worker {
     config: ModelConfig,
-    store: Store,
+    /// Shared with the derivation thread while it runs, unique otherwise, so applying
+    /// events never copies it.
+    store: Arc<Store>,
     names: Vec<Arc<str>>,
     /// Sources that have not sent `Synced` yet.
     pending: Vec<bool>,
@@ -373,7 +375,7 @@ impl Worker {
             while let Ok(batch) = rx.try_recv() {
                 self.apply(batch);
             }
-            self.publish();
+            self.publish().await;
         }
         tracing::debug!("every source has stopped; model worker exits");
     }
@@ -388,13 +390,22 @@ impl Worker {
                     *p = false;
                 }
             }
-            self.store.apply(event);
+            Arc::make_mut(&mut self.store).apply(event);
         }
     }
 
-    fn publish(&mut self) {
+    async fn publish(&mut self) {
         let previous = self.snapshot.borrow().clone();
-        let derived = derive(&self.store, &self.config);
+        // Deriving a large mesh takes a while; keep it off the runtime's worker threads so
+        // discovery streams stay responsive meanwhile.
+        let (store, config) = (self.store.clone(), self.config.clone());
+        let derived = match tokio::task::spawn_blocking(move || derive(&store, &config)).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "model derivation panicked; keeping the previous snapshot");
+                return;
+            }
+        };
         let ready = !self.pending.iter().any(|p| *p);
         let version = previous.version + 1;
         let mut changed = ready != previous.ready;

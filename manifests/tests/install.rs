@@ -567,3 +567,39 @@ fn bad_roots_are_refused_with_the_file_named() {
     let err = RootCa::from_files(&cert_p, &cert_p).unwrap_err();
     assert!(matches!(err, PkiError::BadKey { .. }), "{err}");
 }
+
+// ---- waypoint template ---------------------------------------------------------------------
+
+#[test]
+fn waypoint_objects_survive_their_types_and_are_hardened() {
+    let opts = InstallOptions::default();
+    let image = opts.image("waypoint");
+    let address = opts.controller_address();
+    let w = ambit_manifests::waypoint::render(&ambit_manifests::waypoint::WaypointParams {
+        name: "waypoint",
+        namespace: "bookinfo",
+        gateway_uid: "6a0c9c6e-0000-4000-8000-000000000001",
+        image: &image,
+        trust_domain: &opts.trust_domain,
+        controller_address: &address,
+    })
+    .unwrap();
+    for object in [
+        Object::ServiceAccount(w.service_account.clone()),
+        Object::Deployment(w.deployment.clone()),
+        Object::Service(w.service.clone()),
+    ] {
+        let value = object.to_value().unwrap();
+        assert_round_trip(&value, object.kind());
+        assert_eq!(object.metadata().namespace.as_deref(), Some("bookinfo"));
+    }
+    let pod = w.deployment.spec.template.spec.unwrap();
+    let psc = pod.security_context.unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    let sc = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let caps = sc.capabilities.unwrap();
+    assert_eq!(caps.drop.unwrap(), ["ALL"]);
+    assert!(caps.add.is_none(), "a waypoint needs no capability");
+    assert_eq!(pod.automount_service_account_token, Some(false));
+}

@@ -3,16 +3,27 @@
 //! One tokio runtime runs everything, because the work is small and bursty: the sources
 //! (the local YAML folder with `--local-dir`, else the Kubernetes watchers, both through the
 //! [`Sources`] seam), the model worker (the only writer of the model), one task per
-//! discovery subscriber, and the gRPC server on `--listen` (15012: discovery now, the CA
-//! next, both over TLS once the CA provides certificates). SIGINT/SIGTERM stop the server;
-//! a source failing for good stops the process with its error.
+//! discovery subscriber, the gRPC server on `--listen` (15012: discovery and the CA, over
+//! TLS with the controller's own certificate from its CA), and the operations endpoint on
+//! `--ops-listen` (15014: metrics, readiness). SIGINT/SIGTERM stop accepting, end every
+//! discovery stream cleanly and exit 0 (after at most [`DRAIN_DEADLINE`]); a source
+//! failing for good stops the process with its error.
+//!
+//! Callers authenticate with bearer tokens: in local mode, node credentials issued at
+//! start under `<state-dir>/credentials/` (one per `--nodes` entry); in Kubernetes mode,
+//! projected service-account tokens checked with TokenReview. Proxies verify the
+//! controller against the mesh root, written to `<state-dir>/ca/root-cert.pem`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use ambit_controller::ca::store::CaFiles;
+use ambit_controller::ca::{AuthConfig, Security, SecurityConfig};
 use ambit_controller::discovery::{DiscoveryOptions, DiscoveryService};
 use ambit_controller::model::{ModelBuilder, ModelConfig};
+use ambit_controller::ops::{Ops, Readiness};
 use ambit_controller::server::GrpcServer;
 use ambit_controller::source::kube::KubeSource;
 use ambit_controller::source::local::{LocalOptions, LocalSource};
@@ -41,17 +52,57 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
     /// SPIFFE trust domain of workload identities.
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
-    /// Namespace whose authorization policies apply to the whole mesh.
-    #[arg(long, default_value = "ambit-system")]
+    /// Namespace whose authorization policies apply to the whole mesh; also the
+    /// controller's own namespace (its identity is `ns/<this>/sa/ambit-controller`).
+    #[arg(long, env = "AMBIT_NAMESPACE", default_value = "ambit-system")]
     root_namespace: String,
     /// DNS suffix of service host names.
     #[arg(long, default_value = "cluster.local")]
     domain_suffix: String,
-    /// PEM file of root certificates proxies must trust (sent with every full state).
+    /// PEM file of extra root certificates proxies must trust besides the CA's own (sent
+    /// with every full state), e.g. while migrating to a new root.
     #[arg(long)]
     trust_roots: Option<PathBuf>,
+    /// Address of the operations endpoint (metrics, readiness).
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    ops_listen: SocketAddr,
+    /// Directory of the controller's state: a generated root (`ca/`), the trust root
+    /// proxies use (`ca/root-cert.pem`), local node credentials (`credentials/`).
+    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/tmp/ambit-controller")]
+    state_dir: PathBuf,
+    /// PEM file of the CA certificate to sign with (then, optionally, its chain up to the
+    /// root). Without it the controller generates a root and keeps it in `--state-dir`.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// PKCS#8 PEM file of that certificate's key.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// PEM file of the certificates above `--ca-cert` up to the root.
+    #[arg(long, requires = "ca_cert")]
+    ca_chain: Option<PathBuf>,
+    /// Directory of a mounted CA Secret (`ca.crt`, `ca.key`), used when it holds them and
+    /// `--ca-cert` is not given.
+    #[arg(long, env = "AMBIT_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of issued certificates, in seconds (callers may ask for less).
+    #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
+    cert_validity_secs: u64,
+    /// Local mode: nodes to issue credentials for (`<state-dir>/credentials/<node>.token`).
+    #[arg(long, env = "AMBIT_NODES", value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Local mode: waypoint identities (`namespace/service-account`) to issue credentials
+    /// for (`<state-dir>/credentials/serviceaccounts/<ns>/<sa>.token`).
+    #[arg(long, value_delimiter = ',')]
+    waypoint_service_accounts: Vec<String>,
+    /// Kubernetes mode: the audience CA tokens are projected for.
+    #[arg(long, env = "AMBIT_TOKEN_AUDIENCE", default_value = "ambit-ca")]
+    token_audience: String,
+    /// Kubernetes mode: the ztunnel ServiceAccount (in the controller's namespace), whose
+    /// tokens stand for the node their pod runs on.
+    #[arg(long, default_value = "ambit-ztunnel")]
+    ztunnel_service_account: String,
     /// Log output format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -113,17 +164,64 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let config = ModelConfig {
-        trust_domain: args.trust_domain,
-        root_namespace: args.root_namespace,
-        domain_suffix: args.domain_suffix,
-    };
-    let trust_roots = match &args.trust_roots {
-        Some(p) => read_trust_roots(p)?,
-        None => Vec::new(),
-    };
+/// How long a shutdown may take before the process exits anyway.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The plugged-in CA's files, from `--ca-cert` or a mounted `--ca-dir`.
+fn ca_files(args: &Args) -> Option<CaFiles> {
+    if let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) {
+        return Some(CaFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            chain: args.ca_chain.clone(),
+        });
+    }
+    let dir = args.ca_dir.as_ref()?;
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    (cert.exists() && key.exists()).then_some(CaFiles {
+        cert,
+        key,
+        chain: None,
+    })
+}
+
+async fn auth_config(args: &Args) -> anyhow::Result<AuthConfig> {
+    if args.local_dir.is_some() {
+        if args.nodes.is_empty() {
+            tracing::warn!(
+                "local mode without --nodes: no node credentials, so no ztunnel can authenticate"
+            );
+        }
+        let workloads = args
+            .waypoint_service_accounts
+            .iter()
+            .map(|s| {
+                let (ns, sa) = s.split_once('/').with_context(|| {
+                    format!("--waypoint-service-accounts {s:?}: expected namespace/name")
+                })?;
+                ambit_hbone::Identity::new(&args.trust_domain, ns, sa)
+                    .with_context(|| format!("--waypoint-service-accounts {s:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        return Ok(AuthConfig::Local {
+            nodes: args.nodes.clone(),
+            workloads,
+        });
+    }
+    let config = ambit_controller::source::kube::client_config(args.kubeconfig.as_deref())
+        .await
+        .context("Kubernetes client for TokenReview")?;
+    Ok(AuthConfig::Kubernetes {
+        client: kube::Client::try_from(config).context("Kubernetes client for TokenReview")?,
+        audience: args.token_audience.clone(),
+        ztunnel_service_account: (
+            args.root_namespace.clone(),
+            args.ztunnel_service_account.clone(),
+        ),
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let mut sources = Sources::new();
     match &args.local_dir {
         Some(dir) => {
@@ -139,24 +237,81 @@ async fn run(args: Args) -> anyhow::Result<()> {
             sources.add(source);
         }
     }
+    let security = Security::start(SecurityConfig {
+        state_dir: args.state_dir.clone(),
+        trust_domain: args.trust_domain.clone(),
+        namespace: args.root_namespace.clone(),
+        ca_files: ca_files(&args),
+        cert_validity: Duration::from_secs(args.cert_validity_secs),
+        auth: auth_config(&args).await?,
+    })
+    .context("setting up the CA")?;
+    tracing::info!(origin = ?security.origin, identity = %security.identity, roots = %args.state_dir.join(ambit_controller::ca::store::ROOT_CERT_FILE).display(), "CA ready");
+    let mut trust_roots = security.roots_pem();
+    if let Some(p) = &args.trust_roots {
+        trust_roots.extend(read_trust_roots(p)?);
+    }
+    let config = ModelConfig {
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
+        domain_suffix: args.domain_suffix,
+    };
+
     let mut model = ModelBuilder::new(config);
     let mut source_tasks = sources.spawn(&mut model);
     let model = model.spawn();
 
+    let readiness = Readiness::new(model.clone());
+    readiness.set_ca_loaded();
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let (_roots_tx, roots_rx) = tokio::sync::watch::channel(Arc::new(trust_roots));
-    let discovery = DiscoveryService::new(model, roots_rx, DiscoveryOptions::default());
+    let discovery = DiscoveryService::new(model.clone(), roots_rx, DiscoveryOptions::default())
+        .with_authenticator(security.authenticator.clone())
+        .with_shutdown(closing.clone());
+    let ops = Ops::new(discovery.registry(), &security.metrics, readiness.clone());
+    let mut server = GrpcServer::new(discovery).with_tls(security.tls.clone());
+    server
+        .routes_mut()
+        .add_service(security.ca_service(model).into_server());
+
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %args.listen, "discovery serving (plaintext until the CA provides certificates)");
-    let server = GrpcServer::new(discovery).serve(listener, shutdown_signal());
+    let ops_listener = tokio::net::TcpListener::bind(args.ops_listen)
+        .await
+        .with_context(|| format!("binding {}", args.ops_listen))?;
+    readiness.set_listening();
+    tracing::info!(listen = %args.listen, ops = %args.ops_listen, "serving discovery and the CA over TLS");
+    let closed = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|c| *c).await;
+    };
+    let mut server = tokio::spawn(server.serve(listener, closed(closing.clone())));
+    let mut ops = tokio::spawn(ops.serve(ops_listener, closed(closing)));
 
     tokio::select! {
-        r = server => r.context("gRPC server")?,
+        () = shutdown_signal() => tracing::info!("shutting down"),
+        r = &mut server => {
+            r.context("gRPC server task")?.context("gRPC server")?;
+            bail!("the gRPC server stopped unexpectedly");
+        }
+        r = &mut ops => {
+            r.context("operations endpoint task")?.context("operations endpoint")?;
+            bail!("the operations endpoint stopped unexpectedly");
+        }
         Some(r) = source_tasks.join_next() => {
             r.context("source task panicked")?.context("source failed")?;
             bail!("a source stopped unexpectedly");
         }
+    }
+    // Stop accepting, end every push stream, let in-flight requests finish.
+    let _ = closing_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+        let _ = server.await;
+        let _ = ops.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open at the drain deadline; exiting anyway");
     }
     tracing::info!("shut down");
     Ok(())

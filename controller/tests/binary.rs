@@ -1,5 +1,6 @@
-//! The `ambit-controller` binary as an operator runs it: clear errors for bad flags, and
-//! serving a folder's state to a subscriber.
+//! The `ambit-controller` binary as an operator runs it: clear errors for bad flags,
+//! serving a folder's state to a subscriber over TLS with a node credential, metrics, and
+//! a clean exit on SIGTERM.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -50,13 +51,23 @@ async fn serves_a_folder() -> anyhow::Result<()> {
         .local_addr()?
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let _child = Child(
+    let ops_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let state = tempfile::tempdir()?;
+    let mut child = Child(
         Command::new(BIN)
             .args([
                 "--local-dir",
                 &dir.path().to_string_lossy(),
                 "--listen",
                 &listen,
+                "--ops-listen",
+                &format!("127.0.0.1:{ops_port}"),
+                "--state-dir",
+                &state.path().to_string_lossy(),
+                "--nodes",
+                "n1",
                 "--log-format",
                 "json",
             ])
@@ -64,16 +75,27 @@ async fn serves_a_folder() -> anyhow::Result<()> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?;
+    // The controller writes the mesh root and the node's credential, then listens (TLS).
+    let identity: ambit_hbone::Identity =
+        "spiffe://cluster.local/ns/ambit-system/sa/ambit-controller".parse()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let channel = loop {
-        match endpoint.connect().await {
-            Ok(c) => break c,
-            Err(e) if tokio::time::Instant::now() > deadline => {
-                anyhow::bail!("controller never listened: {e}")
+    let (mut client, token) = loop {
+        let root = std::fs::read_to_string(state.path().join("ca/root-cert.pem"));
+        let token = std::fs::read_to_string(state.path().join("credentials/n1.token"));
+        if let (Ok(root), Ok(token)) = (root, token) {
+            let channel = ambit_hbone::control::channel(&listen, &root, &identity)?;
+            let mut client = DiscoveryClient::new(channel);
+            let probe = tonic::Request::new(tokio_stream::iter(Vec::new()));
+            // Unauthenticated means the server answered: it is up.
+            match client.subscribe(probe).await {
+                Err(s) if s.code() == tonic::Code::Unauthenticated => break (client, token),
+                _ => {}
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("controller never served");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let hello = SubscribeRequest {
         message: Some(subscribe_request::Message::Hello(Hello {
@@ -82,10 +104,13 @@ async fn serves_a_folder() -> anyhow::Result<()> {
             ..Hello::default()
         })),
     };
-    let mut pushes = DiscoveryClient::new(channel)
-        .subscribe(tokio_stream::iter(vec![hello]))
-        .await?
-        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(hello).await?;
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let mut pushes = client.subscribe(request).await?.into_inner();
     let push = tokio::time::timeout(Duration::from_secs(10), pushes.message())
         .await??
         .expect("push");
@@ -101,5 +126,48 @@ async fn serves_a_folder() -> anyhow::Result<()> {
         })
         .collect();
     assert_eq!(workloads, vec![("demo/a", "n1", 1)]);
+
+    let metrics = http_get(ops_port, "/metrics").await?;
+    assert!(
+        metrics.contains(r#"ambit_connected_proxies{kind="ztunnel"} 1"#),
+        "{metrics}"
+    );
+    assert!(http_get(ops_port, "/ready")
+        .await?
+        .starts_with("HTTP/1.1 200"));
+
+    // SIGTERM: the subscriber's stream ends cleanly and the process exits 0.
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()?;
+    anyhow::ensure!(killed.success(), "kill -TERM failed");
+    let end = tokio::time::timeout(Duration::from_secs(10), pushes.message()).await?;
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break status;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    drop(tx);
     Ok(())
+}
+
+/// A plain HTTP/1.1 GET, returning the whole response.
+async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await?;
+    Ok(out)
 }

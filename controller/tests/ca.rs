@@ -74,6 +74,7 @@ impl Plane {
         sink.send(events).await.expect("send");
         // The model ends when its last sink is dropped; keep it for the test's lifetime.
         std::mem::forget(sink);
+        model.wait_for(|s| s.ready).await.expect("model loads");
         Self::serve(model, state, auth, ca_files).await
     }
 
@@ -569,5 +570,98 @@ async fn readiness_waits_for_the_sources() {
     sink.send(vec![SourceEvent::Synced]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(http_get(plane.ops_addr, "/ready").await.0, 200);
+    plane.stop().await;
+}
+
+/// Kubernetes mode: tokens checked by TokenReview against an API server speaking the real
+/// wire format; the ztunnel ServiceAccount stands for its node, others for themselves.
+#[tokio::test]
+async fn kubernetes_tokens_are_reviewed_and_mapped_to_nodes() {
+    use ambit_controller::testing::apiserver::{FakeApiServer, TokenUser};
+    let api = FakeApiServer::start().await.unwrap();
+    let zt = |node: &str| {
+        TokenUser::service_account("ambit-system", "ambit-ztunnel", "ztunnel-x", node)
+            .with_audiences(&["ambit-ca"])
+    };
+    api.add_token("zt-a", zt("node-a"));
+    api.add_token(
+        "zt-default-audience",
+        TokenUser::service_account("ambit-system", "ambit-ztunnel", "ztunnel-x", "node-a"),
+    );
+    api.add_token(
+        "wp",
+        TokenUser::service_account("demo", "waypoint", "wp-1", "node-b")
+            .with_audiences(&["ambit-ca"]),
+    );
+    let state = tempfile::tempdir().unwrap();
+    let auth = AuthConfig::Kubernetes {
+        client: api.client().unwrap(),
+        audience: "ambit-ca".into(),
+        ztunnel_service_account: ("ambit-system".into(), "ambit-ztunnel".into()),
+    };
+    let plane = Plane::start(state.path(), auth, None).await;
+
+    let ok = request(&plane, Some("zt-a"), csr_for(&id("demo", "web")))
+        .await
+        .unwrap();
+    assert_eq!(verify(&ok, &plane.roots()), id("demo", "web"));
+    let e = request(&plane, Some("zt-a"), csr_for(&id("demo", "db")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("node node-a may not obtain"),
+        "{}",
+        e.message()
+    );
+
+    // A waypoint gets its own identity, nothing else.
+    let ok = request(&plane, Some("wp"), csr_for(&id("demo", "waypoint")))
+        .await
+        .unwrap();
+    assert_eq!(verify(&ok, &plane.roots()), id("demo", "waypoint"));
+    let e = request(&plane, Some("wp"), csr_for(&id("demo", "web")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message()
+            .contains("service account demo/waypoint may only obtain its own identity"),
+        "{}",
+        e.message()
+    );
+
+    for (token, why) in [
+        ("forged", "token not recognised"),
+        ("zt-default-audience", "audiences"),
+    ] {
+        let e = request(&plane, Some(token), csr_for(&id("demo", "web")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{token}: {e:?}");
+        assert!(e.message().contains(why), "{token}: {}", e.message());
+    }
+    // Every request was a TokenReview for our audience.
+    let reviews = api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.is(
+                ambit_controller::testing::apiserver::Verb::TokenReview,
+                "tokenreviews",
+            )
+        })
+        .count();
+    assert_eq!(reviews, 6);
+
+    // Discovery: the node's token subscribes for its node only.
+    let e = subscribe(&plane, "zt-a", hello_ztunnel("node-b"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let (mut pushes, _tx) = subscribe(&plane, "zt-a", hello_ztunnel("node-a"))
+        .await
+        .unwrap();
+    assert!(pushes.message().await.unwrap().unwrap().full_state);
     plane.stop().await;
 }

@@ -163,3 +163,183 @@ pub fn diff(
     }
     (upserts, removals, next)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::model::{content_hash, derive, ModelConfig, Store};
+    use crate::source::local::parse_file;
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {ambit.dev/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ambit-system}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec: {gatewayClassName: ambit-waypoint, addresses: [{value: 10.0.9.9}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: demo, labels: {app: a}}
+spec: {nodeName: n1, containers: []}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: demo, labels: {ambit.dev/use-waypoint: wp}}
+spec: {clusterIP: 10.96.0.1, selector: {app: a}, ports: [{port: 80}]}
+---
+apiVersion: security.ambit.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: global, namespace: ambit-system}
+spec: {}
+---
+apiVersion: security.ambit.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: sel, namespace: demo}
+spec: {selector: {matchLabels: {app: a}}}
+---
+apiVersion: security.ambit.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: on-svc, namespace: demo}
+spec: {targetRefs: [{kind: Service, name: a}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: demo}
+spec: {parentRefs: [{kind: Service, name: a}]}
+"#;
+
+    fn snapshot() -> Snapshot {
+        let objects = parse_file(Path::new("mesh.yaml"), MESH).expect("fixture");
+        let store = Store::from_objects(objects.into_iter().map(|l| l.object));
+        let derived = derive(&store, &ModelConfig::default());
+        assert!(derived.errors.is_empty(), "{:?}", derived.errors);
+        let resources = derived
+            .resources
+            .into_iter()
+            .map(|(k, d)| {
+                let hash = content_hash(&d.resource);
+                (
+                    k,
+                    Arc::new(Entry {
+                        resource: d.resource,
+                        hash,
+                        version: 1,
+                        waypoint: d.waypoint,
+                    }),
+                )
+            })
+            .collect();
+        Snapshot {
+            version: 1,
+            ready: true,
+            resources,
+            errors: Arc::default(),
+        }
+    }
+
+    fn names(view: &BTreeMap<Key, Arc<Entry>>) -> Vec<String> {
+        view.keys()
+            .filter(|k| !matches!(k.kind, ResourceKind::Workload | ResourceKind::Service))
+            .map(|k| format!("{:?} {}", k.kind, k.name))
+            .collect()
+    }
+
+    #[test]
+    fn each_proxy_sees_what_it_needs() {
+        let snap = snapshot();
+        let ztunnel = |node: &str| Proxy::Ztunnel { node: node.into() };
+        let waypoint = |gw: &str| Proxy::Waypoint {
+            gateway: gw.into(),
+            identity: String::new(),
+        };
+        let cases: Vec<(Proxy, Vec<&str>)> = vec![
+            (
+                ztunnel("n1"),
+                vec![
+                    "Authorization ambit-system/global",
+                    "Authorization demo/sel",
+                ],
+            ),
+            (ztunnel("n2"), vec!["Authorization ambit-system/global"]),
+            (
+                waypoint("demo/wp"),
+                vec!["Authorization demo/on-svc", "Route demo/r"],
+            ),
+            (waypoint("demo/other"), vec![]),
+        ];
+        for (proxy, want) in cases {
+            let view = view(&snap, &proxy);
+            assert_eq!(names(&view), want, "{proxy}");
+            // Everyone can reach everything.
+            assert_eq!(
+                view.keys()
+                    .filter(|k| k.kind == ResourceKind::Workload)
+                    .count(),
+                1
+            );
+            assert_eq!(
+                view.keys()
+                    .filter(|k| k.kind == ResourceKind::Service)
+                    .count(),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn diff_sends_changes_and_removals_only() {
+        let snap = snapshot();
+        let view = view(&snap, &Proxy::Ztunnel { node: "n1".into() });
+        let (all, removals, sent) = diff(&view, None);
+        assert_eq!((all.len(), removals.len()), (view.len(), 0));
+        let (none, removals, _) = diff(&view, Some(&sent));
+        assert!(none.is_empty() && removals.is_empty());
+
+        let mut stale = sent.clone();
+        let workload = Key {
+            kind: ResourceKind::Workload,
+            name: "demo/a".into(),
+        };
+        stale.insert(workload, 0);
+        let gone = Key {
+            kind: ResourceKind::Route,
+            name: "demo/old".into(),
+        };
+        stale.insert(gone.clone(), 1);
+        let (upserts, removals, next) = diff(&view, Some(&stale));
+        assert_eq!(upserts.len(), 1);
+        assert!(matches!(&upserts[0].kind, Some(resource::Kind::Workload(w)) if w.uid == "demo/a"));
+        assert_eq!(removals, vec![gone.to_proto()]);
+        assert_eq!(next, sent);
+    }
+
+    #[test]
+    fn hellos_are_checked() {
+        let hello = |kind: ProxyKind, node: &str, gateway: &str| Hello {
+            kind: kind as i32,
+            node: node.into(),
+            gateway: gateway.into(),
+            identity: String::new(),
+        };
+        assert!(Proxy::try_from(&hello(ProxyKind::Ztunnel, "n1", "")).is_ok());
+        assert!(Proxy::try_from(&hello(ProxyKind::Ztunnel, "", "")).is_err());
+        assert!(Proxy::try_from(&hello(ProxyKind::Waypoint, "", "demo/wp")).is_ok());
+        for bad in ["", "wp", "/wp", "demo/", "a/b/c"] {
+            assert!(
+                Proxy::try_from(&hello(ProxyKind::Waypoint, "", bad)).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(Proxy::try_from(&hello(ProxyKind::Unspecified, "n1", "")).is_err());
+    }
+}

@@ -87,6 +87,21 @@ pub enum ModelError {
         #[source]
         reason: FieldError,
     },
+    /// An authorization policy's rules could not be converted. Dropping it would open
+    /// traffic (a missing DENY, or a missing ALLOW that was the only one), so it is kept
+    /// in a form that refuses rather than permits: see `policy::fail_closed`.
+    #[error("AuthorizationPolicy {namespace}/{name} is invalid at field {field}; enforced as {enforced} until it is fixed")]
+    PolicyFailedClosed {
+        namespace: String,
+        name: String,
+        /// Path of the offending field.
+        field: String,
+        /// What is wrong with it.
+        #[source]
+        reason: FieldError,
+        /// What is enforced instead, for the operator reading the log.
+        enforced: &'static str,
+    },
     /// An `ambit.dev/use-waypoint` label names a waypoint that does not exist or has no
     /// address; the object is served without a waypoint.
     #[error("{kind} {namespace}/{name}: waypoint {waypoint:?} {why}")]

@@ -72,7 +72,26 @@ pub(super) fn authorizations(
             continue;
         };
         match convert_authorization(&ap.spec, &namespace, &name, config) {
-            Ok(p) => policies.push(p),
+            Ok((p, None)) => policies.push(p),
+            Ok((p, Some((field, reason)))) => match fail_closed(p) {
+                Some((p, enforced)) => {
+                    errors.push(ModelError::PolicyFailedClosed {
+                        namespace,
+                        name,
+                        field,
+                        reason,
+                        enforced,
+                    });
+                    policies.push(p);
+                }
+                None => errors.push(ModelError::Rejected {
+                    kind: Kind::AuthorizationPolicy,
+                    namespace,
+                    name,
+                    field,
+                    reason,
+                }),
+            },
             Err((field, reason)) => errors.push(ModelError::Rejected {
                 kind: Kind::AuthorizationPolicy,
                 namespace,
@@ -90,12 +109,34 @@ pub(super) fn authorizations(
 
 type FieldResult<T> = Result<T, (String, FieldError)>;
 
+/// What stands in for a policy whose rules are invalid, so a typo never opens traffic:
+/// an ALLOW keeps its place but matches nothing (its workloads then accept only what
+/// another ALLOW permits), a DENY matches everything it selects. An AUDIT policy
+/// enforces nothing, so it is simply dropped (`None`).
+fn fail_closed(mut p: Policy) -> Option<(Policy, &'static str)> {
+    let action = PolicyAction::try_from(p.wire.action).unwrap_or(PolicyAction::Deny);
+    let enforced = match action {
+        PolicyAction::Allow => {
+            p.wire.rules = Vec::new();
+            "an ALLOW that matches nothing"
+        }
+        PolicyAction::Deny => {
+            p.wire.rules = vec![Rule::default()];
+            "a DENY of all traffic it selects"
+        }
+        PolicyAction::Audit => return None,
+    };
+    Some((p, enforced))
+}
+
+/// Converts one policy. `Err` when it cannot be placed (bad target); otherwise the policy
+/// and, when one of its rules is invalid, that rule's error (the rules are then empty).
 fn convert_authorization(
     spec: &AuthorizationPolicySpec,
     namespace: &str,
     name: &str,
     config: &ModelConfig,
-) -> FieldResult<Policy> {
+) -> FieldResult<(Policy, Option<(String, FieldError)>)> {
     let mut target_gateway = String::new();
     let mut target_service = String::new();
     for (i, t) in spec.target_refs.iter().enumerate() {
@@ -141,12 +182,18 @@ fn convert_authorization(
     } else {
         PolicyScope::Namespace
     };
-    let rules = spec
+    // Placement errors (above) reject the policy: there is nowhere to enforce it. Rule
+    // errors are returned beside the policy so the caller can fail closed.
+    let (rules, invalid) = match spec
         .rules
         .iter()
         .enumerate()
         .map(|(i, r)| convert_rule(r, &format!("spec.rules[{i}]")))
-        .collect::<FieldResult<Vec<_>>>()?;
+        .collect::<FieldResult<Vec<_>>>()
+    {
+        Ok(rules) => (rules, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
     let wire = Authorization {
         name: name.to_string(),
         namespace: namespace.to_string(),
@@ -161,10 +208,13 @@ fn convert_authorization(
         target_service,
     };
     // A targeted policy belongs to the waypoint; it selects no workloads for ztunnel.
-    Ok(Policy {
-        wire,
-        selector: if targeted { None } else { selector },
-    })
+    Ok((
+        Policy {
+            wire,
+            selector: if targeted { None } else { selector },
+        },
+        invalid,
+    ))
 }
 
 fn convert_rule(rule: &security::Rule, at: &str) -> FieldResult<Rule> {

@@ -321,23 +321,35 @@ fn authorization_rules_are_converted() {
 }
 
 #[test]
-fn bad_policy_values_reject_only_that_policy() {
+fn bad_policy_values_fail_closed_and_name_the_field() {
+    // (action, the invalid source, field named, value named, rules enforced instead)
     let cases = [
         (
+            "ALLOW",
             "ipBlocks: ['10.0.0.0/33']",
             "spec.rules[0].from[0].source.ipBlocks[0]",
             "10.0.0.0/33",
+            Some(0),
         ),
         (
+            "DENY",
             "notIpBlocks: ['10.0.0.0/8', 'ten']",
             "spec.rules[0].from[0].source.notIpBlocks[1]",
             "\"ten\"",
+            Some(1),
+        ),
+        (
+            "AUDIT",
+            "ipBlocks: ['300.1.1.1']",
+            "spec.rules[0].from[0].source.ipBlocks[0]",
+            "300.1.1.1",
+            None,
         ),
     ];
-    for (source, field, mention) in cases {
+    for (action, source, field, mention, enforced_rules) in cases {
         let yaml = ns("demo", "")
             + &pod("demo", "web", "app: web", "10.0.0.1", "a")
-            + &format!("---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  rules: [{{from: [{{source: {{{source}}}}}]}}]\n")
+            + &format!("---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: demo}}\nspec:\n  action: {action}\n  selector: {{matchLabels: {{app: web}}}}\n  rules: [{{from: [{{source: {{{source}}}}}]}}]\n")
             + "---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: good, namespace: demo}\nspec:\n  selector: {matchLabels: {app: web}}\n";
         let d = derived(&yaml);
         assert_eq!(d.errors.len(), 1, "{source}: {:?}", d.errors);
@@ -345,18 +357,37 @@ fn bad_policy_values_reject_only_that_policy() {
         assert!(msg.contains("AuthorizationPolicy demo/bad"), "{msg}");
         assert!(msg.contains(field), "{msg}");
         assert!(msg.contains(mention), "{msg}");
-        assert!(authorization(&d, "demo/bad").is_none());
         assert!(authorization(&d, "demo/good").is_some());
-        // A rejected policy is not referenced either.
-        assert_eq!(
-            workload(&d, "demo/web").authorization_policies,
-            vec!["demo/good"]
-        );
+        let refs = workload(&d, "demo/web").authorization_policies.clone();
+        match enforced_rules {
+            // An invalid ALLOW or DENY stays in force in a form that refuses: dropping
+            // it would open traffic.
+            Some(n) => {
+                assert!(msg.contains("until it is fixed"), "{msg}");
+                let bad = authorization(&d, "demo/bad").expect("kept, failing closed");
+                assert_eq!(bad.rules.len(), n, "{action}: {bad:?}");
+                if n == 1 {
+                    assert_eq!(bad.rules[0], Default::default(), "DENY matches everything");
+                }
+                assert_eq!(refs, vec!["demo/bad", "demo/good"]);
+            }
+            // An AUDIT enforces nothing: dropped, and not referenced.
+            None => {
+                assert!(authorization(&d, "demo/bad").is_none());
+                assert_eq!(refs, vec!["demo/good"]);
+            }
+        }
     }
     let yaml = ns("demo", "")
         + "---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: demo}\nspec: {rules: [{to: [{operation: {ports: ['http']}}]}]}\n";
     let d = derived(&yaml);
     assert!(error_chain(&d.errors[0]).contains("spec.rules[0].to[0].operation.ports[0]"));
+    // A policy that cannot be placed at all (bad target) is rejected outright.
+    let yaml = ns("demo", "")
+        + "---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: demo}\nspec: {action: DENY, targetRefs: [{group: apps, kind: Deployment, name: x}]}\n";
+    let d = derived(&yaml);
+    assert!(error_chain(&d.errors[0]).contains("spec.targetRefs[0]"));
+    assert!(authorization(&d, "demo/bad").is_none());
 }
 
 #[test]

@@ -11,19 +11,17 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
-    Volume, VolumeMount,
+    Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 
-use crate::ztunnel::ROOT_CERT_DIR;
-use crate::{meta, ports, InstallOptions, Object};
+use crate::{meta, ports, InstallOptions, Object, CA_TOKEN_AUDIENCE};
 
 /// Name of the controller's Deployment, Service and ServiceAccount.
 pub const NAME: &str = "ambit-controller";
@@ -57,20 +55,6 @@ pub(crate) fn env_field(name: &str, field_path: &str) -> EnvVar {
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
-    }
-}
-
-/// A TCP-connect probe.
-pub(crate) fn tcp_probe(port: i32, period: i32) -> Probe {
-    Probe {
-        tcp_socket: Some(TCPSocketAction {
-            port: IntOrString::Int(port),
-            ..TCPSocketAction::default()
-        }),
-        period_seconds: Some(period),
-        timeout_seconds: Some(2),
-        failure_threshold: Some(3),
-        ..Probe::default()
     }
 }
 
@@ -165,13 +149,18 @@ pub fn objects(opts: &InstallOptions) -> Vec<Object> {
 
 /// The controller Deployment.
 pub fn deployment(opts: &InstallOptions) -> Deployment {
-    let mut args = vec![
+    let args = vec![
         format!("--listen=0.0.0.0:{}", ports::DISCOVERY),
         format!("--trust-domain={}", opts.trust_domain),
         format!("--root-namespace={}", opts.namespace),
         "--log-format=json".to_owned(),
+        // A plugged-in CA (the optional Secret below) is used when the directory holds one;
+        // otherwise the controller generates a root under its state dir (`/tmp`).
+        format!("--ca-dir={CA_DIR}"),
+        format!("--token-audience={CA_TOKEN_AUDIENCE}"),
+        format!("--ztunnel-service-account={}", crate::ztunnel::NAME),
     ];
-    let mut mounts = vec![
+    let mounts = vec![
         VolumeMount {
             name: "ca".to_owned(),
             mount_path: CA_DIR.to_owned(),
@@ -184,7 +173,7 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
             ..VolumeMount::default()
         },
     ];
-    let mut volumes = vec![
+    let volumes = vec![
         Volume {
             name: "ca".to_owned(),
             // Optional: without a plugged-in root the controller generates one.
@@ -202,24 +191,6 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
             ..Volume::default()
         },
     ];
-    if opts.root_ca.is_some() {
-        // The roots proxies must trust, sent with every full state.
-        args.push(format!("--trust-roots={ROOT_CERT_DIR}/root-cert.pem"));
-        mounts.push(VolumeMount {
-            name: "root-cert".to_owned(),
-            mount_path: ROOT_CERT_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        volumes.push(Volume {
-            name: "root-cert".to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: ROOT_CERT_CONFIGMAP.to_owned(),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-    }
     let container = Container {
         name: "controller".to_owned(),
         image: Some(opts.image("controller")),
@@ -233,15 +204,15 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
             port("grpc", ports::DISCOVERY),
             port("http-monitoring", ports::CONTROLLER_HTTP),
         ]),
-        // TCP on the gRPC port until the controller serves `/healthz/ready` on 15014: it listens
-        // once its stores are synced, so "accepts connections" is "ready". The startup probe
-        // gives a large cluster's first sync five minutes before liveness may restart it.
+        // Ready once its stores have synced (it must not hand proxies a partial world); alive
+        // while its operations server answers. The startup probe gives a large cluster's first
+        // sync five minutes before liveness may restart it.
         startup_probe: Some(Probe {
             failure_threshold: Some(60),
-            ..tcp_probe(ports::DISCOVERY, 5)
+            ..http_probe("/healthz/live", ports::CONTROLLER_HTTP, 5)
         }),
-        readiness_probe: Some(tcp_probe(ports::DISCOVERY, 5)),
-        liveness_probe: Some(tcp_probe(ports::DISCOVERY, 10)),
+        readiness_probe: Some(http_probe("/healthz/ready", ports::CONTROLLER_HTTP, 5)),
+        liveness_probe: Some(http_probe("/healthz/live", ports::CONTROLLER_HTTP, 10)),
         resources: Some(resources("100m", "128Mi", "1Gi")),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),

@@ -133,7 +133,7 @@ fn options_reach_the_objects() {
     assert!(yaml.contains("value: registry.example/ambit/waypoint:v9"));
     assert!(yaml.contains("value: https://ambit-controller.mesh.svc:15012"));
     assert!(yaml.contains(r#"- "--root-namespace=mesh""#));
-    assert!(yaml.contains(r#"- "--trust-roots=/var/run/secrets/ambit/root-cert.pem""#));
+    assert!(yaml.contains(r#"- "--ca-dir=/etc/ambit/ca""#));
     assert!(yaml.contains("value: example.org"));
     assert!(!yaml.contains("ambit-system"), "default namespace leaked");
     let json: Value =

@@ -1,7 +1,7 @@
 //! The controller's namespace, Deployment and Service, and the Secret/ConfigMap of a plugged-in root.
 //!
-//! One replica and no leader election: the controller is the CA, and replicas would each need the
-//! same root (which they only share when it is plugged in); proxies keep serving from their last
+//! One replica and no leader election: the controller is the CA, and two of them generating a root
+//! at once would race to store it in the `ambit-ca` Secret; proxies keep serving from their last
 //! good state while the controller restarts (DESIGN.md), so a single replica is available enough.
 //!
 //! Configuration reaches the controller as its command-line flags; a plugged-in root is mounted

@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, Resource};
@@ -29,6 +29,10 @@ pub enum Object {
     ConfigMap(ConfigMap),
     /// `v1/Service`
     Service(Service),
+    /// `rbac.authorization.k8s.io/v1/Role`
+    Role(Role),
+    /// `rbac.authorization.k8s.io/v1/RoleBinding`
+    RoleBinding(RoleBinding),
     /// `rbac.authorization.k8s.io/v1/ClusterRole`
     ClusterRole(ClusterRole),
     /// `rbac.authorization.k8s.io/v1/ClusterRoleBinding`
@@ -96,6 +100,8 @@ impl Object {
             _ if k == key::<Secret>() => Self::Secret(typed(value, &kind)?),
             _ if k == key::<ConfigMap>() => Self::ConfigMap(typed(value, &kind)?),
             _ if k == key::<Service>() => Self::Service(typed(value, &kind)?),
+            _ if k == key::<Role>() => Self::Role(typed(value, &kind)?),
+            _ if k == key::<RoleBinding>() => Self::RoleBinding(typed(value, &kind)?),
             _ if k == key::<ClusterRole>() => Self::ClusterRole(typed(value, &kind)?),
             _ if k == key::<ClusterRoleBinding>() => Self::ClusterRoleBinding(typed(value, &kind)?),
             _ if k == key::<Deployment>() => Self::Deployment(typed(value, &kind)?),
@@ -118,6 +124,8 @@ impl Object {
             Self::Secret(o) => o.metadata(),
             Self::ConfigMap(o) => o.metadata(),
             Self::Service(o) => o.metadata(),
+            Self::Role(o) => o.metadata(),
+            Self::RoleBinding(o) => o.metadata(),
             Self::ClusterRole(o) => o.metadata(),
             Self::ClusterRoleBinding(o) => o.metadata(),
             Self::Deployment(o) => o.metadata(),
@@ -135,6 +143,8 @@ impl Object {
             Self::Secret(_) => Secret::KIND,
             Self::ConfigMap(_) => ConfigMap::KIND,
             Self::Service(_) => Service::KIND,
+            Self::Role(_) => Role::KIND,
+            Self::RoleBinding(_) => RoleBinding::KIND,
             Self::ClusterRole(_) => ClusterRole::KIND,
             Self::ClusterRoleBinding(_) => ClusterRoleBinding::KIND,
             Self::Deployment(_) => Deployment::KIND,
@@ -152,6 +162,8 @@ impl Object {
                 | Self::Secret(_)
                 | Self::ConfigMap(_)
                 | Self::Service(_)
+                | Self::Role(_)
+                | Self::RoleBinding(_)
                 | Self::Deployment(_)
                 | Self::DaemonSet(_)
         )

@@ -2,7 +2,7 @@
 //!
 //! Least privilege, and each rule says why it exists:
 //! - the controller reads the objects its model is made of, and creates `TokenReview`s to check the
-//!   tokens proxies present to the CA. It writes nothing in the core install.
+//!   tokens proxies present to the CA. Cluster-wide it writes nothing in the core install.
 //! - with waypoints enabled, a second ClusterRole lets it create and patch (server-side apply needs
 //!   both) the Deployment, Service and ServiceAccount of each waypoint, in whatever namespace the
 //!   `Gateway` is, and report on the `Gateway` and its class. That is a strong permission (a
@@ -10,17 +10,26 @@
 //!   wants waypoints only in some namespaces can bind this ClusterRole there with RoleBindings
 //!   instead of the ClusterRoleBinding. Deletion is left to the garbage collector (the objects are
 //!   owned by their `Gateway`), so no `delete` verb.
+//! - in its own namespace only, a Role lets the controller keep the CA: read the `ambit-ca` Secret
+//!   (a plugged-in root, or the one it generated and stored there so a restart keeps it) and
+//!   publish the trust root in the `ambit-root-cert` ConfigMap that proxies mount. `get`/`patch`
+//!   are limited to those names; `create` cannot be limited by name in RBAC, but it is only
+//!   granted in this namespace, which holds nothing else.
 //! - ztunnel has no permission at all: it only talks to the controller, and its token is not even
 //!   mounted; it gets a projected token for the `ambit-ca` audience instead (see [`crate::ztunnel`]).
 //! - no Leases: the controller runs one replica and elects no leader (see [`crate::controller`]).
 
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 
 use crate::{controller, meta, ztunnel, InstallOptions, Object};
 
 /// Name of the controller's read-only ClusterRole (and its binding).
 pub const CONTROLLER_ROLE: &str = "ambit-controller";
+/// Name of the controller's Role in its own namespace (and its binding).
+pub const CA_ROLE: &str = "ambit-controller-ca";
 /// Name of the ClusterRole that lets the controller deploy waypoints (and its binding).
 pub const WAYPOINT_ROLE: &str = "ambit-controller-waypoints";
 
@@ -60,6 +69,26 @@ pub fn controller_rules() -> Vec<PolicyRule> {
     ]
 }
 
+/// The controller's rules in its own namespace: the CA Secret and the trust-root ConfigMap.
+pub fn ca_rules() -> Vec<PolicyRule> {
+    let named = |resource: &str, name: &str, verbs: &[&str]| PolicyRule {
+        resource_names: Some(vec![name.to_owned()]),
+        ..rule("", &[resource], verbs)
+    };
+    vec![
+        // Created once (generated root), then only read.
+        rule("", &["secrets"], &["create"]),
+        named("secrets", controller::CA_SECRET, &["get"]),
+        // Written with server-side apply: CREATE the first time, PATCH after.
+        rule("", &["configmaps"], &["create"]),
+        named(
+            "configmaps",
+            controller::ROOT_CERT_CONFIGMAP,
+            &["get", "patch"],
+        ),
+    ]
+}
+
 /// The extra rules for running waypoints.
 pub fn waypoint_rules() -> Vec<PolicyRule> {
     vec![
@@ -91,12 +120,16 @@ fn binding(name: &str, opts: &InstallOptions) -> ClusterRoleBinding {
             kind: "ClusterRole".to_owned(),
             name: name.to_owned(),
         },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".to_owned(),
-            name: controller::NAME.to_owned(),
-            namespace: Some(opts.namespace.clone()),
-            ..Subject::default()
-        }]),
+        subjects: Some(vec![controller_subject(opts)]),
+    }
+}
+
+fn controller_subject(opts: &InstallOptions) -> Subject {
+    Subject {
+        kind: "ServiceAccount".to_owned(),
+        name: controller::NAME.to_owned(),
+        namespace: Some(opts.namespace.clone()),
+        ..Subject::default()
     }
 }
 
@@ -120,6 +153,19 @@ pub fn objects(opts: &InstallOptions) -> Vec<Object> {
             ..ClusterRole::default()
         }),
         Object::ClusterRoleBinding(binding(CONTROLLER_ROLE, opts)),
+        Object::Role(Role {
+            metadata: meta::namespaced_meta(CA_ROLE, &opts.namespace, controller::NAME),
+            rules: Some(ca_rules()),
+        }),
+        Object::RoleBinding(RoleBinding {
+            metadata: meta::namespaced_meta(CA_ROLE, &opts.namespace, controller::NAME),
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".to_owned()),
+                kind: "Role".to_owned(),
+                name: CA_ROLE.to_owned(),
+            },
+            subjects: Some(vec![controller_subject(opts)]),
+        }),
     ]
 }
 

@@ -177,8 +177,8 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
             },
             Volume {
                 name: "root-cert".to_owned(),
-                // Rendered by `ambitctl install --ca-cert`; without a plugged-in root the
-                // controller must publish it (see manifests/README.md, "Open ends").
+                // Published by the controller (see `rbac::ca_rules`), or rendered by
+                // `ambitctl install --ca-cert`; optional so ztunnel pods can be created first.
                 config_map: Some(ConfigMapVolumeSource {
                     name: ROOT_CERT_CONFIGMAP.to_owned(),
                     optional: Some(true),

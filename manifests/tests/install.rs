@@ -309,6 +309,46 @@ fn cluster_roles_grant_nothing_beyond_the_design() {
 }
 
 #[test]
+fn the_namespaced_role_reaches_only_the_ca_secret_and_root_configmap() {
+    let opts = full_options();
+    let roles: Vec<_> = objects(&opts)
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Role(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(roles.len(), 1);
+    assert_eq!(roles[0].metadata.namespace.as_deref(), Some("mesh"));
+    let mut grants = BTreeSet::new();
+    for rule in roles[0].rules.clone().unwrap() {
+        assert_eq!(rule.api_groups.as_deref(), Some(&["".to_owned()][..]));
+        for r in rule.resources.unwrap() {
+            for v in &rule.verbs {
+                grants.insert((r.clone(), v.clone(), rule.resource_names.clone()));
+            }
+        }
+    }
+    let named = |n: &str| Some(vec![n.to_owned()]);
+    let expected = BTreeSet::from([
+        ("secrets".to_owned(), "create".to_owned(), None),
+        ("secrets".to_owned(), "get".to_owned(), named("ambit-ca")),
+        ("configmaps".to_owned(), "create".to_owned(), None),
+        (
+            "configmaps".to_owned(),
+            "get".to_owned(),
+            named("ambit-root-cert"),
+        ),
+        (
+            "configmaps".to_owned(),
+            "patch".to_owned(),
+            named("ambit-root-cert"),
+        ),
+    ]);
+    assert_eq!(grants, expected);
+}
+
+#[test]
 fn only_the_controller_is_bound_and_ztunnel_has_no_token() {
     let opts = full_options();
     for object in objects(&opts) {
@@ -322,6 +362,14 @@ fn only_the_controller_is_bound_and_ztunnel_has_no_token() {
                 assert_eq!(subjects[0].kind, "ServiceAccount");
                 assert_eq!(subjects[0].name, "ambit-controller");
                 assert_eq!(subjects[0].namespace.as_deref(), Some("mesh"));
+            }
+            Object::RoleBinding(b) => {
+                assert_eq!(b.role_ref.name, rbac::CA_ROLE);
+                assert_eq!(b.role_ref.kind, "Role");
+                assert_eq!(b.metadata.namespace.as_deref(), Some("mesh"));
+                let subjects = b.subjects.unwrap();
+                assert_eq!(subjects.len(), 1);
+                assert_eq!(subjects[0].name, "ambit-controller");
             }
             Object::ServiceAccount(sa) if sa.metadata.name.as_deref() == Some("ambit-ztunnel") => {
                 assert_eq!(sa.automount_service_account_token, Some(false));

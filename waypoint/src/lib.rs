@@ -9,6 +9,7 @@
 //! request; [`admin`] serves metrics, readiness and the config dump.
 
 pub mod admin;
+mod attempt;
 pub mod discovery;
 pub mod duration;
 pub mod metrics;

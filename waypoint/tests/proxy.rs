@@ -512,3 +512,36 @@ trafficPolicies:
     // Binomial(400, 0.5): mean 200, σ = 10; ±4σ.
     assert!((160..=240).contains(&delayed), "{delayed} of 400 delayed");
 }
+
+#[tokio::test]
+async fn mirror_copies_requests_to_another_service() {
+    let extra = r#"
+routes:
+  - name: mirror
+    namespace: demo
+    kind: HTTPRoute
+    parentServices: [demo/web.demo.svc.cluster.local]
+    spec:
+      rules:
+        - filters:
+            - type: RequestMirror
+              requestMirror: {backendRef: {name: canary, port: 80}}
+          backendRefs: [{name: web, port: 80}]
+"#;
+    let mesh = start(&PODS, &state_yaml(extra), Limits::default()).await;
+    let mut c = mesh.h1(WEB).await;
+    for _ in 0..10 {
+        let (status, _, body) = get(&mut c, "/m", &[]).await;
+        assert_eq!(status, 200);
+        assert!(body.starts_with("backend=web-"), "{body}");
+    }
+    // Fire and forget: the copies arrive shortly after.
+    let canary = mesh.backends["canary-a"].clone();
+    for _ in 0..200 {
+        if canary.hits.load(Ordering::SeqCst) == 10 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(canary.hits.load(Ordering::SeqCst), 10);
+}

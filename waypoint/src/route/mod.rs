@@ -251,6 +251,8 @@ pub struct RouteResource {
 pub struct Rule {
     /// `namespace/name` of the route, for logs.
     pub route: String,
+    /// The route's namespace: where backend references without a namespace point.
+    pub namespace: String,
     pub matches: Vec<matching::Match>,
     pub filters: Vec<Filter>,
     pub backends: Vec<BackendRef>,
@@ -302,6 +304,7 @@ impl RouteResource {
                         };
                         Ok(Rule {
                             route: key.clone(),
+                            namespace: self.namespace.clone(),
                             matches,
                             filters: r.filters.clone(),
                             backends: r.backend_refs.clone(),
@@ -320,6 +323,7 @@ impl RouteResource {
                     .map(|r| {
                         Ok(Rule {
                             route: key.clone(),
+                            namespace: self.namespace.clone(),
                             matches: matching::compile_grpc(&key, &r.matches)?,
                             filters: r.filters.clone(),
                             backends: r.backend_refs.clone(),

@@ -225,6 +225,7 @@ impl App {
                     DiscoveryConfig {
                         node: config.node.clone(),
                         backoff: Backoff::default(),
+                        credential_file: config.credential_file.clone(),
                     },
                 );
                 let (waiter, m) = (client.clone(), metrics.clone());

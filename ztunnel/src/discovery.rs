@@ -118,6 +118,9 @@ pub struct DiscoveryConfig {
     /// The node this ztunnel serves (sent in `Hello`).
     pub node: String,
     pub backoff: Backoff,
+    /// File holding the bearer token the controller authenticates subscriptions by (the
+    /// same credential as the CA's); re-read per stream so a rotated token is picked up.
+    pub credential_file: Option<std::path::PathBuf>,
 }
 
 /// What the client is doing, for the admin endpoint and tests.
@@ -259,7 +262,20 @@ async fn session(
         gateway: String::new(),
     }))
     .await;
-    let mut stream = match client.subscribe(ReceiverStream::new(rx)).await {
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(path) = &config.credential_file {
+        // An unreadable credential is reported by the controller's refusal (unauthenticated),
+        // which names what is missing; the CA client reports the file itself.
+        if let Ok(token) = tokio::fs::read_to_string(path).await {
+            if let Ok(mut v) =
+                format!("Bearer {}", token.trim()).parse::<tonic::metadata::MetadataValue<_>>()
+            {
+                v.set_sensitive(true);
+                request.metadata_mut().insert("authorization", v);
+            }
+        }
+    }
+    let mut stream = match client.subscribe(request).await {
         Ok(r) => r.into_inner(),
         Err(status) => return DiscoveryError::Subscribe(status),
     };

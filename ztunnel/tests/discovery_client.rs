@@ -200,6 +200,7 @@ async fn applies_acks_nacks_and_survives_a_controller_restart() -> Result<()> {
                 initial: Duration::from_millis(20),
                 max: Duration::from_millis(200),
             },
+            credential_file: None,
         },
     );
     let mut ready = client.ready();
@@ -302,6 +303,7 @@ async fn stays_unready_without_a_controller_and_stops_with_its_handles() -> Resu
                 initial: Duration::from_millis(10),
                 max: Duration::from_millis(50),
             },
+            credential_file: None,
         },
     );
     let mut status = client.status();

@@ -6,8 +6,11 @@
 //! sibling modules.
 
 mod crds;
+mod down;
 mod install;
 mod output;
+mod sample;
+mod up;
 
 use std::process::ExitCode;
 
@@ -30,6 +33,13 @@ enum Command {
     Install(install::Args),
     /// Print only Ambit's CustomResourceDefinitions.
     Crds(crds::Args),
+    /// Run a whole mesh on this machine: nodes and pods as network namespaces (root, Linux).
+    Up(up::Args),
+    /// Remove a local mesh made by `up` (also after a crash).
+    Down(down::Args),
+    /// The local mesh's sample app (run by `up` inside pods).
+    #[command(hide = true)]
+    Sample(sample::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +47,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Install(args) => install::run(&args),
         Command::Crds(args) => crds::run(&args),
+        Command::Up(args) => up::run(&args),
+        Command::Down(args) => down::run(&args),
+        Command::Sample(args) => sample::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,549 @@
+//! Building and tearing down a local cluster: namespaces (via [`net`]), the mesh root, the
+//! controller in the fabric namespace (on the bridge address, so every node reaches it), one
+//! ztunnel per node, and the sample app in the pods. [`down`] undoes all of it from the
+//! recorded state *and* from what it can find without it (namespaces with our prefix, the
+//! processes inside them, pidfiles), so it also cleans up after a crash.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use super::admin;
+use super::net::{self, NetError};
+use super::objects::{self, Layout, ObjectsError, Sample, SampleSpec};
+use super::procs::{self, ProcError};
+use super::state::{ClusterState, NodeState, PodState, Proc, StateError};
+
+/// The controller's discovery/CA port (DESIGN.md).
+pub const CONTROLLER_PORT: u16 = 15012;
+/// ztunnel's readiness port (DESIGN.md).
+pub const ZTUNNEL_READINESS_PORT: u16 = 15021;
+/// ztunnel's metrics port (DESIGN.md).
+pub const ZTUNNEL_METRICS_PORT: u16 = 15020;
+/// ztunnel's admin port, on loopback (DESIGN.md).
+pub const ZTUNNEL_ADMIN_PORT: u16 = 15000;
+/// The controller's metrics and readiness port (DESIGN.md).
+pub const CONTROLLER_OPS_PORT: u16 = 15014;
+
+/// Why the cluster could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A component binary is not where we look for it.
+    #[error(
+        "{name} not found at {} (it is looked for next to ambitctl); build it with: \
+         cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel{release}",
+        path.display(),
+        release = if path.components().any(|c| c.as_os_str() == "release") { " --release" } else { "" }
+    )]
+    Binary { name: &'static str, path: PathBuf },
+    /// Our own executable cannot be found.
+    #[error("cannot find ambitctl's own executable")]
+    SelfExe(#[source] std::io::Error),
+    /// A cluster is already running with this state directory.
+    #[error("a local cluster is already running with state dir {} (controller pid {pid}); run `ambitctl down --state-dir {}` first", dir.display(), dir.display())]
+    AlreadyRunning { dir: PathBuf, pid: i32 },
+    /// A directory or file of the state dir could not be made.
+    #[error("cannot write {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Objects(#[from] ObjectsError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The controller never accepted connections.
+    #[error("the controller did not listen on {addr} within {secs}s; see {}", log.display())]
+    ControllerTimeout {
+        addr: SocketAddr,
+        secs: u64,
+        log: PathBuf,
+    },
+    /// A process exited during start-up.
+    #[error("{what} exited during start-up; see {}", log.display())]
+    Exited { what: String, log: PathBuf },
+}
+
+/// The executables a cluster runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub ambitctl: PathBuf,
+    pub controller: PathBuf,
+    pub ztunnel: PathBuf,
+}
+
+impl Binaries {
+    /// `ambit-controller` and `ztunnel` next to ambitctl's own executable (one target dir).
+    pub fn locate() -> Result<Self, ClusterError> {
+        let me = std::env::current_exe().map_err(ClusterError::SelfExe)?;
+        let dir = me.parent().unwrap_or(Path::new("."));
+        let find = |name: &'static str| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(ClusterError::Binary { name, path })
+            }
+        };
+        Ok(Binaries {
+            controller: find("ambit-controller")?,
+            ztunnel: find("ztunnel")?,
+            ambitctl: me,
+        })
+    }
+}
+
+/// What `up` is asked to build.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub state_dir: PathBuf,
+    pub prefix: String,
+    /// A user's folder of objects; `None` writes the sample under the state dir.
+    pub objects: Option<PathBuf>,
+    pub sample: SampleSpec,
+}
+
+/// A cluster this process started (children to reap in the foreground).
+#[derive(Debug)]
+pub struct Running {
+    pub state: ClusterState,
+    pub children: Vec<Child>,
+}
+
+fn mkdir(path: &Path) -> Result<(), ClusterError> {
+    std::fs::create_dir_all(path).map_err(|source| ClusterError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), ClusterError> {
+    std::fs::write(path, text).map_err(|source| ClusterError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Builds and starts everything. On error, what was made stays recorded: call [`down`].
+pub fn up(
+    opts: &UpOptions,
+    bins: &Binaries,
+    running: &mut Option<Running>,
+) -> Result<(), ClusterError> {
+    let dir = &opts.state_dir;
+    if let Ok(old) = ClusterState::load(dir) {
+        if let Some(c) = old.controller.as_ref().filter(|c| procs::alive(c.pid)) {
+            return Err(ClusterError::AlreadyRunning {
+                dir: dir.clone(),
+                pid: c.pid,
+            });
+        }
+        // A stale record (crashed run): clean it up before building anew.
+        down(dir, &old.prefix);
+    }
+    // Leftovers of a crash without a record.
+    down(dir, &opts.prefix);
+    for sub in ["logs", "netns", "ca", "pids", "examples"] {
+        mkdir(&dir.join(sub))?;
+    }
+    let (objects_dir, objects_are_ours) = match &opts.objects {
+        Some(d) => (d.clone(), false),
+        None => {
+            let d = dir.join("objects");
+            mkdir(&d)?;
+            objects::write_sample(&d, &opts.sample)?;
+            (d, true)
+        }
+    };
+    write_file(
+        &dir.join("examples/deny-client.yaml"),
+        objects::deny_example(),
+    )?;
+    let layout = objects::read_layout(&objects_dir)?;
+
+    // The controller generates the mesh root and the node credentials under the state dir
+    // (its `--state-dir`), where the ztunnels read them.
+    let root_cert = dir.join("ca/root-cert.pem");
+
+    let state = ClusterState {
+        prefix: opts.prefix.clone(),
+        state_dir: dir.clone(),
+        objects_dir,
+        objects_are_ours,
+        netns_dir: dir.join("netns"),
+        namespaces: Vec::new(),
+        fabric: format!("{}-fabric", opts.prefix),
+        controller_url: format!("https://{}:{CONTROLLER_PORT}", net::FABRIC_IP),
+        controller: None,
+        nodes: Vec::new(),
+        pods: Vec::new(),
+        root_cert: root_cert.clone(),
+    };
+    state.save()?;
+    let run = running.insert(Running {
+        state,
+        children: Vec::new(),
+    });
+    build_network(&mut run.state, &layout)?;
+    start_processes(run, bins)?;
+    Ok(())
+}
+
+fn add_netns(state: &mut ClusterState, name: String) -> Result<String, ClusterError> {
+    // Recorded first: a failure halfway through still leaves it for `down`.
+    state.namespaces.push(name.clone());
+    state.save()?;
+    net::add_netns(&name)?;
+    Ok(name)
+}
+
+fn build_network(state: &mut ClusterState, layout: &Layout) -> Result<(), ClusterError> {
+    let fabric = add_netns(state, state.fabric.clone())?;
+    net::make_fabric_bridge(&fabric, true)?;
+    for (i, name) in layout.nodes.iter().enumerate() {
+        let netns = add_netns(state, format!("{}-{name}", state.prefix))?;
+        let ip = net::attach_node(&fabric, &netns, i + 1)?;
+        state.nodes.push(NodeState {
+            name: name.clone(),
+            netns,
+            ip,
+            ztunnel: None,
+        });
+    }
+    let indexed: Vec<(&str, usize)> = state
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.netns.as_str(), i + 1))
+        .collect();
+    net::route_between_nodes(&indexed)?;
+    for pod in &layout.pods {
+        let node = state.nodes[pod.node].clone();
+        let netns = add_netns(
+            state,
+            format!("{}-{}-{}", state.prefix, pod.namespace, pod.name),
+        )?;
+        let j = usize::from(pod.ip.octets()[3]) - 2;
+        net::attach_pod(&node.netns, pod.node + 1, &netns, j)?;
+        let link = state.netns_dir.join(&netns);
+        std::os::unix::fs::symlink(Path::new(net::NETNS_RUN_DIR).join(&netns), &link).map_err(
+            |source| ClusterError::Io {
+                path: link.clone(),
+                source,
+            },
+        )?;
+        state.pods.push(PodState {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            netns,
+            ip: pod.ip,
+            node: node.name.clone(),
+            sample: pod.sample.clone(),
+            process: None,
+        });
+    }
+    state.save()?;
+    Ok(())
+}
+
+fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterError> {
+    let state = &mut run.state;
+    let logs = state.state_dir.join("logs");
+    let listen = SocketAddr::from((net::FABRIC_IP, CONTROLLER_PORT));
+    let log = logs.join("controller.log");
+    let (child, proc) = procs::spawn_in(
+        &state.state_dir,
+        "controller",
+        &state.fabric,
+        &bins.controller,
+        &[
+            "--local-dir".into(),
+            state.objects_dir.display().to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--ops-listen".into(),
+            SocketAddr::from((net::FABRIC_IP, CONTROLLER_OPS_PORT)).to_string(),
+            "--state-dir".into(),
+            state.state_dir.display().to_string(),
+            "--nodes".into(),
+            state
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            "--log-format".into(),
+            "json".into(),
+        ],
+        &log,
+    )?;
+    run.children.push(child);
+    state.controller = Some(proc.clone());
+    state.save()?;
+    wait_listening(&state.fabric, listen, &proc, "the controller")?;
+
+    for i in 0..state.nodes.len() {
+        let node = state.nodes[i].clone();
+        let log = logs.join(format!("ztunnel-{}.log", node.name));
+        // The controller is also the CA; the node credential is how it knows this ztunnel
+        // may obtain certificates for this node's pods (and subscribe as this node).
+        let credential = state
+            .state_dir
+            .join("credentials")
+            .join(format!("{}.token", node.name));
+        let args = vec![
+            "--node".into(),
+            node.name.clone(),
+            "--controller".into(),
+            state.controller_url.clone(),
+            "--ca-root-file".into(),
+            state.root_cert.display().to_string(),
+            "--credential-file".into(),
+            credential.display().to_string(),
+            "--netns-dir".into(),
+            state.netns_dir.display().to_string(),
+            "--log-format".into(),
+            "json".into(),
+            "--drain-seconds".into(),
+            "1".into(),
+        ];
+        let label = format!("ztunnel-{}", node.name);
+        let (child, proc) = procs::spawn_in(
+            &state.state_dir,
+            &label,
+            &node.netns,
+            &bins.ztunnel,
+            &args,
+            &log,
+        )?;
+        run.children.push(child);
+        state.nodes[i].ztunnel = Some(proc);
+        state.save()?;
+    }
+
+    // The sample starts once the mesh can carry it, so its first results mean something.
+    wait_ready(state);
+    for i in 0..state.pods.len() {
+        let pod = state.pods[i].clone();
+        let Some(sample) = &pod.sample else { continue };
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        let mut args = vec!["sample".to_owned()];
+        match sample {
+            Sample::Server { port } => {
+                args.extend(["server".into(), "--port".into(), port.to_string()]);
+            }
+            Sample::Client { target } => {
+                args.extend(["client".into(), "--target".into(), target.clone()]);
+                args.extend(["--every".into(), "1s".into()]);
+            }
+        }
+        args.extend(["--name".into(), name]);
+        let label = format!("sample-{}-{}", pod.namespace, pod.name);
+        let log = logs.join(format!("{label}.log"));
+        let (child, proc) = procs::spawn_in(
+            &state.state_dir,
+            &label,
+            &pod.netns,
+            &bins.ambitctl,
+            &args,
+            &log,
+        )?;
+        run.children.push(child);
+        state.pods[i].process = Some(proc);
+    }
+    state.save()?;
+    Ok(())
+}
+
+/// Waits (bounded) for each ztunnel's readiness; reports, never fails: a user learns more
+/// from a running mesh and its logs than from an aborted start.
+fn wait_ready(state: &ClusterState) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = SocketAddr::from(([127, 0, 0, 1], ZTUNNEL_READINESS_PORT));
+    for node in &state.nodes {
+        loop {
+            if matches!(
+                admin::get(&node.netns, addr, "/healthz/ready"),
+                Ok((200, _))
+            ) {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "ambitctl: ztunnel on {} is not ready yet; see {}",
+                    node.name,
+                    node.ztunnel
+                        .as_ref()
+                        .map_or_else(String::new, |z| z.log.display().to_string())
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+/// Waits until something accepts connections on `addr` inside `netns`.
+fn wait_listening(
+    netns: &str,
+    addr: SocketAddr,
+    proc: &Proc,
+    what: &str,
+) -> Result<(), ClusterError> {
+    let secs = 30;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let ok = net::in_netns(netns, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+        })?;
+        if ok {
+            return Ok(());
+        }
+        if !procs::alive(proc.pid) {
+            return Err(ClusterError::Exited {
+                what: what.to_owned(),
+                log: proc.log.clone(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(ClusterError::ControllerTimeout {
+                addr,
+                secs,
+                log: proc.log.clone(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What [`down`] did.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    /// Processes stopped (SIGTERM, or SIGKILL when they did not exit in time).
+    pub stopped: Vec<(String, i32)>,
+    pub killed: Vec<i32>,
+    pub namespaces: Vec<String>,
+    pub removed: Vec<PathBuf>,
+    /// What could not be undone, in words.
+    pub problems: Vec<String>,
+}
+
+/// Whether a pid from a pidfile or the record still runs one of our programs (pids get reused).
+fn ours(pid: i32) -> bool {
+    let cmd = procs::cmdline(pid);
+    procs::alive(pid)
+        && (cmd.contains("ztunnel")
+            || cmd.contains("ambit-controller")
+            || cmd.contains("sample server")
+            || cmd.contains("sample client"))
+}
+
+/// Removes everything a cluster with this state dir and namespace prefix made: processes
+/// (recorded, in pidfiles, or found inside our namespaces), namespaces named `<prefix>-*`
+/// (their links, routes and iptables rules go with them), and the state dir's files. Never
+/// fails: it does all it can and reports the rest.
+pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
+    let mut report = DownReport::default();
+    let state = ClusterState::load(state_dir).ok();
+    let prefix = state
+        .as_ref()
+        .map_or(prefix, |s| s.prefix.as_str())
+        .to_owned();
+    let mut namespaces: Vec<String> = state
+        .as_ref()
+        .map(|s| s.namespaces.clone())
+        .unwrap_or_default();
+    match net::list_netns() {
+        Ok(all) => {
+            for n in all {
+                if n.starts_with(&format!("{prefix}-")) && !namespaces.contains(&n) {
+                    namespaces.push(n);
+                }
+            }
+            // Only what exists (a record may name namespaces a crash never made).
+            let existing: Vec<String> = net::list_netns().unwrap_or_default();
+            namespaces.retain(|n| existing.contains(n));
+        }
+        Err(e) => report.problems.push(format!("listing namespaces: {e}")),
+    }
+
+    let mut pids: Vec<(String, i32)> = Vec::new();
+    if let Some(s) = &state {
+        let recorded = s
+            .controller
+            .iter()
+            .map(|p| ("controller".to_owned(), p))
+            .chain(s.nodes.iter().filter_map(|n| {
+                n.ztunnel
+                    .as_ref()
+                    .map(|p| (format!("ztunnel {}", n.name), p))
+            }))
+            .chain(s.pods.iter().filter_map(|p| {
+                p.process
+                    .as_ref()
+                    .map(|pr| (format!("sample {}/{}", p.namespace, p.name), pr))
+            }));
+        pids.extend(recorded.map(|(l, p)| (l, p.pid)));
+    }
+    pids.extend(procs::recorded_pids(state_dir));
+    pids.retain(|(_, pid)| ours(*pid));
+    for ns in &namespaces {
+        for pid in net::netns_pids(ns).unwrap_or_default() {
+            pids.push((format!("process in {ns}"), pid));
+        }
+    }
+    pids.sort_by_key(|(_, p)| *p);
+    pids.dedup_by_key(|(_, p)| *p);
+    let all: Vec<i32> = pids.iter().map(|(_, p)| *p).collect();
+    report.killed = procs::stop_all(&all, Duration::from_secs(5));
+    report.stopped = pids;
+
+    // Reverse creation order: pods, then nodes, then the fabric.
+    for ns in namespaces.iter().rev() {
+        match net::del_netns(ns) {
+            Ok(()) => report.namespaces.push(ns.clone()),
+            Err(e) => report.problems.push(e.to_string()),
+        }
+    }
+
+    let objects_ours = state.as_ref().is_none_or(|s| s.objects_are_ours);
+    let mut entries = vec![
+        "cluster.json",
+        "cluster.json.tmp",
+        "pids",
+        "logs",
+        "netns",
+        "ca",
+        "credentials",
+        "examples",
+    ];
+    if objects_ours {
+        entries.push("objects");
+    }
+    for entry in entries {
+        let path = state_dir.join(entry);
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match result {
+            Ok(()) => report.removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => report
+                .problems
+                .push(format!("removing {}: {e}", path.display())),
+        }
+    }
+    // Only if empty: a --state-dir may hold things that are not ours.
+    if std::fs::remove_dir(state_dir).is_ok() {
+        report.removed.push(state_dir.to_owned());
+    }
+    report
+}

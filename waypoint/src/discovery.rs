@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use rand::Rng as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
 use crate::policy::{Action, Condition, Operation, Policy, Rule, Source, StringMatch};
 use crate::resilience::TrafficPolicyResource;
@@ -375,10 +376,42 @@ pub struct DiscoveryConfig {
 /// Runs the client forever: reconnects with back-off, `ready` turns true after the first
 /// installed state.
 pub async fn run(config: DiscoveryConfig, state: StateHandle, ready: Arc<AtomicBool>) {
+    let connect = |c: &DiscoveryConfig| {
+        ambit_hbone::control::channel(&c.address, &c.roots_pem, &c.controller_identity)
+            .map_err(DiscoveryError::Channel)
+    };
+    run_with(config, state, ready, connect).await
+}
+
+/// [`run`] with the channel to the controller made by `connect` (tests use plaintext).
+pub async fn run_with(
+    config: DiscoveryConfig,
+    state: StateHandle,
+    ready: Arc<AtomicBool>,
+    connect: impl Fn(&DiscoveryConfig) -> Result<Channel, DiscoveryError>,
+) {
     let mut resources = Resources::default();
     let mut delay = Duration::from_millis(500);
     loop {
-        let err = session(&config, &state, &ready, &mut resources).await;
+        let mut established = false;
+        let err = match connect(&config) {
+            Ok(channel) => {
+                session(
+                    channel,
+                    &config,
+                    &state,
+                    &ready,
+                    &mut resources,
+                    &mut established,
+                )
+                .await
+            }
+            Err(e) => e,
+        };
+        if established {
+            // The controller was there; a restart should not wait out an old back-off.
+            delay = Duration::from_millis(500);
+        }
         tracing::warn!(error = %err, retry_in = ?delay, "discovery stream ended; serving the last good state");
         let jitter = rand::rng().random_range(0.5..1.0);
         tokio::time::sleep(delay.mul_f64(jitter)).await;
@@ -387,19 +420,13 @@ pub async fn run(config: DiscoveryConfig, state: StateHandle, ready: Arc<AtomicB
 }
 
 async fn session(
+    channel: Channel,
     config: &DiscoveryConfig,
     state: &StateHandle,
     ready: &AtomicBool,
     resources: &mut Resources,
+    established: &mut bool,
 ) -> DiscoveryError {
-    let channel = match ambit_hbone::control::channel(
-        &config.address,
-        &config.roots_pem,
-        &config.controller_identity,
-    ) {
-        Ok(c) => c,
-        Err(e) => return DiscoveryError::Channel(e),
-    };
     let mut client = pb::discovery_client::DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::SubscribeRequest {
@@ -423,6 +450,7 @@ async fn session(
         Ok(r) => r.into_inner(),
         Err(status) => return DiscoveryError::Stream(status),
     };
+    *established = true;
     tracing::info!(gateway = %config.gateway, "discovery stream established");
     loop {
         let push = match stream.message().await {

@@ -5,11 +5,14 @@
 //! cluster. The local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`) join as
 //! sibling modules.
 
+mod apply;
 mod crds;
 mod down;
 mod install;
 mod output;
+mod proxy_config;
 mod sample;
+mod status;
 mod up;
 
 use std::process::ExitCode;
@@ -37,6 +40,12 @@ enum Command {
     Up(up::Args),
     /// Remove a local mesh made by `up` (also after a crash).
     Down(down::Args),
+    /// Health of the local mesh: controller and each node's ztunnel.
+    Status(status::Args),
+    /// What one node's ztunnel holds: workloads, services, policies, certificates.
+    ProxyConfig(proxy_config::Args),
+    /// Check a YAML file and add it to the local mesh's objects folder (live).
+    Apply(apply::Args),
     /// The local mesh's sample app (run by `up` inside pods).
     #[command(hide = true)]
     Sample(sample::Args),
@@ -50,6 +59,9 @@ fn main() -> ExitCode {
         Command::Up(args) => up::run(&args),
         Command::Down(args) => down::run(&args),
         Command::Sample(args) => sample::run(&args),
+        Command::Apply(args) => apply::run(&args),
+        Command::Status(args) => status::run(&args),
+        Command::ProxyConfig(args) => proxy_config::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

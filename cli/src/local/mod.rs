@@ -3,6 +3,7 @@
 //! - [`net`]: namespaces, bridge, veth pairs, addresses and routes (shared with the tests).
 pub mod admin;
 pub mod cluster;
+pub mod inspect;
 pub mod net;
 pub mod objects;
 pub mod procs;

@@ -34,6 +34,8 @@ use crate::Body;
 
 /// The header carrying the caller's SPIFFE identity to the destination.
 pub const PEER_IDENTITY_HEADER: &str = "x-ambit-peer-identity";
+/// Per-service runtime states kept before those of vanished services are dropped.
+const MAX_RUNTIMES: usize = 4096;
 /// Request bodies up to this size are buffered so they can be retried or mirrored.
 pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
 
@@ -199,6 +201,10 @@ impl Proxy {
     fn runtime(&self, state: &State, key: &str) -> Arc<ServiceRuntime> {
         let settings = state.settings(key).cloned().unwrap_or_default();
         let mut map = lock(&self.runtimes);
+        if map.len() > MAX_RUNTIMES {
+            // Services come and go; drop the runtime state of those no longer known.
+            map.retain(|k, _| state.service(k).is_some());
+        }
         match map.get(key) {
             Some(rt) if rt.settings == settings => rt.clone(),
             _ => {

@@ -26,6 +26,8 @@ use crate::Body;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 64;
+/// Endpoints tracked before those with nothing pooled are forgotten.
+const MAX_ENDPOINTS: usize = 1024;
 
 /// Why an attempt got no response.
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +216,12 @@ impl Upstreams {
             Version::Http1 => {
                 let reused = {
                     let mut map = lock(&self.conns);
+                    if map.len() > MAX_ENDPOINTS {
+                        // Endpoints come and go; forget those with nothing pooled.
+                        map.retain(|_, c| {
+                            !c.h1.is_empty() || c.h2.as_ref().is_some_and(|s| !s.is_closed())
+                        });
+                    }
                     let conns = map.entry(addr).or_default();
                     conns.h1.retain(|(s, _)| !s.is_closed());
                     conns
@@ -222,36 +230,61 @@ impl Upstreams {
                         .position(|(s, _)| s.is_ready())
                         .map(|i| conns.h1.swap_remove(i))
                 };
-                let (mut sender, uses) = match reused {
-                    Some(s) => s,
+                let upgrading = req.headers().contains_key(http::header::UPGRADE);
+                let (sender, uses, resp) = match reused {
+                    Some((mut sender, uses)) => {
+                        match sender.try_send_request(req).await {
+                            Ok(resp) => (sender, uses, resp),
+                            // The pooled connection closed under us (the peer's idle timeout)
+                            // before taking the request: nothing was sent, so a fresh
+                            // connection may carry it.
+                            Err(mut e) => match e.take_message() {
+                                Some(req) => {
+                                    let mut fresh = self.new_h1(up).await?;
+                                    fresh.ready().await.map_err(req_err)?;
+                                    let resp = fresh.send_request(req).await.map_err(req_err)?;
+                                    (fresh, 0, resp)
+                                }
+                                None => return Err(req_err(e.into_error())),
+                            },
+                        }
+                    }
                     None => {
-                        let io = TokioIo::new(self.tunnel(up).await?);
-                        let (sender, conn) = http1::handshake(io)
-                            .await
-                            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.with_upgrades().await {
-                                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
-                            }
-                        });
-                        (sender, 0)
+                        let mut sender = self.new_h1(up).await?;
+                        sender.ready().await.map_err(req_err)?;
+                        let resp = sender.send_request(req).await.map_err(req_err)?;
+                        (sender, 0, resp)
                     }
                 };
-                sender.ready().await.map_err(req_err)?;
-                let upgrading = req.headers().contains_key(http::header::UPGRADE);
-                let fut = sender.send_request(req);
                 let uses = uses + 1;
                 let keep = !upgrading && max_uses.is_none_or(|m| uses < m);
-                let resp = fut.await.map_err(req_err)?;
-                if keep {
+                if keep && !sender.is_closed() {
                     let mut map = lock(&self.conns);
                     let conns = map.entry(addr).or_default();
                     if conns.h1.len() < MAX_IDLE_H1 {
                         conns.h1.push((sender, uses));
                     }
                 }
+                // Otherwise dropping the sender closes the connection after this response.
                 Ok(resp)
             }
         }
+    }
+
+    async fn new_h1(&self, up: &Upstream) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let io = TokioIo::new(self.tunnel(up).await?);
+        let (sender, conn) =
+            http1::handshake(io)
+                .await
+                .map_err(|source| UpstreamError::Handshake {
+                    addr: up.addr,
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(sender)
     }
 }

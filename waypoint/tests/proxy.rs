@@ -545,3 +545,18 @@ routes:
     }
     assert_eq!(canary.hits.load(Ordering::SeqCst), 10);
 }
+
+#[tokio::test]
+async fn upstream_closing_connections_is_not_an_error() {
+    let mesh = start(&PODS, &state_yaml(""), Limits::default()).await;
+    for pod in ["web-a", "web-b"] {
+        mesh.backends[pod]
+            .no_keepalive
+            .store(true, Ordering::SeqCst);
+    }
+    let mut c = mesh.h1(WEB).await;
+    for i in 0..100 {
+        let (status, _, body) = get(&mut c, "/", &[]).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+    }
+}

@@ -42,6 +42,8 @@ pub struct Behaviour {
     /// Delay each answer by this many ms.
     pub delay_ms: AtomicU64,
     pub hits: AtomicUsize,
+    /// Close every connection after one response (no keep-alive).
+    pub no_keepalive: AtomicBool,
 }
 
 /// Stand-in destination ztunnel: connect to the authority, copy.
@@ -132,6 +134,7 @@ pub async fn backend(addr: SocketAddr, name: &str) -> Arc<Behaviour> {
             let b = b.clone();
             let name = name.clone();
             tokio::spawn(async move {
+                let keepalive = !b.no_keepalive.load(Ordering::SeqCst);
                 let mut peek = [0u8; 3];
                 let n = tcp.peek(&mut peek).await.unwrap_or(0);
                 let svc = hyper::service::service_fn(move |req| {
@@ -145,6 +148,7 @@ pub async fn backend(addr: SocketAddr, name: &str) -> Arc<Behaviour> {
                         .await;
                 } else {
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keepalive)
                         .serve_connection(TokioIo::new(tcp), svc)
                         .with_upgrades()
                         .await;
@@ -366,5 +370,3 @@ pub const PODS: [(&str, &str); 3] = [
     ("canary-a", "127.0.0.4"),
 ];
 pub const WEB: &str = "10.96.0.10:80";
-
-pub static UNUSED: AtomicBool = AtomicBool::new(false);

@@ -1,0 +1,357 @@
+//! The local mesh as a user runs it: `ambitctl up --detach` builds nodes and pods as network
+//! namespaces, starts the real controller, ztunnels and sample app, and `ambitctl down`
+//! removes all of it. Asserts on what a user sees: the sample client's results, ztunnel's
+//! metrics and access log, `apply`'s errors, the controller's log, and what is left after down.
+//!
+//! Runs the built binaries (`ambitctl`, `ambit-controller`, `ztunnel` in this target dir;
+//! `cargo test --workspace` builds them). Each test has its own state dir and namespace
+//! prefix, and a guard that runs `ambitctl down` when the test ends, also on panic.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ambitctl::local::state::ClusterState;
+use ambitctl::local::{admin, net, procs};
+
+/// The directory holding this test's binaries' siblings (target/debug).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/local_mesh-<hash> -> target/debug
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for name in ["ambitctl", "ambit-controller", "ztunnel"] {
+        assert!(
+            dir.join(name).is_file(),
+            "{} is missing: build it with `cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel`",
+            dir.join(name).display()
+        );
+    }
+    dir
+}
+
+fn ambitctl(args: &[&str]) -> Output {
+    Command::new(bin_dir().join("ambitctl"))
+        .args(args)
+        .output()
+        .expect("run ambitctl")
+}
+
+/// A running local mesh; dropping it runs `ambitctl down` (also when the test panics).
+struct Mesh {
+    state_dir: PathBuf,
+    prefix: String,
+}
+
+impl Mesh {
+    /// `tag` keeps this test's namespaces and state dir apart from other tests'.
+    fn up(test: &str, tag: &str, extra: &[&str]) -> Option<Mesh> {
+        if !ambit_tests::require_root(test) {
+            return None;
+        }
+        let prefix = format!("lm{tag}{:x}", std::process::id());
+        let state_dir = std::env::temp_dir().join(format!("ambit-{prefix}"));
+        let mesh = Mesh { state_dir, prefix };
+        let sd = mesh.state_dir.display().to_string();
+        let mut args = vec![
+            "up",
+            "--detach",
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "1",
+            "--state-dir",
+            &sd,
+            "--netns-prefix",
+            &mesh.prefix,
+        ];
+        args.extend_from_slice(extra);
+        let out = ambitctl(&args);
+        assert!(
+            out.status.success(),
+            "ambitctl up failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(mesh)
+    }
+
+    fn state(&self) -> ClusterState {
+        ClusterState::load(&self.state_dir).expect("cluster.json")
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.state_dir.join("logs").join(name)).unwrap_or_default()
+    }
+
+    fn client_log(&self) -> String {
+        self.log("sample-demo-client-1.log")
+    }
+
+    fn down(&self) -> Output {
+        let sd = self.state_dir.display().to_string();
+        ambitctl(&["down", "--state-dir", &sd, "--netns-prefix", &self.prefix])
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let out = self.down();
+        if !out.status.success() {
+            eprintln!("ambitctl down: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// Polls `f` until it returns true or `secs` pass; panics with `what` (and `context()`).
+fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn ok_results(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("\"ok\":true")).count()
+}
+
+fn host_links() -> BTreeSet<String> {
+    net::run("ip", &["-o", "link", "show"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_owned()))
+        .collect()
+}
+
+fn host_iptables() -> String {
+    let out = net::run("iptables-save", &[]).unwrap_or_default();
+    out.lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn sample_traffic_goes_over_hbone_a_deny_policy_is_enforced_and_down_removes_everything() {
+    let links_before = host_links();
+    let iptables_before = host_iptables();
+    let Some(mesh) = Mesh::up("local_mesh_flow", "flow", &[]) else {
+        return;
+    };
+    let state = mesh.state();
+    // 2 nodes x 1 pod: echo-1 on node1, client-1 on node2, so every call crosses nodes.
+    wait_for(
+        40,
+        "the sample client to get replies",
+        || mesh.client_log().contains("hello from demo/echo-1"),
+        || mesh.client_log() + &mesh.log("ztunnel-node2.log"),
+    );
+    let log = mesh.client_log();
+    let reply = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"ok\":true"))
+        .unwrap_or_default()
+        .to_owned();
+    // The server saw the client pod's own address: no NAT anywhere in the mesh.
+    assert!(reply.contains("you are 10.77.2.2:"), "{reply}");
+
+    // The server's ztunnel counted mTLS connections with both identities.
+    let node1 = state.node("node1").expect("node1").clone();
+    let metrics = || {
+        admin::get(
+            &node1.netns,
+            SocketAddr::from(([127, 0, 0, 1], 15020)),
+            "/metrics",
+        )
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+    };
+    let body = metrics();
+    let opened = body
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+                && l.contains("destination_principal=\"spiffe://cluster.local/ns/demo/sa/echo\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+        .unwrap_or_else(|| panic!("no mTLS connection counted:\n{body}"));
+    assert!(!opened.ends_with(" 0"), "{opened}");
+    // The client's ztunnel logged the outbound call through HBONE with both identities.
+    let access = mesh.log("ztunnel-node2.log");
+    assert!(
+        access.lines().any(|l| l.contains("\"target\":\"access\"")
+            && l.contains("\"direction\":\"outbound\"")
+            && l.contains("\"protocol\":\"hbone\"")
+            && l.contains("\"src.identity\":\"spiffe://cluster.local/ns/demo/sa/client\"")
+            && l.contains("\"dst.identity\":\"spiffe://cluster.local/ns/demo/sa/echo\"")
+            && l.contains("\"outcome\":\"ok\"")),
+        "{access}"
+    );
+
+    // A deny policy dropped into the watched folder takes effect live.
+    std::fs::write(
+        state.objects_dir.join("deny.yaml"),
+        "apiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-client, namespace: demo}\nspec:\n  selector: {matchLabels: {app: echo}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]}]\n",
+    )
+    .expect("write policy");
+    let refused_since = mesh.client_log().lines().count();
+    wait_for(
+        30,
+        "the client's calls to be refused",
+        || {
+            let log = mesh.client_log();
+            let fresh: Vec<&str> = log.lines().skip(refused_since).collect();
+            fresh.len() >= 2
+                && fresh
+                    .iter()
+                    .rev()
+                    .take(2)
+                    .all(|l| l.contains("\"ok\":false"))
+        },
+        || mesh.client_log(),
+    );
+    let server_log = mesh.log("ztunnel-node1.log");
+    assert!(
+        server_log
+            .lines()
+            .any(|l| l.contains("\"outcome\":\"refused\"")
+                && l.contains("demo/deny-client")
+                && l.contains("\"src.identity\":\"spiffe://cluster.local/ns/demo/sa/client\"")),
+        "no access-log line naming the policy:\n{server_log}"
+    );
+
+    // Down: nothing left.
+    let pids: Vec<i32> = state
+        .controller
+        .iter()
+        .chain(state.nodes.iter().filter_map(|n| n.ztunnel.as_ref()))
+        .chain(state.pods.iter().filter_map(|p| p.process.as_ref()))
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(
+        pids.len(),
+        1 + 2 + 2,
+        "controller, 2 ztunnels, 2 sample processes"
+    );
+    let out = mesh.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<String> = net::list_netns()
+        .expect("ip netns list")
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{}-", mesh.prefix)))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    for pid in pids {
+        assert!(
+            !procs::alive(pid),
+            "pid {pid} still runs: {}",
+            procs::cmdline(pid)
+        );
+    }
+    assert!(
+        !mesh.state_dir.exists(),
+        "{} left",
+        mesh.state_dir.display()
+    );
+    let new_links: Vec<String> = host_links().difference(&links_before).cloned().collect();
+    assert!(
+        new_links.is_empty(),
+        "links added in the host namespace: {new_links:?}"
+    );
+    assert_eq!(
+        host_iptables(),
+        iptables_before,
+        "the host's iptables changed"
+    );
+}
+
+#[test]
+fn bad_input_is_named_and_the_mesh_keeps_running() {
+    let Some(mesh) = Mesh::up("local_mesh_bad_input", "bad", &[]) else {
+        return;
+    };
+    let state = mesh.state();
+    wait_for(
+        40,
+        "the sample client to get replies",
+        || ok_results(&mesh.client_log()) > 0,
+        || mesh.client_log(),
+    );
+    let sd = mesh.state_dir.display().to_string();
+    // The user's files live outside the state dir (down removes only what it made).
+    let scratch = mesh.state_dir.with_extension("inputs");
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let cases = [
+        ("malformed.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: [oops\n", "document 1"),
+        ("gizmo.yaml", "apiVersion: v1\nkind: Gizmo\nmetadata: {name: g, namespace: demo}\n", "unknown kind v1/Gizmo"),
+        (
+            "nowhere.yaml",
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: s, namespace: nowhere}\n",
+            "namespace \"nowhere\", which does not exist",
+        ),
+        (
+            "typo.yaml",
+            "apiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec: {action: DENY, rules: [{from: [{source: {principal: [x]}}]}]}\n",
+            "unknown field",
+        ),
+    ];
+    for (name, text, expect) in cases {
+        let file = scratch.join(name);
+        std::fs::write(&file, text).expect("write");
+        let path = file.display().to_string();
+        let out = ambitctl(&["apply", "--state-dir", &sd, "-f", &path]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was accepted");
+        assert!(
+            stderr.contains(&path) && stderr.contains(expect),
+            "{name}: {stderr}"
+        );
+        assert!(
+            !state.objects_dir.join(name).exists(),
+            "{name} was copied anyway"
+        );
+    }
+    std::fs::remove_dir_all(&scratch).expect("remove the inputs dir");
+
+    // The same mistake written straight into the folder: the controller names it in its log.
+    std::fs::write(
+        state.objects_dir.join("gizmo.yaml"),
+        "apiVersion: v1\nkind: Gizmo\nmetadata: {name: g, namespace: demo}\n",
+    )
+    .expect("write");
+    wait_for(
+        20,
+        "the controller to report the bad file",
+        || {
+            let log = mesh.log("controller.log");
+            log.contains("gizmo.yaml") && log.contains("unknown kind")
+        },
+        || mesh.log("controller.log"),
+    );
+
+    // And the mesh keeps carrying traffic.
+    let before = ok_results(&mesh.client_log());
+    wait_for(
+        20,
+        "more successful calls after the bad input",
+        || ok_results(&mesh.client_log()) >= before + 3,
+        || mesh.client_log(),
+    );
+}

@@ -109,6 +109,9 @@ pub struct Recorder {
     start: Instant,
     pub request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
+    /// Held until the request is recorded (circuit-breaker slot, active-request count), so
+    /// limits count a request until its response body ends, not just its head.
+    pub hold: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl Recorder {
@@ -123,12 +126,24 @@ impl Recorder {
             start,
             request_bytes: Arc::new(AtomicU64::new(0)),
             response_bytes: 0,
+            hold: Vec::new(),
         }
     }
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
+        for label in [
+            &mut self.labels.source_workload,
+            &mut self.labels.destination_workload,
+            &mut self.labels.destination_workload_namespace,
+            &mut self.labels.destination_principal,
+        ] {
+            if label.is_empty() {
+                // What Istio dashboards expect for a peer we could not name.
+                *label = "unknown".into();
+            }
+        }
         let l = &self.labels;
         let elapsed = self.start.elapsed();
         let req_bytes = self.request_bytes.load(Ordering::Relaxed);

@@ -298,7 +298,7 @@ impl Proxy {
         filters::apply_request_headers(&route_filters, &mut parts.headers);
 
         // Circuit breaker.
-        let _slot = match runtime.breaker.acquire().await {
+        let slot = match runtime.breaker.acquire().await {
             Ok(slot) => slot,
             Err(e) => {
                 return finish(
@@ -312,7 +312,8 @@ impl Proxy {
                 )
             }
         };
-        let _active = runtime.budget.enter();
+        rec.hold.push(Box::new(slot));
+        rec.hold.push(Box::new(runtime.budget.enter()));
 
         // Body: buffered when small enough to retry or mirror.
         let count = rec.request_bytes.clone();

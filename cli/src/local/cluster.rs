@@ -58,9 +58,10 @@ pub enum ClusterError {
     Proc(#[from] ProcError),
     #[error(transparent)]
     State(#[from] StateError),
-    /// The controller never accepted connections.
-    #[error("the controller did not listen on {addr} within {secs}s; see {}", log.display())]
-    ControllerTimeout {
+    /// A process never accepted connections.
+    #[error("{what} did not listen on {addr} within {secs}s; see {}", log.display())]
+    ListenTimeout {
+        what: String,
         addr: SocketAddr,
         secs: u64,
         log: PathBuf,
@@ -329,35 +330,46 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
 
     // The sample starts once the mesh can carry it, so its first results mean something.
     wait_ready(state);
-    for i in 0..state.pods.len() {
-        let pod = state.pods[i].clone();
-        let Some(sample) = &pod.sample else { continue };
-        let name = format!("{}/{}", pod.namespace, pod.name);
-        let mut args = vec!["sample".to_owned()];
-        match sample {
-            Sample::Server { port } => {
-                args.extend(["server".into(), "--port".into(), port.to_string()]);
+    // Servers first, and listening, before any client calls them.
+    for servers in [true, false] {
+        for i in 0..state.pods.len() {
+            let pod = state.pods[i].clone();
+            let Some(sample) = &pod.sample else { continue };
+            let is_server = matches!(sample, Sample::Server { .. });
+            if is_server != servers {
+                continue;
             }
-            Sample::Client { target } => {
-                args.extend(["client".into(), "--target".into(), target.clone()]);
-                args.extend(["--every".into(), "1s".into()]);
+            let name = format!("{}/{}", pod.namespace, pod.name);
+            let mut args = vec!["sample".to_owned()];
+            match sample {
+                Sample::Server { port } => {
+                    args.extend(["server".into(), "--port".into(), port.to_string()]);
+                }
+                Sample::Client { target } => {
+                    args.extend(["client".into(), "--target".into(), target.clone()]);
+                    args.extend(["--every".into(), "1s".into()]);
+                }
+            }
+            args.extend(["--name".into(), name.clone()]);
+            let label = format!("sample-{}-{}", pod.namespace, pod.name);
+            let log = logs.join(format!("{label}.log"));
+            let (child, proc) = procs::spawn_in(
+                &state.state_dir,
+                &label,
+                &pod.netns,
+                &bins.ambitctl,
+                &args,
+                &log,
+            )?;
+            run.children.push(child);
+            state.pods[i].process = Some(proc.clone());
+            state.save()?;
+            if let Sample::Server { port } = sample {
+                let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+                wait_listening(&pod.netns, addr, &proc, &format!("sample server {name}"))?;
             }
         }
-        args.extend(["--name".into(), name]);
-        let label = format!("sample-{}-{}", pod.namespace, pod.name);
-        let log = logs.join(format!("{label}.log"));
-        let (child, proc) = procs::spawn_in(
-            &state.state_dir,
-            &label,
-            &pod.netns,
-            &bins.ambitctl,
-            &args,
-            &log,
-        )?;
-        run.children.push(child);
-        state.pods[i].process = Some(proc);
     }
-    state.save()?;
     Ok(())
 }
 
@@ -412,7 +424,8 @@ fn wait_listening(
             });
         }
         if Instant::now() > deadline {
-            return Err(ClusterError::ControllerTimeout {
+            return Err(ClusterError::ListenTimeout {
+                what: what.to_owned(),
                 addr,
                 secs,
                 log: proc.log.clone(),

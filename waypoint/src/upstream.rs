@@ -91,6 +91,9 @@ pub enum Version {
 struct Conns {
     h1: Vec<(http1::SendRequest<Body>, u32)>,
     h2: Option<http2::SendRequest<Body>>,
+    /// Held while an HTTP/2 connection is being opened, so concurrent first requests share
+    /// one connection instead of each opening its own.
+    h2_opening: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Upstream connections of the waypoint.
@@ -190,24 +193,39 @@ impl Upstreams {
         let req_err = |source| UpstreamError::Request { addr, source };
         match version {
             Version::Http2 => {
-                let existing = lock(&self.conns)
-                    .get(&addr)
-                    .and_then(|c| c.h2.clone())
-                    .filter(|s| !s.is_closed());
-                let mut sender = match existing {
+                let current = |conns: &Mutex<HashMap<SocketAddr, Conns>>| {
+                    lock(conns)
+                        .get(&addr)
+                        .and_then(|c| c.h2.clone())
+                        .filter(|s| !s.is_closed())
+                };
+                let mut sender = match current(&self.conns) {
                     Some(s) => s,
                     None => {
-                        let io = TokioIo::new(self.tunnel(up).await?);
-                        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
-                            .await
-                            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                        let opening = lock(&self.conns)
+                            .entry(addr)
+                            .or_default()
+                            .h2_opening
+                            .clone();
+                        let _opening = opening.lock().await;
+                        match current(&self.conns) {
+                            // Another request opened it while we waited.
+                            Some(s) => s,
+                            None => {
+                                let io = TokioIo::new(self.tunnel(up).await?);
+                                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                                    .await
+                                    .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                                tokio::spawn(async move {
+                                    if let Err(e) = conn.await {
+                                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                                    }
+                                });
+                                lock(&self.conns).entry(addr).or_default().h2 =
+                                    Some(sender.clone());
+                                sender
                             }
-                        });
-                        lock(&self.conns).entry(addr).or_default().h2 = Some(sender.clone());
-                        sender
+                        }
                     }
                 };
                 sender.ready().await.map_err(req_err)?;

@@ -560,3 +560,27 @@ async fn upstream_closing_connections_is_not_an_error() {
         assert_eq!(status, 200, "request {i}: {body}");
     }
 }
+
+#[tokio::test]
+async fn concurrent_http2_requests_share_one_upstream_connection() {
+    let mesh = start(&PODS, &state_yaml(""), Limits::default()).await;
+    let canary = mesh.backends["canary-a"].clone();
+    canary.delay_ms.store(50, Ordering::SeqCst);
+    let h2 = mesh.h2("10.96.0.11:80").await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut h2 = h2.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::builder()
+                .uri(format!("http://canary.demo.svc.cluster.local/{i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            h2.send_request(req).await.unwrap().status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(canary.hits.load(Ordering::SeqCst), 20);
+    assert_eq!(canary.connections.load(Ordering::SeqCst), 1);
+}

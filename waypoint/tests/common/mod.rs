@@ -42,6 +42,8 @@ pub struct Behaviour {
     /// Delay each answer by this many ms.
     pub delay_ms: AtomicU64,
     pub hits: AtomicUsize,
+    /// Connections accepted.
+    pub connections: AtomicUsize,
     /// Close every connection after one response (no keep-alive).
     pub no_keepalive: AtomicBool,
 }
@@ -132,6 +134,7 @@ pub async fn backend(addr: SocketAddr, name: &str) -> Arc<Behaviour> {
                 continue;
             };
             let b = b.clone();
+            b.connections.fetch_add(1, Ordering::SeqCst);
             let name = name.clone();
             tokio::spawn(async move {
                 let keepalive = !b.no_keepalive.load(Ordering::SeqCst);

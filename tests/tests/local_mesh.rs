@@ -50,7 +50,7 @@ struct Mesh {
 
 impl Mesh {
     /// `tag` keeps this test's namespaces and state dir apart from other tests'.
-    fn up(test: &str, tag: &str, extra: &[&str]) -> Option<Mesh> {
+    fn up(test: &str, tag: &str, pods_per_node: &str) -> Option<Mesh> {
         if !ambit_tests::require_root(test) {
             return None;
         }
@@ -58,19 +58,18 @@ impl Mesh {
         let state_dir = std::env::temp_dir().join(format!("ambit-{prefix}"));
         let mesh = Mesh { state_dir, prefix };
         let sd = mesh.state_dir.display().to_string();
-        let mut args = vec![
+        let args = [
             "up",
             "--detach",
             "--nodes",
             "2",
             "--pods-per-node",
-            "1",
+            pods_per_node,
             "--state-dir",
             &sd,
             "--netns-prefix",
             &mesh.prefix,
         ];
-        args.extend_from_slice(extra);
         let out = ambitctl(&args);
         assert!(
             out.status.success(),
@@ -145,7 +144,7 @@ fn host_iptables() -> String {
 fn sample_traffic_goes_over_hbone_a_deny_policy_is_enforced_and_down_removes_everything() {
     let links_before = host_links();
     let iptables_before = host_iptables();
-    let Some(mesh) = Mesh::up("local_mesh_flow", "flow", &[]) else {
+    let Some(mesh) = Mesh::up("local_mesh_flow", "flow", "1") else {
         return;
     };
     let state = mesh.state();
@@ -284,7 +283,7 @@ fn sample_traffic_goes_over_hbone_a_deny_policy_is_enforced_and_down_removes_eve
 
 #[test]
 fn bad_input_is_named_and_the_mesh_keeps_running() {
-    let Some(mesh) = Mesh::up("local_mesh_bad_input", "bad", &[]) else {
+    let Some(mesh) = Mesh::up("local_mesh_bad_input", "bad", "1") else {
         return;
     };
     let state = mesh.state();
@@ -353,5 +352,79 @@ fn bad_input_is_named_and_the_mesh_keeps_running() {
         "more successful calls after the bad input",
         || ok_results(&mesh.client_log()) >= before + 3,
         || mesh.client_log(),
+    );
+}
+
+#[test]
+fn enrolling_a_namespace_is_live_and_down_cleans_up_without_a_record() {
+    // 2 nodes x 2 pods: echo-1 and echo-2 on node1; client-1 and legacy-client-1 on node2.
+    let Some(mesh) = Mesh::up("local_mesh_enroll", "enrl", "2") else {
+        return;
+    };
+    let state = mesh.state();
+    let legacy_inbound = |protocol: &str| {
+        let log = mesh.log("ztunnel-node1.log");
+        log.lines().any(|l| {
+            l.contains("\"src.workload\":\"legacy/legacy-client-1\"")
+                && l.contains("\"direction\":\"inbound\"")
+                && l.contains(&format!("\"protocol\":\"{protocol}\""))
+                && l.contains("\"outcome\":\"ok\"")
+        })
+    };
+    wait_for(
+        40,
+        "legacy's plaintext calls into the mesh",
+        || legacy_inbound("tcp"),
+        || mesh.log("ztunnel-node1.log"),
+    );
+    // Label legacy for the mesh in the watched folder: its pod is captured without a restart
+    // and its calls now arrive over HBONE.
+    let ns_file = state.objects_dir.join("00-namespaces.yaml");
+    let text = std::fs::read_to_string(&ns_file).expect("read namespaces");
+    let enrolled = text.replace(
+        "name: legacy\n",
+        "name: legacy\n  labels:\n    ambit.dev/dataplane-mode: ambient\n",
+    );
+    assert_ne!(text, enrolled, "legacy not found in {text}");
+    std::fs::write(&ns_file, enrolled).expect("write namespaces");
+    wait_for(
+        30,
+        "legacy's calls over HBONE",
+        || legacy_inbound("hbone"),
+        || mesh.log("ztunnel-node1.log"),
+    );
+
+    // A crash that lost the record: down still finds our namespaces and their processes.
+    let pids: Vec<i32> = state
+        .pods
+        .iter()
+        .filter_map(|p| p.process.as_ref())
+        .chain(state.controller.iter())
+        .map(|p| p.pid)
+        .collect();
+    std::fs::remove_file(mesh.state_dir.join("cluster.json")).expect("remove cluster.json");
+    let out = mesh.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<String> = net::list_netns()
+        .expect("ip netns list")
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{}-", mesh.prefix)))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    for pid in pids {
+        assert!(
+            !procs::alive(pid),
+            "pid {pid} still runs: {}",
+            procs::cmdline(pid)
+        );
+    }
+    assert!(
+        !mesh.state_dir.exists(),
+        "{} left",
+        mesh.state_dir.display()
     );
 }

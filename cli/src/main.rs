@@ -1,9 +1,10 @@
 //! `ambitctl`: install Ambit on Kubernetes, run a whole mesh on one machine, inspect proxies.
 //!
 //! A clap dispatcher with one module per subcommand; each module owns its `Args` and its `run`.
-//! Today: `install` (alias `render`) and `crds`, which only print manifests and never talk to a
-//! cluster. The local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`) join as
-//! sibling modules.
+//! `install` (alias `render`) and `crds` only print manifests and never talk to a cluster. The
+//! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`, and the hidden
+//! `sample` app) run a mesh on this machine; their shared parts are the library's
+//! `ambitctl::local`.
 
 mod apply;
 mod crds;

@@ -112,9 +112,11 @@ fn teardown(state_dir: &std::path::Path, prefix: &str, running: Option<Running>)
 fn print_summary(state: &ClusterState) {
     println!("\nLocal mesh is up.\n");
     println!(
-        "  controller  {} (in namespace {}), objects folder {}",
+        "  controller  {} (in namespace {}), metrics http://{}:{}/metrics, objects folder {}",
         state.controller_url,
         state.fabric,
+        ambitctl::local::net::FABRIC_IP,
+        ambitctl::local::cluster::CONTROLLER_OPS_PORT,
         state.objects_dir.display()
     );
     for n in &state.nodes {

@@ -48,7 +48,13 @@ pub fn controller(state: &ClusterState) -> Value {
             let mut m = serde_json::Map::new();
             for (name, value) in samples(&body) {
                 if !name.contains("_bucket") && name.starts_with("ambit_") {
-                    m.insert(name, json!(value));
+                    // Counters read as integers, not "2.0".
+                    let v = if value.fract() == 0.0 && value.abs() < 9.0e15 {
+                        json!(value as i64)
+                    } else {
+                        json!(value)
+                    };
+                    m.insert(name, v);
                 }
             }
             Value::Object(m)

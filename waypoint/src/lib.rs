@@ -10,6 +10,7 @@
 
 pub mod admin;
 mod attempt;
+pub mod certs;
 pub mod discovery;
 pub mod duration;
 pub mod metrics;

@@ -6,7 +6,8 @@
 //! - `127.0.0.1:15000`: admin `/config_dump`.
 //!
 //! State comes from the controller's discovery stream (`--controller`) or a static YAML/JSON
-//! file (`--static-state`). The identity certificate comes from PEM files. On SIGTERM or
+//! file (`--static-state`). The identity certificate comes from PEM files or from the
+//! controller's CA (`--ca`, rotated at half-life without dropping connections). On SIGTERM or
 //! SIGINT the waypoint turns not-ready, sends GOAWAY on its HBONE connections and lets open
 //! streams finish for `--drain-seconds` before exiting.
 
@@ -22,6 +23,7 @@ use ambit_hbone::server::{Server, ServerSettings};
 use ambit_hbone::tls::{self, RotatingCert, TrustBundle};
 use ambit_hbone::Identity;
 use ambit_waypoint::admin::Admin;
+use ambit_waypoint::certs::{self, CaConfig};
 use ambit_waypoint::discovery::{self, DiscoveryConfig};
 use ambit_waypoint::metrics::Metrics;
 use ambit_waypoint::proxy::Proxy;
@@ -57,13 +59,20 @@ struct Args {
     /// Static state file (YAML or JSON) instead of a controller.
     #[arg(long)]
     static_state: Option<PathBuf>,
-    /// Certificate chain (PEM).
-    #[arg(long)]
-    cert: PathBuf,
+    /// Certificate chain (PEM); with `--key`, instead of `--ca`.
+    #[arg(long, requires = "key", conflicts_with = "ca")]
+    cert: Option<PathBuf>,
     /// Private key (PEM).
-    #[arg(long)]
-    key: PathBuf,
-    /// Trust roots (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The controller's CA (https://host:15012): the certificate is requested there and
+    /// rotated at half-life.
+    #[arg(long, env = "WAYPOINT_CA")]
+    ca: Option<String>,
+    /// Requested certificate lifetime, seconds.
+    #[arg(long, default_value_t = 86_400)]
+    cert_validity_seconds: u64,
+    /// Trust roots (PEM): the mesh root, also what the controller and CA must chain to.
     #[arg(long)]
     roots: PathBuf,
     #[arg(long, default_value = "0.0.0.0:15008")]
@@ -110,8 +119,33 @@ async fn main() -> anyhow::Result<()> {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
     let roots_pem = read(&args.roots)?;
-    let cert = WorkloadCertificate::from_pem(&read(&args.cert)?, &read(&args.key)?, &roots_pem)
-        .context("loading the certificate")?;
+    let controller_identity: Identity = args
+        .controller_identity
+        .parse()
+        .context("--controller-identity")?;
+    let token = match &args.token_file {
+        Some(p) => Some(read(p)?.trim().to_string()),
+        None => None,
+    };
+    let (cert, ca) = match (&args.cert, &args.key, &args.ca) {
+        (Some(c), Some(k), _) => (
+            WorkloadCertificate::from_pem(&read(c)?, &read(k)?, &roots_pem)
+                .context("loading the certificate")?,
+            None,
+        ),
+        (_, _, Some(ca)) => {
+            let config = CaConfig {
+                channel: ambit_hbone::control::channel(ca, &roots_pem, &controller_identity)
+                    .context("CA channel")?,
+                identity: identity.clone(),
+                token_file: args.token_file.clone(),
+                validity: Duration::from_secs(args.cert_validity_seconds),
+            };
+            let cert = certs::fetch(&config).await.context("first certificate")?;
+            (cert, Some(config))
+        }
+        _ => anyhow::bail!("give --cert and --key, or --ca"),
+    };
     anyhow::ensure!(
         cert.identity() == &identity,
         "certificate is for {}, not {identity}",
@@ -120,6 +154,9 @@ async fn main() -> anyhow::Result<()> {
     let bundle =
         TrustBundle::from_pem(identity.trust_domain(), &roots_pem).context("trust roots")?;
     let rotating = RotatingCert::new(&cert);
+    if let Some(config) = ca {
+        tokio::spawn(certs::rotate(config, rotating.clone(), cert.clone()));
+    }
 
     let state = StateHandle::default();
     let ready = Arc::new(AtomicBool::new(false));
@@ -130,17 +167,11 @@ async fn main() -> anyhow::Result<()> {
     } else if let Some(controller) = &args.controller {
         let config = DiscoveryConfig {
             address: controller.clone(),
-            controller_identity: args
-                .controller_identity
-                .parse()
-                .context("--controller-identity")?,
+            controller_identity: controller_identity.clone(),
             identity: identity.clone(),
             gateway: args.gateway.clone(),
             roots_pem: roots_pem.clone(),
-            token: match &args.token_file {
-                Some(p) => Some(read(p)?.trim().to_string()),
-                None => None,
-            },
+            token: token.clone(),
         };
         tokio::spawn(discovery::run(config, state.clone(), ready.clone()));
     } else {

@@ -63,8 +63,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         args.nodes,
         args.state_dir.display()
     );
+    let mut signals = Signals::catch()?;
     let mut running: Option<Running> = None;
-    if let Err(err) = cluster::up(&opts, &bins, &mut running) {
+    let built = cluster::up(&opts, &bins, &mut running);
+    if built.is_ok() && signals.pending() {
+        eprintln!("ambitctl: interrupted, removing what was made");
+        teardown(&opts.state_dir, &opts.prefix, running);
+        return Ok(());
+    }
+    if let Err(err) = built {
         eprintln!("ambitctl: start-up failed, removing what was made");
         teardown(&opts.state_dir, &opts.prefix, running);
         return Err(err).context("ambitctl up");
@@ -83,7 +90,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("\nWatching (Ctrl-C stops and removes everything):\n");
-    let result = follow(&running.state);
+    let result = follow(&running.state, &mut signals);
     eprintln!("\nambitctl: stopping and removing the local cluster ...");
     let state_dir = running.state.state_dir.clone();
     let prefix = running.state.prefix.clone();
@@ -167,19 +174,66 @@ fn print_summary(state: &ClusterState) {
 }
 
 /// Prints what happens until Ctrl-C (or until the controller dies).
-fn follow(state: &ClusterState) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting a runtime for the log follower")?;
+/// SIGINT and SIGTERM, caught from the start: a Ctrl-C while the cluster is being built must
+/// not kill `up` half-way (its children live in their own process groups and would be left
+/// behind); it is acted on once the build returns.
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime for signals and the log follower")?;
+        let (interrupt, terminate) = rt
+            .block_on(async {
+                Ok::<_, std::io::Error>((
+                    signal(SignalKind::interrupt())?,
+                    signal(SignalKind::terminate())?,
+                ))
+            })
+            .context("catching SIGINT and SIGTERM")?;
+        Ok(Signals {
+            rt,
+            interrupt,
+            terminate,
+        })
+    }
+
+    /// Whether a signal arrived already.
+    fn pending(&mut self) -> bool {
+        let Signals {
+            rt,
+            interrupt,
+            terminate,
+        } = self;
+        rt.block_on(async {
+            tokio::select! {
+                biased;
+                _ = interrupt.recv() => true,
+                _ = terminate.recv() => true,
+                () = tokio::time::sleep(Duration::from_millis(1)) => false,
+            }
+        })
+    }
+}
+
+/// Prints what happens until Ctrl-C or SIGTERM (or until the controller dies).
+fn follow(state: &ClusterState, signals: &mut Signals) -> anyhow::Result<()> {
     let mut tail = Tail::of_cluster(state);
     let mut pretty = Pretty::default();
     let controller = state.controller.as_ref().map(|c| c.pid);
+    let Signals {
+        rt,
+        interrupt,
+        terminate,
+    } = signals;
     rt.block_on(async {
-        let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
-        // SIGTERM (a service manager, `timeout`) tears down like Ctrl-C.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("listening for SIGTERM")?;
         loop {
             for (source, line) in tail.poll() {
                 if let Some(out) = pretty.format(&source, &line) {
@@ -193,8 +247,8 @@ fn follow(state: &ClusterState) -> anyhow::Result<()> {
                 );
             }
             tokio::select! {
-                r = &mut ctrl_c => { return r.context("waiting for Ctrl-C"); }
-                _ = term.recv() => { return Ok(()); }
+                _ = interrupt.recv() => return Ok(()),
+                _ = terminate.recv() => return Ok(()),
                 () = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }

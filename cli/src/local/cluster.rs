@@ -560,3 +560,25 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
     }
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_names_its_path_and_the_build_command() {
+        let err = ClusterError::Binary {
+            name: "ztunnel",
+            path: PathBuf::from("/src/target/release/ztunnel"),
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("ztunnel not found at /src/target/release/ztunnel"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel --release"),
+            "{text}"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! The operations ports: Prometheus metrics (`/metrics`, port 15020), readiness
 //! (`/healthz/ready`, port 15021) and the admin config dump (`/config_dump`, 127.0.0.1:15000).
-//! One small hyper server type serves all three; each listener gets the same routes, so the
-//! split into ports is only about who may reach what.
+//! One small hyper server type serves all three; each listener only answers its own paths,
+//! so the config dump (which names every workload) is never reachable off the node.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,8 +24,30 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
 }
 
+/// Which paths a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// `/metrics` (and Envoy's `/stats/prometheus`).
+    Metrics,
+    /// `/healthz/ready`.
+    Readiness,
+    /// Everything, including `/config_dump`; bind it to localhost.
+    Admin,
+}
+
+impl Port {
+    fn allows(self, path: &str) -> bool {
+        match self {
+            Port::Metrics => matches!(path, "/metrics" | "/stats/prometheus"),
+            Port::Readiness => path == "/healthz/ready",
+            Port::Admin => true,
+        }
+    }
+}
+
 impl Admin {
-    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
+    fn respond(&self, port: Port, path: &str) -> Response<Full<Bytes>> {
+        let path = if port.allows(path) { path } else { "" };
         let (status, ctype, body) = match path {
             "/metrics" | "/stats/prometheus" => {
                 let mut text = String::new();
@@ -75,8 +97,8 @@ impl Admin {
         r
     }
 
-    /// Serves `listener` until the task is dropped.
-    pub async fn serve(self, listener: TcpListener) {
+    /// Serves `port`'s paths on `listener` until the task is dropped.
+    pub async fn serve(self, port: Port, listener: TcpListener) {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
@@ -84,7 +106,7 @@ impl Admin {
             let admin = self.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let r = admin.respond(req.uri().path());
+                    let r = admin.respond(port, req.uri().path());
                     async move { Ok::<_, std::convert::Infallible>(r) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()

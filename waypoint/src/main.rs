@@ -22,7 +22,7 @@ use ambit_hbone::pool::{Pool, PoolConfig};
 use ambit_hbone::server::{Server, ServerSettings};
 use ambit_hbone::tls::{self, RotatingCert, TrustBundle};
 use ambit_hbone::Identity;
-use ambit_waypoint::admin::Admin;
+use ambit_waypoint::admin::{Admin, Port};
 use ambit_waypoint::certs::{self, CaConfig};
 use ambit_waypoint::discovery::{self, DiscoveryConfig};
 use ambit_waypoint::metrics::Metrics;
@@ -194,11 +194,15 @@ async fn main() -> anyhow::Result<()> {
         state: state.clone(),
         ready: ready.clone(),
     };
-    for addr in [args.metrics, args.readiness, args.admin] {
+    for (port, addr) in [
+        (Port::Metrics, args.metrics),
+        (Port::Readiness, args.readiness),
+        (Port::Admin, args.admin),
+    ] {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        tokio::spawn(admin.clone().serve(listener));
+        tokio::spawn(admin.clone().serve(port, listener));
     }
     let listener = TcpListener::bind(args.listen)
         .await

@@ -201,6 +201,9 @@ async fn binary_serves_reports_and_drains() {
     );
     let (status, dump) = http_get(admin, "/config_dump").await;
     assert_eq!(status, 200);
+    // Not on the ports other nodes can reach.
+    assert_eq!(http_get(metrics, "/config_dump").await.0, 404);
+    assert_eq!(http_get(ready, "/config_dump").await.0, 404);
     assert!(dump.contains("web.demo.svc.cluster.local"), "{dump}");
 
     let pid = child.id().unwrap();

@@ -584,3 +584,55 @@ async fn concurrent_http2_requests_share_one_upstream_connection() {
     assert_eq!(canary.hits.load(Ordering::SeqCst), 20);
     assert_eq!(canary.connections.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn connect_failures_are_retried_on_another_endpoint() {
+    // web-b's endpoint points at a port nothing listens on: its ztunnel refuses the tunnel.
+    let yaml = state_yaml(
+        r#"
+routes:
+  - name: retry
+    namespace: demo
+    kind: HTTPRoute
+    parentServices: [demo/web.demo.svc.cluster.local]
+    spec:
+      rules:
+        - backendRefs: [{name: web, port: 80}]
+          retry: {codes: [], attempts: 1, backoff: 1ms}
+"#,
+    )
+    .replace(
+        "{workloadUid: web-b}",
+        "{workloadUid: web-b, ports: {80: 9}}",
+    );
+    let mesh = start(&PODS, &yaml, Limits::default()).await;
+    let mut c = mesh.h1(WEB).await;
+    for i in 0..20 {
+        let (status, _, body) = get(&mut c, "/", &[]).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert!(body.starts_with("backend=web-a"), "{body}");
+    }
+    // Without a retry policy the refused tunnel is a clear 503.
+    let mesh = start(
+        &PODS,
+        &state_yaml("").replace(
+            "{workloadUid: web-b}",
+            "{workloadUid: web-b, ports: {80: 9}}",
+        ),
+        Limits::default(),
+    )
+    .await;
+    let mut c = mesh.h1(WEB).await;
+    let mut failures = 0;
+    for _ in 0..4 {
+        let (status, _, body) = get(&mut c, "/", &[]).await;
+        if status == 503 {
+            assert!(body.contains("opening HBONE tunnel to"), "{body}");
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 2,
+        "round robin sends every other request to the broken endpoint"
+    );
+}

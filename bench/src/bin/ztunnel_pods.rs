@@ -1,0 +1,426 @@
+//! Pod-to-pod across two nodes through two real `ztunnel` processes (HBONE, mTLS) versus the
+//! direct path between the *same* pods un-enrolled, measured in one run:
+//!
+//! - bulk: one connection sends `--bulk-mib` MiB one way to a sink that answers with the count
+//!   at EOF (MB/s);
+//! - ping-pong: `--pings` round trips of 64 bytes on one connection (p50/p99 µs);
+//! - connect: `--connects` sequential new connections, each with a 1-byte round trip so the
+//!   tunnel is really up (connections/s);
+//! - ztunnel CPU (`/proc/<pid>/stat` of both processes) during bulk and ping-pong, and RSS
+//!   (`/proc/<pid>/status`) idle and with `--idle` open idle connections (RSS per connection).
+//!
+//! A measurement, not a test: nothing asserts on timing. Needs root (namespaces, iptables).
+//! Build ztunnel in the same profile first, e.g.
+//! `cargo build --release -p ambit-ztunnel --bin ztunnel && cargo run --release -p ambit-bench --bin ztunnel_pods`.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ambit_bench::{mb_per_s, micros, print_table, Row, Samples};
+use ambit_hbone::ca::CertificateAuthority;
+use ambit_tests::{exec_in, in_netns, Pod, Topology};
+use anyhow::{bail, Context};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// MiB sent one way in the bulk test.
+    #[arg(long, default_value_t = 256)]
+    bulk_mib: u64,
+    /// 64-byte round trips in the latency test (after 500 warm-up ones).
+    #[arg(long, default_value_t = 10_000)]
+    pings: usize,
+    /// New connections in the connect test.
+    #[arg(long, default_value_t = 1_000)]
+    connects: usize,
+    /// Idle connections held open for the memory measurement.
+    #[arg(long, default_value_t = 1_000)]
+    idle: usize,
+    /// The ztunnel binary (default: beside this one).
+    #[arg(long)]
+    ztunnel: Option<PathBuf>,
+}
+
+const ECHO_PORT: u16 = 9000;
+const SINK_PORT: u16 = 9001;
+
+/// Echo and sink servers listening inside `pod` (threads; sockets stay in the pod).
+fn start_servers(pod: &Pod) -> anyhow::Result<()> {
+    let (echo, sink) = in_netns(&pod.netns, || {
+        Ok::<_, std::io::Error>((
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT))?,
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, SINK_PORT))?,
+        ))
+    })??;
+    std::thread::spawn(move || {
+        for mut s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for mut s in sink.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1024 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(&total.to_be_bytes());
+            });
+        }
+    });
+    Ok(())
+}
+
+fn bulk(dst: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(dst)?;
+    let chunk = vec![0x5au8; 1024 * 1024];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.len().min((bytes - sent) as usize);
+        s.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count)?;
+    if u64::from_be_bytes(count) != bytes {
+        bail!(
+            "sink counted {} of {bytes} bytes",
+            u64::from_be_bytes(count)
+        );
+    }
+    Ok(start.elapsed())
+}
+
+fn ping_pong(dst: SocketAddr, n: usize) -> anyhow::Result<Samples> {
+    let mut s = TcpStream::connect(dst)?;
+    s.set_nodelay(true)?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut samples = Samples::with_capacity(n);
+    for i in 0..n + 500 {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        if i >= 500 {
+            samples.record(t.elapsed());
+        }
+    }
+    Ok(samples)
+}
+
+fn connects(dst: SocketAddr, n: usize) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut s = TcpStream::connect(dst)?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+    }
+    Ok(start.elapsed())
+}
+
+fn idle(dst: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+    (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(dst)?;
+            s.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// Runs `f` inside the client pod's namespace (so its sockets are the pod's).
+fn in_pod<T: Send + 'static>(
+    pod: &Pod,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    in_netns(&pod.netns, f)?
+}
+
+/// A ztunnel process, stopped on drop.
+struct Ztunnel {
+    child: Child,
+}
+
+impl Ztunnel {
+    fn spawn(bin: &Path, node: &str, dir: &Path, netns_dir: &Path) -> anyhow::Result<Self> {
+        let port = |p: u16| format!("127.0.0.1:{p}");
+        let base = if node == "n1" { 25000 } else { 26000 };
+        let child = Command::new(bin)
+            .args(["--node", node])
+            .arg("--static-state")
+            .arg(dir.join("state.yaml"))
+            .arg("--local-ca-cert")
+            .arg(dir.join("ca.pem"))
+            .arg("--local-ca-key")
+            .arg(dir.join("ca-key.pem"))
+            .arg("--netns-dir")
+            .arg(netns_dir)
+            .args(["--metrics-addr", &port(base + 20)])
+            .args(["--readiness-addr", &port(base + 21)])
+            .args(["--admin-addr", &port(base)])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(Ztunnel { child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        // SIGTERM lets it remove its rules; then make sure it is gone.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit(')').next().context("bad stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    // USER_HZ is 100 on every Linux architecture we run on.
+    Ok(ticks / 100.0)
+}
+
+/// Resident set size in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("bad VmRSS")?
+        .parse()?)
+}
+
+fn cpu_total(z: &[&Ztunnel]) -> anyhow::Result<f64> {
+    z.iter().map(|z| cpu_seconds(z.pid())).sum()
+}
+
+fn rss_total(z: &[&Ztunnel]) -> anyhow::Result<f64> {
+    z.iter().map(|z| rss_kib(z.pid())).sum()
+}
+
+fn state(client: &Pod, srv: &Pod, enrolled: bool) -> String {
+    let proto = if enrolled { "HBONE" } else { "TCP" };
+    format!(
+        "workloads:\n  - {{name: client, namespace: bench, serviceAccount: client, node: n1, addresses: [{}], protocol: {proto}}}\n  - {{name: srv, namespace: bench, serviceAccount: srv, node: n2, addresses: [{}], protocol: {proto}}}\n",
+        client.ip, srv.ip
+    )
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+struct PathResult {
+    bulk: Duration,
+    pings: Samples,
+    connects: Duration,
+}
+
+fn measure(client: &Pod, srv: &Pod, args: &Args) -> anyhow::Result<PathResult> {
+    let (echo, sink) = (
+        SocketAddr::new(srv.ip.into(), ECHO_PORT),
+        SocketAddr::new(srv.ip.into(), SINK_PORT),
+    );
+    let bytes = args.bulk_mib * 1024 * 1024;
+    let (pings, n_conn) = (args.pings, args.connects);
+    Ok(PathResult {
+        bulk: in_pod(client, move || bulk(sink, bytes))?,
+        pings: in_pod(client, move || ping_pong(echo, pings))?,
+        connects: in_pod(client, move || connects(echo, n_conn))?,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin = match &args.ztunnel {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no exe dir")?
+            .join("ztunnel"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build [--release] -p ambit-ztunnel --bin ztunnel)",
+            bin.display()
+        );
+    }
+    let Some(topo) = Topology::builder("zt_bench")
+        .node("n1")
+        .node("n2")
+        .pod("client", "n1")
+        .pod("srv", "n2")
+        .build_or_skip()
+    else {
+        bail!("needs root");
+    };
+    let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());
+    start_servers(&srv)?;
+    let dir = std::env::temp_dir().join(format!("ambit-{}-bench", topo.prefix()));
+    std::fs::create_dir_all(&dir)?;
+    let ca = CertificateAuthority::generate("cluster.local", Duration::from_secs(86400))?;
+    let pem = ca.to_pem();
+    std::fs::write(dir.join("ca.pem"), &pem.cert_pem)?;
+    std::fs::write(dir.join("ca-key.pem"), &pem.key_pem)?;
+    std::fs::write(dir.join("state.yaml"), state(&client, &srv, false))?;
+    let z1 = Ztunnel::spawn(&bin, "n1", &dir, topo.netns_dir())?;
+    let z2 = Ztunnel::spawn(&bin, "n2", &dir, topo.netns_dir())?;
+    let both = [&z1, &z2];
+    std::thread::sleep(Duration::from_millis(500));
+
+    println!(
+        "measuring direct path (pods un-enrolled, ztunnels running idle) with {} MiB, {} pings, {} connects",
+        args.bulk_mib, args.pings, args.connects
+    );
+    let mut direct = measure(&client, &srv, &args)?;
+
+    // Enroll both pods: the ztunnels re-read the file and capture them.
+    std::fs::write(dir.join("state.yaml"), state(&client, &srv, true))?;
+    for pod in [&client, &srv] {
+        let ns = pod.netns.clone();
+        wait_for("capture rules", || {
+            exec_in(&ns, &["iptables-save"]).is_ok_and(|r| r.contains("AMBIT_OUTPUT"))
+        })?;
+    }
+    let echo = SocketAddr::new(srv.ip.into(), ECHO_PORT);
+    wait_for("a first tunnel", || {
+        in_pod(&client, move || {
+            let mut s = TcpStream::connect(echo)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            Ok(())
+        })
+        .is_ok()
+    })?;
+    let rss_idle = rss_total(&both)?;
+    println!("measuring through two ztunnels (HBONE)");
+    let cpu0 = cpu_total(&both)?;
+    let bytes = args.bulk_mib * 1024 * 1024;
+    let sink = SocketAddr::new(srv.ip.into(), SINK_PORT);
+    let mesh_bulk = in_pod(&client, move || bulk(sink, bytes))?;
+    let cpu1 = cpu_total(&both)?;
+    let pings = args.pings;
+    let mut mesh_pings = in_pod(&client, move || ping_pong(echo, pings))?;
+    let cpu2 = cpu_total(&both)?;
+    let n_conn = args.connects;
+    let mesh_connects = in_pod(&client, move || connects(echo, n_conn))?;
+    let cpu3 = cpu_total(&both)?;
+
+    let n_idle = args.idle;
+    let rss_before = rss_total(&both)?;
+    let held = in_pod(&client, move || idle(echo, n_idle))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_held = rss_total(&both)?;
+    drop(held);
+
+    let gb = bytes as f64 / 1e9;
+    let rows = vec![
+        Row {
+            metric: "bulk MB/s".into(),
+            direct: mb_per_s(bytes, direct.bulk),
+            measured: mb_per_s(bytes, mesh_bulk),
+        },
+        Row {
+            metric: "ping-pong p50 µs".into(),
+            direct: micros(direct.pings.percentile(50.0)),
+            measured: micros(mesh_pings.percentile(50.0)),
+        },
+        Row {
+            metric: "ping-pong p99 µs".into(),
+            direct: micros(direct.pings.percentile(99.0)),
+            measured: micros(mesh_pings.percentile(99.0)),
+        },
+        Row {
+            metric: "new connections/s".into(),
+            direct: args.connects as f64 / direct.connects.as_secs_f64(),
+            measured: args.connects as f64 / mesh_connects.as_secs_f64(),
+        },
+    ];
+    print_table(
+        "pod -> pod across nodes: direct vs two ztunnels (HBONE)",
+        "ztunnel",
+        &rows,
+    );
+    println!();
+    println!("ztunnel resources (both processes together)");
+    println!(
+        "  CPU during bulk:        {:>8.2} s for {:.2} GB ({:.2} CPU-s/GB)",
+        cpu1 - cpu0,
+        gb,
+        (cpu1 - cpu0) / gb
+    );
+    println!(
+        "  CPU during ping-pong:   {:>8.2} s for {} round trips ({:.1} CPU-µs per round trip)",
+        cpu2 - cpu1,
+        args.pings + 500,
+        (cpu2 - cpu1) * 1e6 / (args.pings + 500) as f64
+    );
+    println!(
+        "  CPU during connects:    {:>8.2} s for {} connections ({:.1} CPU-µs per connection)",
+        cpu3 - cpu2,
+        args.connects,
+        (cpu3 - cpu2) * 1e6 / args.connects as f64
+    );
+    println!("  RSS idle (pods enrolled): {:>8.1} MiB", rss_idle / 1024.0);
+    println!(
+        "  RSS with {} idle connections: {:.1} MiB (+{:.1} KiB per connection, both ends)",
+        args.idle,
+        rss_held / 1024.0,
+        (rss_held - rss_before) / args.idle as f64
+    );
+    drop((z1, z2));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

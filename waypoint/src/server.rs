@@ -133,6 +133,9 @@ impl Handler for Waypoint {
                     .timer(TokioTimer::new())
                     .max_header_list_size(self.limits.max_header_bytes as u32)
                     .max_concurrent_streams(self.limits.max_concurrent_streams)
+                    // HTTP/2 has no header-read timeout; PINGs find clients that went away.
+                    .keep_alive_interval(Some(Duration::from_secs(20)))
+                    .keep_alive_timeout(Duration::from_secs(10))
                     .serve_connection(io, svc)
                     .await
             }

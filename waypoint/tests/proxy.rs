@@ -426,9 +426,26 @@ async fn bad_input_gets_4xx_and_slow_loris_is_cut() {
     let (status, _, body) = get(&mut c, "/", &[]).await;
     assert_eq!(status, 503);
     assert_eq!(body, "no service or workload known at 10.96.9.9:80\n");
-    // And the waypoint still serves.
+    // HTTP/2 with an oversized header block: refused (by our SETTINGS or a 431), not served.
+    let mut h2 = mesh.h2(WEB).await;
+    let req = http::Request::builder()
+        .uri("http://web.demo.svc.cluster.local/")
+        .header("x-big", "b".repeat(100 * 1024))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    match h2.send_request(req).await {
+        Ok(resp) => assert_eq!(resp.status(), 431),
+        Err(e) => eprintln!("oversized HTTP/2 headers refused: {e}"),
+    }
+    // And the waypoint still serves, over both versions.
     let mut c = mesh.h1(WEB).await;
     assert_eq!(get(&mut c, "/", &[]).await.0, 200);
+    let mut h2 = mesh.h2(WEB).await;
+    let req = http::Request::builder()
+        .uri("http://web.demo.svc.cluster.local/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
 }
 
 #[tokio::test]

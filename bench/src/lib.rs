@@ -94,6 +94,37 @@ pub fn print_table(title: &str, measured_name: &str, rows: &[Row]) {
     }
 }
 
+/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn proc_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    use anyhow::Context as _;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name is parenthesised and may hold spaces, so split after its last `)`;
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after it.
+    let rest = stat.rsplit(')').next().context("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11).context("no utime")?.parse()?;
+    let stime: f64 = f.get(12).context("no stime")?.parse()?;
+    // USER_HZ is 100 on every Linux architecture we run on.
+    Ok((utime + stime) / 100.0)
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`...), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    use anyhow::Context as _;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let value = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(value
+        .split_whitespace()
+        .next()
+        .with_context(|| format!("empty {field}"))?
+        .parse()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

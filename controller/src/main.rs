@@ -12,13 +12,16 @@
 //! Callers authenticate with bearer tokens: in local mode, node credentials issued at
 //! start under `<state-dir>/credentials/` (one per `--nodes` entry); in Kubernetes mode,
 //! projected service-account tokens checked with TokenReview. Proxies verify the
-//! controller against the mesh root, written to `<state-dir>/ca/root-cert.pem`.
+//! controller against the mesh root, written to `<state-dir>/ca/root-cert.pem` (and, in
+//! Kubernetes mode, to the `ambit-root-cert` ConfigMap; a generated root is kept in the
+//! `ambit-ca` Secret there).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_controller::ca::kube_store;
 use ambit_controller::ca::store::CaFiles;
 use ambit_controller::ca::{AuthConfig, Security, SecurityConfig};
 use ambit_controller::discovery::{DiscoveryOptions, DiscoveryService};
@@ -237,15 +240,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
             sources.add(source);
         }
     }
-    let security = Security::start(SecurityConfig {
+    let auth = auth_config(&args).await?;
+    let kube_client = match &auth {
+        AuthConfig::Kubernetes { client, .. } => Some(client.clone()),
+        AuthConfig::Local { .. } => None,
+    };
+    let security_config = SecurityConfig {
         state_dir: args.state_dir.clone(),
         trust_domain: args.trust_domain.clone(),
         namespace: args.root_namespace.clone(),
         ca_files: ca_files(&args),
         cert_validity: Duration::from_secs(args.cert_validity_secs),
-        auth: auth_config(&args).await?,
-    })
+        auth,
+    };
+    // Kubernetes mode without a plugged-in CA: the root lives in the `ambit-ca` Secret,
+    // since the pod's state directory does not survive a restart.
+    let security = match (&kube_client, &security_config.ca_files) {
+        (Some(client), None) => {
+            let (ca, origin) = kube_store::load_or_generate(
+                client.clone(),
+                &args.root_namespace,
+                &args.trust_domain,
+            )
+            .await
+            .context("loading the CA from its Secret")?;
+            Security::from_ca(security_config, ca, origin)
+        }
+        _ => Security::start(security_config),
+    }
     .context("setting up the CA")?;
+    if let Some(client) = kube_client {
+        kube_store::publish_roots(client, &args.root_namespace, &security.roots_pem().concat())
+            .await
+            .context("publishing the trust root")?;
+    }
     tracing::info!(origin = ?security.origin, identity = %security.identity, roots = %args.state_dir.join(ambit_controller::ca::store::ROOT_CERT_FILE).display(), "CA ready");
     let mut trust_roots = security.roots_pem();
     if let Some(p) = &args.trust_roots {

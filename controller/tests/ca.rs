@@ -665,3 +665,53 @@ async fn kubernetes_tokens_are_reviewed_and_mapped_to_nodes() {
     assert!(pushes.message().await.unwrap().unwrap().full_state);
     plane.stop().await;
 }
+
+/// Kubernetes mode keeps a generated root in the `ambit-ca` Secret (so a restarted pod
+/// reloads it) and publishes the trust root in the `ambit-root-cert` ConfigMap.
+#[tokio::test]
+async fn kubernetes_root_lives_in_a_secret_and_is_published() {
+    use ambit_controller::ca::kube_store;
+    use ambit_controller::ca::store::CaOrigin;
+    use ambit_controller::testing::apiserver::FakeApiServer;
+    let api = FakeApiServer::start().await.unwrap();
+    api.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ambit-system"}
+    }))
+    .unwrap();
+    let (first, origin) = kube_store::load_or_generate(api.client().unwrap(), "ambit-system", TD)
+        .await
+        .unwrap();
+    assert_eq!(origin, CaOrigin::Generated);
+    assert!(api
+        .get("v1", "Secret", "ambit-system", "ambit-ca")
+        .is_some());
+    let (again, origin) = kube_store::load_or_generate(api.client().unwrap(), "ambit-system", TD)
+        .await
+        .unwrap();
+    assert_eq!(origin, CaOrigin::Reloaded);
+    assert_eq!(again.roots_pem(), first.roots_pem());
+
+    kube_store::publish_roots(
+        api.client().unwrap(),
+        "ambit-system",
+        &first.roots_pem().concat(),
+    )
+    .await
+    .unwrap();
+    let cm = api
+        .get("v1", "ConfigMap", "ambit-system", "ambit-root-cert")
+        .expect("ConfigMap applied");
+    assert_eq!(
+        cm["data"]["root-cert.pem"].as_str(),
+        Some(first.roots_pem().concat().as_str())
+    );
+    let applied = api.requests().iter().any(|r| {
+        r.verb == ambit_controller::testing::apiserver::Verb::Patch
+            && r.path.ends_with("/configmaps/ambit-root-cert")
+            && r.param("fieldManager") == Some("ambit-controller")
+    });
+    assert!(
+        applied,
+        "server-side apply with the ambit-controller field manager"
+    );
+}

@@ -717,6 +717,8 @@ impl Drop for Child {
 async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
     let server = FakeApiServer::start().await?;
     server.apply(&namespace("apps", true))?;
+    // The controller keeps its CA in a Secret of its own namespace.
+    server.apply(&namespace("ambit-system", false))?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(
@@ -735,7 +737,9 @@ async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
         std::process::Command::new(env!("CARGO_BIN_EXE_ambit-controller"))
             .arg("--kubeconfig")
             .arg(&kubeconfig)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

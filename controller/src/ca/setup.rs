@@ -103,6 +103,16 @@ impl Security {
             config.ca_files.as_ref(),
         )
         .map_err(SetupError::Store)?;
+        Self::from_ca(config, ca, origin)
+    }
+
+    /// [`Self::start`] with a CA obtained elsewhere (Kubernetes mode: the `ambit-ca`
+    /// Secret, see [`super::kube_store`]); `config.ca_files` is ignored.
+    pub fn from_ca(
+        config: SecurityConfig,
+        ca: CertificateAuthority,
+        origin: CaOrigin,
+    ) -> Result<Self, SetupError> {
         let ca = Arc::new(ca);
         let authenticator = match config.auth {
             AuthConfig::Local { nodes, workloads } => Authenticator::Local(

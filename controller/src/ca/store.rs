@@ -14,9 +14,9 @@
 //! a key next to them, so a later start that forgets `--ca-cert` stops with an error
 //! instead of quietly replacing the operator's root).
 //!
-//! Kubernetes mode keeps the state directory on an `emptyDir`, so a generated root lives
-//! as long as the controller's pod; a root that must survive pod restarts is plugged in
-//! from the `ambit-ca` Secret (`ambitctl install --ca-cert/--ca-key`).
+//! Kubernetes mode does not use the state directory for the root (it is an `emptyDir`
+//! there): a generated root is kept in the `ambit-ca` Secret instead, see
+//! [`super::kube_store`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -15,6 +15,7 @@ pub mod model;
 pub mod ops;
 pub mod server;
 pub mod source;
+pub mod waypoints;
 
 /// Test support (the fake API server), for this crate's and other crates' tests.
 #[cfg(feature = "testing")]

@@ -31,6 +31,7 @@ use ambit_controller::server::GrpcServer;
 use ambit_controller::source::kube::KubeSource;
 use ambit_controller::source::local::{LocalOptions, LocalSource};
 use ambit_controller::source::Sources;
+use ambit_controller::waypoints::WaypointDeployer;
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 
@@ -106,6 +107,14 @@ struct Args {
     /// tokens stand for the node their pod runs on.
     #[arg(long, default_value = "ambit-ztunnel")]
     ztunnel_service_account: String,
+    /// Kubernetes mode: the waypoint image; with it, every Gateway of class
+    /// `ambit-waypoint` is deployed as a waypoint (ServiceAccount, Deployment, Service).
+    #[arg(long, env = "AMBIT_WAYPOINT_IMAGE")]
+    waypoint_image: Option<String>,
+    /// Kubernetes mode: the controller's address as waypoints reach it (default
+    /// `https://ambit-controller.<namespace>.svc:15012`).
+    #[arg(long)]
+    controller_address: Option<String>,
     /// Log output format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -164,6 +173,15 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -269,11 +287,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ => Security::start(security_config),
     }
     .context("setting up the CA")?;
-    if let Some(client) = kube_client {
-        kube_store::publish_roots(client, &args.root_namespace, &security.roots_pem().concat())
-            .await
-            .context("publishing the trust root")?;
+    if let Some(client) = &kube_client {
+        kube_store::publish_roots(
+            client.clone(),
+            &args.root_namespace,
+            &security.roots_pem().concat(),
+        )
+        .await
+        .context("publishing the trust root")?;
     }
+    // Dropped (and so stopped) when `run` returns.
+    let _waypoints = match (&kube_client, &args.waypoint_image) {
+        (Some(client), Some(image)) => {
+            let address = args.controller_address.clone().unwrap_or_else(|| {
+                format!("https://ambit-controller.{}.svc:15012", args.root_namespace)
+            });
+            let deployer =
+                WaypointDeployer::new(client.clone(), image, &args.trust_domain, &address);
+            Some(AbortOnDrop(tokio::spawn(deployer.run())))
+        }
+        _ => None,
+    };
     tracing::info!(origin = ?security.origin, identity = %security.identity, roots = %args.state_dir.join(ambit_controller::ca::store::ROOT_CERT_FILE).display(), "CA ready");
     let mut trust_roots = security.roots_pem();
     if let Some(p) = &args.trust_roots {

@@ -89,7 +89,19 @@ impl Handler for Waypoint {
 
     async fn serve(&self, caller: Caller, mut stream: TunnelStream) {
         let mut buf = BytesMut::with_capacity(1024);
+        // A port declared TCP is not sniffed: server-first protocols (the server speaks
+        // first, e.g. SMTP, MySQL) would otherwise wait out the detection timeout.
+        let declared_tcp = match self.proxy.state.load().resolve(caller.authority) {
+            Some(Target::Service { service, port }) => service
+                .ports
+                .iter()
+                .any(|p| p.service_port == port && p.app_protocol.eq_ignore_ascii_case("tcp")),
+            _ => false,
+        };
         let detected = loop {
+            if declared_tcp {
+                break Detected::Tcp;
+            }
             match tokio::time::timeout(self.limits.detect_timeout, stream.read_buf(&mut buf)).await
             {
                 Err(_) => break Detected::Tcp,

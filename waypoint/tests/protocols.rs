@@ -187,3 +187,40 @@ policies:
     let _ = t.read_to_end(&mut out).await;
     assert!(out.is_empty(), "{:?}", Bytes::from(out));
 }
+
+#[tokio::test]
+async fn server_first_protocol_on_a_tcp_port_is_not_sniffed() {
+    let yaml = state_yaml(
+        r#"
+  - name: smtp
+    namespace: demo
+    hostname: smtp.demo.svc.cluster.local
+    vips: [10.96.0.13]
+    ports: [{servicePort: 25, targetPort: 2525, appProtocol: TCP}]
+    endpoints: [{workloadUid: web-a}]
+"#,
+    );
+    // Detection would wait this long for the client's first bytes; the greeting must not.
+    let limits = Limits {
+        detect_timeout: std::time::Duration::from_secs(3600),
+        ..Limits::default()
+    };
+    let (mesh, prefix) = start_with_prefix(&PODS, &yaml, limits).await;
+    let addr: SocketAddr = format!("{prefix}2:2525").parse().unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let _ = tcp.write_all(b"220 smtp ready\r\n").await;
+        }
+    });
+    let mut t = mesh.tunnel("10.96.0.13:25").await;
+    let mut greeting = [0u8; 16];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        t.read_exact(&mut greeting),
+    )
+    .await
+    .expect("greeting held back by protocol detection")
+    .unwrap();
+    assert_eq!(&greeting, b"220 smtp ready\r\n");
+}

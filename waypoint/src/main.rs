@@ -5,6 +5,11 @@
 //! - `0.0.0.0:15021`: `/healthz/ready` (ready once state is loaded, not ready while draining);
 //! - `127.0.0.1:15000`: admin `/config_dump`.
 //!
+//! Flags fall back to the environment the controller's waypoint Deployment sets
+//! (`manifests/src/waypoint.rs`: `POD_NAMESPACE`, `SERVICE_ACCOUNT`, `AMBIT_WAYPOINT_NAME`,
+//! `AMBIT_CONTROLLER`, `AMBIT_CA_ROOT_FILE`, `AMBIT_CREDENTIAL_FILE`, `AMBIT_TRUST_DOMAIN`,
+//! `AMBIT_LOG_FORMAT`), the same names ztunnel reads.
+//!
 //! State comes from the controller's discovery stream (`--controller`) or a static YAML/JSON
 //! file (`--static-state`). The identity certificate comes from PEM files or from the
 //! controller's CA (`--ca`, rotated at half-life without dropping connections). On SIGTERM or
@@ -38,57 +43,102 @@ use tokio::net::TcpListener;
 #[derive(Parser, Debug)]
 #[command(about = "Ambit's L7 proxy")]
 struct Args {
-    /// SPIFFE identity of this waypoint (must match the certificate).
-    #[arg(long, env = "WAYPOINT_IDENTITY")]
-    identity: String,
-    /// `namespace/name` of this waypoint's Gateway.
-    #[arg(long, env = "WAYPOINT_GATEWAY")]
-    gateway: String,
+    /// SPIFFE identity of this waypoint; by default
+    /// `spiffe://<trust domain>/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT`.
+    #[arg(long, env = "AMBIT_WAYPOINT_IDENTITY")]
+    identity: Option<String>,
+    /// `namespace/name` of this waypoint's Gateway; by default
+    /// `$POD_NAMESPACE/$AMBIT_WAYPOINT_NAME`.
+    #[arg(long, env = "AMBIT_WAYPOINT_GATEWAY")]
+    gateway: Option<String>,
+    /// The Gateway's name (the controller's Deployment sets it).
+    #[arg(long, env = "AMBIT_WAYPOINT_NAME")]
+    waypoint_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    #[arg(long, default_value = ambit_hbone::identity::DEFAULT_TRUST_DOMAIN, env = "AMBIT_TRUST_DOMAIN")]
+    trust_domain: String,
     /// Controller discovery address (https://host:15012).
-    #[arg(long, env = "WAYPOINT_CONTROLLER", conflicts_with = "static_state")]
+    #[arg(long, env = "AMBIT_CONTROLLER", conflicts_with = "static_state")]
     controller: Option<String>,
-    /// SPIFFE identity the controller must present.
-    #[arg(
-        long,
-        default_value = "spiffe://cluster.local/ns/ambit-system/sa/ambit-controller"
-    )]
-    controller_identity: String,
-    /// File holding the bearer token for the controller (a projected service account token).
-    #[arg(long)]
+    /// SPIFFE identity the controller must present; by default
+    /// `spiffe://<trust domain>/ns/ambit-system/sa/ambit-controller`.
+    #[arg(long, env = "AMBIT_CONTROLLER_IDENTITY")]
+    controller_identity: Option<String>,
+    /// File holding the bearer token for the controller and CA (a projected token).
+    #[arg(long, env = "AMBIT_CREDENTIAL_FILE")]
     token_file: Option<PathBuf>,
     /// Static state file (YAML or JSON) instead of a controller.
-    #[arg(long)]
+    #[arg(long, env = "AMBIT_STATIC_STATE")]
     static_state: Option<PathBuf>,
-    /// Certificate chain (PEM); with `--key`, instead of `--ca`.
+    /// Certificate chain (PEM); with `--key`, instead of a CA.
     #[arg(long, requires = "key", conflicts_with = "ca")]
     cert: Option<PathBuf>,
     /// Private key (PEM).
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// The controller's CA (https://host:15012): the certificate is requested there and
-    /// rotated at half-life.
-    #[arg(long, env = "WAYPOINT_CA")]
+    /// The CA (https://host:15012); the controller's address when unset. The certificate is
+    /// requested there and rotated at half-life.
+    #[arg(long, env = "AMBIT_CA_ADDRESS")]
     ca: Option<String>,
     /// Requested certificate lifetime, seconds.
-    #[arg(long, default_value_t = 86_400)]
+    #[arg(long, default_value_t = 86_400, env = "AMBIT_CERT_VALIDITY_SECONDS")]
     cert_validity_seconds: u64,
     /// Trust roots (PEM): the mesh root, also what the controller and CA must chain to.
-    #[arg(long)]
+    #[arg(long, env = "AMBIT_CA_ROOT_FILE")]
     roots: PathBuf,
+    /// `json` for one JSON object per log line.
+    #[arg(long, default_value = "text", env = "AMBIT_LOG_FORMAT")]
+    log_format: String,
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15020")]
+    #[arg(long, default_value = "0.0.0.0:15020", env = "AMBIT_METRICS_ADDR")]
     metrics: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15021")]
+    #[arg(long, default_value = "0.0.0.0:15021", env = "AMBIT_READINESS_ADDR")]
     readiness: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, default_value = "127.0.0.1:15000", env = "AMBIT_ADMIN_ADDR")]
     admin: SocketAddr,
     /// HBONE port of destination ztunnels.
     #[arg(long, default_value_t = 15008)]
     hbone_port: u16,
     /// How long open streams may finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "AMBIT_DRAIN_SECONDS")]
     drain_seconds: u64,
+}
+
+impl Args {
+    fn identity(&self) -> anyhow::Result<Identity> {
+        if let Some(id) = &self.identity {
+            return id.parse().context("--identity");
+        }
+        match (&self.pod_namespace, &self.service_account) {
+            (Some(ns), Some(sa)) => Ok(Identity::new(&self.trust_domain, ns, sa)?),
+            _ => anyhow::bail!("give --identity, or POD_NAMESPACE and SERVICE_ACCOUNT"),
+        }
+    }
+
+    fn gateway(&self) -> anyhow::Result<String> {
+        if let Some(g) = &self.gateway {
+            return Ok(g.clone());
+        }
+        match (&self.pod_namespace, &self.waypoint_name) {
+            (Some(ns), Some(name)) => Ok(format!("{ns}/{name}")),
+            _ => anyhow::bail!("give --gateway, or POD_NAMESPACE and AMBIT_WAYPOINT_NAME"),
+        }
+    }
+
+    fn controller_identity(&self) -> anyhow::Result<Identity> {
+        match &self.controller_identity {
+            Some(id) => id.parse().context("--controller-identity"),
+            None => Ok(Identity::new(
+                &self.trust_domain,
+                "ambit-system",
+                "ambit-controller",
+            )?),
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -108,26 +158,30 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
-    let identity: Identity = args.identity.parse().context("--identity")?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let identity = args.identity()?;
+    let gateway = args.gateway()?;
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
     let roots_pem = read(&args.roots)?;
-    let controller_identity: Identity = args
-        .controller_identity
-        .parse()
-        .context("--controller-identity")?;
+    let controller_identity = args.controller_identity()?;
     let token = match &args.token_file {
         Some(p) => Some(read(p)?.trim().to_string()),
         None => None,
     };
-    let (cert, ca) = match (&args.cert, &args.key, &args.ca) {
+    let ca_address = args.ca.as_ref().or(args.controller.as_ref());
+    let (cert, ca) = match (&args.cert, &args.key, ca_address) {
         (Some(c), Some(k), _) => (
             WorkloadCertificate::from_pem(&read(c)?, &read(k)?, &roots_pem)
                 .context("loading the certificate")?,
@@ -144,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
             let cert = certs::fetch(&config).await.context("first certificate")?;
             (cert, Some(config))
         }
-        _ => anyhow::bail!("give --cert and --key, or --ca"),
+        _ => anyhow::bail!("give --cert and --key, or a CA (--ca or --controller)"),
     };
     anyhow::ensure!(
         cert.identity() == &identity,
@@ -169,7 +223,7 @@ async fn main() -> anyhow::Result<()> {
             address: controller.clone(),
             controller_identity: controller_identity.clone(),
             identity: identity.clone(),
-            gateway: args.gateway.clone(),
+            gateway: gateway.clone(),
             roots_pem: roots_pem.clone(),
             token: token.clone(),
         };
@@ -188,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
         bundle.clone(),
         args.hbone_port,
     );
-    let proxy = Proxy::new(state.clone(), upstreams, metrics, args.gateway.clone());
+    let proxy = Proxy::new(state.clone(), upstreams, metrics, gateway.clone());
     let admin = Admin {
         registry,
         state: state.clone(),
@@ -220,7 +274,7 @@ async fn main() -> anyhow::Result<()> {
             ..ServerSettings::default()
         },
     );
-    tracing::info!(listen = %args.listen, %identity, gateway = %args.gateway, "waypoint serving");
+    tracing::info!(listen = %args.listen, %identity, %gateway, "waypoint serving");
     let drain_ready = ready.clone();
     server
         .run(async move {

@@ -125,12 +125,11 @@ async fn binary_serves_reports_and_drains() {
     let ready: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
-        .args([
-            "--identity",
-            &wp_id.to_string(),
-            "--gateway",
-            "demo/waypoint",
-        ])
+        // Identity and gateway from the environment the controller's Deployment sets.
+        .env("POD_NAMESPACE", "demo")
+        .env("SERVICE_ACCOUNT", "waypoint")
+        .env("AMBIT_WAYPOINT_NAME", "waypoint")
+        .env("AMBIT_LOG_FORMAT", "json")
         .arg("--static-state")
         .arg(dir.join("state.yaml"))
         .arg("--cert")

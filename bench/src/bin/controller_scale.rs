@@ -75,7 +75,9 @@ struct Args {
     #[arg(long)]
     changes_per_second: Option<f64>,
     /// File writes per second the changes are grouped into. The local source waits for
-    /// 100 ms of quiet before it rescans, so writes closer together than that delay it.
+    /// 100 ms of quiet before it rescans, and restarts that wait on every write: at more
+    /// than ~10 writes/s it does not rescan until the writes stop (see `--writes-per-second
+    /// 20`), so the default stays below that to measure propagation rather than the wait.
     #[arg(long, default_value_t = 4.0)]
     writes_per_second: f64,
     /// Seconds between policy changes.

@@ -28,6 +28,30 @@ pub use ns::{exec_in, in_netns};
 pub use server::{connect_from, echo, read_greeting, ReplyServer, Seen};
 pub use topology::{Pod, Topology, TopologyBuilder};
 
+/// Path of a workspace binary (`ztunnel`, `ambit-controller`, `ambitctl`) built beside this
+/// test, in the same target directory and profile.
+///
+/// `cargo test --workspace` builds every package's binaries with the same feature
+/// resolution as the tests, so they are already there; asking cargo again from inside a test
+/// (`cargo build -p X`) resolves features for X alone and rebuilds much of the dependency
+/// graph, which cost minutes per run. A missing binary is a clear failure naming the command.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's own path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test binary lives in target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`, or build it first with \
+         `cargo build --workspace --bins`",
+        bin.display()
+    );
+    bin
+}
+
 /// Whether these tests can build namespaces. Under `CI=true` a missing privilege is a failure
 /// (panics with a clear message), never a silent pass; elsewhere the test prints a note and is
 /// skipped (returns `false`).

@@ -9,7 +9,6 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ambit_tests::{exec_in, ReplyServer, Topology};
@@ -17,42 +16,6 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use ztunnel_support::*;
-
-/// Builds the `ztunnel` binary once per test process and returns its path. Cargo does not
-/// build other packages' binaries for integration tests, so ask it.
-fn ztunnel_binary() -> anyhow::Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .map(Path::to_path_buf)
-                .ok_or("no workspace")?;
-            let out = Command::new(cargo)
-                .args(["build", "-q", "-p", "ambit-ztunnel", "--bin", "ztunnel"])
-                .current_dir(&workspace)
-                .output()
-                .map_err(|e| format!("cannot run cargo: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "cargo build of ztunnel failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace.join("target"));
-            let bin = target.join("debug").join("ztunnel");
-            if bin.exists() {
-                Ok(bin)
-            } else {
-                Err(format!("{} missing after the build", bin.display()))
-            }
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
 
 /// A free loopback port (bound, read, released).
 fn free_port() -> anyhow::Result<u16> {
@@ -89,7 +52,7 @@ impl Ztunnel {
     fn spawn(node: &str, dir: &Path, netns_dir: &Path) -> anyhow::Result<Self> {
         let log = dir.join(format!("{node}.log"));
         let (m, r, a) = (free_port()?, free_port()?, free_port()?);
-        let child = Command::new(ztunnel_binary()?)
+        let child = Command::new(ambit_tests::workspace_bin("ztunnel"))
             .args(["--node", node])
             .arg("--static-state")
             .arg(dir.join("state.yaml"))
@@ -179,8 +142,6 @@ async fn the_ztunnel_binary_carries_hbone_between_nodes_and_drains_on_sigterm() 
     else {
         return Ok(());
     };
-    let binary = blocking(ztunnel_binary).await?;
-    assert!(binary.exists());
     let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());
     let dir = std::env::temp_dir().join(format!("ambit-{}-bin", topo.prefix()));
     std::fs::create_dir_all(&dir)?;

@@ -16,30 +16,6 @@ use ambit_tests::{exec_in, Pod, ReplyServer, Topology};
 use anyhow::{bail, Context};
 use ztunnel_support::*;
 
-/// Builds `bin` of `package` with cargo (integration tests only get their own package's
-/// binaries) and returns its path.
-fn binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("no workspace")?
-        .to_path_buf();
-    let out = Command::new(cargo)
-        .args(["build", "-q", "-p", package, "--bin", bin])
-        .current_dir(&workspace)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "cargo build of {bin} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    Ok(target.join("debug").join(bin))
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -155,8 +131,8 @@ async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identit
     let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());
     let (controller_bin, ztunnel_bin) = blocking(|| {
         Ok((
-            binary("ambit-controller", "ambit-controller")?,
-            binary("ambit-ztunnel", "ztunnel")?,
+            ambit_tests::workspace_bin("ambit-controller"),
+            ambit_tests::workspace_bin("ztunnel"),
         ))
     })
     .await?;

@@ -279,3 +279,37 @@ fn objects_default_to_the_default_namespace() {
         Some(ObjectKey::new(Kind::Service, "default", "s"))
     );
 }
+
+#[tokio::test]
+async fn a_folder_that_keeps_changing_is_still_rescanned() {
+    // Writes every 20 ms never leave the 50 ms debounce quiet; the periodic rescan is an
+    // hour away. Changes must still arrive while the writing goes on.
+    let mut h = Harness::start(&[("ns.yaml", NS)], Duration::from_secs(3600));
+    assert_eq!(
+        summary(&h.next().await),
+        vec!["apply Namespace demo", "synced"]
+    );
+    let dir = h.dir.path().to_path_buf();
+    let writer = tokio::spawn(async move {
+        for i in 0..250 {
+            let tmp = dir.join(".churn.tmp");
+            std::fs::write(&tmp, pod("a", &format!("v{i}"))).expect("write");
+            std::fs::rename(&tmp, dir.join("churn.yaml")).expect("rename");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let first = tokio::time::timeout(Duration::from_millis(2500), h.rx.recv())
+        .await
+        .expect("no rescan while the folder kept changing")
+        .expect("source stopped");
+    assert!(
+        summary(&first.events)[0].starts_with("apply Pod demo/a v"),
+        "{:?}",
+        summary(&first.events)
+    );
+    assert!(
+        !writer.is_finished(),
+        "the change arrived only after the writes stopped"
+    );
+    writer.abort();
+}

@@ -443,6 +443,10 @@ impl Scanner {
     }
 }
 
+/// Longest a burst of changes may delay a rescan: changes reach proxies at least this
+/// often while files keep changing.
+const MAX_SETTLE: Duration = Duration::from_secs(1);
+
 /// Timing of the watch loop.
 #[derive(Clone, Copy, Debug)]
 pub struct LocalOptions {
@@ -532,11 +536,17 @@ impl LocalSource {
             }
             tokio::select! {
                 () = changed.notified() => {
-                    // Debounce: wait until the burst is over.
+                    // Debounce: wait until the burst is over, but no longer than
+                    // MAX_SETTLE after its first change. Without the cap, a folder that
+                    // keeps changing faster than the debounce was never rescanned (the
+                    // scale bench saw 10 s of churn reach proxies only after it stopped).
+                    let deadline =
+                        tokio::time::Instant::now() + MAX_SETTLE.max(self.options.debounce);
                     loop {
                         tokio::select! {
-                            () = changed.notified() => continue,
+                            () = changed.notified() => {}
                             () = tokio::time::sleep(self.options.debounce) => break,
+                            () = tokio::time::sleep_until(deadline) => break,
                         }
                     }
                 }

@@ -5,7 +5,7 @@
 //! model's snapshots and a bounded queue towards the proxy: a proxy that reads slowly only
 //! blocks its own task, never the model or other proxies. While it is blocked, snapshots
 //! keep coming but only the latest matters: when the queue frees up, the task diffs the
-//! latest view against what it last queued (a "sent" map of content hashes, not a log),
+//! latest view against what it last queued (the snapshot it last pushed, not a log),
 //! so a slow proxy receives one push with the net difference. Every push has a nonce; ACKs
 //! and NACKs are recorded in [`metrics`] (a NACK is logged with the proxy's reason, and
 //! the model moves on regardless: the proxy keeps its last good state).
@@ -327,8 +327,7 @@ impl Pusher {
             // Serve nothing until every source has loaded: a half-loaded mesh would make
             // proxies drop workloads they still need.
             if snapshot.ready {
-                let view = view::view(&snapshot, &self.proxy);
-                let (upserts, removals, next) = view::diff(&view, sent.as_ref());
+                let (upserts, removals, next) = view::diff(&snapshot, &self.proxy, sent.as_ref());
                 let full_state = sent.is_none();
                 let trust_roots = if full_state || roots_changed {
                     self.trust_roots.borrow_and_update().to_vec()

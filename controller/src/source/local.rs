@@ -13,7 +13,8 @@
 //! force while other files keep updating: a typo must never take workloads away.
 //! Because there is no kubelet, pods carry `spec.nodeName` and `status.podIP(s)` in YAML.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -313,13 +314,45 @@ pub struct ScanResult {
     pub errors: Vec<LocalError>,
 }
 
-/// The folder's state across scans: each file's last good objects and what the model
-/// has from us.
+/// One file's objects as parsed, shared between scans while its text is unchanged.
+type Parsed = Arc<Vec<Located>>;
+
+/// An object the model has from us: the parse it came from and its place there. Objects
+/// of a file whose text did not change are the same parse, so comparing them with what
+/// was sent is a pointer test rather than a deep comparison of every object.
+#[derive(Clone, Debug)]
+struct Served {
+    file: Parsed,
+    index: usize,
+}
+
+impl Served {
+    fn object(&self) -> &Object {
+        &self.file[self.index].object
+    }
+
+    fn same_as(&self, other: &Served) -> bool {
+        (Arc::ptr_eq(&self.file, &other.file) && self.index == other.index)
+            || self.object() == other.object()
+    }
+}
+
+/// The folder's state across scans: each file's last good objects, the parse of each
+/// file's current text, and what the model has from us.
 #[derive(Debug, Default)]
 pub struct Scanner {
     dir: PathBuf,
-    last_good: BTreeMap<PathBuf, Vec<Located>>,
-    sent: BTreeMap<ObjectKey, Object>,
+    last_good: BTreeMap<PathBuf, Parsed>,
+    /// By file: a hash of the text and its successful parse. A large folder where one file
+    /// changes is then parsed one file at a time, not whole on every rescan.
+    parsed: HashMap<PathBuf, (u64, Parsed)>,
+    sent: BTreeMap<ObjectKey, Served>,
+}
+
+fn text_hash(text: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 impl Scanner {
@@ -345,7 +378,8 @@ impl Scanner {
                 };
             }
         };
-        let mut fresh: BTreeMap<PathBuf, Vec<Located>> = BTreeMap::new();
+        let mut fresh: BTreeMap<PathBuf, Parsed> = BTreeMap::new();
+        self.parsed.retain(|p, _| files.contains(p));
         for path in &files {
             let text = match std::fs::read_to_string(path) {
                 Ok(t) => t,
@@ -357,11 +391,23 @@ impl Scanner {
                     continue;
                 }
             };
+            let hash = text_hash(&text);
+            if let Some((h, objects)) = self.parsed.get(path) {
+                if *h == hash {
+                    fresh.insert(path.clone(), objects.clone());
+                    continue;
+                }
+            }
             match parse_file(path, &text) {
                 Ok(objects) => {
+                    let objects = Arc::new(objects);
+                    self.parsed.insert(path.clone(), (hash, objects.clone()));
                     fresh.insert(path.clone(), objects);
                 }
-                Err(e) => errors.extend(e),
+                Err(e) => {
+                    self.parsed.remove(path);
+                    errors.extend(e);
+                }
             }
         }
         // Files that are gone take their objects with them.
@@ -375,7 +421,7 @@ impl Scanner {
             let in_force = |p: &PathBuf| fresh.get(p).or_else(|| self.last_good.get(p));
             let mut namespaces: BTreeSet<String> = BTreeSet::from([DEFAULT_NAMESPACE.to_string()]);
             for path in &files {
-                for l in in_force(path).into_iter().flatten() {
+                for l in in_force(path).into_iter().flat_map(|f| f.iter()) {
                     if let Object::Namespace(ns) = &l.object {
                         namespaces.extend(ns.metadata.name.clone());
                     }
@@ -383,7 +429,7 @@ impl Scanner {
             }
             let mut failed = Vec::new();
             for (path, objects) in &fresh {
-                for l in objects {
+                for l in objects.iter() {
                     let Some(key) = l.object.key() else { continue };
                     if key.kind.namespaced() && !namespaces.contains(&key.namespace) {
                         errors.push(LocalError::UnknownNamespace {
@@ -407,10 +453,10 @@ impl Scanner {
             self.last_good.insert(path, objects);
         }
 
-        let mut desired: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        let mut desired: BTreeMap<ObjectKey, Served> = BTreeMap::new();
         let mut defined_in: BTreeMap<ObjectKey, &PathBuf> = BTreeMap::new();
         for (path, objects) in &self.last_good {
-            for l in objects {
+            for (index, l) in objects.iter().enumerate() {
                 let Some(key) = l.object.key() else { continue };
                 // The first definition (in path order) wins, so which copy is served
                 // does not depend on edit order; the other is reported.
@@ -424,7 +470,13 @@ impl Scanner {
                     continue;
                 }
                 defined_in.insert(key.clone(), path);
-                desired.insert(key, l.object.clone());
+                desired.insert(
+                    key,
+                    Served {
+                        file: objects.clone(),
+                        index,
+                    },
+                );
             }
         }
         let mut events = Vec::new();
@@ -433,9 +485,9 @@ impl Scanner {
                 events.push(SourceEvent::Delete(key.clone()));
             }
         }
-        for (key, object) in &desired {
-            if self.sent.get(key) != Some(object) {
-                events.push(SourceEvent::Apply(object.clone()));
+        for (key, served) in &desired {
+            if !self.sent.get(key).is_some_and(|s| s.same_as(served)) {
+                events.push(SourceEvent::Apply(served.object().clone()));
             }
         }
         self.sent = desired;

@@ -4,7 +4,8 @@
 //! client pod (n1) → captured by ztunnel n1 → HBONE to the waypoint pod (the server is
 //! behind it) → waypoint: L7 policy, then HBONE as the waypoint to the server pod's
 //! ztunnel (n2), which only accepts it because it comes from the waypoint → server pod.
-//! Needs root; see `ambit_tests::require_root`.
+//! A second test sends HTTP/2 and gRPC the same way, with a weighted route and an L7 deny
+//! by method. Needs root; see `ambit_tests::require_root`.
 
 mod ztunnel_support;
 
@@ -16,6 +17,9 @@ use ambit_hbone::pool::{Pool, PoolConfig};
 use ambit_hbone::server::{Server, ServerSettings};
 use ambit_hbone::tls::{self, RotatingCert, TrustBundle};
 use ambit_hbone::Identity;
+use ambit_proto::ca::certificate_service_client::CertificateServiceClient;
+use ambit_proto::ca::certificate_service_server::{CertificateService, CertificateServiceServer};
+use ambit_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
 use ambit_tests::Topology;
 use ambit_waypoint::metrics::Metrics;
 use ambit_waypoint::proxy::Proxy;
@@ -23,6 +27,11 @@ use ambit_waypoint::server::{Limits, Waypoint};
 use ambit_waypoint::state::{State, StateFile, StateHandle};
 use ambit_waypoint::upstream::Upstreams;
 use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use ztunnel_support::*;
 
 /// A blocking HTTP/1.1 server inside `pod` answering with the request head it received.
@@ -70,6 +79,92 @@ async fn http_from(pod: &ambit_tests::Pod, dst: SocketAddr, path: &str) -> anyho
         Ok(out)
     })
     .await
+}
+
+/// The waypoint, on its own runtime in the waypoint pod's namespace, fed a static state.
+struct RunningWaypoint {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<anyhow::Result<anyhow::Result<()>>>,
+    registry: prometheus_client::registry::Registry,
+}
+
+impl RunningWaypoint {
+    fn start(
+        wp: &ambit_tests::Pod,
+        wp_id: &Identity,
+        ca: &TestCa,
+        state_yaml: &str,
+    ) -> anyhow::Result<Self> {
+        let file: StateFile = serde_yaml::from_str(state_yaml)?;
+        let handle = StateHandle::new(State::build(file)?);
+        let cert = ca.issue(wp_id);
+        let bundle = TrustBundle::new("cluster.local", ca.ca.trust_roots())?;
+        let rotating = RotatingCert::new(&cert);
+        let listen = SocketAddr::new(wp.ip.into(), 15008);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ns, wp_id) = (wp.netns.clone(), wp_id.clone());
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            ambit_tests::in_netns(&ns, move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let upstreams = Upstreams::new(
+                        Pool::new(PoolConfig::default()),
+                        wp_id.clone(),
+                        rotating.clone(),
+                        bundle.clone(),
+                        15008,
+                    );
+                    let proxy = Proxy::new(handle, upstreams, metrics, "app/waypoint".into());
+                    let listener = tokio::net::TcpListener::bind(listen).await?;
+                    let _ = bound_tx.send(());
+                    let server = Server::new(
+                        listener,
+                        tls::server_config_rotating(&rotating, &bundle)?,
+                        Waypoint {
+                            proxy,
+                            limits: Limits::default(),
+                        },
+                        ServerSettings::default(),
+                    );
+                    server
+                        .run(async move {
+                            let _ = stop_rx.await;
+                        })
+                        .await;
+                    anyhow::Ok(())
+                })
+            })
+        });
+        bound_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the waypoint did not bind 15008 in its pod")?;
+        Ok(RunningWaypoint {
+            stop,
+            thread,
+            registry,
+        })
+    }
+
+    /// The waypoint's Prometheus text.
+    fn metrics(&self) -> anyhow::Result<String> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        let joined = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("waypoint thread panicked"))?;
+        joined?
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,59 +215,7 @@ policies:
 "#,
         client.ip, server.ip
     );
-    let file: StateFile = serde_yaml::from_str(&waypoint_state)?;
-    let handle = StateHandle::new(State::build(file)?);
-    let cert = ca.issue(&wp_id);
-    let bundle = TrustBundle::new("cluster.local", ca.ca.trust_roots())?;
-    let rotating = RotatingCert::new(&cert);
-    let listen = SocketAddr::new(wp.ip.into(), 15008);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let ns = wp.netns.clone();
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
-    let wp_thread = std::thread::spawn(move || {
-        ambit_tests::in_netns(&ns, move || -> anyhow::Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let mut registry = prometheus_client::registry::Registry::default();
-                let upstreams = Upstreams::new(
-                    Pool::new(PoolConfig::default()),
-                    wp_id.clone(),
-                    rotating.clone(),
-                    bundle.clone(),
-                    15008,
-                );
-                let proxy = Proxy::new(
-                    handle,
-                    upstreams,
-                    Metrics::new(&mut registry),
-                    "app/waypoint".into(),
-                );
-                let listener = tokio::net::TcpListener::bind(listen).await?;
-                let _ = bound_tx.send(());
-                let server = Server::new(
-                    listener,
-                    tls::server_config_rotating(&rotating, &bundle)?,
-                    Waypoint {
-                        proxy,
-                        limits: Limits::default(),
-                    },
-                    ServerSettings::default(),
-                );
-                server
-                    .run(async move {
-                        let _ = stop_rx.await;
-                    })
-                    .await;
-                anyhow::Ok(())
-            })
-        })
-    });
-
-    bound_rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("the waypoint did not bind 15008 in its pod")?;
+    let waypoint = RunningWaypoint::start(wp, &wp_id, &ca, &waypoint_state)?;
     mesh.wait_certs("n1").await?;
     mesh.wait_certs("n2").await?;
     let ok = http_from(client, server_addr, "/hello")
@@ -196,11 +239,309 @@ policies:
         "{denied}"
     );
 
-    let _ = stop_tx.send(());
-    let joined = wp_thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("waypoint thread panicked"))?;
-    joined??;
+    waypoint.stop()?;
     mesh.shutdown().await;
     Ok(())
+}
+
+/// An HTTP/1.1 and HTTP/2 (prior knowledge) server inside `pod`: each answer names the
+/// backend, the HTTP version it arrived in and the caller identity the waypoint forwarded.
+fn versatile_server(pod: &ambit_tests::Pod, port: u16, name: &'static str) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(pod.ip.into(), port);
+    let listener = ambit_tests::in_netns(&pod.netns, move || {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        std::io::Result::Ok(l)
+    })??;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let service =
+                hyper::service::service_fn(move |req: http::Request<Incoming>| async move {
+                    let who = req
+                        .headers()
+                        .get("x-ambit-peer-identity")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let body = format!(
+                        "backend={name}\nversion={:?}\nidentity={who}\n",
+                        req.version()
+                    );
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                        body,
+                    ))))
+                });
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// A gRPC service (the CA's, for its generated code) answering with the caller identity.
+struct WhoAmI;
+
+#[tonic::async_trait]
+impl CertificateService for WhoAmI {
+    async fn create_certificate(
+        &self,
+        request: tonic::Request<CreateCertificateRequest>,
+    ) -> Result<tonic::Response<CreateCertificateResponse>, tonic::Status> {
+        if request.get_ref().csr == "refuse" {
+            return Err(tonic::Status::permission_denied("refused by the backend"));
+        }
+        let who = request
+            .metadata()
+            .get("x-ambit-peer-identity")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        Ok(tonic::Response::new(CreateCertificateResponse {
+            cert_chain: vec![who],
+            trust_roots: vec![],
+        }))
+    }
+}
+
+fn grpc_server(pod: &ambit_tests::Pod, port: u16) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(pod.ip.into(), port);
+    let listener = ambit_tests::in_netns(&pod.netns, move || {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        std::io::Result::Ok(l)
+    })??;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(CertificateServiceServer::new(WhoAmI))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok(())
+}
+
+/// A TCP connection opened from inside `pod` (so the pod's capture rules apply to it).
+async fn tcp_from(
+    pod: &ambit_tests::Pod,
+    dst: SocketAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let pod = pod.clone();
+    let std = blocking(move || {
+        let s = ambit_tests::connect_from(&pod, dst)?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    })
+    .await?;
+    Ok(tokio::net::TcpStream::from_std(std)?)
+}
+
+async fn read_body(resp: http::Response<Incoming>) -> anyhow::Result<(u16, String)> {
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+const WEB_VIP: &str = "10.96.0.20:80";
+const GRPC_VIP: &str = "10.96.0.22:9090";
+
+/// HTTP/2 and gRPC through client ztunnel → waypoint → server ztunnel, a 90/10 weighted
+/// route over two pods, an L7 deny by method over HTTP/1.1, and the waypoint's metrics
+/// naming who called whom.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_grpc_split_and_method_deny_cross_the_waypoint() -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("wp_l7")
+        .node("n1")
+        .node("n2")
+        .pod("client", "n1")
+        .pod("waypoint", "n1")
+        .pod("web", "n2")
+        .pod("canary", "n2")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let (client, wp) = (topo.pod("client"), topo.pod("waypoint"));
+    let (web, canary) = (topo.pod("web"), topo.pod("canary"));
+    let wp_id = Identity::new("cluster.local", "app", "waypoint")?;
+    let waypoint_ref = format!("{{address: {}, identity: \"{wp_id}\"}}", wp.ip);
+    // The services use the waypoint; their pods accept what the waypoint sends them.
+    let state = format!(
+        "workloads:\n{}{}{}{}services:\n  - name: web\n    namespace: app\n    vips: [10.96.0.20]\n    ports: [{{port: 80, targetPort: 8080}}]\n    endpoints: [{{workloadUid: app/web}}]\n    waypoint: {waypoint_ref}\n  - name: grpc\n    namespace: app\n    vips: [10.96.0.22]\n    ports: [{{port: 9090, targetPort: 9090}}]\n    endpoints: [{{workloadUid: app/web}}]\n    waypoint: {waypoint_ref}\n",
+        workload(client, "app", "client", "n1", true),
+        workload(wp, "app", "waypoint", "n1", false).replace(
+            "    protocol: TCP\n",
+            "    protocol: TCP\n    isWaypoint: true\n"
+        ),
+        workload(web, "app", "web", "n2", true),
+        workload(canary, "app", "canary", "n2", true),
+    );
+    let ca = TestCa::new(Duration::from_secs(3600));
+    let mesh = Mesh::start(&topo, &["n1", "n2"], &state, ca.clone(), |_, _| {}).await?;
+    for (node, pod) in [("n1", client), ("n2", web), ("n2", canary)] {
+        mesh.wait_enrolled(node, &uid("app", pod), true).await?;
+    }
+    versatile_server(web, 8080, "web")?;
+    versatile_server(canary, 8080, "canary")?;
+    grpc_server(web, 9090)?;
+
+    let waypoint_state = format!(
+        r#"
+workloads:
+  - {{uid: client, name: client, namespace: app, serviceAccount: client, addresses: [{client}]}}
+  - {{uid: web, name: web, namespace: app, serviceAccount: web, addresses: [{web}]}}
+  - {{uid: canary, name: canary, namespace: app, serviceAccount: canary, addresses: [{canary}]}}
+services:
+  - {{name: web, namespace: app, hostname: web.app.svc.cluster.local, vips: [10.96.0.20], ports: [{{servicePort: 80, targetPort: 8080}}], endpoints: [{{workloadUid: web}}]}}
+  - {{name: canary, namespace: app, hostname: canary.app.svc.cluster.local, vips: [10.96.0.21], ports: [{{servicePort: 80, targetPort: 8080}}], endpoints: [{{workloadUid: canary}}]}}
+  - {{name: grpc, namespace: app, hostname: grpc.app.svc.cluster.local, vips: [10.96.0.22], ports: [{{servicePort: 9090, targetPort: 9090}}], endpoints: [{{workloadUid: web}}]}}
+routes:
+  - name: canary-split
+    namespace: app
+    kind: HTTPRoute
+    parentServices: [app/web.app.svc.cluster.local]
+    spec:
+      rules:
+        - backendRefs:
+            - {{name: web, port: 80, weight: 90}}
+            - {{name: canary, port: 80, weight: 10}}
+policies:
+  - name: no-delete
+    namespace: app
+    action: DENY
+    targetGateway: app/waypoint
+    rules: [{{to: [{{methods: [DELETE]}}]}}]
+"#,
+        client = client.ip,
+        web = web.ip,
+        canary = canary.ip,
+    );
+    let waypoint = RunningWaypoint::start(wp, &wp_id, &ca, &waypoint_state)?;
+    mesh.wait_certs("n1").await?;
+    mesh.wait_certs("n2").await?;
+
+    // HTTP/2 with prior knowledge: 1,000 requests on one connection, split 90/10.
+    let web_vip: SocketAddr = WEB_VIP.parse()?;
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        TokioIo::new(tcp_from(client, web_vip).await?),
+    )
+    .await
+    .context("HTTP/2 handshake through ztunnel and the waypoint")?;
+    tokio::spawn(conn);
+    let mut canary_hits = 0;
+    for i in 0..1000 {
+        let req = http::Request::get("http://web.app.svc.cluster.local/")
+            .body(Full::new(Bytes::new()))?;
+        let (status, body) = read_body(h2.send_request(req).await?).await?;
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert!(body.contains("version=HTTP/2.0"), "{body}");
+        assert!(
+            body.contains("identity=spiffe://cluster.local/ns/app/sa/client"),
+            "{body}"
+        );
+        if body.contains("backend=canary") {
+            canary_hits += 1;
+        }
+    }
+    // Binomial(1000, 0.1): mean 100, σ ≈ 9.5; ±4σ.
+    assert!(
+        (62..=138).contains(&canary_hits),
+        "canary got {canary_hits} of 1000"
+    );
+
+    // gRPC: a real tonic client and server; the backend's own status comes back as is.
+    let client_pod = client.clone();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{GRPC_VIP}"))?
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let pod = client_pod.clone();
+            async move {
+                let dst: SocketAddr = GRPC_VIP.parse()?;
+                anyhow::Ok(TokioIo::new(tcp_from(&pod, dst).await?))
+            }
+        }))
+        .await
+        .context("gRPC channel through ztunnel and the waypoint")?;
+    let mut grpc = CertificateServiceClient::new(channel);
+    let reply = grpc
+        .create_certificate(CreateCertificateRequest {
+            csr: "hello".into(),
+            validity_seconds: 0,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        reply.cert_chain,
+        vec!["spiffe://cluster.local/ns/app/sa/client".to_string()]
+    );
+    let refused = grpc
+        .create_certificate(CreateCertificateRequest {
+            csr: "refuse".into(),
+            validity_seconds: 0,
+        })
+        .await
+        .expect_err("the backend refuses");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+
+    // HTTP/1.1: DELETE is denied by the waypoint's policy, GET still served.
+    let denied = http_from_vip(client, web_vip, "DELETE", "/items/1").await?;
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    assert!(
+        denied.ends_with("RBAC: access denied by app/no-delete\n"),
+        "{denied}"
+    );
+    let ok = http_from_vip(client, web_vip, "GET", "/items/1").await?;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+
+    // What dashboards see: the caller, the service, the code, per protocol.
+    let text = waypoint.metrics()?;
+    let has = |parts: &[&str]| {
+        text.lines()
+            .any(|l| l.starts_with("istio_requests_total{") && parts.iter().all(|p| l.contains(p)))
+    };
+    for parts in [
+        &[
+            "source_principal=\"spiffe://cluster.local/ns/app/sa/client\"",
+            "destination_service=\"web.app.svc.cluster.local\"",
+            "response_code=\"200\"",
+        ][..],
+        &["request_protocol=\"grpc\"", "grpc_response_status=\"7\""][..],
+        &[
+            "response_code=\"403\"",
+            "destination_service=\"web.app.svc.cluster.local\"",
+        ][..],
+    ] {
+        assert!(
+            has(parts),
+            "no istio_requests_total with {parts:?}:\n{text}"
+        );
+    }
+
+    waypoint.stop()?;
+    mesh.shutdown().await;
+    Ok(())
+}
+
+/// One HTTP/1.1 request from `pod` with `method`; the whole response.
+async fn http_from_vip(
+    pod: &ambit_tests::Pod,
+    dst: SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<String> {
+    let (pod, method, path) = (pod.clone(), method.to_string(), path.to_string());
+    blocking(move || {
+        let mut s = ambit_tests::connect_from(&pod, dst)?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nhost: web.app.svc.cluster.local\r\nconnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .await
 }

@@ -14,6 +14,7 @@ pub mod certs;
 pub mod discovery;
 pub mod duration;
 pub mod metrics;
+pub mod otlp;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;

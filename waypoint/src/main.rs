@@ -15,6 +15,10 @@
 //! controller's CA (`--ca`, rotated at half-life without dropping connections). On SIGTERM or
 //! SIGINT the waypoint turns not-ready, sends GOAWAY on its HBONE connections and lets open
 //! streams finish for `--drain-seconds` before exiting.
+//!
+//! With `--otlp-endpoint` (`AMBIT_OTLP_ENDPOINT`) each sampled request's span is exported to
+//! that OpenTelemetry collector over OTLP/gRPC, in batches from a background task; queued
+//! spans are flushed (for at most 2 s) after the drain.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +35,7 @@ use ambit_waypoint::admin::{Admin, Port};
 use ambit_waypoint::certs::{self, CaConfig};
 use ambit_waypoint::discovery::{self, DiscoveryConfig};
 use ambit_waypoint::metrics::Metrics;
+use ambit_waypoint::otlp;
 use ambit_waypoint::proxy::Proxy;
 use ambit_waypoint::server::{Limits, Waypoint};
 use ambit_waypoint::state::{State, StateFile, StateHandle};
@@ -103,6 +108,10 @@ struct Args {
     /// HBONE port of destination ztunnels.
     #[arg(long, default_value_t = 15008)]
     hbone_port: u16,
+    /// OpenTelemetry collector (OTLP over gRPC, e.g. `http://otel-collector:4317`): one span
+    /// per sampled request is exported there. Unset: nothing is exported.
+    #[arg(long, env = "AMBIT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// How long open streams may finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "AMBIT_DRAIN_SECONDS")]
     drain_seconds: u64,
@@ -234,7 +243,6 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let registry = Arc::new(Mutex::new(registry));
     let upstreams = Upstreams::new(
         Pool::new(PoolConfig::default()),
         identity.clone(),
@@ -242,7 +250,19 @@ async fn main() -> anyhow::Result<()> {
         bundle.clone(),
         args.hbone_port,
     );
-    let proxy = Proxy::new(state.clone(), upstreams, metrics, gateway.clone());
+    let mut proxy = Proxy::new(state.clone(), upstreams, metrics, gateway.clone());
+    let exporter = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            // Named like Istio names its proxies' traces, so a trace view reads the same.
+            let service = format!("waypoint.{}", gateway.replace('/', "."));
+            let (sink, exporter) = otlp::start(endpoint, &service, &mut registry)?;
+            proxy = proxy.with_spans(sink);
+            tracing::info!(%endpoint, %service, "exporting spans over OTLP");
+            Some(exporter)
+        }
+        None => None,
+    };
+    let registry = Arc::new(Mutex::new(registry));
     let admin = Admin {
         registry,
         state: state.clone(),
@@ -283,5 +303,8 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("draining");
         })
         .await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown(Duration::from_secs(2)).await;
+    }
     Ok(())
 }

@@ -112,6 +112,9 @@ pub struct Recorder {
     /// Held until the request is recorded (circuit-breaker slot, active-request count), so
     /// limits count a request until its response body ends, not just its head.
     pub hold: Vec<Box<dyn std::any::Any + Send>>,
+    /// The request's span, exported when it is recorded (an OTLP collector is configured
+    /// and the trace is sampled).
+    pub span: Option<crate::otlp::PendingSpan>,
 }
 
 impl Recorder {
@@ -127,6 +130,7 @@ impl Recorder {
             request_bytes: Arc::new(AtomicU64::new(0)),
             response_bytes: 0,
             hold: Vec::new(),
+            span: None,
         }
     }
 }
@@ -183,6 +187,9 @@ impl Drop for Recorder {
             duration_ms = elapsed.as_millis() as u64,
             "request"
         );
+        if let Some(span) = self.span.take() {
+            span.finish(l, f);
+        }
     }
 }
 

@@ -8,7 +8,8 @@
 //! Headers added towards the destination (documented in `ARCHITECTURE.md`): the caller's
 //! identity in `x-ambit-peer-identity` (any value sent by the client is removed first, so it
 //! cannot be forged), the caller's address appended to `Forwarded: for=`, and `traceparent`
-//! with a new span id (a new trace when absent or malformed).
+//! with a new span id (a new trace when absent or malformed); that span is exported over
+//! OTLP when a collector is configured ([`crate::otlp`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::attempt::{build_request, splice_upgraded, version_of};
 use crate::metrics::{Counted, Metrics, Recorded, Recorder};
+use crate::otlp::{PendingSpan, SpanSink, TraceContext};
 use crate::policy::{self, Attributes, HttpAttributes, Verdict};
 use crate::resilience::{circuit, fault, outlier, ratelimit, Settings};
 use crate::route::{filters, matching, retry, BackendRef, Rule};
@@ -87,6 +89,8 @@ pub struct Proxy {
     /// `namespace/name` of this waypoint's Gateway.
     pub gateway: String,
     runtimes: Arc<Mutex<HashMap<String, Arc<ServiceRuntime>>>>,
+    /// Where finished spans go, when an OTLP collector is configured.
+    spans: Option<SpanSink>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -147,30 +151,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The `traceparent` to send: same trace and flags, new span id; a new trace if absent.
-pub fn next_traceparent(incoming: Option<&str>, rng: &mut impl rand::Rng) -> (String, String) {
-    let span: u64 = rng.random::<u64>() | 1;
-    let parsed = incoming.and_then(|v| {
-        let parts: Vec<&str> = v.trim().split('-').collect();
-        match parts.as_slice() {
-            [ver, trace, parent, flags]
-                if ver.len() == 2
-                    && trace.len() == 32
-                    && parent.len() == 16
-                    && flags.len() == 2
-                    && trace.bytes().all(|b| b.is_ascii_hexdigit())
-                    && *trace != "00000000000000000000000000000000" =>
-            {
-                Some((trace.to_ascii_lowercase(), flags.to_string()))
-            }
-            _ => None,
-        }
-    });
-    let (trace, flags) =
-        parsed.unwrap_or_else(|| (format!("{:032x}", rng.random::<u128>() | 1), "01".into()));
-    (format!("00-{trace}-{span:016x}-{flags}"), trace)
-}
-
 /// The outcome of the chain before upstream I/O.
 enum Plan {
     Respond(Response<Body>, &'static str, String),
@@ -195,7 +175,14 @@ impl Proxy {
             metrics,
             gateway,
             runtimes: Arc::default(),
+            spans: None,
         }
+    }
+
+    /// Exports a span per sampled request through `sink` (see [`crate::otlp`]).
+    pub fn with_spans(mut self, sink: SpanSink) -> Self {
+        self.spans = Some(sink);
+        self
     }
 
     fn runtime(&self, state: &State, key: &str) -> Arc<ServiceRuntime> {
@@ -252,14 +239,18 @@ impl Proxy {
         rec.log.method = parts.method.to_string();
         rec.log.path = parts.uri.path().to_string();
         rec.log.authority = host.clone();
-        let (traceparent, trace_id) = {
+        let trace = {
             let incoming = parts
                 .headers
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok());
-            next_traceparent(incoming, &mut rand::rng())
+            TraceContext::next(incoming, &mut rand::rng())
         };
-        rec.log.trace_id = trace_id;
+        rec.log.trace_id = trace.trace_id_hex();
+        if let Some(sink) = &self.spans {
+            rec.span = PendingSpan::start(sink, &trace);
+        }
+        let traceparent = trace.header();
 
         let plan = self.plan(&state, caller, &mut parts, &host, &mut rec).await;
         let (upstreams, runtime, rule, backend) = match plan {

@@ -188,6 +188,27 @@ pub async fn start_with_prefix(
     state_yaml: &str,
     limits: Limits,
 ) -> (Mesh, String) {
+    let (mesh, prefix, _) = start_inner(pods, state_yaml, limits, None).await;
+    (mesh, prefix)
+}
+
+/// [`start`] with span export to the OTLP collector at `endpoint`, as service `waypoint-test`.
+pub async fn start_traced(
+    pods: &[(&str, &str)],
+    state_yaml: &str,
+    endpoint: &str,
+) -> (Mesh, ambit_waypoint::otlp::Exporter) {
+    let (mesh, _, exporter) =
+        start_inner(pods, state_yaml, Limits::default(), Some(endpoint)).await;
+    (mesh, exporter.unwrap())
+}
+
+async fn start_inner(
+    pods: &[(&str, &str)],
+    state_yaml: &str,
+    limits: Limits,
+    otlp: Option<&str>,
+) -> (Mesh, String, Option<ambit_waypoint::otlp::Exporter>) {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
     let prefix = format!(
         "127.{}.{}.",
@@ -232,7 +253,14 @@ pub async fn start_with_prefix(
         bundle.clone(),
         hbone_port,
     );
-    let proxy = Proxy::new(state.clone(), upstreams, metrics, "demo/waypoint".into());
+    let mut proxy = Proxy::new(state.clone(), upstreams, metrics, "demo/waypoint".into());
+    let mut exporter = None;
+    if let Some(endpoint) = otlp {
+        let (sink, e) =
+            ambit_waypoint::otlp::start(endpoint, "waypoint-test", &mut registry).unwrap();
+        proxy = proxy.with_spans(sink);
+        exporter = Some(e);
+    }
     let server_tls = tls::server_config_rotating(&rotating, &bundle).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let waypoint_addr = listener.local_addr().unwrap();
@@ -253,7 +281,7 @@ pub async fn start_with_prefix(
         registry: Arc::new(Mutex::new(registry)),
         backends,
     };
-    (mesh, prefix)
+    (mesh, prefix, exporter)
 }
 
 impl Mesh {

@@ -142,6 +142,9 @@ fn print_summary(state: &ClusterState) {
             Some(ambitctl::local::objects::Sample::Client { target }) => {
                 format!("sample client -> {target}")
             }
+            Some(ambitctl::local::objects::Sample::Waypoint { gateway }) => {
+                format!("waypoint {gateway} (HBONE :15008, metrics :15020)")
+            }
             None => "-".to_owned(),
         };
         println!(

@@ -25,10 +25,10 @@ fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
-    for name in ["ambitctl", "ambit-controller", "ztunnel"] {
+    for name in ["ambitctl", "ambit-controller", "ztunnel", "waypoint"] {
         assert!(
             dir.join(name).is_file(),
-            "{} is missing: build it with `cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel`",
+            "{} is missing: build it with `cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint`",
             dir.join(name).display()
         );
     }
@@ -51,6 +51,15 @@ struct Mesh {
 impl Mesh {
     /// `tag` keeps this test's namespaces and state dir apart from other tests'.
     fn up(test: &str, tag: &str, pods_per_node: &str) -> Option<Mesh> {
+        Self::up_with(
+            test,
+            tag,
+            &["--nodes", "2", "--pods-per-node", pods_per_node],
+        )
+    }
+
+    /// `ambitctl up --detach` with `extra` arguments.
+    fn up_with(test: &str, tag: &str, extra: &[&str]) -> Option<Mesh> {
         if !ambit_tests::require_root(test) {
             return None;
         }
@@ -58,18 +67,9 @@ impl Mesh {
         let state_dir = std::env::temp_dir().join(format!("ambit-{prefix}"));
         let mesh = Mesh { state_dir, prefix };
         let sd = mesh.state_dir.display().to_string();
-        let args = [
-            "up",
-            "--detach",
-            "--nodes",
-            "2",
-            "--pods-per-node",
-            pods_per_node,
-            "--state-dir",
-            &sd,
-            "--netns-prefix",
-            &mesh.prefix,
-        ];
+        let mut args = vec!["up", "--detach"];
+        args.extend_from_slice(extra);
+        args.extend(["--state-dir", &sd, "--netns-prefix", &mesh.prefix]);
         let out = ambitctl(&args);
         assert!(
             out.status.success(),
@@ -427,4 +427,151 @@ fn enrolling_a_namespace_is_live_and_down_cleans_up_without_a_record() {
         "{} left",
         mesh.state_dir.display()
     );
+}
+
+/// A folder with a waypoint: `shop` is enrolled; service `api` (on node2) uses Gateway
+/// `waypoint`, whose pod runs on node1 beside a client pod; the waypoint denies DELETE.
+const WAYPOINT_OBJECTS: &str = include_str!("../../cli/examples/waypoint/shop.yaml");
+
+/// An HTTP/1.1 server in `netns` answering each request with the head it received.
+fn http_echo_in(netns: &str, addr: SocketAddr) {
+    use std::io::{Read as _, Write as _};
+    let listener = net::in_netns(netns, move || std::net::TcpListener::bind(addr))
+        .expect("enter the pod")
+        .expect("bind in the pod");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let body = String::from_utf8_lossy(&head).into_owned();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+}
+
+/// One HTTP/1.1 request from inside `netns`; the whole response.
+fn http_from(netns: &str, dst: SocketAddr, method: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let request =
+        format!("{method} /orders/1 HTTP/1.1\r\nhost: api.shop\r\nconnection: close\r\n\r\n");
+    net::in_netns(netns, move || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(request.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .expect("enter the pod")
+    .unwrap_or_else(|e| format!("error: {e}"))
+}
+
+#[test]
+fn a_waypoint_in_the_folder_is_started_and_applies_l7_policy() {
+    let objects = tempfile_dir("lm-waypoint-objects");
+    std::fs::write(objects.join("shop.yaml"), WAYPOINT_OBJECTS).expect("write objects");
+    let od = objects.display().to_string();
+    let Some(mesh) = Mesh::up_with(
+        "a_waypoint_in_the_folder_is_started_and_applies_l7_policy",
+        "w",
+        &["--objects", &od],
+    ) else {
+        return;
+    };
+    let state = mesh.state();
+    let pod = |name: &str| {
+        state
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("pod {name} in cluster.json"))
+            .clone()
+    };
+    let (client, api, wp) = (pod("client-0"), pod("api-0"), pod("waypoint-0"));
+    let wp_proc = wp.process.clone().expect("the waypoint was started");
+    assert!(procs::alive(wp_proc.pid));
+    http_echo_in(&api.netns, SocketAddr::from((api.ip, 8080)));
+
+    let vip: SocketAddr = "10.96.0.30:80".parse().expect("vip");
+    let waypoint_log = || mesh.log("waypoint-shop-waypoint.log");
+    // The waypoint learns its services from the controller shortly after it starts.
+    let last = std::cell::RefCell::new(String::new());
+    wait_for(
+        30,
+        "a GET through the waypoint",
+        || {
+            let answer = http_from(&client.netns, vip, "GET");
+            let ok = answer.starts_with("HTTP/1.1 200");
+            *last.borrow_mut() = answer;
+            ok
+        },
+        || {
+            format!(
+                "last answer: {}\nwaypoint log:\n{}",
+                last.borrow(),
+                waypoint_log()
+            )
+        },
+    );
+    let ok = last.into_inner();
+    // Only the waypoint adds the caller's verified identity.
+    assert!(
+        ok.contains("x-ambit-peer-identity: spiffe://cluster.local/ns/shop/sa/client"),
+        "{ok}"
+    );
+    let denied = http_from(&client.netns, vip, "DELETE");
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    assert!(
+        denied.ends_with("RBAC: access denied by shop/no-delete\n"),
+        "{denied}"
+    );
+
+    // Its metrics say who called which service, with which outcome.
+    let (code, metrics) = admin::get(&wp.netns, SocketAddr::from((wp.ip, 15020)), "/metrics")
+        .expect("waypoint metrics");
+    assert_eq!(code, 200);
+    for code in ["200", "403"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("istio_requests_total{")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+                    && l.contains("destination_service=\"api.shop.svc.cluster.local\"")
+                    && l.contains(&format!("response_code=\"{code}\""))),
+            "no {code} request in the waypoint's metrics:\n{metrics}"
+        );
+    }
+    assert!(
+        waypoint_log().contains("\"status\":\"403\""),
+        "{}",
+        waypoint_log()
+    );
+
+    let out = mesh.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!procs::alive(wp_proc.pid), "the waypoint outlived down");
+    let _ = std::fs::remove_dir_all(&objects);
+}
+
+fn tempfile_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ambit-{tag}-{:x}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("objects dir");
+    dir
 }

@@ -23,6 +23,8 @@ pub const ZTUNNEL_READINESS_PORT: u16 = 15021;
 pub const ZTUNNEL_METRICS_PORT: u16 = 15020;
 /// ztunnel's admin port, on loopback (DESIGN.md).
 pub const ZTUNNEL_ADMIN_PORT: u16 = 15000;
+/// Where a waypoint accepts HBONE (DESIGN.md).
+pub const WAYPOINT_HBONE_PORT: u16 = 15008;
 /// The controller's metrics and readiness port (DESIGN.md).
 pub const CONTROLLER_OPS_PORT: u16 = 15014;
 
@@ -32,7 +34,7 @@ pub enum ClusterError {
     /// A component binary is not where we look for it.
     #[error(
         "{name} not found at {} (it is looked for next to ambitctl); build it with: \
-         cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel{release}",
+         cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint{release}",
         path.display(),
         release = if path.components().any(|c| c.as_os_str() == "release") { " --release" } else { "" }
     )]
@@ -77,6 +79,7 @@ pub struct Binaries {
     pub ambitctl: PathBuf,
     pub controller: PathBuf,
     pub ztunnel: PathBuf,
+    pub waypoint: PathBuf,
 }
 
 impl Binaries {
@@ -95,6 +98,7 @@ impl Binaries {
         Ok(Binaries {
             controller: find("ambit-controller")?,
             ztunnel: find("ztunnel")?,
+            waypoint: find("waypoint")?,
             ambitctl: me,
         })
     }
@@ -224,6 +228,7 @@ fn build_network(state: &mut ClusterState, layout: &Layout) -> Result<(), Cluste
         .map(|(i, n)| (n.netns.as_str(), i + 1))
         .collect();
     net::route_between_nodes(&indexed)?;
+    net::route_fabric_to_pods(&fabric, &indexed)?;
     for pod in &layout.pods {
         let node = state.nodes[pod.node].clone();
         let netns = add_netns(
@@ -281,7 +286,10 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
                 .join(","),
             "--log-format".into(),
             "json".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(waypoint_credentials(state))
+        .collect::<Vec<_>>(),
         &log,
     )?;
     run.children.push(child);
@@ -330,11 +338,16 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
 
     // The sample starts once the mesh can carry it, so its first results mean something.
     wait_ready(state);
+    start_waypoints(run, bins)?;
+    let state = &mut run.state;
     // Servers first, and listening, before any client calls them.
     for servers in [true, false] {
         for i in 0..state.pods.len() {
             let pod = state.pods[i].clone();
             let Some(sample) = &pod.sample else { continue };
+            if matches!(sample, Sample::Waypoint { .. }) {
+                continue;
+            }
             let is_server = matches!(sample, Sample::Server { .. });
             if is_server != servers {
                 continue;
@@ -349,6 +362,7 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
                     args.extend(["client".into(), "--target".into(), target.clone()]);
                     args.extend(["--every".into(), "1s".into()]);
                 }
+                Sample::Waypoint { .. } => continue,
             }
             args.extend(["--name".into(), name.clone()]);
             let label = format!("sample-{}-{}", pod.namespace, pod.name);
@@ -369,6 +383,75 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
                 wait_listening(&pod.netns, addr, &proc, &format!("sample server {name}"))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// `namespace/gateway` of every waypoint pod: also its service account, since a waypoint's
+/// identity is named after its Gateway.
+fn waypoint_gateways(state: &ClusterState) -> impl Iterator<Item = &str> {
+    state.pods.iter().filter_map(|p| match &p.sample {
+        Some(Sample::Waypoint { gateway }) => Some(gateway.as_str()),
+        _ => None,
+    })
+}
+
+/// The controller's flag issuing credentials for the waypoints' identities, if any.
+fn waypoint_credentials(state: &ClusterState) -> Vec<String> {
+    let gateways: Vec<&str> = waypoint_gateways(state).collect();
+    if gateways.is_empty() {
+        return Vec::new();
+    }
+    vec!["--waypoint-service-accounts".into(), gateways.join(",")]
+}
+
+/// Starts the `waypoint` binary in each waypoint pod, with its discovery and certificate
+/// from the controller, as the controller's Deployment does on Kubernetes.
+fn start_waypoints(run: &mut Running, bins: &Binaries) -> Result<(), ClusterError> {
+    let state = &mut run.state;
+    for i in 0..state.pods.len() {
+        let pod = state.pods[i].clone();
+        let Some(Sample::Waypoint { gateway }) = &pod.sample else {
+            continue;
+        };
+        let (ns, name) = gateway.split_once('/').unwrap_or((&pod.namespace, gateway));
+        let token = state
+            .state_dir
+            .join("credentials/serviceaccounts")
+            .join(ns)
+            .join(format!("{name}.token"));
+        let args = vec![
+            "--identity".into(),
+            format!("spiffe://cluster.local/ns/{ns}/sa/{name}"),
+            "--gateway".into(),
+            gateway.clone(),
+            "--controller".into(),
+            state.controller_url.clone(),
+            "--roots".into(),
+            state.root_cert.display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--log-format".into(),
+            "json".into(),
+            "--drain-seconds".into(),
+            "1".into(),
+        ];
+        let label = format!("waypoint-{ns}-{name}");
+        let log = state.state_dir.join("logs").join(format!("{label}.log"));
+        let (child, proc) = procs::spawn_in(
+            &state.state_dir,
+            &label,
+            &pod.netns,
+            &bins.waypoint,
+            &args,
+            &log,
+        )?;
+        run.children.push(child);
+        state.pods[i].process = Some(proc.clone());
+        state.save()?;
+        // It binds its HBONE port once it holds a certificate from the CA.
+        let addr = SocketAddr::from((pod.ip, WAYPOINT_HBONE_PORT));
+        wait_listening(&pod.netns, addr, &proc, &format!("waypoint {gateway}"))?;
     }
     Ok(())
 }
@@ -453,6 +536,7 @@ fn ours(pid: i32) -> bool {
     procs::alive(pid)
         && (cmd.contains("ztunnel")
             || cmd.contains("ambit-controller")
+            || cmd.contains("waypoint")
             || cmd.contains("sample server")
             || cmd.contains("sample client"))
 }

@@ -257,6 +257,19 @@ pub fn route_between_nodes(nodes: &[(&str, usize)]) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Routes from the fabric (where the controller listens) to every node's pods, so pods
+/// that talk to the control plane themselves, as waypoints do, reach it and get answers.
+pub fn route_fabric_to_pods(fabric: &str, nodes: &[(&str, usize)]) -> Result<(), NetError> {
+    for (_, k) in nodes {
+        let subnet = format!("10.77.{}.0/24", octet("node", *k)?);
+        ip(
+            fabric,
+            &["route", "add", &subnet, "via", &node_ip(*k)?.to_string()],
+        )?;
+    }
+    Ok(())
+}
+
 /// Plugs pod j (0-based on its node; its namespace exists) into node k: veth `p<j>` in the
 /// node with the gateway address and a /32 route, `eth0` with [`pod_ip`] in the pod and a
 /// default route via the gateway. Pods use strict reverse-path filtering, as many

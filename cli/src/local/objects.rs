@@ -10,14 +10,17 @@
 //! the first client and server sit on different nodes (HBONE between ztunnels).
 //!
 //! Which sample process a pod runs is said by annotations, so user-written pods can use them
-//! too: `ambit.dev/sample-server: "<port>"`, `ambit.dev/sample-client: "<ip:port>"`.
+//! too: `ambit.dev/sample-server: "<port>"`, `ambit.dev/sample-client: "<ip:port>"`. A pod
+//! labelled `gateway.networking.k8s.io/gateway-name: <gw>`, where `<gw>` is a Gateway of
+//! class `ambit-waypoint` in its namespace, runs that waypoint.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use ambit_controller::model::{Object, SourceEvent};
+use ambit_controller::crd::gateway::WAYPOINT_CLASS;
+use ambit_controller::model::{Object, SourceEvent, GATEWAY_NAME_LABEL};
 use ambit_controller::source::local::Scanner;
 
 use super::net;
@@ -63,6 +66,9 @@ pub enum Sample {
     Server { port: u16 },
     /// `ambitctl sample client --target`.
     Client { target: String },
+    /// The `waypoint` binary for this Gateway (of class `ambit-waypoint`, in the pod's
+    /// namespace): the pod carries the label `gateway.networking.k8s.io/gateway-name`.
+    Waypoint { gateway: String },
 }
 
 /// One pod of the layout.
@@ -177,6 +183,8 @@ pub fn write_sample(dir: &Path, spec: &SampleSpec) -> Result<(), ObjectsError> {
         let (key, value) = match &pod.sample {
             Sample::Server { port } => (SAMPLE_SERVER, port.to_string()),
             Sample::Client { target } => (SAMPLE_CLIENT, target.clone()),
+            // The sample has no waypoint; a user's folder may (see `read_layout`).
+            Sample::Waypoint { .. } => continue,
         };
         sas.insert((pod.namespace, pod.sa));
         let out = per_ns.entry(pod.namespace).or_default();
@@ -243,6 +251,20 @@ pub fn read_layout(dir: &Path) -> Result<Layout, ObjectsError> {
             problems: scan.errors.iter().map(|e| error_chain(e)).collect(),
         });
     }
+    // Waypoints, by namespace/name: a pod labelled with one of them runs the waypoint.
+    let waypoints: BTreeSet<String> = scan
+        .events
+        .iter()
+        .flat_map(event_objects)
+        .filter_map(|o| match o {
+            Object::Gateway(gw) if gw.spec.gateway_class_name == WAYPOINT_CLASS => Some(format!(
+                "{}/{}",
+                gw.metadata.namespace.as_deref().unwrap_or("default"),
+                gw.metadata.name.as_deref()?
+            )),
+            _ => None,
+        })
+        .collect();
     let mut pods = Vec::new();
     for object in scan.events.iter().flat_map(event_objects) {
         let Object::Pod(pod) = object else {
@@ -272,7 +294,31 @@ pub fn read_layout(dir: &Path) -> Result<Layout, ObjectsError> {
             .parse()
             .map_err(|_| pod_error(&key, "status.podIP is not an IPv4 address"))?;
         let annotations = meta.annotations.clone().unwrap_or_default();
-        let sample = if let Some(port) = annotations.get(SAMPLE_SERVER) {
+        let namespace = meta.namespace.as_deref().unwrap_or("default");
+        let gateway = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(GATEWAY_NAME_LABEL))
+            .filter(|gw| waypoints.contains(&format!("{namespace}/{gw}")));
+        let sample = if let Some(gw) = gateway {
+            let sa = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.as_deref())
+                .unwrap_or("default");
+            // The controller names a waypoint's identity after its Gateway.
+            if sa != gw {
+                return Err(pod_error(
+                    &key,
+                    &format!(
+                        "runs waypoint {namespace}/{gw}, so spec.serviceAccountName must be {gw:?}                          (a waypoint's identity is its Gateway's name), not {sa:?}"
+                    ),
+                ));
+            }
+            Some(Sample::Waypoint {
+                gateway: format!("{namespace}/{gw}"),
+            })
+        } else if let Some(port) = annotations.get(SAMPLE_SERVER) {
             let port = port.parse().map_err(|_| {
                 pod_error(
                     &key,

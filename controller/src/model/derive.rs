@@ -269,7 +269,9 @@ fn workload<'a>(
         trust_domain: config.trust_domain.clone(),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         addresses: addresses.into_iter().map(ip_bytes).collect(),
-        tunnel_protocol: if enrolled {
+        // A waypoint speaks HBONE itself (it binds 15008 in its own pod): capturing it
+        // would put ztunnel's listeners in its way and tunnel its tunnels again.
+        tunnel_protocol: if enrolled && !is_waypoint {
             TunnelProtocol::Hbone
         } else {
             TunnelProtocol::None

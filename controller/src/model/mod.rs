@@ -26,7 +26,7 @@ use ambit_proto::discovery::{resource, Resource, ResourceKey, ResourceKind};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 
-pub use derive::{derive, Derived, DerivedResource};
+pub use derive::{derive, Derived, DerivedResource, GATEWAY_NAME_LABEL};
 pub use object::{Kind, Object, ObjectKey, DEFAULT_NAMESPACE};
 pub use store::Store;
 pub(crate) use store::{typed, typed_in};

@@ -64,16 +64,20 @@ fn http_server(pod: &ambit_tests::Pod, port: u16) -> anyhow::Result<SocketAddr> 
     Ok(addr)
 }
 
-/// Sends one request from `pod` to `dst` and returns the whole response.
-async fn http_from(pod: &ambit_tests::Pod, dst: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let (pod, path) = (pod.clone(), path.to_string());
+/// Sends one HTTP/1.1 request from `pod` to `dst` and returns the whole response.
+async fn http_from(
+    pod: &ambit_tests::Pod,
+    dst: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<String> {
+    let request = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    let pod = pod.clone();
     blocking(move || {
         let mut s = ambit_tests::connect_from(&pod, dst)?;
         s.set_read_timeout(Some(Duration::from_secs(20)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n"
-        )?;
+        s.write_all(request.as_bytes())?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)
@@ -218,7 +222,7 @@ policies:
     let waypoint = RunningWaypoint::start(wp, &wp_id, &ca, &waypoint_state)?;
     mesh.wait_certs("n1").await?;
     mesh.wait_certs("n2").await?;
-    let ok = http_from(client, server_addr, "/hello")
+    let ok = http_from(client, server_addr, "GET", "server", "/hello")
         .await
         .context("allowed request")?;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
@@ -230,7 +234,7 @@ policies:
         ok.contains(&format!("forwarded: for={}", client.ip)),
         "{ok}"
     );
-    let denied = http_from(client, server_addr, "/admin/users")
+    let denied = http_from(client, server_addr, "GET", "server", "/admin/users")
         .await
         .context("denied request")?;
     assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
@@ -345,6 +349,7 @@ async fn read_body(resp: http::Response<Incoming>) -> anyhow::Result<(u16, Strin
 }
 
 const WEB_VIP: &str = "10.96.0.20:80";
+const WEB_HOST: &str = "web.app.svc.cluster.local";
 const GRPC_VIP: &str = "10.96.0.22:9090";
 
 /// HTTP/2 and gRPC through client ztunnel → waypoint → server ztunnel, a 90/10 weighted
@@ -486,13 +491,13 @@ policies:
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
 
     // HTTP/1.1: DELETE is denied by the waypoint's policy, GET still served.
-    let denied = http_from_vip(client, web_vip, "DELETE", "/items/1").await?;
+    let denied = http_from(client, web_vip, "DELETE", WEB_HOST, "/items/1").await?;
     assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
     assert!(
         denied.ends_with("RBAC: access denied by app/no-delete\n"),
         "{denied}"
     );
-    let ok = http_from_vip(client, web_vip, "GET", "/items/1").await?;
+    let ok = http_from(client, web_vip, "GET", WEB_HOST, "/items/1").await?;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
 
     // What dashboards see: the caller, the service, the code, per protocol.
@@ -522,26 +527,4 @@ policies:
     waypoint.stop()?;
     mesh.shutdown().await;
     Ok(())
-}
-
-/// One HTTP/1.1 request from `pod` with `method`; the whole response.
-async fn http_from_vip(
-    pod: &ambit_tests::Pod,
-    dst: SocketAddr,
-    method: &str,
-    path: &str,
-) -> anyhow::Result<String> {
-    let (pod, method, path) = (pod.clone(), method.to_string(), path.to_string());
-    blocking(move || {
-        let mut s = ambit_tests::connect_from(&pod, dst)?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nhost: web.app.svc.cluster.local\r\nconnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .await
 }

@@ -18,6 +18,8 @@ pub enum Source {
     Controller,
     Ztunnel(String),
     Client(String),
+    /// A waypoint, by its Gateway's `namespace/name`.
+    Waypoint(String),
 }
 
 /// Follows files from where they were when added, yielding complete new lines.
@@ -45,11 +47,17 @@ impl Tail {
             }
         }
         for p in &state.pods {
-            if let (Some(pr), Some(super::objects::Sample::Client { .. })) = (&p.process, &p.sample)
-            {
-                let who = format!("{}/{}", p.namespace, p.name);
-                tail.files
-                    .push((Source::Client(who), pr.log.clone(), 0, String::new()));
+            let source = match &p.sample {
+                Some(super::objects::Sample::Client { .. }) => {
+                    Source::Client(format!("{}/{}", p.namespace, p.name))
+                }
+                Some(super::objects::Sample::Waypoint { gateway }) => {
+                    Source::Waypoint(gateway.clone())
+                }
+                _ => continue,
+            };
+            if let Some(pr) = &p.process {
+                tail.files.push((source, pr.log.clone(), 0, String::new()));
             }
         }
         tail
@@ -132,19 +140,31 @@ impl Pretty {
             }
             Source::Ztunnel(node) if s(&v, "target") == "access" => {
                 let (key, line) = access_line(node, &v);
-                let now = std::time::Instant::now();
-                let fresh = self
-                    .shown
-                    .get(&key)
-                    .is_none_or(|t| now.duration_since(*t) > REPEAT_AFTER);
-                fresh.then(|| {
-                    self.shown.insert(key, now);
-                    line
-                })
+                self.unless_repeated(key, line)
             }
             Source::Ztunnel(node) => component_line(&format!("ztunnel {node}"), &v),
+            Source::Waypoint(gw) if s(&v, "target") == "access" => {
+                let (key, line) = request_line(gw, &v);
+                self.unless_repeated(key, line)
+            }
+            Source::Waypoint(gw) => component_line(&format!("waypoint {gw}"), &v),
             Source::Controller => component_line("controller", &v),
         }
+    }
+}
+
+impl Pretty {
+    /// `line`, unless one with the same key was shown within [`REPEAT_AFTER`].
+    fn unless_repeated(&mut self, key: String, line: String) -> Option<String> {
+        let now = std::time::Instant::now();
+        let fresh = self
+            .shown
+            .get(&key)
+            .is_none_or(|t| now.duration_since(*t) > REPEAT_AFTER);
+        fresh.then(|| {
+            self.shown.insert(key, now);
+            line
+        })
     }
 }
 
@@ -191,6 +211,35 @@ fn access_line(node: &str, v: &Value) -> (String, String) {
     (key.clone(), key + &bytes)
 }
 
+/// A waypoint's request (its access log: one JSON line per request, fields nested), and its
+/// key: the same as the line, since requests carry no byte counts worth telling apart.
+fn request_line(gateway: &str, v: &Value) -> (String, String) {
+    let f = v.get("fields").unwrap_or(v);
+    let src = match s(f, "src_workload") {
+        "-" | "unknown" => short_id(s(f, "src_principal")).to_owned(),
+        w => w.to_owned(),
+    };
+    let dst = s(f, "dst_service")
+        .split('.')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(".");
+    let status = s(f, "status");
+    let outcome = match (status, s(f, "reason")) {
+        ("403", reason) => format!("DENIED: 403 {reason}"),
+        (code, "-" | "") => code.to_owned(),
+        (code, reason) => format!("{code} {reason}"),
+    };
+    let line = format!(
+        "{:<8} {gateway} {src} -> {dst}  {} {}  [HTTP as {}]  {outcome}",
+        "request",
+        s(f, "method"),
+        s(f, "path"),
+        short_id(s(f, "src_principal")),
+    );
+    (line.clone(), line)
+}
+
 fn component_line(who: &str, v: &Value) -> Option<String> {
     let level = s(v, "level");
     if level != "WARN" && level != "ERROR" {
@@ -231,6 +280,25 @@ mod tests {
             out.contains("HBONE mTLS demo/sa/client -> demo/sa/echo"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_waypoint_request_reads_as_one_line() {
+        let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"request","src_principal":"spiffe://cluster.local/ns/shop/sa/client","src_workload":"client-0","dst_service":"api.shop.svc.cluster.local","method":"DELETE","path":"/orders/1","status":"403","reason":"denied by shop/no-delete"},"target":"access"}"#;
+        let mut p = Pretty::default();
+        let gw = Source::Waypoint("shop/waypoint".into());
+        let out = p.format(&gw, line).unwrap();
+        assert!(
+            out.contains("shop/waypoint client-0 -> api.shop  DELETE /orders/1"),
+            "{out}"
+        );
+        assert!(out.contains("[HTTP as shop/sa/client]"), "{out}");
+        assert!(
+            out.ends_with("DENIED: 403 denied by shop/no-delete"),
+            "{out}"
+        );
+        // The same request again is not news for a while.
+        assert!(p.format(&gw, line).is_none());
     }
 
     #[test]

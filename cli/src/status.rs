@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use ambitctl::local::inspect::{self, cell, table};
+use ambitctl::local::objects::Sample;
 use ambitctl::local::state::{ClusterState, DEFAULT_STATE_DIR};
 use anyhow::Context;
 use serde_json::{json, Value};
@@ -31,8 +32,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let state = ClusterState::load(&args.state_dir).context("ambitctl status")?;
     let controller = inspect::controller(&state);
     let nodes: Vec<Value> = state.nodes.iter().map(inspect::node).collect();
+    let waypoints: Vec<Value> = state
+        .pods
+        .iter()
+        .filter_map(|p| match &p.sample {
+            Some(Sample::Waypoint { gateway }) => Some(inspect::waypoint(p, gateway)),
+            _ => None,
+        })
+        .collect();
     if matches!(args.output, Output::Json) {
-        let all = json!({"controller": controller, "nodes": nodes});
+        let all = json!({"controller": controller, "nodes": nodes, "waypoints": waypoints});
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
@@ -134,6 +143,28 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ],
         &rows,
     );
+    if !waypoints.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = waypoints
+            .iter()
+            .map(|w| {
+                let ready = if w["ready"] == true {
+                    "yes"
+                } else if w["running"] == true {
+                    "no"
+                } else {
+                    "not running"
+                };
+                vec![
+                    cell(&w["gateway"]),
+                    cell(&w["pod"]),
+                    cell(&w["ip"]),
+                    ready.to_owned(),
+                ]
+            })
+            .collect();
+        table(&["WAYPOINT", "POD", "IP", "READY"], &rows);
+    }
     for n in &nodes {
         for what in ["config_dump", "certs"] {
             if let Some(e) = n[what].get("error") {

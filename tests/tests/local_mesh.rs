@@ -558,6 +558,16 @@ fn a_waypoint_in_the_folder_is_started_and_applies_l7_policy() {
         "{}",
         waypoint_log()
     );
+    // `ambitctl status` lists it, ready.
+    let sd = mesh.state_dir.display().to_string();
+    let out = ambitctl(&["status", "-o", "json", "--state-dir", &sd]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status -o json is JSON");
+    assert_eq!(
+        status["waypoints"][0]["gateway"], "shop/waypoint",
+        "{status:#}"
+    );
+    assert_eq!(status["waypoints"][0]["ready"], true, "{status:#}");
 
     let out = mesh.down();
     assert!(

@@ -106,6 +106,22 @@ pub fn node(node: &NodeState) -> Value {
     })
 }
 
+/// A waypoint pod: whether its process runs and its readiness answers (15021, DESIGN.md).
+pub fn waypoint(pod: &super::state::PodState, gateway: &str) -> Value {
+    let running = pod
+        .process
+        .as_ref()
+        .is_some_and(|p| super::procs::alive(p.pid));
+    let ready = matches!(
+        admin::get(&pod.netns, local(ZTUNNEL_READINESS_PORT), "/healthz/ready"),
+        Ok((200, _))
+    );
+    json!({
+        "gateway": gateway, "pod": format!("{}/{}", pod.namespace, pod.name),
+        "netns": pod.netns, "ip": pod.ip, "running": running, "ready": ready,
+    })
+}
+
 /// Prints rows as aligned columns under a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

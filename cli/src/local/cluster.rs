@@ -422,7 +422,12 @@ fn start_waypoints(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
             .join(format!("{name}.token"));
         let args = vec![
             "--identity".into(),
-            format!("spiffe://cluster.local/ns/{ns}/sa/{name}"),
+            // The controller's trust domain in local mode; the identity it derives for a
+            // waypoint is named after the Gateway.
+            format!(
+                "spiffe://{}/ns/{ns}/sa/{name}",
+                ambit_hbone::identity::DEFAULT_TRUST_DOMAIN
+            ),
             "--gateway".into(),
             gateway.clone(),
             "--controller".into(),

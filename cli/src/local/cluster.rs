@@ -666,7 +666,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel --release"),
+            text.contains(
+                "cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint --release"
+            ),
             "{text}"
         );
     }

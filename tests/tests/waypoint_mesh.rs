@@ -248,16 +248,22 @@ policies:
     Ok(())
 }
 
-/// An HTTP/1.1 and HTTP/2 (prior knowledge) server inside `pod`: each answer names the
-/// backend, the HTTP version it arrived in and the caller identity the waypoint forwarded.
-fn versatile_server(pod: &ambit_tests::Pod, port: u16, name: &'static str) -> anyhow::Result<()> {
+/// A tokio listener on the pod's address, bound inside its namespace (the socket stays
+/// there; any runtime can accept on it).
+fn listener_in(pod: &ambit_tests::Pod, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
     let addr = SocketAddr::new(pod.ip.into(), port);
     let listener = ambit_tests::in_netns(&pod.netns, move || {
         let l = std::net::TcpListener::bind(addr)?;
         l.set_nonblocking(true)?;
         std::io::Result::Ok(l)
     })??;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
+}
+
+/// An HTTP/1.1 and HTTP/2 (prior knowledge) server inside `pod`: each answer names the
+/// backend, the HTTP version it arrived in and the caller identity the waypoint forwarded.
+fn versatile_server(pod: &ambit_tests::Pod, port: u16, name: &'static str) -> anyhow::Result<()> {
+    let listener = listener_in(pod, port)?;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let service =
@@ -312,13 +318,7 @@ impl CertificateService for WhoAmI {
 }
 
 fn grpc_server(pod: &ambit_tests::Pod, port: u16) -> anyhow::Result<()> {
-    let addr = SocketAddr::new(pod.ip.into(), port);
-    let listener = ambit_tests::in_netns(&pod.netns, move || {
-        let l = std::net::TcpListener::bind(addr)?;
-        l.set_nonblocking(true)?;
-        std::io::Result::Ok(l)
-    })??;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let listener = listener_in(pod, port)?;
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(CertificateServiceServer::new(WhoAmI))

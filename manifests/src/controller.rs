@@ -2,7 +2,7 @@
 //!
 //! One replica and no leader election: the controller is the CA, and two of them generating a root
 //! at once would race to store it in the `ambit-ca` Secret; proxies keep serving from their last
-//! good state while the controller restarts (DESIGN.md), so a single replica is available enough.
+//! good state while the controller restarts, so a single replica is available enough.
 //!
 //! Configuration reaches the controller as its command-line flags; a plugged-in root is mounted
 //! at [`CA_DIR`] (`ca.crt`, `ca.key`) for the CA to load.

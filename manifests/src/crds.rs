@@ -9,14 +9,14 @@
 //! deserialize into them (or the CRDs should be generated from them), so the two cannot drift.
 //!
 //! What is checked, and why it is safe to check:
-//! - `action` is one of ALLOW/DENY/AUDIT (DESIGN.md), ports are decimal 1..65535, ipBlocks are IPv4
+//! - `action` is one of ALLOW/DENY/AUDIT, ports are decimal 1..65535, ipBlocks are IPv4
 //!   or IPv6 addresses or CIDRs with a valid prefix length, principals and namespaces have at most
 //!   one leading or trailing `*` (the Istio matching rules), paths start with `/` or `*`.
 //! - `targetRefs` name a `Service` (core group) or a `Gateway` (gateway.networking.k8s.io), and
 //!   cannot be combined with `selector` (they pick the enforcement point in exclusive ways).
 //! - A TrafficPolicy must target a Service; percentages are 0..100, abort statuses 200..599,
 //!   durations are Go-style (`250ms`, `1m30s`), counts fit the controller's `u32`.
-//! - NOT checked: "L7 fields need targetRefs". DESIGN.md gives such a policy a meaning (ztunnel
+//! - NOT checked: "L7 fields need targetRefs". the root ARCHITECTURE.md gives such a policy a meaning (ztunnel
 //!   fails closed on it), so rejecting it at admission would change the semantics, not enforce them.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -24,7 +24,7 @@ pub use object::{Object, ObjectError};
 
 /// The namespace Ambit installs into unless told otherwise.
 pub const DEFAULT_NAMESPACE: &str = "ambit-system";
-/// The trust domain of SPIFFE identities unless told otherwise (DESIGN.md).
+/// The trust domain of SPIFFE identities unless told otherwise.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Where images come from unless told otherwise: a bare name, as `kind load` / local builds tag them.
 pub const DEFAULT_IMAGE_REGISTRY: &str = "ambit";
@@ -35,7 +35,7 @@ pub const WAYPOINT_CLASS: &str = "ambit-waypoint";
 /// The `controllerName` of that class.
 pub const WAYPOINT_CONTROLLER_NAME: &str = "ambit.dev/waypoint-controller";
 
-/// The ports of DESIGN.md that the objects here mention.
+/// The ports (the root ARCHITECTURE.md, "Ports") that the objects here mention.
 pub mod ports {
     /// Inbound HBONE (ztunnel in each pod's netns, and waypoints).
     pub const HBONE: i32 = 15008;

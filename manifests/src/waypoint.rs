@@ -29,7 +29,7 @@ use crate::{meta, ports, CA_TOKEN_AUDIENCE};
 
 /// The label Gateway API implementations put on a Gateway's generated objects.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
-/// The pod label that keeps a pod out of ztunnel's capture (DESIGN.md).
+/// The pod label that keeps a pod out of ztunnel's capture.
 pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
 const NONROOT: i64 = 65532;
 

@@ -2,8 +2,8 @@
 //!
 //! Why it looks the way it does:
 //! - Not `hostNetwork`: ztunnel lives in its own pod network namespace and does its work inside
-//!   each enrolled pod's namespace, entering it with `setns` from a dedicated thread (DESIGN.md,
-//!   "Traffic capture"). So its capture listeners (15001, 15006, 15008) open *in the pods*, not in
+//!   each enrolled pod's namespace, entering it with `setns` from a dedicated thread (ARCHITECTURE.md,
+//!   "Wire formats", capture). So its capture listeners (15001, 15006, 15008) open *in the pods*, not in
 //!   ztunnel's own pod, and are not container ports here; the admin port (15000) is bound to
 //!   localhost and is not declared either. Only metrics (15020) and readiness (15021) are.
 //! - The host's netns directory `/var/run/netns` (where CNI plugins bind-mount each pod's network

@@ -1,6 +1,6 @@
 //! Where a connection goes, and whether it may: pure functions from state to a decision.
 //!
-//! STYLE.md's "decide, then do": the proxy code computes an [`Outbound`] or [`Inbound`] value
+//! The proxies' rule, "decide, then do": the proxy code computes an [`Outbound`] or [`Inbound`] value
 //! from a [`State`] snapshot and then performs the I/O it describes. Nothing here touches a
 //! socket, so every routing and refusal rule is covered by table tests on fixtures.
 //!
@@ -27,7 +27,7 @@ use crate::state::service::{Endpoint, LoadBalancing, Service};
 use crate::state::workload::{GatewayAddress, TunnelProtocol, Workload, HBONE_PORT};
 use crate::state::State;
 
-/// ztunnel's own ports (DESIGN.md): a connection addressed to one of them on a pod is a
+/// ztunnel's own ports (the root ARCHITECTURE.md, "Ports"): a connection addressed to one of them on a pod is a
 /// loop or a probe of the proxy itself, never application traffic.
 pub const ZTUNNEL_PORTS: [u16; 7] = [15001, 15006, 15008, 15000, 15020, 15021, 15053];
 

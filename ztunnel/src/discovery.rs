@@ -7,7 +7,7 @@
 //! from the state it has. The controller answers a new stream with a full state, which
 //! replaces everything.
 //!
-//! [`DiscoveryClient`] is a cheap `Clone` handle over the worker task (STYLE.md): it hands
+//! [`DiscoveryClient`] is a cheap `Clone` handle over the worker task: it hands
 //! out the read side of the store, a readiness `watch` (true once a first full state is
 //! applied) and a status `watch` for the admin endpoint. The task stops when the last handle
 //! is dropped.

@@ -15,17 +15,17 @@ use super::objects::{self, Layout, ObjectsError, Sample, SampleSpec};
 use super::procs::{self, ProcError};
 use super::state::{ClusterState, NodeState, PodState, Proc, StateError};
 
-/// The controller's discovery/CA port (DESIGN.md).
+/// The controller's discovery/CA port.
 pub const CONTROLLER_PORT: u16 = 15012;
-/// ztunnel's readiness port (DESIGN.md).
+/// ztunnel's readiness port.
 pub const ZTUNNEL_READINESS_PORT: u16 = 15021;
-/// ztunnel's metrics port (DESIGN.md).
+/// ztunnel's metrics port.
 pub const ZTUNNEL_METRICS_PORT: u16 = 15020;
-/// ztunnel's admin port, on loopback (DESIGN.md).
+/// ztunnel's admin port, on loopback.
 pub const ZTUNNEL_ADMIN_PORT: u16 = 15000;
-/// Where a waypoint accepts HBONE (DESIGN.md).
+/// Where a waypoint accepts HBONE.
 pub const WAYPOINT_HBONE_PORT: u16 = 15008;
-/// The controller's metrics and readiness port (DESIGN.md).
+/// The controller's metrics and readiness port.
 pub const CONTROLLER_OPS_PORT: u16 = 15014;
 
 /// Why the cluster could not be built.

@@ -106,7 +106,7 @@ pub fn node(node: &NodeState) -> Value {
     })
 }
 
-/// A waypoint pod: whether its process runs and its readiness answers (15021, DESIGN.md).
+/// A waypoint pod: whether its process runs and its readiness answers (15021).
 pub fn waypoint(pod: &super::state::PodState, gateway: &str) -> Value {
     let running = pod
         .process

@@ -29,7 +29,7 @@ use super::net;
 pub const SAMPLE_SERVER: &str = "ambit.dev/sample-server";
 /// Pod annotation: run the sample client against this `ip:port`.
 pub const SAMPLE_CLIENT: &str = "ambit.dev/sample-client";
-/// The enrollment label (DESIGN.md).
+/// The enrollment label.
 pub const DATAPLANE_MODE: &str = "ambit.dev/dataplane-mode";
 
 const ECHO_VIP: &str = "10.96.0.10";

@@ -1,6 +1,6 @@
 //! Who is calling the controller: the bearer token of a request turned into a [`Caller`].
 //!
-//! Two ways to prove who you are, one per mode of running (DESIGN.md, "Control protocol"):
+//! Two ways to prove who you are, one per mode of running (the root ARCHITECTURE.md, "Wire formats"):
 //! - Kubernetes: a projected service-account token for the `ambit-ca` audience, checked
 //!   with a TokenReview. The ztunnel ServiceAccount's token stands for the node its pod is
 //!   bound to (the `authentication.kubernetes.io/node-name` extra the API server adds to

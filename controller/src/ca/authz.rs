@@ -1,6 +1,6 @@
 //! What an authenticated caller may obtain, decided from the model.
 //!
-//! The rule (DESIGN.md): a node proxy may obtain the identity of a pod scheduled on its
+//! The rule (the root ARCHITECTURE.md, "Wire formats"): a node proxy may obtain the identity of a pod scheduled on its
 //! own node, and nothing else; a workload (a waypoint) may obtain only its own identity.
 //! "Scheduled on its node" is read from the model's workloads (`spec.nodeName` of a pod
 //! that exists and has not finished), so a compromised ztunnel can mint identities of

@@ -1,6 +1,6 @@
 //! In-pod traffic capture: ztunnel enters each enrolled pod's network namespace, installs
 //! iptables rules there that steer the pod's TCP traffic to ztunnel's ports, and opens those
-//! listeners inside the namespace (DESIGN.md, "Traffic capture").
+//! listeners inside the namespace (the root ARCHITECTURE.md, "Wire formats").
 //!
 //! - [`netns`]: finding a pod's namespace by IP; a worker thread that lives inside it.
 //! - [`iptables`]: the rules as an `iptables-restore` document, applied and removed atomically.

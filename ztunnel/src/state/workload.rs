@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{ip_from_bytes, port_from_u32, ConvertError};
 
-/// Port on which ztunnels and waypoints accept HBONE (DESIGN.md).
+/// Port on which ztunnels and waypoints accept HBONE (the root ARCHITECTURE.md, "Ports").
 pub const HBONE_PORT: u16 = 15008;
 
 /// How a workload is reached.

@@ -16,7 +16,7 @@
 //!   cannot be combined with `selector` (they pick the enforcement point in exclusive ways).
 //! - A TrafficPolicy must target a Service; percentages are 0..100, abort statuses 200..599,
 //!   durations are Go-style (`250ms`, `1m30s`), counts fit the controller's `u32`.
-//! - NOT checked: "L7 fields need targetRefs". the root ARCHITECTURE.md gives such a policy a meaning (ztunnel
+//! - NOT checked: "L7 fields need targetRefs". The root ARCHITECTURE.md gives such a policy a meaning (ztunnel
 //!   fails closed on it), so rejecting it at admission would change the semantics, not enforce them.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -2,7 +2,7 @@
 //!
 //! Why it looks the way it does:
 //! - Not `hostNetwork`: ztunnel lives in its own pod network namespace and does its work inside
-//!   each enrolled pod's namespace, entering it with `setns` from a dedicated thread (ARCHITECTURE.md,
+//!   each enrolled pod's namespace, entering it with `setns` from a dedicated thread (the root ARCHITECTURE.md,
 //!   "Wire formats", capture). So its capture listeners (15001, 15006, 15008) open *in the pods*, not in
 //!   ztunnel's own pod, and are not container ports here; the admin port (15000) is bound to
 //!   localhost and is not declared either. Only metrics (15020) and readiness (15021) are.

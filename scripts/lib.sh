@@ -23,10 +23,16 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# The system tools the mesh itself runs: iptables (capture), iproute2 (namespaces, veth,
-# policy routing), a C compiler for ring's build, CA certificates for crates.io.
+# The system tools the mesh itself runs: iptables (capture; Debian's package also ships
+# ip6tables, which closes IPv6 in enrolled pods), iproute2 (namespaces, veth, policy routing),
+# a C compiler for ring's build, CA certificates for crates.io.
 system_deps() {
   apt_install iptables iproute2 gcc libc6-dev ca-certificates procps
+  local tool
+  for tool in iptables-restore ip6tables-restore; do
+    command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] \
+      || die "$tool is missing although the iptables package is installed: install it (ztunnel needs both families)"
+  done
 }
 
 rust_toolchain() {

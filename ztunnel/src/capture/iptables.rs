@@ -18,6 +18,12 @@
 //!   connmark when they arrive on `lo`; the app's replies take that mark back and are routed to
 //!   `lo` by the same table, instead of out of the pod towards the real client.
 //! - UDP (and so DNS) is left alone.
+//!
+//! IPv6 is not captured: it is closed instead ([`render_apply_v6`], applied with
+//! `ip6tables-restore` beside the IPv4 rules and removed with them). A dual-stack pod that could
+//! talk IPv6 past the mesh would bypass encryption, policy and logs; so in an enrolled pod
+//! only loopback and the ICMPv6 that keeps the link itself working (neighbour discovery, router
+//! solicitation, multicast listener reports) pass, and every other IPv6 packet is dropped.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +36,25 @@ pub const CHAIN_PREROUTING: &str = "AMBIT_PRERT";
 pub const CHAIN_OUTPUT: &str = "AMBIT_OUTPUT";
 /// Every chain we own starts with this; nothing else is ever touched.
 const OWN_PREFIX: &str = "AMBIT_";
+
+/// Chain in the IPv6 `filter` INPUT: the fail-closed rules for arriving packets.
+pub const CHAIN_INPUT: &str = "AMBIT_INPUT";
+
+/// (table, built-in chain, our chain) for every IPv6 jump we install. `filter` OUTPUT shares
+/// its name with the IPv4 `nat`/`mangle` chain: another family, so another table entirely.
+const JUMPS_V6: [(&str, &str, &str); 2] = [
+    ("filter", "INPUT", CHAIN_INPUT),
+    ("filter", "OUTPUT", CHAIN_OUTPUT),
+];
+
+/// ICMPv6 multicast listener query, report, done and v2 report (130, 131, 132, 143): switches
+/// that snoop multicast forward neighbour solicitations only to listeners that reported. They
+/// carry group addresses, nothing an application could use as a channel.
+const ICMPV6_LINK_MLD: [u8; 4] = [130, 131, 132, 143];
+/// ICMPv6 router solicitation and advertisement, neighbour solicitation and advertisement,
+/// redirect (133-137): without them the pod cannot resolve its gateway. Accepted only with hop
+/// limit 255 (RFC 4861), which no router forwards, so they cannot come from off the link.
+const ICMPV6_LINK_ND: [u8; 5] = [133, 134, 135, 136, 137];
 
 /// (table, built-in chain, our chain) for every jump we install.
 const JUMPS: [(&str, &str, &str); 3] = [
@@ -64,6 +89,22 @@ impl Backend {
             Backend::Default => "iptables-save",
             Backend::Nft => "iptables-nft-save",
             Backend::Legacy => "iptables-legacy-save",
+        }
+    }
+
+    fn restore6_program(self) -> &'static str {
+        match self {
+            Backend::Default => "ip6tables-restore",
+            Backend::Nft => "ip6tables-nft-restore",
+            Backend::Legacy => "ip6tables-legacy-restore",
+        }
+    }
+
+    fn save6_program(self) -> &'static str {
+        match self {
+            Backend::Default => "ip6tables-save",
+            Backend::Nft => "ip6tables-nft-save",
+            Backend::Legacy => "ip6tables-legacy-save",
         }
     }
 }
@@ -312,6 +353,77 @@ pub fn render_apply(cfg: &RuleConfig, existing: &Existing) -> String {
     doc
 }
 
+/// Renders the `ip6tables-restore --noflush` document that closes IPv6 in an enrolled pod.
+///
+/// ztunnel does not carry IPv6 yet, so IPv6 that is let through would leave the pod in
+/// plaintext, with no policy and no log line. Allowed: loopback (the pod talking to itself,
+/// including to its own addresses, which route via `lo`) and the link-level ICMPv6 of
+/// [`ICMPV6_LINK_ND`] and [`ICMPV6_LINK_MLD`]. Everything else is refused: on the way out with
+/// an ICMPv6 "administratively prohibited" to the app (its connect fails at once, so a
+/// dual-stack client falls back to IPv4, which is captured, instead of waiting for a timeout);
+/// on the way in by a silent drop (answering would mean sending IPv6 out of the pod).
+///
+/// The configured port exclusions mean "not meshed, on purpose" (dedicated mode: ssh, the
+/// ops ports, the controller), so they stay open over IPv6 too: new connections to an
+/// inbound-excluded port and from the pod to an outbound-excluded port, and the reply
+/// direction of connections that were let in or out. Nothing else can open a connection, so
+/// the reply rule only ever matches those.
+///
+/// Same chain discipline as [`render_apply`]: our chains are refilled, jumps added once.
+pub fn render_apply_v6(cfg: &RuleConfig, existing: &Existing) -> String {
+    let mut doc = String::new();
+    let mut line = |s: String| {
+        doc.push_str(&s);
+        doc.push('\n');
+    };
+    line("*filter".into());
+    for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
+        line(format!(":{chain} - [0:0]"));
+    }
+    line(format!("-A {CHAIN_INPUT} -i lo -j RETURN"));
+    line(format!("-A {CHAIN_OUTPUT} -o lo -j RETURN"));
+    for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
+        for t in ICMPV6_LINK_ND {
+            line(format!(
+                "-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j RETURN"
+            ));
+        }
+        for t in ICMPV6_LINK_MLD {
+            line(format!(
+                "-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN"
+            ));
+        }
+    }
+    if !cfg.inbound_exclude_ports.is_empty() || !cfg.outbound_exclude_ports.is_empty() {
+        for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
+            line(format!(
+                "-A {chain} -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN"
+            ));
+        }
+    }
+    for port in &cfg.inbound_exclude_ports {
+        line(format!(
+            "-A {CHAIN_INPUT} -p tcp -m tcp --dport {port} -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j RETURN"
+        ));
+    }
+    for port in &cfg.outbound_exclude_ports {
+        line(format!(
+            "-A {CHAIN_OUTPUT} -p tcp -m tcp --dport {port} -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j RETURN"
+        ));
+    }
+    line(format!("-A {CHAIN_INPUT} -j DROP"));
+    line(format!(
+        "-A {CHAIN_OUTPUT} -j REJECT --reject-with icmp6-adm-prohibited"
+    ));
+    for (table, hook, chain) in JUMPS_V6 {
+        if existing.jump_count(table, hook, chain) == 0 {
+            line(format!("-A {hook} -j {chain}"));
+        }
+    }
+    line("COMMIT".into());
+    doc
+}
+
 /// Renders the document that deletes every jump to our chains (duplicates included) and then
 /// our chains. `None` when there is nothing to delete.
 pub fn render_remove(existing: &Existing) -> Option<String> {
@@ -372,9 +484,32 @@ pub fn save(backend: Backend) -> Result<String, IptablesError> {
     run(backend.save_program(), &[], None)
 }
 
+/// Dumps the current namespace's IPv6 rules with the configured backend.
+pub fn save_v6(backend: Backend) -> Result<String, IptablesError> {
+    run(backend.save6_program(), &[], None)
+}
+
+/// Whether the kernel has an IPv6 stack at all. Without one (`ipv6.disable=1`) there is no
+/// IPv6 to close and `ip6tables-restore` could not run. `thread-self`, because `/proc/net` is
+/// the namespace of the process's main thread, not of the namespace worker calling this.
+fn ipv6_present() -> bool {
+    std::path::Path::new("/proc/thread-self/net/if_inet6").exists()
+}
+
 /// Installs (or refreshes) the rules and policy routing in the calling thread's namespace.
 /// Idempotent: applying twice leaves exactly one copy.
+///
+/// IPv6 is closed first ([`render_apply_v6`]), so a pod never has IPv4 capture while its IPv6
+/// is still open; if that fails the whole apply fails and the caller removes what was done.
 pub fn apply(cfg: &RuleConfig) -> Result<(), IptablesError> {
+    if ipv6_present() {
+        let existing = parse_save(&save_v6(cfg.backend)?);
+        run(
+            cfg.backend.restore6_program(),
+            &["-w", "5", "--noflush"],
+            Some(&render_apply_v6(cfg, &existing)),
+        )?;
+    }
     // Routing first: once TPROXY rules exist, marked packets need the table to be delivered.
     let table = cfg.route_table.to_string();
     run(
@@ -432,6 +567,18 @@ pub fn remove(cfg: &RuleConfig) -> Result<(), IptablesError> {
     let routes = run("ip", &["-4", "route", "show", "table", &table], None)?;
     if !routes.trim().is_empty() {
         run("ip", &["-4", "route", "flush", "table", &table], None)?;
+    }
+    // IPv6 is opened last: the pod's IPv4 is already uncaptured, so both families are
+    // direct again together.
+    if ipv6_present() {
+        let existing = parse_save(&save_v6(cfg.backend)?);
+        if let Some(doc) = render_remove(&existing) {
+            run(
+                cfg.backend.restore6_program(),
+                &["-w", "5", "--noflush"],
+                Some(&doc),
+            )?;
+        }
     }
     Ok(())
 }
@@ -616,6 +763,99 @@ COMMIT
         // Exclusions come before the capturing rule, or they would never match.
         let excl = doc.find("--dport 15012").unwrap();
         assert!(excl < doc.find("REDIRECT").unwrap());
+    }
+
+    #[test]
+    fn ipv6_is_closed_except_loopback_and_link_icmp() {
+        let doc = render_apply_v6(&RuleConfig::default(), &Existing::default());
+        let lines: Vec<&str> = doc.lines().collect();
+        assert_eq!(lines[0], "*filter");
+        assert_eq!(
+            lines[1..3],
+            [":AMBIT_INPUT - [0:0]", ":AMBIT_OUTPUT - [0:0]"]
+        );
+        assert_eq!(
+            lines[3..5],
+            [
+                "-A AMBIT_INPUT -i lo -j RETURN",
+                "-A AMBIT_OUTPUT -o lo -j RETURN"
+            ]
+        );
+        assert!(doc.contains(
+            "-A AMBIT_OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type 135 -m hl --hl-eq 255 -j RETURN\n"
+        ));
+        assert!(doc.contains("-A AMBIT_INPUT -p ipv6-icmp -m icmp6 --icmpv6-type 143 -j RETURN\n"));
+        // Nothing but ICMPv6 of the link types is let through before the final verdicts.
+        let returns: Vec<&&str> = lines.iter().filter(|l| l.ends_with("-j RETURN")).collect();
+        assert_eq!(returns.len(), 2 + 2 * 9, "{doc}");
+        assert!(returns
+            .iter()
+            .skip(2)
+            .all(|l| l.contains("-p ipv6-icmp -m icmp6 --icmpv6-type 1")));
+        // The verdicts close each chain; the jumps come after and the document commits.
+        let tail = &lines[lines.len() - 5..];
+        assert_eq!(
+            tail,
+            [
+                "-A AMBIT_INPUT -j DROP",
+                "-A AMBIT_OUTPUT -j REJECT --reject-with icmp6-adm-prohibited",
+                "-A INPUT -j AMBIT_INPUT",
+                "-A OUTPUT -j AMBIT_OUTPUT",
+                "COMMIT",
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_keeps_the_configured_exclusions_open() {
+        let doc = render_apply_v6(&RuleConfig::dedicated(), &Existing::default());
+        for rule in [
+            "-A AMBIT_INPUT -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
+            "-A AMBIT_OUTPUT -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
+            "-A AMBIT_INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j RETURN",
+            "-A AMBIT_OUTPUT -p tcp -m tcp --dport 15012 -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j RETURN",
+        ] {
+            assert!(doc.contains(&format!("{rule}\n")), "{rule} missing:\n{doc}");
+        }
+        // Exclusions come before the verdicts, or they would never match.
+        assert!(doc.find("--dport 22").unwrap() < doc.find("-j DROP").unwrap());
+        assert!(doc.find("--dport 15012").unwrap() < doc.find("-j REJECT").unwrap());
+        assert!(
+            !render_apply_v6(&RuleConfig::default(), &Existing::default()).contains("conntrack")
+        );
+    }
+
+    #[test]
+    fn ipv6_reapply_keeps_one_jump_and_remove_takes_all_of_ours() {
+        let saved = "\
+*filter
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:AMBIT_INPUT - [0:0]
+:AMBIT_OUTPUT - [0:0]
+-A INPUT -j AMBIT_INPUT
+-A OUTPUT -j AMBIT_OUTPUT
+-A OUTPUT -d ::1/128 -j ACCEPT
+-A AMBIT_INPUT -j DROP
+COMMIT
+";
+        let existing = parse_save(saved);
+        let doc = render_apply_v6(&RuleConfig::default(), &existing);
+        assert!(!doc.contains("-A INPUT "), "{doc}");
+        assert!(!doc.contains("-A OUTPUT "), "{doc}");
+        assert_eq!(
+            render_remove(&existing).unwrap(),
+            "\
+*filter
+-D INPUT -j AMBIT_INPUT
+-D OUTPUT -j AMBIT_OUTPUT
+-F AMBIT_INPUT
+-X AMBIT_INPUT
+-F AMBIT_OUTPUT
+-X AMBIT_OUTPUT
+COMMIT
+"
+        );
     }
 
     #[test]

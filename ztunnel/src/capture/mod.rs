@@ -12,7 +12,9 @@
 //! `iptables-restore` only; all I/O stays on the main runtime), and three listeners inside the
 //! pod: 127.0.0.1:15001 (outbound, REDIRECT), 0.0.0.0:15006 (inbound plaintext, TPROXY,
 //! IP_TRANSPARENT), 0.0.0.0:15008 (HBONE, not redirected). ztunnel's own sockets in the pod
-//! carry SO_MARK 0x539 (mask 0xfff). IPv4 only for now: IPv6 traffic is not captured.
+//! carry SO_MARK 0x539 (mask 0xfff). IPv4 only for now: IPv6 is not captured but closed
+//! (`ip6tables` rules beside the IPv4 ones drop every IPv6 packet of an enrolled pod except
+//! loopback and link-level ICMPv6), so a dual-stack pod cannot leave the mesh through it.
 //!
 //! This module only moves packets to ztunnel; deciding what to do with a connection is the
 //! proxy's job. No `unsafe` is needed: `setns` and every socket option have safe wrappers (nix,

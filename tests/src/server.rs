@@ -4,7 +4,7 @@
 //! fixture does not depend on the runtime of the code under test.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -40,10 +40,17 @@ pub struct ReplyServer {
 impl ReplyServer {
     /// Listens on 0.0.0.0:`port` inside `pod`.
     pub fn start(pod: &Pod, port: u16) -> anyhow::Result<Self> {
-        let listener = in_netns(&pod.netns, move || {
-            TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-        })?
-        .with_context(|| format!("cannot listen on port {port} in {}", pod.netns))?;
+        Self::listen(pod, Ipv4Addr::UNSPECIFIED.into(), pod.ip.into(), port)
+    }
+
+    /// Listens on the pod's IPv6 address, `[ip6]:port`, inside `pod`.
+    pub fn start_v6(pod: &Pod, port: u16) -> anyhow::Result<Self> {
+        Self::listen(pod, pod.ip6.into(), pod.ip6.into(), port)
+    }
+
+    fn listen(pod: &Pod, bind: IpAddr, reachable: IpAddr, port: u16) -> anyhow::Result<Self> {
+        let listener = in_netns(&pod.netns, move || TcpListener::bind((bind, port)))?
+            .with_context(|| format!("cannot listen on {bind} port {port} in {}", pod.netns))?;
         // Polled, so Drop can stop the loop without a connection from inside the namespace.
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -55,7 +62,7 @@ impl ReplyServer {
                 move || accept_loop(&listener, &stop, &seen)
             })?;
         Ok(Self {
-            addr: SocketAddr::new(pod.ip.into(), port),
+            addr: SocketAddr::new(reachable, port),
             stop,
             seen,
             thread: Some(thread),

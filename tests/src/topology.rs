@@ -6,8 +6,10 @@
 //! node k (1-based) is 10.77.0.(10+k)/24 on the fabric bridge; its pods are 10.77.k.2, .3, ...
 //! as /32s behind a veth each, with 10.77.k.1 (on every node-side veth) as their gateway. Nodes
 //! forward, and route each remote node's 10.77.m.0/24 via that node. Pods use strict rp_filter.
+//! Everything is dual-stack: the IPv6 plan mirrors the IPv4 one in fd77::/48 (node k is
+//! fd77::(10+k)/64, its pods fd77:k::2, ::3, ... with gateway fd77:k::1); see `ambitctl::local::net`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -34,6 +36,8 @@ pub struct Pod {
     pub netns: String,
     /// The pod IP.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address.
+    pub ip6: Ipv6Addr,
     /// The node's namespace name.
     pub node_netns: String,
 }
@@ -47,6 +51,8 @@ pub struct Node {
     pub netns: String,
     /// The node's fabric address.
     pub ip: Ipv4Addr,
+    /// The node's IPv6 fabric address.
+    pub ip6: Ipv6Addr,
 }
 
 /// Describes the nodes and pods of one test.
@@ -124,6 +130,7 @@ impl TopologyBuilder {
                 name: name.clone(),
                 netns,
                 ip,
+                ip6: net::node_ip6(k + 1)?,
             });
         }
         let indexed: Vec<(&str, usize)> = topo
@@ -156,6 +163,7 @@ impl TopologyBuilder {
                 name: name.clone(),
                 netns,
                 ip: pod_ip,
+                ip6: net::pod_ip6(k, j)?,
                 node_netns: node.netns.clone(),
             });
         }
@@ -263,9 +271,19 @@ mod tests {
         assert_eq!(a.ip, Ipv4Addr::new(10, 77, 1, 2));
         assert_eq!(c.ip, Ipv4Addr::new(10, 77, 1, 3));
         assert_eq!(b.ip, Ipv4Addr::new(10, 77, 2, 2));
+        assert_eq!(b.ip6, "fd77:2::2".parse::<Ipv6Addr>().unwrap());
         let server = ReplyServer::start(b, 7000).unwrap();
         let local = ReplyServer::start(c, 7000).unwrap();
-        for (from, to) in [(a, server.addr()), (a, local.addr()), (c, server.addr())] {
+        let server6 = ReplyServer::start_v6(b, 7001).unwrap();
+        let local6 = ReplyServer::start_v6(c, 7001).unwrap();
+        for (from, to) in [
+            (a, server.addr()),
+            (a, local.addr()),
+            (c, server.addr()),
+            (a, server6.addr()),
+            (a, local6.addr()),
+            (c, server6.addr()),
+        ] {
             let mut s = connect_from(from, to).unwrap();
             let seen = read_greeting(&mut s).unwrap();
             // No NAT anywhere: servers see pod IPs.

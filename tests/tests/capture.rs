@@ -319,6 +319,10 @@ async fn teardown_removes_rules_routes_and_listeners() -> anyhow::Result<()> {
     assert!(
         exec_in(&a.netns, &["ip", "-4", "rule", "show"])?.contains("fwmark 0x111/0xfff lookup 133")
     );
+    // IPv6 is closed beside the IPv4 capture.
+    let saved6 = save(&a, "ip6tables-save")?;
+    assert!(saved6.contains("-A OUTPUT -j AMBIT_OUTPUT"), "{saved6}");
+    assert!(saved6.contains("-A AMBIT_INPUT -j DROP"), "{saved6}");
     assert!(
         exec_in(&a.netns, &["ip", "-4", "route", "show", "table", "133"])?
             .contains("local default dev lo")
@@ -329,6 +333,11 @@ async fn teardown_removes_rules_routes_and_listeners() -> anyhow::Result<()> {
 
     let saved = save(&a, "iptables-save")?;
     assert!(!saved.contains("AMBIT"), "rules left behind:\n{saved}");
+    let saved6 = save(&a, "ip6tables-save")?;
+    assert!(
+        !saved6.contains("AMBIT"),
+        "IPv6 rules left behind:\n{saved6}"
+    );
     let rules = exec_in(&a.netns, &["ip", "-4", "rule", "show"])?;
     assert!(
         !rules.contains("fwmark"),

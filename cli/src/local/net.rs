@@ -10,13 +10,19 @@
 //!    '-- n2 <veth> eth0 [node 2: 10.77.0.12, ip_forward] p0 <veth> eth0 [pod: 10.77.2.2/32]
 //! ```
 //!
+//! Every node and pod is dual-stack: the IPv6 plan mirrors the IPv4 one digit for digit in the
+//! ULA prefix fd77::/48 (10.77.0.11 is fd77::11/64 on the fabric, pod 10.77.1.2 is
+//! fd77:1::2/128, its gateway fd77:1::1, node k's pods fd77:k::/64). IPv6 addresses are added
+//! with `nodad`: duplicate address detection would keep them unusable for a second or more
+//! after creation, and the plan guarantees they are unique.
+//!
 //! Interfaces are created directly inside the namespaces, so their short names (`eth0`, `p0`,
 //! `n1`) never meet in the host's namespace: nothing here touches the root namespace's links,
 //! routes or iptables. We drive `ip` (iproute2) rather than netlink: the commands are what an
 //! operator would type to inspect or repair the same state, and errors quote them.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
 use nix::sched::{setns, CloneFlags};
@@ -184,6 +190,50 @@ pub fn pod_ip(k: usize, j: usize) -> Result<Ipv4Addr, NetError> {
     ))
 }
 
+/// The IPv6 twin of an IPv4 plan number: its decimal digits read as hex, so that 10.77.1.12
+/// becomes fd77:1::12 and the two plans can be read side by side.
+fn mirror(what: &'static str, n: usize) -> Result<u16, NetError> {
+    let n = octet(what, n)?;
+    // Up to three decimal digits always parse as hex and fit in 16 bits.
+    u16::from_str_radix(&n.to_string(), 16).map_err(|_| NetError::Plan {
+        what,
+        n: usize::from(n),
+    })
+}
+
+/// Node k's IPv6 address on the fabric: fd77::(10+k), in a /64.
+pub fn node_ip6(k: usize) -> Result<Ipv6Addr, NetError> {
+    let host = mirror("node", 10 + k)?;
+    Ok(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, host))
+}
+
+/// The IPv6 gateway of node k's pods: fd77:k::1.
+pub fn pod_gateway6(k: usize) -> Result<Ipv6Addr, NetError> {
+    Ok(Ipv6Addr::new(0xfd77, mirror("node", k)?, 0, 0, 0, 0, 0, 1))
+}
+
+/// Pod j's (0-based, per node) IPv6 address on node k: fd77:k::(j+2).
+pub fn pod_ip6(k: usize, j: usize) -> Result<Ipv6Addr, NetError> {
+    Ok(Ipv6Addr::new(
+        0xfd77,
+        mirror("node", k)?,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mirror("pod", j + 2)?,
+    ))
+}
+
+/// Node k's IPv6 pod subnet, fd77:k::/64.
+fn pod_subnet6(k: usize) -> Result<String, NetError> {
+    Ok(format!("fd77:{:x}::/64", mirror("node", k)?))
+}
+
+/// The IPv6 address the fabric's bridge carries with [`FABRIC_IP`].
+pub const FABRIC_IP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
+
 /// The address the fabric's bridge may carry (where a controller listens for the nodes).
 pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
@@ -203,6 +253,17 @@ pub fn make_fabric_bridge(fabric: &str, with_address: bool) -> Result<(), NetErr
             fabric,
             &["addr", "add", &format!("{FABRIC_IP}/24"), "dev", "br0"],
         )?;
+        ip(
+            fabric,
+            &[
+                "addr",
+                "add",
+                &format!("{FABRIC_IP6}/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ],
+        )?;
     }
     ip(fabric, &["link", "set", "br0", "up"])?;
     Ok(())
@@ -221,6 +282,7 @@ pub fn attach_node(fabric: &str, node: &str, k: usize) -> Result<Ipv4Addr, NetEr
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv6.conf.all.forwarding=1",
         ],
     )?;
     let uplink = format!("n{k}");
@@ -236,11 +298,23 @@ pub fn attach_node(fabric: &str, node: &str, k: usize) -> Result<Ipv4Addr, NetEr
         node,
         &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"],
     )?;
+    ip(
+        node,
+        &[
+            "addr",
+            "add",
+            &format!("{}/64", node_ip6(k)?),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
     ip(node, &["link", "set", "eth0", "up"])?;
     Ok(node_ip)
 }
 
-/// Routes every node's pod subnet (10.77.m.0/24) from every other node, via that node.
+/// Routes every node's pod subnets (10.77.m.0/24, fd77:m::/64) from every other node, via
+/// that node.
 /// `nodes` holds (namespace, 1-based index) pairs.
 pub fn route_between_nodes(nodes: &[(&str, usize)]) -> Result<(), NetError> {
     for (ns, k) in nodes {
@@ -250,6 +324,17 @@ pub fn route_between_nodes(nodes: &[(&str, usize)]) -> Result<(), NetError> {
                 ip(
                     ns,
                     &["route", "add", &subnet, "via", &node_ip(*m)?.to_string()],
+                )?;
+                ip(
+                    ns,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &pod_subnet6(*m)?,
+                        "via",
+                        &node_ip6(*m)?.to_string(),
+                    ],
                 )?;
             }
         }
@@ -266,13 +351,24 @@ pub fn route_fabric_to_pods(fabric: &str, nodes: &[(&str, usize)]) -> Result<(),
             fabric,
             &["route", "add", &subnet, "via", &node_ip(*k)?.to_string()],
         )?;
+        ip(
+            fabric,
+            &[
+                "-6",
+                "route",
+                "add",
+                &pod_subnet6(*k)?,
+                "via",
+                &node_ip6(*k)?.to_string(),
+            ],
+        )?;
     }
     Ok(())
 }
 
 /// Plugs pod j (0-based on its node; its namespace exists) into node k: veth `p<j>` in the
-/// node with the gateway address and a /32 route, `eth0` with [`pod_ip`] in the pod and a
-/// default route via the gateway. Pods use strict reverse-path filtering, as many
+/// node with the gateway addresses and a /32 and a /128 route, `eth0` with [`pod_ip`] and
+/// [`pod_ip6`] in the pod and a default route of each family via the gateway. Pods use strict reverse-path filtering, as many
 /// distributions set it: the harder case for ztunnel's transparent dials from a client IP
 /// that is not local to the pod. Returns the pod's address.
 pub fn attach_pod(node: &str, k: usize, pod: &str, j: usize) -> Result<Ipv4Addr, NetError> {
@@ -299,20 +395,62 @@ pub fn attach_pod(node: &str, k: usize, pod: &str, j: usize) -> Result<Ipv4Addr,
         node,
         &["addr", "add", &format!("{gateway}/32"), "dev", &host_side],
     )?;
+    let gateway6 = pod_gateway6(k)?.to_string();
+    let pod_ip6 = pod_ip6(k, j)?;
+    ip(
+        node,
+        &[
+            "addr",
+            "add",
+            &format!("{gateway6}/128"),
+            "dev",
+            &host_side,
+            "nodad",
+        ],
+    )?;
     ip(node, &["link", "set", &host_side, "up"])?;
     ip(
         node,
         &["route", "add", &format!("{pod_ip}/32"), "dev", &host_side],
     )?;
     ip(
+        node,
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("{pod_ip6}/128"),
+            "dev",
+            &host_side,
+        ],
+    )?;
+    ip(
         pod,
         &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"],
+    )?;
+    ip(
+        pod,
+        &[
+            "addr",
+            "add",
+            &format!("{pod_ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
     )?;
     ip(pod, &["link", "set", "eth0", "up"])?;
     ip(pod, &["route", "add", &gateway, "dev", "eth0"])?;
     ip(
         pod,
         &["route", "add", "default", "via", &gateway, "dev", "eth0"],
+    )?;
+    ip(pod, &["-6", "route", "add", &gateway6, "dev", "eth0"])?;
+    ip(
+        pod,
+        &[
+            "-6", "route", "add", "default", "via", &gateway6, "dev", "eth0",
+        ],
     )?;
     Ok(pod_ip)
 }
@@ -326,6 +464,19 @@ mod tests {
         assert_eq!(node_ip(1).unwrap(), Ipv4Addr::new(10, 77, 0, 11));
         assert_eq!(pod_gateway(2).unwrap(), Ipv4Addr::new(10, 77, 2, 1));
         assert_eq!(pod_ip(2, 0).unwrap(), Ipv4Addr::new(10, 77, 2, 2));
+        assert_eq!(
+            node_ip6(1).unwrap(),
+            "fd77::11".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            pod_gateway6(2).unwrap(),
+            "fd77:2::1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            pod_ip6(2, 10).unwrap(),
+            "fd77:2::12".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(pod_subnet6(3).unwrap(), "fd77:3::/64");
         assert!(matches!(
             pod_ip(1, 248),
             Err(NetError::Plan { what: "pod", .. })

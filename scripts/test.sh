@@ -8,6 +8,8 @@ cd "$here/.."
 
 need_root
 system_deps
+# tests/tests/images.rs builds the container images with buildah.
+apt_install buildah
 rust_toolchain
 
 echo "== cargo fmt --check" >&2

@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long, default_value = ambit_manifests::DEFAULT_NAMESPACE)]
     namespace: String,
     /// Registry (and path) of the images: <registry>/{controller,ztunnel,waypoint}:<tag>.
-    #[arg(long, default_value = ambit_manifests::DEFAULT_IMAGE_REGISTRY)]
+    #[arg(long, visible_alias = "registry", default_value = ambit_manifests::DEFAULT_IMAGE_REGISTRY)]
     image_registry: String,
     /// Image tag of every component.
     #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]

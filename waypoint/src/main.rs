@@ -46,7 +46,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
-#[command(about = "Ambit's L7 proxy")]
+#[command(name = "waypoint", version, about = "Ambit's L7 proxy")]
 struct Args {
     /// SPIFFE identity of this waypoint; by default
     /// `spiffe://<trust domain>/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT`.

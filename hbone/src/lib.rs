@@ -9,6 +9,7 @@
 //!   connection and stream, the tunnel stream, and a copy loop.
 //! - [`control`]: the proxies' TLS channel to the controller (gRPC), checking its SPIFFE
 //!   identity against the mesh root.
+//! - [`throttle`]: per-cause rate limiting of log lines a peer can trigger at line rate.
 //!
 //! This crate knows nothing of Kubernetes, discovery or policy: callers decide who may
 //! talk to whom; this crate proves who is talking and carries the bytes.
@@ -25,6 +26,7 @@ pub mod server;
 pub mod stream;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod throttle;
 pub mod tls;
 
 pub use identity::Identity;

@@ -15,6 +15,11 @@
 //! `RecvStream` straight to the tunnel type (hyper's upgrade path adds a buffering layer and
 //! a body type we do not need), and h2 exposes GOAWAY (`graceful_shutdown`) directly.
 //!
+//! Admission: before any TLS, [`Handler::admit`] may refuse a new TCP connection (a node
+//! proxy over its connection or handshake limits); the server then resets it at once (RST,
+//! no TIME_WAIT, no bytes read). Failed handshakes and accepts are logged through a
+//! [`LogThrottle`], so a flood of junk costs a few lines per cause, not one per connection.
+//!
 //! Draining: when the drain future given to [`Server::run`] completes, the listener closes,
 //! every open connection sends GOAWAY (no new streams, open ones continue), and after
 //! [`ServerSettings::drain_deadline`] whatever is left is cut.
@@ -34,6 +39,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::stream::TunnelStream;
+use crate::throttle::LogThrottle;
 use crate::tls::{self, ALPN_H2};
 use crate::Identity;
 
@@ -85,6 +91,21 @@ pub enum ServerError {
     /// TLS plus HTTP/2 handshakes did not finish within the handshake timeout.
     #[error("handshake with {peer} did not finish within {timeout:?}")]
     HandshakeTimeout { peer: SocketAddr, timeout: Duration },
+}
+
+impl ServerError {
+    /// A short fixed name of the failure, for metric labels and log throttling.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            ServerError::Accept(_) => "accept",
+            ServerError::Config(_) => "no_tls_config",
+            ServerError::Tls { .. } => "tls",
+            ServerError::Alpn { .. } => "alpn",
+            ServerError::Identity { .. } => "identity",
+            ServerError::Http2 { .. } => "http2",
+            ServerError::HandshakeTimeout { .. } => "handshake_timeout",
+        }
+    }
 }
 
 /// Where the server gets its TLS configuration, once per accepted connection (so a rotated
@@ -156,6 +177,27 @@ impl Refusal {
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
+
+    /// A fixed name of the kind of refusal, for log throttling.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Refusal::Unauthenticated(_) => "connect_401",
+            Refusal::Forbidden(_) => "connect_403",
+            Refusal::Unreachable(_) => "connect_503",
+            Refusal::BadRequest(_) => "connect_400",
+            Refusal::MethodNotAllowed(_) => "connect_405",
+        }
+    }
+}
+
+/// What [`Handler::admit`] lets a new connection hold: guards (typically semaphore permits)
+/// dropped when the handshake ends, and when the connection closes.
+#[derive(Default)]
+pub struct Admission {
+    /// Held from accept until the TLS and HTTP/2 handshakes end (either way).
+    pub handshake: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Held for the whole life of the connection.
+    pub connection: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// What the server does with each well-formed `CONNECT`: decide, then serve.
@@ -178,6 +220,17 @@ pub trait Handler: Send + Sync + 'static {
         accepted: Self::Accepted,
         stream: TunnelStream,
     ) -> impl Future<Output = ()> + Send;
+
+    /// Called for every accepted TCP connection before anything is read from it. `None`
+    /// refuses it: the server resets it at once. The handler counts and logs its refusals
+    /// (it knows which limit was hit). Default: admit, holding nothing.
+    fn admit(&self, _peer: SocketAddr) -> Option<Admission> {
+        Some(Admission::default())
+    }
+
+    /// A connection failed before HTTP/2 was up (the server has counted it in
+    /// [`ServerStats`] and logged it, throttled); for the caller's own metrics.
+    fn handshake_failed(&self, _error: &ServerError) {}
 }
 
 /// HTTP/2 flow-control and framing settings, shared by the server and the client pool.
@@ -257,6 +310,8 @@ pub struct ServerSettings {
     pub h2: H2Settings,
     /// PINGs that find clients which vanished without closing; `None` disables them.
     pub keepalive: Option<Keepalive>,
+    /// Bounds the lines written for failed handshakes and accepts (share one per process).
+    pub log_throttle: Arc<LogThrottle>,
 }
 
 impl Default for ServerSettings {
@@ -267,6 +322,7 @@ impl Default for ServerSettings {
             max_concurrent_streams: 1000,
             h2: H2Settings::default(),
             keepalive: Some(Keepalive::default()),
+            log_throttle: Arc::default(),
         }
     }
 }
@@ -395,12 +451,19 @@ impl<C: ServerConfigSource, H: Handler> Server<C, H> {
                             // Usually a per-connection failure (the peer reset before accept)
                             // or a transient lack of file descriptors; back off briefly rather
                             // than spin or give up.
-                            warn!(error = %ServerError::Accept(err), "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            let err = ServerError::Accept(err);
+                            if let Some(suppressed) = settings.log_throttle.admit("hbone_accept") {
+                                warn!(error = %err, suppressed, "accept failed");
+                            }
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
                             continue;
                         }
                     };
                     ServerStats::inc(&stats.connections_accepted);
+                    let Some(admission) = handler.admit(peer) else {
+                        reset(tcp);
+                        continue;
+                    };
                     let conn = Connection {
                         configs: configs.clone(),
                         handler: handler.clone(),
@@ -409,7 +472,7 @@ impl<C: ServerConfigSource, H: Handler> Server<C, H> {
                         drain: drain_rx.clone(),
                         peer,
                     };
-                    connections.spawn(conn.serve(tcp));
+                    connections.spawn(conn.serve(tcp, admission));
                 }
                 // Reap finished connection tasks so the set does not grow without bound.
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -433,6 +496,17 @@ impl<C: ServerConfigSource, H: Handler> Server<C, H> {
     }
 }
 
+/// Pause after a failed `accept`: long enough not to spin on EMFILE, short enough that
+/// serving resumes as soon as descriptors are free again.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Closes a refused connection with RST: `SO_LINGER 0` makes the close abortive, so the
+/// refusal costs no TIME_WAIT entry and the client learns at once.
+pub fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
 /// One accepted connection and what it needs.
 struct Connection<C, H> {
     configs: Arc<C>,
@@ -444,7 +518,11 @@ struct Connection<C, H> {
 }
 
 impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
-    async fn serve(mut self, tcp: TcpStream) {
+    async fn serve(mut self, tcp: TcpStream, admission: Admission) {
+        let Admission {
+            handshake: handshake_guard,
+            connection: _connection_guard,
+        } = admission;
         let peer = self.peer;
         let local = match tcp.local_addr() {
             Ok(local) => local,
@@ -457,17 +535,12 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
         let _ = tcp.set_nodelay(true);
         let timeout = self.settings.handshake_timeout;
         let handshake = tokio::time::timeout(timeout, self.handshake(tcp, local)).await;
+        drop(handshake_guard);
         let (mut h2, identity) = match handshake {
             Ok(Ok(established)) => established,
-            Ok(Err(err)) => {
-                ServerStats::inc(&self.stats.handshakes_failed);
-                info!(%peer, error = %err, "HBONE handshake failed");
-                return;
-            }
+            Ok(Err(err)) => return self.handshake_failed(err),
             Err(_) => {
-                ServerStats::inc(&self.stats.handshakes_failed);
-                info!(%peer, error = %ServerError::HandshakeTimeout { peer, timeout }, "HBONE handshake failed");
-                return;
+                return self.handshake_failed(ServerError::HandshakeTimeout { peer, timeout })
             }
         };
         ServerStats::inc(&self.stats.connections_established);
@@ -492,6 +565,7 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
                         let stream = StreamContext {
                             handler: self.handler.clone(),
                             stats: self.stats.clone(),
+                            throttle: self.settings.log_throttle.clone(),
                             peer_identity: identity.clone(),
                             peer_addr: peer,
                             local_addr: local,
@@ -528,6 +602,16 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
         // (and the upstream sockets they hold) end too.
         drop(h2);
         while streams.join_next().await.is_some() {}
+    }
+
+    /// Counts and reports a failed handshake; logs it, at most once per interval per cause
+    /// (junk floods reach this at line rate).
+    fn handshake_failed(&self, err: ServerError) {
+        ServerStats::inc(&self.stats.handshakes_failed);
+        self.handler.handshake_failed(&err);
+        if let Some(suppressed) = self.settings.log_throttle.admit(err.cause()) {
+            info!(peer = %self.peer, error = %err, suppressed, "HBONE handshake failed");
+        }
     }
 
     async fn handshake(
@@ -587,6 +671,7 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
 struct StreamContext<H> {
     handler: Arc<H>,
     stats: Arc<ServerStats>,
+    throttle: Arc<LogThrottle>,
     peer_identity: Identity,
     peer_addr: SocketAddr,
     local_addr: SocketAddr,
@@ -612,14 +697,17 @@ impl<H: Handler> StreamContext<H> {
             Ok(ok) => ok,
             Err(refusal) => {
                 ServerStats::inc(&self.stats.streams_refused);
-                info!(
-                    peer = %self.peer_addr,
-                    identity = %self.peer_identity,
-                    uri = %parts.uri,
-                    status = refusal.status().as_u16(),
-                    reason = %refusal,
-                    "HBONE CONNECT refused"
-                );
+                if let Some(suppressed) = self.throttle.admit(refusal.cause()) {
+                    info!(
+                        peer = %self.peer_addr,
+                        identity = %self.peer_identity,
+                        uri = %parts.uri,
+                        status = refusal.status().as_u16(),
+                        reason = %refusal,
+                        suppressed,
+                        "HBONE CONNECT refused"
+                    );
+                }
                 let _ = respond.send_response(status_response(refusal.status()), true);
                 return;
             }

@@ -31,6 +31,12 @@ use crate::state::State;
 /// loop or a probe of the proxy itself, never application traffic.
 pub const ZTUNNEL_PORTS: [u16; 7] = [15001, 15006, 15008, 15000, 15020, 15021, 15053];
 
+/// The listeners ztunnel opens inside every pod (outbound, inbound plaintext, HBONE, DNS). A
+/// connection from the pod to one of them on loopback or on the pod's own address reaches
+/// ztunnel itself, un-NATed: its "original destination" is the listener, and dialling it again
+/// would loop until the node runs out of descriptors.
+pub const POD_LISTENER_PORTS: [u16; 4] = [15001, 15006, 15008, 15053];
+
 /// What to do with a connection an enrolled pod opened (captured on 15001).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Outbound {
@@ -68,6 +74,9 @@ pub enum Outbound {
     },
     /// Close the connection: the destination cannot be served.
     Refuse(String),
+    /// Reset the connection at once: it is addressed to one of ztunnel's own listeners in the
+    /// pod, so serving it would dial that listener again (a loop).
+    SelfDial { destination: SocketAddr },
 }
 
 /// One endpoint a connection to a VIP may go to.
@@ -319,6 +328,14 @@ fn to_workload(
     }
 }
 
+/// True when `dst` is one of ztunnel's listeners in `source`'s own namespace: loopback, the
+/// unspecified address (which connects locally) or one of the pod's addresses.
+fn is_self_dial(source: &Workload, dst: SocketAddr) -> bool {
+    let ip = dst.ip();
+    POD_LISTENER_PORTS.contains(&dst.port())
+        && (ip.is_loopback() || ip.is_unspecified() || source.has_address(ip))
+}
+
 /// Decides where a connection from `source` to `original_dst` (its original destination,
 /// as captured) goes. `chooser` picks among equally near endpoints of a VIP.
 pub fn outbound(
@@ -328,6 +345,9 @@ pub fn outbound(
     chooser: &dyn Chooser,
 ) -> Outbound {
     let dst = SocketAddr::new(original_dst.ip().to_canonical(), original_dst.port());
+    if is_self_dial(source, dst) {
+        return Outbound::SelfDial { destination: dst };
+    }
     if let Some(svc) = state.service_by_vip(dst.ip()) {
         let describe = || format!("service {}/{}", svc.namespace, svc.name);
         let Some(port) = svc.port(dst.port()) else {

@@ -172,6 +172,7 @@ fn summary(o: &Outbound) -> String {
             ..
         } => format!("waypoint {peer} {authority} {expected_identity}"),
         Outbound::Refuse(r) => format!("refuse {r}"),
+        Outbound::SelfDial { destination } => format!("self-dial {destination}"),
     }
 }
 
@@ -180,6 +181,7 @@ fn outbound_table() {
     let s = mesh();
     let client = s.workload_by_uid("client/c").unwrap().clone();
     let waypoint = s.workload_by_uid("app/wp").unwrap().clone();
+    let s2 = s.workload_by_uid("app/s2").unwrap().clone();
     let cases: Vec<(&str, &Arc<Workload>, &str, &str)> = vec![
         (
             "unknown address",
@@ -294,6 +296,76 @@ fn outbound_table() {
             &client,
             "[::ffff:10.0.2.20]:8080",
             "hbone 10.0.2.20:15008 10.0.2.20:8080 spiffe://cluster.local/ns/app/sa/s2 svc=-",
+        ),
+        // An un-NATed connection to the outbound listener reports the listener itself as its
+        // original destination; passing it through would dial 15001 again, forever.
+        (
+            "loopback outbound listener",
+            &client,
+            "127.0.0.1:15001",
+            "self-dial 127.0.0.1:15001",
+        ),
+        (
+            "any loopback address",
+            &client,
+            "127.0.0.53:15053",
+            "self-dial 127.0.0.53:15053",
+        ),
+        (
+            "IPv6 loopback",
+            &client,
+            "[::1]:15006",
+            "self-dial [::1]:15006",
+        ),
+        (
+            "IPv4-mapped loopback",
+            &client,
+            "[::ffff:127.0.0.1]:15001",
+            "self-dial 127.0.0.1:15001",
+        ),
+        (
+            "unspecified address connects locally",
+            &client,
+            "0.0.0.0:15001",
+            "self-dial 0.0.0.0:15001",
+        ),
+        (
+            "the pod's own address, HBONE port",
+            &client,
+            "10.0.1.10:15008",
+            "self-dial 10.0.1.10:15008",
+        ),
+        (
+            "the pod's own address, inbound port",
+            &client,
+            "10.0.1.10:15006",
+            "self-dial 10.0.1.10:15006",
+        ),
+        (
+            "the pod's own IPv6 address",
+            &s2,
+            "[fd00::2:20]:15001",
+            "self-dial [fd00::2:20]:15001",
+        ),
+        // Not loops: another pod's 15008 is its HBONE port (a mesh peer dialling it directly
+        // is refused at that peer, not here), loopback on other ports is the pod's own app.
+        (
+            "another pod's HBONE port",
+            &client,
+            "10.0.2.20:15008",
+            "hbone 10.0.2.20:15008 10.0.2.20:15008 spiffe://cluster.local/ns/app/sa/s2 svc=-",
+        ),
+        (
+            "loopback app port",
+            &client,
+            "127.0.0.1:8080",
+            "passthrough 127.0.0.1:8080",
+        ),
+        (
+            "ops port on loopback is the pod's own business",
+            &client,
+            "127.0.0.1:15000",
+            "passthrough 127.0.0.1:15000",
         ),
     ];
     for (name, source, dst, want) in cases {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ambit_hbone::ca::CertificateAuthority;
+use ambit_hbone::throttle::LogThrottle;
 use serde_json::json;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
@@ -28,6 +29,7 @@ use crate::discovery::{Backoff, DiscoveryClient, DiscoveryConfig};
 use crate::drain::{self, DrainOutcome, DrainTrigger, ShutdownRequest};
 use crate::enrollment::{CaptureMode, Enrollment, RetryPolicy, Statuses};
 use crate::http_server::ServerError;
+use crate::limits::NodeLimits;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::proxy::{ProxySettings, Shared};
 use crate::readiness::{ReadinessServer, Ready};
@@ -130,6 +132,25 @@ impl DefaultCa {
             CaSource::Injected => Err(AppError::NoCa),
         }
     }
+}
+
+/// The node's budgets, sized from the descriptor limit in force (`main` raised it).
+fn node_limits(config: &Config) -> NodeLimits {
+    let nofile = crate::limits::current_nofile().unwrap_or_else(|e| {
+        // Only if getrlimit itself fails; size for the common soft default.
+        tracing::warn!(error = %error_chain(&e), "cannot read the descriptor limit; assuming 1024");
+        1024
+    });
+    let limits = NodeLimits::new(config.limits.clone(), nofile);
+    tracing::info!(
+        nofile,
+        node_connections = limits.connection_cap(),
+        pod_connections = config.limits.pod_connections,
+        node_handshakes = config.limits.node_handshakes,
+        pod_handshakes = config.limits.pod_handshakes,
+        "connection limits"
+    );
+    limits
 }
 
 /// A static state file and the writer it feeds.
@@ -248,12 +269,15 @@ impl App {
             drain_deadline: config.drain_deadline,
             ..ProxySettings::default()
         };
+        let limits = node_limits(&config);
         let shared = Shared {
             state: reader.clone(),
             certs: certs.clone(),
             metrics: metrics.clone(),
             balancer: Balancer::new(),
             settings: Arc::new(settings),
+            throttle: Arc::new(LogThrottle::new(limits.limits().log_interval)),
+            limits,
         };
         let capture = match config.mode {
             Mode::Node => CaptureMode::Node(Arc::new(CaptureManager::new(CaptureConfig {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use ambit_hbone::Identity;
 
 use crate::capture::RuleConfig;
+use crate::limits::{LimitArgs, Limits};
 use crate::telemetry::LogArgs;
 
 /// Why the command line does not describe a runnable ztunnel.
@@ -109,6 +110,8 @@ pub struct Args {
     #[arg(long, default_value_t = 24 * 3600, env = "AMBIT_CERT_VALIDITY_SECONDS")]
     pub cert_validity_seconds: u64,
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -154,6 +157,8 @@ pub struct Config {
     pub cert_validity: Duration,
     /// How often a static state file is checked for changes.
     pub static_poll: Duration,
+    /// Connection and handshake caps, timeouts, descriptor reserve.
+    pub limits: Limits,
 }
 
 impl Config {
@@ -180,6 +185,7 @@ impl Config {
             drain_deadline: Duration::from_secs(2),
             cert_validity: ambit_hbone::ca::DEFAULT_CERT_VALIDITY,
             static_poll: Duration::from_millis(500),
+            limits: Limits::default(),
         }
     }
 }
@@ -289,6 +295,7 @@ impl TryFrom<Args> for Config {
             drain_deadline: Duration::from_secs(a.drain_seconds),
             cert_validity: Duration::from_secs(a.cert_validity_seconds),
             static_poll: Duration::from_secs(1),
+            limits: a.limits.into(),
         })
     }
 }
@@ -338,5 +345,27 @@ mod tests {
         .unwrap();
         assert!(cfg.strict_inbound);
         assert!(matches!(cfg.ca, CaSource::Local { .. }));
+    }
+
+    #[test]
+    fn limits_have_defaults_and_flags() {
+        let base = ["--static-state", "/s.yaml", "--ca-address", "http://ca:1"];
+        let cfg = parse(&base).unwrap();
+        assert_eq!(cfg.limits, Limits::default());
+        assert_eq!(cfg.limits.pod_connections, 4096);
+        assert_eq!(cfg.limits.first_byte_timeout, Duration::from_secs(30));
+        let mut args = base.to_vec();
+        args.extend([
+            "--pod-connection-limit",
+            "10",
+            "--node-handshake-limit",
+            "3",
+            "--plaintext-idle-timeout-seconds",
+            "7",
+        ]);
+        let cfg = parse(&args).unwrap();
+        assert_eq!(cfg.limits.pod_connections, 10);
+        assert_eq!(cfg.limits.node_handshakes, 3);
+        assert_eq!(cfg.limits.plaintext_idle_timeout, Duration::from_secs(7));
     }
 }

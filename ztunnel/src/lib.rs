@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod drain;
 pub mod enrollment;
 pub mod http_server;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod readiness;

@@ -182,6 +182,13 @@ struct IdentityLabels {
 
 type ConnectionFamily = Family<ConnectionLabels, Counter>;
 
+/// A fixed cause (a refusal reason, a handshake failure kind): never a peer-chosen value, so
+/// a flood cannot grow the number of series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 /// ztunnel's metrics. Cheap to clone; clones share the registry.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -192,6 +199,8 @@ pub struct Metrics {
     received: ConnectionFamily,
     cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     xds_state: Gauge,
+    refused: Family<ReasonLabels, Counter>,
+    handshakes_failed: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -240,6 +249,18 @@ impl Metrics {
             "1 while the discovery stream to the controller is connected, else 0",
             xds_state.clone(),
         );
+        let refused = Family::default();
+        let handshakes_failed = Family::default();
+        registry.register(
+            "ambit_ztunnel_connections_refused",
+            "New connections reset before being served, by reason (a limit, or a self-dial)",
+            refused.clone(),
+        );
+        registry.register(
+            "ambit_ztunnel_hbone_handshakes_failed",
+            "Inbound HBONE connections that failed before HTTP/2 was up, by reason",
+            handshakes_failed.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             opened,
@@ -248,7 +269,22 @@ impl Metrics {
             received,
             cert_expiry,
             xds_state,
+            refused,
+            handshakes_failed,
         }
+    }
+
+    /// Counts a connection refused before it was served (`reason` from
+    /// [`crate::limits::Refused::as_str`]).
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts an inbound HBONE connection whose handshake failed.
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshakes_failed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Counts a connection as opened and returns its recorder, which counts bytes and

@@ -7,6 +7,11 @@
 //! inside the pod) -> 503 if that fails. `serve` (do): copy until both sides close. Refusals
 //! and failures are logged and counted in `accept`, successes when `serve` ends.
 //!
+//! Limits: before its TLS handshake, a TCP connection needs a handshake permit (pod and node)
+//! and a node connection permit ([`Handler::admit`]; refused -> reset); each `CONNECT` then
+//! needs a permit under the pod's inbound cap and the node's (refused -> 503). Failed
+//! handshakes are counted in `ambit_ztunnel_hbone_handshakes_failed_total`.
+//!
 //! The server takes its TLS config from the pod's [`Credentials`](super::Credentials) on every
 //! connection, so a rotated certificate applies to the next handshake without a restart.
 
@@ -14,20 +19,26 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ambit_hbone::server::{ConnectRequest, Handler, Refusal, Server, ServerSettings};
+use ambit_hbone::server::{
+    Admission, ConnectRequest, Handler, Refusal, Server, ServerError, ServerSettings,
+};
 use ambit_hbone::stream::TunnelStream;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{error_outcome, labels, peer_of, PodProxy, ProxyError, Report, Shared};
+use super::{
+    error_outcome, labels, peer_of, refused_count, PodProxy, ProxyError, Report, Shared, Timeouts,
+};
 use crate::access_log::{Direction, Outcome, Protocol};
 use crate::decision::{self, Inbound};
 use crate::drain::DrainWatcher;
+use crate::limits::{Activity, ConnectionPermit};
 use crate::metrics::{Reporter, ResponseFlags};
 
 /// Serves HBONE for the pod until drain (then GOAWAY, and the drain deadline for open streams).
 pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, drain: DrainWatcher) {
     let settings = ServerSettings {
         drain_deadline: shared.settings.drain_deadline,
+        log_throttle: shared.throttle.clone(),
         ..ServerSettings::default()
     };
     let handler = InboundHandler {
@@ -57,6 +68,8 @@ pub struct InboundHandler {
 pub struct Accepted {
     upstream: TcpStream,
     report: Report,
+    activity: Activity,
+    _permit: ConnectionPermit,
 }
 
 /// The one place an inbound decision's status becomes a refusal.
@@ -79,9 +92,45 @@ fn flags_for(status: u16) -> ResponseFlags {
 impl Handler for InboundHandler {
     type Accepted = Accepted;
 
+    fn admit(&self, peer: SocketAddr) -> Option<Admission> {
+        let (shared, pod) = (&self.shared, &self.pod);
+        let admitted = shared.limits.handshake(&pod.limits).and_then(|handshake| {
+            // The HBONE connection's own descriptor counts against the node; its streams
+            // count against the pod when they open.
+            let connection = shared.limits.connection(None)?;
+            Ok((handshake, connection))
+        });
+        match admitted {
+            Ok((handshake, connection)) => Some(Admission {
+                handshake: Some(Box::new(handshake)),
+                connection: Some(Box::new(connection)),
+            }),
+            Err(why) => {
+                refused_count(shared, pod, peer, why);
+                None
+            }
+        }
+    }
+
+    fn handshake_failed(&self, error: &ServerError) {
+        self.shared.metrics.handshake_failed(error.cause());
+    }
+
     async fn accept(&self, request: &ConnectRequest) -> Result<Accepted, Refusal> {
         let started = Instant::now();
+        let activity = Activity::new();
         let (shared, pod) = (&self.shared, &self.pod);
+        let permit = match shared.limits.connection(Some(&pod.limits.inbound)) {
+            Ok(permit) => permit,
+            Err(why) => {
+                refused_count(shared, pod, request.peer_addr, why);
+                return Err(Refusal::Unreachable(format!(
+                    "{} is over its connection limit ({})",
+                    pod.name,
+                    why.as_str()
+                )));
+            }
+        };
         let state = shared.state.snapshot();
         let client = request.peer_addr;
         let src = state.workload_by_ip(client.ip()).cloned();
@@ -106,7 +155,7 @@ impl Handler for InboundHandler {
         let Some(dst) = dst else {
             let reason = format!("pod {} is no longer in the state", pod.name);
             report.refused(
-                &shared.metrics,
+                shared,
                 ResponseFlags::NoHealthyUpstream,
                 Outcome::Refused {
                     reason: reason.clone().into(),
@@ -125,7 +174,7 @@ impl Handler for InboundHandler {
         let destination = match decided {
             Inbound::Refuse { status, reason } => {
                 report.refused(
-                    &shared.metrics,
+                    shared,
                     flags_for(status),
                     Outcome::Refused {
                         reason: format!("{status}: {reason}").into(),
@@ -143,14 +192,15 @@ impl Handler for InboundHandler {
             }
         };
         match dial_as_client(shared, pod, client, destination).await {
-            Ok(upstream) => Ok(Accepted { upstream, report }),
+            Ok(upstream) => Ok(Accepted {
+                upstream,
+                report,
+                activity,
+                _permit: permit,
+            }),
             Err(e) => {
                 let outcome = error_outcome(&e);
-                report.refused(
-                    &shared.metrics,
-                    ResponseFlags::UpstreamConnectionFailure,
-                    outcome,
-                );
+                report.refused(shared, ResponseFlags::UpstreamConnectionFailure, outcome);
                 Err(Refusal::Unreachable(format!(
                     "cannot connect to {destination}"
                 )))
@@ -162,9 +212,17 @@ impl Handler for InboundHandler {
         let Accepted {
             mut upstream,
             report,
+            activity,
+            _permit,
         } = accepted;
         report
-            .copy(&self.shared.metrics, &mut stream, &mut upstream)
+            .copy(
+                &self.shared.metrics,
+                &mut stream,
+                &mut upstream,
+                activity,
+                Timeouts::first_byte(&self.shared),
+            )
             .await;
     }
 }

@@ -6,6 +6,11 @@
 //! source identity otherwise); an allowed connection is dialled to the app from the client's
 //! IP, like HBONE inbound, and copied. A refusal closes the connection: plain TCP has no
 //! status to send.
+//!
+//! Limits: a permit under the pod's inbound cap and the node's is taken at accept (over
+//! either: reset); a served connection is closed when no byte has moved either way within
+//! the first-byte timeout, or for the plaintext idle timeout (the peer is unauthenticated, so
+//! it must not hold descriptors for free).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +19,11 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::inbound::dial_as_client;
-use super::{error_outcome, labels, peer_of, PodProxy, Report, Shared};
+use super::{error_outcome, labels, peer_of, refuse_new, PodProxy, Report, Shared, Timeouts};
 use crate::access_log::{Direction, Outcome, Protocol};
 use crate::decision::{self, Inbound};
 use crate::drain::DrainWatcher;
+use crate::limits::{Activity, ConnectionPermit};
 use crate::metrics::{Reporter, ResponseFlags};
 
 /// Accepts plaintext connections for the pod until drain.
@@ -29,22 +35,36 @@ pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, dr
         };
         match accepted {
             Ok((stream, peer)) => {
+                let permit = match shared.limits.connection(Some(&pod.limits.inbound)) {
+                    Ok(permit) => permit,
+                    Err(why) => {
+                        refuse_new(&shared, &pod, stream, peer, why);
+                        continue;
+                    }
+                };
                 let (shared, pod, watcher) = (shared.clone(), pod.clone(), drain.clone());
                 tokio::spawn(async move {
-                    let _ = watcher.run(handle(&shared, &pod, stream, peer)).await;
+                    let _ = watcher
+                        .run(handle(&shared, &pod, stream, peer, permit))
+                        .await;
                 });
             }
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "inbound plaintext accept failed");
-                tokio::time::sleep(super::ACCEPT_BACKOFF).await;
-            }
+            Err(e) => super::accept_failed(&shared, &pod, "inbound plaintext accept", e).await,
         }
     }
     tracing::debug!(pod = %pod.name, "inbound plaintext listener closed");
 }
 
-async fn handle(shared: &Shared, pod: &PodProxy, mut client_stream: TcpStream, client: SocketAddr) {
+/// One plaintext connection; `_permit` holds its place under the caps.
+async fn handle(
+    shared: &Shared,
+    pod: &PodProxy,
+    mut client_stream: TcpStream,
+    client: SocketAddr,
+    _permit: ConnectionPermit,
+) {
     let started = Instant::now();
+    let activity = Activity::new();
     let _ = client_stream.set_nodelay(true);
     // TPROXY keeps the original destination as the socket's local address.
     let original = match client_stream.local_addr() {
@@ -76,7 +96,7 @@ async fn handle(shared: &Shared, pod: &PodProxy, mut client_stream: TcpStream, c
     };
     let Some(dst) = dst else {
         report.refused(
-            &shared.metrics,
+            shared,
             ResponseFlags::NoHealthyUpstream,
             Outcome::Refused {
                 reason: format!("pod {} is no longer in the state", pod.name).into(),
@@ -99,7 +119,7 @@ async fn handle(shared: &Shared, pod: &PodProxy, mut client_stream: TcpStream, c
                 _ => ResponseFlags::NoHealthyUpstream,
             };
             report.refused(
-                &shared.metrics,
+                shared,
                 flags,
                 Outcome::Refused {
                     reason: format!("{status}: {reason}").into(),
@@ -110,11 +130,17 @@ async fn handle(shared: &Shared, pod: &PodProxy, mut client_stream: TcpStream, c
             match dial_as_client(shared, pod, client, destination).await {
                 Ok(mut upstream) => {
                     report
-                        .copy(&shared.metrics, &mut client_stream, &mut upstream)
+                        .copy(
+                            &shared.metrics,
+                            &mut client_stream,
+                            &mut upstream,
+                            activity,
+                            Timeouts::plaintext(shared),
+                        )
                         .await
                 }
                 Err(e) => report.refused(
-                    &shared.metrics,
+                    shared,
                     ResponseFlags::UpstreamConnectionFailure,
                     error_outcome(&e),
                 ),

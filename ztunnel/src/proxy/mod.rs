@@ -14,6 +14,13 @@
 //! three share for one pod: its identity's credentials (with the TLS configs cached per
 //! certificate), its HBONE pool (whose sockets are made inside the pod, so tunnels leave from
 //! the pod's IP), and its socket factory.
+//!
+//! Limits (`limits.rs`): each accepted connection first takes a permit from its pod's and the
+//! node's budgets; over a cap it is reset at once ([`refuse_new`]), counted in
+//! `ambit_ztunnel_connections_refused_total` and logged at most once per interval per cause.
+//! Served connections close when silent too long (first byte, and idle for plaintext inbound).
+//! Refusal and failure lines of the access log share that throttle; a served connection
+//! always gets its line.
 
 pub mod credentials;
 pub mod inbound;
@@ -26,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use ambit_hbone::client::{ConnectError, Pool, PoolConfig};
 use ambit_hbone::copy::{CopyError, Transferred};
+use ambit_hbone::throttle::LogThrottle;
 use ambit_hbone::Identity;
+use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::access_log::{self, ConnectionLog, Direction, Outcome, Peer, Protocol};
@@ -35,6 +44,7 @@ use crate::capture::{CapturedPod, PodListeners};
 use crate::certs::{CertManager, CertsError};
 use crate::decision::Balancer;
 use crate::drain::DrainWatcher;
+use crate::limits::{Activity, NodeLimits, PodLimits, Refused, Tracked};
 use crate::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
 use crate::state::{Service, StateReader, Workload};
 
@@ -118,6 +128,10 @@ pub struct Shared {
     pub metrics: Metrics,
     pub balancer: Balancer,
     pub settings: Arc<ProxySettings>,
+    /// The node's connection and handshake budgets.
+    pub limits: NodeLimits,
+    /// Bounds the lines of refusals and failures, node-wide, per cause.
+    pub throttle: Arc<LogThrottle>,
 }
 
 /// One enrolled pod as its proxies see it.
@@ -137,6 +151,8 @@ pub struct PodProxy {
     pub pool: Pool,
     /// The identity's certificate and TLS configs.
     pub credentials: Credentials,
+    /// The pod's connection and handshake budgets.
+    pub limits: PodLimits,
 }
 
 impl PodProxy {
@@ -161,6 +177,7 @@ impl PodProxy {
                 shared.settings.cert_wait,
             ),
             capture,
+            limits: shared.limits.pod(),
         }
     }
 }
@@ -206,7 +223,74 @@ pub fn spawn(
 }
 
 /// Accept-loop back-off after a failed `accept` (usually EMFILE or a reset before accept).
-pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+pub(crate) const ACCEPT_BACKOFF: Duration = ambit_hbone::server::ACCEPT_BACKOFF;
+
+/// After a failed `accept`: log (throttled) and pause, so an accept loop out of descriptors
+/// neither spins nor gives up.
+pub(crate) async fn accept_failed(
+    shared: &Shared,
+    pod: &PodProxy,
+    listener: &'static str,
+    e: std::io::Error,
+) {
+    if let Some(suppressed) = shared.throttle.admit(listener) {
+        tracing::warn!(pod = %pod.name, listener, error = %e, suppressed, "accept failed");
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
+/// Refuses a new connection before serving it: reset at once, counted, logged (throttled).
+pub(crate) fn refuse_new(
+    shared: &Shared,
+    pod: &PodProxy,
+    stream: TcpStream,
+    peer: SocketAddr,
+    why: Refused,
+) {
+    ambit_hbone::server::reset(stream);
+    refused_count(shared, pod, peer, why);
+}
+
+/// Counts and logs (throttled) a refusal whose socket the caller closes.
+pub(crate) fn refused_count(shared: &Shared, pod: &PodProxy, peer: SocketAddr, why: Refused) {
+    shared.metrics.connection_refused(why.as_str());
+    if let Some(suppressed) = shared.throttle.admit(why.as_str()) {
+        tracing::warn!(
+            pod = %pod.name,
+            %peer,
+            reason = why.as_str(),
+            suppressed,
+            "connection refused"
+        );
+    }
+}
+
+/// How long a served connection may stay silent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    /// No byte either way since accept.
+    pub first_byte: Duration,
+    /// No byte either way since the last one; `None`: no idle timeout.
+    pub idle: Option<Duration>,
+}
+
+impl Timeouts {
+    /// The first-byte timeout only.
+    pub fn first_byte(shared: &Shared) -> Self {
+        Timeouts {
+            first_byte: shared.limits.limits().first_byte_timeout,
+            idle: None,
+        }
+    }
+
+    /// First-byte and idle: plaintext inbound, where the peer is unauthenticated.
+    pub fn plaintext(shared: &Shared) -> Self {
+        Timeouts {
+            first_byte: shared.limits.limits().first_byte_timeout,
+            idle: Some(shared.limits.limits().plaintext_idle_timeout),
+        }
+    }
+}
 
 /// A peer as the access log shows it, from a workload of the state.
 pub(crate) fn peer_of(addr: SocketAddr, w: Option<&Workload>, id: Option<&Identity>) -> Peer {
@@ -266,34 +350,71 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    /// Records a connection that never carried bytes (refused, or failed to connect).
-    pub fn refused(mut self, metrics: &Metrics, flags: ResponseFlags, outcome: Outcome) {
+    /// Records a connection that never carried bytes (refused, or failed to connect). A
+    /// peer can cause these at line rate, so the line is throttled per (direction, flags):
+    /// the first of a kind is written at once, then one per interval with the count skipped.
+    pub fn refused(mut self, shared: &Shared, flags: ResponseFlags, outcome: Outcome) {
         self.labels.response_flags = flags;
-        drop(metrics.connection_opened(&self.labels));
-        self.log(Transferred::default(), flags, outcome);
+        drop(shared.metrics.connection_opened(&self.labels));
+        let cause = refusal_cause(self.direction, flags);
+        if let Some(suppressed) = shared.throttle.admit(cause) {
+            if suppressed > 0 {
+                tracing::info!(
+                    target: access_log::TARGET,
+                    cause,
+                    suppressed,
+                    "similar refusals were not logged since the last line"
+                );
+            }
+            self.log(Transferred::default(), flags, outcome);
+        }
     }
 
-    /// Copies between the two sides, then records bytes and writes the log line.
-    /// `a` is the client side, `b` the destination side.
-    pub async fn copy<A, B>(self, metrics: &Metrics, a: &mut A, b: &mut B)
-    where
+    /// Copies between the two sides until both close or the connection stays silent past
+    /// `timeouts`, then records bytes and writes the log line. `a` is the client side, `b`
+    /// the destination side; `activity` started at accept.
+    pub async fn copy<A, B>(
+        self,
+        metrics: &Metrics,
+        a: &mut A,
+        b: &mut B,
+        activity: Activity,
+        timeouts: Timeouts,
+    ) where
         A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
         B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     {
         let conn = metrics.connection_opened(&self.labels);
-        let (moved, outcome) = match ambit_hbone::copy::copy_bidirectional(a, b).await {
-            Ok(moved) => (moved, Outcome::Ok),
-            Err(e) => (
+        let mut a = Tracked::new(a, activity.clone());
+        let mut b = Tracked::new(b, activity.clone());
+        let copied = tokio::select! {
+            copied = ambit_hbone::copy::copy_bidirectional(&mut a, &mut b) => Ok(copied),
+            expired = activity.expired(timeouts.first_byte, timeouts.idle) => Err(expired),
+        };
+        let (moved, flags, outcome) = match copied {
+            Ok(Ok(moved)) => (moved, ResponseFlags::None, Outcome::Ok),
+            Ok(Err(e)) => (
                 e.transferred(),
+                ResponseFlags::None,
                 Outcome::Error {
                     error: crate::telemetry::error_chain(&ProxyError::Copy(e)),
+                },
+            ),
+            Err(expired) => (
+                Transferred {
+                    a_to_b: a.bytes_read(),
+                    b_to_a: b.bytes_read(),
+                },
+                ResponseFlags::Timeout,
+                Outcome::Error {
+                    error: format!("closed: {expired}"),
                 },
             ),
         };
         conn.record_sent(moved.a_to_b);
         conn.record_received(moved.b_to_a);
         drop(conn);
-        self.log(moved, ResponseFlags::None, outcome);
+        self.log(moved, flags, outcome);
     }
 
     fn log(self, moved: Transferred, flags: ResponseFlags, outcome: Outcome) {
@@ -309,6 +430,22 @@ impl Report {
             outcome,
             response_flags: flags,
         });
+    }
+}
+
+/// The throttle cause of a refusal line: fixed strings, one per (direction, flags).
+fn refusal_cause(direction: Direction, flags: ResponseFlags) -> &'static str {
+    match (direction, flags) {
+        (Direction::Outbound, ResponseFlags::None) => "outbound refused",
+        (Direction::Outbound, ResponseFlags::UpstreamConnectionFailure) => "outbound UF",
+        (Direction::Outbound, ResponseFlags::NoHealthyUpstream) => "outbound UH",
+        (Direction::Outbound, ResponseFlags::Denied) => "outbound RBAC",
+        (Direction::Outbound, ResponseFlags::Timeout) => "outbound UT",
+        (Direction::Inbound, ResponseFlags::None) => "inbound refused",
+        (Direction::Inbound, ResponseFlags::UpstreamConnectionFailure) => "inbound UF",
+        (Direction::Inbound, ResponseFlags::NoHealthyUpstream) => "inbound UH",
+        (Direction::Inbound, ResponseFlags::Denied) => "inbound RBAC",
+        (Direction::Inbound, ResponseFlags::Timeout) => "inbound UT",
     }
 }
 

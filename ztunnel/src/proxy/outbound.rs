@@ -8,6 +8,12 @@
 //!   the tunnel leaves from the pod IP), presenting the pod's certificate and requiring the
 //!   identity the decision expects.
 //! - `Refuse`: close the connection and log why.
+//! - `SelfDial`: the connection is addressed to one of ztunnel's own listeners in the pod
+//!   (e.g. `127.0.0.1:15001`, which is not NATed and so reports itself as its original
+//!   destination): reset it, since dialling it would reach this listener again.
+//!
+//! Before any of this, the connection takes a permit under the pod's outbound cap and the
+//! node's (`limits.rs`); over either it is reset at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,11 +23,14 @@ use ambit_hbone::client::ConnectTarget;
 use hyper::HeaderMap;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{error_outcome, labels, peer_of, PodProxy, ProxyError, Report, Shared};
+use super::{
+    error_outcome, labels, peer_of, refuse_new, PodProxy, ProxyError, Report, Shared, Timeouts,
+};
 use crate::access_log::{Direction, Outcome, Protocol};
 use crate::capture::original_dst;
 use crate::decision::{self, Outbound};
 use crate::drain::DrainWatcher;
+use crate::limits::{Activity, ConnectionPermit, Refused};
 use crate::metrics::{Reporter, ResponseFlags};
 use crate::state::{Service, Workload};
 
@@ -34,23 +43,36 @@ pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, dr
         };
         match accepted {
             Ok((stream, peer)) => {
+                let permit = match shared.limits.connection(Some(&pod.limits.outbound)) {
+                    Ok(permit) => permit,
+                    Err(why) => {
+                        refuse_new(&shared, &pod, stream, peer, why);
+                        continue;
+                    }
+                };
                 let (shared, pod, watcher) = (shared.clone(), pod.clone(), drain.clone());
                 tokio::spawn(async move {
-                    let _ = watcher.run(handle(&shared, &pod, stream, peer)).await;
+                    let _ = watcher
+                        .run(handle(&shared, &pod, stream, peer, permit))
+                        .await;
                 });
             }
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "outbound accept failed");
-                tokio::time::sleep(super::ACCEPT_BACKOFF).await;
-            }
+            Err(e) => super::accept_failed(&shared, &pod, "outbound accept", e).await,
         }
     }
     tracing::debug!(pod = %pod.name, "outbound listener closed");
 }
 
-/// One captured connection, from decision to close.
-async fn handle(shared: &Shared, pod: &PodProxy, mut app: TcpStream, client: SocketAddr) {
+/// One captured connection, from decision to close; `_permit` holds its place under the caps.
+async fn handle(
+    shared: &Shared,
+    pod: &PodProxy,
+    mut app: TcpStream,
+    client: SocketAddr,
+    _permit: ConnectionPermit,
+) {
     let started = Instant::now();
+    let activity = Activity::new();
     let _ = app.set_nodelay(true);
     let state = shared.state.snapshot();
     let source = state.workload_by_uid(&pod.uid).cloned();
@@ -80,7 +102,7 @@ async fn handle(shared: &Shared, pod: &PodProxy, mut app: TcpStream, client: Soc
         Err(e) => {
             let report = base(client, None, None, Protocol::Tcp, None);
             report.refused(
-                &shared.metrics,
+                shared,
                 ResponseFlags::NoHealthyUpstream,
                 error_outcome(&ProxyError::OriginalDst(e)),
             );
@@ -89,7 +111,7 @@ async fn handle(shared: &Shared, pod: &PodProxy, mut app: TcpStream, client: Soc
     };
     let Some(src_workload) = source.as_deref() else {
         base(original, None, None, Protocol::Tcp, None).refused(
-            &shared.metrics,
+            shared,
             ResponseFlags::NoHealthyUpstream,
             Outcome::Refused {
                 reason: format!("pod {} is no longer in the state", pod.name).into(),
@@ -113,14 +135,24 @@ async fn handle(shared: &Shared, pod: &PodProxy, mut app: TcpStream, client: Soc
             )
             .await;
             match dial {
-                Ok(Ok(mut upstream)) => report.copy(&shared.metrics, &mut app, &mut upstream).await,
+                Ok(Ok(mut upstream)) => {
+                    report
+                        .copy(
+                            &shared.metrics,
+                            &mut app,
+                            &mut upstream,
+                            activity,
+                            Timeouts::first_byte(shared),
+                        )
+                        .await
+                }
                 Ok(Err(e)) => report.refused(
-                    &shared.metrics,
+                    shared,
                     ResponseFlags::UpstreamConnectionFailure,
                     error_outcome(&ProxyError::Socket(e)),
                 ),
                 Err(_) => report.refused(
-                    &shared.metrics,
+                    shared,
                     ResponseFlags::Timeout,
                     Outcome::Error {
                         error: format!(
@@ -147,7 +179,15 @@ async fn handle(shared: &Shared, pod: &PodProxy, mut app: TcpStream, client: Soc
                 Protocol::Hbone,
                 Some(&expected_identity),
             );
-            tunnel(shared, pod, app, report, peer, authority, expected_identity).await;
+            tunnel(
+                shared,
+                pod,
+                app,
+                report,
+                (peer, authority, expected_identity),
+                activity,
+            )
+            .await;
         }
         Outbound::Waypoint {
             peer,
@@ -163,11 +203,24 @@ async fn handle(shared: &Shared, pod: &PodProxy, mut app: TcpStream, client: Soc
                 Protocol::Hbone,
                 Some(&expected_identity),
             );
-            tunnel(shared, pod, app, report, peer, authority, expected_identity).await;
+            tunnel(
+                shared,
+                pod,
+                app,
+                report,
+                (peer, authority, expected_identity),
+                activity,
+            )
+            .await;
+        }
+        Outbound::SelfDial { destination } => {
+            tracing::debug!(pod = %pod.name, %destination, "self-dial refused");
+            super::refused_count(shared, pod, client, Refused::SelfDial);
+            ambit_hbone::server::reset(app);
         }
         Outbound::Refuse(reason) => {
             base(original, None, None, Protocol::Tcp, None).refused(
-                &shared.metrics,
+                shared,
                 ResponseFlags::NoHealthyUpstream,
                 Outcome::Refused {
                     reason: reason.into(),
@@ -183,15 +236,14 @@ async fn tunnel(
     pod: &PodProxy,
     mut app: TcpStream,
     report: Report,
-    peer: SocketAddr,
-    authority: SocketAddr,
-    expected: ambit_hbone::Identity,
+    (peer, authority, expected): (SocketAddr, SocketAddr, ambit_hbone::Identity),
+    activity: Activity,
 ) {
     let tls = match pod.credentials.client_config(&expected).await {
         Ok(tls) => tls,
         Err(e) => {
             report.refused(
-                &shared.metrics,
+                shared,
                 ResponseFlags::UpstreamConnectionFailure,
                 error_outcome(&e),
             );
@@ -207,7 +259,17 @@ async fn tunnel(
         headers: HeaderMap::new(),
     };
     match pod.pool.connect(target).await {
-        Ok(mut stream) => report.copy(&shared.metrics, &mut app, &mut stream).await,
+        Ok(mut stream) => {
+            report
+                .copy(
+                    &shared.metrics,
+                    &mut app,
+                    &mut stream,
+                    activity,
+                    Timeouts::first_byte(shared),
+                )
+                .await
+        }
         Err(e) => {
             // 401/403 from the peer is its policy speaking: a refusal, not a failure.
             let (flags, outcome) = match e.status().map(|s| s.as_u16()) {
@@ -222,7 +284,7 @@ async fn tunnel(
                     error_outcome(&ProxyError::Tunnel(e)),
                 ),
             };
-            report.refused(&shared.metrics, flags, outcome);
+            report.refused(shared, flags, outcome);
         }
     }
 }

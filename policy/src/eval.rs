@@ -1,0 +1,273 @@
+//! Evaluation: Istio's order over the policies that apply to a destination.
+//!
+//! - CUSTOM does not exist here. Any matching DENY denies. Then, if no ALLOW policy
+//!   applies, the request is allowed; if some do, one must match. AUDIT policies that
+//!   match are reported and never change the verdict. Every policy is looked at, so an
+//!   AUDIT flags denied requests too.
+//! - A policy matches when one of its rules does; the verdict names the policy and the
+//!   index of the rule that decided.
+//!
+//! What cannot be known fails closed. HTTP attributes are optional: ztunnel never has
+//! them, the waypoint has them for HTTP requests but not for opaque TCP. JWTs are never
+//! validated, so request principals and `request.auth.*` claims are never known, nor are
+//! condition keys this code does not know. A rule naming anything unknowable never
+//! matches in an ALLOW policy; in a DENY or AUDIT policy it matches on its knowable parts
+//! alone. Guessing wrong must never open access.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::model::{Action, Condition, Operation, Policy, Rule, Source, Test, Values};
+use crate::pattern::StringMatch;
+
+/// What policy sees of a connection or a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Attributes<'a> {
+    /// The peer's identity, with or without `spiffe://`; `None` for plaintext.
+    pub principal: Option<&'a str>,
+    /// The peer identity's namespace; `None` for plaintext.
+    pub namespace: Option<&'a str>,
+    pub source_ip: IpAddr,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+    /// `None` where HTTP is not parsed (ztunnel; the waypoint's opaque TCP).
+    pub http: Option<HttpAttributes<'a>>,
+}
+
+/// The HTTP parts of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAttributes<'a> {
+    pub method: &'a str,
+    /// Path without the query.
+    pub path: &'a str,
+    /// The `Host` (`:authority`), possibly with a port.
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
+}
+
+/// A policy and the index of its rule that matched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleRef {
+    /// `namespace/name`.
+    pub policy: String,
+    pub rule: usize,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (rule {})", self.policy, self.rule)
+    }
+}
+
+/// What decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// A DENY rule matched.
+    DeniedBy(RuleRef),
+    /// An ALLOW rule matched and no DENY did.
+    AllowedBy(RuleRef),
+    /// No DENY matched and no ALLOW policy applies.
+    NoAllowPolicy,
+    /// ALLOW policies apply and none matched; their keys, in evaluation order.
+    NoAllowMatched(Vec<String>),
+}
+
+/// The outcome of evaluation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub decision: Decision,
+    /// AUDIT rules that matched, in evaluation order.
+    pub audited: Vec<RuleRef>,
+}
+
+impl Verdict {
+    /// Whether the request may proceed.
+    pub fn allowed(&self) -> bool {
+        matches!(
+            self.decision,
+            Decision::AllowedBy(_) | Decision::NoAllowPolicy
+        )
+    }
+}
+
+/// The reason an access log prints: `denied by app/d (rule 0); audited by app/a (rule 0)`.
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.decision {
+            Decision::DeniedBy(r) => write!(f, "denied by {r}")?,
+            Decision::AllowedBy(r) => write!(f, "allowed by {r}")?,
+            Decision::NoAllowPolicy => write!(f, "no ALLOW policy applies")?,
+            Decision::NoAllowMatched(keys) => {
+                write!(f, "no ALLOW policy matched (checked: {})", keys.join(", "))?
+            }
+        }
+        if !self.audited.is_empty() {
+            let list: Vec<String> = self.audited.iter().map(ToString::to_string).collect();
+            write!(f, "; audited by {}", list.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Evaluates `policies` (those that apply to the destination) for `attrs`.
+pub fn evaluate<'p>(
+    policies: impl IntoIterator<Item = &'p Policy>,
+    attrs: &Attributes<'_>,
+) -> Verdict {
+    let facts = Facts {
+        principal: attrs
+            .principal
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p)),
+        attrs,
+    };
+    let mut denied = None;
+    let mut allowed = None;
+    let mut checked = Vec::new();
+    let mut audited = Vec::new();
+    for p in policies {
+        let hit = |p: &Policy| {
+            p.matching_rule(&facts).map(|rule| RuleRef {
+                policy: p.key(),
+                rule,
+            })
+        };
+        match p.action {
+            Action::Deny if denied.is_none() => denied = hit(p),
+            Action::Deny => {}
+            Action::Audit => audited.extend(hit(p)),
+            Action::Allow => {
+                if allowed.is_none() {
+                    allowed = hit(p);
+                }
+                checked.push(p.key());
+            }
+        }
+    }
+    let decision = match (denied, allowed) {
+        (Some(r), _) => Decision::DeniedBy(r),
+        (None, Some(r)) => Decision::AllowedBy(r),
+        (None, None) if checked.is_empty() => Decision::NoAllowPolicy,
+        (None, None) => Decision::NoAllowMatched(checked),
+    };
+    Verdict { decision, audited }
+}
+
+/// The attributes, with the principal in Istio's form.
+struct Facts<'a> {
+    principal: Option<&'a str>,
+    attrs: &'a Attributes<'a>,
+}
+
+impl Policy {
+    /// Index of the first rule matching, if any.
+    fn matching_rule(&self, f: &Facts) -> Option<usize> {
+        let http_known = f.attrs.http.is_some();
+        self.rules.iter().position(|r| {
+            if self.action == Action::Allow && r.unknowable(http_known) {
+                return false;
+            }
+            r.matches(f)
+        })
+    }
+}
+
+/// `values` (if any) must match and `not_values` must not.
+fn field<T>(values: &[T], not_values: &[T], hit: impl Fn(&[T]) -> bool) -> bool {
+    (values.is_empty() || hit(values)) && (not_values.is_empty() || !hit(not_values))
+}
+
+fn set<T>(v: &Values<T>, hit: impl Fn(&[T]) -> bool) -> bool {
+    field(&v.values, &v.not_values, hit)
+}
+
+fn any_str(ms: &[StringMatch], v: Option<&str>) -> bool {
+    v.is_some_and(|v| ms.iter().any(|m| m.matches(v)))
+}
+
+fn any_principal(ms: &[StringMatch], v: Option<&str>) -> bool {
+    v.is_some_and(|v| ms.iter().any(|m| m.matches_principal(v)))
+}
+
+fn any_net(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// Unknowable parts count as matching here: an ALLOW rule with any never gets here
+/// (`Policy::matching_rule`), and a DENY or AUDIT rule must match on the rest.
+impl Rule {
+    fn matches(&self, f: &Facts) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(f)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(f)))
+            && self.when.iter().all(|c| c.matches(f))
+    }
+}
+
+impl Source {
+    fn matches(&self, f: &Facts) -> bool {
+        let ip = f.attrs.source_ip;
+        let ns = f.attrs.namespace;
+        field(&self.principals, &self.not_principals, |m| {
+            any_principal(m, f.principal)
+        }) && field(&self.namespaces, &self.not_namespaces, |m| any_str(m, ns))
+            && field(&self.ip_blocks, &self.not_ip_blocks, |n| any_net(n, ip))
+            && field(&self.remote_ip_blocks, &self.not_remote_ip_blocks, |n| {
+                any_net(n, ip)
+            })
+    }
+}
+
+impl Operation {
+    fn matches(&self, f: &Facts) -> bool {
+        let port = f.attrs.destination_port;
+        if !field(&self.ports, &self.not_ports, |ps| ps.contains(&port)) {
+            return false;
+        }
+        let Some(h) = &f.attrs.http else {
+            return true;
+        };
+        let method_ok = (self.methods.is_empty()
+            || self.methods.iter().any(|m| m == "*" || m == h.method))
+            && !self.not_methods.iter().any(|m| m == h.method);
+        // `Host` may carry the port; a pattern may be written with or without it.
+        let host = h.host;
+        let bare_host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let hosts = |ms: &[StringMatch]| any_str(ms, Some(host)) || any_str(ms, Some(bare_host));
+        let path = Some(h.path);
+        method_ok
+            && field(&self.hosts, &self.not_hosts, hosts)
+            && field(&self.paths, &self.not_paths, |m| any_str(m, path))
+    }
+}
+
+impl Condition {
+    fn matches(&self, f: &Facts) -> bool {
+        let a = f.attrs;
+        match self.test() {
+            Test::SourceIp(v) => set(v, |n| any_net(n, a.source_ip)),
+            Test::DestinationIp(v) => set(v, |n| any_net(n, a.destination_ip)),
+            Test::DestinationPort(v) => set(v, |ps| ps.contains(&a.destination_port)),
+            Test::SourceNamespace(v) => set(v, |m| any_str(m, a.namespace)),
+            Test::SourcePrincipal(v) => set(v, |m| any_principal(m, f.principal)),
+            Test::RequestHeader { name, values } => match &a.http {
+                Some(h) => {
+                    // Repeated headers are one value, joined as HTTP allows; an absent
+                    // header is the empty value, which only an empty pattern matches.
+                    let joined = h
+                        .headers
+                        .get_all(name.as_str())
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    set(values, |m| any_str(m, Some(&joined)))
+                }
+                None => true,
+            },
+            Test::RequestAuth | Test::Unknown => true,
+        }
+    }
+}

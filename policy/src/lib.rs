@@ -1,0 +1,27 @@
+//! Ambit's one authorization engine: Istio's `AuthorizationPolicy` as ztunnel, the
+//! waypoint and the controller all read it. It holds the string patterns ([`pattern`]),
+//! the parsed policy with its sources, operations and conditions ([`model`]), their
+//! evaluation in Istio's order with a verdict naming the deciding policy and rule
+//! ([`eval`]), and the protobuf form the controller sends and the proxies decode
+//! ([`wire`]). HTTP attributes are optional, so ztunnel evaluates the L4 subset and the
+//! waypoint the whole, with the same code and the same fail-closed rule for what cannot
+//! be known.
+//!
+//! It is not where policies are bound to workloads or waypoints (the controller resolves
+//! selectors and targets, each proxy indexes what applies to a destination), not where
+//! Kubernetes objects are read (the controller's CRD types), and it does no I/O: it
+//! decides, and the proxies act and log.
+
+pub mod eval;
+pub mod model;
+pub mod pattern;
+pub mod wire;
+
+pub use eval::{evaluate, Attributes, Decision, HttpAttributes, RuleRef, Verdict};
+pub use model::{
+    parse_ip_net, Action, Condition, ConditionError, Operation, Policy, Rule, Scope, Source,
+    Test, Values,
+};
+pub use pattern::{PatternError, StringMatch};
+pub use wire::WireError;
+

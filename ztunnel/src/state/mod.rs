@@ -7,7 +7,8 @@
 //!
 //! - [`workload`]: pods (and waypoints) with their identity, addresses and tunnel protocol.
 //! - [`service`]: services with their VIPs, ports and endpoints.
-//! - [`policy`]: L4 authorization policies and their evaluation.
+//! - [`policy`]: which authorization policies apply to a connection, evaluated by the
+//!   shared engine ([`ambit_policy`]) at L4.
 //! - [`store`]: the indexed, atomically updated state, one writer and many cheap readers.
 //! - [`static_file`]: the same state read from a YAML file (tests, running without a controller).
 //!
@@ -68,6 +69,9 @@ pub enum ConvertError {
     /// Two resources of one push share a key: the push is ambiguous.
     #[error("{kind} {key:?} appears twice in the push")]
     Duplicate { kind: &'static str, key: String },
+    /// An authorization policy does not decode (the shared engine names the field).
+    #[error(transparent)]
+    Policy(#[from] ambit_policy::WireError),
 }
 
 /// Parses a raw protobuf address (4 or 16 bytes).

@@ -1,6 +1,7 @@
 //! Table tests of L4 authorization (Istio semantics, L7 fail-closed).
 
 use super::*;
+use ambit_proto::discovery as pb;
 use crate::state::fixtures::*;
 use pb::{PolicyAction as A, PolicyScope as S};
 

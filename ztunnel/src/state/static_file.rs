@@ -8,7 +8,8 @@
 //! # Schema
 //!
 //! Field names are camelCase; everything but names, namespaces and addresses is optional.
-//! String matches use Istio's spelling: `exact`, `prefix*`, `*suffix`, `*` (any value).
+//! String matches use Istio's spelling: `exact`, `prefix*`, `*suffix`, `*` (any value); a
+//! `*` anywhere else is refused.
 //!
 //! ```yaml
 //! workloads:
@@ -268,10 +269,10 @@ struct RuleDoc {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 struct SourceDoc {
-    principals: Vec<String>,
-    not_principals: Vec<String>,
-    namespaces: Vec<String>,
-    not_namespaces: Vec<String>,
+    principals: Vec<StringMatch>,
+    not_principals: Vec<StringMatch>,
+    namespaces: Vec<StringMatch>,
+    not_namespaces: Vec<StringMatch>,
     #[serde(deserialize_with = "cidrs")]
     ip_blocks: Vec<IpNet>,
     #[serde(deserialize_with = "cidrs")]
@@ -280,8 +281,8 @@ struct SourceDoc {
     remote_ip_blocks: Vec<IpNet>,
     #[serde(deserialize_with = "cidrs")]
     not_remote_ip_blocks: Vec<IpNet>,
-    request_principals: Vec<String>,
-    not_request_principals: Vec<String>,
+    request_principals: Vec<StringMatch>,
+    not_request_principals: Vec<StringMatch>,
 }
 
 #[derive(Deserialize, Default)]
@@ -289,12 +290,12 @@ struct SourceDoc {
 struct OperationDoc {
     ports: Vec<u16>,
     not_ports: Vec<u16>,
-    hosts: Vec<String>,
-    not_hosts: Vec<String>,
+    hosts: Vec<StringMatch>,
+    not_hosts: Vec<StringMatch>,
     methods: Vec<String>,
     not_methods: Vec<String>,
-    paths: Vec<String>,
-    not_paths: Vec<String>,
+    paths: Vec<StringMatch>,
+    not_paths: Vec<StringMatch>,
 }
 
 #[derive(Deserialize)]
@@ -383,12 +384,12 @@ fn gateway(g: GatewayDoc) -> pb::GatewayAddress {
     }
 }
 
-fn string_matches(patterns: &[String]) -> Vec<pb::StringMatch> {
+fn string_matches(patterns: &[StringMatch]) -> Vec<pb::StringMatch> {
     use pb::string_match::Match;
     patterns
         .iter()
         .map(|p| pb::StringMatch {
-            r#match: Some(match StringMatch::from_pattern(p) {
+            r#match: Some(match p {
                 StringMatch::Exact(s) => Match::Exact(s.to_string()),
                 StringMatch::Prefix(s) => Match::Prefix(s.to_string()),
                 StringMatch::Suffix(s) => Match::Suffix(s.to_string()),
@@ -596,7 +597,9 @@ pub fn parse(origin: &str, text: &str, version: u64) -> Result<pb::Push, StaticF
     }
     for (i, p) in doc.policies.into_iter().enumerate() {
         let p = pb::Authorization::from(p);
-        Authorization::try_from(p.clone()).map_err(invalid(format!("policies[{i}]")))?;
+        Authorization::try_from(p.clone())
+            .map_err(ConvertError::from)
+            .map_err(invalid(format!("policies[{i}]")))?;
         upserts.push(pb::Resource {
             kind: Some(pb::resource::Kind::Authorization(p)),
         });

@@ -14,13 +14,11 @@ use std::time::Duration;
 
 use ambit_hbone::Identity;
 use ambit_proto::discovery as pb;
-use ipnet::IpNet;
 use rand::Rng as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::policy::{Action, Condition, Operation, Policy, Rule, Source, StringMatch};
 use crate::resilience::TrafficPolicyResource;
 use crate::route::RouteResource;
 use crate::state::{
@@ -33,13 +31,9 @@ pub enum DiscoveryError {
     /// An address is neither 4 nor 16 bytes.
     #[error("{resource}: address of {len} bytes is neither IPv4 nor IPv6")]
     Address { resource: String, len: usize },
-    /// An IP block prefix is too long for its address.
-    #[error("{resource}: invalid IP block: {source}")]
-    IpBlock {
-        resource: String,
-        #[source]
-        source: ipnet::PrefixLenError,
-    },
+    /// An authorization policy does not decode (the shared engine names the field).
+    #[error(transparent)]
+    Policy(#[from] ambit_policy::WireError),
     /// A port does not fit in 16 bits.
     #[error("{resource}: port {port} out of range")]
     Port { resource: String, port: u32 },
@@ -147,117 +141,6 @@ impl TryFrom<pb::Service> for Service {
             name: s.name,
             namespace: s.namespace,
             hostname: s.hostname,
-        })
-    }
-}
-
-fn string_matches(list: &[pb::StringMatch]) -> Vec<StringMatch> {
-    list.iter()
-        .filter_map(|m| m.r#match.as_ref())
-        .map(|m| match m {
-            pb::string_match::Match::Exact(s) => StringMatch::Exact(s.clone()),
-            pb::string_match::Match::Prefix(s) => StringMatch::Prefix(s.clone()),
-            pb::string_match::Match::Suffix(s) => StringMatch::Suffix(s.clone()),
-            pb::string_match::Match::Presence(_) => StringMatch::Presence,
-        })
-        .collect()
-}
-
-fn ip_blocks(resource: &str, list: &[pb::IpBlock]) -> Result<Vec<IpNet>, DiscoveryError> {
-    list.iter()
-        .map(|b| {
-            let addr = ip(resource, &b.address)?;
-            let len = u8::try_from(b.prefix_len).unwrap_or(u8::MAX);
-            IpNet::new(addr, len).map_err(|source| DiscoveryError::IpBlock {
-                resource: resource.to_string(),
-                source,
-            })
-        })
-        .collect()
-}
-
-impl TryFrom<pb::Authorization> for Policy {
-    type Error = DiscoveryError;
-    fn try_from(a: pb::Authorization) -> Result<Self, DiscoveryError> {
-        let name = format!("authorization {}/{}", a.namespace, a.name);
-        let action = match a.action() {
-            pb::PolicyAction::Allow => Action::Allow,
-            pb::PolicyAction::Deny => Action::Deny,
-            pb::PolicyAction::Audit => Action::Audit,
-        };
-        let rules = a
-            .rules
-            .iter()
-            .map(|r| {
-                Ok(Rule {
-                    from: r
-                        .from
-                        .iter()
-                        .map(|s| {
-                            // Remote IP blocks are what a waypoint sees as the source.
-                            let mut ip_blocks_all = ip_blocks(&name, &s.ip_blocks)?;
-                            ip_blocks_all.extend(ip_blocks(&name, &s.remote_ip_blocks)?);
-                            let mut not_all = ip_blocks(&name, &s.not_ip_blocks)?;
-                            not_all.extend(ip_blocks(&name, &s.not_remote_ip_blocks)?);
-                            Ok(Source {
-                                principals: string_matches(&s.principals),
-                                not_principals: string_matches(&s.not_principals),
-                                namespaces: string_matches(&s.namespaces),
-                                not_namespaces: string_matches(&s.not_namespaces),
-                                ip_blocks: ip_blocks_all,
-                                not_ip_blocks: not_all,
-                                request_principals: string_matches(&s.request_principals),
-                                not_request_principals: string_matches(&s.not_request_principals),
-                            })
-                        })
-                        .collect::<Result<_, DiscoveryError>>()?,
-                    to: r
-                        .to
-                        .iter()
-                        .map(|o| {
-                            Ok(Operation {
-                                ports: o
-                                    .ports
-                                    .iter()
-                                    .map(|p| port(&name, *p))
-                                    .collect::<Result<_, _>>()?,
-                                not_ports: o
-                                    .not_ports
-                                    .iter()
-                                    .map(|p| port(&name, *p))
-                                    .collect::<Result<_, _>>()?,
-                                hosts: string_matches(&o.hosts),
-                                not_hosts: string_matches(&o.not_hosts),
-                                methods: o.methods.clone(),
-                                not_methods: o.not_methods.clone(),
-                                paths: string_matches(&o.paths),
-                                not_paths: string_matches(&o.not_paths),
-                            })
-                        })
-                        .collect::<Result<_, DiscoveryError>>()?,
-                    when: r
-                        .when
-                        .iter()
-                        .map(|c| Condition {
-                            key: c.key.clone(),
-                            values: c.values.iter().map(|v| StringMatch::parse(v)).collect(),
-                            not_values: c
-                                .not_values
-                                .iter()
-                                .map(|v| StringMatch::parse(v))
-                                .collect(),
-                        })
-                        .collect(),
-                })
-            })
-            .collect::<Result<_, DiscoveryError>>()?;
-        Ok(Policy {
-            name: a.name,
-            namespace: a.namespace,
-            action,
-            rules,
-            target_gateway: a.target_gateway,
-            target_service: a.target_service,
         })
     }
 }

@@ -466,8 +466,8 @@ impl Proxy {
         // Authorization.
         let policies = state.policies_for(&self.gateway, key.as_deref());
         let attrs = Attributes {
-            principal: &caller.principal,
-            namespace: &caller.namespace,
+            principal: Some(&caller.principal),
+            namespace: Some(&caller.namespace),
             source_ip: caller.addr.ip(),
             destination_ip: caller.authority.ip(),
             destination_port: caller.authority.port(),

@@ -178,8 +178,8 @@ impl Waypoint {
         let key = service.as_ref().map(|s| s.key());
         let policies = state.policies_for(&self.proxy.gateway, key.as_deref());
         let attrs = Attributes {
-            principal: &caller.principal,
-            namespace: &caller.namespace,
+            principal: Some(&caller.principal),
+            namespace: Some(&caller.namespace),
             source_ip: caller.addr.ip(),
             destination_ip: caller.authority.ip(),
             destination_port: caller.authority.port(),

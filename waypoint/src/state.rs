@@ -13,7 +13,7 @@ use ambit_hbone::Identity;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Policy, PolicyError};
+use crate::policy::{self, Policy, PolicyError};
 use crate::resilience::{ResilienceError, Settings, TrafficPolicyResource};
 use crate::route::{RouteError, RouteResource, Rule};
 
@@ -227,7 +227,7 @@ impl State {
             s.services.insert(key, Arc::new(svc.clone()));
         }
         for p in &file.policies {
-            p.validate()?;
+            policy::validate(p)?;
         }
         s.policies = file.policies.clone();
         let mut routes: Vec<&RouteResource> = file.routes.iter().collect();
@@ -334,8 +334,8 @@ impl State {
         self.policies
             .iter()
             .filter(|p| {
-                (!p.target_gateway.is_empty() && p.target_gateway == gateway)
-                    || service.is_some_and(|s| p.target_service == s)
+                p.target_gateway.as_deref() == Some(gateway)
+                    || service.is_some_and(|s| p.target_service.as_deref() == Some(s))
             })
             .collect()
     }

@@ -101,7 +101,8 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
         }
     }
     for a in authz.policies {
-        out.push(resource::Kind::Authorization(a.wire), None);
+        let wire = ambit_proto::discovery::Authorization::from(&a.policy);
+        out.push(resource::Kind::Authorization(wire), None);
     }
     for r in policy::routes(store, config, &mut out.errors) {
         out.push(resource::Kind::Route(r), None);

@@ -1,20 +1,23 @@
-//! Conversion of policies and routes to their wire form: `AuthorizationPolicy` to
-//! `Authorization` (scope, targets, rules with parsed ports and CIDRs), `HTTPRoute` and
-//! `GRPCRoute` to `Route`, `TrafficPolicy` to its wire form.
+//! Conversion of policies and routes: `AuthorizationPolicy` to the shared engine's
+//! [`ambit_policy::Policy`] (scope, targets, rules with parsed patterns, ports, CIDRs and
+//! conditions; its wire form is the engine's too), `HTTPRoute` and `GRPCRoute` to `Route`,
+//! `TrafficPolicy` to its wire form.
 //!
-//! Every value that the proxies would otherwise have to parse (ports, CIDRs, durations)
-//! is checked here, so a typo is reported against the object and field that holds it and
-//! that object is rejected, rather than a proxy NACKing a whole push.
+//! Every value that the proxies would otherwise have to parse (patterns, ports, CIDRs,
+//! condition values, durations) is checked here, so a typo is reported against the object
+//! and field that holds it and that object is rejected, rather than a proxy NACKing a
+//! whole push.
 
 use std::collections::{BTreeMap, HashMap};
 
-use ambit_proto::discovery::{
-    string_match, Authorization, Condition, IpBlock, LoadBalancing, Operation, PolicyAction,
-    PolicyScope, Route, Rule, Source, StringMatch, TrafficPolicy as WireTrafficPolicy,
+use ambit_policy::{
+    Action as PolicyAction, Condition, Operation, Policy as Authorization, Rule, Scope, Source,
+    StringMatch,
 };
+use ambit_proto::discovery::{LoadBalancing, Route, TrafficPolicy as WireTrafficPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::derive::{ip_bytes, selects, service_hostname};
+use super::derive::{selects, service_hostname};
 use super::{typed, FieldError, Kind, ModelConfig, ModelError, Store};
 use crate::crd::gateway::{BackendRef, HttpRouteFilter};
 use crate::crd::security::{self, Action, AuthorizationPolicySpec};
@@ -22,7 +25,7 @@ use crate::crd::traffic::{SimpleLb, TrafficPolicySpec};
 
 /// A converted authorization policy and how it selects workloads.
 pub(super) struct Policy {
-    pub wire: Authorization,
+    pub policy: Authorization,
     /// Labels for selector-scoped policies; `None` for namespace, global or targeted ones.
     selector: Option<BTreeMap<String, String>>,
 }
@@ -40,9 +43,11 @@ impl Authorizations {
         let mut out: Vec<String> = self
             .policies
             .iter()
-            .filter(|p| p.wire.namespace == namespace || p.wire.namespace == self.root_namespace)
+            .filter(|p| {
+                &*p.policy.namespace == namespace || *p.policy.namespace == self.root_namespace
+            })
             .filter(|p| p.selector.as_ref().is_some_and(|s| selects(s, labels)))
-            .map(|p| format!("{}/{}", p.wire.namespace, p.wire.name))
+            .map(|p| p.policy.key())
             .collect();
         out.sort();
         out
@@ -114,14 +119,13 @@ type FieldResult<T> = Result<T, (String, FieldError)>;
 /// another ALLOW permits), a DENY matches everything it selects. An AUDIT policy
 /// enforces nothing, so it is simply dropped (`None`).
 fn fail_closed(mut p: Policy) -> Option<(Policy, &'static str)> {
-    let action = PolicyAction::try_from(p.wire.action).unwrap_or(PolicyAction::Deny);
-    let enforced = match action {
+    let enforced = match p.policy.action {
         PolicyAction::Allow => {
-            p.wire.rules = Vec::new();
+            p.policy.rules = Vec::new();
             "an ALLOW that matches nothing"
         }
         PolicyAction::Deny => {
-            p.wire.rules = vec![Rule::default()];
+            p.policy.rules = vec![Rule::default()];
             "a DENY of all traffic it selects"
         }
         PolicyAction::Audit => return None,
@@ -137,8 +141,8 @@ fn convert_authorization(
     name: &str,
     config: &ModelConfig,
 ) -> FieldResult<(Policy, Option<(String, FieldError)>)> {
-    let mut target_gateway = String::new();
-    let mut target_service = String::new();
+    let mut target_gateway = None;
+    let mut target_service = None;
     for (i, t) in spec.target_refs.iter().enumerate() {
         let field = format!("spec.targetRefs[{i}]");
         let slot = match (t.group.as_str(), t.kind.as_str()) {
@@ -161,13 +165,13 @@ fn convert_authorization(
                 ))
             }
         };
-        if !slot.0.is_empty() {
+        if slot.0.is_some() {
             return Err((
                 field,
                 FieldError::Invalid("only one target of each kind is supported".into()),
             ));
         }
-        *slot.0 = slot.1;
+        *slot.0 = Some(slot.1.into());
     }
     let selector = spec
         .selector
@@ -176,11 +180,11 @@ fn convert_authorization(
         .filter(|s| !s.is_empty());
     let targeted = !spec.target_refs.is_empty();
     let scope = if targeted || selector.is_some() {
-        PolicyScope::WorkloadSelector
+        Scope::WorkloadSelector
     } else if namespace == config.root_namespace {
-        PolicyScope::Global
+        Scope::Global
     } else {
-        PolicyScope::Namespace
+        Scope::Namespace
     };
     // Placement errors (above) reject the policy: there is nowhere to enforce it. Rule
     // errors are returned beside the policy so the caller can fail closed.
@@ -194,15 +198,15 @@ fn convert_authorization(
         Ok(rules) => (rules, None),
         Err(e) => (Vec::new(), Some(e)),
     };
-    let wire = Authorization {
-        name: name.to_string(),
-        namespace: namespace.to_string(),
-        scope: scope as i32,
+    let policy = Authorization {
+        name: name.into(),
+        namespace: namespace.into(),
+        scope,
         action: match spec.action {
             Action::Allow => PolicyAction::Allow,
             Action::Deny => PolicyAction::Deny,
             Action::Audit => PolicyAction::Audit,
-        } as i32,
+        },
         rules,
         target_gateway,
         target_service,
@@ -210,7 +214,7 @@ fn convert_authorization(
     // A targeted policy belongs to the waypoint; it selects no workloads for ztunnel.
     Ok((
         Policy {
-            wire,
+            policy,
             selector: if targeted { None } else { selector },
         },
         invalid,
@@ -238,98 +242,94 @@ fn convert_rule(rule: &security::Rule, at: &str) -> FieldResult<Rule> {
                 FieldError::Invalid("must not be empty".into()),
             ));
         }
-        when.push(Condition {
-            key: c.key.clone(),
-            values: c.values.clone(),
-            not_values: c.not_values.clone(),
-        });
+        let condition = Condition::parse(c.key.clone(), c.values.clone(), c.not_values.clone())
+            .map_err(|e| {
+                let list = if e.list == "values" { "values" } else { "notValues" };
+                (
+                    format!("{at}.when[{j}].{list}[{}]", e.index),
+                    FieldError::Invalid(format!(
+                        "{:?} is not a value of {}: {}",
+                        e.value, e.key, e.why
+                    )),
+                )
+            })?;
+        when.push(condition);
     }
     Ok(Rule { from, to, when })
 }
 
 fn convert_source(s: &security::Source, at: &str) -> FieldResult<Source> {
-    let blocks = |v: &[String], field: &str| -> FieldResult<Vec<IpBlock>> {
+    let blocks = |v: &[String], field: &str| -> FieldResult<Vec<ipnet::IpNet>> {
         v.iter()
             .enumerate()
             .map(|(k, b)| ip_block(b).map_err(|e| (format!("{at}.{field}[{k}]"), e)))
             .collect()
     };
+    let patterns = |v: &[String], field: &str| matches(v, &format!("{at}.{field}"));
     Ok(Source {
-        principals: matches(&s.principals),
-        not_principals: matches(&s.not_principals),
-        namespaces: matches(&s.namespaces),
-        not_namespaces: matches(&s.not_namespaces),
+        principals: patterns(&s.principals, "principals")?,
+        not_principals: patterns(&s.not_principals, "notPrincipals")?,
+        namespaces: patterns(&s.namespaces, "namespaces")?,
+        not_namespaces: patterns(&s.not_namespaces, "notNamespaces")?,
         ip_blocks: blocks(&s.ip_blocks, "ipBlocks")?,
         not_ip_blocks: blocks(&s.not_ip_blocks, "notIpBlocks")?,
-        request_principals: matches(&s.request_principals),
-        not_request_principals: matches(&s.not_request_principals),
+        request_principals: patterns(&s.request_principals, "requestPrincipals")?,
+        not_request_principals: patterns(&s.not_request_principals, "notRequestPrincipals")?,
         remote_ip_blocks: blocks(&s.remote_ip_blocks, "remoteIpBlocks")?,
         not_remote_ip_blocks: blocks(&s.not_remote_ip_blocks, "notRemoteIpBlocks")?,
     })
 }
 
 fn convert_operation(o: &security::Operation, at: &str) -> FieldResult<Operation> {
-    let ports = |v: &[String], field: &str| -> FieldResult<Vec<u32>> {
+    let ports = |v: &[String], field: &str| -> FieldResult<Vec<u16>> {
         v.iter()
             .enumerate()
             .map(|(k, p)| match p.trim().parse::<u16>() {
-                Ok(n) if n > 0 => Ok(u32::from(n)),
+                Ok(n) if n > 0 => Ok(n),
                 _ => Err((format!("{at}.{field}[{k}]"), FieldError::Port(p.clone()))),
             })
             .collect()
     };
+    let patterns = |v: &[String], field: &str| matches(v, &format!("{at}.{field}"));
     Ok(Operation {
         ports: ports(&o.ports, "ports")?,
         not_ports: ports(&o.not_ports, "notPorts")?,
-        hosts: matches(&o.hosts),
-        not_hosts: matches(&o.not_hosts),
+        hosts: patterns(&o.hosts, "hosts")?,
+        not_hosts: patterns(&o.not_hosts, "notHosts")?,
         methods: o.methods.clone(),
         not_methods: o.not_methods.clone(),
-        paths: matches(&o.paths),
-        not_paths: matches(&o.not_paths),
+        paths: patterns(&o.paths, "paths")?,
+        not_paths: patterns(&o.not_paths, "notPaths")?,
     })
 }
 
-/// Istio's string syntax: `*` alone means present, `*x` a suffix, `x*` a prefix.
-fn string_match(s: &str) -> StringMatch {
-    let m = if s == "*" {
-        string_match::Match::Presence(true)
-    } else if let Some(rest) = s.strip_prefix('*') {
-        string_match::Match::Suffix(rest.to_string())
-    } else if let Some(rest) = s.strip_suffix('*') {
-        string_match::Match::Prefix(rest.to_string())
-    } else {
-        string_match::Match::Exact(s.to_string())
-    };
-    StringMatch { r#match: Some(m) }
-}
-
-fn matches(v: &[String]) -> Vec<StringMatch> {
-    v.iter().map(|s| string_match(s)).collect()
+/// Istio's pattern syntax, parsed by the shared engine (which refuses a `*` that is not
+/// at one end, such as `*x*`).
+fn matches(v: &[String], at: &str) -> FieldResult<Vec<StringMatch>> {
+    v.iter()
+        .enumerate()
+        .map(|(k, s)| {
+            StringMatch::parse(s)
+                .map_err(|e| (format!("{at}[{k}]"), FieldError::Invalid(e.to_string())))
+        })
+        .collect()
 }
 
 /// `10.0.0.0/8`, `fd00::/8`, or a bare address (a host route).
-pub(super) fn ip_block(s: &str) -> Result<IpBlock, FieldError> {
+pub(super) fn ip_block(s: &str) -> Result<ipnet::IpNet, FieldError> {
     let s = s.trim();
     if s.contains('/') {
         let net: ipnet::IpNet = s.parse().map_err(|source| FieldError::Cidr {
             value: s.to_string(),
             source,
         })?;
-        Ok(IpBlock {
-            address: ip_bytes(net.network()),
-            prefix_len: u32::from(net.prefix_len()),
-        })
+        Ok(net.trunc())
     } else {
         let ip: std::net::IpAddr = s.parse().map_err(|source| FieldError::Ip {
             value: s.to_string(),
             source,
         })?;
-        let len = if ip.is_ipv4() { 32 } else { 128 };
-        Ok(IpBlock {
-            address: ip_bytes(ip),
-            prefix_len: len,
-        })
+        Ok(ipnet::IpNet::from(ip))
     }
 }
 

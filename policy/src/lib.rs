@@ -19,9 +19,8 @@ pub mod wire;
 
 pub use eval::{evaluate, Attributes, Decision, HttpAttributes, RuleRef, Verdict};
 pub use model::{
-    parse_ip_net, Action, Condition, ConditionError, Operation, Policy, Rule, Scope, Source,
-    Test, Values,
+    parse_ip_net, Action, Condition, ConditionError, Operation, Policy, Rule, Scope, Source, Test,
+    Values,
 };
 pub use pattern::{PatternError, StringMatch};
 pub use wire::WireError;
-

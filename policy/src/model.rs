@@ -306,7 +306,9 @@ impl Condition {
                     .map(|_| ())
                     .map_err(|e: PatternError| e.to_string())
             })?;
-            Ok(collect(&values, &not_values, |v| StringMatch::parse(v).ok()))
+            Ok(collect(&values, &not_values, |v| {
+                StringMatch::parse(v).ok()
+            }))
         };
         let test = match key.as_str() {
             "source.ip" | "remote.ip" => Test::SourceIp(nets()?),

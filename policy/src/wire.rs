@@ -107,9 +107,14 @@ fn ip_blocks(res: Res, field: &str, bs: &[pb::IpBlock]) -> Result<Vec<IpNet>, Wi
             let f = format!("{field}[{i}]");
             let addr = ip(res, format!("{f}.address"), &b.address)?;
             let len = u8::try_from(b.prefix_len).unwrap_or(u8::MAX);
-            IpNet::new(addr, len)
-                .map(|n| n.trunc())
-                .map_err(|e| invalid(res, format!("{f}.prefix_len"), b.prefix_len.to_string(), e.to_string()))
+            IpNet::new(addr, len).map(|n| n.trunc()).map_err(|e| {
+                invalid(
+                    res,
+                    format!("{f}.prefix_len"),
+                    b.prefix_len.to_string(),
+                    e.to_string(),
+                )
+            })
         })
         .collect()
 }
@@ -118,9 +123,19 @@ fn ports(res: Res, field: &str, ps: &[u32]) -> Result<Vec<u16>, WireError> {
     ps.iter()
         .enumerate()
         .map(|(j, &p)| match u16::try_from(p) {
-            Ok(0) => Err(invalid(res, format!("{field}[{j}]"), p.to_string(), "port 0 is not a port")),
+            Ok(0) => Err(invalid(
+                res,
+                format!("{field}[{j}]"),
+                p.to_string(),
+                "port 0 is not a port",
+            )),
             Ok(p) => Ok(p),
-            Err(_) => Err(invalid(res, format!("{field}[{j}]"), p.to_string(), "ports stop at 65535")),
+            Err(_) => Err(invalid(
+                res,
+                format!("{field}[{j}]"),
+                p.to_string(),
+                "ports stop at 65535",
+            )),
         })
         .collect()
 }
@@ -135,16 +150,8 @@ fn source(res: Res, field: &str, s: &pb::Source) -> Result<Source, WireError> {
         ip_blocks: ip_blocks(res, &f("ip_blocks"), &s.ip_blocks)?,
         not_ip_blocks: ip_blocks(res, &f("not_ip_blocks"), &s.not_ip_blocks)?,
         remote_ip_blocks: ip_blocks(res, &f("remote_ip_blocks"), &s.remote_ip_blocks)?,
-        not_remote_ip_blocks: ip_blocks(
-            res,
-            &f("not_remote_ip_blocks"),
-            &s.not_remote_ip_blocks,
-        )?,
-        request_principals: string_matches(
-            res,
-            &f("request_principals"),
-            &s.request_principals,
-        )?,
+        not_remote_ip_blocks: ip_blocks(res, &f("not_remote_ip_blocks"), &s.not_remote_ip_blocks)?,
+        request_principals: string_matches(res, &f("request_principals"), &s.request_principals)?,
         not_request_principals: string_matches(
             res,
             &f("not_request_principals"),
@@ -181,7 +188,8 @@ impl TryFrom<pb::Authorization> for Policy {
                 });
             }
         }
-        let unknown = |field: &str, v: i32| invalid(res, field.into(), v.to_string(), "unknown value");
+        let unknown =
+            |field: &str, v: i32| invalid(res, field.into(), v.to_string(), "unknown value");
         let scope = match pb::PolicyScope::try_from(a.scope) {
             Ok(pb::PolicyScope::WorkloadSelector) => Scope::WorkloadSelector,
             Ok(pb::PolicyScope::Namespace) => Scope::Namespace,
@@ -202,26 +210,26 @@ impl TryFrom<pb::Authorization> for Policy {
                 .enumerate()
                 .map(|(j, s)| source(res, &format!("rules[{i}].from[{j}]"), s))
                 .collect::<Result<_, _>>()?;
-            let to = r
-                .to
-                .iter()
-                .enumerate()
-                .map(|(j, o)| operation(res, &format!("rules[{i}].to[{j}]"), o))
-                .collect::<Result<_, _>>()?;
+            let to =
+                r.to.iter()
+                    .enumerate()
+                    .map(|(j, o)| operation(res, &format!("rules[{i}].to[{j}]"), o))
+                    .collect::<Result<_, _>>()?;
             let when = r
                 .when
                 .iter()
                 .enumerate()
                 .map(|(j, c)| {
-                    Condition::parse(c.key.clone(), c.values.clone(), c.not_values.clone())
-                        .map_err(|e| {
+                    Condition::parse(c.key.clone(), c.values.clone(), c.not_values.clone()).map_err(
+                        |e| {
                             invalid(
                                 res,
                                 format!("rules[{i}].when[{j}] ({}) {}[{}]", e.key, e.list, e.index),
                                 e.value,
                                 e.why,
                             )
-                        })
+                        },
+                    )
                 })
                 .collect::<Result<_, _>>()?;
             rules.push(Rule { from, to, when });

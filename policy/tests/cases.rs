@@ -163,8 +163,8 @@ fn policies(spec: &str) -> Vec<Policy> {
         .map(|line| {
             let (head, rules) = line.split_once(':').expect("name ACTION: rules");
             let (name, action) = head.split_once(' ').expect("name ACTION");
-            let rules: Vec<Rule> = serde_yaml::from_str(rules)
-                .unwrap_or_else(|e| panic!("{line}: {e}"));
+            let rules: Vec<Rule> =
+                serde_yaml::from_str(rules).unwrap_or_else(|e| panic!("{line}: {e}"));
             let action = serde_yaml::from_str(action).expect("action");
             Policy {
                 name: name.into(),
@@ -280,16 +280,26 @@ fn malformed_values_are_refused_where_they_are_read() {
     for (rules, want) in [
         ("[{from: [{principals: ['*x*']}]}]", "\"*x*\""),
         ("[{to: [{paths: ['/a*b']}]}]", "\"/a*b\""),
-        ("[{when: [{key: source.ip, values: [nope]}]}]", "(source.ip) values[0] \"nope\""),
-        ("[{when: [{key: destination.port, notValues: ['http']}]}]", "(destination.port) not_values[0] \"http\""),
-        ("[{when: [{key: 'request.headers[x]', values: ['*a*']}]}]", "\"*a*\""),
+        (
+            "[{when: [{key: source.ip, values: [nope]}]}]",
+            "(source.ip) values[0] \"nope\"",
+        ),
+        (
+            "[{when: [{key: destination.port, notValues: ['http']}]}]",
+            "(destination.port) not_values[0] \"http\"",
+        ),
+        (
+            "[{when: [{key: 'request.headers[x]', values: ['*a*']}]}]",
+            "\"*a*\"",
+        ),
         ("[{to: [{ports: [70000]}]}]", "70000"),
     ] {
         let err = serde_yaml::from_str::<Vec<Rule>>(rules).expect_err(rules);
         assert!(err.to_string().contains(want), "{rules}: {err}");
     }
     let rules: Vec<Rule> =
-        serde_yaml::from_str("[{when: [{key: connection.sni, values: ['*x*']}]}]").expect("unknown key");
+        serde_yaml::from_str("[{when: [{key: connection.sni, values: ['*x*']}]}]")
+            .expect("unknown key");
     assert_eq!(rules[0].when[0].test(), &Test::Unknown);
     assert!(rules[0].uses_l7());
 }

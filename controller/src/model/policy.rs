@@ -244,7 +244,11 @@ fn convert_rule(rule: &security::Rule, at: &str) -> FieldResult<Rule> {
         }
         let condition = Condition::parse(c.key.clone(), c.values.clone(), c.not_values.clone())
             .map_err(|e| {
-                let list = if e.list == "values" { "values" } else { "notValues" };
+                let list = if e.list == "values" {
+                    "values"
+                } else {
+                    "notValues"
+                };
                 (
                     format!("{at}.when[{j}].{list}[{}]", e.index),
                     FieldError::Invalid(format!(

@@ -1,8 +1,8 @@
 //! Table tests of L4 authorization (Istio semantics, L7 fail-closed).
 
 use super::*;
-use ambit_proto::discovery as pb;
 use crate::state::fixtures::*;
+use ambit_proto::discovery as pb;
 use pb::{PolicyAction as A, PolicyScope as S};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/client/sa/curl";

@@ -13,6 +13,12 @@
 //!   its open connections get the drain deadline, in the background; then the identity is
 //!   released.
 //!
+//! Stopping ztunnel ([`Enrollment::shutdown`]) is not un-enrolling: the pods stay enrolled, so
+//! their capture rules and kept certificates stay; only the listeners close and connections
+//! drain. Until a ztunnel adopts them, the pods' connections are refused (fail closed). A pod
+//! this ztunnel never managed to serve that then leaves the mesh has its rules removed too
+//! (they may be an earlier ztunnel's).
+//!
 //! Enrolling is idempotent. A pod that fails to enroll (its namespace not there yet, iptables
 //! failing) is logged with its name and the reason and retried with capped exponential
 //! back-off, so the node converges without an operator.
@@ -122,7 +128,8 @@ impl Enrollment {
         self.status.clone()
     }
 
-    /// Stops every pod (capture rules removed, open connections given `deadline`) and waits.
+    /// Stops serving every pod (listeners closed, open connections given `deadline`) and waits.
+    /// Capture rules and certificates stay: the pods are still enrolled.
     pub async fn shutdown(mut self, deadline: Duration) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(deadline);
@@ -147,6 +154,16 @@ struct Failed {
     attempts: u32,
     retry_at: Instant,
     reason: String,
+    ip: IpAddr,
+}
+
+/// Why a pod stops being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// It left the mesh: rules removed, identity released.
+    Unenroll,
+    /// ztunnel is stopping: rules and certificate stay for the next ztunnel.
+    Exit,
 }
 
 struct Worker {
@@ -216,12 +233,22 @@ impl Worker {
             .collect();
         for uid in stale {
             if let Some(r) = self.running.remove(&uid) {
-                self.stop_pod(&uid, r, self.shared.settings.drain_deadline)
+                self.stop_pod(&uid, r, self.shared.settings.drain_deadline, Stop::Unenroll)
                     .await;
             }
         }
-        self.failed
-            .retain(|uid, _| desired.get(uid).and_then(|w| enrolled_ip(w)).is_some());
+        let gone: Vec<(Arc<str>, IpAddr)> = self
+            .failed
+            .iter()
+            .filter(|(uid, f)| {
+                desired.get(*uid).and_then(|w| enrolled_ip(w)) != Some(f.ip)
+            })
+            .map(|(uid, f)| (uid.clone(), f.ip))
+            .collect();
+        for (uid, ip) in gone {
+            self.failed.remove(&uid);
+            self.remove_unserved(&uid, ip).await;
+        }
         // Start what should run.
         let now = Instant::now();
         for (uid, w) in desired.iter() {
@@ -257,6 +284,7 @@ impl Worker {
                             attempts,
                             retry_at: Instant::now() + delay,
                             reason,
+                            ip,
                         },
                     );
                 }
@@ -331,6 +359,20 @@ impl Worker {
         })
     }
 
+    /// Removes rules a pod may carry although this ztunnel never served it (see module docs).
+    async fn remove_unserved(&self, uid: &str, ip: IpAddr) {
+        let CaptureMode::Node(manager) = &self.capture else {
+            return;
+        };
+        match manager.remove_unserved(uid, ip).await {
+            Ok(true) => tracing::info!(uid, %ip, "capture rules of a pod that left removed"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(uid, %ip, error = %error_chain(&e), "cannot remove capture rules")
+            }
+        }
+    }
+
     async fn remove_capture(&self, uid: &str, captured: &CapturedPod) {
         let removed = match &self.capture {
             CaptureMode::Node(manager) => manager.remove(uid).await.map(drop),
@@ -341,12 +383,23 @@ impl Worker {
         }
     }
 
-    /// Un-captures the pod now and drains its proxies in the background.
-    async fn stop_pod(&mut self, uid: &str, r: Running, deadline: Duration) {
-        tracing::info!(pod = %r.name, uid, "un-enrolling pod");
-        // Rules first: from here on new connections reach the app directly.
-        self.remove_capture(uid, &r.capture).await;
-        let certs = self.shared.certs.clone();
+    /// Stops serving the pod now and drains its proxies in the background. Un-enrolling
+    /// removes its rules first and then releases its identity; exiting leaves both.
+    async fn stop_pod(&mut self, uid: &str, r: Running, deadline: Duration, how: Stop) {
+        match how {
+            Stop::Unenroll => {
+                tracing::info!(pod = %r.name, uid, "un-enrolling pod");
+                // Rules first: from here on new connections reach the app directly.
+                self.remove_capture(uid, &r.capture).await;
+            }
+            Stop::Exit => match &self.capture {
+                CaptureMode::Node(manager) => {
+                    manager.release(uid).await;
+                }
+                CaptureMode::Dedicated(_) => r.capture.release(),
+            },
+        }
+        let certs = (how == Stop::Unenroll).then(|| self.shared.certs.clone());
         self.stopping.spawn(async move {
             let Running {
                 name,
@@ -361,8 +414,13 @@ impl Worker {
             }
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
-            certs.release(&identity);
-            tracing::info!(pod = %name, "pod un-enrolled");
+            match certs {
+                Some(certs) => {
+                    certs.release(&identity);
+                    tracing::info!(pod = %name, "pod un-enrolled");
+                }
+                None => tracing::info!(pod = %name, "pod drained; it stays captured"),
+            }
         });
     }
 
@@ -370,7 +428,7 @@ impl Worker {
         let uids: Vec<Arc<str>> = self.running.keys().cloned().collect();
         for uid in uids {
             if let Some(r) = self.running.remove(&uid) {
-                self.stop_pod(&uid, r, deadline).await;
+                self.stop_pod(&uid, r, deadline, Stop::Exit).await;
             }
         }
         self.failed.clear();

@@ -1,6 +1,7 @@
 //! The ztunnel binary: parse flags, start logging, run the [`App`] until SIGTERM/SIGINT or
-//! an admin `/quitquitquit`, then drain (pods un-captured, open connections given the drain
-//! deadline) and exit 0.
+//! an admin `/quitquitquit`, then drain (listeners closed, open connections given the drain
+//! deadline; pods stay captured, so they are refused until a ztunnel serves them again) and
+//! exit 0.
 
 use std::process::ExitCode;
 

@@ -6,11 +6,18 @@
 //! pod uid. [`dedicated`] is the same thing for the namespace ztunnel itself runs in (a VM or a
 //! machine outside Kubernetes, with one workload beside ztunnel).
 //!
+//! The rules belong to the pod's enrollment, not to this process. [`CapturedPod::teardown`]
+//! (the pod left the mesh) removes them; [`CapturedPod::release`] (ztunnel stops) and `Drop`
+//! (ztunnel dies) leave them, so while no ztunnel serves the pod its connections are refused:
+//! outbound ones are REDIRECTed to a port nobody listens on (reset), inbound ones TPROXYed to
+//! no socket (dropped) or addressed to a closed 15008 (reset). Nothing leaves in plaintext.
+//! A starting ztunnel adopts rules it finds ([`iptables::apply`]) after binding its listeners.
+//!
 //! Order matters on both ends: listeners are opened *before* the rules go in, so a captured
-//! connection never meets a closed port; on teardown the rules go *first*, so new connections
-//! flow directly to the app again before the listeners close. The app is never restarted: its
-//! listening socket is untouched and connections it already had keep flowing (the rules only
-//! capture new connections).
+//! connection never meets a closed port once we serve; on teardown the rules go *first*, so new
+//! connections flow directly to the app again before the listeners close. The app is never
+//! restarted: its listening socket is untouched and connections it already had keep flowing
+//! (the rules only capture new connections).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -185,28 +192,22 @@ impl CapturedPod {
         );
 
         let cfg = rules.clone();
+        // A failed apply is not cleaned up: restore commits whole or not at all, so rules a
+        // previous ztunnel left stay intact (the pod stays refused, never opened), and a lone
+        // route or policy rule routes nothing without the marks the rules set.
         let applied = worker
-            .run(move || {
-                let result = iptables::apply(&cfg);
-                if result.is_err() {
-                    // Leave nothing half-installed (e.g. the route without the rules).
-                    if let Err(err) = iptables::remove(&cfg) {
-                        tracing::warn!(error = %err, "cleanup after a failed apply failed");
-                    }
-                }
-                result
-            })
+            .run(move || iptables::apply(&cfg))
             .await
             .map_err(|source| InpodError::Worker {
                 uid: uid.clone(),
                 source,
             })?;
-        applied.map_err(|source| InpodError::Apply {
+        let adopted = applied.map_err(|source| InpodError::Apply {
             uid: uid.clone(),
             netns: path.clone(),
             source,
         })?;
-        tracing::info!(%uid, ?ip, netns = %path.display(), "pod captured");
+        tracing::info!(%uid, ?ip, netns = %path.display(), adopted, "pod captured");
 
         Ok(Self {
             sockets: SocketFactory::new(worker.clone(), rules.mark),
@@ -269,9 +270,19 @@ impl CapturedPod {
         *self.closed.borrow()
     }
 
-    /// Removes the rules, closes the listeners if the proxy never took them, and tells the proxy
-    /// to stop. Idempotent. On error the pod is still marked closed (the proxy stops), but rules
-    /// may remain in the namespace: the error says which.
+    /// Stops serving the pod but leaves its rules (ztunnel is stopping; the pod stays enrolled
+    /// and is refused until a ztunnel adopts it): closes the listeners if the proxy never took
+    /// them and tells the proxy to stop. Idempotent.
+    pub fn release(&self) {
+        if !self.closed.send_replace(true) {
+            drop(self.take_listeners());
+            tracing::info!(uid = %self.uid, "pod released; its capture rules stay");
+        }
+    }
+
+    /// Un-enrolls the pod: removes the rules, closes the listeners if the proxy never took them,
+    /// and tells the proxy to stop. Idempotent. On error the pod is still marked closed (the
+    /// proxy stops), but rules may remain in the namespace: the error says which.
     pub async fn teardown(&self) -> Result<(), InpodError> {
         if self.closed.send_replace(true) {
             return Ok(());
@@ -295,21 +306,10 @@ impl CapturedPod {
 
 impl Drop for CapturedPod {
     fn drop(&mut self) {
-        if self.closed.send_replace(true) {
-            return;
-        }
-        // Dropped without `teardown()`: still remove the rules, or the pod's traffic would
-        // keep going to ports nobody listens on. Queued, not awaited: Drop must not block.
-        let cfg = self.rules.clone();
-        let uid = self.uid.clone();
-        let queued = self.worker.spawn_detached(move || {
-            if let Err(err) = iptables::remove(&cfg) {
-                tracing::error!(%uid, error = %err, "cannot remove capture rules of dropped pod");
-            }
-        });
-        if let Err(err) = queued {
-            tracing::error!(uid = %self.uid, error = %err, "cannot remove capture rules of dropped pod");
-        }
+        // Dropped without `teardown()` (ztunnel exiting, a task aborted): the pod is still
+        // enrolled, so its rules stay and it is refused until a ztunnel adopts it. Only the
+        // proxy is told to stop.
+        self.closed.send_replace(true);
     }
 }
 
@@ -385,13 +385,66 @@ impl CaptureManager {
         Ok(pod)
     }
 
-    /// Un-captures pod `uid`. Returns whether it was enrolled.
+    /// Un-captures pod `uid` (it left the mesh): its rules are removed. Returns whether it was
+    /// enrolled.
     pub async fn remove(&self, uid: &str) -> Result<bool, InpodError> {
         let pod = self.pods.lock().await.remove(uid);
         match pod {
             Some(pod) => pod.teardown().await.map(|()| true),
             None => Ok(false),
         }
+    }
+
+    /// Stops serving pod `uid` but leaves its rules (ztunnel is stopping, the pod is still
+    /// enrolled). Returns whether it was enrolled.
+    pub async fn release(&self, uid: &str) -> bool {
+        let pod = self.pods.lock().await.remove(uid);
+        pod.inspect(|p| p.release()).is_some()
+    }
+
+    /// Removes the rules of a pod this ztunnel never served (its enrollment kept failing, e.g.
+    /// rules left by an earlier ztunnel) that left the mesh: finds its namespace by `ip` and
+    /// removes our rules there. A namespace that is gone took its rules along: `Ok(false)`.
+    pub async fn remove_unserved(&self, uid: &str, ip: IpAddr) -> Result<bool, InpodError> {
+        if self.remove(uid).await? {
+            return Ok(true);
+        }
+        let dir = self.cfg.netns_dir.clone();
+        let find_dir = dir.clone();
+        let found = tokio::task::spawn_blocking(move || netns::find_by_ip(&find_dir, ip))
+            .await
+            .unwrap_or_else(|_| Err(NetnsError::WorkerGone { path: dir.clone() }));
+        let handle = match found {
+            Ok(h) => h,
+            Err(NetnsError::NotFound { .. }) => return Ok(false),
+            Err(source) => {
+                return Err(InpodError::Netns {
+                    uid: Arc::from(uid),
+                    ip,
+                    dir,
+                    source,
+                })
+            }
+        };
+        let netns = handle.path().to_path_buf();
+        let worker = NetnsWorker::spawn(handle).map_err(|source| InpodError::Worker {
+            uid: Arc::from(uid),
+            source,
+        })?;
+        let cfg = self.cfg.rules.clone();
+        worker
+            .run(move || iptables::remove(&cfg))
+            .await
+            .map_err(|source| InpodError::Worker {
+                uid: Arc::from(uid),
+                source,
+            })?
+            .map_err(|source| InpodError::Remove {
+                uid: Arc::from(uid),
+                netns,
+                source,
+            })?;
+        Ok(true)
     }
 
     /// The capture of pod `uid`, if enrolled.

@@ -24,6 +24,12 @@
 //! talk IPv6 past the mesh would bypass encryption, policy and logs; so in an enrolled pod
 //! only loopback and the ICMPv6 that keeps the link itself working (neighbour discovery, router
 //! solicitation, multicast listener reports) pass, and every other IPv6 packet is dropped.
+//!
+//! The rules belong to the pod's enrollment, not to a ztunnel process: they stay when ztunnel
+//! stops or dies (a pod nobody serves is refused, never let through), and a starting ztunnel
+//! adopts them. An empty marker chain (`AMBIT_V1_<hash>`, see [`marker_chain`]) records the
+//! format and the exact rule set; [`apply`] leaves rules that carry the current marker
+//! untouched, and replaces any other version in one `iptables-restore` transaction.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,6 +42,10 @@ pub const CHAIN_PREROUTING: &str = "AMBIT_PRERT";
 pub const CHAIN_OUTPUT: &str = "AMBIT_OUTPUT";
 /// Every chain we own starts with this; nothing else is ever touched.
 const OWN_PREFIX: &str = "AMBIT_";
+/// Marker chains start with this, then the rules' format version.
+const MARKER_PREFIX: &str = "AMBIT_V";
+/// Version of the rule set's layout; bump it when a change must not be mistaken for the old.
+const RULES_FORMAT: u32 = 1;
 
 /// Chain in the IPv6 `filter` INPUT: the fail-closed rules for arriving packets.
 pub const CHAIN_INPUT: &str = "AMBIT_INPUT";
@@ -266,12 +276,45 @@ pub fn parse_save(dump: &str) -> Existing {
     existing
 }
 
+/// The marker chain of `cfg`'s rule set: the format version and a hash of the rules, so a
+/// ztunnel recognises rules it would install itself and adopts them as they are.
+pub fn marker_chain(cfg: &RuleConfig) -> String {
+    // FNV-1a: stable across builds and platforms (std's hashers are not).
+    let hash = render_rules(cfg, &Existing::default(), None)
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    // 32 bits of it keep the name within iptables' 28 characters.
+    format!("{MARKER_PREFIX}{RULES_FORMAT}_{:08x}", hash as u32)
+}
+
+/// Whether `existing` is exactly `cfg`'s rule set as [`apply`] installs it (marker, chains and
+/// one jump each): then a starting ztunnel adopts the rules without touching them.
+pub fn is_current(cfg: &RuleConfig, existing: &Existing) -> bool {
+    let has = |table: &str, chain: &str| {
+        existing
+            .chains
+            .get(table)
+            .is_some_and(|cs| cs.iter().any(|c| c == chain))
+    };
+    has("nat", &marker_chain(cfg))
+        && JUMPS
+            .iter()
+            .all(|(t, h, c)| has(t, c) && existing.jump_count(t, h, c) == 1)
+}
+
 /// Renders the `iptables-restore --noflush` document that installs (or re-installs) the rules.
 ///
 /// Declaring a chain in a `--noflush` restore creates it, or empties it if it exists, so our
-/// rules are replaced wholesale; the jumps are only added when `existing` lacks them. The whole
-/// document commits atomically per table: a pod is never half-captured.
+/// rules are replaced wholesale; the jumps are only added when `existing` lacks them, and marker
+/// chains of other versions are deleted. The whole document commits atomically per table: a
+/// pod is never half-captured, nor uncaptured while its rules are replaced.
 pub fn render_apply(cfg: &RuleConfig, existing: &Existing) -> String {
+    render_rules(cfg, existing, Some(&marker_chain(cfg)))
+}
+
+fn render_rules(cfg: &RuleConfig, existing: &Existing, marker: Option<&str>) -> String {
     let mark = format!("{:#x}/{:#x}", cfg.mark, cfg.mask);
     let tproxy = cfg.fwmark();
     let mut doc = String::new();
@@ -325,6 +368,14 @@ pub fn render_apply(cfg: &RuleConfig, existing: &Existing) -> String {
     line("COMMIT".into());
 
     line("*nat".into());
+    if let Some(marker) = marker {
+        line(format!(":{marker} - [0:0]"));
+        for old in existing.chains.get("nat").into_iter().flatten() {
+            if old.starts_with(MARKER_PREFIX) && old != marker {
+                line(format!("-X {old}"));
+            }
+        }
+    }
     line(format!(":{CHAIN_OUTPUT} - [0:0]"));
     // Loopback and the pod's own IP (routed via lo) are in-pod traffic, not mesh traffic.
     line(format!("-A {CHAIN_OUTPUT} -o lo -j RETURN"));
@@ -496,12 +547,15 @@ fn ipv6_present() -> bool {
     std::path::Path::new("/proc/thread-self/net/if_inet6").exists()
 }
 
-/// Installs (or refreshes) the rules and policy routing in the calling thread's namespace.
-/// Idempotent: applying twice leaves exactly one copy.
+/// Installs the rules and policy routing in the calling thread's namespace, or adopts them:
+/// IPv4 rules already [`is_current`] are left untouched, any others are replaced atomically.
+/// Idempotent: applying twice leaves exactly one copy. Returns whether the IPv4 rules were
+/// adopted as they were.
 ///
-/// IPv6 is closed first ([`render_apply_v6`]), so a pod never has IPv4 capture while its IPv6
-/// is still open; if that fails the whole apply fails and the caller removes what was done.
-pub fn apply(cfg: &RuleConfig) -> Result<(), IptablesError> {
+/// IPv6 is closed first ([`render_apply_v6`], re-declared in one transaction, so never open
+/// in between), so a pod never has IPv4 capture while its IPv6 is still open; if that fails
+/// the whole apply fails, and whatever an earlier apply installed stays.
+pub fn apply(cfg: &RuleConfig) -> Result<bool, IptablesError> {
     if ipv6_present() {
         let existing = parse_save(&save_v6(cfg.backend)?);
         run(
@@ -536,13 +590,16 @@ pub fn apply(cfg: &RuleConfig) -> Result<(), IptablesError> {
         )?;
     }
     let existing = parse_save(&save(cfg.backend)?);
+    if is_current(cfg, &existing) {
+        return Ok(true);
+    }
     let doc = render_apply(cfg, &existing);
     run(
         cfg.backend.restore_program(),
         &["-w", "5", "--noflush"],
         Some(&doc),
     )?;
-    Ok(())
+    Ok(false)
 }
 
 /// Removes our chains, jumps, policy rule and route from the calling thread's namespace.
@@ -667,12 +724,47 @@ COMMIT
 COMMIT
 ";
 
+    /// FRESH with the marker chain of `cfg` declared first in `nat`.
+    fn with_marker(doc: &str, cfg: &RuleConfig) -> String {
+        doc.replace("*nat\n", &format!("*nat\n:{} - [0:0]\n", marker_chain(cfg)))
+    }
+
     #[test]
     fn fresh_namespace_gets_chains_rules_and_jumps() {
+        let cfg = RuleConfig::default();
         assert_eq!(
-            render_apply(&RuleConfig::default(), &Existing::default()),
-            FRESH
+            render_apply(&cfg, &Existing::default()),
+            with_marker(FRESH, &cfg)
         );
+    }
+
+    #[test]
+    fn current_rules_are_adopted_and_other_versions_replaced() {
+        let cfg = RuleConfig::default();
+        let marker = marker_chain(&cfg);
+        assert!(marker.starts_with("AMBIT_V1_") && marker.len() <= 28, "{marker}");
+        // What iptables-save shows after our apply: adopted as is.
+        let installed = with_marker(FRESH, &cfg);
+        assert!(is_current(&cfg, &parse_save(&installed)));
+        // Another rule set (other exclusions) has another marker: not current.
+        let other = RuleConfig {
+            outbound_exclude_ports: vec![15012],
+            ..RuleConfig::default()
+        };
+        assert_ne!(marker_chain(&other), marker);
+        assert!(!is_current(&other, &parse_save(&installed)));
+        // Rules of an older layout (no marker) or with a missing jump are not current.
+        assert!(!is_current(&cfg, &parse_save(FRESH)));
+        let no_jump = installed.replace("-A OUTPUT -j AMBIT_OUTPUT\n", "");
+        assert!(!is_current(&cfg, &parse_save(&no_jump)));
+        // Replacing another version deletes its marker in the same transaction.
+        let doc = render_apply(&other, &parse_save(&installed));
+        let nat = &doc[doc.find("*nat").unwrap()..];
+        assert!(nat.contains(&format!("-X {marker}\n")), "{doc}");
+        assert!(nat.contains(&format!(":{} - [0:0]\n", marker_chain(&other))));
+        // And removal takes the marker along.
+        let removal = render_remove(&parse_save(&installed)).unwrap();
+        assert!(removal.contains(&format!("-X {marker}\n")), "{removal}");
     }
 
     #[test]
@@ -681,7 +773,7 @@ COMMIT
         assert!(!doc.contains("-A PREROUTING"), "{doc}");
         assert!(!doc.contains("-A OUTPUT"), "{doc}");
         // Our chains are still declared (so flushed and refilled) and the rules are all there.
-        let expected: String = FRESH
+        let expected: String = with_marker(FRESH, &RuleConfig::default())
             .lines()
             .filter(|l| !l.starts_with("-A PREROUTING") && !l.starts_with("-A OUTPUT"))
             .map(|l| format!("{l}\n"))

@@ -185,6 +185,19 @@ impl WorkloadCertificate {
         self.key.clone_key()
     }
 
+    /// The private key as PEM, for the one place it is written down: ztunnel's node
+    /// directory, owner-only, so a restart can serve before the CA answers.
+    pub fn private_key_pem(&self) -> String {
+        match &*self.key {
+            PrivateKeyDer::Pkcs8(k) => pem_encode("PRIVATE KEY", k.secret_pkcs8_der()),
+            PrivateKeyDer::Sec1(k) => pem_encode("EC PRIVATE KEY", k.secret_sec1_der()),
+            PrivateKeyDer::Pkcs1(k) => pem_encode("RSA PRIVATE KEY", k.secret_pkcs1_der()),
+            // `PrivateKeyDer` is non-exhaustive; a kind we cannot name is written as PKCS#8,
+            // which `from_pem` then refuses: the cache is skipped, never misread.
+            other => pem_encode("PRIVATE KEY", other.secret_der()),
+        }
+    }
+
     /// The trust roots delivered with this certificate.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
@@ -432,10 +445,7 @@ mod tests {
     fn pem_round_trip_keeps_identity_and_dates() {
         let (_pki, cert) = pki_and_cert();
         let chain_pem = chain_to_pem(cert.chain());
-        let key_pem = match cert.private_key() {
-            PrivateKeyDer::Pkcs8(k) => pem_encode("PRIVATE KEY", k.secret_pkcs8_der()),
-            other => panic!("unexpected key kind {other:?}"),
-        };
+        let key_pem = cert.private_key_pem();
         let roots_pem = chain_to_pem(cert.roots());
         let again = WorkloadCertificate::from_pem(&chain_pem, &key_pem, &roots_pem).unwrap();
         assert_eq!(

@@ -2,9 +2,14 @@
 //! certificates, and the operations ports. `main` runs it until a signal; tests run one per
 //! node in-process with an injected CA client ([`App::start`]).
 //!
-//! Shutdown ([`App::shutdown`]): every pod is un-captured at once (rules first, so apps talk
-//! directly again), listeners stop accepting, open connections get the drain deadline, then
-//! the operations servers stop.
+//! Shutdown ([`App::shutdown`]): listeners stop accepting, open connections get the drain
+//! deadline, then the operations servers stop. Pods stay captured (their rules belong to their
+//! enrollment): until a ztunnel adopts them their connections are refused, never carried in
+//! plaintext.
+//!
+//! With a node directory (`--data-dir`), the last acknowledged state and the workload
+//! certificates are kept there; a start with the controller unreachable serves from them at
+//! once, and the controller's first full state replaces the kept one when it answers.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +36,7 @@ use crate::enrollment::{CaptureMode, Enrollment, RetryPolicy, Statuses};
 use crate::http_server::ServerError;
 use crate::limits::NodeLimits;
 use crate::metrics::{Metrics, MetricsServer};
+use crate::node_dir::NodeDir;
 use crate::proxy::{ProxySettings, Shared};
 use crate::readiness::{ReadinessServer, Ready};
 use crate::state::static_file::{self, StaticFileError};
@@ -202,7 +208,17 @@ impl App {
         logging: Option<LogHandle>,
     ) -> Result<App, AppError> {
         let metrics = Metrics::new();
-        let certs = CertManager::new(
+        let node_dir = config.data_dir.as_deref().and_then(|path| {
+            NodeDir::open(path, &config.node)
+                .inspect_err(|e| {
+                    tracing::error!(
+                        error = %error_chain(e),
+                        "cannot use the node directory; a restart will wait for the controller and the CA"
+                    )
+                })
+                .ok()
+        });
+        let certs = CertManager::with_node_dir(
             ca,
             SystemClock,
             CertConfig {
@@ -210,9 +226,10 @@ impl App {
                 ..CertConfig::default()
             },
             Some(metrics.clone()),
+            node_dir.clone(),
         );
         let ready = Ready::new();
-        let state_ready = ready.register("state");
+        let mut state_ready = Some(ready.register("state"));
         let mut store = Store::new(Some(&config.node));
         let reader = store.reader();
         let mut background = Vec::new();
@@ -220,7 +237,9 @@ impl App {
             StateSource::StaticFile(path) => {
                 let push = static_file::load(path, 1).map_err(AppError::StaticState)?;
                 store.apply(push).map_err(AppError::Store)?;
-                state_ready.done();
+                if let Some(block) = state_ready.take() {
+                    block.done();
+                }
                 let st = Arc::new(StaticState {
                     path: path.clone(),
                     store: Mutex::new(store),
@@ -230,6 +249,11 @@ impl App {
                 (Some(st), None)
             }
             StateSource::Controller(url) => {
+                if node_dir.as_ref().is_some_and(|d| serve_kept_state(d, &mut store)) {
+                    if let Some(block) = state_ready.take() {
+                        block.done();
+                    }
+                }
                 let channel = control::channel(
                     url,
                     config.ca_root_file.as_deref(),
@@ -247,13 +271,16 @@ impl App {
                         node: config.node.clone(),
                         backoff: Backoff::default(),
                         credential_file: config.credential_file.clone(),
+                        node_dir: node_dir.clone(),
                     },
                 );
                 let (waiter, m) = (client.clone(), metrics.clone());
                 let mut status = client.status();
                 background.push(tokio::spawn(async move {
                     waiter.wait_ready().await;
-                    state_ready.done();
+                    if let Some(block) = state_ready {
+                        block.done();
+                    }
                     while status.changed().await.is_ok() {
                         let connected = status.borrow().connected;
                         m.set_xds_connected(connected);
@@ -402,8 +429,8 @@ impl App {
         self.shutdown.requested().await
     }
 
-    /// Drains and stops: pods un-captured, open connections given the drain deadline,
-    /// operations servers stopped.
+    /// Drains and stops: listeners closed, open connections given the drain deadline,
+    /// operations servers stopped. Pods stay captured (see the module docs).
     pub async fn shutdown(self) -> DrainOutcome {
         let deadline = self.drain_deadline;
         self.enrollment.shutdown(deadline).await;
@@ -412,6 +439,46 @@ impl App {
             task.abort();
         }
         outcome
+    }
+}
+
+/// Applies the state kept in the node directory, if any is usable; returns whether it was.
+/// Anything wrong with it is logged with its path and the app waits for the controller.
+fn serve_kept_state(dir: &NodeDir, store: &mut Store) -> bool {
+    let (push, saved) = match dir.load_state() {
+        Ok(Some(kept)) => kept,
+        Ok(None) => return false,
+        Err(e) => {
+            tracing::warn!(
+                error = %error_chain(&e),
+                "not using the state kept in the node directory; waiting for the controller"
+            );
+            return false;
+        }
+    };
+    match store.apply(push) {
+        Ok(outcome) => {
+            let age = SystemTime::now()
+                .duration_since(saved)
+                .unwrap_or_default()
+                .as_secs();
+            tracing::info!(
+                path = %dir.state_path().display(),
+                version = outcome.version,
+                workloads = outcome.workloads,
+                age_seconds = age,
+                "serving from the last acknowledged state until the controller answers"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                path = %dir.state_path().display(),
+                error = %error_chain(&e),
+                "the state kept in the node directory is unusable; waiting for the controller"
+            );
+            false
+        }
     }
 }
 

@@ -109,6 +109,10 @@ pub struct Args {
     /// Lifetime asked of the CA for workload certificates, in seconds.
     #[arg(long, default_value_t = 24 * 3600, env = "AMBIT_CERT_VALIDITY_SECONDS")]
     pub cert_validity_seconds: u64,
+    /// The node directory: last acknowledged state and workload certificates (owner-only),
+    /// so a restart serves before the controller answers.
+    #[arg(long, default_value = crate::node_dir::DEFAULT_DIR, env = "AMBIT_DATA_DIR")]
+    pub data_dir: PathBuf,
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
@@ -159,6 +163,8 @@ pub struct Config {
     pub static_poll: Duration,
     /// Connection and handshake caps, timeouts, descriptor reserve.
     pub limits: Limits,
+    /// The node directory ([`crate::node_dir`]); `None` keeps nothing on disk (tests).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -186,6 +192,7 @@ impl Config {
             cert_validity: ambit_hbone::ca::DEFAULT_CERT_VALIDITY,
             static_poll: Duration::from_millis(500),
             limits: Limits::default(),
+            data_dir: None,
         }
     }
 }
@@ -296,6 +303,7 @@ impl TryFrom<Args> for Config {
             cert_validity: Duration::from_secs(a.cert_validity_seconds),
             static_poll: Duration::from_secs(1),
             limits: a.limits.into(),
+            data_dir: Some(a.data_dir),
         })
     }
 }
@@ -324,6 +332,10 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.ca, CaSource::Grpc("https://10.0.0.1:15012".into()));
         assert_eq!(cfg.admin_addr.to_string(), "127.0.0.1:15000");
+        assert_eq!(
+            cfg.data_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/ambit/ztunnel"))
+        );
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! from the state it has. The controller answers a new stream with a full state, which
 //! replaces everything.
 //!
+//! With a node directory, every ACKed push is folded into [`LastAcked`] and the resulting
+//! full state written there, so a restart can serve from it before the controller answers.
+//!
 //! [`DiscoveryClient`] is a cheap `Clone` handle over the worker task: it hands
 //! out the read side of the store, a readiness `watch` (true once a first full state is
 //! applied) and a status `watch` for the admin endpoint. The task stops when the last handle
@@ -30,7 +33,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::node_dir::{LastAcked, NodeDir};
 use crate::state::{StateReader, Store};
+use crate::telemetry::error_chain;
 
 /// Boxed error of a connector.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -121,6 +126,8 @@ pub struct DiscoveryConfig {
     /// File holding the bearer token the controller authenticates subscriptions by (the
     /// same credential as the CA's); re-read per stream so a rotated token is picked up.
     pub credential_file: Option<std::path::PathBuf>,
+    /// Where the last ACKed state is kept (`None`: nowhere).
+    pub node_dir: Option<NodeDir>,
 }
 
 /// What the client is doing, for the admin endpoint and tests.
@@ -204,6 +211,7 @@ async fn run(
     status_tx: watch::Sender<Status>,
 ) {
     let mut delay = config.backoff.initial;
+    let mut acked = LastAcked::default();
     loop {
         let mut applied = false;
         let err = session(
@@ -213,6 +221,7 @@ async fn run(
             &ready_tx,
             &status_tx,
             &mut applied,
+            &mut acked,
         )
         .await;
         tracing::warn!(error = %err, "discovery stream ended; keeping the last good state");
@@ -238,6 +247,7 @@ async fn session(
     ready_tx: &watch::Sender<bool>,
     status_tx: &watch::Sender<Status>,
     applied: &mut bool,
+    acked: &mut LastAcked,
 ) -> DiscoveryError {
     let channel = match connector.connect().await {
         Ok(c) => c,
@@ -297,6 +307,8 @@ async fn session(
         first = false;
         let nonce = push.nonce.clone();
         let full = push.full_state;
+        // Only copied when it will be kept.
+        let kept = config.node_dir.as_ref().map(|_| push.clone());
         let reply = match store.apply(push) {
             Ok(outcome) => {
                 tracing::debug!(?outcome, %nonce, "push applied");
@@ -320,9 +332,29 @@ async fn session(
                 pb::subscribe_request::Message::Nack(pb::Nack { nonce, reason })
             }
         };
+        let ack = matches!(reply, pb::subscribe_request::Message::Ack(_));
         if !send(reply).await {
             return DiscoveryError::Closed;
         }
+        if let (true, Some(dir), Some(push)) = (ack, &config.node_dir, kept) {
+            acked.apply(&push);
+            keep(dir, acked.to_push()).await;
+        }
+    }
+}
+
+/// Writes the ACKed state to the node directory, off the runtime (it fsyncs). A failure is
+/// logged: the proxy serves on, only a restart would have to wait for the controller.
+async fn keep(dir: &NodeDir, state: pb::Push) {
+    let dir = dir.clone();
+    let path = dir.state_path();
+    match tokio::task::spawn_blocking(move || dir.save_state(&state)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(
+            error = %error_chain(&e),
+            "cannot keep the acknowledged state; a restart will wait for the controller"
+        ),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "state write task failed"),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod enrollment;
 pub mod http_server;
 pub mod limits;
 pub mod metrics;
+pub mod node_dir;
 pub mod proxy;
 pub mod readiness;
 pub mod state;

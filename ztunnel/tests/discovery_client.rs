@@ -196,6 +196,7 @@ async fn applies_acks_nacks_and_survives_a_controller_restart() -> Result<()> {
         store,
         DiscoveryConfig {
             node: "node-1".into(),
+            node_dir: None,
             backoff: Backoff {
                 initial: Duration::from_millis(20),
                 max: Duration::from_millis(200),
@@ -299,6 +300,7 @@ async fn stays_unready_without_a_controller_and_stops_with_its_handles() -> Resu
         store,
         DiscoveryConfig {
             node: "node-1".into(),
+            node_dir: None,
             backoff: Backoff {
                 initial: Duration::from_millis(10),
                 max: Duration::from_millis(50),

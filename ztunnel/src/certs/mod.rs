@@ -19,6 +19,12 @@
 //!
 //! Workloads sharing an identity share the certificate (a refcount); when the last one
 //! leaves ([`CertManager::release`]) the worker stops and the certificate is forgotten.
+//!
+//! With a node directory ([`CertManager::with_node_dir`]) every issued certificate is also
+//! written there (key included, owner-only), and a new identity starts from the one kept
+//! there if it is still valid: a restarted ztunnel serves before the CA answers, and renews
+//! at the kept certificate's half-life as usual. An expired or unreadable file is logged and
+//! never used; the identity then waits for the CA.
 //! The CA client ([`CaClient`], gRPC in [`grpc`]) and the wall clock ([`Clock`]) are
 //! injected, so tests drive rotation with tokio's paused time ([`local::InProcessCa`]
 //! and [`TokioClock`]).
@@ -37,6 +43,7 @@ use ambit_hbone::Identity;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::node_dir::NodeDir;
 use crate::telemetry::error_chain;
 
 /// Why a certificate could not be obtained.
@@ -232,6 +239,7 @@ struct Inner {
     entries: Mutex<HashMap<Identity, Entry>>,
     clock: Arc<dyn Clock>,
     metrics: Option<Metrics>,
+    node_dir: Option<NodeDir>,
     /// Starts a worker; a closure so the handle need not be generic over the CA client.
     spawn: Box<Spawn>,
 }
@@ -283,11 +291,23 @@ impl CertManager {
         config: CertConfig,
         metrics: Option<Metrics>,
     ) -> Self {
+        Self::with_node_dir(ca, clock, config, metrics, None)
+    }
+
+    /// [`Self::new`], keeping certificates in `node_dir` (see the module docs).
+    pub fn with_node_dir<C: CaClient, K: Clock>(
+        ca: C,
+        clock: K,
+        config: CertConfig,
+        metrics: Option<Metrics>,
+        node_dir: Option<NodeDir>,
+    ) -> Self {
         let ca = Arc::new(ca);
         let clock: Arc<dyn Clock> = Arc::new(clock);
         let spawn = {
             let clock = clock.clone();
             let metrics = metrics.clone();
+            let node_dir = node_dir.clone();
             move |identity: Identity, state: watch::Sender<CertState>| {
                 let worker = Worker {
                     identity,
@@ -295,6 +315,7 @@ impl CertManager {
                     clock: clock.clone(),
                     config: config.clone(),
                     metrics: metrics.clone(),
+                    node_dir: node_dir.clone(),
                     state,
                 };
                 tokio::spawn(worker.run()).abort_handle()
@@ -305,6 +326,7 @@ impl CertManager {
                 entries: Mutex::new(HashMap::new()),
                 clock,
                 metrics,
+                node_dir,
                 spawn: Box::new(spawn),
             }),
         }
@@ -329,8 +351,14 @@ impl CertManager {
             entry.refs += 1;
             return;
         }
-        tracing::info!(%identity, "fetching certificate for new local identity");
-        let (state, _) = watch::channel(CertState::default());
+        let kept = self.kept(identity);
+        if kept.is_none() {
+            tracing::info!(%identity, "fetching certificate for new local identity");
+        }
+        let (state, _) = watch::channel(CertState {
+            cert: kept.map(Arc::new),
+            ..CertState::default()
+        });
         let worker = (self.inner.spawn)(identity.clone(), state.clone());
         entries.insert(
             identity.clone(),
@@ -359,7 +387,40 @@ impl CertManager {
             if let Some(m) = &self.inner.metrics {
                 m.remove_certificate(identity);
             }
+            if let Some(dir) = &self.inner.node_dir {
+                if let Err(e) = dir.remove_cert(identity) {
+                    tracing::warn!(%identity, error = %error_chain(&e), "cannot delete the kept certificate");
+                }
+            }
             tracing::info!(%identity, "no local workload left; certificate forgotten");
+        }
+    }
+
+    /// The certificate kept in the node directory for `identity`, if it is still valid.
+    fn kept(&self, identity: &Identity) -> Option<WorkloadCertificate> {
+        let dir = self.inner.node_dir.as_ref()?;
+        match dir.load_cert(identity, self.inner.clock.now()) {
+            Ok(Some(cert)) => {
+                tracing::info!(
+                    %identity,
+                    serial = %cert.summary().serial,
+                    not_after = %rfc3339(cert.not_after()),
+                    "serving with the certificate kept in the node directory until the CA renews it"
+                );
+                if let Some(m) = &self.inner.metrics {
+                    m.set_certificate_expiry(identity, cert.not_after());
+                }
+                Some(cert)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(
+                    %identity,
+                    error = %error_chain(&e),
+                    "not using the certificate kept in the node directory; waiting for the CA"
+                );
+                None
+            }
         }
     }
 
@@ -459,12 +520,18 @@ struct Worker<C> {
     clock: Arc<dyn Clock>,
     config: CertConfig,
     metrics: Option<Metrics>,
+    node_dir: Option<NodeDir>,
     state: watch::Sender<CertState>,
 }
 
 impl<C: CaClient> Worker<C> {
     async fn run(self) {
         let mut backoff = self.config.initial_backoff;
+        // Started from a kept certificate: renew it at its half-life, like one just issued.
+        let kept_refresh = self.state.borrow().cert.as_ref().map(|c| c.refresh_at());
+        if let Some(Ok(wait)) = kept_refresh.map(|at| at.duration_since(self.clock.now())) {
+            tokio::time::sleep(wait).await;
+        }
         loop {
             match self.fetch().await {
                 Ok(cert) => {
@@ -479,6 +546,7 @@ impl<C: CaClient> Worker<C> {
                     if let Some(m) = &self.metrics {
                         m.set_certificate_expiry(&self.identity, cert.not_after());
                     }
+                    self.keep(&cert).await;
                     self.state.send_modify(|s| {
                         s.cert = Some(Arc::new(cert));
                         s.last_error = None;
@@ -529,6 +597,24 @@ impl<C: CaClient> Worker<C> {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+    }
+
+    /// Writes `cert` to the node directory (off the runtime: it fsyncs).
+    async fn keep(&self, cert: &WorkloadCertificate) {
+        let Some(dir) = self.node_dir.clone() else {
+            return;
+        };
+        let (cert, identity) = (cert.clone(), self.identity.clone());
+        let saved = tokio::task::spawn_blocking(move || dir.save_cert(&cert)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
+                %identity,
+                error = %error_chain(&e),
+                "cannot keep the certificate in the node directory; a restart will wait for the CA"
+            ),
+            Err(e) => tracing::warn!(%identity, error = %e, "certificate write task failed"),
         }
     }
 

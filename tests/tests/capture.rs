@@ -472,7 +472,8 @@ async fn legacy_backend_and_idempotent_reapply() -> anyhow::Result<()> {
     let worker = NetnsWorker::spawn(NetnsHandle::open(pod.netns().path())?)?;
     for _ in 0..2 {
         let cfg = rules.clone();
-        worker.run(move || iptables::apply(&cfg)).await??;
+        let adopted = worker.run(move || iptables::apply(&cfg)).await??;
+        assert!(adopted, "current rules are adopted, not re-applied");
     }
     let saved = save(&a, "iptables-legacy-save")?;
     assert_eq!(
@@ -566,39 +567,92 @@ fn dedicated_mode_captures_the_current_namespace() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Our rules with their packet counters, as `iptables-save -c` shows them.
+fn counted_rules(pod: &Pod) -> anyhow::Result<Vec<String>> {
+    Ok(exec_in(&pod.netns, &["iptables-save", "-c"])?
+        .lines()
+        .filter(|l| l.contains("AMBIT"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The rules belong to the pod, not to the capture object: dropping it (ztunnel exiting or
+/// dying) leaves them, so the pod's connections are refused; a new capture adopts them without
+/// touching them (their packet counters survive) and serves again; only teardown removes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_a_captured_pod_still_removes_its_rules() -> anyhow::Result<()> {
-    let Some(topo) = Topology::builder("drop_cleanup")
+async fn a_dropped_capture_leaves_its_rules_and_a_new_one_adopts_them() -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("drop_adopt")
         .node("n1")
+        .node("n2")
         .pod("a", "n1")
+        .pod("b", "n2")
         .build_or_skip()
     else {
         return Ok(());
     };
-    let a = topo.pod("a").clone();
-    let handle = NetnsHandle::open(topo.netns_dir().join(&a.netns))?;
-    let pod = ambit_ztunnel::capture::CapturedPod::start(
-        "uid-a",
-        Some(ip(&a)),
-        handle,
-        RuleConfig::default(),
-    )
-    .await?;
-    assert!(save(&a, "iptables-save")?.contains("AMBIT_PRERT"));
+    let (a, b) = (topo.pod("a").clone(), topo.pod("b").clone());
+    let server = ReplyServer::start(&b, 8080)?;
+    let target = server.addr();
+    let (a_ip, a_path) = (ip(&a), topo.netns_dir().join(&a.netns));
+    let start = || {
+        let handle = NetnsHandle::open(&a_path);
+        async move {
+            ambit_ztunnel::capture::CapturedPod::start(
+                "uid-a",
+                Some(a_ip),
+                handle?,
+                RuleConfig::default(),
+            )
+            .await
+            .map_err(anyhow::Error::from)
+        }
+    };
+    let pod = start().await?;
+    drop(pod.take_listeners());
     drop(pod);
-    // Drop only queues the removal (it must not block): poll for it.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let saved = save(&a, "iptables-save")?;
-        let rules = exec_in(&a.netns, &["ip", "-4", "rule", "show"])?;
-        if !saved.contains("AMBIT") && !rules.contains("fwmark") {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("rules left after drop:\n{saved}\n{rules}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let saved = save(&a, "iptables-save")?;
+    assert!(
+        saved.contains(&iptables::marker_chain(&RuleConfig::default())),
+        "{saved}"
+    );
+    assert!(exec_in(&a.netns, &["ip", "-4", "rule", "show"])?.contains("fwmark"));
+
+    // Nobody serves the pod: its connections are refused, not let through.
+    let a2 = a.clone();
+    let refused = blocking(move || {
+        Ok(in_netns(&a2.netns, move || {
+            std::net::TcpStream::connect_timeout(&target, WAIT)
+        })?)
+    })
+    .await?;
+    match refused {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => bail!("expected a refused connect, got {other:?}"),
     }
+    assert!(server.seen().is_empty(), "the app was reached");
+
+    // A new capture adopts the rules as they are: same rules, same counters.
+    let before = counted_rules(&a)?;
+    assert!(
+        before
+            .iter()
+            .any(|l| l.contains("REDIRECT") && !l.starts_with("[0:0]")),
+        "the refused SYN was not counted: {before:?}"
+    );
+    let pod = start().await?;
+    assert_eq!(counted_rules(&a)?, before, "adoption touched the rules");
+    let listeners = pod.take_listeners().context("listeners already taken")?;
+    let a2 = a.clone();
+    let _app = blocking(move || connect_from(&a2, target)).await?;
+    let (accepted, _) = within("outbound accept", listeners.outbound.accept()).await??;
+    assert_eq!(original_dst(&accepted)?, target);
+
+    // Only un-enrolling removes them.
+    pod.teardown().await?;
+    let saved = save(&a, "iptables-save")?;
+    assert!(!saved.contains("AMBIT"), "{saved}");
+    Ok(())
 }
 
 /// Both ends enrolled, HBONE replaced by a plain TCP hop with a one-line header: A's app dials

@@ -1,7 +1,8 @@
 //! The real `ztunnel` binary, one process per node: flags, readiness, HBONE between nodes,
-//! metrics and access log over the real ports, and SIGTERM draining to exit 0 with every
-//! capture rule removed. Certificates come from a local CA given as files (`--local-ca-*`),
-//! since the controller's CA service is not offered yet. Needs root.
+//! metrics and access log over the real ports, and SIGTERM draining to exit 0 with the pods
+//! left captured (refused until a ztunnel serves them again). Certificates come from a local
+//! CA given as files (`--local-ca-*`), since the controller's CA service is not offered yet.
+//! Needs root.
 
 mod ztunnel_support;
 
@@ -62,6 +63,8 @@ impl Ztunnel {
             .arg(dir.join("ca-key.pem"))
             .arg("--netns-dir")
             .arg(netns_dir)
+            .arg("--data-dir")
+            .arg(dir.join(format!("data-{node}")))
             .args(["--metrics-addr", &format!("127.0.0.1:{m}")])
             .args(["--readiness-addr", &format!("127.0.0.1:{r}")])
             .args(["--admin-addr", &format!("127.0.0.1:{a}")])
@@ -215,20 +218,26 @@ async fn the_ztunnel_binary_carries_hbone_between_nodes_and_drains_on_sigterm() 
     })
     .await?;
 
-    // SIGTERM: drain, rules gone, exit 0.
+    // SIGTERM: drain, exit 0. The pods stay enrolled, so they stay captured: refused until a
+    // ztunnel serves them again, never let through in plaintext.
     let (s1, s2) = blocking(move || Ok((z1.terminate()?, z2.terminate()?))).await?;
     assert!(s1.success() && s2.success(), "exit statuses {s1} {s2}");
     for pod in [&client, &srv] {
         let rules = exec_in(&pod.netns, &["iptables-save"])?;
         assert!(
-            !rules.contains("AMBIT_"),
-            "rules left in {}: {rules}",
+            rules.contains("AMBIT_OUTPUT") && rules.contains("AMBIT_PRERT"),
+            "rules gone from {}: {rules}",
             pod.name
         );
     }
-    // And the pods talk directly again.
-    let seen = round_trip(&client, app.addr(), b"direct").await?;
-    assert_eq!(seen.ip(), IpAddr::from(client.ip));
+    let seen_before = app.seen().len();
+    assert!(
+        round_trip(&client, app.addr(), b"while-down")
+            .await
+            .is_err(),
+        "a connection got through with no ztunnel"
+    );
+    assert_eq!(app.seen().len(), seen_before);
     drop(app);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

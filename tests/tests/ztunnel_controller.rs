@@ -6,115 +6,11 @@
 
 mod ztunnel_support;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
 
-use ambit_tests::{exec_in, Pod, ReplyServer, Topology};
-use anyhow::{bail, Context};
+use ambit_tests::{exec_in, ReplyServer, Topology};
+use anyhow::Context;
 use ztunnel_support::*;
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {out:?}"))?;
-    Ok((status, out))
-}
-
-/// A child process, killed if the test ends without stopping it; output in `log`.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(bin: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
-        let file = std::fs::File::create(&log)?;
-        let child = Command::new(bin)
-            .args(args)
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        Ok(Proc { child, log })
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("exited early ({status}): {}", self.logs());
-        }
-        Ok(())
-    }
-
-    fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("did not exit after SIGTERM: {}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn pod_yaml(pod: &Pod, ns: &str, sa: &str, node: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {sa}\n  namespace: {ns}\n\
-         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  \
-         uid: uid-{name}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  \
-         containers:\n  - name: app\n    image: app\nstatus:\n  podIP: {ip}\n",
-        name = pod.name,
-        ip = pod.ip
-    )
-}
-
-fn wait(what: &str, mut cond: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if cond()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identities(
@@ -196,6 +92,8 @@ async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identit
                         token(node).display().to_string(),
                         "--netns-dir".into(),
                         netns_dir.display().to_string(),
+                        "--data-dir".into(),
+                        dir.join(format!("data-{node}")).display().to_string(),
                         "--metrics-addr".into(),
                         metrics.to_string(),
                         "--readiness-addr".into(),

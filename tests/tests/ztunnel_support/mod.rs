@@ -5,11 +5,13 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::io::Read;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use std::time::{Duration, SystemTime};
 
 use ambit_hbone::ca::CertificateAuthority;
@@ -322,5 +324,119 @@ impl ambit_hbone::client::SocketFactory for PodSocketFactory {
             })
             .map_err(std::io::Error::other)?
             .map(|s| tokio::net::TcpSocket::from_std_stream(s.into()))
+    }
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `GET path` over HTTP/1.1; returns (status, whole response).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {out:?}"))?;
+    Ok((status, out))
+}
+
+/// A child process (the controller, a ztunnel), killed if the test ends without stopping it;
+/// its output goes to `log`.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(bin: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .args(args)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(Proc { child, log })
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("exited early ({status}): {}", self.logs());
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` and waits (bounded) for the exit status.
+    pub fn signal(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, signal)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("did not exit after {signal}: {}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A ServiceAccount and a Pod on `node`, as the controller's local source reads them.
+pub fn pod_yaml(pod: &Pod, ns: &str, sa: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {sa}\n  namespace: {ns}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  \
+         uid: uid-{name}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  \
+         containers:\n  - name: app\n    image: app\nstatus:\n  podIP: {ip}\n",
+        name = pod.name,
+        ip = pod.ip
+    )
+}
+
+/// Polls `cond` (blocking) until it holds, for at most [`WAIT`].
+pub fn wait(what: &str, mut cond: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

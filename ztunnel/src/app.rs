@@ -249,7 +249,10 @@ impl App {
                 (Some(st), None)
             }
             StateSource::Controller(url) => {
-                if node_dir.as_ref().is_some_and(|d| serve_kept_state(d, &mut store)) {
+                if node_dir
+                    .as_ref()
+                    .is_some_and(|d| serve_kept_state(d, &mut store))
+                {
                     if let Some(block) = state_ready.take() {
                         block.done();
                     }

@@ -240,9 +240,7 @@ impl Worker {
         let gone: Vec<(Arc<str>, IpAddr)> = self
             .failed
             .iter()
-            .filter(|(uid, f)| {
-                desired.get(*uid).and_then(|w| enrolled_ip(w)) != Some(f.ip)
-            })
+            .filter(|(uid, f)| desired.get(*uid).and_then(|w| enrolled_ip(w)) != Some(f.ip))
             .map(|(uid, f)| (uid.clone(), f.ip))
             .collect();
         for (uid, ip) in gone {

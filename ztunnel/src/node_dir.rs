@@ -205,11 +205,10 @@ impl NodeDir {
         let mut bytes = Vec::with_capacity(STATE_MAGIC.len() + file.encoded_len());
         bytes.extend_from_slice(STATE_MAGIC);
         // Encoding into a Vec only fails when the buffer cannot grow, which a Vec can.
-        file.encode(&mut bytes)
-            .map_err(|e| NodeDirError::Write {
-                path: self.state_path(),
-                source: std::io::Error::other(e),
-            })?;
+        file.encode(&mut bytes).map_err(|e| NodeDirError::Write {
+            path: self.state_path(),
+            source: std::io::Error::other(e),
+        })?;
         write_atomic(&self.state_path(), &bytes)
     }
 
@@ -570,7 +569,11 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names.iter().filter(|n| n.contains("tmp")).count(), 0, "{names:?}");
+        assert_eq!(
+            names.iter().filter(|n| n.contains("tmp")).count(),
+            0,
+            "{names:?}"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -608,17 +611,22 @@ mod tests {
     fn corrupt_files_are_errors_naming_the_path() {
         let root = tempdir("corrupt");
         let dir = NodeDir::open(&root, "n1").unwrap();
-        for bytes in [&b"not ours at all"[..], &b"AMBIT-ZTUNNEL-STATE\n\xff\xff\xff"[..]] {
+        for bytes in [
+            &b"not ours at all"[..],
+            &b"AMBIT-ZTUNNEL-STATE\n\xff\xff\xff"[..],
+        ] {
             std::fs::write(dir.state_path(), bytes).unwrap();
             let err = dir.load_state().unwrap_err();
             assert!(matches!(err, NodeDirError::Corrupt { .. }), "{err:?}");
             assert!(
-                err.to_string().contains(&*dir.state_path().to_string_lossy()),
+                err.to_string()
+                    .contains(&*dir.state_path().to_string_lossy()),
                 "{err}"
             );
         }
         // A truncated write of a real file.
-        dir.save_state(&push(true, 1, &["a", "b", "c"], &[])).unwrap();
+        dir.save_state(&push(true, 1, &["a", "b", "c"], &[]))
+            .unwrap();
         let whole = std::fs::read(dir.state_path()).unwrap();
         std::fs::write(dir.state_path(), &whole[..whole.len() - 5]).unwrap();
         assert!(matches!(

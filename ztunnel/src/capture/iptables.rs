@@ -742,7 +742,10 @@ COMMIT
     fn current_rules_are_adopted_and_other_versions_replaced() {
         let cfg = RuleConfig::default();
         let marker = marker_chain(&cfg);
-        assert!(marker.starts_with("AMBIT_V1_") && marker.len() <= 28, "{marker}");
+        assert!(
+            marker.starts_with("AMBIT_V1_") && marker.len() <= 28,
+            "{marker}"
+        );
         // What iptables-save shows after our apply: adopted as is.
         let installed = with_marker(FRESH, &cfg);
         assert!(is_current(&cfg, &parse_save(&installed)));

@@ -1,5 +1,7 @@
 //! `ambitctl down`: remove a local cluster: its processes, network namespaces (links, routes
-//! and iptables rules inside them go along) and files. Works from `<state-dir>/cluster.json`
+//! and iptables rules inside them go along; stopping ztunnel leaves pods captured, so deleting
+//! the pods' namespaces is what removes their capture rules) and files, ztunnels' node
+//! directories included. Works from `<state-dir>/cluster.json`
 //! and, when that is missing or stale (a crash), from what it finds: namespaces with our
 //! prefix, the processes inside them, pidfiles.
 

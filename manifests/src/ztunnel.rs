@@ -27,7 +27,12 @@
 //! - Tolerates every taint and runs as `system-node-critical`: a node whose ztunnel is missing has
 //!   enrolled pods with no connectivity.
 //! - `terminationGracePeriodSeconds` leaves time to drain: ztunnel stops accepting, lets open
-//!   connections finish, then exits before the hard kill.
+//!   connections finish, then exits before the hard kill. Pods stay captured meanwhile (their
+//!   connections are refused until the next ztunnel adopts them).
+//! - The node directory `/var/lib/ambit/ztunnel` is a hostPath (`DirectoryOrCreate`), read-write:
+//!   the last acknowledged state and the workload certificates with their keys (owner-only files)
+//!   survive a restart, so ztunnel serves before the controller answers. The root filesystem
+//!   stays read-only.
 
 use std::collections::BTreeMap;
 
@@ -51,6 +56,8 @@ pub const NAME: &str = "ambit-ztunnel";
 pub const CAPABILITIES: &[&str] = &["NET_ADMIN", "NET_RAW", "SYS_ADMIN"];
 /// The host directory holding pods' network namespaces, mounted at the same path.
 pub const NETNS_DIR: &str = "/var/run/netns";
+/// The node directory on the host, mounted at the same path (ztunnel's `--data-dir`).
+pub const DATA_DIR: &str = "/var/lib/ambit/ztunnel";
 /// Where the projected CA token is mounted.
 pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 /// File name of the projected CA token in [`TOKEN_DIR`].
@@ -83,6 +90,7 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
             env("AMBIT_CREDENTIAL_FILE", format!("{TOKEN_DIR}/{TOKEN_FILE}")),
             env("AMBIT_TRUST_DOMAIN", opts.trust_domain.clone()),
             env("AMBIT_NETNS_DIR", NETNS_DIR),
+            env("AMBIT_DATA_DIR", DATA_DIR),
             env("AMBIT_DRAIN_SECONDS", DRAIN_SECONDS.to_string()),
             env("AMBIT_LOG_FORMAT", "json"),
         ]),
@@ -116,6 +124,11 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
                 mount_path: NETNS_DIR.to_owned(),
                 mount_propagation: Some("HostToContainer".to_owned()),
                 read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "data".to_owned(),
+                mount_path: DATA_DIR.to_owned(),
                 ..VolumeMount::default()
             },
             VolumeMount {
@@ -155,6 +168,14 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
                 name: "netns".to_owned(),
                 host_path: Some(HostPathVolumeSource {
                     path: NETNS_DIR.to_owned(),
+                    type_: Some("DirectoryOrCreate".to_owned()),
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "data".to_owned(),
+                host_path: Some(HostPathVolumeSource {
+                    path: DATA_DIR.to_owned(),
                     type_: Some("DirectoryOrCreate".to_owned()),
                 }),
                 ..Volume::default()

@@ -418,24 +418,39 @@ fn ztunnel_has_exactly_the_capabilities_it_needs() {
 }
 
 #[test]
-fn ztunnel_mounts_the_host_netns_dir_and_nothing_else_from_the_host() {
+fn ztunnel_mounts_the_host_netns_and_node_dirs_and_nothing_else_from_the_host() {
     let (_, pod, c) = ztunnel(&InstallOptions::default());
     let volumes = pod.volumes.unwrap();
     let host_paths: Vec<_> = volumes
         .iter()
         .filter_map(|v| v.host_path.as_ref())
+        .map(|h| h.path.as_str())
         .collect();
-    assert_eq!(host_paths.len(), 1);
-    assert_eq!(host_paths[0].path, "/var/run/netns");
-    let netns = volumes.iter().find(|v| v.host_path.is_some()).unwrap();
-    let mount = c
-        .volume_mounts
-        .unwrap()
-        .into_iter()
-        .find(|m| m.name == netns.name)
-        .unwrap();
+    assert_eq!(host_paths, ["/var/run/netns", "/var/lib/ambit/ztunnel"]);
+    let mount_of = |path: &str| {
+        let volume = volumes
+            .iter()
+            .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == path))
+            .unwrap();
+        c.volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == volume.name)
+            .unwrap()
+    };
+    let mount = mount_of("/var/run/netns");
     assert_eq!(mount.mount_path, "/var/run/netns");
     assert_eq!(mount.mount_propagation.as_deref(), Some("HostToContainer"));
+    assert_eq!(mount.read_only, Some(true));
+    // The node directory: written by ztunnel (state, certificates), read back after a restart.
+    let data = mount_of("/var/lib/ambit/ztunnel");
+    assert_eq!(data.mount_path, "/var/lib/ambit/ztunnel");
+    assert_ne!(data.read_only, Some(true));
+    let env = c.env.clone().unwrap();
+    assert!(env.iter().any(
+        |e| e.name == "AMBIT_DATA_DIR" && e.value.as_deref() == Some("/var/lib/ambit/ztunnel")
+    ));
     // The CA token: projected, for the ambit-ca audience.
     let token = volumes
         .iter()

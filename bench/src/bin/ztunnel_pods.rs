@@ -176,6 +176,8 @@ impl Ztunnel {
             .arg(dir.join("ca-key.pem"))
             .arg("--netns-dir")
             .arg(netns_dir)
+            .arg("--data-dir")
+            .arg(dir.join(format!("data-{node}")))
             .args(["--metrics-addr", &port(base + 20)])
             .args(["--readiness-addr", &port(base + 21)])
             .args(["--admin-addr", &port(base)])

@@ -317,6 +317,14 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
             credential.display().to_string(),
             "--netns-dir".into(),
             state.netns_dir.display().to_string(),
+            // One node directory per node: the local nodes share this machine's filesystem.
+            "--data-dir".into(),
+            state
+                .state_dir
+                .join("ztunnel")
+                .join(&node.name)
+                .display()
+                .to_string(),
             "--log-format".into(),
             "json".into(),
             "--drain-seconds".into(),
@@ -624,6 +632,7 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
         "ca",
         "credentials",
         "examples",
+        "ztunnel",
     ];
     if objects_ours {
         entries.push("objects");

@@ -2,10 +2,16 @@
 //! (so errors name the file, the document and the field exactly as the controller would) and
 //! against the folder it joins (objects in namespaces that exist), then copy it into the
 //! local mesh's objects folder, which the controller watches: the change is live.
+//!
+//! The file is held to the controller's input limits (size, nesting depth), with the same
+//! flags and environment variables, so a file `apply` accepts is one the controller reads.
 
 use std::path::{Path, PathBuf};
 
-use ambit_controller::source::local::{parse_file, Scanner};
+use ambit_controller::source::limits::{
+    InputLimits, DEFAULT_MAX_DEPTH, DEFAULT_MAX_FILE_BYTES, MAX_DEPTH_LIMIT,
+};
+use ambit_controller::source::local::{parse_file_limited, read_file, Scanner};
 use ambitctl::local::objects::error_chain;
 use ambitctl::local::state::{ClusterState, DEFAULT_STATE_DIR};
 use anyhow::{bail, Context};
@@ -25,6 +31,21 @@ pub struct Args {
     /// Only check; copy nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Largest file the controller reads, in bytes (as the controller's flag).
+    #[arg(long, env = "AMBIT_LOCAL_MAX_FILE_BYTES", default_value_t = DEFAULT_MAX_FILE_BYTES)]
+    local_max_file_bytes: u64,
+    /// Deepest nesting the controller parses (as the controller's flag).
+    #[arg(long, env = "AMBIT_LOCAL_MAX_YAML_DEPTH", default_value_t = DEFAULT_MAX_DEPTH, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_DEPTH_LIMIT as u64))]
+    local_max_yaml_depth: usize,
+}
+
+impl Args {
+    fn limits(&self) -> InputLimits {
+        InputLimits {
+            max_file_bytes: self.local_max_file_bytes,
+            max_depth: self.local_max_yaml_depth,
+        }
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -36,7 +57,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 .objects_dir
         }
     };
-    let problems = check(&args.file, &folder)?;
+    let limits = args.limits();
+    let text = match read_file(&args.file, &limits) {
+        Ok(text) => text,
+        Err(e) => bail!(
+            "{} was not applied:\n  {}",
+            args.file.display(),
+            error_chain(&e)
+        ),
+    };
+    let problems = check(&args.file, &text, &folder, &limits)?;
     if !problems.is_empty() {
         bail!(
             "{} was not applied:\n  {}",
@@ -57,8 +87,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
     // Written beside and renamed, under a name the controller ignores, so it never reads
     // half a file.
     let tmp = folder.join(format!(".{}.tmp", name.to_string_lossy()));
@@ -72,11 +100,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every problem the controller would report with `file` in `folder`, naming `file`.
-fn check(file: &Path, folder: &Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    if let Err(errors) = parse_file(file, &text) {
+/// Every problem the controller would report with `file` (whose content is `text`) in
+/// `folder`, naming `file`.
+fn check(
+    file: &Path,
+    text: &str,
+    folder: &Path,
+    limits: &InputLimits,
+) -> anyhow::Result<Vec<String>> {
+    if let Err(errors) = parse_file_limited(file, text, limits) {
         return Ok(errors.iter().map(|e| error_chain(e)).collect());
     }
     // Cross-file checks (namespaces that exist) need the folder: scan a copy with the file in
@@ -98,8 +130,8 @@ fn check(file: &Path, folder: &Path) -> anyhow::Result<Vec<String>> {
             }
         }
         let copy = scratch.join(name);
-        std::fs::write(&copy, &text).with_context(|| format!("writing {}", copy.display()))?;
-        let scan = Scanner::new(&scratch).scan();
+        std::fs::write(&copy, text).with_context(|| format!("writing {}", copy.display()))?;
+        let scan = Scanner::with_limits(&scratch, *limits).scan();
         let copy_s = copy.display().to_string();
         Ok(scan
             .errors
@@ -136,7 +168,7 @@ mod tests {
         let dir = folder();
         let file = dir.with_extension("new.yaml");
         std::fs::write(&file, yaml).unwrap();
-        let out = check(&file, &dir).unwrap();
+        let out = check(&file, yaml, &dir, &InputLimits::default()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_file(&file).unwrap();
         out
@@ -162,5 +194,51 @@ mod tests {
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: s, namespace: demo}\n"
         )
         .is_empty());
+    }
+
+    #[test]
+    fn the_controllers_input_limits_apply() {
+        let dir = folder();
+        let attempt = |name: &str, text: &str, limits: InputLimits| {
+            let file = dir.with_extension(name);
+            std::fs::write(&file, text).unwrap();
+            let args = Args {
+                file: file.clone(),
+                state_dir: dir.clone(),
+                objects: Some(dir.clone()),
+                dry_run: false,
+                local_max_file_bytes: limits.max_file_bytes,
+                local_max_yaml_depth: limits.max_depth,
+            };
+            let out = run(&args).map(|()| String::new());
+            std::fs::remove_file(&file).unwrap();
+            format!("{:#}", out.expect_err("applied"))
+        };
+        let nested = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}}}\n",
+            "[".repeat(200_000)
+        );
+        let msg = attempt("nested.yaml", &nested, InputLimits::default());
+        assert!(
+            msg.contains("nested.yaml: document 1: refused before parsing: nesting deeper than 64 levels at line 3, column"),
+            "{msg}"
+        );
+        let big = format!("# {}\n", "x".repeat(2000));
+        let limits = InputLimits {
+            max_file_bytes: 1000,
+            ..InputLimits::default()
+        };
+        let msg = attempt("big.yaml", &big, limits);
+        assert!(
+            msg.contains("big.yaml: refused before parsing: 2003 bytes is over the limit of 1000 bytes per file"),
+            "{msg}"
+        );
+        // Nothing reached the folder.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("ns.yaml")]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,7 +5,11 @@
 //! [`Sources`] seam), the model worker (the only writer of the model), one task per
 //! discovery subscriber, the gRPC server on `--listen` (15012: discovery and the CA, over
 //! TLS with the controller's own certificate from its CA), and the operations endpoint on
-//! `--ops-listen` (15014: metrics, readiness). SIGINT/SIGTERM stop accepting, end every
+//! `--ops-listen` (15014: metrics, readiness). The one exception is the local source's
+//! reading and parsing of its folder: that runs on a thread of its own, because its cost
+//! depends on what someone put in the folder and must never stall the serving tasks; each
+//! file is also held to `--local-max-file-bytes` and `--local-max-yaml-depth` before it is
+//! parsed (`source::limits`). SIGINT/SIGTERM stop accepting, end every
 //! discovery stream cleanly and exit 0 (after at most [`DRAIN_DEADLINE`]); a source
 //! failing for good stops the process with its error.
 //!
@@ -29,6 +33,9 @@ use ambit_controller::model::{ModelBuilder, ModelConfig};
 use ambit_controller::ops::{Ops, Readiness};
 use ambit_controller::server::GrpcServer;
 use ambit_controller::source::kube::KubeSource;
+use ambit_controller::source::limits::{
+    InputLimits, DEFAULT_MAX_DEPTH, DEFAULT_MAX_FILE_BYTES, MAX_DEPTH_LIMIT,
+};
 use ambit_controller::source::local::{LocalOptions, LocalSource};
 use ambit_controller::source::Sources;
 use ambit_controller::waypoints::WaypointDeployer;
@@ -48,6 +55,14 @@ struct Args {
     /// Folder of Kubernetes-format YAML to serve (local mode). Watched for changes.
     #[arg(long, env = "AMBIT_LOCAL_DIR")]
     local_dir: Option<PathBuf>,
+    /// Local mode: largest file of the folder that is read, in bytes. A larger file is
+    /// refused (reported with its path; its last good objects stay in force).
+    #[arg(long, env = "AMBIT_LOCAL_MAX_FILE_BYTES", default_value_t = DEFAULT_MAX_FILE_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    local_max_file_bytes: u64,
+    /// Local mode: deepest nesting of collections a file may have; a deeper file is
+    /// refused before it is parsed.
+    #[arg(long, env = "AMBIT_LOCAL_MAX_YAML_DEPTH", default_value_t = DEFAULT_MAX_DEPTH, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_DEPTH_LIMIT as u64))]
+    local_max_yaml_depth: usize,
     /// Kubeconfig of the cluster to watch when `--local-dir` is not given; without it,
     /// in-cluster credentials are used (else `KUBECONFIG` or `~/.kube/config`).
     #[arg(long, conflicts_with = "local_dir")]
@@ -244,12 +259,22 @@ async fn auth_config(args: &Args) -> anyhow::Result<AuthConfig> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut sources = Sources::new();
+    let mut local_errors = None;
     match &args.local_dir {
         Some(dir) => {
             if !dir.is_dir() {
                 bail!("--local-dir {}: not a directory", dir.display());
             }
-            sources.add(LocalSource::new(dir, LocalOptions::default()));
+            let options = LocalOptions {
+                limits: InputLimits {
+                    max_file_bytes: args.local_max_file_bytes,
+                    max_depth: args.local_max_yaml_depth,
+                },
+                ..LocalOptions::default()
+            };
+            let source = LocalSource::new(dir, options);
+            local_errors = Some(source.errors());
+            sources.add(source);
         }
         None => {
             let source = KubeSource::connect(args.kubeconfig.as_deref())
@@ -330,7 +355,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let discovery = DiscoveryService::new(model.clone(), roots_rx, DiscoveryOptions::default())
         .with_authenticator(security.authenticator.clone())
         .with_shutdown(closing.clone());
-    let ops = Ops::new(discovery.registry(), &security.metrics, readiness.clone());
+    let mut ops = Ops::new(discovery.registry(), &security.metrics, readiness.clone());
+    if let Some(errors) = local_errors {
+        ops = ops.with_source_errors(errors);
+    }
     let mut server = GrpcServer::new(discovery).with_tls(security.tls.clone());
     server
         .routes_mut()

@@ -2,7 +2,9 @@
 //!
 //! - `GET /metrics`: `ambit_connected_proxies{kind}`, `ambit_pushes_total`,
 //!   `ambit_nacks_total`, `ambit_push_duration_seconds` (queueing a push to its ACK),
-//!   `ambit_certificates_signed_total`, `ambit_certificates_refused_total{reason}`.
+//!   `ambit_certificates_signed_total`, `ambit_certificates_refused_total{reason}`,
+//!   `ambit_local_source_errors` (problems the local source's latest scan found; each is
+//!   logged with its file).
 //! - `GET /ready` (also `/healthz/ready`, the manifests' probe): 200 once every source
 //!   has synced, the CA is loaded and the gRPC server listens; otherwise 503 naming what is
 //!   missing, so `kubectl describe` says why the pod is not ready.
@@ -30,6 +32,7 @@ use tokio::net::TcpListener;
 use crate::ca::CaMetrics;
 use crate::discovery;
 use crate::model::Model;
+use crate::source::local::LocalError;
 
 /// Why the operations endpoint stopped.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,8 @@ pub struct Ops {
     subscribers: discovery::Registry,
     connected: Family<KindLabels, Gauge>,
     readiness: Readiness,
+    source_errors: Gauge,
+    local_errors: Option<tokio::sync::watch::Receiver<Arc<Vec<LocalError>>>>,
 }
 
 impl Ops {
@@ -111,12 +116,29 @@ impl Ops {
         );
         subscribers.totals().register(&mut registry);
         ca.register(&mut registry);
+        let source_errors = Gauge::default();
+        registry.register(
+            "ambit_local_source_errors",
+            "Problems the local source's latest scan of its folder found (files refused, documents rejected); each is logged with its file",
+            source_errors.clone(),
+        );
         Ops {
             registry: Arc::new(registry),
             subscribers,
             connected,
             readiness,
+            source_errors,
+            local_errors: None,
         }
+    }
+
+    /// Reports the local source's problems (its [`crate::source::local::LocalSource::errors`]).
+    pub fn with_source_errors(
+        mut self,
+        errors: tokio::sync::watch::Receiver<Arc<Vec<LocalError>>>,
+    ) -> Self {
+        self.local_errors = Some(errors);
+        self
     }
 
     /// The Prometheus text exposition of every metric.
@@ -131,6 +153,10 @@ impl Ops {
         }
         for (kind, n) in [("ztunnel", ztunnels), ("waypoint", waypoints)] {
             self.connected.get_or_create(&KindLabels { kind }).set(n);
+        }
+        if let Some(errors) = &self.local_errors {
+            let n = errors.borrow().len();
+            self.source_errors.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -200,6 +200,7 @@ async fn full_state_then_only_what_changed_from_a_watched_folder() {
         LocalOptions {
             debounce: Duration::from_millis(50),
             rescan: Duration::from_secs(3600),
+            ..LocalOptions::default()
         },
     ));
     let mut builder = ModelBuilder::new(ModelConfig::default());

@@ -40,6 +40,7 @@ impl Harness {
             LocalOptions {
                 debounce: Duration::from_millis(50),
                 rescan,
+                ..LocalOptions::default()
             },
         );
         let errors = source.errors();

@@ -12,6 +12,11 @@
 //! and the reason (serde_yaml's line and column kept), and *its* last good objects stay in
 //! force while other files keep updating: a typo must never take workloads away.
 //! Because there is no kubelet, pods carry `spec.nodeName` and `status.podIP(s)` in YAML.
+//!
+//! Every file is read and measured within [`InputLimits`] before it is parsed (see
+//! [`super::limits`]), and scans run on a thread of their own ([`LocalSource::run`]), so a
+//! huge or pathological file costs this source some time but never the runtime that serves
+//! discovery, the CA and metrics.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash as _, Hasher as _};
@@ -22,6 +27,7 @@ use std::time::Duration;
 use serde::Deserialize as _;
 use tokio::sync::{watch, Notify};
 
+use super::limits::{self, InputLimits, LimitError, Nesting, ReadError};
 use crate::model::{
     Kind, ModelError, Object, ObjectKey, SourceEvent, SourceSink, DEFAULT_NAMESPACE,
 };
@@ -53,6 +59,27 @@ pub enum LocalError {
         column: Option<usize>,
         #[source]
         source: serde_yaml::Error,
+    },
+    /// A file breaks an input limit (too large, not a regular file, nested too deep); it
+    /// is not parsed, and its last good objects stay in force.
+    #[error("{}{}: refused before parsing", path.display(), in_document(*document))]
+    Limit {
+        path: PathBuf,
+        /// The document where the limit was hit, when it is about one document.
+        document: Option<usize>,
+        #[source]
+        reason: LimitError,
+    },
+    /// A document is not valid YAML, as found by the pre-scan (see
+    /// [`super::limits::check_nesting`] for when its error is reported instead of the
+    /// parser's).
+    #[error("{}: document {document} (line {line}, column {column}): {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        document: usize,
+        line: usize,
+        column: usize,
+        message: String,
     },
     /// A document lacks `apiVersion`, `kind` or `metadata.name`.
     #[error("{}: document {document}: missing required field {field}", path.display())]
@@ -105,6 +132,15 @@ pub enum LocalError {
     /// The model has stopped taking events.
     #[error("cannot deliver events")]
     Model(#[source] ModelError),
+    /// The scanning thread could not be started, or died.
+    #[error("local source scanning thread")]
+    ScanThread(#[source] std::io::Error),
+}
+
+fn in_document(document: Option<usize>) -> String {
+    document
+        .map(|d| format!(": document {d}"))
+        .unwrap_or_default()
 }
 
 fn at(line: Option<usize>, column: Option<usize>) -> String {
@@ -122,8 +158,43 @@ pub struct Located {
     pub document: usize,
 }
 
-/// Parses one file's text into objects. Every problem is returned, not just the first.
+/// Parses one file's text into objects within the default [`InputLimits`]. Every problem
+/// is returned, not just the first.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Located>, Vec<LocalError>> {
+    parse_file_limited(path, text, &InputLimits::default())
+}
+
+/// Parses one file's text into objects, first checking its nesting against `limits` (the
+/// size was checked when it was read, see [`read_file`]).
+pub fn parse_file_limited(
+    path: &Path,
+    text: &str,
+    limits: &InputLimits,
+) -> Result<Vec<Located>, Vec<LocalError>> {
+    match limits::check_nesting(text, limits.max_depth) {
+        Ok(_) => {}
+        Err(Nesting::TooDeep { document, error }) => {
+            return Err(vec![LocalError::Limit {
+                path: path.into(),
+                document: Some(document),
+                reason: error.into_error(),
+            }])
+        }
+        Err(Nesting::Syntax {
+            document,
+            line,
+            column,
+            message,
+        }) => {
+            return Err(vec![LocalError::Syntax {
+                path: path.into(),
+                document,
+                line,
+                column,
+                message,
+            }])
+        }
+    }
     let mut values = Vec::new();
     let mut errors = Vec::new();
     // First pass: generic values, to learn each document's kind (and catch bad YAML).
@@ -275,6 +346,22 @@ fn parse_error(path: &Path, document: usize, source: serde_yaml::Error) -> Local
     }
 }
 
+/// Reads one file of the folder within `limits` (a regular file, at most
+/// `max_file_bytes`), as text for [`parse_file_limited`].
+pub fn read_file(path: &Path, limits: &InputLimits) -> Result<String, LocalError> {
+    limits::read_capped(path, limits.max_file_bytes).map_err(|e| match e {
+        ReadError::Io(source) => LocalError::ReadFile {
+            path: path.into(),
+            source,
+        },
+        ReadError::Limit(reason) => LocalError::Limit {
+            path: path.into(),
+            document: None,
+            reason,
+        },
+    })
+}
+
 /// The files the source reads, sorted so later files deterministically win on duplicates.
 fn list_files(dir: &Path) -> Result<Vec<PathBuf>, LocalError> {
     let mut out = Vec::new();
@@ -342,6 +429,7 @@ impl Served {
 #[derive(Debug, Default)]
 pub struct Scanner {
     dir: PathBuf,
+    limits: InputLimits,
     last_good: BTreeMap<PathBuf, Parsed>,
     /// By file: a hash of the text and its successful parse. A large folder where one file
     /// changes is then parsed one file at a time, not whole on every rescan.
@@ -356,10 +444,17 @@ fn text_hash(text: &str) -> u64 {
 }
 
 impl Scanner {
-    /// A scanner for a folder; nothing is read until [`Scanner::scan`].
+    /// A scanner for a folder with the default [`InputLimits`]; nothing is read until
+    /// [`Scanner::scan`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self::with_limits(dir, InputLimits::default())
+    }
+
+    /// A scanner for a folder whose files must stay within `limits`.
+    pub fn with_limits(dir: impl Into<PathBuf>, limits: InputLimits) -> Self {
         Scanner {
             dir: dir.into(),
+            limits,
             ..Scanner::default()
         }
     }
@@ -381,13 +476,10 @@ impl Scanner {
         let mut fresh: BTreeMap<PathBuf, Parsed> = BTreeMap::new();
         self.parsed.retain(|p, _| files.contains(p));
         for path in &files {
-            let text = match std::fs::read_to_string(path) {
+            let text = match read_file(path, &self.limits) {
                 Ok(t) => t,
-                Err(source) => {
-                    errors.push(LocalError::ReadFile {
-                        path: path.clone(),
-                        source,
-                    });
+                Err(e) => {
+                    errors.push(e);
                     continue;
                 }
             };
@@ -398,7 +490,7 @@ impl Scanner {
                     continue;
                 }
             }
-            match parse_file(path, &text) {
+            match parse_file_limited(path, &text, &self.limits) {
                 Ok(objects) => {
                     let objects = Arc::new(objects);
                     self.parsed.insert(path.clone(), (hash, objects.clone()));
@@ -506,6 +598,8 @@ pub struct LocalOptions {
     pub debounce: Duration,
     /// Rescan this often even without notifications.
     pub rescan: Duration,
+    /// What a file may be before it is parsed.
+    pub limits: InputLimits,
 }
 
 impl Default for LocalOptions {
@@ -513,7 +607,42 @@ impl Default for LocalOptions {
         LocalOptions {
             debounce: Duration::from_millis(100),
             rescan: Duration::from_secs(10),
+            limits: InputLimits::default(),
         }
+    }
+}
+
+/// The [`Scanner`] on a thread of its own. Reading and parsing are blocking, CPU-bound
+/// work whose cost depends on what someone put in the folder; on the runtime they would
+/// stall every task that shares its worker threads (discovery streams, the CA, metrics).
+/// A dedicated thread rather than `spawn_blocking`: the scanner's state (the parse cache)
+/// lives there between scans, and the runtime never waits for a scan at shutdown.
+struct ScanThread {
+    requests: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ScanResult>>,
+}
+
+impl ScanThread {
+    fn spawn(mut scanner: Scanner) -> Result<Self, LocalError> {
+        let (requests, incoming) =
+            std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<ScanResult>>();
+        std::thread::Builder::new()
+            .name("local-source-scan".into())
+            .spawn(move || {
+                // Ends when the source (the only sender) is dropped.
+                while let Ok(reply) = incoming.recv() {
+                    let _ = reply.send(scanner.scan());
+                }
+            })
+            .map_err(LocalError::ScanThread)?;
+        Ok(ScanThread { requests })
+    }
+
+    /// One scan, awaited without holding a runtime thread.
+    async fn scan(&self) -> Result<ScanResult, LocalError> {
+        let gone = || LocalError::ScanThread(std::io::Error::other("the scanning thread stopped"));
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.requests.send(reply).map_err(|_| gone())?;
+        result.await.map_err(|_| gone())
     }
 }
 
@@ -562,11 +691,11 @@ impl LocalSource {
                 source,
             })?;
 
-        let mut scanner = Scanner::new(&self.dir);
+        let scanner = ScanThread::spawn(Scanner::with_limits(&self.dir, self.options.limits))?;
         let mut first = true;
         let mut last_report = String::new();
         loop {
-            let ScanResult { mut events, errors } = scanner.scan();
+            let ScanResult { mut events, errors } = scanner.scan().await?;
             let report: String = errors
                 .iter()
                 .map(|e| crate::model::error_chain(e) + "\n")
@@ -574,6 +703,9 @@ impl LocalSource {
             if report != last_report {
                 for e in &errors {
                     tracing::error!(error = %crate::model::error_chain(e), "local source: file rejected, its last good objects stay in force");
+                }
+                if errors.is_empty() {
+                    tracing::info!(dir = %self.dir.display(), "local source: every file is accepted again");
                 }
                 last_report = report;
             }

@@ -6,6 +6,7 @@
 //! one (the Kubernetes watchers) does not touch the model or the discovery service.
 
 pub mod kube;
+pub mod limits;
 pub mod local;
 
 use std::future::Future;

@@ -242,6 +242,15 @@ fn convert_rule(rule: &security::Rule, at: &str) -> FieldResult<Rule> {
                 FieldError::Invalid("must not be empty".into()),
             ));
         }
+        if !condition_key_known(&c.key) {
+            return Err((
+                format!("{at}.when[{j}].key"),
+                FieldError::Invalid(format!(
+                    "unsupported condition key {:?} (known: {})",
+                    c.key, CONDITION_KEYS
+                )),
+            ));
+        }
         let condition = Condition::parse(c.key.clone(), c.values.clone(), c.not_values.clone())
             .map_err(|e| {
                 let list = if e.list == "values" {
@@ -260,6 +269,25 @@ fn convert_rule(rule: &security::Rule, at: &str) -> FieldResult<Rule> {
         when.push(condition);
     }
     Ok(Rule { from, to, when })
+}
+
+/// The condition keys the proxies evaluate, for the error message.
+const CONDITION_KEYS: &str = "source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, request.headers[<name>], request.auth.*";
+
+/// Whether a condition key is one the proxies know. The waypoint refuses a whole push that
+/// carries a policy with any other key, so such a policy is failed closed here instead.
+fn condition_key_known(key: &str) -> bool {
+    (key.starts_with("request.headers[") && key.ends_with(']'))
+        || key.starts_with("request.auth.")
+        || matches!(
+            key,
+            "source.ip"
+                | "remote.ip"
+                | "source.namespace"
+                | "source.principal"
+                | "destination.ip"
+                | "destination.port"
+        )
 }
 
 fn convert_source(s: &security::Source, at: &str) -> FieldResult<Source> {

@@ -321,6 +321,45 @@ fn authorization_rules_are_converted() {
 }
 
 #[test]
+fn condition_values_ztunnel_parses_are_checked_here() {
+    // Found by the policy fuzz target: `destination.port: [bookinfo]` was served, and every
+    // ztunnel refused the whole push carrying it. Now the policy fails closed instead, named.
+    for (key, value, field) in [
+        ("destination.port", "bookinfo", "notValues[0]"),
+        ("destination.port", " 80", "notValues[0]"),
+        ("source.ip", "10.0.0.0/33", "notValues[0]"),
+        ("destination.ip", "ten", "notValues[0]"),
+        // Unknown keys too: the waypoint refused the whole push carrying one.
+        ("connection.sni", "a.example", "key"),
+        ("bogus", "x", "key"),
+    ] {
+        let yaml = ns("demo", "")
+            + &format!("---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: demo}}\nspec:\n  action: DENY\n  rules: [{{when: [{{key: {key}, notValues: ['{value}']}}]}}]\n");
+        let d = derived(&yaml);
+        assert_eq!(d.errors.len(), 1, "{key} {value:?}: {:?}", d.errors);
+        let msg = error_chain(&d.errors[0]);
+        assert!(
+            msg.contains(&format!("spec.rules[0].when[0].{field}"))
+                && (msg.contains(value.trim()) || msg.contains(key)),
+            "{msg}"
+        );
+        let bad = authorization(&d, "demo/bad").expect("kept, failing closed");
+        assert_eq!(bad.rules, vec![Default::default()], "a DENY of everything");
+    }
+    // Values of the same keys that parse are served as written.
+    let yaml = ns("demo", "")
+        + "---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: ok, namespace: demo}\nspec:\n  rules: [{when: [{key: destination.port, values: ['8080']}, {key: source.ip, values: [10.0.0.0/8, 10.1.1.1, 'fd00::/8']}, {key: 'request.headers[x]', values: [anything]}]}]\n";
+    let d = derived(&yaml);
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    assert_eq!(
+        authorization(&d, "demo/ok").expect("served").rules[0]
+            .when
+            .len(),
+        3
+    );
+}
+
+#[test]
 fn bad_policy_values_fail_closed_and_name_the_field() {
     // (action, the invalid source, field named, value named, rules enforced instead)
     let cases = [

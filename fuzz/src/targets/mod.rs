@@ -1,0 +1,8 @@
+//! The fuzz targets, one module each (see the crate documentation for how they run).
+
+mod csr;
+mod discovery;
+mod hbone;
+mod policy;
+mod static_state;
+mod yaml_prescan;

@@ -564,20 +564,36 @@ pub fn parse(origin: &str, text: &str, version: u64) -> Result<pb::Push, StaticF
             source: Box::new(source),
         }
     };
+    // Two items with one key would make the store refuse the whole push without saying
+    // which items; say it here (found by the fuzz target `static_state`).
+    let duplicate = |item: String, kind: &'static str, key: String| StaticFileError::Invalid {
+        origin: origin.to_string(),
+        item,
+        source: Box::new(ConvertError::Duplicate { kind, key }),
+    };
     let mut upserts = Vec::new();
     let mut uids = HashSet::new();
     for (i, w) in doc.workloads.into_iter().enumerate() {
         let w = pb::Workload::from(w);
         // Converted here too so that errors say which item of the file is wrong.
         Workload::try_from(w.clone()).map_err(invalid(format!("workloads[{i}]")))?;
+        if uids.contains(&w.uid) {
+            return Err(duplicate(format!("workloads[{i}]"), "workload", w.uid));
+        }
         uids.insert(w.uid.clone());
         upserts.push(pb::Resource {
             kind: Some(pb::resource::Kind::Workload(w)),
         });
     }
+    let mut service_keys = HashSet::new();
     for (i, s) in doc.services.into_iter().enumerate() {
         let s = pb::Service::from(s);
-        Service::try_from(s.clone()).map_err(invalid(format!("services[{i}]")))?;
+        let key = Service::try_from(s.clone())
+            .map_err(invalid(format!("services[{i}]")))?
+            .key();
+        if !service_keys.insert(key.clone()) {
+            return Err(duplicate(format!("services[{i}]"), "service", key));
+        }
         // A typo in an endpoint would silently leave the service without it.
         if let Some((j, e)) = s
             .endpoints
@@ -595,11 +611,16 @@ pub fn parse(origin: &str, text: &str, version: u64) -> Result<pb::Push, StaticF
             kind: Some(pb::resource::Kind::Service(s)),
         });
     }
+    let mut policy_keys = HashSet::new();
     for (i, p) in doc.policies.into_iter().enumerate() {
         let p = pb::Authorization::from(p);
-        Authorization::try_from(p.clone())
+        let key = Authorization::try_from(p.clone())
             .map_err(ConvertError::from)
-            .map_err(invalid(format!("policies[{i}]")))?;
+            .map_err(invalid(format!("policies[{i}]")))?
+            .key();
+        if !policy_keys.insert(key.clone()) {
+            return Err(duplicate(format!("policies[{i}]"), "authorization", key));
+        }
         upserts.push(pb::Resource {
             kind: Some(pb::resource::Kind::Authorization(p)),
         });
@@ -704,5 +725,28 @@ mod tests {
         assert_eq!(push.upserts.len(), 1);
         assert!(push.full_state);
         assert!(parse("e", "", 1).unwrap().upserts.is_empty());
+    }
+
+    #[test]
+    fn items_listed_twice_are_named() {
+        // Found by the fuzz target `static_state`: the file parsed, and the store then
+        // refused its push without naming the items.
+        for (text, want) in [
+            (
+                "workloads:\n- {name: a, namespace: d, addresses: [10.0.0.1]}\n- {name: a, namespace: d, addresses: [10.0.0.2]}\n",
+                "inline: workloads[1]: workload \"d/a\" appears twice",
+            ),
+            (
+                "services:\n- {name: s, namespace: d}\n- {name: s, namespace: d}\n",
+                "inline: services[1]: service",
+            ),
+            (
+                "policies:\n- {name: p, namespace: d}\n- {name: p, namespace: d, action: DENY}\n",
+                "inline: policies[1]: authorization \"d/p\" appears twice",
+            ),
+        ] {
+            let err = parse("inline", text, 1).expect_err("duplicate accepted");
+            assert!(err.to_string().contains(want), "{err}");
+        }
     }
 }

@@ -226,6 +226,18 @@ fn check(input: Input) -> Result<(), TestCaseError> {
             Ok(Err(e)) => Ok(Some(Err(e.to_string()))),
         }
     });
+    // h2 ends a connection on which it had to reset more than 1024 malformed streams
+    // (GOAWAY ENHANCE_YOUR_CALM, its defence against reset floods): expected after many
+    // cases on one connection, so the fixture reconnects and the case is skipped.
+    if let Err(e) = &outcome {
+        if e.contains("too_many_internal_resets") {
+            let fresh = f.runtime.block_on(connect(f.recorder.clone()));
+            if let Ok(mut send) = f.send.lock() {
+                *send = fresh;
+            }
+            return Ok(());
+        }
+    }
     let answer = outcome.map_err(TestCaseError::fail)?;
     let Some(answer) = answer else {
         return Ok(());

@@ -1,8 +1,16 @@
 //! Measurement helpers shared by Ambit's benchmarks (`bench/src/bin/*`): latency
 //! percentiles and the table every benchmark prints, with the ratio of each measured path
 //! to the direct one from the same run.
+//!
+//! - [`pair`], [`tools`], [`dedicated`]: the side-by-side harness (`ztunnel_peer`), which runs
+//!   two ztunnel implementations in dedicated mode on the same two namespaces and drives
+//!   iperf3, sockperf and wrk through them.
 
 use std::time::Duration;
+
+pub mod dedicated;
+pub mod pair;
+pub mod tools;
 
 /// Latency samples of one path.
 #[derive(Debug, Default, Clone)]
@@ -94,6 +102,23 @@ pub fn print_table(title: &str, measured_name: &str, rows: &[Row]) {
     }
 }
 
+/// Median, minimum and maximum of `values` (the median of an even count is the mean of the
+/// middle two); NaN for none.
+pub fn median_spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
 /// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
 pub fn proc_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     use anyhow::Context as _;
@@ -128,6 +153,13 @@ pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_and_spread() {
+        assert_eq!(median_spread(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(median_spread(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert!(median_spread(&[]).0.is_nan());
+    }
 
     #[test]
     fn percentiles_use_nearest_rank() {

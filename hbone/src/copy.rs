@@ -9,7 +9,7 @@
 //! Half-close is preserved: when one side reaches EOF, the other side's write half is shut
 //! down (for a tunnel, END_STREAM) and the opposite direction keeps flowing until it ends too.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -163,13 +163,54 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    match copy_bidirectional_until(a, b, std::future::pending::<std::convert::Infallible>()).await?
+    {
+        Copied::Finished(transferred) => Ok(transferred),
+        Copied::Stopped { by, .. } => match by {},
+    }
+}
+
+/// How a copy that could be stopped from outside ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Copied<S> {
+    /// Both directions reached EOF.
+    Finished(Transferred),
+    /// `stop` completed first (with `by`); the copy went no further.
+    Stopped {
+        /// Bytes moved until then.
+        transferred: Transferred,
+        /// What `stop` resolved to (why the caller stopped it).
+        by: S,
+    },
+}
+
+/// [`copy_bidirectional`] that also ends when `stop` completes, with the bytes moved so far
+/// (dropping the copy future instead would lose them, and access logs want them). The
+/// streams are left as they are: closing them is the caller's business.
+pub async fn copy_bidirectional_until<A, B, S>(
+    a: &mut A,
+    b: &mut B,
+    stop: S,
+) -> Result<Copied<S::Output>, CopyError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: Future,
+{
     let mut a_to_b = Direction::new();
     let mut b_to_a = Direction::new();
+    let mut stop = std::pin::pin!(stop);
     poll_fn(|cx| {
         let transferred = |x: &Direction, y: &Direction| Transferred {
             a_to_b: x.amount,
             b_to_a: y.amount,
         };
+        if let Poll::Ready(by) = stop.as_mut().poll(cx) {
+            return Poll::Ready(Ok(Copied::Stopped {
+                transferred: transferred(&a_to_b, &b_to_a),
+                by,
+            }));
+        }
         if !a_to_b.done {
             if let Poll::Ready(Err(source)) =
                 a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))
@@ -191,7 +232,7 @@ where
             }
         }
         if a_to_b.done && b_to_a.done {
-            Poll::Ready(Ok(transferred(&a_to_b, &b_to_a)))
+            Poll::Ready(Ok(Copied::Finished(transferred(&a_to_b, &b_to_a))))
         } else {
             Poll::Pending
         }
@@ -268,6 +309,37 @@ mod tests {
             .unwrap();
         assert_eq!(sink, data);
         assert!(d.buf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_copy_reports_what_it_moved_and_why() {
+        let (mut client, mut a) = tokio::io::duplex(1024);
+        let (mut b, mut server) = tokio::io::duplex(1024);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
+        let copy = tokio::spawn(async move {
+            copy_bidirectional_until(&mut a, &mut b, async move {
+                stop_rx.await.unwrap_or("sender dropped")
+            })
+            .await
+        });
+        client.write_all(b"12345").await.unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.unwrap();
+        server.write_all(b"ab").await.unwrap();
+        let mut back = [0u8; 2];
+        client.read_exact(&mut back).await.unwrap();
+        stop_tx.send("policy").unwrap();
+        let copied = copy.await.unwrap().unwrap();
+        assert_eq!(
+            copied,
+            Copied::Stopped {
+                transferred: Transferred {
+                    a_to_b: 5,
+                    b_to_a: 2
+                },
+                by: "policy",
+            }
+        );
     }
 
     struct OneFullReadPerPoll {

@@ -4,8 +4,15 @@
 //! The line must explain a connection on its own: who talked to whom (addresses,
 //! workloads, identities, service), which way and how (direction, protocol), how much
 //! and how long, and how it ended (ok, refused with the reason policy or lookup gave,
-//! or the error). Refusals are logged at `info` like successes, since an operator asking
-//! "why was I denied?" reads exactly these lines; errors are `warn`.
+//! closed later by a policy change, or the error). Refusals are logged at `info` like
+//! successes, since an operator asking "why was I denied?" reads exactly these lines;
+//! errors are `warn`.
+//!
+//! Identities are audit facts, so only proven ones are written ([`PeerIdentity`]):
+//! `src.identity` / `dst.identity` hold an identity proven by mTLS (or the local pod's own),
+//! else `unknown`; `src.workload` / `dst.workload` name the workload behind a proven
+//! identity. For a peer nothing proves (plaintext), the workload its address belongs to is
+//! written as `src.workload_by_ip` instead, so that nobody reads a lookup as an identity.
 //!
 //! With `--log-format json` each line is one JSON object whose fields are those below
 //! (`src.addr`, `dst.identity`, `bytes_sent`...).
@@ -16,9 +23,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_hbone::Identity;
-
-use crate::metrics::ResponseFlags;
+use crate::metrics::{ResponseFlags, UNKNOWN};
+use crate::peer::PeerIdentity;
 
 /// The tracing target of access-log events.
 pub const TARGET: &str = "access";
@@ -74,6 +80,11 @@ pub enum Outcome {
         /// The error, with its causes.
         error: String,
     },
+    /// The connection was open when a policy change denied it, so ztunnel closed it.
+    Revoked {
+        /// The new decision, naming the policy and rule.
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -82,6 +93,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Refused { .. } => "refused",
             Outcome::Error { .. } => "error",
+            Outcome::Revoked { .. } => "revoked",
         }
     }
 
@@ -90,6 +102,7 @@ impl Outcome {
             Outcome::Ok => None,
             Outcome::Refused { reason } => Some(reason),
             Outcome::Error { error } => Some(error),
+            Outcome::Revoked { reason } => Some(reason),
         }
     }
 }
@@ -98,11 +111,8 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub addr: SocketAddr,
-    /// `namespace/name` of the workload, when known.
-    pub workload: Option<Arc<str>>,
-    /// The peer's identity: authenticated by mTLS for the remote side, from discovery
-    /// for the local one.
-    pub identity: Option<Identity>,
+    /// Who it is, and whether that was proven.
+    pub identity: PeerIdentity,
 }
 
 impl Peer {
@@ -110,8 +120,26 @@ impl Peer {
     pub fn from_addr(addr: SocketAddr) -> Self {
         Peer {
             addr,
-            workload: None,
-            identity: None,
+            identity: PeerIdentity::Unverified { by_ip: None },
+        }
+    }
+
+    fn workload(&self) -> Option<String> {
+        self.identity
+            .workload()
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+    }
+
+    fn workload_by_ip(&self) -> Option<String> {
+        self.identity
+            .workload_by_ip()
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+    }
+
+    fn identity(&self) -> String {
+        match self.identity.identity() {
+            Some(id) => id.to_string(),
+            None => UNKNOWN.to_string(),
         }
     }
 }
@@ -148,6 +176,8 @@ impl<T: fmt::Display + ?Sized> fmt::Display for OrDash<'_, T> {
 
 /// Writes `entry` as one event under target [`TARGET`].
 pub fn log(entry: &ConnectionLog) {
+    let (src_workload, src_by_ip) = (entry.src.workload(), entry.src.workload_by_ip());
+    let (dst_workload, dst_by_ip) = (entry.dst.workload(), entry.dst.workload_by_ip());
     // tracing's macros need the level at compile time, hence the two arms.
     macro_rules! emit {
         ($level:expr) => {
@@ -155,11 +185,13 @@ pub fn log(entry: &ConnectionLog) {
                 target: TARGET,
                 $level,
                 src.addr = %entry.src.addr,
-                src.workload = %OrDash(entry.src.workload.as_deref()),
-                src.identity = %OrDash(entry.src.identity.as_ref()),
+                src.workload = %OrDash(src_workload.as_deref()),
+                src.workload_by_ip = src_by_ip.as_deref(),
+                src.identity = %entry.src.identity(),
                 dst.addr = %entry.dst.addr,
-                dst.workload = %OrDash(entry.dst.workload.as_deref()),
-                dst.identity = %OrDash(entry.dst.identity.as_ref()),
+                dst.workload = %OrDash(dst_workload.as_deref()),
+                dst.workload_by_ip = dst_by_ip.as_deref(),
+                dst.identity = %entry.dst.identity(),
                 dst.service = %OrDash(entry.service.as_deref()),
                 direction = entry.direction.as_str(),
                 protocol = entry.protocol.as_str(),
@@ -175,25 +207,28 @@ pub fn log(entry: &ConnectionLog) {
     }
     match entry.outcome {
         Outcome::Error { .. } => emit!(tracing::Level::WARN),
-        Outcome::Ok | Outcome::Refused { .. } => emit!(tracing::Level::INFO),
+        Outcome::Ok | Outcome::Refused { .. } | Outcome::Revoked { .. } => {
+            emit!(tracing::Level::INFO)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{fixtures, Workload};
     use crate::telemetry::{self, CaptureWriter, LogFormat};
 
+    fn workload(ns: &str, name: &str, sa: &str, ip: &str) -> Arc<Workload> {
+        Arc::new(Workload::try_from(fixtures::workload(ns, name, sa, "n1", ip)).expect("workload"))
+    }
+
     fn entry(outcome: Outcome, flags: ResponseFlags) -> ConnectionLog {
+        let sleep = workload("default", "sleep", "sleep", "10.0.0.1");
         ConnectionLog {
             src: Peer {
                 addr: "10.0.0.1:40000".parse().expect("addr"),
-                workload: Some("default/sleep".into()),
-                identity: Some(
-                    "spiffe://cluster.local/ns/default/sa/sleep"
-                        .parse()
-                        .expect("id"),
-                ),
+                identity: PeerIdentity::verified(sleep.identity.clone(), Some(&sleep)),
             },
             dst: Peer::from_addr("10.0.1.2:8080".parse().expect("addr")),
             service: Some("echo.default.svc.cluster.local".into()),
@@ -240,7 +275,8 @@ mod tests {
         );
         assert_eq!(ok["dst.addr"], "10.0.1.2:8080");
         assert_eq!(ok["dst.workload"], "-");
-        assert_eq!(ok["dst.identity"], "-");
+        assert_eq!(ok["dst.identity"], "unknown");
+        assert!(ok.get("src.workload_by_ip").is_none(), "{ok}");
         assert_eq!(ok["dst.service"], "echo.default.svc.cluster.local");
         assert_eq!(ok["direction"], "outbound");
         assert_eq!(ok["protocol"], "hbone");
@@ -255,6 +291,61 @@ mod tests {
         assert_eq!(refused["outcome"], "refused");
         assert_eq!(refused["reason"], "denied by policy default/deny-sleep");
         assert_eq!(refused["response_flags"], "RBAC");
+    }
+
+    #[test]
+    fn a_plaintext_peer_is_unknown_and_its_address_owner_is_only_a_hint() {
+        let legacy = workload("legacy", "old", "default", "10.0.0.9");
+        let server = workload("app", "srv", "srv", "10.0.1.2");
+        let mut line = entry(Outcome::Ok, ResponseFlags::None);
+        line.src = Peer {
+            addr: "10.0.0.9:5555".parse().expect("addr"),
+            identity: PeerIdentity::unverified(Some(&legacy)),
+        };
+        line.dst = Peer {
+            addr: "10.0.1.2:8080".parse().expect("addr"),
+            identity: PeerIdentity::verified(server.identity.clone(), Some(&server)),
+        };
+        line.direction = Direction::Inbound;
+        line.protocol = Protocol::Tcp;
+        let out = CaptureWriter::new();
+        let (dispatch, _) = telemetry::build(LogFormat::Json, "info", out.clone()).expect("build");
+        tracing::dispatcher::with_default(&dispatch, || log(&line));
+        let lines = json_lines(&out);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let l = &lines[0];
+        assert_eq!(l["src.identity"], "unknown");
+        assert_eq!(l["src.workload"], "-");
+        assert_eq!(l["src.workload_by_ip"], "legacy/old");
+        assert_eq!(l["dst.identity"], "spiffe://cluster.local/ns/app/sa/srv");
+        assert_eq!(l["dst.workload"], "app/srv");
+        assert!(
+            !out.contents().contains("ns/legacy/sa/default"),
+            "a guessed identity was written: {}",
+            out.contents()
+        );
+    }
+
+    #[test]
+    fn a_revoked_connection_says_so_and_why() {
+        let out = CaptureWriter::new();
+        let (dispatch, _) = telemetry::build(LogFormat::Json, "info", out.clone()).expect("build");
+        tracing::dispatcher::with_default(&dispatch, || {
+            log(&entry(
+                Outcome::Revoked {
+                    reason: "policy changed: denied by app/deny-client (rule 0)".into(),
+                },
+                ResponseFlags::Denied,
+            ))
+        });
+        let lines = json_lines(&out);
+        assert_eq!(lines[0]["level"], "INFO");
+        assert_eq!(lines[0]["outcome"], "revoked");
+        assert_eq!(
+            lines[0]["reason"],
+            "policy changed: denied by app/deny-client (rule 0)"
+        );
+        assert_eq!(lines[0]["response_flags"], "RBAC");
     }
 
     #[test]

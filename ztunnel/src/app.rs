@@ -296,6 +296,7 @@ impl App {
         let settings = ProxySettings {
             trust_domain: Arc::from(config.trust_domain.as_str()),
             strict_inbound: config.strict_inbound,
+            policy_reevaluation: config.policy_reevaluation,
             drain_deadline: config.drain_deadline,
             ..ProxySettings::default()
         };

@@ -10,6 +10,7 @@ use ambit_hbone::Identity;
 
 use crate::capture::RuleConfig;
 use crate::limits::{LimitArgs, Limits};
+use crate::proxy::Reevaluation;
 use crate::telemetry::LogArgs;
 
 /// Why the command line does not describe a runnable ztunnel.
@@ -91,6 +92,10 @@ pub struct Args {
     /// Refuse plaintext inbound connections to enrolled pods.
     #[arg(long, env = "AMBIT_STRICT_INBOUND")]
     pub strict_inbound: bool,
+    /// What a policy change does to open inbound connections: `close` re-checks them and
+    /// closes those it now denies; `keep` leaves them open (Istio's behaviour).
+    #[arg(long, value_enum, default_value_t = Reevaluation::Close, env = "AMBIT_POLICY_REEVALUATION")]
+    pub policy_reevaluation: Reevaluation,
     /// Node (in-pod capture) or dedicated (capture ztunnel's own namespace).
     #[arg(long, value_enum, default_value_t = Mode::Node, env = "AMBIT_MODE")]
     pub mode: Mode,
@@ -154,6 +159,7 @@ pub struct Config {
     pub netns_dir: PathBuf,
     pub rules: RuleConfig,
     pub strict_inbound: bool,
+    pub policy_reevaluation: Reevaluation,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -185,6 +191,7 @@ impl Config {
             netns_dir,
             rules: RuleConfig::default(),
             strict_inbound: false,
+            policy_reevaluation: Reevaluation::Close,
             metrics_addr: local,
             readiness_addr: local,
             admin_addr: local,
@@ -296,6 +303,7 @@ impl TryFrom<Args> for Config {
             netns_dir: a.netns_dir,
             rules,
             strict_inbound: a.strict_inbound,
+            policy_reevaluation: a.policy_reevaluation,
             metrics_addr: a.metrics_addr,
             readiness_addr: a.readiness_addr,
             admin_addr: a.admin_addr,
@@ -379,5 +387,27 @@ mod tests {
         assert_eq!(cfg.limits.pod_connections, 10);
         assert_eq!(cfg.limits.node_handshakes, 3);
         assert_eq!(cfg.limits.plaintext_idle_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn policy_changes_close_open_connections_unless_told_to_keep_them() {
+        let base = [
+            "--static-state",
+            "/s.yaml",
+            "--local-ca-cert",
+            "/c",
+            "--local-ca-key",
+            "/k",
+        ];
+        assert_eq!(
+            parse(&base).unwrap().policy_reevaluation,
+            Reevaluation::Close
+        );
+        let mut keep = base.to_vec();
+        keep.extend(["--policy-reevaluation", "keep"]);
+        assert_eq!(
+            parse(&keep).unwrap().policy_reevaluation,
+            Reevaluation::Keep
+        );
     }
 }

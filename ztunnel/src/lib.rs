@@ -19,6 +19,7 @@ pub mod http_server;
 pub mod limits;
 pub mod metrics;
 pub mod node_dir;
+pub mod peer;
 pub mod proxy;
 pub mod readiness;
 pub mod state;

@@ -135,6 +135,11 @@ label_value_as_str!(Reporter, RequestProtocol, SecurityPolicy, ResponseFlags);
 
 /// The labels of every `istio_tcp_*` series: one value per connection, built when it
 /// opens. Unknown values are [`UNKNOWN`], as Istio's dashboards expect.
+///
+/// The principals name only identities proven by mTLS (or the local pod's own): a plaintext
+/// peer's is [`UNKNOWN`] whatever its address says. Its workload labels may still name the
+/// workload owning its address, as Istio's ambient dashboards expect; the series says
+/// `connection_security_policy="none"` beside it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub reporter: Reporter,
@@ -175,6 +180,14 @@ impl ConnectionLabels {
     }
 }
 
+/// The labels of `ambit_connections_revoked_total`: whose connection, and which kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RevokedLabels {
+    destination_workload: Arc<str>,
+    destination_workload_namespace: Arc<str>,
+    connection_security_policy: SecurityPolicy,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct IdentityLabels {
     identity: String,
@@ -197,6 +210,7 @@ pub struct Metrics {
     closed: ConnectionFamily,
     sent: ConnectionFamily,
     received: ConnectionFamily,
+    revoked: Family<RevokedLabels, Counter>,
     cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     xds_state: Gauge,
     refused: Family<ReasonLabels, Counter>,
@@ -216,6 +230,7 @@ impl Metrics {
         let closed = ConnectionFamily::default();
         let sent = ConnectionFamily::default();
         let received = ConnectionFamily::default();
+        let revoked = Family::default();
         let cert_expiry = Family::default();
         let xds_state = Gauge::default();
         // Counters get their `_total` suffix from the encoder.
@@ -238,6 +253,11 @@ impl Metrics {
             "istio_tcp_received_bytes",
             "Bytes received from the destination (response direction)",
             received.clone(),
+        );
+        registry.register(
+            "ambit_connections_revoked",
+            "Open inbound connections closed because a policy change denied them",
+            revoked.clone(),
         );
         registry.register(
             "ambit_certificates_expiry_seconds",
@@ -267,6 +287,7 @@ impl Metrics {
             closed,
             sent,
             received,
+            revoked,
             cert_expiry,
             xds_state,
             refused,
@@ -298,6 +319,17 @@ impl Metrics {
             received: self.received.get_or_create_owned(labels),
             closed: self.closed.get_or_create_owned(labels),
         }
+    }
+
+    /// Counts an open connection (opened with `labels`) closed by a policy change.
+    pub fn connection_revoked(&self, labels: &ConnectionLabels) {
+        self.revoked
+            .get_or_create(&RevokedLabels {
+                destination_workload: labels.destination_workload.clone(),
+                destination_workload_namespace: labels.destination_workload_namespace.clone(),
+                connection_security_policy: labels.connection_security_policy,
+            })
+            .inc();
     }
 
     /// Publishes the expiry of `identity`'s current certificate.

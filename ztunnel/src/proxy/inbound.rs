@@ -4,8 +4,10 @@
 //! `accept` (decide): [`decision::inbound`] on a state snapshot (the authority must be this
 //! pod and not one of ztunnel's ports, then L4 policy with the peer's authenticated identity)
 //! -> refusal with its status; otherwise dial the app *from the client's IP* (IP_TRANSPARENT,
-//! inside the pod) -> 503 if that fails. `serve` (do): copy until both sides close. Refusals
-//! and failures are logged and counted in `accept`, successes when `serve` ends.
+//! inside the pod) -> 503 if that fails. `serve` (do): copy until both sides close, or until
+//! a policy change denies the connection (it is in the pod's [`registry`](super::registry)
+//! from before the decision). Refusals and failures are logged and counted in `accept`,
+//! the rest when `serve` ends.
 //!
 //! Limits: before its TLS handshake, a TCP connection needs a handshake permit (pod and node)
 //! and a node connection permit ([`Handler::admit`]; refused -> reset); each `CONNECT` then
@@ -25,14 +27,14 @@ use ambit_hbone::server::{
 use ambit_hbone::stream::TunnelStream;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    error_outcome, labels, peer_of, refused_count, PodProxy, ProxyError, Report, Shared, Timeouts,
-};
-use crate::access_log::{Direction, Outcome, Protocol};
+use super::registry::{Fingerprint, OpenConnection, Registration, Via};
+use super::{error_outcome, refused_count, PodProxy, ProxyError, Report, Shared, Timeouts};
+use crate::access_log::{Direction, Outcome, Peer, Protocol};
 use crate::decision::{self, Inbound};
 use crate::drain::DrainWatcher;
 use crate::limits::{Activity, ConnectionPermit};
 use crate::metrics::{Reporter, ResponseFlags};
+use crate::peer::PeerIdentity;
 
 /// Serves HBONE for the pod until drain (then GOAWAY, and the drain deadline for open streams).
 pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, drain: DrainWatcher) {
@@ -70,6 +72,7 @@ pub struct Accepted {
     report: Report,
     activity: Activity,
     _permit: ConnectionPermit,
+    registration: Registration,
 }
 
 /// The one place an inbound decision's status becomes a refusal.
@@ -131,27 +134,38 @@ impl Handler for InboundHandler {
                 )));
             }
         };
-        let state = shared.state.snapshot();
         let client = request.peer_addr;
+        // Before the snapshot, so that no policy change can fall between decision and
+        // registration (see the registry).
+        let registration = pod.inbound.register(OpenConnection {
+            client,
+            via: Via::Hbone {
+                peer: request.peer_identity.clone(),
+                authority: request.authority,
+            },
+        });
+        let state = shared.state.snapshot();
         let src = state.workload_by_ip(client.ip()).cloned();
         let dst = state.workload_by_uid(&pod.uid).cloned();
-        let report = Report {
-            labels: labels(
-                Reporter::Destination,
-                src.as_deref(),
-                Some(&request.peer_identity),
-                dst.as_deref(),
-                None,
-                true,
-                ResponseFlags::None,
-            ),
-            src: peer_of(client, src.as_deref(), Some(&request.peer_identity)),
-            dst: peer_of(request.authority, dst.as_deref(), Some(&pod.identity)),
-            service: None,
-            direction: Direction::Inbound,
-            protocol: Protocol::Hbone,
+        let report = Report::new(
+            Reporter::Destination,
+            Peer {
+                addr: client,
+                // Proven by the peer's certificate in the handshake.
+                identity: PeerIdentity::verified(request.peer_identity.clone(), src.as_ref()),
+            },
+            Peer {
+                addr: request.authority,
+                identity: PeerIdentity::Verified {
+                    identity: pod.identity.clone(),
+                    workload: dst.clone(),
+                },
+            },
+            None,
+            Direction::Inbound,
+            Protocol::Hbone,
             started,
-        };
+        );
         let Some(dst) = dst else {
             let reason = format!("pod {} is no longer in the state", pod.name);
             report.refused(
@@ -170,6 +184,7 @@ impl Handler for InboundHandler {
             client.ip(),
             &request.authority.to_string(),
         );
+        registration.decided_on(Fingerprint::of(&state, &dst));
         drop(state);
         let destination = match decided {
             Inbound::Refuse { status, reason } => {
@@ -197,6 +212,7 @@ impl Handler for InboundHandler {
                 report,
                 activity,
                 _permit: permit,
+                registration,
             }),
             Err(e) => {
                 let outcome = error_outcome(&e);
@@ -214,14 +230,16 @@ impl Handler for InboundHandler {
             report,
             activity,
             _permit,
+            registration,
         } = accepted;
         report
-            .copy(
+            .copy_registered(
                 &self.shared.metrics,
                 &mut stream,
                 &mut upstream,
                 activity,
                 Timeouts::first_byte(&self.shared),
+                registration,
             )
             .await;
     }

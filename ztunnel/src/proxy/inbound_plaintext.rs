@@ -4,13 +4,17 @@
 //!
 //! [`decision::inbound_plaintext`] refuses in strict mode (and applies policy without a
 //! source identity otherwise); an allowed connection is dialled to the app from the client's
-//! IP, like HBONE inbound, and copied. A refusal closes the connection: plain TCP has no
-//! status to send.
+//! IP, like HBONE inbound, and copied until it ends or a policy change denies it (it is in
+//! the pod's [`registry`](super::registry)). A refusal closes the connection: plain TCP has
+//! no status to send.
 //!
 //! Limits: a permit under the pod's inbound cap and the node's is taken at accept (over
 //! either: reset); a served connection is closed when no byte has moved either way within
 //! the first-byte timeout, or for the plaintext idle timeout (the peer is unauthenticated, so
 //! it must not hold descriptors for free).
+//!
+//! Nothing proves who the client is: logs and metrics name no identity for it (`unknown`),
+//! only the workload its address belongs to, as such.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,12 +23,14 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::inbound::dial_as_client;
-use super::{error_outcome, labels, peer_of, refuse_new, PodProxy, Report, Shared, Timeouts};
-use crate::access_log::{Direction, Outcome, Protocol};
+use super::registry::{Fingerprint, OpenConnection, Via};
+use super::{error_outcome, refuse_new, PodProxy, Report, Shared, Timeouts};
+use crate::access_log::{Direction, Outcome, Peer, Protocol};
 use crate::decision::{self, Inbound};
 use crate::drain::DrainWatcher;
 use crate::limits::{Activity, ConnectionPermit};
 use crate::metrics::{Reporter, ResponseFlags};
+use crate::peer::PeerIdentity;
 
 /// Accepts plaintext connections for the pod until drain.
 pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, drain: DrainWatcher) {
@@ -74,26 +80,35 @@ async fn handle(
             return;
         }
     };
+    // Before the snapshot, so that no policy change can fall between decision and
+    // registration (see the registry).
+    let registration = pod.inbound.register(OpenConnection {
+        client,
+        via: Via::Plaintext {
+            destination: original,
+        },
+    });
     let state = shared.state.snapshot();
     let src = state.workload_by_ip(client.ip()).cloned();
     let dst = state.workload_by_uid(&pod.uid).cloned();
-    let report = Report {
-        labels: labels(
-            Reporter::Destination,
-            src.as_deref(),
-            None,
-            dst.as_deref(),
-            None,
-            false,
-            ResponseFlags::None,
-        ),
-        src: peer_of(client, src.as_deref(), None),
-        dst: peer_of(original, dst.as_deref(), Some(&pod.identity)),
-        service: None,
-        direction: Direction::Inbound,
-        protocol: Protocol::Tcp,
+    let report = Report::new(
+        Reporter::Destination,
+        Peer {
+            addr: client,
+            identity: PeerIdentity::unverified(src.as_ref()),
+        },
+        Peer {
+            addr: original,
+            identity: PeerIdentity::Verified {
+                identity: pod.identity.clone(),
+                workload: dst.clone(),
+            },
+        },
+        None,
+        Direction::Inbound,
+        Protocol::Tcp,
         started,
-    };
+    );
     let Some(dst) = dst else {
         report.refused(
             shared,
@@ -111,6 +126,7 @@ async fn handle(
         original,
         shared.settings.strict_inbound,
     );
+    registration.decided_on(Fingerprint::of(&state, &dst));
     drop(state);
     match decided {
         Inbound::Refuse { status, reason } => {
@@ -130,12 +146,13 @@ async fn handle(
             match dial_as_client(shared, pod, client, destination).await {
                 Ok(mut upstream) => {
                     report
-                        .copy(
+                        .copy_registered(
                             &shared.metrics,
                             &mut client_stream,
                             &mut upstream,
                             activity,
                             Timeouts::plaintext(shared),
+                            registration,
                         )
                         .await
                 }

@@ -13,7 +13,8 @@
 //! ends with its metrics recorded and exactly one access-log line. [`PodProxy`] is what the
 //! three share for one pod: its identity's credentials (with the TLS configs cached per
 //! certificate), its HBONE pool (whose sockets are made inside the pod, so tunnels leave from
-//! the pod's IP), and its socket factory.
+//! the pod's IP), its socket factory, and the [`registry`] of its open inbound connections
+//! that a policy change re-checks.
 //!
 //! Limits (`limits.rs`): each accepted connection first takes a permit from its pod's and the
 //! node's budgets; over a cap it is reset at once ([`refuse_new`]), counted in
@@ -21,18 +22,23 @@
 //! Served connections close when silent too long (first byte, and idle for plaintext inbound).
 //! Refusal and failure lines of the access log share that throttle; a served connection
 //! always gets its line.
+//!
+//! Who the peers are is a [`PeerIdentity`]: proven (mTLS, or the pod itself) or not. Only a
+//! proven identity reaches `source_principal` / `destination_principal` and the access log's
+//! identity fields.
 
 pub mod credentials;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
+pub mod registry;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_hbone::client::{ConnectError, Pool, PoolConfig};
-use ambit_hbone::copy::{CopyError, Transferred};
+use ambit_hbone::copy::{Copied, CopyError, Transferred};
 use ambit_hbone::throttle::LogThrottle;
 use ambit_hbone::Identity;
 use tokio::net::TcpStream;
@@ -46,9 +52,11 @@ use crate::decision::Balancer;
 use crate::drain::DrainWatcher;
 use crate::limits::{Activity, NodeLimits, PodLimits, Refused, Tracked};
 use crate::metrics::{ConnectionLabels, Metrics, Reporter, ResponseFlags, SecurityPolicy};
+use crate::peer::PeerIdentity;
 use crate::state::{Service, StateReader, Workload};
 
 pub use credentials::Credentials;
+pub use registry::{Reevaluation, Registration, Registry, Revocation};
 
 // Errors are built at most once per failed connection and carry the names an operator
 // needs (identities, addresses); boxing them would cost more than moving them.
@@ -105,6 +113,8 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// HBONE pool tuning (one pool per pod).
     pub pool: PoolConfig,
+    /// Whether a policy change closes open inbound connections it now denies.
+    pub policy_reevaluation: Reevaluation,
 }
 
 impl Default for ProxySettings {
@@ -116,6 +126,7 @@ impl Default for ProxySettings {
             drain_deadline: crate::drain::DEFAULT_DRAIN_DEADLINE,
             connect_timeout: Duration::from_secs(10),
             pool: PoolConfig::default(),
+            policy_reevaluation: Reevaluation::default(),
         }
     }
 }
@@ -153,6 +164,8 @@ pub struct PodProxy {
     pub credentials: Credentials,
     /// The pod's connection and handshake budgets.
     pub limits: PodLimits,
+    /// Open inbound connections, for policy re-evaluation.
+    pub inbound: Arc<Registry>,
 }
 
 impl PodProxy {
@@ -178,6 +191,7 @@ impl PodProxy {
             ),
             capture,
             limits: shared.limits.pod(),
+            inbound: Arc::new(Registry::default()),
         }
     }
 }
@@ -218,6 +232,13 @@ pub fn spawn(
         listeners.inbound,
         drain.clone(),
     ));
+    if shared.settings.policy_reevaluation == Reevaluation::Close {
+        tasks.spawn(registry::reevaluate(
+            shared.clone(),
+            pod.clone(),
+            drain.clone(),
+        ));
+    }
     tasks.spawn(inbound::serve(shared.clone(), pod, listeners.hbone, drain));
     tasks
 }
@@ -292,38 +313,33 @@ impl Timeouts {
     }
 }
 
-/// A peer as the access log shows it, from a workload of the state.
-pub(crate) fn peer_of(addr: SocketAddr, w: Option<&Workload>, id: Option<&Identity>) -> Peer {
-    Peer {
-        addr,
-        workload: w.map(|w| Arc::from(format!("{}/{}", w.namespace, w.name))),
-        identity: id.cloned().or_else(|| w.map(|w| w.identity.clone())),
-    }
-}
-
-/// Metric labels of one connection.
+/// Metric labels of one connection. `source_principal` / `destination_principal` come from
+/// proven identities only (else `unknown`, as Istio reports plaintext). The workload labels
+/// name the workload behind a proven identity or, for a peer nothing proves, the one owning
+/// its address: that is what Istio's ambient dashboards draw edges with, and such a series
+/// says `connection_security_policy="none"` and an `unknown` principal beside it.
 pub(crate) fn labels(
     reporter: Reporter,
-    src: Option<&Workload>,
-    src_identity: Option<&Identity>,
-    dst: Option<&Workload>,
+    src: &PeerIdentity,
+    dst: &PeerIdentity,
     service: Option<&Service>,
     mtls: bool,
     flags: ResponseFlags,
 ) -> ConnectionLabels {
     let mut l = ConnectionLabels::unknown(reporter);
-    if let Some(w) = src {
+    if let Some(w) = src.workload().or(src.workload_by_ip()) {
         l.source_workload = w.workload_name.clone();
         l.source_workload_namespace = w.namespace.clone();
-        l.source_principal = Arc::from(w.identity.to_string());
     }
-    if let Some(id) = src_identity {
+    if let Some(id) = src.identity() {
         l.source_principal = Arc::from(id.to_string());
     }
-    if let Some(w) = dst {
+    if let Some(w) = dst.workload().or(dst.workload_by_ip()) {
         l.destination_workload = w.workload_name.clone();
         l.destination_workload_namespace = w.namespace.clone();
-        l.destination_principal = Arc::from(w.identity.to_string());
+    }
+    if let Some(id) = dst.identity() {
+        l.destination_principal = Arc::from(id.to_string());
     }
     if let Some(s) = service {
         l.destination_service = s.hostname.clone();
@@ -350,6 +366,43 @@ pub(crate) struct Report {
 }
 
 impl Report {
+    /// The report of a connection between `src` and `dst`; its metric labels follow from
+    /// the peers (HBONE is mutual TLS, TCP is not).
+    pub fn new(
+        reporter: Reporter,
+        src: Peer,
+        dst: Peer,
+        service: Option<&Service>,
+        direction: Direction,
+        protocol: Protocol,
+        started: Instant,
+    ) -> Self {
+        Report {
+            labels: labels(
+                reporter,
+                &src.identity,
+                &dst.identity,
+                service,
+                protocol == Protocol::Hbone,
+                ResponseFlags::None,
+            ),
+            src,
+            dst,
+            service: service.map(|s| s.hostname.clone()),
+            direction,
+            protocol,
+            started,
+        }
+    }
+
+    /// The destination did not prove the identity expected of it (the handshake failed):
+    /// the line and the labels stop naming it.
+    pub fn destination_unproven(mut self) -> Self {
+        self.dst.identity = self.dst.identity.into_unverified();
+        self.labels.destination_principal = Arc::from(crate::metrics::UNKNOWN);
+        self
+    }
+
     /// Records a connection that never carried bytes (refused, or failed to connect). A
     /// peer can cause these at line rate, so the line is throttled per (direction, flags):
     /// the first of a kind is written at once, then one per interval with the count skipped.
@@ -384,15 +437,61 @@ impl Report {
         A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
         B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     {
+        self.copy_until(metrics, a, b, activity, timeouts, std::future::pending())
+            .await
+    }
+
+    /// [`Report::copy`] for an inbound connection in its pod's registry: when a policy
+    /// change denies it, the copy stops, the line says `revoked` with the new decision's
+    /// reason, and returning lets the caller drop (close) both sides.
+    pub async fn copy_registered<A, B>(
+        self,
+        metrics: &Metrics,
+        a: &mut A,
+        b: &mut B,
+        activity: Activity,
+        timeouts: Timeouts,
+        mut registration: Registration,
+    ) where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
+        self.copy_until(metrics, a, b, activity, timeouts, registration.revoked())
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)] // one connection's whole context; a struct would only rename it
+    async fn copy_until<A, B>(
+        self,
+        metrics: &Metrics,
+        a: &mut A,
+        b: &mut B,
+        activity: Activity,
+        timeouts: Timeouts,
+        stop: impl std::future::Future<Output = Revocation>,
+    ) where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
         let conn = metrics.connection_opened(&self.labels);
         let mut a = Tracked::new(a, activity.clone());
         let mut b = Tracked::new(b, activity.clone());
         let copied = tokio::select! {
-            copied = ambit_hbone::copy::copy_bidirectional(&mut a, &mut b) => Ok(copied),
+            copied = ambit_hbone::copy::copy_bidirectional_until(&mut a, &mut b, stop) => Ok(copied),
             expired = activity.expired(timeouts.first_byte, timeouts.idle) => Err(expired),
         };
         let (moved, flags, outcome) = match copied {
-            Ok(Ok(moved)) => (moved, ResponseFlags::None, Outcome::Ok),
+            Ok(Ok(Copied::Finished(moved))) => (moved, ResponseFlags::None, Outcome::Ok),
+            Ok(Ok(Copied::Stopped { transferred, by })) => {
+                metrics.connection_revoked(&self.labels);
+                (
+                    transferred,
+                    ResponseFlags::Denied,
+                    Outcome::Revoked {
+                        reason: format!("policy changed: {}: {}", by.status, by.reason),
+                    },
+                )
+            }
             Ok(Err(e)) => (
                 e.transferred(),
                 ResponseFlags::None,

@@ -23,15 +23,14 @@ use ambit_hbone::client::ConnectTarget;
 use hyper::HeaderMap;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    error_outcome, labels, peer_of, refuse_new, PodProxy, ProxyError, Report, Shared, Timeouts,
-};
-use crate::access_log::{Direction, Outcome, Protocol};
+use super::{error_outcome, refuse_new, PodProxy, ProxyError, Report, Shared, Timeouts};
+use crate::access_log::{Direction, Outcome, Peer, Protocol};
 use crate::capture::original_dst;
 use crate::decision::{self, Outbound};
 use crate::drain::DrainWatcher;
 use crate::limits::{Activity, ConnectionPermit, Refused};
 use crate::metrics::{Reporter, ResponseFlags};
+use crate::peer::PeerIdentity;
 use crate::state::{Service, Workload};
 
 /// Accepts the pod's outbound connections until drain.
@@ -76,26 +75,43 @@ async fn handle(
     let _ = app.set_nodelay(true);
     let state = shared.state.snapshot();
     let source = state.workload_by_uid(&pod.uid).cloned();
+    // The source is the pod itself: the capture only hands us connections made inside its
+    // namespace, and it is its certificate the tunnel presents.
+    let src = PeerIdentity::Verified {
+        identity: pod.identity.clone(),
+        workload: source.clone(),
+    };
+    // `expected`: the identity the tunnel's handshake will require of its peer. `w` is the
+    // destination the decision chose from the address the app dialled, not a lookup of who
+    // answered, so it stays beside the identity even when that is a waypoint's (the final
+    // workload's own identity is then never proven here, and never named).
     let base = |dst: SocketAddr,
-                w: Option<&Workload>,
+                w: Option<&std::sync::Arc<Workload>>,
                 svc: Option<&Service>,
                 protocol: Protocol,
-                expected: Option<&ambit_hbone::Identity>| Report {
-        labels: labels(
+                expected: Option<&ambit_hbone::Identity>| {
+        let identity = match expected {
+            Some(id) => PeerIdentity::Verified {
+                identity: id.clone(),
+                workload: w.cloned(),
+            },
+            None => PeerIdentity::unverified(w),
+        };
+        Report::new(
             Reporter::Source,
-            source.as_deref(),
-            None,
-            w,
+            Peer {
+                addr: client,
+                identity: src.clone(),
+            },
+            Peer {
+                addr: dst,
+                identity,
+            },
             svc,
-            protocol == Protocol::Hbone,
-            ResponseFlags::None,
-        ),
-        src: peer_of(client, source.as_deref(), Some(&pod.identity)),
-        dst: peer_of(dst, w, expected),
-        service: svc.map(|s| s.hostname.clone()),
-        direction: Direction::Outbound,
-        protocol,
-        started,
+            Direction::Outbound,
+            protocol,
+            started,
+        )
     };
     let original = match original_dst(&app) {
         Ok(dst) => dst,
@@ -198,7 +214,7 @@ async fn handle(
         } => {
             let report = base(
                 authority,
-                workload.as_deref(),
+                workload.as_ref(),
                 service.as_deref(),
                 Protocol::Hbone,
                 Some(&expected_identity),
@@ -242,7 +258,7 @@ async fn tunnel(
     let tls = match pod.credentials.client_config(&expected).await {
         Ok(tls) => tls,
         Err(e) => {
-            report.refused(
+            report.destination_unproven().refused(
                 shared,
                 ResponseFlags::UpstreamConnectionFailure,
                 error_outcome(&e),
@@ -271,7 +287,14 @@ async fn tunnel(
                 .await
         }
         Err(e) => {
-            // 401/403 from the peer is its policy speaking: a refusal, not a failure.
+            // Without a status the handshake may not have completed: the destination did not
+            // prove anything. With one, it did, and 401/403 is its policy speaking: a
+            // refusal, not a failure.
+            let report = if e.status().is_some() {
+                report
+            } else {
+                report.destination_unproven()
+            };
             let (flags, outcome) = match e.status().map(|s| s.as_u16()) {
                 Some(401 | 403) => (
                     ResponseFlags::Denied,

@@ -1,12 +1,14 @@
 //! ztunnel end to end, enforcement: L4 policy (principal, port), strict mode against
-//! plaintext, and a mesh peer with a valid certificate trying to use a pod's HBONE listener
-//! for another address or for ztunnel's own ports. Needs root.
+//! plaintext, a mesh peer with a valid certificate trying to use a pod's HBONE listener
+//! for another address or for ztunnel's own ports, and a DENY applied while connections are
+//! open. Logs and metrics name only proven identities. Needs root.
 
 mod ztunnel_support;
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ambit_hbone::client::{ConnectTarget, Pool, PoolConfig};
 use ambit_hbone::tls::{self, TrustBundle};
@@ -73,6 +75,7 @@ policies:
         workload(plain, "legacy", "default", "n1", false),
         workload(srv, "srv", "srv", "n2", true),
     );
+    let log = access_log();
     // n2 runs strict: plaintext to its pods is refused.
     let mesh = Mesh::start(
         &topo,
@@ -120,6 +123,8 @@ policies:
         1,
         "plaintext reached the app in strict mode"
     );
+    // Nothing proves who the plaintext client is: no principal, only the workload its
+    // address belongs to (what Istio's ambient dashboards draw edges with).
     eventually("plaintext refusal counted on n2", || {
         metric(
             n2,
@@ -128,10 +133,46 @@ policies:
                 ("reporter", "destination"),
                 ("connection_security_policy", "none"),
                 ("response_flags", "RBAC"),
+                ("source_principal", "unknown"),
+                ("source_workload", "plain"),
             ],
         ) >= 1
     })
     .await?;
+    // Tests of this binary share the log and pod addresses: the namespaces tell them apart.
+    let plain_addr = format!("\"src.addr\":\"{}:", plain.ip);
+    let to_srv = "\"dst.workload\":\"srv/srv\"";
+    // Refusal lines are throttled per cause (this one shares "inbound RBAC" with bad's), so
+    // the line may be left out; any that is written names no identity. The revocation test
+    // asserts a served plaintext connection's line, which is never throttled.
+    for line in access_lines(&log, &[&plain_addr, to_srv]) {
+        assert_eq!(line["src.identity"], "unknown", "{line}");
+        assert_eq!(line["src.workload"], "-", "{line}");
+        assert_eq!(line["src.workload_by_ip"], "legacy/plain", "{line}");
+    }
+    // The HBONE client's line names the identity its certificate proved.
+    let bad_addr = format!("\"src.addr\":\"{}:", bad.ip);
+    let bad_lines = access_lines(&log, &[&bad_addr, to_srv]);
+    assert!(!bad_lines.is_empty(), "no inbound line for bad");
+    for line in bad_lines {
+        assert_eq!(
+            line["src.identity"], "spiffe://cluster.local/ns/bad/sa/bad",
+            "{line}"
+        );
+        assert_eq!(line["src.workload"], "bad/bad", "{line}");
+    }
+    assert_eq!(
+        metric(
+            n2,
+            OPENED,
+            &[(
+                "source_principal",
+                "spiffe://cluster.local/ns/legacy/sa/default"
+            )]
+        ),
+        0,
+        "a principal guessed from an address reached the metrics"
+    );
 
     drop((web, admin));
     mesh.shutdown().await;
@@ -233,6 +274,209 @@ async fn a_valid_peer_cannot_spoof_the_destination_or_reach_ztunnel_ports() -> a
     assert_eq!(srv_app.seen().len(), 1);
 
     drop((srv_app, other_app));
+    mesh.shutdown().await;
+    Ok(())
+}
+
+/// Reads from `s` until the peer closes it; fails if it is still open at `deadline`. Returns
+/// when it closed, measured from `since`.
+fn closed_by(
+    s: &mut std::net::TcpStream,
+    since: Instant,
+    deadline: Instant,
+) -> anyhow::Result<Duration> {
+    let mut buf = [0u8; 64];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(
+            !left.is_zero(),
+            "still open {:?} after the DENY",
+            deadline - since
+        );
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(since.elapsed()),
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            // A reset is a close too.
+            Err(_) => return Ok(since.elapsed()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_applied_later_closes_the_open_connections_it_matches() -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("zt_revoke")
+        .node("n1")
+        .node("n2")
+        .pod("victim", "n1")
+        .pod("keeper", "n1")
+        .pod("plain", "n1")
+        .pod("srv", "n2")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let (victim, keeper, plain, srv) = (
+        topo.pod("victim"),
+        topo.pod("keeper"),
+        topo.pod("plain"),
+        topo.pod("srv"),
+    );
+    let workloads = format!(
+        "workloads:\n{}{}{}{}",
+        workload(victim, "rv-app", "victim", "n1", true),
+        workload(keeper, "rv-app", "keeper", "n1", true),
+        workload(plain, "rv-legacy", "default", "n1", false),
+        workload(srv, "rv-srv", "srv", "n2", true),
+    );
+    // One rule for the HBONE victim (its proven principal), one for the plaintext one (its
+    // address: it has no principal).
+    let with_deny = format!(
+        "{workloads}\
+policies:
+  - name: deny-later
+    namespace: rv-srv
+    action: DENY
+    rules:
+      - from: [{{principals: [\"cluster.local/ns/rv-app/sa/victim\"]}}]
+      - from: [{{ipBlocks: [\"{}/32\"]}}]
+",
+        plain.ip
+    );
+    // Tests of this binary share the log and pod addresses: the namespaces tell them apart.
+    const TO_SRV: &str = "\"dst.workload\":\"rv-srv/srv\"";
+    let log = access_log();
+    let mesh = Mesh::start(
+        &topo,
+        &["n1", "n2"],
+        &workloads,
+        TestCa::new(Duration::from_secs(3600)),
+        |_, _| {},
+    )
+    .await?;
+    for (node, ns, pod) in [
+        ("n1", "rv-app", victim),
+        ("n1", "rv-app", keeper),
+        ("n2", "rv-srv", srv),
+    ] {
+        mesh.wait_enrolled(node, &uid(ns, pod), true).await?;
+    }
+    let app = ReplyServer::start(srv, 8080)?;
+    let dst = app.addr();
+
+    // Three long-lived connections, each proven to carry bytes.
+    let open = |pod: &ambit_tests::Pod| {
+        let pod = pod.clone();
+        blocking(move || {
+            let mut s = ambit_tests::connect_from(&pod, dst)?;
+            ambit_tests::read_greeting(&mut s)?;
+            anyhow::ensure!(ambit_tests::echo(&mut s, b"before")? == b"before");
+            Ok(s)
+        })
+    };
+    let mut hbone_victim = open(victim).await?;
+    let mut plain_victim = open(plain).await?;
+    let mut kept = open(keeper).await?;
+    let n2 = mesh.app("n2");
+    // Identities as proven: the HBONE clients by certificate, the plaintext one not at all.
+    for (principal, security) in [
+        ("spiffe://cluster.local/ns/rv-app/sa/victim", "mutual_tls"),
+        ("spiffe://cluster.local/ns/rv-app/sa/keeper", "mutual_tls"),
+        ("unknown", "none"),
+    ] {
+        let labels = [
+            ("reporter", "destination"),
+            ("source_principal", principal),
+            ("connection_security_policy", security),
+        ];
+        assert_eq!(metric(n2, OPENED, &labels), 1, "{labels:?}");
+    }
+
+    let applied = Instant::now();
+    let deadline = applied + Duration::from_secs(5);
+    mesh.set_state(&with_deny).await?;
+    let (hbone_victim, plain_victim) = blocking(move || {
+        let hbone = closed_by(&mut hbone_victim, applied, deadline)
+            .map_err(|e| anyhow::anyhow!("HBONE victim: {e}"))?;
+        let plain = closed_by(&mut plain_victim, applied, deadline)
+            .map_err(|e| anyhow::anyhow!("plaintext victim: {e}"))?;
+        Ok((hbone, plain))
+    })
+    .await?;
+    eprintln!(
+        "closed after the DENY was applied: HBONE {hbone_victim:?}, plaintext {plain_victim:?}"
+    );
+
+    // The connection the DENY does not match keeps flowing.
+    let kept = blocking(move || {
+        anyhow::ensure!(ambit_tests::echo(&mut kept, b"after the deny")? == b"after the deny");
+        Ok(kept)
+    })
+    .await?;
+    // New connections meet the DENY at the door.
+    refused(victim, dst).await?;
+
+    // One line per closed connection, naming the policy and rule.
+    let revoked = |ip: std::net::Ipv4Addr| {
+        access_lines(
+            &log,
+            &[
+                &format!("\"src.addr\":\"{ip}:"),
+                TO_SRV,
+                "\"outcome\":\"revoked\"",
+            ],
+        )
+    };
+    eventually("both revocations logged", || {
+        revoked(victim.ip).len() == 1 && revoked(plain.ip).len() == 1
+    })
+    .await?;
+    let line = &revoked(victim.ip)[0];
+    assert_eq!(
+        line["reason"],
+        "policy changed: 403: denied by rv-srv/deny-later (rule 0)"
+    );
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/rv-app/sa/victim"
+    );
+    assert_eq!(line["src.workload"], "rv-app/victim");
+    assert_eq!(line["response_flags"], "RBAC");
+    assert!(line["bytes_sent"].as_u64() >= Some(6), "{line}");
+    let line = &revoked(plain.ip)[0];
+    assert_eq!(
+        line["reason"],
+        "policy changed: 403: denied by rv-srv/deny-later (rule 1)"
+    );
+    assert_eq!(line["src.identity"], "unknown");
+    assert_eq!(line["src.workload_by_ip"], "rv-legacy/plain");
+    assert!(revoked(keeper.ip).is_empty());
+    assert_eq!(
+        metric(n2, "ambit_connections_revoked_total", &[]),
+        2,
+        "revocations counted"
+    );
+
+    // The kept connection ends normally, with its proven identity.
+    drop(kept.shutdown(std::net::Shutdown::Both));
+    drop(kept);
+    let keeper_addr = format!("\"src.addr\":\"{}:", keeper.ip);
+    eventually("the kept connection's line", || {
+        access_lines(&log, &[&keeper_addr, TO_SRV, "\"outcome\":\"ok\""])
+            .iter()
+            .any(|l| l["src.identity"] == "spiffe://cluster.local/ns/rv-app/sa/keeper")
+    })
+    .await?;
+
+    drop(app);
     mesh.shutdown().await;
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +23,7 @@ use ambit_ztunnel::capture::{NetnsHandle, NetnsWorker};
 use ambit_ztunnel::certs::{CaClient, CertsError, SignedChain};
 use ambit_ztunnel::config::Config;
 use ambit_ztunnel::enrollment::PodStatus;
+use ambit_ztunnel::telemetry::{self, CaptureWriter, LogFormat};
 use anyhow::{bail, Context};
 
 /// Bound of every wait in these tests.
@@ -203,6 +204,34 @@ pub fn metric(app: &App, metric: &str, labels: &[(&str, &str)]) -> u64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// The access log (JSON lines) of every in-process ztunnel of this test binary: installed
+/// once per process as the global subscriber, so call it before starting the mesh. Tests
+/// of one binary share it; their addresses tell their lines apart.
+pub fn access_log() -> CaptureWriter {
+    static CAPTURE: OnceLock<CaptureWriter> = OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let out = CaptureWriter::new();
+            let (dispatch, _) = telemetry::build(LogFormat::Json, "warn,access=info", out.clone())
+                .expect("log directives");
+            // Fails only if another subscriber was installed first: then nothing is
+            // captured and the tests asserting on lines say so.
+            let _ = tracing::dispatcher::set_global_default(dispatch);
+            out
+        })
+        .clone()
+}
+
+/// The access-log lines (as JSON objects) containing every one of `needles`.
+pub fn access_lines(log: &CaptureWriter, needles: &[&str]) -> Vec<serde_json::Value> {
+    log.contents()
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["target"] == "access")
+        .collect()
 }
 
 /// Polls `cond` until it holds, for at most [`WAIT`].

@@ -71,7 +71,9 @@ impl ServiceRuntime {
 /// Who is calling, for one downstream connection.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// SPIFFE URI of the caller (from the HBONE client certificate).
+    /// The caller's identity, proven by its HBONE client certificate.
+    pub identity: ambit_hbone::Identity,
+    /// SPIFFE URI of the caller (`identity`, as labels and policy read it).
     pub principal: String,
     pub namespace: String,
     /// Original source address.
@@ -223,7 +225,9 @@ impl Proxy {
         }
         .into();
         let state = self.state.load();
-        let src = state.workload_by_ip(caller.addr.ip());
+        // Named only when the workload at the caller's address is the one its certificate
+        // proved; otherwise `unknown` (an address is no identity).
+        let src = state.workload_proving(caller.addr.ip(), &caller.identity);
         rec.labels.source_principal = caller.principal.clone();
         rec.labels.source_workload = src
             .map(|w| w.metrics_name().to_string())

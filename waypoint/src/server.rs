@@ -80,6 +80,7 @@ impl Handler for Waypoint {
 
     async fn accept(&self, request: &ConnectRequest) -> Result<Caller, Refusal> {
         Ok(Caller {
+            identity: request.peer_identity.clone(),
             principal: request.peer_identity.to_string(),
             namespace: request.peer_identity.namespace().to_string(),
             addr: source_addr(request),

@@ -256,6 +256,18 @@ impl State {
             .and_then(|uid| self.workloads.get(uid))
     }
 
+    /// The workload owning `ip`, only if its identity is `proven` (the caller's certificate
+    /// identity): an address (or a `Forwarded` header) naming a workload other than the one
+    /// the certificate proved is no evidence of who called, so metrics and logs must not
+    /// name it.
+    pub fn workload_proving(&self, ip: IpAddr, proven: &Identity) -> Option<&Arc<Workload>> {
+        let uid = self.workload_by_ip.get(&ip)?;
+        if self.identities.get(uid)? != proven {
+            return None;
+        }
+        self.workloads.get(uid)
+    }
+
     /// A service by `namespace/hostname`.
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
         self.services.get(key)
@@ -381,5 +393,46 @@ impl StateHandle {
     /// Replaces the state.
     pub fn store(&self, state: State) {
         self.inner.store(Arc::new(state));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, namespace: &str, sa: &str, ip: &str) -> Workload {
+        Workload {
+            uid: format!("{namespace}/{name}"),
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            addresses: vec![ip.parse().expect("ip")],
+            ..Workload::default()
+        }
+    }
+
+    #[test]
+    fn a_caller_is_named_by_address_only_when_its_certificate_agrees() {
+        let state = State::build(StateFile {
+            workloads: vec![
+                workload("client-0", "shop", "client", "10.0.0.1"),
+                workload("old", "legacy", "default", "10.0.0.2"),
+            ],
+            ..StateFile::default()
+        })
+        .expect("state");
+        let client: Identity = "spiffe://cluster.local/ns/shop/sa/client"
+            .parse()
+            .expect("id");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            state
+                .workload_proving(ip("10.0.0.1"), &client)
+                .map(|w| w.name.as_str()),
+            Some("client-0")
+        );
+        // The certificate says shop/client; the address belongs to someone else.
+        assert!(state.workload_proving(ip("10.0.0.2"), &client).is_none());
+        assert!(state.workload_proving(ip("10.0.0.9"), &client).is_none());
     }
 }

@@ -362,10 +362,22 @@ fn enrolling_a_namespace_is_live_and_down_cleans_up_without_a_record() {
         return;
     };
     let state = mesh.state();
+    // Plaintext names no identity, only the workload its address belongs to (marked as
+    // such); over HBONE the certificate proves legacy's identity.
     let legacy_inbound = |protocol: &str| {
         let log = mesh.log("ztunnel-node1.log");
+        let who = match protocol {
+            "tcp" => [
+                "\"src.workload_by_ip\":\"legacy/legacy-client-1\"",
+                "\"src.identity\":\"unknown\"",
+            ],
+            _ => [
+                "\"src.workload\":\"legacy/legacy-client-1\"",
+                "\"src.identity\":\"spiffe://cluster.local/ns/legacy/sa/default\"",
+            ],
+        };
         log.lines().any(|l| {
-            l.contains("\"src.workload\":\"legacy/legacy-client-1\"")
+            who.iter().all(|w| l.contains(w))
                 && l.contains("\"direction\":\"inbound\"")
                 && l.contains(&format!("\"protocol\":\"{protocol}\""))
                 && l.contains("\"outcome\":\"ok\"")

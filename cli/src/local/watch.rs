@@ -170,9 +170,11 @@ impl Pretty {
 
 /// The line, and its key without byte counts (what makes two lines "the same").
 fn access_line(node: &str, v: &Value) -> (String, String) {
-    let src = match s(v, "src.workload") {
-        "-" => s(v, "src.addr").to_owned(),
-        w => w.to_owned(),
+    // A plaintext client's workload is only what its address says: shown, and marked so.
+    let src = match (s(v, "src.workload"), s(v, "src.workload_by_ip")) {
+        ("-", "-") => s(v, "src.addr").to_owned(),
+        ("-", by_ip) => format!("{by_ip} (by IP, unverified)"),
+        (w, _) => w.to_owned(),
     };
     let dst = match (s(v, "dst.service"), s(v, "dst.workload")) {
         ("-", "-") => s(v, "dst.addr").to_owned(),
@@ -198,6 +200,10 @@ fn access_line(node: &str, v: &Value) -> (String, String) {
             format!(" {}B/{}B", v["bytes_sent"], v["bytes_received"]),
         ),
         "refused" => (format!("DENIED: {}", s(v, "reason")), String::new()),
+        "revoked" => (
+            format!("CLOSED BY POLICY: {}", s(v, "reason")),
+            String::new(),
+        ),
         other => (
             format!("{}: {}", other.to_uppercase(), s(v, "reason")),
             String::new(),
@@ -278,6 +284,34 @@ mod tests {
         );
         assert!(
             out.contains("HBONE mTLS demo/sa/client -> demo/sa/echo"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_plaintext_client_is_named_by_address_and_marked_unverified() {
+        let line = r#"{"target":"access","level":"INFO","src.addr":"10.77.2.3:4000","src.workload":"-","src.workload_by_ip":"legacy/legacy-client-1","src.identity":"unknown","dst.addr":"10.77.1.2:8080","dst.workload":"demo/echo-1","dst.identity":"spiffe://cluster.local/ns/demo/sa/echo","dst.service":"-","direction":"inbound","protocol":"tcp","bytes_sent":8,"bytes_received":60,"outcome":"ok"}"#;
+        let out = Pretty::default()
+            .format(&Source::Ztunnel("node1".into()), line)
+            .unwrap();
+        assert!(
+            out.contains("legacy/legacy-client-1 (by IP, unverified) -> demo/echo-1"),
+            "{out}"
+        );
+        assert!(out.contains("plain TCP (no mesh identity)"), "{out}");
+        assert!(!out.contains("sa/default"), "{out}");
+    }
+
+    #[test]
+    fn a_connection_closed_by_a_policy_change_says_which_policy() {
+        let line = r#"{"target":"access","level":"INFO","src.addr":"10.77.2.2:4000","src.workload":"demo/client-1","src.identity":"spiffe://cluster.local/ns/demo/sa/client","dst.addr":"10.77.1.2:8080","dst.workload":"demo/echo-1","dst.identity":"spiffe://cluster.local/ns/demo/sa/echo","dst.service":"-","direction":"inbound","protocol":"hbone","bytes_sent":8,"bytes_received":60,"outcome":"revoked","reason":"policy changed: 403: denied by demo/deny-client (rule 0)"}"#;
+        let out = Pretty::default()
+            .format(&Source::Ztunnel("node1".into()), line)
+            .unwrap();
+        assert!(
+            out.ends_with(
+                "CLOSED BY POLICY: policy changed: 403: denied by demo/deny-client (rule 0)"
+            ),
             "{out}"
         );
     }

@@ -79,7 +79,11 @@ pub struct ZtunnelPair {
     pub client: Daemon,
     /// The server side's proxy.
     pub server: Daemon,
+    /// Namespaces holding the harness's redirect for the peer.
     rules_in: Vec<String>,
+    /// Namespaces Ambit's ztunnel captured: its rules outlive the process (a stopped ztunnel
+    /// fails closed), so the harness un-enrolls them as an operator would.
+    ambit_rules_in: Vec<String>,
 }
 
 impl ZtunnelPair {
@@ -88,6 +92,7 @@ impl ZtunnelPair {
         std::fs::create_dir_all(&s.dir)?;
         let sides = [("client", &pair.client), ("server", &pair.server)];
         let mut rules_in = Vec::new();
+        let mut ambit_rules_in = Vec::new();
         let mut daemons = Vec::new();
         match flavor {
             Flavor::Ambit(bin) => {
@@ -119,7 +124,11 @@ impl ZtunnelPair {
                         // Teardown between paths only: nothing is open when it stops.
                         "--drain-seconds".into(),
                         "1".into(),
+                        // Its own node directory, never the host's default one.
+                        "--data-dir".into(),
+                        path(&s.dir.join(format!("ambit-{side}-data"))),
                     ];
+                    ambit_rules_in.push(ns.clone());
                     let env = vec![(
                         "TOKIO_WORKER_THREADS".to_owned(),
                         s.worker_threads.to_string(),
@@ -180,6 +189,7 @@ impl ZtunnelPair {
             client,
             server,
             rules_in,
+            ambit_rules_in,
         };
         started.wait_ready(pair)?;
         Ok(started)
@@ -237,6 +247,9 @@ impl ZtunnelPair {
         for ns in std::mem::take(&mut self.rules_in) {
             remove_peer_redirect(&ns)?;
         }
+        for ns in std::mem::take(&mut self.ambit_rules_in) {
+            unenroll_ambit(&ns)?;
+        }
         for ns in [&pair.client, &pair.server] {
             let nat = net::exec_in(ns, &["iptables-save", "-t", "nat"])?;
             let mangle = net::exec_in(ns, &["iptables-save", "-t", "mangle"])?;
@@ -255,7 +268,20 @@ impl Drop for ZtunnelPair {
         for ns in &self.rules_in {
             let _ = remove_peer_redirect(ns);
         }
+        for ns in &self.ambit_rules_in {
+            let _ = unenroll_ambit(ns);
+        }
     }
+}
+
+/// Removes Ambit's dedicated-mode capture rules from `ns`, with ztunnel's own code.
+fn unenroll_ambit(ns: &str) -> anyhow::Result<()> {
+    net::in_netns(ns, || {
+        ambit_ztunnel::capture::iptables::remove(
+            &ambit_ztunnel::capture::iptables::RuleConfig::dedicated(),
+        )
+    })?
+    .with_context(|| format!("removing Ambit's capture rules in {ns}"))
 }
 
 fn path(p: &Path) -> String {

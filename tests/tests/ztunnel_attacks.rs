@@ -68,13 +68,6 @@ const P99_FLOOR: Duration = Duration::from_millis(250);
 /// another's baseline.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A free loopback port (bound, read, released).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// The ztunnel process under attack.
 struct Ztunnel {
     child: Child,
@@ -205,24 +198,6 @@ fn status_kb(pid: u32, field: &str) -> u64 {
                 .ok()
         })
         .unwrap_or(0)
-}
-
-/// `GET path` over HTTP/1.1; returns (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {out:?}"))?;
-    Ok((status, out))
 }
 
 /// One node with ztunnel: `attacked` (enrolled, an app on 8080), `victim` and `srv` (enrolled;
@@ -680,14 +655,14 @@ async fn a_non_mesh_pod_holding_thousands_of_connections_hits_only_its_target_ca
         Ok((held, greeted))
     })
     .await?;
+    let refused = scene.zt.counter(
+        "ambit_ztunnel_connections_refused_total",
+        "reason=\"pod_connections\"",
+    )?;
     eprintln!(
         "ATTACK hold: {} of {HELD_CONNECTIONS} connected, {greeted} reached the app (pod cap \
-         {POD_CONNECTIONS}); refused by the cap: {}",
+         {POD_CONNECTIONS}); refused by the cap: {refused}",
         held.len(),
-        scene.zt.counter(
-            "ambit_ztunnel_connections_refused_total",
-            "reason=\"pod_connections\""
-        )?
     );
     report.check_with_after_rss(HOLD_AFTER_RSS_PERCENT);
     // The attacked pod's cap held: at most that many served at once (two descriptors each;
@@ -708,9 +683,12 @@ async fn a_non_mesh_pod_holding_thousands_of_connections_hits_only_its_target_ca
     );
     let lines = scene.zt.log_lines_with(&format!("{}:", scene.outsider.ip));
     eprintln!("ATTACK hold: {lines} log lines name the attacker");
+    // Each connection ztunnel served has its one access-log line, and how many it served
+    // depends on how fast the attack ran (the idle timeout frees places under the cap); the
+    // thousands it refused must not each have one: at most one line per ten refusals in all.
     assert!(
-        lines <= POD_CONNECTIONS as usize + 50,
-        "{lines} log lines for the attacker"
+        refused >= 1000 && lines as u64 * 10 <= refused,
+        "{lines} log lines for the attacker, with {refused} connections refused"
     );
     drop(held);
     Ok(())

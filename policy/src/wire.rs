@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ambit_proto::discovery as pb;
+use ambit_proto::ip_from_bytes as pb_ip;
 use ipnet::IpNet;
 
 use crate::model::{Action, Condition, Operation, Policy, Rule, Scope, Source};
@@ -80,24 +81,11 @@ fn string_matches(
 }
 
 fn ip(res: Res, field: String, bytes: &[u8]) -> Result<IpAddr, WireError> {
-    match bytes.len() {
-        4 => {
-            let mut b = [0u8; 4];
-            b.copy_from_slice(bytes);
-            Ok(IpAddr::from(b))
-        }
-        16 => {
-            let mut b = [0u8; 16];
-            b.copy_from_slice(bytes);
-            // An IPv4-mapped IPv6 address is the IPv4 address proxies see.
-            Ok(IpAddr::from(b).to_canonical())
-        }
-        len => Err(WireError::Address {
-            resource: res(),
-            field,
-            len,
-        }),
-    }
+    pb_ip(bytes).map_err(|len| WireError::Address {
+        resource: res(),
+        field,
+        len,
+    })
 }
 
 fn ip_blocks(res: Res, field: &str, bs: &[pb::IpBlock]) -> Result<Vec<IpNet>, WireError> {

@@ -62,16 +62,10 @@ pub enum DiscoveryError {
 }
 
 fn ip(resource: &str, bytes: &[u8]) -> Result<IpAddr, DiscoveryError> {
-    match bytes.len() {
-        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(bytes).unwrap_or_default())),
-        16 => Ok(IpAddr::from(
-            <[u8; 16]>::try_from(bytes).unwrap_or_default(),
-        )),
-        len => Err(DiscoveryError::Address {
-            resource: resource.to_string(),
-            len,
-        }),
-    }
+    ambit_proto::ip_from_bytes(bytes).map_err(|len| DiscoveryError::Address {
+        resource: resource.to_string(),
+        len,
+    })
 }
 
 fn port(resource: &str, p: u32) -> Result<u16, DiscoveryError> {

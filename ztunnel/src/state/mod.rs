@@ -80,25 +80,11 @@ pub(crate) fn ip_from_bytes(
     field: &dyn Fn() -> String,
     bytes: &[u8],
 ) -> Result<IpAddr, ConvertError> {
-    match bytes.len() {
-        4 => {
-            let mut b = [0u8; 4];
-            b.copy_from_slice(bytes);
-            Ok(IpAddr::from(b))
-        }
-        16 => {
-            let mut b = [0u8; 16];
-            b.copy_from_slice(bytes);
-            // An IPv4-mapped IPv6 address is the same endpoint as the IPv4 one; keeping one
-            // spelling keeps the by-IP index unambiguous.
-            Ok(IpAddr::from(b).to_canonical())
-        }
-        len => Err(ConvertError::Address {
-            resource: resource(),
-            field: field(),
-            len,
-        }),
-    }
+    ambit_proto::ip_from_bytes(bytes).map_err(|len| ConvertError::Address {
+        resource: resource(),
+        field: field(),
+        len,
+    })
 }
 
 /// Turns an IP into the raw bytes the protobuf contract carries (for the static file source and

@@ -182,14 +182,17 @@ impl LimitErrorAt {
 /// One open collection, as the pre-scan tracks them.
 #[derive(Clone, Copy)]
 enum Frame {
-    Flow,
+    /// A flow sequence; `true` while one of its entries is a single-pair mapping written
+    /// without braces (`[a: b]`), which has no start token of its own either.
+    FlowSequence(bool),
+    FlowMapping,
     BlockSequence,
     /// A block mapping; `true` while one of its values is a sequence written at the
     /// mapping's own indentation (`key:\n- a`), which has no start token of its own.
     BlockMapping(bool),
 }
 
-/// Measures the nesting of `text` against `limit` in one linear pass, before any parse.
+/// Measures the nesting of `text` against `limit` in linear time, before any parse.
 ///
 /// Flow collections (`[`, `{`) and block collections (indentation, `- `, `key:`) count
 /// alike; the depth at any token is the number of collections open around it. Returns
@@ -197,33 +200,129 @@ enum Frame {
 ///
 /// A syntax error stops the tokenizer before the end, so what follows was not measured:
 /// the tokenizer's error is reported and the parser never sees the text.
+///
+/// The text is read twice: once whole, and once cut before each line that starts with a
+/// document marker (`---` or `...`). The two tokenizers disagree on where such a line
+/// ends a scalar: libyaml always ends the document there, while yaml-rust2 keeps a block
+/// scalar at the root (`|` with content at column 0) going over it, which hid the
+/// collections after it (found by the fuzz target `yaml_prescan`). Each reading can only
+/// miss nesting the other sees, so the deeper one counts and an error in either refuses
+/// the text. The cost stays linear: every byte is tokenized at most twice.
 pub fn check_nesting(text: &str, limit: usize) -> Result<usize, Nesting> {
+    let whole = scan(text, limit, 0, &mut Documents::default())?;
+    let mut deepest = whole;
+    let mut documents = Documents::default();
+    let mut line = 0;
+    for part in split_at_document_markers(text) {
+        deepest = deepest.max(scan(part, limit, line, &mut documents)?);
+        line += part.matches('\n').count();
+    }
+    Ok(deepest)
+}
+
+/// The pieces of `text`, each starting at a line that begins with a document marker
+/// (except the first). Concatenated, they are `text`.
+fn split_at_document_markers(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        // The next marker line after the first line of `rest`.
+        let mut at = 0;
+        let cut = loop {
+            match rest[at..].find('\n') {
+                Some(nl) => {
+                    at += nl + 1;
+                    if is_document_marker_line(&rest[at..]) {
+                        break Some(at);
+                    }
+                }
+                None => break None,
+            }
+        };
+        match cut {
+            Some(cut) => {
+                let (part, tail) = rest.split_at(cut);
+                rest = tail;
+                Some(part)
+            }
+            None => {
+                done = true;
+                Some(rest)
+            }
+        }
+    })
+}
+
+/// Whether `line` (the text from a line start) opens with `---` or `...` followed by a
+/// blank or the end of the line, which YAML reads as a document marker.
+fn is_document_marker_line(line: &str) -> bool {
+    (line.starts_with("---") || line.starts_with("..."))
+        && matches!(
+            line.as_bytes().get(3),
+            None | Some(b' ' | b'\t' | b'\n' | b'\r')
+        )
+}
+
+/// How far the numbering of documents has gone, carried from one piece of a text to the
+/// next.
+#[derive(Default)]
+struct Documents {
+    /// The current document, numbered from 1 as serde_yaml numbers them.
+    current: usize,
+    /// Whether the current document has content yet.
+    content: bool,
+    /// Whether the current document was opened by a `---`.
+    explicit: bool,
+}
+
+/// A key or a value straight inside a flow sequence (`[a: b]`) opens a one-pair mapping,
+/// which libyaml builds as a collection of its own though the tokenizer gives it no start
+/// token (found by the fuzz target `yaml_prescan`). It ends with the entry.
+fn open_flow_pair(frames: &mut [Frame], depth: &mut usize) {
+    if let Some(Frame::FlowSequence(pair @ false)) = frames.last_mut() {
+        *pair = true;
+        *depth += 1;
+    }
+}
+
+/// One tokenizer pass over `text`, whose first line is line `line_offset + 1` of the file.
+fn scan(
+    text: &str,
+    limit: usize,
+    line_offset: usize,
+    documents: &mut Documents,
+) -> Result<usize, Nesting> {
     let mut scanner = Scanner::new(text.chars());
     let mut frames: Vec<Frame> = Vec::new();
     let mut depth = 0usize;
     let mut deepest = 0usize;
-    let mut document = 1usize;
-    let mut content = false;
-    let mut explicit = false;
+    documents.current = documents.current.max(1);
     for token in &mut scanner {
         let mark = token.0;
         match token.1 {
             TokenType::DocumentStart => {
                 // serde_yaml numbers documents as they come: a `---` opens a new one
                 // unless nothing came before it.
-                if content || explicit {
-                    document += 1;
+                if documents.content || documents.explicit {
+                    documents.current += 1;
                 }
-                explicit = true;
-                content = false;
+                documents.explicit = true;
+                documents.content = false;
                 // The open collections are not forgotten: a real `---` comes after the
                 // tokenizer closed them all, and one it finds inside a quoted scalar at the
                 // start of a line (which libyaml reads as text) must not hide the nesting
                 // around it (found by the fuzz target `yaml_prescan`).
                 continue;
             }
-            TokenType::FlowSequenceStart | TokenType::FlowMappingStart => {
-                frames.push(Frame::Flow);
+            TokenType::FlowSequenceStart => {
+                frames.push(Frame::FlowSequence(false));
+                depth += 1;
+            }
+            TokenType::FlowMappingStart => {
+                frames.push(Frame::FlowMapping);
                 depth += 1;
             }
             TokenType::BlockSequenceStart => {
@@ -236,7 +335,9 @@ pub fn check_nesting(text: &str, limit: usize) -> Result<usize, Nesting> {
             }
             TokenType::FlowSequenceEnd | TokenType::FlowMappingEnd | TokenType::BlockEnd => {
                 match frames.pop() {
-                    Some(Frame::BlockMapping(true)) => depth = depth.saturating_sub(2),
+                    Some(Frame::BlockMapping(true) | Frame::FlowSequence(true)) => {
+                        depth = depth.saturating_sub(2)
+                    }
                     Some(_) => depth = depth.saturating_sub(1),
                     None => {}
                 }
@@ -251,19 +352,28 @@ pub fn check_nesting(text: &str, limit: usize) -> Result<usize, Nesting> {
                 if let Some(Frame::BlockMapping(indentless @ true)) = frames.last_mut() {
                     *indentless = false;
                     depth = depth.saturating_sub(1);
+                } else {
+                    open_flow_pair(&mut frames, &mut depth);
+                }
+            }
+            TokenType::Value => open_flow_pair(&mut frames, &mut depth),
+            TokenType::FlowEntry => {
+                if let Some(Frame::FlowSequence(pair @ true)) = frames.last_mut() {
+                    *pair = false;
+                    depth = depth.saturating_sub(1);
                 }
             }
             TokenType::StreamStart(_) | TokenType::StreamEnd => continue,
             _ => {}
         }
-        content = true;
+        documents.content = true;
         deepest = deepest.max(depth);
         if depth > limit {
             return Err(Nesting::TooDeep {
-                document,
+                document: documents.current,
                 error: LimitErrorAt {
                     limit,
-                    line: mark.line(),
+                    line: line_offset + mark.line(),
                     column: mark.col() + 1,
                 },
             });
@@ -276,10 +386,10 @@ pub fn check_nesting(text: &str, limit: usize) -> Result<usize, Nesting> {
         // any limit we allow.
         if e.info() == TOKENIZER_DEPTH_ERROR {
             return Err(Nesting::TooDeep {
-                document,
+                document: documents.current,
                 error: LimitErrorAt {
                     limit,
-                    line: mark.line(),
+                    line: line_offset + mark.line(),
                     column: mark.col() + 1,
                 },
             });
@@ -288,8 +398,8 @@ pub fn check_nesting(text: &str, limit: usize) -> Result<usize, Nesting> {
         // tokenizer in places (found by the fuzz target `yaml_prescan`: a quoted scalar
         // continued at column 0), so the text is not handed to the parser at all.
         return Err(Nesting::Syntax {
-            document,
-            line: mark.line(),
+            document: documents.current,
+            line: line_offset + mark.line(),
             column: mark.col() + 1,
             message: e.info().to_string(),
         });
@@ -319,6 +429,11 @@ mod tests {
         // ... and ends with its mapping entry.
         assert_eq!(depth("a:\n- x\nb: y\nc:\n- z\n"), 2);
         assert_eq!(depth("? [a]\n: b\n"), 2);
+        // A pair inside a flow sequence is a mapping of its own, up to the next entry.
+        assert_eq!(depth("[a: b]"), 2);
+        assert_eq!(depth("[x, \"a\": [c: d], y, [z]]"), 4);
+        assert_eq!(depth("[: b]"), 2);
+        assert_eq!(depth("[a: b, [c]]"), 2);
     }
 
     #[test]
@@ -417,6 +532,22 @@ mod tests {
             "{:?}",
             check_nesting(&text, 64)
         );
+    }
+
+    #[test]
+    fn a_root_block_scalar_does_not_hide_the_next_document() {
+        // libyaml ends the scalar at `---` and reads a mapping holding a sequence; read
+        // whole, yaml-rust2 would keep the scalar going and measure nothing.
+        assert_eq!(depth("|\n---\n:\": \n- "), 2);
+        let deep = format!("|\n---\n{}", "- ".repeat(70));
+        let Err(Nesting::TooDeep { document, error }) = check_nesting(&deep, 64) else {
+            panic!("accepted: {:?}", check_nesting(&deep, 64));
+        };
+        assert_eq!((document, error.line), (2, 3));
+        // The pieces put back together are the text.
+        let text = "a\n---\nb\n--- c\n...\n---x\n";
+        let parts: Vec<&str> = split_at_document_markers(text).collect();
+        assert_eq!(parts, ["a\n", "---\nb\n", "--- c\n", "...\n---x\n"]);
     }
 
     #[test]

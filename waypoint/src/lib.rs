@@ -13,6 +13,7 @@ mod attempt;
 pub mod certs;
 pub mod discovery;
 pub mod duration;
+pub mod labels;
 pub mod metrics;
 pub mod otlp;
 pub mod policy;

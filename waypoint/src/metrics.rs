@@ -10,31 +10,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
+pub use crate::labels::{Labels, LogFields};
+use crate::otlp::PendingSpan;
 use crate::BoxError;
-
-/// The labels of every request metric.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct Labels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
-    pub request_protocol: String,
-    pub response_code: String,
-    pub response_flags: String,
-    pub grpc_response_status: String,
-}
 
 fn new_duration_histogram() -> Histogram {
     Histogram::new([
@@ -88,18 +72,6 @@ impl Metrics {
     }
 }
 
-/// What the access log says besides the labels.
-#[derive(Debug, Clone, Default)]
-pub struct LogFields {
-    pub method: String,
-    pub path: String,
-    pub authority: String,
-    pub upstream: String,
-    pub route: String,
-    pub reason: String,
-    pub trace_id: String,
-}
-
 /// Records one request when dropped.
 #[derive(Debug)]
 pub struct Recorder {
@@ -114,7 +86,7 @@ pub struct Recorder {
     pub hold: Vec<Box<dyn std::any::Any + Send>>,
     /// The request's span, exported when it is recorded (an OTLP collector is configured
     /// and the trace is sampled).
-    pub span: Option<crate::otlp::PendingSpan>,
+    pub span: Option<PendingSpan>,
 }
 
 impl Recorder {

@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::metrics::{Labels, LogFields};
+use crate::labels::{Labels, LogFields};
 
 /// Spans waiting for export; past this, new ones are dropped (and counted).
 const QUEUE: usize = 2048;

@@ -4,8 +4,8 @@
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode, Uri};
 
-use super::matching::PathCond;
-use super::{Filter, HeaderModifier, MirrorSpec, PathModifier};
+use crate::route::matching::PathCond;
+use crate::route::spec::{Filter, HeaderModifier, MirrorSpec, PathModifier};
 
 /// Applies set/add/remove; invalid names or values are skipped (the controller validated
 /// them; a bad one must not fail the request).
@@ -32,7 +32,10 @@ pub fn modify_headers(headers: &mut HeaderMap, m: &HeaderModifier) {
 }
 
 /// Request-side effects of `filters` on `headers`.
-pub fn apply_request_headers(filters: &[Filter], headers: &mut HeaderMap) {
+pub fn apply_request_headers<'a>(
+    filters: impl IntoIterator<Item = &'a Filter>,
+    headers: &mut HeaderMap,
+) {
     for f in filters {
         if let Some(m) = &f.request_header_modifier {
             modify_headers(headers, m);
@@ -41,7 +44,10 @@ pub fn apply_request_headers(filters: &[Filter], headers: &mut HeaderMap) {
 }
 
 /// Response-side effects of `filters`.
-pub fn apply_response_headers(filters: &[Filter], headers: &mut HeaderMap) {
+pub fn apply_response_headers<'a>(
+    filters: impl IntoIterator<Item = &'a Filter>,
+    headers: &mut HeaderMap,
+) {
     for f in filters {
         if let Some(m) = &f.response_header_modifier {
             modify_headers(headers, m);
@@ -50,8 +56,12 @@ pub fn apply_response_headers(filters: &[Filter], headers: &mut HeaderMap) {
 }
 
 /// Mirrors configured by `filters`.
-pub fn mirrors(filters: &[Filter]) -> impl Iterator<Item = &MirrorSpec> {
-    filters.iter().filter_map(|f| f.request_mirror.as_ref())
+pub fn mirrors<'a>(
+    filters: impl IntoIterator<Item = &'a Filter>,
+) -> impl Iterator<Item = &'a MirrorSpec> {
+    filters
+        .into_iter()
+        .filter_map(|f| f.request_mirror.as_ref())
 }
 
 fn new_path(path: &str, modifier: &PathModifier, matched: Option<&PathCond>) -> String {
@@ -128,7 +138,7 @@ pub fn rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{NameValue, RedirectSpec, RewriteSpec};
+    use crate::route::spec::{NameValue, RedirectSpec, RewriteSpec};
 
     #[test]
     fn headers_set_add_remove() {

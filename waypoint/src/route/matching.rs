@@ -7,7 +7,7 @@
 
 use regex::Regex;
 
-use super::{GrpcRouteMatch, HttpRouteMatch, RouteError, Rule, ValueMatch};
+use crate::route::spec::{GrpcRouteMatch, HttpRouteMatch, RouteError, ValueMatch};
 
 /// A path condition.
 #[derive(Debug, Clone)]
@@ -218,11 +218,30 @@ pub fn compile_grpc(route: &str, matches: &[GrpcRouteMatch]) -> Result<Vec<Match
         .collect()
 }
 
+/// Something matched as a whole: a compiled rule, whose match alternatives each accept a
+/// request on their own.
+pub trait Alternatives {
+    /// The alternatives; the rule applies when any one holds.
+    fn alternatives(&self) -> &[Match];
+}
+
+impl Alternatives for Vec<Match> {
+    fn alternatives(&self) -> &[Match] {
+        self
+    }
+}
+
+impl<T: Alternatives> Alternatives for std::sync::Arc<T> {
+    fn alternatives(&self) -> &[Match] {
+        (**self).alternatives()
+    }
+}
+
 /// The winning rule for a request, by Gateway API precedence; `None` when no rule matches.
-pub fn select<'a>(rules: &'a [Rule], req: &RequestView<'_>) -> Option<&'a Rule> {
-    let mut best: Option<(&Rule, Precedence)> = None;
+pub fn select<'a, R: Alternatives>(rules: &'a [R], req: &RequestView<'_>) -> Option<&'a R> {
+    let mut best: Option<(&R, Precedence)> = None;
     for rule in rules {
-        for m in &rule.matches {
+        for m in rule.alternatives() {
             if !m.matches(req) {
                 continue;
             }
@@ -238,21 +257,23 @@ pub fn select<'a>(rules: &'a [Rule], req: &RequestView<'_>) -> Option<&'a Rule> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::RouteResource;
+    use crate::route::spec::{GrpcRouteSpec, HttpRouteSpec};
 
-    fn rules(spec: serde_json::Value) -> Vec<Rule> {
-        RouteResource {
-            name: "r".into(),
-            namespace: "demo".into(),
-            kind: "HTTPRoute".into(),
-            parent_services: vec![],
-            spec,
-        }
-        .compile()
-        .expect("compile")
+    /// Each rule's compiled matches.
+    fn rules(spec: serde_json::Value) -> Vec<Vec<Match>> {
+        let spec: HttpRouteSpec = serde_json::from_value(spec).expect("spec");
+        spec.rules
+            .iter()
+            .map(|r| compile_http("demo/r", &r.matches).expect("compile"))
+            .collect()
     }
 
-    fn pick(rules: &[Rule], method: &str, uri: &str, headers: &[(&str, &str)]) -> Option<usize> {
+    fn pick(
+        rules: &[Vec<Match>],
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<usize> {
         let uri: http::Uri = uri.parse().expect("uri");
         let mut h = http::HeaderMap::new();
         for (k, v) in headers {
@@ -315,17 +336,16 @@ mod tests {
 
     #[test]
     fn grpc_methods() {
-        let route = RouteResource {
-            name: "g".into(),
-            namespace: "demo".into(),
-            kind: "GRPCRoute".into(),
-            parent_services: vec![],
-            spec: serde_json::json!({"rules": [
-                {"matches": [{"method": {"service": "pkg.Svc", "method": "Get"}}]},
-                {"matches": [{"method": {"service": "pkg.Svc"}}]},
-            ]}),
-        };
-        let r = route.compile().expect("compile");
+        let spec: GrpcRouteSpec = serde_json::from_value(serde_json::json!({"rules": [
+            {"matches": [{"method": {"service": "pkg.Svc", "method": "Get"}}]},
+            {"matches": [{"method": {"service": "pkg.Svc"}}]},
+        ]}))
+        .expect("spec");
+        let r: Vec<Vec<Match>> = spec
+            .rules
+            .iter()
+            .map(|r| compile_grpc("demo/g", &r.matches).expect("compile"))
+            .collect();
         assert_eq!(pick(&r, "POST", "/pkg.Svc/Get", &[]), Some(0));
         assert_eq!(pick(&r, "POST", "/pkg.Svc/List", &[]), Some(1));
         assert_eq!(pick(&r, "POST", "/other.Svc/Get", &[]), None);

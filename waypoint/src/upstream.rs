@@ -189,104 +189,120 @@ impl Upstreams {
         req: Request<Body>,
         max_uses: Option<u32>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        match version {
+            Version::Http2 => self.send_h2(up, req).await,
+            Version::Http1 => self.send_h1(up, req, max_uses).await,
+        }
+    }
+
+    /// Over the endpoint's one multiplexed HTTP/2 connection, opened if needed.
+    async fn send_h2(
+        &self,
+        up: &Upstream,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let addr = up.addr;
         let req_err = |source| UpstreamError::Request { addr, source };
-        match version {
-            Version::Http2 => {
-                let current = |conns: &Mutex<HashMap<SocketAddr, Conns>>| {
-                    lock(conns)
-                        .get(&addr)
-                        .and_then(|c| c.h2.clone())
-                        .filter(|s| !s.is_closed())
-                };
-                let mut sender = match current(&self.conns) {
+        let current = |conns: &Mutex<HashMap<SocketAddr, Conns>>| {
+            lock(conns)
+                .get(&addr)
+                .and_then(|c| c.h2.clone())
+                .filter(|s| !s.is_closed())
+        };
+        let mut sender = match current(&self.conns) {
+            Some(s) => s,
+            None => {
+                let opening = lock(&self.conns)
+                    .entry(addr)
+                    .or_default()
+                    .h2_opening
+                    .clone();
+                let _opening = opening.lock().await;
+                match current(&self.conns) {
+                    // Another request opened it while we waited.
                     Some(s) => s,
                     None => {
-                        let opening = lock(&self.conns)
-                            .entry(addr)
-                            .or_default()
-                            .h2_opening
-                            .clone();
-                        let _opening = opening.lock().await;
-                        match current(&self.conns) {
-                            // Another request opened it while we waited.
-                            Some(s) => s,
-                            None => {
-                                let io = TokioIo::new(self.tunnel(up).await?);
-                                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
-                                    .await
-                                    .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                                tokio::spawn(async move {
-                                    if let Err(e) = conn.await {
-                                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                                    }
-                                });
-                                lock(&self.conns).entry(addr).or_default().h2 =
-                                    Some(sender.clone());
-                                sender
+                        let io = TokioIo::new(self.tunnel(up).await?);
+                        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                            .await
+                            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                             }
-                        }
-                    }
-                };
-                sender.ready().await.map_err(req_err)?;
-                sender.send_request(req).await.map_err(req_err)
-            }
-            Version::Http1 => {
-                let reused = {
-                    let mut map = lock(&self.conns);
-                    if map.len() > MAX_ENDPOINTS {
-                        // Endpoints come and go; forget those with nothing pooled.
-                        map.retain(|_, c| {
-                            !c.h1.is_empty() || c.h2.as_ref().is_some_and(|s| !s.is_closed())
                         });
-                    }
-                    let conns = map.entry(addr).or_default();
-                    conns.h1.retain(|(s, _)| !s.is_closed());
-                    conns
-                        .h1
-                        .iter()
-                        .position(|(s, _)| s.is_ready())
-                        .map(|i| conns.h1.swap_remove(i))
-                };
-                let upgrading = req.headers().contains_key(http::header::UPGRADE);
-                let (sender, uses, resp) = match reused {
-                    Some((mut sender, uses)) => {
-                        match sender.try_send_request(req).await {
-                            Ok(resp) => (sender, uses, resp),
-                            // The pooled connection closed under us (the peer's idle timeout)
-                            // before taking the request: nothing was sent, so a fresh
-                            // connection may carry it.
-                            Err(mut e) => match e.take_message() {
-                                Some(req) => {
-                                    let mut fresh = self.new_h1(up).await?;
-                                    fresh.ready().await.map_err(req_err)?;
-                                    let resp = fresh.send_request(req).await.map_err(req_err)?;
-                                    (fresh, 0, resp)
-                                }
-                                None => return Err(req_err(e.into_error())),
-                            },
-                        }
-                    }
-                    None => {
-                        let mut sender = self.new_h1(up).await?;
-                        sender.ready().await.map_err(req_err)?;
-                        let resp = sender.send_request(req).await.map_err(req_err)?;
-                        (sender, 0, resp)
-                    }
-                };
-                let uses = uses + 1;
-                let keep = !upgrading && max_uses.is_none_or(|m| uses < m);
-                if keep && !sender.is_closed() {
-                    let mut map = lock(&self.conns);
-                    let conns = map.entry(addr).or_default();
-                    if conns.h1.len() < MAX_IDLE_H1 {
-                        conns.h1.push((sender, uses));
+                        lock(&self.conns).entry(addr).or_default().h2 = Some(sender.clone());
+                        sender
                     }
                 }
-                // Otherwise dropping the sender closes the connection after this response.
-                Ok(resp)
+            }
+        };
+        sender.ready().await.map_err(req_err)?;
+        sender.send_request(req).await.map_err(req_err)
+    }
+
+    /// Over an idle pooled HTTP/1.1 connection that is ready, else a new one.
+    async fn send_h1(
+        &self,
+        up: &Upstream,
+        req: Request<Body>,
+        max_uses: Option<u32>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let addr = up.addr;
+        let req_err = |source| UpstreamError::Request { addr, source };
+        let reused = {
+            let mut map = lock(&self.conns);
+            if map.len() > MAX_ENDPOINTS {
+                // Endpoints come and go; forget those with nothing pooled.
+                map.retain(|_, c| {
+                    !c.h1.is_empty() || c.h2.as_ref().is_some_and(|s| !s.is_closed())
+                });
+            }
+            let conns = map.entry(addr).or_default();
+            conns.h1.retain(|(s, _)| !s.is_closed());
+            conns
+                .h1
+                .iter()
+                .position(|(s, _)| s.is_ready())
+                .map(|i| conns.h1.swap_remove(i))
+        };
+        let upgrading = req.headers().contains_key(http::header::UPGRADE);
+        let (sender, uses, resp) = match reused {
+            Some((mut sender, uses)) => {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => (sender, uses, resp),
+                    // The pooled connection closed under us (the peer's idle timeout)
+                    // before taking the request: nothing was sent, so a fresh
+                    // connection may carry it.
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => {
+                            let mut fresh = self.new_h1(up).await?;
+                            fresh.ready().await.map_err(req_err)?;
+                            let resp = fresh.send_request(req).await.map_err(req_err)?;
+                            (fresh, 0, resp)
+                        }
+                        None => return Err(req_err(e.into_error())),
+                    },
+                }
+            }
+            None => {
+                let mut sender = self.new_h1(up).await?;
+                sender.ready().await.map_err(req_err)?;
+                let resp = sender.send_request(req).await.map_err(req_err)?;
+                (sender, 0, resp)
+            }
+        };
+        let uses = uses + 1;
+        let keep = !upgrading && max_uses.is_none_or(|m| uses < m);
+        if keep && !sender.is_closed() {
+            let mut map = lock(&self.conns);
+            let conns = map.entry(addr).or_default();
+            if conns.h1.len() < MAX_IDLE_H1 {
+                conns.h1.push((sender, uses));
             }
         }
+        // Otherwise dropping the sender closes the connection after this response.
+        Ok(resp)
     }
 
     async fn new_h1(&self, up: &Upstream) -> Result<http1::SendRequest<Body>, UpstreamError> {

@@ -4,58 +4,58 @@
 //! route's policy and the service's retry budget allow.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use rand::Rng as _;
 use tokio::time::Instant;
 
 use crate::metrics::Recorder;
-use crate::proxy::{lock, Proxy, ServiceRuntime};
+use crate::refusal::{Refusal, NO_FLAG, RETRIED};
 use crate::resilience::{lb, outlier};
-use crate::route::{retry, Rule};
-use crate::state::{State, Upstream};
-use crate::upstream::Version;
+use crate::route::retry::{self, RetryPolicy};
+use crate::runtime::{lock, ServiceRuntime};
+use crate::state::Upstream;
+use crate::upstream::{UpstreamError, Upstreams, Version};
 use crate::Body;
 
-impl Proxy {
-    /// Attempts until a response is final: retries, budget, outlier detection, LB.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn attempts(
+/// What the attempts of one request share.
+pub(crate) struct Attempts<'a> {
+    pub(crate) upstreams: &'a Upstreams,
+    pub(crate) runtime: &'a ServiceRuntime,
+    pub(crate) endpoints: &'a [Upstream],
+    pub(crate) parts: &'a http::request::Parts,
+    /// The route's retry policy (used only when the body was buffered).
+    pub(crate) retry: Option<&'a RetryPolicy>,
+    pub(crate) try_timeout: Option<std::time::Duration>,
+    pub(crate) grpc: bool,
+}
+
+impl Attempts<'_> {
+    /// Attempts until a response is final: retries, budget, outlier detection, LB. The body
+    /// is `buffered` (replayable) or `streaming` (sent once).
+    pub(crate) async fn run(
         &self,
-        _state: &State,
-        runtime: &Arc<ServiceRuntime>,
-        upstreams: &[Upstream],
-        parts: &http::request::Parts,
         buffered: Option<Bytes>,
-        streaming: &mut Option<Body>,
-        rule: Option<&Rule>,
-        grpc: bool,
+        mut streaming: Option<Body>,
         rec: &mut Recorder,
-    ) -> Result<Response<Incoming>, (StatusCode, &'static str, String)> {
-        if upstreams.is_empty() {
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UH",
-                "no healthy upstream".into(),
-            ));
+    ) -> Result<Response<Incoming>, Refusal> {
+        if self.endpoints.is_empty() {
+            return Err(Refusal::NoHealthyUpstream);
         }
-        let retry_policy = rule
-            .and_then(|r| r.retry.clone())
-            .filter(|_| buffered.is_some());
-        let per_try = rule.and_then(|r| r.backend_timeout);
-        let max_uses = runtime
+        let retry_policy = self.retry.filter(|_| buffered.is_some());
+        let max_uses = self
+            .runtime
             .settings
             .circuit
             .and_then(|c| c.max_requests_per_connection);
         let mut attempt = 0u32;
         let mut _retry_slot: Option<retry::RetryGuard> = None;
         loop {
-            let up = self.pick(runtime, upstreams, &parts.headers);
+            let up = self.pick(&self.parts.headers);
             rec.log.upstream = up.addr.to_string();
             rec.labels.destination_workload = up.workload.metrics_name().to_string();
             rec.labels.destination_workload_namespace = up.workload.namespace.clone();
@@ -67,77 +67,70 @@ impl Proxy {
                     .map_err(|e| match e {})
                     .boxed_unsync(),
             };
-            let req = build_request(parts, body, &up, grpc);
-            let version = version_of(grpc, &req);
-            inc_active(runtime, up.addr, 1);
-            let sent = self.upstreams.send(&up, version, req, max_uses);
-            let result = match per_try {
-                Some(t) => tokio::time::timeout(t, sent).await.unwrap_or(Err(
-                    crate::upstream::UpstreamError::Timeout {
-                        addr: up.addr,
-                        after: t,
-                    },
-                )),
-                None => sent.await,
+            let result = self.send(up, body, max_uses).await;
+            let outcome = match &result {
+                Ok(r) => retry::Outcome::Status(r.status().as_u16()),
+                Err(e) if e.is_connect_failure() => retry::Outcome::ConnectFailure,
+                Err(_) => retry::Outcome::Reset,
             };
-            inc_active(runtime, up.addr, -1);
-            let (outcome, failure) = match &result {
-                Ok(r) => (retry::Outcome::Status(r.status().as_u16()), None),
-                Err(e) if e.is_connect_failure() => (
-                    retry::Outcome::ConnectFailure,
-                    Some((StatusCode::SERVICE_UNAVAILABLE, "UF", e.to_string())),
-                ),
-                Err(e) => (
-                    retry::Outcome::Reset,
-                    Some((StatusCode::SERVICE_UNAVAILABLE, "UC", e.to_string())),
-                ),
-            };
-            if let Some(d) = &runtime.outlier {
+            if let Some(d) = &self.runtime.outlier {
                 let obs = match outcome {
                     retry::Outcome::Status(s) => outlier::Observation::Status(s),
                     _ => outlier::Observation::ConnectFailure,
                 };
-                if d.observe(up.addr, obs, upstreams.len(), Instant::now()) {
+                if d.observe(up.addr, obs, self.endpoints.len(), Instant::now()) {
                     tracing::info!(endpoint = %up.addr, "outlier ejected");
                 }
             }
             let again = retry_policy
-                .as_ref()
                 .filter(|p| p.should_retry(outcome, attempt))
-                .and_then(|_| runtime.budget.try_retry());
-            match again {
-                Some(slot) => {
-                    _retry_slot = Some(slot);
-                    attempt += 1;
-                    rec.labels.response_flags = "URX".into();
-                    let backoff = retry_policy
-                        .as_ref()
-                        .map(|p| p.backoff(attempt, rand::rng().random_range(0.0..1.0)))
-                        .unwrap_or_default();
-                    tokio::time::sleep(backoff).await;
+                .and_then(|_| self.runtime.budget.try_retry());
+            let Some(slot) = again else {
+                if attempt > 0 && matches!(outcome, retry::Outcome::Status(200..=499)) {
+                    rec.labels.response_flags = NO_FLAG.into();
                 }
-                None => {
-                    if attempt > 0 && matches!(outcome, retry::Outcome::Status(200..=499)) {
-                        rec.labels.response_flags = "-".into();
-                    }
-                    return match (result, failure) {
-                        (Ok(r), _) => Ok(r),
-                        (Err(_), Some(f)) => Err(f),
-                        (Err(e), None) => {
-                            Err((StatusCode::SERVICE_UNAVAILABLE, "UC", e.to_string()))
-                        }
-                    };
-                }
-            }
+                return result.map_err(|e| match outcome {
+                    retry::Outcome::ConnectFailure => Refusal::ConnectFailure(Box::new(e)),
+                    _ => Refusal::Reset(Box::new(e)),
+                });
+            };
+            _retry_slot = Some(slot);
+            attempt += 1;
+            rec.labels.response_flags = RETRIED.into();
+            let backoff = retry_policy
+                .map(|p| p.backoff(attempt, rand::rng().random_range(0.0..1.0)))
+                .unwrap_or_default();
+            tokio::time::sleep(backoff).await;
         }
     }
 
-    fn pick(
+    /// One attempt to `up`, within the per-try timeout, counted as in flight to it.
+    async fn send(
         &self,
-        runtime: &ServiceRuntime,
-        upstreams: &[Upstream],
-        headers: &HeaderMap,
-    ) -> Upstream {
+        up: &Upstream,
+        body: Body,
+        max_uses: Option<u32>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let req = build_request(self.parts, body, up, self.grpc);
+        let version = version_of(self.grpc, &req);
+        // A guard, not a decrement after the await: the route timeout may drop this future
+        // mid-attempt, and the endpoint must not stay counted as busy.
+        let _active = InFlight::new(self.runtime, up.addr);
+        let sent = self.upstreams.send(up, version, req, max_uses);
+        match self.try_timeout {
+            Some(t) => tokio::time::timeout(t, sent)
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout {
+                    addr: up.addr,
+                    after: t,
+                })),
+            None => sent.await,
+        }
+    }
+
+    /// The endpoint of the next attempt: load balancing over those not ejected.
+    fn pick(&self, headers: &HeaderMap) -> &Upstream {
+        let (runtime, upstreams) = (self.runtime, self.endpoints);
         let now = Instant::now();
         let healthy: Vec<&Upstream> = match &runtime.outlier {
             Some(d) => upstreams
@@ -176,37 +169,32 @@ impl Proxy {
             draws,
             key.as_deref(),
         );
-        pool.get(i)
-            .map(|u| (*u).clone())
-            .unwrap_or_else(|| upstreams[0].clone())
+        pool.get(i).copied().unwrap_or(&upstreams[0])
     }
 }
 
-/// Copies bytes between both sides of an upgraded (e.g. WebSocket) connection.
-pub(crate) async fn splice_upgraded(
-    down: hyper::upgrade::OnUpgrade,
-    up: hyper::upgrade::OnUpgrade,
-) {
-    let (down, up) = match tokio::try_join!(down, up) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
+/// Counts one request in flight to an endpoint (for least-request) while alive.
+struct InFlight<'a> {
+    runtime: &'a ServiceRuntime,
+    addr: SocketAddr,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(runtime: &'a ServiceRuntime, addr: SocketAddr) -> Self {
+        *lock(&runtime.active).entry(addr).or_insert(0) += 1;
+        InFlight { runtime, addr }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = lock(&self.runtime.active);
+        if let Some(n) = map.get_mut(&self.addr) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.addr);
+            }
         }
-    };
-    let mut down = hyper_util::rt::TokioIo::new(down);
-    let mut up = hyper_util::rt::TokioIo::new(up);
-    if let Err(e) = ambit_hbone::copy::copy_bidirectional(&mut down, &mut up).await {
-        tracing::debug!(error = %e, "upgraded connection ended");
-    }
-}
-
-fn inc_active(runtime: &ServiceRuntime, addr: SocketAddr, delta: isize) {
-    let mut map = lock(&runtime.active);
-    let e = map.entry(addr).or_insert(0);
-    *e = e.saturating_add_signed(delta);
-    if *e == 0 {
-        map.remove(&addr);
     }
 }
 
@@ -261,4 +249,30 @@ pub(crate) fn build_request(
         }
     }
     req
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_cut_by_the_route_timeout_is_no_longer_in_flight() {
+        let runtime = ServiceRuntime::new(Arc::default());
+        let addr: SocketAddr = "10.0.1.1:8080".parse().expect("addr");
+        let held = InFlight::new(&runtime, addr);
+        let attempt = async {
+            let _active = InFlight::new(&runtime, addr);
+            std::future::pending::<()>().await
+        };
+        // What the route timeout does to the attempts: drop them mid-flight.
+        assert!(tokio::time::timeout(Duration::from_secs(1), attempt)
+            .await
+            .is_err());
+        assert_eq!(lock(&runtime.active).get(&addr), Some(&1));
+        drop(held);
+        assert!(lock(&runtime.active).is_empty());
+    }
 }

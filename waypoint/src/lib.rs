@@ -3,14 +3,18 @@
 //! (TrafficPolicy), and forwards over HBONE to the chosen endpoint's ztunnel. It never speaks
 //! plaintext to workloads and does not capture traffic: ztunnel does both.
 //!
-//! Map: [`server`] (HBONE in, protocol detection, hyper) → [`proxy`] (the request chain:
-//! [`policy`], [`route`], [`resilience`]) → [`upstream`] (HBONE out, pooled hyper clients);
-//! [`state`] holds what the controller (or a static file) said; [`metrics`] records each
-//! request; [`admin`] serves metrics, readiness and the config dump.
+//! Map: [`server`] (HBONE in, protocol detection, hyper) → [`proxy`], which asks
+//! [`decision`] what to do with a request (a pure function of the [`state`] snapshot, using
+//! [`policy`], [`route`] and [`resilience`]) and carries it out: [`refusal`]s answered
+//! locally, or attempts sent through [`upstream`] (HBONE out, pooled hyper clients) under the
+//! per-service runtime state (breaker, budget, outlier detection). [`state`] holds what the
+//! controller (or a static file) said; [`metrics`] records each request ([`labels`]) and
+//! [`otlp`] exports its span; [`admin`] serves metrics, readiness and the config dump.
 
 pub mod admin;
 mod attempt;
 pub mod certs;
+pub mod decision;
 pub mod discovery;
 pub mod duration;
 pub mod labels;
@@ -19,8 +23,10 @@ pub mod otlp;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod refusal;
 pub mod resilience;
 pub mod route;
+mod runtime;
 pub mod server;
 pub mod state;
 pub mod upstream;

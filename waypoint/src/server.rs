@@ -15,9 +15,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt as _;
 
+use crate::decision::Caller;
 use crate::policy::{self, Attributes, Verdict};
 use crate::protocol::{self, Detected, Rewind};
-use crate::proxy::{Caller, Proxy};
+use crate::proxy::Proxy;
 use crate::state::Target;
 
 /// Limits on what a downstream client may make us hold.
@@ -174,7 +175,7 @@ impl Waypoint {
                 let ups = state.upstreams(&service, port);
                 (Some(service), ups)
             }
-            Some(Target::Workload { upstream, service }) => (service, vec![upstream]),
+            Some(Target::Workload { upstream, service }) => (service, Arc::from([upstream])),
         };
         let key = service.as_ref().map(|s| s.key());
         let policies = state.policies_for(&self.proxy.gateway, key.as_deref());
@@ -190,7 +191,7 @@ impl Waypoint {
             tracing::info!(target: "access", principal = %caller.principal, authority = %caller.authority, denied_by = %by, "tcp: denied");
             return;
         }
-        for up in &upstreams {
+        for up in upstreams.iter() {
             match self.proxy.upstreams.tunnel(up).await {
                 Ok(mut tunnel) => {
                     let result =

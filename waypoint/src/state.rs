@@ -1,8 +1,10 @@
 //! What the waypoint knows about the mesh: workloads, services, the authorization policies,
 //! routes and traffic policies bound to it. One serde shape ([`StateFile`]) serves the static
 //! file mode (YAML or JSON), the discovery client's output and the admin config dump; it is
-//! compiled into an indexed [`State`] (routes and traffic policies checked) that request
-//! handling reads through [`StateHandle`] (one writer, lock-free readers).
+//! compiled into an indexed [`State`] (routes and traffic policies checked, each service's
+//! ready endpoints listed per service port) that request handling reads through
+//! [`StateHandle`] (one writer, lock-free readers): what can be worked out once per state
+//! change is not worked out again per request.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -188,6 +190,9 @@ pub enum Target {
     },
 }
 
+/// Ready endpoints of one service per service port.
+type EndpointsByPort = HashMap<u16, Arc<[Upstream]>>;
+
 /// The compiled, indexed state.
 #[derive(Debug, Default)]
 pub struct State {
@@ -199,9 +204,15 @@ pub struct State {
     services: HashMap<String, Arc<Service>>,
     service_by_vip: HashMap<IpAddr, String>,
     service_by_name: HashMap<(String, String), String>,
+    /// The service a workload is an endpoint of (the first in the file that lists it).
+    service_by_workload: HashMap<String, String>,
+    /// Ready endpoints by service namespace, hostname and declared service port (nested so
+    /// that a lookup borrows the service's own strings).
+    endpoints: HashMap<String, HashMap<String, EndpointsByPort>>,
     policies: Vec<Policy>,
-    /// Rules per service key, routes in `namespace/name` order.
-    routes: HashMap<String, Vec<Rule>>,
+    /// Rules per service key, routes in `namespace/name` order; shared with the decisions
+    /// that pick them.
+    routes: HashMap<String, Vec<Arc<Rule>>>,
     settings: HashMap<String, Arc<Settings>>,
 }
 
@@ -224,7 +235,23 @@ impl State {
             }
             s.service_by_name
                 .insert((svc.namespace.clone(), svc.name.clone()), key.clone());
+            for e in &svc.endpoints {
+                s.service_by_workload
+                    .entry(e.workload_uid.clone())
+                    .or_insert_with(|| key.clone());
+            }
             s.services.insert(key, Arc::new(svc.clone()));
+        }
+        for svc in &file.services {
+            let by_port = svc
+                .ports
+                .iter()
+                .map(|p| (p.service_port, s.list_upstreams(svc, p.service_port)))
+                .collect();
+            s.endpoints
+                .entry(svc.namespace.clone())
+                .or_default()
+                .insert(svc.hostname.clone(), by_port);
         }
         for p in &file.policies {
             policy::validate(p)?;
@@ -233,7 +260,7 @@ impl State {
         let mut routes: Vec<&RouteResource> = file.routes.iter().collect();
         routes.sort_by_key(|r| r.key());
         for r in routes {
-            let rules = r.compile()?;
+            let rules: Vec<Arc<Rule>> = r.compile()?.into_iter().map(Arc::new).collect();
             for parent in &r.parent_services {
                 s.routes
                     .entry(parent.clone())
@@ -295,9 +322,9 @@ impl State {
         let workload = self.workload_by_ip(authority.ip())?.clone();
         let identity = self.identities.get(&workload.uid)?.clone();
         let service = self
-            .services
-            .values()
-            .find(|s| s.endpoints.iter().any(|e| e.workload_uid == workload.uid))
+            .service_by_workload
+            .get(&workload.uid)
+            .and_then(|k| self.services.get(k))
             .cloned();
         Some(Target::Workload {
             upstream: Upstream {
@@ -309,8 +336,18 @@ impl State {
         })
     }
 
-    /// Ready endpoints of `service` for service port `port`.
-    pub fn upstreams(&self, service: &Service, port: u16) -> Vec<Upstream> {
+    /// Ready endpoints of `service` for service port `port`: listed when the state was built
+    /// for the ports the service declares, worked out now for any other.
+    pub fn upstreams(&self, service: &Service, port: u16) -> Arc<[Upstream]> {
+        self.endpoints
+            .get(&service.namespace)
+            .and_then(|by_host| by_host.get(&service.hostname))
+            .and_then(|by_port| by_port.get(&port))
+            .cloned()
+            .unwrap_or_else(|| self.list_upstreams(service, port))
+    }
+
+    fn list_upstreams(&self, service: &Service, port: u16) -> Arc<[Upstream]> {
         let default_target = service
             .ports
             .iter()
@@ -353,7 +390,7 @@ impl State {
     }
 
     /// Route rules attached to a service.
-    pub fn rules(&self, service_key: &str) -> Option<&[Rule]> {
+    pub fn rules(&self, service_key: &str) -> Option<&[Arc<Rule>]> {
         self.routes.get(service_key).map(Vec::as_slice)
     }
 

@@ -3,7 +3,9 @@
 //! over HBONE, feed the outcome to outlier detection, and retry with back-off while the
 //! route's policy and the service's retry budget allow.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::MutexGuard;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -132,28 +134,15 @@ impl Attempts<'_> {
     fn pick(&self, headers: &HeaderMap) -> &Upstream {
         let (runtime, upstreams) = (self.runtime, self.endpoints);
         let now = Instant::now();
-        let healthy: Vec<&Upstream> = match &runtime.outlier {
-            Some(d) => upstreams
-                .iter()
-                .filter(|u| !d.is_ejected(u.addr, now))
-                .collect(),
-            None => upstreams.iter().collect(),
-        };
-        // All ejected: use them all rather than fail (Envoy's panic mode).
-        let pool: Vec<&Upstream> = if healthy.is_empty() {
-            upstreams.iter().collect()
-        } else {
-            healthy
-        };
-        let active = lock(&runtime.active);
-        let candidates: Vec<lb::Candidate> = pool
-            .iter()
-            .map(|u| lb::Candidate {
-                addr: u.addr,
-                active: active.get(&u.addr).copied().unwrap_or(0),
-            })
-            .collect();
-        drop(active);
+        // Listed only when outlier detection has ejected some but not all: with none
+        // ejected the state's list serves as it is, and with all ejected it is used whole
+        // rather than fail (Envoy's panic mode).
+        let healthy = runtime.outlier.as_ref().and_then(|d| {
+            let healthy: Vec<usize> = (0..upstreams.len())
+                .filter(|&i| !d.is_ejected(upstreams[i].addr, now))
+                .collect();
+            (!healthy.is_empty() && healthy.len() < upstreams.len()).then_some(healthy)
+        });
         let key = match &runtime.settings.lb {
             lb::Algorithm::HeaderHash(h) => headers.get(h.as_str()).map(|v| v.as_bytes().to_vec()),
             _ => None,
@@ -162,14 +151,47 @@ impl Attempts<'_> {
             let mut rng = rand::rng();
             (rng.random::<u32>() as usize, rng.random::<u32>() as usize)
         };
+        let pool = Pool {
+            endpoints: upstreams,
+            healthy: healthy.as_deref(),
+            active: lock(&runtime.active),
+        };
         let i = lb::pick(
             &runtime.settings.lb,
-            &candidates,
+            &pool,
             &runtime.rr,
             draws,
             key.as_deref(),
         );
-        pool.get(i).copied().unwrap_or(&upstreams[0])
+        upstreams.get(pool.index(i)).unwrap_or(&upstreams[0])
+    }
+}
+
+/// The endpoints a pick chooses among: all of them, or those at `healthy`.
+struct Pool<'a> {
+    endpoints: &'a [Upstream],
+    healthy: Option<&'a [usize]>,
+    active: MutexGuard<'a, HashMap<SocketAddr, usize>>,
+}
+
+impl Pool<'_> {
+    /// Index into `endpoints` of candidate `i`.
+    fn index(&self, i: usize) -> usize {
+        self.healthy.map_or(i, |h| h.get(i).copied().unwrap_or(0))
+    }
+}
+
+impl lb::Candidates for Pool<'_> {
+    fn count(&self) -> usize {
+        self.healthy.map_or(self.endpoints.len(), <[usize]>::len)
+    }
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.endpoints
+            .get(self.index(i))
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |u| u.addr)
+    }
+    fn active(&self, i: usize) -> usize {
+        self.active.get(&self.addr(i)).copied().unwrap_or(0)
     }
 }
 
@@ -274,5 +296,38 @@ mod tests {
         assert_eq!(lock(&runtime.active).get(&addr), Some(&1));
         drop(held);
         assert!(lock(&runtime.active).is_empty());
+    }
+
+    #[test]
+    fn picks_skip_ejected_endpoints_and_count_requests_in_flight() {
+        let identity = ambit_hbone::Identity::new("cluster.local", "demo", "web").expect("id");
+        let endpoints: Vec<Upstream> = (1..=3)
+            .map(|i| Upstream {
+                addr: SocketAddr::from(([10, 0, 1, i], 8080)),
+                identity: identity.clone(),
+                workload: Arc::default(),
+            })
+            .collect();
+        let active = std::sync::Mutex::new(HashMap::from([(endpoints[0].addr, 5)]));
+        // Endpoint 1 is ejected.
+        let pool = Pool {
+            endpoints: &endpoints,
+            healthy: Some(&[0, 2]),
+            active: lock(&active),
+        };
+        let rr = std::sync::atomic::AtomicUsize::new(0);
+        let pick = |algorithm: &lb::Algorithm, draws| {
+            let i = lb::pick(algorithm, &pool, &rr, draws, None);
+            endpoints[pool.index(i)].addr.to_string()
+        };
+        let round_robin: Vec<String> = (0..3)
+            .map(|_| pick(&lb::Algorithm::RoundRobin, (0, 0)))
+            .collect();
+        assert_eq!(
+            round_robin,
+            ["10.0.1.1:8080", "10.0.1.3:8080", "10.0.1.1:8080"]
+        );
+        // Of the first and the third, the one with fewer requests in flight.
+        assert_eq!(pick(&lb::Algorithm::LeastRequest, (0, 1)), "10.0.1.3:8080");
     }
 }

@@ -54,12 +54,11 @@ const FD_BOUND_OVER_BASELINE: u64 = 2 * NODE_CONNECTIONS + NODE_HANDSHAKES + 64;
 const RSS_BOUND_OVER_BASELINE_KB: u64 = 128 * 1024;
 /// How far over its baseline ztunnel's RSS may stay once an attack is over: the target.
 const AFTER_RSS_PERCENT: u64 = 20;
-/// The same for the 10,000-connection hold, which does not meet the target yet: after it
-/// ztunnel keeps 3.5-4.5 MiB over an 18 MiB baseline (+19% to +26% across runs on 2 cores),
-/// and a second hold adds about 2 MiB more, so the growth flattens rather than leaks. The
-/// retained memory is not in the allocator's purge delay (MIMALLOC_PURGE_DELAY=0 changes
-/// nothing); finding what keeps it is open work, and this bound is the figure we can promise.
-const HOLD_AFTER_RSS_PERCENT: u64 = 35;
+/// The same for the 10,000-connection hold. ztunnel meets the 20% target there too (mimalloc
+/// v2: +5% to +19% over six runs on a loaded 2-core machine), but the figure moves with when
+/// the allocator last ran its delayed purges, which an idle process may not do for a while;
+/// so the test allows 30%, above the spread, and prints the figure.
+const HOLD_AFTER_RSS_PERCENT: u64 = 30;
 /// p99 during an attack may be 2x the p99 before, or this, whichever is larger: on a 2-core
 /// machine that also runs the attacker, a few scheduling delays set the tail.
 const P99_FLOOR: Duration = Duration::from_millis(250);

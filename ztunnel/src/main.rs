@@ -15,11 +15,15 @@ use clap::Parser;
 // mimalloc rather than glibc's malloc, because memory must come back after a flood. Measured
 // with the 10,000-connection hold of tests/tests/ztunnel_attacks.rs (RSS baseline / peak /
 // after, KiB): glibc 15,324 / 23,216 / 22,220 (+45% left behind: freed chunks stay in its
-// per-thread arenas, it only trims the top of the main heap); mimalloc 16,308 / 20,968 /
-// 18,548 (+14%, and falling: it returns emptied pages to the kernel after a short delay).
-// Built with `no_thp`: with transparent huge pages its eagerly committed arenas were backed by
-// 2 MiB pages and the idle baseline doubled (31 MB). jemalloc would do as well but its C build
-// adds minutes to a cold CI run; mimalloc is a few C files.
+// per-thread arenas, it only trims the top of the main heap). mimalloc's version 2, not the
+// version 3 the crate builds by default: v3 waits 1 s before it purges a freed page and 10 s
+// before its arenas do, and purges only when a thread allocates again, so an idle ztunnel
+// after a flood kept its pages (v3: +18.4%, +19.1%, +10.6% after the hold; v2, whose delays
+// are 10 ms and 100 ms: +12.8%, +14.5%, +5.2%, +7.5%, +9.3%, +18.6%; `cargo test -p ambit-tests
+// --test ztunnel_attacks -- --nocapture` prints the figures). Built with `no_thp`: with
+// transparent huge pages its eagerly committed arenas were backed by 2 MiB pages and the
+// idle baseline doubled (31 MB). jemalloc would do as well but its C build adds minutes to a
+// cold CI run; mimalloc is a few C files.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -6,9 +6,10 @@
 //!
 //! - a workload on this node with protocol HBONE and an address, not yet running: ask the
 //!   certificate manager for its identity (`ensure`, so the fetch starts now), capture the
-//!   pod (`CaptureManager::enroll`), start its three proxies on the listeners;
+//!   pod (`CaptureManager::enroll_with`; its IPv6 captured when the workload has an IPv6
+//!   address, closed otherwise), start its three proxies on the listeners (per family);
 //! - a running pod that left, or became un-enrolled (its namespace lost the label: protocol
-//!   TCP), or changed address or identity: stop it. The capture rules go first (new
+//!   TCP), or changed address or identity, or gained or lost its IPv6 address: stop it. The capture rules go first (new
 //!   connections flow straight to the app again), then the pod's listeners stop accepting and
 //!   its open connections get the drain deadline, in the background; then the identity is
 //!   released.
@@ -34,7 +35,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::capture::{self, CaptureManager, CapturedPod, InpodError, RuleConfig};
+use crate::capture::{self, CaptureManager, CapturedPod, InpodError, Ipv6Capture, RuleConfig};
 use crate::drain::{self, DrainOutcome, DrainTrigger};
 use crate::proxy::{self, PodProxy, Shared};
 use crate::state::{LocalWorkloads, TunnelProtocol, Workload};
@@ -143,6 +144,8 @@ impl Enrollment {
 /// A pod whose proxies are running.
 struct Running {
     ip: IpAddr,
+    /// Whether the pod's IPv6 was asked to be captured or closed.
+    ipv6: Ipv6Capture,
     identity: Identity,
     name: Arc<str>,
     capture: Arc<CapturedPod>,
@@ -182,6 +185,17 @@ fn enrolled_ip(w: &Workload) -> Option<IpAddr> {
     (w.protocol == TunnelProtocol::Hbone)
         .then(|| w.addresses.first().copied())
         .flatten()
+}
+
+/// A pod's IPv6 can be meshed only when the mesh knows one of its IPv6 addresses: inbound
+/// HBONE names the pod by address, and policy and the workload lookups need it. Otherwise
+/// its IPv6 is closed.
+fn ipv6_capture(w: &Workload) -> Ipv6Capture {
+    if w.addresses.iter().any(IpAddr::is_ipv6) {
+        Ipv6Capture::Captured
+    } else {
+        Ipv6Capture::Closed
+    }
 }
 
 impl Worker {
@@ -226,7 +240,11 @@ impl Worker {
             .running
             .iter()
             .filter(|(uid, r)| match desired.get(*uid) {
-                Some(w) => enrolled_ip(w) != Some(r.ip) || w.identity != r.identity,
+                Some(w) => {
+                    enrolled_ip(w) != Some(r.ip)
+                        || w.identity != r.identity
+                        || ipv6_capture(w) != r.ipv6
+                }
                 None => true,
             })
             .map(|(uid, _)| uid.clone())
@@ -324,11 +342,16 @@ impl Worker {
     async fn start_pod(&mut self, w: &Workload, ip: IpAddr) -> Result<Running, EnrollError> {
         // Start fetching the certificate now, so the first connection does not wait on the CA.
         self.shared.certs.ensure(&w.identity);
+        let ipv6 = ipv6_capture(w);
         let captured = match &self.capture {
-            CaptureMode::Node(manager) => manager.enroll(ip, &w.uid).await,
-            CaptureMode::Dedicated(rules) => capture::dedicated(&w.uid, rules.clone())
-                .await
-                .map(Arc::new),
+            CaptureMode::Node(manager) => manager.enroll_with(ip, &w.uid, ipv6).await,
+            CaptureMode::Dedicated(rules) => {
+                let rules = RuleConfig {
+                    ipv6,
+                    ..rules.clone()
+                };
+                capture::dedicated(&w.uid, rules).await.map(Arc::new)
+            }
         };
         let captured = match captured {
             Ok(c) => c,
@@ -349,6 +372,7 @@ impl Worker {
         tracing::info!(pod = %pod.name, uid = %w.uid, %ip, identity = %w.identity, "pod enrolled");
         Ok(Running {
             ip,
+            ipv6,
             identity: w.identity.clone(),
             name: pod.name.clone(),
             capture: captured,

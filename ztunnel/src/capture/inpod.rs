@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::iptables::{self, IptablesError, RuleConfig};
+use super::iptables::{self, IptablesError, Ipv6Capture, RuleConfig};
 use super::netns::{self, NetnsError, NetnsHandle, NetnsWorker};
 use super::sockets::{self, SocketFactory};
 
@@ -93,7 +93,8 @@ pub enum InpodError {
     },
 }
 
-/// The three listeners ztunnel serves for one pod, all inside the pod's namespace.
+/// The three listeners ztunnel serves for one pod, all inside the pod's namespace: the IPv4
+/// ones, and the IPv6 ones when the pod's IPv6 is captured.
 #[derive(Debug)]
 pub struct PodListeners {
     /// 127.0.0.1:15001: the app's outbound connections, REDIRECTed; use
@@ -104,6 +105,50 @@ pub struct PodListeners {
     pub inbound: TcpListener,
     /// 0.0.0.0:15008: inbound HBONE, addressed to the pod IP directly.
     pub hbone: TcpListener,
+    /// The same three for IPv6 (IPV6_V6ONLY sockets), when the pod's IPv6 is captured;
+    /// `None` when it is closed.
+    pub ipv6: Option<Ipv6Listeners>,
+}
+
+/// A pod's IPv6 capture listeners.
+#[derive(Debug)]
+pub struct Ipv6Listeners {
+    /// [::1]:15001: the app's IPv6 outbound connections, REDIRECTed.
+    pub outbound: TcpListener,
+    /// [::]:15006, IPV6_TRANSPARENT: IPv6 plaintext inbound, TPROXYed.
+    pub inbound: TcpListener,
+    /// [::]:15008: inbound HBONE addressed to the pod's IPv6 address.
+    pub hbone: TcpListener,
+}
+
+impl PodListeners {
+    /// Each family's (outbound, inbound, HBONE) listeners, IPv4 first: the proxies serve
+    /// every family the same way.
+    pub fn by_family(self) -> Vec<[TcpListener; 3]> {
+        let mut families = vec![[self.outbound, self.inbound, self.hbone]];
+        if let Some(v6) = self.ipv6 {
+            families.push([v6.outbound, v6.inbound, v6.hbone]);
+        }
+        families
+    }
+}
+
+/// Opens one family's listeners (see [`sockets::listener_specs`]) in the calling thread's
+/// namespace: outbound, inbound, HBONE.
+fn open_listeners(
+    ipv6: bool,
+    rules: &RuleConfig,
+) -> Result<[std::net::TcpListener; 3], (SocketAddr, std::io::Error)> {
+    let [outbound, inbound, hbone] = sockets::listener_specs(
+        ipv6,
+        rules.outbound_port,
+        rules.inbound_port,
+        rules.hbone_port,
+    );
+    let open = |(addr, transparent): (SocketAddr, bool)| {
+        sockets::bind_listener(addr, transparent).map_err(|e| (addr, e))
+    };
+    Ok([open(outbound)?, open(inbound)?, open(hbone)?])
 }
 
 /// One pod's capture. See the module docs for the lifecycle.
@@ -113,6 +158,8 @@ pub struct CapturedPod {
     ip: Option<IpAddr>,
     worker: NetnsWorker,
     rules: RuleConfig,
+    /// What `rules.ipv6` was asked to be (it is `Closed` where IPv6 could not be captured).
+    ipv6_requested: Ipv6Capture,
     sockets: SocketFactory,
     listeners: Mutex<Option<PodListeners>>,
     /// `true` once torn down; proxy tasks wait on it to stop serving the pod.
@@ -135,28 +182,29 @@ impl CapturedPod {
             source,
         })?;
 
-        let any = sockets::unspecified(ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
-        // REDIRECT from OUTPUT rewrites the destination to 127.0.0.1, so loopback suffices and
-        // keeps the port unreachable from outside the pod.
-        let specs = [
-            (
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), rules.outbound_port),
-                false,
-            ),
-            (SocketAddr::new(any, rules.inbound_port), true),
-            (SocketAddr::new(any, rules.hbone_port), false),
-        ];
+        let ipv6_requested = rules.ipv6;
+        let specs = rules.clone();
         let opened = worker
             .run(move || {
-                let open = |(addr, transparent): (SocketAddr, bool)| {
-                    sockets::bind_listener(addr, transparent).map_err(|e| (addr, e))
+                let v4 = open_listeners(false, &specs)?;
+                // A pod's IPv6 is captured only when the kernel has IPv6 and its listeners
+                // open; otherwise it is closed by the rules below (never left open).
+                let v6 = match specs.ipv6 {
+                    Ipv6Capture::Captured if iptables::ipv6_present() => {
+                        match open_listeners(true, &specs) {
+                            Ok(v6) => Some(v6),
+                            Err((addr, error)) => {
+                                tracing::warn!(
+                                    %addr, %error,
+                                    "cannot listen for IPv6 in the pod; closing its IPv6 instead"
+                                );
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
                 };
-                let [outbound, inbound, hbone] = specs;
-                Ok::<_, (SocketAddr, std::io::Error)>([
-                    open(outbound)?,
-                    open(inbound)?,
-                    open(hbone)?,
-                ])
+                Ok::<_, (SocketAddr, std::io::Error)>((v4, v6))
             })
             .await
             .map_err(|source| InpodError::Worker {
@@ -169,13 +217,18 @@ impl CapturedPod {
                 netns: path.clone(),
                 source,
             })?;
+        let (opened, opened6) = opened;
+        let mut rules = rules;
+        if opened6.is_none() {
+            rules.ipv6 = Ipv6Capture::Closed;
+        }
         // Registration needs the runtime, so it happens here rather than on the worker.
         // The closure returns the small (addr, io error) pair; the large InpodError is built
         // once, below (clippy::result_large_err).
         let register = |listener: std::net::TcpListener| {
             let addr = listener
                 .local_addr()
-                .unwrap_or_else(|_| SocketAddr::new(any, 0));
+                .unwrap_or_else(|_| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
             TcpListener::from_std(listener).map_err(|source| (addr, source))
         };
         let listen_error = |(addr, source)| InpodError::Listen {
@@ -190,6 +243,14 @@ impl CapturedPod {
             register(inbound).map_err(listen_error)?,
             register(hbone).map_err(listen_error)?,
         );
+        let ipv6 = match opened6 {
+            Some([outbound, inbound, hbone]) => Some(Ipv6Listeners {
+                outbound: register(outbound).map_err(listen_error)?,
+                inbound: register(inbound).map_err(listen_error)?,
+                hbone: register(hbone).map_err(listen_error)?,
+            }),
+            None => None,
+        };
 
         let cfg = rules.clone();
         // A failed apply is not cleaned up: restore commits whole or not at all, so rules a
@@ -207,10 +268,11 @@ impl CapturedPod {
             netns: path.clone(),
             source,
         })?;
-        tracing::info!(%uid, ?ip, netns = %path.display(), adopted, "pod captured");
+        tracing::info!(%uid, ?ip, netns = %path.display(), adopted, ipv6 = ?rules.ipv6, "pod captured");
 
         Ok(Self {
             sockets: SocketFactory::new(worker.clone(), rules.mark),
+            ipv6_requested,
             uid,
             ip,
             worker,
@@ -219,6 +281,7 @@ impl CapturedPod {
                 outbound,
                 inbound,
                 hbone,
+                ipv6,
             })),
             closed: watch::Sender::new(false),
         })
@@ -239,7 +302,8 @@ impl CapturedPod {
         self.worker.netns()
     }
 
-    /// The rules this pod was captured with (ports, marks).
+    /// The rules this pod was captured with (ports, marks, and whether its IPv6 is captured
+    /// or closed: closed when it was asked for, or when its IPv6 listeners could not open).
     pub fn rules(&self) -> &RuleConfig {
         &self.rules
     }
@@ -353,12 +417,25 @@ impl CaptureManager {
         &self.cfg
     }
 
-    /// Captures the pod `uid` whose namespace carries `ip`. Enrolling an enrolled pod again
-    /// returns the existing capture; a changed IP re-captures it.
+    /// Captures the pod `uid` whose namespace carries `ip`, its IPv6 as configured. Enrolling
+    /// an enrolled pod again returns the existing capture; a changed IP re-captures it.
     pub async fn enroll(&self, ip: IpAddr, uid: &str) -> Result<Arc<CapturedPod>, InpodError> {
+        self.enroll_with(ip, uid, self.cfg.rules.ipv6).await
+    }
+
+    /// [`CaptureManager::enroll`], with the pod's IPv6 captured or closed as `ipv6` says
+    /// (closed when the mesh knows no IPv6 address of the pod). A change of `ipv6`
+    /// re-captures the pod.
+    pub async fn enroll_with(
+        &self,
+        ip: IpAddr,
+        uid: &str,
+        ipv6: Ipv6Capture,
+    ) -> Result<Arc<CapturedPod>, InpodError> {
         let mut pods = self.pods.lock().await;
         if let Some(existing) = pods.get(uid) {
-            if existing.ip() == Some(ip) && !existing.is_closed() {
+            if existing.ip() == Some(ip) && existing.ipv6_requested == ipv6 && !existing.is_closed()
+            {
                 return Ok(existing.clone());
             }
             if let Some(old) = pods.remove(uid) {
@@ -379,8 +456,11 @@ impl CaptureManager {
             dir,
             source,
         })?;
-        let pod =
-            Arc::new(CapturedPod::start(uid, Some(ip), handle, self.cfg.rules.clone()).await?);
+        let rules = RuleConfig {
+            ipv6,
+            ..self.cfg.rules.clone()
+        };
+        let pod = Arc::new(CapturedPod::start(uid, Some(ip), handle, rules).await?);
         pods.insert(pod.uid.clone(), pod.clone());
         Ok(pod)
     }

@@ -7,7 +7,7 @@
 //! reached by one jump each from the built-in chains, so removal deletes exactly what we added and
 //! re-applying replaces our rules in one transaction instead of stacking duplicates.
 //!
-//! The rule set (IPv4; for the `mangle`/`nat` split and the marks, see [`render_apply`]):
+//! The rule set (per family; for the `mangle`/`nat` split and the marks, see [`render_apply`]):
 //! - outbound: the app's new TCP connections, except to loopback and except ztunnel's own marked
 //!   sockets, are REDIRECTed to the outbound port (15001); `SO_ORIGINAL_DST` gives the target.
 //! - inbound plaintext: new TCP connections arriving from outside are TPROXYed to 15006 and marked;
@@ -19,11 +19,14 @@
 //!   `lo` by the same table, instead of out of the pod towards the real client.
 //! - UDP (and so DNS) is left alone.
 //!
-//! IPv6 is not captured: it is closed instead ([`render_apply_v6`], applied with
-//! `ip6tables-restore` beside the IPv4 rules and removed with them). A dual-stack pod that could
-//! talk IPv6 past the mesh would bypass encryption, policy and logs; so in an enrolled pod
-//! only loopback and the ICMPv6 that keeps the link itself working (neighbour discovery, router
-//! solicitation, multicast listener reports) pass, and every other IPv6 packet is dropped.
+//! IPv6 gets the same capture ([`render_apply_v6`], applied with `ip6tables-restore` beside the
+//! IPv4 rules and removed with them): the same chains, marks and ports in `ip6tables`'
+//! `mangle` and `nat`, REDIRECT to `[::1]:15001`, TPROXY to `[::]:15006`, and
+//! `ip -6 rule/route` for the TPROXY table. What cannot be meshed is dropped, never let
+//! through: in the IPv6 `filter` table only loopback, link-level ICMPv6 and TCP (which the
+//! rules above steer to ztunnel) pass, so IPv6 UDP and the rest are closed; and a pod whose
+//! IPv6 the mesh does not know ([`Ipv6Capture::Closed`]) gets only the closing `filter` rules,
+//! as does a kernel without IPv6 capture support.
 //!
 //! The rules belong to the pod's enrollment, not to a ztunnel process: they stay when ztunnel
 //! stops or dies (a pod nobody serves is refused, never let through), and a starting ztunnel
@@ -50,9 +53,10 @@ const RULES_FORMAT: u32 = 1;
 /// Chain in the IPv6 `filter` INPUT: the fail-closed rules for arriving packets.
 pub const CHAIN_INPUT: &str = "AMBIT_INPUT";
 
-/// (table, built-in chain, our chain) for every IPv6 jump we install. `filter` OUTPUT shares
-/// its name with the IPv4 `nat`/`mangle` chain: another family, so another table entirely.
-const JUMPS_V6: [(&str, &str, &str); 2] = [
+/// (table, built-in chain, our chain) for the IPv6 `filter` jumps, installed in both modes
+/// (with [`JUMPS`] as well when IPv6 is captured). `filter` OUTPUT shares its chain name with
+/// the `nat`/`mangle` one: another table, so another chain entirely.
+const JUMPS_V6_FILTER: [(&str, &str, &str); 2] = [
     ("filter", "INPUT", CHAIN_INPUT),
     ("filter", "OUTPUT", CHAIN_OUTPUT),
 ];
@@ -119,6 +123,19 @@ impl Backend {
     }
 }
 
+/// What happens to a pod's IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ipv6Capture {
+    /// Captured like IPv4 (the pod has an IPv6 address the mesh knows): its TCP goes through
+    /// ztunnel's IPv6 listeners, everything else but loopback and link-level ICMPv6 is dropped.
+    #[default]
+    Captured,
+    /// Closed: every IPv6 packet but loopback, link-level ICMPv6 and the configured port
+    /// exclusions is dropped (the mesh knows no IPv6 address of the pod, so its IPv6 could not
+    /// be meshed: inbound HBONE could not name it, policy could not match it).
+    Closed,
+}
+
 /// Marks, ports and routing numbers of the capture rules. The defaults are the numbers operators
 /// know from Istio's ambient mode, so existing firewall exceptions keep working.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +166,8 @@ pub struct RuleConfig {
     pub outbound_exclude_ports: Vec<u16>,
     /// The iptables implementation.
     pub backend: Backend,
+    /// Whether the pod's IPv6 is captured or closed.
+    pub ipv6: Ipv6Capture,
 }
 
 impl Default for RuleConfig {
@@ -166,6 +185,7 @@ impl Default for RuleConfig {
             inbound_exclude_sources: Vec::new(),
             outbound_exclude_ports: Vec::new(),
             backend: Backend::Default,
+            ipv6: Ipv6Capture::default(),
         }
     }
 }
@@ -280,7 +300,7 @@ pub fn parse_save(dump: &str) -> Existing {
 /// ztunnel recognises rules it would install itself and adopts them as they are.
 pub fn marker_chain(cfg: &RuleConfig) -> String {
     // FNV-1a: stable across builds and platforms (std's hashers are not).
-    let hash = render_rules(cfg, &Existing::default(), None)
+    let hash = render_rules(cfg, &Existing::default(), None, Family::V4)
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -311,10 +331,57 @@ pub fn is_current(cfg: &RuleConfig, existing: &Existing) -> bool {
 /// chains of other versions are deleted. The whole document commits atomically per table: a
 /// pod is never half-captured, nor uncaptured while its rules are replaced.
 pub fn render_apply(cfg: &RuleConfig, existing: &Existing) -> String {
-    render_rules(cfg, existing, Some(&marker_chain(cfg)))
+    render_rules(cfg, existing, Some(&marker_chain(cfg)), Family::V4)
 }
 
-fn render_rules(cfg: &RuleConfig, existing: &Existing, marker: Option<&str>) -> String {
+/// The address family a rule document is for: the rules are the same but for the loopback
+/// network and the wildcard address TPROXY delivers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn unspecified(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0",
+            Family::V6 => "::",
+        }
+    }
+
+    /// `ip`'s family flag.
+    fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    /// The local route of the TPROXY table: everything is delivered locally.
+    fn any_net(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+    }
+}
+
+/// The `mangle` and `nat` capture of one family. `marker` is declared in `nat` (IPv4 only:
+/// adoption is decided on the IPv4 rules; the IPv6 ones are re-applied in one transaction).
+fn render_rules(
+    cfg: &RuleConfig,
+    existing: &Existing,
+    marker: Option<&str>,
+    family: Family,
+) -> String {
     let mark = format!("{:#x}/{:#x}", cfg.mark, cfg.mask);
     let tproxy = cfg.fwmark();
     let mut doc = String::new();
@@ -332,10 +399,13 @@ fn render_rules(cfg: &RuleConfig, existing: &Existing, marker: Option<&str>) -> 
         "-A {CHAIN_PREROUTING} -i lo -m mark --mark {mark} -j CONNMARK --set-xmark {tproxy}"
     ));
     // Anything else on loopback is the pod talking to itself, or outbound traffic already
-    // REDIRECTed to 127.0.0.1:15001: not inbound traffic.
+    // REDIRECTed to 127.0.0.1:15001 (or [::1]:15001): not inbound traffic.
     line(format!("-A {CHAIN_PREROUTING} -i lo -j RETURN"));
-    for net in &cfg.inbound_exclude_sources {
-        line(format!("-A {CHAIN_PREROUTING} -s {net} -p tcp -j RETURN"));
+    // The source exclusions are IPv4 networks (kubelet's probe address).
+    if family == Family::V4 {
+        for net in &cfg.inbound_exclude_sources {
+            line(format!("-A {CHAIN_PREROUTING} -s {net} -p tcp -j RETURN"));
+        }
     }
     // HBONE is addressed to the pod IP and ztunnel listens on it in the pod: no steering needed.
     for port in std::iter::once(cfg.hbone_port).chain(cfg.inbound_exclude_ports.iter().copied()) {
@@ -351,8 +421,9 @@ fn render_rules(cfg: &RuleConfig, existing: &Existing, marker: Option<&str>) -> 
     // enrollment must not be touched: conntrack sees their first packet after enrollment as
     // NEW (loose pickup), and TPROXYing it would land on our listener and be reset.
     line(format!(
-        "-A {CHAIN_PREROUTING} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j TPROXY --on-port {} --on-ip 0.0.0.0 --tproxy-mark {tproxy}",
-        cfg.inbound_port
+        "-A {CHAIN_PREROUTING} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j TPROXY --on-port {} --on-ip {} --tproxy-mark {tproxy}",
+        cfg.inbound_port,
+        family.unspecified()
     ));
     // Replies of connections marked above get the mark back, and with it the route to `lo`.
     // Only our mask bits are restored, so other tools' mark bits survive.
@@ -379,7 +450,10 @@ fn render_rules(cfg: &RuleConfig, existing: &Existing, marker: Option<&str>) -> 
     line(format!(":{CHAIN_OUTPUT} - [0:0]"));
     // Loopback and the pod's own IP (routed via lo) are in-pod traffic, not mesh traffic.
     line(format!("-A {CHAIN_OUTPUT} -o lo -j RETURN"));
-    line(format!("-A {CHAIN_OUTPUT} -d 127.0.0.0/8 -j RETURN"));
+    line(format!(
+        "-A {CHAIN_OUTPUT} -d {} -j RETURN",
+        family.loopback()
+    ));
     // ztunnel's own sockets (HBONE to other nodes, dials to the app) must never loop back.
     line(format!(
         "-A {CHAIN_OUTPUT} -p tcp -m mark --mark {mark} -j RETURN"
@@ -404,24 +478,61 @@ fn render_rules(cfg: &RuleConfig, existing: &Existing, marker: Option<&str>) -> 
     doc
 }
 
-/// Renders the `ip6tables-restore --noflush` document that closes IPv6 in an enrolled pod.
+/// Renders the `ip6tables-restore --noflush` document for an enrolled pod's IPv6, as
+/// `cfg.ipv6` says.
 ///
-/// ztunnel does not carry IPv6 yet, so IPv6 that is let through would leave the pod in
-/// plaintext, with no policy and no log line. Allowed: loopback (the pod talking to itself,
-/// including to its own addresses, which route via `lo`) and the link-level ICMPv6 of
-/// [`ICMPV6_LINK_ND`] and [`ICMPV6_LINK_MLD`]. Everything else is refused: on the way out with
-/// an ICMPv6 "administratively prohibited" to the app (its connect fails at once, so a
-/// dual-stack client falls back to IPv4, which is captured, instead of waiting for a timeout);
-/// on the way in by a silent drop (answering would mean sending IPv6 out of the pod).
+/// [`Ipv6Capture::Captured`]: the `mangle` and `nat` capture of [`render_apply`] for IPv6
+/// (REDIRECT to `[::1]:<outbound>`, TPROXY to `[::]:<inbound>`, the same marks), and a
+/// `filter` that lets through only what that capture handles: TCP, loopback, the link-level
+/// ICMPv6 of [`ICMPV6_LINK_ND`] and [`ICMPV6_LINK_MLD`], and ICMPv6 errors about connections
+/// conntrack knows (`RELATED`: packet too big keeps path MTU discovery working). ztunnel
+/// carries TCP only, so IPv6 UDP (and any other protocol) is dropped instead of leaving the
+/// pod in plaintext.
 ///
-/// The configured port exclusions mean "not meshed, on purpose" (dedicated mode: ssh, the
-/// ops ports, the controller), so they stay open over IPv6 too: new connections to an
-/// inbound-excluded port and from the pod to an outbound-excluded port, and the reply
-/// direction of connections that were let in or out. Nothing else can open a connection, so
-/// the reply rule only ever matches those.
+/// [`Ipv6Capture::Closed`]: only the `filter` rules, which let through loopback and the
+/// link-level ICMPv6; everything else is refused: on the way out with an ICMPv6
+/// "administratively prohibited" to the app (its connect fails at once, so a dual-stack
+/// client falls back to IPv4, which is captured, instead of waiting for a timeout); on the way
+/// in by a silent drop (answering would mean sending IPv6 out of the pod). `mangle`/`nat`
+/// chains of an earlier capture are deleted in the same document. The configured port
+/// exclusions mean "not meshed, on purpose" (dedicated mode: ssh, the ops ports, the
+/// controller), so they stay open: new connections to an inbound-excluded port and from the
+/// pod to an outbound-excluded port, and the reply direction of connections that were let in
+/// or out. Nothing else can open a connection, so the reply rule only ever matches those.
 ///
-/// Same chain discipline as [`render_apply`]: our chains are refilled, jumps added once.
+/// Same chain discipline as [`render_apply`]: our chains are refilled, jumps added once, and
+/// the document commits per table atomically, so IPv6 is never open in between.
 pub fn render_apply_v6(cfg: &RuleConfig, existing: &Existing) -> String {
+    let mut doc = render_filter_v6(cfg, existing);
+    match cfg.ipv6 {
+        Ipv6Capture::Captured => doc.push_str(&render_rules(cfg, existing, None, Family::V6)),
+        Ipv6Capture::Closed => {
+            // Left by an earlier capture of the pod's IPv6: steering to listeners that are
+            // no longer open would only reset what the filter now drops anyway.
+            let captured = Existing {
+                chains: existing
+                    .chains
+                    .iter()
+                    .filter(|(t, _)| *t != "filter")
+                    .map(|(t, c)| (t.clone(), c.clone()))
+                    .collect(),
+                jumps: existing
+                    .jumps
+                    .iter()
+                    .filter(|((t, _, _), _)| t != "filter")
+                    .map(|(k, n)| (k.clone(), *n))
+                    .collect(),
+            };
+            if let Some(removal) = render_remove(&captured) {
+                doc.push_str(&removal);
+            }
+        }
+    }
+    doc
+}
+
+/// The IPv6 `filter` rules of [`render_apply_v6`].
+fn render_filter_v6(cfg: &RuleConfig, existing: &Existing) -> String {
     let mut doc = String::new();
     let mut line = |s: String| {
         doc.push_str(&s);
@@ -445,28 +556,42 @@ pub fn render_apply_v6(cfg: &RuleConfig, existing: &Existing) -> String {
             ));
         }
     }
-    if !cfg.inbound_exclude_ports.is_empty() || !cfg.outbound_exclude_ports.is_empty() {
-        for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
-            line(format!(
-                "-A {chain} -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN"
-            ));
+    match cfg.ipv6 {
+        Ipv6Capture::Captured => {
+            // Every new TCP connection is steered to ztunnel by `mangle`/`nat` (or excluded
+            // on purpose), so TCP passes here, as it does for IPv4.
+            for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
+                line(format!("-A {chain} -p tcp -j RETURN"));
+                line(format!(
+                    "-A {chain} -p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN"
+                ));
+            }
         }
-    }
-    for port in &cfg.inbound_exclude_ports {
-        line(format!(
-            "-A {CHAIN_INPUT} -p tcp -m tcp --dport {port} -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j RETURN"
-        ));
-    }
-    for port in &cfg.outbound_exclude_ports {
-        line(format!(
-            "-A {CHAIN_OUTPUT} -p tcp -m tcp --dport {port} -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j RETURN"
-        ));
+        Ipv6Capture::Closed => {
+            if !cfg.inbound_exclude_ports.is_empty() || !cfg.outbound_exclude_ports.is_empty() {
+                for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
+                    line(format!(
+                        "-A {chain} -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN"
+                    ));
+                }
+            }
+            for port in &cfg.inbound_exclude_ports {
+                line(format!(
+                    "-A {CHAIN_INPUT} -p tcp -m tcp --dport {port} -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j RETURN"
+                ));
+            }
+            for port in &cfg.outbound_exclude_ports {
+                line(format!(
+                    "-A {CHAIN_OUTPUT} -p tcp -m tcp --dport {port} -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j RETURN"
+                ));
+            }
+        }
     }
     line(format!("-A {CHAIN_INPUT} -j DROP"));
     line(format!(
         "-A {CHAIN_OUTPUT} -j REJECT --reject-with icmp6-adm-prohibited"
     ));
-    for (table, hook, chain) in JUMPS_V6 {
+    for (table, hook, chain) in JUMPS_V6_FILTER {
         if existing.jump_count(table, hook, chain) == 0 {
             line(format!("-A {hook} -j {chain}"));
         }
@@ -506,7 +631,7 @@ pub fn render_remove(existing: &Existing) -> Option<String> {
     Some(doc)
 }
 
-/// Whether `ip -4 rule show` output holds our fwmark rule.
+/// Whether `ip -4 rule show` (or `ip -6 rule show`) output holds our fwmark rule.
 pub fn has_policy_rule(cfg: &RuleConfig, rules: &str) -> bool {
     let pref = format!("{}:", cfg.rule_priority);
     let needle = format!("fwmark {} lookup {}", cfg.fwmark(), cfg.route_table);
@@ -516,8 +641,8 @@ pub fn has_policy_rule(cfg: &RuleConfig, rules: &str) -> bool {
 }
 
 /// The `ip` arguments for our policy rule, with `verb` = `add` or `del`.
-fn policy_rule_args(cfg: &RuleConfig, verb: &'static str) -> Vec<String> {
-    ["-4", "rule", verb, "pref"]
+fn policy_rule_args(cfg: &RuleConfig, family: Family, verb: &'static str) -> Vec<String> {
+    [family.ip_flag(), "rule", verb, "pref"]
         .into_iter()
         .map(String::from)
         .chain([
@@ -543,7 +668,7 @@ pub fn save_v6(backend: Backend) -> Result<String, IptablesError> {
 /// Whether the kernel has an IPv6 stack at all. Without one (`ipv6.disable=1`) there is no
 /// IPv6 to close and `ip6tables-restore` could not run. `thread-self`, because `/proc/net` is
 /// the namespace of the process's main thread, not of the namespace worker calling this.
-fn ipv6_present() -> bool {
+pub(crate) fn ipv6_present() -> bool {
     std::path::Path::new("/proc/thread-self/net/if_inet6").exists()
 }
 
@@ -552,43 +677,26 @@ fn ipv6_present() -> bool {
 /// Idempotent: applying twice leaves exactly one copy. Returns whether the IPv4 rules were
 /// adopted as they were.
 ///
-/// IPv6 is closed first ([`render_apply_v6`], re-declared in one transaction, so never open
-/// in between), so a pod never has IPv4 capture while its IPv6 is still open; if that fails
-/// the whole apply fails, and whatever an earlier apply installed stays.
+/// IPv6 goes first ([`render_apply_v6`], re-declared in one transaction, so never open in
+/// between), so a pod never has IPv4 capture while its IPv6 is still open; if that fails the
+/// whole apply fails, and whatever an earlier apply installed stays.
 pub fn apply(cfg: &RuleConfig) -> Result<bool, IptablesError> {
     if ipv6_present() {
+        if cfg.ipv6 == Ipv6Capture::Captured {
+            install_routing(cfg, Family::V6)?;
+        }
         let existing = parse_save(&save_v6(cfg.backend)?);
         run(
             cfg.backend.restore6_program(),
             &["-w", "5", "--noflush"],
             Some(&render_apply_v6(cfg, &existing)),
         )?;
+        if cfg.ipv6 == Ipv6Capture::Closed {
+            // What an earlier capture of the pod's IPv6 routed; nothing is marked for it now.
+            remove_routing(cfg, Family::V6)?;
+        }
     }
-    // Routing first: once TPROXY rules exist, marked packets need the table to be delivered.
-    let table = cfg.route_table.to_string();
-    run(
-        "ip",
-        &[
-            "-4",
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
-        None,
-    )?;
-    if !has_policy_rule(cfg, &run("ip", &["-4", "rule", "show"], None)?) {
-        let args = policy_rule_args(cfg, "add");
-        run(
-            "ip",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            None,
-        )?;
-    }
+    install_routing(cfg, Family::V4)?;
     let existing = parse_save(&save(cfg.backend)?);
     if is_current(cfg, &existing) {
         return Ok(true);
@@ -602,8 +710,62 @@ pub fn apply(cfg: &RuleConfig) -> Result<bool, IptablesError> {
     Ok(false)
 }
 
-/// Removes our chains, jumps, policy rule and route from the calling thread's namespace.
-/// Removing what is not there is not an error.
+/// The TPROXY table's local route and the `fwmark` rule that selects it. Installed before
+/// the rules: once TPROXY rules exist, marked packets need the table to be delivered.
+fn install_routing(cfg: &RuleConfig, family: Family) -> Result<(), IptablesError> {
+    let table = cfg.route_table.to_string();
+    run(
+        "ip",
+        &[
+            family.ip_flag(),
+            "route",
+            "replace",
+            "local",
+            family.any_net(),
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
+        None,
+    )?;
+    if !has_policy_rule(cfg, &run("ip", &[family.ip_flag(), "rule", "show"], None)?) {
+        let args = policy_rule_args(cfg, family, "add");
+        run(
+            "ip",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Removes what [`install_routing`] installed; absent pieces are not an error.
+fn remove_routing(cfg: &RuleConfig, family: Family) -> Result<(), IptablesError> {
+    let del = policy_rule_args(cfg, family, "del");
+    let del: Vec<&str> = del.iter().map(String::as_str).collect();
+    // `ip rule add` happily adds duplicates (e.g. after a crash mid-apply): delete them all.
+    while has_policy_rule(cfg, &run("ip", &[family.ip_flag(), "rule", "show"], None)?) {
+        run("ip", &del, None)?;
+    }
+    let table = cfg.route_table.to_string();
+    let routes = run(
+        "ip",
+        &[family.ip_flag(), "route", "show", "table", &table],
+        None,
+    )?;
+    if !routes.trim().is_empty() {
+        run(
+            "ip",
+            &[family.ip_flag(), "route", "flush", "table", &table],
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Removes our chains, jumps, policy rules and routes (both families) from the calling
+/// thread's namespace. Removing what is not there is not an error.
 pub fn remove(cfg: &RuleConfig) -> Result<(), IptablesError> {
     // Rules first, so nothing is TPROXYed towards a route that is already gone.
     let existing = parse_save(&save(cfg.backend)?);
@@ -614,17 +776,7 @@ pub fn remove(cfg: &RuleConfig) -> Result<(), IptablesError> {
             Some(&doc),
         )?;
     }
-    let del = policy_rule_args(cfg, "del");
-    let del: Vec<&str> = del.iter().map(String::as_str).collect();
-    // `ip rule add` happily adds duplicates (e.g. after a crash mid-apply): delete them all.
-    while has_policy_rule(cfg, &run("ip", &["-4", "rule", "show"], None)?) {
-        run("ip", &del, None)?;
-    }
-    let table = cfg.route_table.to_string();
-    let routes = run("ip", &["-4", "route", "show", "table", &table], None)?;
-    if !routes.trim().is_empty() {
-        run("ip", &["-4", "route", "flush", "table", &table], None)?;
-    }
+    remove_routing(cfg, Family::V4)?;
     // IPv6 is opened last: the pod's IPv4 is already uncaptured, so both families are
     // direct again together.
     if ipv6_present() {
@@ -636,6 +788,7 @@ pub fn remove(cfg: &RuleConfig) -> Result<(), IptablesError> {
                 Some(&doc),
             )?;
         }
+        remove_routing(cfg, Family::V6)?;
     }
     Ok(())
 }
@@ -860,9 +1013,16 @@ COMMIT
         assert!(excl < doc.find("REDIRECT").unwrap());
     }
 
+    fn closed(cfg: RuleConfig) -> RuleConfig {
+        RuleConfig {
+            ipv6: Ipv6Capture::Closed,
+            ..cfg
+        }
+    }
+
     #[test]
-    fn ipv6_is_closed_except_loopback_and_link_icmp() {
-        let doc = render_apply_v6(&RuleConfig::default(), &Existing::default());
+    fn ipv6_closed_drops_all_but_loopback_and_link_icmp() {
+        let doc = render_apply_v6(&closed(RuleConfig::default()), &Existing::default());
         let lines: Vec<&str> = doc.lines().collect();
         assert_eq!(lines[0], "*filter");
         assert_eq!(
@@ -902,8 +1062,8 @@ COMMIT
     }
 
     #[test]
-    fn ipv6_keeps_the_configured_exclusions_open() {
-        let doc = render_apply_v6(&RuleConfig::dedicated(), &Existing::default());
+    fn ipv6_closed_keeps_the_configured_exclusions_open() {
+        let doc = render_apply_v6(&closed(RuleConfig::dedicated()), &Existing::default());
         for rule in [
             "-A AMBIT_INPUT -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
             "-A AMBIT_OUTPUT -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
@@ -916,7 +1076,8 @@ COMMIT
         assert!(doc.find("--dport 22").unwrap() < doc.find("-j DROP").unwrap());
         assert!(doc.find("--dport 15012").unwrap() < doc.find("-j REJECT").unwrap());
         assert!(
-            !render_apply_v6(&RuleConfig::default(), &Existing::default()).contains("conntrack")
+            !render_apply_v6(&closed(RuleConfig::default()), &Existing::default())
+                .contains("conntrack")
         );
     }
 
@@ -935,7 +1096,7 @@ COMMIT
 COMMIT
 ";
         let existing = parse_save(saved);
-        let doc = render_apply_v6(&RuleConfig::default(), &existing);
+        let doc = render_apply_v6(&closed(RuleConfig::default()), &existing);
         assert!(!doc.contains("-A INPUT "), "{doc}");
         assert!(!doc.contains("-A OUTPUT "), "{doc}");
         assert_eq!(
@@ -953,15 +1114,92 @@ COMMIT
         );
     }
 
+    /// FRESH as ip6tables-restore gets it: IPv6 loopback and wildcard, no source exclusions,
+    /// no marker chain (adoption is decided on the IPv4 rules).
+    fn fresh_v6() -> String {
+        FRESH
+            .replace("127.0.0.0/8", "::1/128")
+            .replace("--on-ip 0.0.0.0", "--on-ip ::")
+    }
+
+    #[test]
+    fn ipv6_captured_mirrors_the_ipv4_capture() {
+        let cfg = RuleConfig {
+            inbound_exclude_sources: vec!["169.254.7.127/32".parse().unwrap()],
+            ..RuleConfig::default()
+        };
+        let doc = render_apply_v6(&cfg, &Existing::default());
+        let filter_end = doc.find("COMMIT\n").unwrap() + "COMMIT\n".len();
+        let (filter, capture) = doc.split_at(filter_end);
+        assert_eq!(capture, fresh_v6(), "{doc}");
+        assert!(
+            !doc.contains("169.254"),
+            "an IPv4 exclusion in ip6tables:\n{doc}"
+        );
+        // The filter passes TCP (steered above) and drops the rest, UDP included.
+        for rule in [
+            "-A AMBIT_INPUT -p tcp -j RETURN",
+            "-A AMBIT_OUTPUT -p tcp -j RETURN",
+            "-A AMBIT_INPUT -p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN",
+            "-A AMBIT_INPUT -j DROP",
+            "-A AMBIT_OUTPUT -j REJECT --reject-with icmp6-adm-prohibited",
+            "-A INPUT -j AMBIT_INPUT",
+        ] {
+            assert!(
+                filter.contains(&format!("{rule}\n")),
+                "{rule} missing:\n{doc}"
+            );
+        }
+        assert!(!filter.contains("udp"), "{filter}");
+        assert!(filter.find("-p tcp").unwrap() < filter.find("-j DROP").unwrap());
+    }
+
+    #[test]
+    fn ipv6_closing_a_captured_pod_deletes_its_capture_in_the_same_document() {
+        let installed = format!(
+            "*filter\n:AMBIT_INPUT - [0:0]\n:AMBIT_OUTPUT - [0:0]\n-A INPUT -j AMBIT_INPUT\n-A OUTPUT -j AMBIT_OUTPUT\nCOMMIT\n{}",
+            fresh_v6()
+        );
+        let existing = parse_save(&installed);
+        // Re-applying the capture refills the chains without a second jump.
+        let again = render_apply_v6(&RuleConfig::default(), &existing);
+        assert!(
+            !again.contains("-A PREROUTING") && !again.contains("-A OUTPUT"),
+            "{again}"
+        );
+        let doc = render_apply_v6(&closed(RuleConfig::default()), &existing);
+        assert!(doc.starts_with("*filter\n"), "{doc}");
+        assert!(doc.contains("-A AMBIT_INPUT -j DROP\n"), "{doc}");
+        assert!(!doc.contains("-p tcp -j RETURN"), "{doc}");
+        assert!(
+            !doc.contains("TPROXY") && !doc.contains("REDIRECT"),
+            "{doc}"
+        );
+        for gone in [
+            "*mangle\n-D OUTPUT -j AMBIT_OUTPUT\n-D PREROUTING -j AMBIT_PRERT\n",
+            "*nat\n-D OUTPUT -j AMBIT_OUTPUT\n-F AMBIT_OUTPUT\n-X AMBIT_OUTPUT\nCOMMIT\n",
+        ] {
+            assert!(doc.contains(gone), "{gone} missing:\n{doc}");
+        }
+        // The filter jumps exist already: not added again, not deleted.
+        assert!(!doc.contains("INPUT -j AMBIT_INPUT"), "{doc}");
+    }
+
     #[test]
     fn policy_rule_is_recognised_in_ip_rule_output() {
         let cfg = RuleConfig::default();
         let shown = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 133\n32766:\tfrom all lookup main\n";
         assert!(has_policy_rule(&cfg, shown));
+        let shown6 = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 133\n";
+        assert!(has_policy_rule(&cfg, shown6));
         assert!(!has_policy_rule(&cfg, "0:\tfrom all lookup local\n"));
         assert_eq!(
-            policy_rule_args(&cfg, "add").join(" "),
+            policy_rule_args(&cfg, Family::V4, "add").join(" "),
             "-4 rule add pref 32764 fwmark 0x111/0xfff lookup 133"
+        );
+        assert_eq!(
+            policy_rule_args(&cfg, Family::V6, "del").join(" "),
+            "-6 rule del pref 32764 fwmark 0x111/0xfff lookup 133"
         );
     }
 }

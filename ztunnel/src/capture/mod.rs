@@ -9,12 +9,15 @@
 //!   [`dedicated`] mode for a workload outside Kubernetes.
 //!
 //! Threads and ports, per enrolled pod: one namespace worker thread (socket creation and
-//! `iptables-restore` only; all I/O stays on the main runtime), and three listeners inside the
-//! pod: 127.0.0.1:15001 (outbound, REDIRECT), 0.0.0.0:15006 (inbound plaintext, TPROXY,
-//! IP_TRANSPARENT), 0.0.0.0:15008 (HBONE, not redirected). ztunnel's own sockets in the pod
-//! carry SO_MARK 0x539 (mask 0xfff). IPv4 only for now: IPv6 is not captured but closed
-//! (`ip6tables` rules beside the IPv4 ones drop every IPv6 packet of an enrolled pod except
-//! loopback and link-level ICMPv6), so a dual-stack pod cannot leave the mesh through it.
+//! `iptables-restore` only; all I/O stays on the main runtime), and three listeners per
+//! family inside the pod: 127.0.0.1:15001 and [::1]:15001 (outbound, REDIRECT),
+//! 0.0.0.0:15006 and [::]:15006 (inbound plaintext, TPROXY, IP_TRANSPARENT), 0.0.0.0:15008
+//! and [::]:15008 (HBONE, not redirected); the IPv6 ones are IPV6_V6ONLY. ztunnel's own
+//! sockets in the pod carry SO_MARK 0x539 (mask 0xfff). A pod's IPv6 is captured with
+//! `ip6tables` exactly as its IPv4 with `iptables`; where it cannot be meshed (the mesh knows
+//! no IPv6 address of the pod, its IPv6 listeners cannot open) it is closed instead: every
+//! IPv6 packet but loopback and link-level ICMPv6 is dropped. Either way a dual-stack pod
+//! cannot leave the mesh through IPv6.
 //!
 //! This module only moves packets to ztunnel; deciding what to do with a connection is the
 //! proxy's job. No `unsafe` is needed: `setns` and every socket option have safe wrappers (nix,
@@ -25,7 +28,9 @@ pub mod iptables;
 pub mod netns;
 pub mod sockets;
 
-pub use inpod::{dedicated, CaptureConfig, CaptureManager, CapturedPod, InpodError, PodListeners};
-pub use iptables::{Backend, RuleConfig};
+pub use inpod::{
+    dedicated, CaptureConfig, CaptureManager, CapturedPod, InpodError, Ipv6Listeners, PodListeners,
+};
+pub use iptables::{Backend, Ipv6Capture, RuleConfig};
 pub use netns::{NetnsHandle, NetnsWorker};
 pub use sockets::{original_dst, SocketFactory};

@@ -63,10 +63,15 @@ fn tcp_socket(family: SocketAddr) -> io::Result<Socket> {
 ///
 /// `transparent` sets IP_TRANSPARENT, which the inbound TPROXY listener needs so that the kernel
 /// hands it connections addressed to other IPs/ports. SO_REUSEADDR lets a re-enrolled pod rebind
-/// while old connections linger in TIME_WAIT.
+/// while old connections linger in TIME_WAIT. An IPv6 listener is IPV6_V6ONLY: each family has
+/// its own listener, so a `[::]` socket must not also take the IPv4 wildcard's connections (as
+/// IPv4-mapped addresses, which TPROXY's IPv4 lookup and the rules do not expect).
 pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
     let socket = tcp_socket(addr)?;
     socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
     if transparent {
         match addr {
             SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
@@ -100,14 +105,16 @@ pub fn transparent_socket(src: IpAddr, mark: u32) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// The destination an outbound-captured (REDIRECTed) connection was originally addressed to.
+/// The destination an outbound-captured (REDIRECTed) connection was originally addressed to:
+/// SO_ORIGINAL_DST for a connection accepted on an IPv4 listener, IP6T_SO_ORIGINAL_DST on an
+/// IPv6 one (each family's conntrack answers only its own option).
 pub fn original_dst(stream: &impl AsFd) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
-    let v4 = sock.original_dst_v4();
-    let addr = match v4 {
-        Ok(addr) => addr,
-        // An IPv6 socket answers only the IPv6 option.
-        Err(_) => sock.original_dst_v6()?,
+    let local = sock.local_addr()?;
+    let addr = if local.is_ipv6() {
+        sock.original_dst_v6()?
+    } else {
+        sock.original_dst_v4()?
     };
     addr.as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
@@ -203,12 +210,26 @@ impl SocketFactory {
     }
 }
 
-/// The wildcard address of `ip`'s family, for listeners that must see every local address.
-pub(crate) fn unspecified(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    }
+/// Where one family's three capture listeners go in a pod, as (address, transparent):
+/// outbound on loopback (REDIRECT from OUTPUT rewrites the destination to 127.0.0.1 or ::1,
+/// so loopback suffices and keeps the port unreachable from outside the pod), inbound
+/// plaintext on the wildcard with IP_TRANSPARENT (TPROXY), HBONE on the wildcard.
+pub fn listener_specs(
+    ipv6: bool,
+    outbound_port: u16,
+    inbound_port: u16,
+    hbone_port: u16,
+) -> [(SocketAddr, bool); 3] {
+    let (lo, any): (IpAddr, IpAddr) = if ipv6 {
+        (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into())
+    } else {
+        (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into())
+    };
+    [
+        (SocketAddr::new(lo, outbound_port), false),
+        (SocketAddr::new(any, inbound_port), true),
+        (SocketAddr::new(any, hbone_port), false),
+    ]
 }
 
 #[cfg(test)]
@@ -225,5 +246,38 @@ mod tests {
         assert_eq!(peer, client.local_addr().unwrap());
         // Not REDIRECTed: the kernel has no original destination to report.
         assert!(original_dst(&server).is_err());
+    }
+
+    #[tokio::test]
+    async fn ipv6_listeners_take_only_ipv6() {
+        // The unspecified IPv6 listener is IPV6_V6ONLY: an IPv4 wildcard on the same port
+        // can be bound beside it, and each family's listener gets its own connections.
+        let [_, (any6, transparent), _] = listener_specs(true, 0, 0, 0);
+        assert!(transparent);
+        let v6 = match bind_listener(any6, false) {
+            Ok(l) => l,
+            // A kernel without IPv6 (ipv6.disable=1) has nothing to test here.
+            Err(e) if e.raw_os_error() == Some(97) => return,
+            Err(e) => panic!("bind [::]:0: {e}"),
+        };
+        let port = v6.local_addr().unwrap().port();
+        let v4 = bind_listener(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false)
+            .expect("IPv4 wildcard beside an IPv6-only one");
+        let (v6, v4) = (
+            tokio::net::TcpListener::from_std(v6).unwrap(),
+            tokio::net::TcpListener::from_std(v4).unwrap(),
+        );
+        let _c6 = TcpStream::connect(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port))
+            .await
+            .unwrap();
+        let _c4 = TcpStream::connect(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))
+            .await
+            .unwrap();
+        assert!(v6.accept().await.unwrap().1.is_ipv6());
+        assert!(v4.accept().await.unwrap().1.is_ipv4());
+        assert_eq!(
+            listener_specs(true, 15001, 15006, 15008)[0].0,
+            "[::1]:15001".parse().unwrap()
+        );
     }
 }

@@ -211,8 +211,9 @@ impl ambit_hbone::client::SocketFactory for PodSockets {
     }
 }
 
-/// Starts the pod's three proxies on `listeners`. They stop accepting when `drain` fires;
-/// every connection holds a clone of it, so the pod's drain trigger waits for them.
+/// Starts the pod's three proxies on `listeners`, once per address family (the families
+/// share the pod's pool, limits and registry). They stop accepting when `drain` fires; every
+/// connection holds a clone of it, so the pod's drain trigger waits for them.
 pub fn spawn(
     shared: &Shared,
     pod: Arc<PodProxy>,
@@ -220,26 +221,29 @@ pub fn spawn(
     drain: DrainWatcher,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    tasks.spawn(outbound::serve(
-        shared.clone(),
-        pod.clone(),
-        listeners.outbound,
-        drain.clone(),
-    ));
-    tasks.spawn(inbound_plaintext::serve(
-        shared.clone(),
-        pod.clone(),
-        listeners.inbound,
-        drain.clone(),
-    ));
-    if shared.settings.policy_reevaluation == Reevaluation::Close {
-        tasks.spawn(registry::reevaluate(
+    for [outbound, inbound, hbone] in listeners.by_family() {
+        tasks.spawn(outbound::serve(
             shared.clone(),
             pod.clone(),
+            outbound,
+            drain.clone(),
+        ));
+        tasks.spawn(inbound_plaintext::serve(
+            shared.clone(),
+            pod.clone(),
+            inbound,
+            drain.clone(),
+        ));
+        tasks.spawn(inbound::serve(
+            shared.clone(),
+            pod.clone(),
+            hbone,
             drain.clone(),
         ));
     }
-    tasks.spawn(inbound::serve(shared.clone(), pod, listeners.hbone, drain));
+    if shared.settings.policy_reevaluation == Reevaluation::Close {
+        tasks.spawn(registry::reevaluate(shared.clone(), pod, drain));
+    }
     tasks
 }
 

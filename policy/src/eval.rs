@@ -193,6 +193,9 @@ fn any_principal(ms: &[StringMatch], v: Option<&str>) -> bool {
 }
 
 fn any_net(nets: &[IpNet], ip: IpAddr) -> bool {
+    // An IPv4 peer seen through an IPv6 socket (`::ffff:a.b.c.d`) is the IPv4 peer: it
+    // must match the IPv4 blocks written for it, whichever caller forgot to unmap it.
+    let ip = ip.to_canonical();
     nets.iter().any(|n| n.contains(&ip))
 }
 

@@ -92,6 +92,13 @@ const L4: Req = Req {
     header: None,
 };
 
+/// The same over IPv6: from fd77:1::2 to [fd77:2::2]:8080.
+const L4_V6: Req = Req {
+    src: "fd77:1::2",
+    dst: "fd77:2::2",
+    ..L4
+};
+
 /// The same as an HTTP `GET /`.
 const GET: Req = Req {
     method: Some("GET"),
@@ -215,6 +222,21 @@ fn verdicts() {
         ("notIpBlocks", "d DENY: [{from: [{notIpBlocks: [10.1.0.0/16]}]}]", L4.from(L4.principal, "192.168.1.1"), "denied by app/d (rule 0)"),
         ("remoteIpBlocks", "a ALLOW: [{from: [{remoteIpBlocks: [10.1.0.5/32]}]}]", L4, "allowed by app/a (rule 0)"),
         ("notRemoteIpBlocks", "a ALLOW: [{from: [{notRemoteIpBlocks: [10.1.0.0/16]}]}]", L4, "no ALLOW policy matched (checked: app/a)"),
+        // ---- IPv6: blocks match their own family only; IPv4-mapped sources are IPv4
+        ("ipBlocks IPv6", "a ALLOW: [{from: [{ipBlocks: ['fd77:1::/64']}]}]", L4_V6, "allowed by app/a (rule 0)"),
+        ("ipBlocks IPv6 outside", "a ALLOW: [{from: [{ipBlocks: ['fd77:2::/64']}]}]", L4_V6, "no ALLOW policy matched (checked: app/a)"),
+        ("ipBlocks IPv6 single address", "d DENY: [{from: [{ipBlocks: ['fd77:1::2/128']}]}]", L4_V6, "denied by app/d (rule 0)"),
+        ("ipBlocks IPv6 /128", "d DENY: [{from: [{ipBlocks: ['fd77:1::3/128']}]}]", L4_V6, "no ALLOW policy applies"),
+        ("ipBlocks IPv6 ::/0 takes every IPv6 source", "d DENY: [{from: [{ipBlocks: ['::/0']}]}]", L4_V6, "denied by app/d (rule 0)"),
+        ("ipBlocks IPv6 ::/0 is not IPv4", "d DENY: [{from: [{ipBlocks: ['::/0']}]}]", L4, "no ALLOW policy applies"),
+        ("ipBlocks IPv4 0.0.0.0/0 is not IPv6", "d DENY: [{from: [{ipBlocks: [0.0.0.0/0]}]}]", L4_V6, "no ALLOW policy applies"),
+        ("ipBlocks IPv6 for plaintext", "d DENY: [{from: [{ipBlocks: ['fd77:1::/64']}]}]", L4_V6.from(None, "fd77:1::2"), "denied by app/d (rule 0)"),
+        ("notIpBlocks IPv6", "d DENY: [{from: [{notIpBlocks: ['fd77:1::/64']}]}]", L4_V6.from(L4.principal, "fd77:9::1"), "denied by app/d (rule 0)"),
+        ("IPv4-mapped source matches the IPv4 block", "a ALLOW: [{from: [{ipBlocks: [10.1.0.0/16]}]}]", L4.from(L4.principal, "::ffff:10.1.0.5"), "allowed by app/a (rule 0)"),
+        ("remoteIpBlocks IPv6", "a ALLOW: [{from: [{remoteIpBlocks: ['fd77:1::/48']}]}]", L4_V6, "allowed by app/a (rule 0)"),
+        ("when source.ip IPv6", "d DENY: [{when: [{key: source.ip, values: ['fd77:1::/64']}]}]", L4_V6, "denied by app/d (rule 0)"),
+        ("when destination.ip IPv6", "a ALLOW: [{when: [{key: destination.ip, values: ['fd77:2::2']}]}]", L4_V6, "allowed by app/a (rule 0)"),
+        ("when destination.ip IPv6 notValues", "a ALLOW: [{when: [{key: destination.ip, notValues: ['fd77:2::/64']}]}]", L4_V6, "no ALLOW policy matched (checked: app/a)"),
         ("ipBlocks AND remoteIpBlocks", "a ALLOW: [{from: [{ipBlocks: [10.1.0.0/16], remoteIpBlocks: [10.9.0.0/16]}]}]", L4, "no ALLOW policy matched (checked: app/a)"),
         ("fields ANDed within a source", "a ALLOW: [{from: [{principals: ['*'], ipBlocks: [10.9.0.0/16]}]}]", L4, "no ALLOW policy matched (checked: app/a)"),
         ("sources ORed", "a ALLOW: [{from: [{principals: [nobody]}, {ipBlocks: [10.1.0.5/32]}]}]", L4, "allowed by app/a (rule 0)"),

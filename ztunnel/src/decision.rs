@@ -40,8 +40,9 @@ pub const POD_LISTENER_PORTS: [u16; 4] = [15001, 15006, 15008, 15053];
 /// What to do with a connection an enrolled pod opened (captured on 15001).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Outbound {
-    /// Not a mesh destination (unknown address, or a workload outside the mesh): connect to
-    /// `destination` with plain TCP.
+    /// Not a mesh destination (an unknown IPv4 address, or a workload outside the mesh, of
+    /// either family): connect to `destination` with plain TCP. An unknown IPv6 address is
+    /// refused instead (see [`outbound`]).
     Passthrough {
         destination: SocketAddr,
         /// Why, for the access log.
@@ -338,6 +339,11 @@ fn is_self_dial(source: &Workload, dst: SocketAddr) -> bool {
 
 /// Decides where a connection from `source` to `original_dst` (its original destination,
 /// as captured) goes. `chooser` picks among equally near endpoints of a VIP.
+///
+/// Both families are decided alike (an IPv6 pod address or VIP gives HBONE to the pod's IPv6
+/// address, authority `[addr]:port`), but for one rule: an IPv6 destination the mesh does not
+/// know is refused, not passed through, since IPv6 that cannot be meshed must not leave the
+/// pod. IPv4-mapped addresses are read as IPv4.
 pub fn outbound(
     state: &State,
     source: &Workload,
@@ -391,6 +397,15 @@ pub fn outbound(
     }
     if let Some(w) = state.workload_by_ip(dst.ip()) {
         return to_workload(state, source, w, dst, None, chooser);
+    }
+    if dst.is_ipv6() && !dst.ip().is_loopback() {
+        // IPv6 that cannot be meshed is not let out: an address the mesh does not know may
+        // be a meshed pod's that the mesh has no record of (its inbound could not be
+        // checked), and the pod's IPv4 is how it reaches the rest of the world.
+        return Outbound::Refuse(format!(
+            "{} is not an IPv6 address the mesh knows: IPv6 that cannot be meshed is not let out",
+            dst.ip()
+        ));
     }
     Outbound::Passthrough {
         destination: dst,

@@ -20,6 +20,9 @@ fn zoned(mut w: pb::Workload, zone: &str) -> pb::Workload {
 fn mesh() -> Arc<State> {
     let mut legacy = workload("legacy", "l", "default", "node-2", "10.0.4.1");
     legacy.tunnel_protocol = pb::TunnelProtocol::None as i32;
+    legacy
+        .addresses
+        .push(crate::state::ip_to_bytes(ip("fd00::4:1")));
     let mut wp = workload("app", "wp", "waypoint", "node-2", "10.0.5.1");
     wp.is_waypoint = true;
     let mut guarded = workload("app", "guarded", "guarded", "node-2", "10.0.6.1");
@@ -118,6 +121,22 @@ fn mesh() -> Arc<State> {
                 vec![pb::Rule {
                     to: vec![pb::Operation {
                         ports: vec![9090],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            )),
+            res_a(fixtures::policy(
+                "app",
+                "deny-v6-block",
+                S::Namespace,
+                A::Deny,
+                vec![pb::Rule {
+                    from: vec![pb::Source {
+                        ip_blocks: vec![pb::IpBlock {
+                            address: crate::state::ip_to_bytes(ip("fd00:bad::")),
+                            prefix_len: 32,
+                        }],
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -286,6 +305,32 @@ fn outbound_table() {
             "passthrough 10.0.4.1:9000",
         ),
         (
+            "IPv6 of a pod outside the mesh",
+            &client,
+            "[fd00::4:1]:9000",
+            "passthrough [fd00::4:1]:9000",
+        ),
+        // IPv6 that cannot be meshed is not let out: an address the mesh does not know may
+        // be a meshed pod's IPv6 that the mesh has no record of.
+        (
+            "unknown IPv6 address",
+            &client,
+            "[2001:db8::1]:443",
+            "refuse 2001:db8::1 is not an IPv6 address the mesh knows: IPv6 that cannot be meshed is not let out",
+        ),
+        (
+            "IPv6 of a meshed pod the mesh only knows by IPv4",
+            &client,
+            "[fd00::1:20]:8080",
+            "refuse fd00::1:20 is not an IPv6 address the mesh knows: IPv6 that cannot be meshed is not let out",
+        ),
+        (
+            "IPv4-mapped unknown address is IPv4",
+            &client,
+            "[::ffff:8.8.8.8]:443",
+            "passthrough 8.8.8.8:443",
+        ),
+        (
             "VIP of pods outside the mesh",
             &client,
             "10.96.0.6:80",
@@ -328,6 +373,18 @@ fn outbound_table() {
             &client,
             "0.0.0.0:15001",
             "self-dial 0.0.0.0:15001",
+        ),
+        (
+            "IPv6 unspecified address",
+            &s2,
+            "[::]:15008",
+            "self-dial [::]:15008",
+        ),
+        (
+            "IPv6 loopback app port stays in the pod",
+            &client,
+            "[::1]:8080",
+            "passthrough [::1]:8080",
         ),
         (
             "the pod's own address, HBONE port",
@@ -532,6 +589,52 @@ fn inbound_table() {
             }
             _ => panic!("{name}: {got:?} but wanted {want:?}"),
         }
+    }
+}
+
+#[test]
+fn inbound_ipv6() {
+    let s = mesh();
+    let s2 = s.workload_by_uid("app/s2").unwrap();
+    let client: Identity = "spiffe://cluster.local/ns/client/sa/curl".parse().unwrap();
+    let decide = |from: &str, authority: &str| inbound(&s, s2, Some(&client), ip(from), authority);
+    // The pod's IPv6 address as `[addr]:port`, from an IPv6 client.
+    let ok = decide("fd00::1:10", "[fd00::2:20]:8080");
+    assert!(
+        matches!(ok, Inbound::Accept { destination, .. } if destination == sa("[fd00::2:20]:8080")),
+        "{ok:?}"
+    );
+    // A DENY with an IPv6 ipBlock stops clients inside it, of either transport.
+    let denied = decide("fd00:bad::7", "[fd00::2:20]:8080");
+    assert!(
+        matches!(denied, Inbound::Refuse { status: 403, ref reason } if reason.contains("app/deny-v6-block")),
+        "{denied:?}"
+    );
+    let plain = super::inbound_plaintext(&s, s2, ip("fd00:bad::7"), sa("[fd00::2:20]:8080"), false);
+    assert!(
+        matches!(plain, Inbound::Refuse { status: 403, .. }),
+        "{plain:?}"
+    );
+    // ... and nobody outside it, nor an IPv4 client.
+    assert!(matches!(
+        decide("fd00:bae::7", "[fd00::2:20]:8080"),
+        Inbound::Accept { .. }
+    ));
+    assert!(matches!(
+        decide("10.0.1.10", "[fd00::2:20]:8080"),
+        Inbound::Accept { .. }
+    ));
+    // Another pod's IPv6, a ztunnel port over IPv6, an unbracketed IPv6 authority.
+    for (authority, status) in [
+        ("[fd00::1:20]:8080", 400),
+        ("[fd00::2:20]:15008", 400),
+        ("fd00::2:20:8080", 400),
+    ] {
+        let got = decide("fd00::1:10", authority);
+        assert!(
+            matches!(got, Inbound::Refuse { status: st, .. } if st == status),
+            "{authority}: {got:?}"
+        );
     }
 }
 

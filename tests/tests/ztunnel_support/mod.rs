@@ -272,7 +272,8 @@ pub async fn round_trip(pod: &Pod, dst: SocketAddr, payload: &[u8]) -> anyhow::R
 /// Records every frame on every interface of a namespace (the fabric) until dropped.
 pub struct Sniffer {
     stop: Arc<AtomicBool>,
-    frames: Arc<Mutex<Vec<u8>>>,
+    /// Every frame's bytes, concatenated, and where each frame ends.
+    frames: Arc<Mutex<(Vec<u8>, Vec<usize>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -288,17 +289,17 @@ impl Sniffer {
         })??;
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let frames = Arc::new(Mutex::new(Vec::new()));
+        let frames = Arc::new(Mutex::new((Vec::new(), Vec::new())));
         let thread = std::thread::spawn({
             let (stop, frames) = (stop.clone(), frames.clone());
             move || {
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(n) = (&socket).read(&mut buf) {
-                        frames
-                            .lock()
-                            .expect("sniffer lock")
-                            .extend_from_slice(&buf[..n]);
+                        let mut frames = frames.lock().expect("sniffer lock");
+                        frames.0.extend_from_slice(&buf[..n]);
+                        let end = frames.0.len();
+                        frames.1.push(end);
                     }
                 }
             }
@@ -312,7 +313,21 @@ impl Sniffer {
 
     /// Everything captured so far, frames concatenated.
     pub fn bytes(&self) -> Vec<u8> {
-        self.frames.lock().expect("sniffer lock").clone()
+        self.frames.lock().expect("sniffer lock").0.clone()
+    }
+
+    /// Every frame captured so far (Ethernet header first), in order.
+    pub fn frames(&self) -> Vec<Vec<u8>> {
+        let frames = self.frames.lock().expect("sniffer lock");
+        let (bytes, ends) = &*frames;
+        let mut start = 0;
+        ends.iter()
+            .map(|&end| {
+                let frame = bytes[start..end].to_vec();
+                start = end;
+                frame
+            })
+            .collect()
     }
 }
 

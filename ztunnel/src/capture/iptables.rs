@@ -749,11 +749,18 @@ fn remove_routing(cfg: &RuleConfig, family: Family) -> Result<(), IptablesError>
         run("ip", &del, None)?;
     }
     let table = cfg.route_table.to_string();
-    let routes = run(
+    let routes = match run(
         "ip",
         &[family.ip_flag(), "route", "show", "table", &table],
         None,
-    )?;
+    ) {
+        Ok(routes) => routes,
+        // IPv6 tables exist only once a route was added to them; IPv4 shows them empty.
+        Err(IptablesError::Failed { stderr, .. }) if stderr.contains("table does not exist") => {
+            String::new()
+        }
+        Err(e) => return Err(e),
+    };
     if !routes.trim().is_empty() {
         run(
             "ip",

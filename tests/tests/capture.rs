@@ -15,8 +15,8 @@ use ambit_tests::{
 };
 use ambit_ztunnel::capture::iptables;
 use ambit_ztunnel::capture::{
-    dedicated, original_dst, Backend, CaptureConfig, CaptureManager, NetnsHandle, NetnsWorker,
-    RuleConfig,
+    dedicated, original_dst, Backend, CaptureConfig, CaptureManager, Ipv6Capture, NetnsHandle,
+    NetnsWorker, RuleConfig,
 };
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -174,6 +174,99 @@ async fn inbound_plaintext_reaches_15006_with_original_addresses() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_is_captured_on_its_own_listeners_with_original_addresses() -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("capture_v6")
+        .node("n1")
+        .node("n2")
+        .pod("a", "n1")
+        .pod("b", "n2")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let (a, b) = (topo.pod("a").clone(), topo.pod("b").clone());
+    let app_b = ReplyServer::start_v6(&b, 9000)?;
+    let app_a = ReplyServer::start_v6(&a, 9001)?;
+    let mgr = manager(&topo, RuleConfig::default());
+    let pod = mgr.enroll(ip(&a), "uid-a").await?;
+    let listeners = pod.take_listeners().context("listeners already taken")?;
+    let v6 = listeners.ipv6.context("IPv6 not captured")?;
+    assert_eq!(v6.outbound.local_addr()?, "[::1]:15001".parse()?);
+    assert_eq!(v6.hbone.local_addr()?, "[::]:15008".parse()?);
+
+    // Outbound: the app's IPv6 connection lands on [::1]:15001, IP6T_SO_ORIGINAL_DST names
+    // the target; nothing reaches it.
+    let (a2, dst) = (a.clone(), app_b.addr());
+    let mut out = blocking(move || connect_from(&a2, dst)).await?;
+    let (mut accepted, peer) = within("IPv6 outbound accept", v6.outbound.accept()).await??;
+    assert_eq!(
+        original_dst(&accepted)?,
+        app_b.addr(),
+        "IP6T_SO_ORIGINAL_DST"
+    );
+    assert_eq!(peer.ip(), IpAddr::from(a.ip6));
+    out.write_all(b"out6")?;
+    assert_eq!(read_exactly(&mut accepted, 4).await?, b"out6");
+    assert!(
+        app_b.seen().is_empty(),
+        "the captured IPv6 dial reached the server"
+    );
+
+    // Inbound plaintext: TPROXYed to [::]:15006 with the original addresses.
+    let (b2, dst) = (b.clone(), app_a.addr());
+    let mut inc = blocking(move || connect_from(&b2, dst)).await?;
+    let (mut accepted, peer) = within("IPv6 inbound accept", v6.inbound.accept()).await??;
+    assert_eq!(accepted.local_addr()?, app_a.addr(), "original destination");
+    assert_eq!(peer, inc.local_addr()?, "the real client");
+    inc.write_all(b"in6")?;
+    assert_eq!(read_exactly(&mut accepted, 3).await?, b"in6");
+    assert!(
+        app_a.seen().is_empty(),
+        "the captured IPv6 connection reached the app"
+    );
+
+    // ztunnel dials the app as the IPv6 client from inside the pod, and the replies come back.
+    let mut spoofed = within(
+        "transparent IPv6 dial",
+        pod.sockets().connect_from(b.ip6.into(), app_a.addr()),
+    )
+    .await??;
+    let seen = parse_greeting(&read_line(&mut spoofed).await?)?;
+    assert_eq!(seen.peer.ip(), IpAddr::from(b.ip6));
+    assert!(
+        listeners.outbound.local_addr()?.is_ipv4(),
+        "the IPv4 listeners are still there"
+    );
+
+    // Asked to close IPv6 instead: no IPv6 listeners, and the app's IPv6 is refused.
+    drop((
+        v6,
+        listeners.outbound,
+        listeners.inbound,
+        listeners.hbone,
+        spoofed,
+    ));
+    let closed = mgr
+        .enroll_with(ip(&a), "uid-a", Ipv6Capture::Closed)
+        .await?;
+    let listeners = closed.take_listeners().context("listeners already taken")?;
+    assert!(listeners.ipv6.is_none(), "IPv6 listeners for a closed pod");
+    let (a3, dst) = (a.clone(), app_b.addr());
+    let refused = blocking(move || {
+        Ok(in_netns(&a3.netns, move || {
+            std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1))
+        })?)
+    })
+    .await?;
+    assert!(refused.is_err(), "IPv6 of a closed pod was let out");
+    assert!(!save(&a, "ip6tables-save")?.contains("TPROXY"));
+    assert!(app_b.seen().is_empty());
+
+    mgr.remove("uid-a").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_dials_the_app_from_the_client_ip() -> anyhow::Result<()> {
     let Some(topo) = Topology::builder("connect_from_client")
         .node("n1")
@@ -319,10 +412,14 @@ async fn teardown_removes_rules_routes_and_listeners() -> anyhow::Result<()> {
     assert!(
         exec_in(&a.netns, &["ip", "-4", "rule", "show"])?.contains("fwmark 0x111/0xfff lookup 133")
     );
-    // IPv6 is closed beside the IPv4 capture.
+    // IPv6 is captured beside IPv4, and what it cannot carry is dropped.
     let saved6 = save(&a, "ip6tables-save")?;
     assert!(saved6.contains("-A OUTPUT -j AMBIT_OUTPUT"), "{saved6}");
     assert!(saved6.contains("-A AMBIT_INPUT -j DROP"), "{saved6}");
+    assert!(saved6.contains("-A PREROUTING -j AMBIT_PRERT"), "{saved6}");
+    assert!(
+        exec_in(&a.netns, &["ip", "-6", "rule", "show"])?.contains("fwmark 0x111/0xfff lookup 133")
+    );
     assert!(
         exec_in(&a.netns, &["ip", "-4", "route", "show", "table", "133"])?
             .contains("local default dev lo")
@@ -345,6 +442,11 @@ async fn teardown_removes_rules_routes_and_listeners() -> anyhow::Result<()> {
     );
     let routes = exec_in(&a.netns, &["ip", "-4", "route", "show", "table", "133"])?;
     assert!(routes.trim().is_empty(), "routes left behind:\n{routes}");
+    let rules = exec_in(&a.netns, &["ip", "-6", "rule", "show"])?;
+    assert!(
+        !rules.contains("fwmark"),
+        "IPv6 policy rule left behind:\n{rules}"
+    );
 
     // Traffic flows directly again, and nothing listens on the capture ports.
     let (a2, dst) = (a.clone(), server.addr());

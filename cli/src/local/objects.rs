@@ -179,6 +179,9 @@ pub fn write_sample(dir: &Path, spec: &SampleSpec) -> Result<(), ObjectsError> {
     {
         let k = i % spec.nodes.max(1);
         let ip = net::pod_ip(k + 1, per_node[k])?;
+        // The pod's namespace gets both families; the mesh carries the IPv6 of a pod whose
+        // IPv6 address it knows (a pod listing only `podIP` has its IPv6 closed).
+        let ip6 = net::pod_ip6(k + 1, per_node[k])?;
         per_node[k] += 1;
         let (key, value) = match &pod.sample {
             Sample::Server { port } => (SAMPLE_SERVER, port.to_string()),
@@ -193,7 +196,7 @@ pub fn write_sample(dir: &Path, spec: &SampleSpec) -> Result<(), ObjectsError> {
             "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  \
              labels:\n    app: {app}\n  annotations:\n    {key}: \"{value}\"\nspec:\n  \
              nodeName: node{node}\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    \
-             image: ambitctl-sample\nstatus:\n  podIP: {ip}\n",
+             image: ambitctl-sample\nstatus:\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  - ip: \"{ip6}\"\n",
             ns = pod.namespace,
             app = pod.app,
             node = k + 1,

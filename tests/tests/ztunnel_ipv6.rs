@@ -168,6 +168,23 @@ async fn dual_stack_pods_talk_ipv6_through_the_mesh_and_the_fabric_sees_only_tls
         assert!(routes.contains("fwmark 0x111/0xfff lookup 133"), "{routes}");
     }
 
+    // The self-dial over IPv6: ztunnel's own listeners in the pod, on the IPv6 loopback and
+    // the pod's IPv6 address, are refused at once (the outbound one counted as a self-dial),
+    // never dialled again.
+    for dst in [
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 15001),
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 15006),
+        SocketAddr::new(client.ip6.into(), 15006),
+    ] {
+        refused(client, dst, b"x").await?;
+    }
+    let self_dials = metric(
+        mesh.app("n1"),
+        "ambit_ztunnel_connections_refused_total",
+        &[("reason", "self_dial")],
+    );
+    assert_eq!(self_dials, 1, "[::1]:15001 not refused as a self-dial");
+
     let fabric = topo.namespaces()[0].clone();
     let sniffer = Sniffer::start(&fabric)?;
 

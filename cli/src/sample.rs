@@ -67,9 +67,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn serve(name: &str, port: u16) -> anyhow::Result<()> {
-    let listener =
-        TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding 0.0.0.0:{port}"))?;
-    eprintln!("sample server {name} listening on 0.0.0.0:{port}");
+    // Pods are dual-stack: `[::]` takes both families (IPv4 clients as IPv4-mapped
+    // addresses, shown unmapped in the greeting); a kernel without IPv6 gets IPv4 only.
+    let listener = match TcpListener::bind(("::", port)) {
+        Ok(l) => l,
+        Err(_) => TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("binding 0.0.0.0:{port}"))?,
+    };
+    let bound = listener.local_addr()?;
+    eprintln!("sample server {name} listening on {bound}");
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let name = name.to_owned();
@@ -82,8 +88,9 @@ fn serve(name: &str, port: u16) -> anyhow::Result<()> {
 }
 
 fn answer(name: &str, mut conn: TcpStream) -> std::io::Result<()> {
-    let peer = conn.peer_addr()?;
-    let local = conn.local_addr()?;
+    let unmapped = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let peer = unmapped(conn.peer_addr()?);
+    let local = unmapped(conn.local_addr()?);
     writeln!(conn, "hello from {name} ({local}); you are {peer}")?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(conn.try_clone()?);

@@ -200,6 +200,57 @@ fn sample_traffic_goes_over_hbone_a_deny_policy_is_enforced_and_down_removes_eve
         "{access}"
     );
 
+    // The sample pods list their IPv6 address: IPv6 between them is meshed too. The client
+    // (node 2) calls the echo server's IPv6 address on node 1; the server sees the client's
+    // own IPv6 address and node 1's ztunnel logs the HBONE stream with its proven identity.
+    let ip6 = |ip: std::net::Ipv4Addr| {
+        let [_, _, k, j] = ip.octets();
+        net::pod_ip6(usize::from(k), usize::from(j) - 2).expect("IPv6 plan")
+    };
+    let by_name = |prefix: &str| {
+        state
+            .pods
+            .iter()
+            .find(|p| p.name.starts_with(prefix))
+            .unwrap_or_else(|| panic!("a pod named {prefix}* in cluster.json"))
+            .clone()
+    };
+    let (echo, client) = (by_name("echo"), by_name("client"));
+    let (echo6, client6) = (ip6(echo.ip), ip6(client.ip));
+    let dst = SocketAddr::new(echo6.into(), 8080);
+    let greeting = net::in_netns(&client.netns, move || -> std::io::Result<String> {
+        use std::io::{BufRead as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = std::io::BufReader::new(s.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        s.write_all(b"over ipv6\n")?;
+        let mut back = String::new();
+        reader.read_line(&mut back)?;
+        Ok(line + &back)
+    })
+    .expect("enter the client pod")
+    .unwrap_or_else(|e| format!("error: {e}"));
+    assert!(
+        greeting.contains(&format!("you are [{client6}]:")) && greeting.ends_with("over ipv6\n"),
+        "IPv6 call from {client6} to {dst}: {greeting}"
+    );
+    let from6 = format!("\"src.addr\":\"[{client6}]:");
+    wait_for(
+        10,
+        "node 1's access-log line for the IPv6 HBONE stream",
+        || {
+            mesh.log("ztunnel-node1.log").lines().any(|l| {
+                l.contains(&from6)
+                    && l.contains("\"direction\":\"inbound\"")
+                    && l.contains("\"protocol\":\"hbone\"")
+                    && l.contains("\"src.identity\":\"spiffe://cluster.local/ns/demo/sa/client\"")
+            })
+        },
+        || mesh.log("ztunnel-node1.log"),
+    );
+
     // A deny policy dropped into the watched folder takes effect live.
     std::fs::write(
         state.objects_dir.join("deny.yaml"),

@@ -241,7 +241,7 @@ async fn dual_stack_pods_talk_ipv6_through_the_mesh_and_the_fabric_sees_only_tls
             String::from_utf8_lossy(secret)
         );
     }
-    let (c6, s6) = (IpAddr::from(client.ip6), IpAddr::from(server6.addr().ip()));
+    let (c6, s6) = (IpAddr::from(client.ip6), server6.addr().ip());
     let segments: Vec<Segment> = frames.iter().filter_map(|f| Segment::parse(f)).collect();
     let between: Vec<&Segment> = segments.iter().filter(|s| s.between(c6, s6)).collect();
     assert!(

@@ -662,10 +662,18 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
             .initial_connection_window_size(h2.connection_window)
             .max_frame_size(h2.max_frame_size)
             .max_send_buffer_size(h2.max_send_buffer)
-            .max_concurrent_streams(self.settings.max_concurrent_streams);
+            .max_concurrent_streams(self.settings.max_concurrent_streams)
+            .max_local_error_reset_streams(Some(MAX_PEER_STREAM_ERRORS));
         builder
     }
 }
+
+/// Streams h2 may reset on one connection because the peer sent them malformed (a `CONNECT`
+/// without `:authority`, a bad `content-length`) before it ends that connection with GOAWAY
+/// ENHANCE_YOUR_CALM. Each reset costs the server work the peer chose (the "made you reset"
+/// floods); no HBONE client sends a malformed stream, so a peer over this is hostile and loses
+/// only its own connection. h2's default, written here so that a change of default is ours.
+pub const MAX_PEER_STREAM_ERRORS: usize = 1024;
 
 /// What one stream's task needs.
 struct StreamContext<H> {

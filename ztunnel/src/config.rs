@@ -111,6 +111,16 @@ pub struct Args {
     /// Seconds open connections get to finish on shutdown or un-enrollment.
     #[arg(long, default_value_t = 5, env = "AMBIT_DRAIN_SECONDS")]
     pub drain_seconds: u64,
+    /// Seconds a ztunnel that handed its listeners to a successor keeps its open connections
+    /// before it exits (it exits earlier once the last one ends).
+    #[arg(long, default_value_t = 3600, env = "AMBIT_UPGRADE_DRAIN_SECONDS")]
+    pub upgrade_drain_seconds: u64,
+    /// How a starting ztunnel takes over from the one running on this node: `listeners`
+    /// receives its listening sockets over the node directory's hand-over socket; `reuseport`
+    /// (testing, debugging) binds its own beside them with SO_REUSEPORT and then tells the
+    /// old one to drain, as when the hand-over fails.
+    #[arg(long, value_enum, default_value_t = HandoverMode::Listeners, env = "AMBIT_HANDOVER")]
+    pub handover: HandoverMode,
     /// Lifetime asked of the CA for workload certificates, in seconds.
     #[arg(long, default_value_t = 24 * 3600, env = "AMBIT_CERT_VALIDITY_SECONDS")]
     pub cert_validity_seconds: u64,
@@ -122,6 +132,18 @@ pub struct Args {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// How a starting ztunnel takes over from the one running on its node (see
+/// `crate::handover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum HandoverMode {
+    /// Receive the running ztunnel's listening sockets; no listener ever closes.
+    #[default]
+    Listeners,
+    /// Bind our own listeners beside the running ones (SO_REUSEPORT), then ask it to drain:
+    /// the fallback path, forced.
+    Reuseport,
 }
 
 /// Where the state comes from.
@@ -164,6 +186,10 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub drain_deadline: Duration,
+    /// How long open connections are kept after handing over to a successor.
+    pub upgrade_drain_deadline: Duration,
+    /// How to take over from a running ztunnel on this node.
+    pub handover: HandoverMode,
     pub cert_validity: Duration,
     /// How often a static state file is checked for changes.
     pub static_poll: Duration,
@@ -196,6 +222,8 @@ impl Config {
             readiness_addr: local,
             admin_addr: local,
             drain_deadline: Duration::from_secs(2),
+            upgrade_drain_deadline: Duration::from_secs(30),
+            handover: HandoverMode::Listeners,
             cert_validity: ambit_hbone::ca::DEFAULT_CERT_VALIDITY,
             static_poll: Duration::from_millis(500),
             limits: Limits::default(),
@@ -308,6 +336,8 @@ impl TryFrom<Args> for Config {
             readiness_addr: a.readiness_addr,
             admin_addr: a.admin_addr,
             drain_deadline: Duration::from_secs(a.drain_seconds),
+            upgrade_drain_deadline: Duration::from_secs(a.upgrade_drain_seconds),
+            handover: a.handover,
             cert_validity: Duration::from_secs(a.cert_validity_seconds),
             static_poll: Duration::from_secs(1),
             limits: a.limits.into(),
@@ -344,6 +374,19 @@ mod tests {
             cfg.data_dir.as_deref(),
             Some(std::path::Path::new("/var/lib/ambit/ztunnel"))
         );
+    }
+
+    #[test]
+    fn an_upgrade_keeps_connections_an_hour_and_takes_the_listeners_by_default() {
+        let base = ["--static-state", "/s.yaml", "--ca-address", "http://ca:1"];
+        let cfg = parse(&base).unwrap();
+        assert_eq!(cfg.upgrade_drain_deadline, Duration::from_secs(3600));
+        assert_eq!(cfg.handover, HandoverMode::Listeners);
+        let mut args = base.to_vec();
+        args.extend(["--upgrade-drain-seconds", "7", "--handover", "reuseport"]);
+        let cfg = parse(&args).unwrap();
+        assert_eq!(cfg.upgrade_drain_deadline, Duration::from_secs(7));
+        assert_eq!(cfg.handover, HandoverMode::Reuseport);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod decision;
 pub mod discovery;
 pub mod drain;
 pub mod enrollment;
+pub mod handover;
 pub mod http_server;
 pub mod limits;
 pub mod metrics;

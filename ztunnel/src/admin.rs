@@ -166,11 +166,20 @@ impl AdminServer {
     /// Binds `addr`, which must be a loopback address ([`DEFAULT_ADDR`]; port 0 in
     /// tests).
     pub async fn bind(addr: SocketAddr, admin: Admin) -> Result<Self, AdminError> {
+        Self::bind_with(addr, admin, &crate::handover::Handover::default()).await
+    }
+
+    /// [`AdminServer::bind`], taking the listener a previous ztunnel handed over if any.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        admin: Admin,
+        handover: &crate::handover::Handover,
+    ) -> Result<Self, AdminError> {
         if !addr.ip().is_loopback() {
             return Err(AdminError::NotLoopback(addr));
         }
         Ok(AdminServer {
-            listener: Listener::bind("admin", addr)
+            listener: Listener::bind_with("admin", crate::handover::Role::Admin, addr, handover)
                 .await
                 .map_err(AdminError::Server)?,
             admin,

@@ -27,12 +27,14 @@ use crate::capture::{CaptureConfig, CaptureManager};
 use crate::certs::grpc::GrpcCaClient;
 use crate::certs::local::InProcessCa;
 use crate::certs::{CaClient, CertConfig, CertManager, CertsError, SignedChain, SystemClock};
-use crate::config::{CaSource, Config, Mode, StateSource};
+use crate::config::{CaSource, Config, HandoverMode, Mode, StateSource};
 use crate::control::{self, ControlError};
 use crate::decision::Balancer;
 use crate::discovery::{Backoff, DiscoveryClient, DiscoveryConfig};
 use crate::drain::{self, DrainOutcome, DrainTrigger, ShutdownRequest};
-use crate::enrollment::{CaptureMode, Enrollment, RetryPolicy, Statuses};
+use crate::enrollment::{CaptureMode, Enrollment, PodStatus, RetryPolicy, Statuses};
+use crate::handover::session::{self, Predecessor, Server, Session, Succession, Want};
+use crate::handover::{Handover, Inherited, Registry};
 use crate::http_server::ServerError;
 use crate::limits::NodeLimits;
 use crate::metrics::{Metrics, MetricsServer};
@@ -40,7 +42,7 @@ use crate::node_dir::NodeDir;
 use crate::proxy::{ProxySettings, Shared};
 use crate::readiness::{ReadinessServer, Ready};
 use crate::state::static_file::{self, StaticFileError};
-use crate::state::{ApplyOutcome, StateReader, Store, StoreError, TunnelProtocol};
+use crate::state::{ApplyOutcome, LocalWorkloads, StateReader, Store, StoreError, TunnelProtocol};
 use crate::telemetry::{error_chain, LogHandle};
 
 /// Why the app could not start (or reload its state).
@@ -189,6 +191,9 @@ pub struct App {
     ops_drain: DrainTrigger,
     shutdown: ShutdownRequest,
     drain_deadline: Duration,
+    upgrade_drain_deadline: Duration,
+    /// Set once a successor serves this node (see [`App::replaced`]).
+    replaced: watch::Receiver<Option<Succession>>,
     metrics_addr: SocketAddr,
     readiness_addr: SocketAddr,
     admin_addr: SocketAddr,
@@ -229,6 +234,12 @@ impl App {
             node_dir.clone(),
         );
         let ready = Ready::new();
+        // Before anything is bound: take over from the ztunnel running on this node, if any.
+        let handover_path = node_dir
+            .as_ref()
+            .map(|d| d.path().join(crate::handover::SOCKET_NAME));
+        let (handover, previous) = take_over(handover_path.as_deref(), config.handover).await;
+        let takeover_block = previous.as_ref().map(|_| ready.register(TAKEOVER_TASK));
         let mut state_ready = Some(ready.register("state"));
         let mut store = Store::new(Some(&config.node));
         let reader = store.reader();
@@ -298,6 +309,7 @@ impl App {
             strict_inbound: config.strict_inbound,
             policy_reevaluation: config.policy_reevaluation,
             drain_deadline: config.drain_deadline,
+            upgrade_drain_deadline: config.upgrade_drain_deadline,
             ..ProxySettings::default()
         };
         let limits = node_limits(&config);
@@ -311,11 +323,14 @@ impl App {
             limits,
         };
         let capture = match config.mode {
-            Mode::Node => CaptureMode::Node(Arc::new(CaptureManager::new(CaptureConfig {
-                netns_dir: config.netns_dir.clone(),
-                rules: config.rules.clone(),
-            }))),
-            Mode::Dedicated => CaptureMode::Dedicated(config.rules.clone()),
+            Mode::Node => CaptureMode::Node(Arc::new(CaptureManager::with_handover(
+                CaptureConfig {
+                    netns_dir: config.netns_dir.clone(),
+                    rules: config.rules.clone(),
+                },
+                handover.clone(),
+            ))),
+            Mode::Dedicated => CaptureMode::Dedicated(config.rules.clone(), handover.clone()),
         };
         let enrollment = Enrollment::spawn(
             shared,
@@ -331,13 +346,14 @@ impl App {
 
         let (ops_drain, watcher) = drain::channel();
         let shutdown = ShutdownRequest::new();
-        let metrics_server = MetricsServer::bind(config.metrics_addr, metrics.clone())
-            .await
-            .map_err(|source| AppError::Bind {
-                what: "metrics",
-                source,
-            })?;
-        let readiness = ReadinessServer::bind(config.readiness_addr, ready.clone())
+        let metrics_server =
+            MetricsServer::bind_with(config.metrics_addr, metrics.clone(), &handover)
+                .await
+                .map_err(|source| AppError::Bind {
+                    what: "metrics",
+                    source,
+                })?;
+        let readiness = ReadinessServer::bind_with(config.readiness_addr, ready.clone(), &handover)
             .await
             .map_err(|source| AppError::Bind {
                 what: "readiness",
@@ -351,7 +367,7 @@ impl App {
         if let Some(logging) = logging {
             admin = admin.with_logging(logging);
         }
-        let admin = AdminServer::bind(config.admin_addr, admin)
+        let admin = AdminServer::bind_with(config.admin_addr, admin, &handover)
             .await
             .map_err(AppError::Admin)?;
         let (metrics_addr, readiness_addr, admin_addr) = (
@@ -362,6 +378,17 @@ impl App {
         background.push(tokio::spawn(metrics_server.serve(watcher.clone())));
         background.push(tokio::spawn(readiness.serve(watcher.clone())));
         background.push(tokio::spawn(admin.serve(watcher)));
+        let (replaced_tx, replaced) = watch::channel(None);
+        background.push(tokio::spawn(succeed_and_serve(Succeed {
+            previous: previous.zip(takeover_block),
+            ready: ready.clone(),
+            inherited: handover.inherited.clone(),
+            local: reader.watch_local(),
+            status: enrollment.status(),
+            path: handover_path,
+            registry: handover.registry.clone(),
+            replaced: replaced_tx,
+        })));
         tracing::info!(
             node = %config.node,
             %metrics_addr,
@@ -380,6 +407,8 @@ impl App {
             ops_drain,
             shutdown,
             drain_deadline: config.drain_deadline,
+            upgrade_drain_deadline: config.upgrade_drain_deadline,
+            replaced,
             metrics_addr,
             readiness_addr,
             admin_addr,
@@ -433,10 +462,37 @@ impl App {
         self.shutdown.requested().await
     }
 
+    /// Resolves once a successor ztunnel serves this node: it took our listeners, or serves
+    /// on its own beside them. Then call [`App::drain_after_upgrade`].
+    pub async fn replaced(&self) -> Succession {
+        let mut rx = self.replaced.clone();
+        loop {
+            if let Some(s) = rx.borrow_and_update().clone() {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                // The hand-over task is gone (no node directory): never replaced.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Drains and stops: listeners closed, open connections given the drain deadline,
     /// operations servers stopped. Pods stay captured (see the module docs).
     pub async fn shutdown(self) -> DrainOutcome {
         let deadline = self.drain_deadline;
+        self.drain(deadline).await
+    }
+
+    /// [`App::shutdown`] once a successor serves: the listeners are the successor's now (or
+    /// it has its own), so stopping to accept refuses nothing, and open connections get the
+    /// upgrade's long deadline; the process should exit as soon as the last one ends.
+    pub async fn drain_after_upgrade(self) -> DrainOutcome {
+        let deadline = self.upgrade_drain_deadline;
+        self.drain(deadline).await
+    }
+
+    async fn drain(self, deadline: Duration) -> DrainOutcome {
         self.enrollment.shutdown(deadline).await;
         let outcome = self.ops_drain.drain_and_wait(deadline).await;
         for task in self.background {
@@ -546,5 +602,159 @@ async fn watch_file(st: Arc<StaticState>, every: Duration) {
                 "static state rejected; keeping the last good state"
             ),
         }
+    }
+}
+
+/// The readiness task of a successor until the ztunnel it replaces stops accepting.
+const TAKEOVER_TASK: &str = "hand-over from the running ztunnel";
+
+/// Asks the ztunnel running on this node (its socket at `path`) for its listeners. Returns
+/// what capture and the operations servers take their listeners from, and the session to
+/// close once we serve.
+async fn take_over(path: Option<&Path>, mode: HandoverMode) -> (Handover, Option<Session>) {
+    let want = match mode {
+        HandoverMode::Listeners => Want::Listeners,
+        HandoverMode::Reuseport => Want::DrainOnly,
+    };
+    let predecessor = match path {
+        // A few frames with deadlines of their own, on a blocking thread.
+        Some(path) => {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || session::take_over(&path, want))
+                .await
+                .unwrap_or_else(|e| Predecessor::None {
+                    reason: format!("the hand-over task failed: {e}"),
+                })
+        }
+        None => Predecessor::None {
+            reason: "no node directory".into(),
+        },
+    };
+    let (inherited, session) = match predecessor {
+        Predecessor::None { reason } => {
+            tracing::info!(%reason, "no running ztunnel to take over from");
+            (Inherited::default(), None)
+        }
+        Predecessor::Listeners {
+            session,
+            inherited,
+            pid,
+        } => {
+            tracing::info!(
+                previous = pid,
+                listeners = inherited.remaining(),
+                "took over the listening sockets of the running ztunnel"
+            );
+            (inherited, Some(session))
+        }
+        Predecessor::DrainOnly { session, reason } => {
+            tracing::warn!(
+                %reason,
+                "not taking the running ztunnel's listeners: binding beside them (SO_REUSEPORT); it drains once we serve"
+            );
+            (Inherited::default(), Some(session))
+        }
+    };
+    let handover = Handover {
+        registry: Registry::default(),
+        inherited,
+    };
+    (handover, session)
+}
+
+/// What [`succeed_and_serve`] needs.
+struct Succeed {
+    previous: Option<(Session, crate::readiness::BlockReady)>,
+    ready: Ready,
+    inherited: Inherited,
+    local: watch::Receiver<Arc<LocalWorkloads>>,
+    status: watch::Receiver<Arc<Statuses>>,
+    path: Option<PathBuf>,
+    registry: Registry,
+    replaced: watch::Sender<Option<Succession>>,
+}
+
+/// Whether this ztunnel serves everything the one it replaces served: every other readiness
+/// task done and every local enrolled pod served (a pod that still has a handed-over listener
+/// waiting is not).
+fn serving_all(s: &Succeed) -> bool {
+    let others = s
+        .ready
+        .pending()
+        .iter()
+        .filter(|t| *t != TAKEOVER_TASK)
+        .count();
+    if others > 0 {
+        return false;
+    }
+    let local = s.local.borrow().clone();
+    let status = s.status.borrow().clone();
+    let waiting = s.inherited.waiting_pods();
+    local.iter().all(|(uid, w)| {
+        let enrolled = w.protocol == TunnelProtocol::Hbone && !w.addresses.is_empty();
+        !enrolled
+            || (matches!(status.get(uid), Some(PodStatus::Enrolled { .. }))
+                && !waiting.iter().any(|u| **u == **uid))
+    })
+}
+
+/// Completes the take-over once we serve (the previous ztunnel keeps accepting until then),
+/// then serves the hand-over socket for our own successor.
+async fn succeed_and_serve(mut s: Succeed) {
+    if let Some((session, block)) = s.previous.take() {
+        while !serving_all(&s) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let adopted = s.inherited.taken();
+        let count = adopted.len();
+        let told = tokio::task::spawn_blocking(move || {
+            if adopted.is_empty() {
+                session.drain()
+            } else {
+                session.done(adopted)
+            }
+            .map_err(|e| error_chain(&e))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the hand-over task failed: {e}")));
+        match told {
+            Ok(()) => tracing::info!(
+                adopted = count,
+                "serving; the previous ztunnel stops accepting and drains"
+            ),
+            Err(error) => tracing::warn!(
+                %error,
+                "serving, but the previous ztunnel could not be told to drain; it serves beside us until stopped"
+            ),
+        }
+        let unused = s.inherited.release_rest();
+        if unused > 0 {
+            tracing::info!(unused, "closed handed-over listeners no pod of ours needs");
+        }
+        block.done();
+    }
+    let Some(path) = s.path else { return };
+    let server = match Server::bind(&path) {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!(
+                error = %error_chain(&e),
+                "cannot open the hand-over socket; an upgrade will fall back to SO_REUSEPORT"
+            );
+            return;
+        }
+    };
+    tracing::info!(path = %server.path().display(), "hand-over socket ready for a successor");
+    // Its own thread, not the blocking pool: it waits for a successor for as long as we run,
+    // and the runtime must not wait for it on exit.
+    let (registry, replaced) = (s.registry, s.replaced);
+    let spawned = std::thread::Builder::new()
+        .name("handover".into())
+        .spawn(move || {
+            let succession = server.serve(registry);
+            let _ = replaced.send(Some(succession));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the hand-over thread; an upgrade will fall back to SO_REUSEPORT");
     }
 }

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::capture::{self, CaptureManager, CapturedPod, InpodError, Ipv6Capture, RuleConfig};
 use crate::drain::{self, DrainOutcome, DrainTrigger};
+use crate::handover::Handover;
 use crate::proxy::{self, PodProxy, Shared};
 use crate::state::{LocalWorkloads, TunnelProtocol, Workload};
 use crate::telemetry::error_chain;
@@ -57,8 +58,9 @@ pub enum EnrollError {
 pub enum CaptureMode {
     /// In-pod: find each pod's namespace under the manager's directory.
     Node(Arc<CaptureManager>),
-    /// Dedicated: ztunnel runs beside its one workload and captures its own namespace.
-    Dedicated(RuleConfig),
+    /// Dedicated: ztunnel runs beside its one workload and captures its own namespace (its
+    /// listeners inherited from, and registered for, other ztunnels through the hand-over).
+    Dedicated(RuleConfig, Handover),
 }
 
 /// First and longest retry delays of a failed enrollment.
@@ -345,12 +347,14 @@ impl Worker {
         let ipv6 = ipv6_capture(w);
         let captured = match &self.capture {
             CaptureMode::Node(manager) => manager.enroll_with(ip, &w.uid, ipv6).await,
-            CaptureMode::Dedicated(rules) => {
+            CaptureMode::Dedicated(rules, handover) => {
                 let rules = RuleConfig {
                     ipv6,
                     ..rules.clone()
                 };
-                capture::dedicated(&w.uid, rules).await.map(Arc::new)
+                capture::dedicated_with(&w.uid, rules, handover)
+                    .await
+                    .map(Arc::new)
             }
         };
         let captured = match captured {
@@ -398,7 +402,7 @@ impl Worker {
     async fn remove_capture(&self, uid: &str, captured: &CapturedPod) {
         let removed = match &self.capture {
             CaptureMode::Node(manager) => manager.remove(uid).await.map(drop),
-            CaptureMode::Dedicated(_) => captured.teardown().await,
+            CaptureMode::Dedicated(..) => captured.teardown().await,
         };
         if let Err(e) = removed {
             tracing::error!(uid, error = %error_chain(&e), "cannot remove capture rules");
@@ -418,7 +422,7 @@ impl Worker {
                 CaptureMode::Node(manager) => {
                     manager.release(uid).await;
                 }
-                CaptureMode::Dedicated(_) => r.capture.release(),
+                CaptureMode::Dedicated(..) => r.capture.release(),
             },
         }
         let certs = (how == Stop::Unenroll).then(|| self.shared.certs.clone());

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::drain::DrainWatcher;
+use crate::handover::{Handover, Owner, Registered, Role};
 
 /// Response body of every operations endpoint: small and fully buffered.
 pub type Body = Full<Bytes>;
@@ -44,18 +45,47 @@ pub struct Listener {
     name: &'static str,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// In the hand-over registry while it serves.
+    registered: Option<Registered>,
 }
 
 impl Listener {
     /// Binds `addr`; `name` labels logs and errors.
     pub async fn bind(name: &'static str, addr: SocketAddr) -> Result<Self, ServerError> {
+        Self::bind_with(name, Role::Admin, addr, &Handover::default()).await
+    }
+
+    /// Takes the listener for `role` a previous ztunnel handed over, or binds `addr` (with
+    /// SO_REUSEPORT, so a successor can bind beside it); registers it for a successor.
+    pub async fn bind_with(
+        name: &'static str,
+        role: Role,
+        addr: SocketAddr,
+        handover: &Handover,
+    ) -> Result<Self, ServerError> {
         let bind_err = |source| ServerError::Bind { name, addr, source };
-        let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+        let std = match handover.inherited.take_ops(role, addr) {
+            Some(l) => {
+                tracing::info!(server = name, %addr, "listener handed over by the previous ztunnel");
+                l
+            }
+            None => crate::handover::bind_reuseport(addr, 1024)
+                .map_err(bind_err)?
+                .into(),
+        };
+        std.set_nonblocking(true).map_err(bind_err)?;
+        let listener = TcpListener::from_std(std).map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
+        let registered = handover
+            .registry
+            .register(Owner::Ops, role, &listener)
+            .inspect_err(|e| tracing::warn!(server = name, error = %e, "listener not registered for a successor"))
+            .ok();
         Ok(Listener {
             name,
             listener,
             local_addr,
+            registered,
         })
     }
 
@@ -75,6 +105,7 @@ impl Listener {
             name,
             listener,
             local_addr,
+            registered,
         } = self;
         tracing::info!(%local_addr, server = name, "listening");
         loop {
@@ -115,6 +146,7 @@ impl Listener {
                 }
             }));
         }
+        drop(registered);
         tracing::info!(%local_addr, server = name, "stopped accepting (draining)");
     }
 }

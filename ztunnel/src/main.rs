@@ -1,7 +1,8 @@
 //! The ztunnel binary: parse flags, start logging, run the [`App`] until SIGTERM/SIGINT or
 //! an admin `/quitquitquit`, then drain (listeners closed, open connections given the drain
 //! deadline; pods stay captured, so they are refused until a ztunnel serves them again) and
-//! exit 0.
+//! exit 0. Replaced by a successor on the node (an upgrade, see `handover`), it stops
+//! accepting and exits once its last connection ends or the upgrade drain deadline passes.
 
 use std::process::ExitCode;
 
@@ -68,11 +69,40 @@ async fn run(args: Args, logging: ambit_ztunnel::telemetry::LogHandle) -> anyhow
     let app = App::start_with_logging(config, ca, Some(logging))
         .await
         .context("cannot start")?;
-    tokio::select! {
-        signal = signal_handler() => tracing::info!(?signal, "signal received; draining"),
-        () = app.shutdown_requested() => tracing::info!("shutdown requested; draining"),
-    }
-    match app.shutdown().await {
+    let upgraded = tokio::select! {
+        signal = signal_handler() => {
+            tracing::info!(?signal, "signal received; draining");
+            None
+        }
+        () = app.shutdown_requested() => {
+            tracing::info!("shutdown requested; draining");
+            None
+        }
+        succession = app.replaced() => Some(succession),
+    };
+    let outcome = match upgraded {
+        None => app.shutdown().await,
+        Some(succession) => {
+            tracing::info!(
+                ?succession,
+                "a successor serves this node; no longer accepting, open connections are kept until they end"
+            );
+            // The successor's rollout stops us too (Kubernetes deletes the old pod once the
+            // new one is ready): the connections keep their upgrade deadline regardless.
+            let drain = app.drain_after_upgrade();
+            tokio::pin!(drain);
+            loop {
+                tokio::select! {
+                    outcome = &mut drain => break outcome,
+                    signal = signal_handler() => tracing::info!(
+                        ?signal,
+                        "signal received while draining after an upgrade; connections keep their deadline"
+                    ),
+                }
+            }
+        }
+    };
+    match outcome {
         DrainOutcome::Complete => tracing::info!("drained; exiting"),
         DrainOutcome::DeadlineExceeded { remaining } => {
             tracing::info!(remaining, "drain deadline passed; exiting")

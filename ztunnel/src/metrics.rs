@@ -402,8 +402,23 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds `addr` (normally [`DEFAULT_ADDR`]; port 0 in tests).
     pub async fn bind(addr: SocketAddr, metrics: Metrics) -> Result<Self, ServerError> {
+        Self::bind_with(addr, metrics, &crate::handover::Handover::default()).await
+    }
+
+    /// [`MetricsServer::bind`], taking the listener a previous ztunnel handed over if any.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        metrics: Metrics,
+        handover: &crate::handover::Handover,
+    ) -> Result<Self, ServerError> {
         Ok(MetricsServer {
-            listener: Listener::bind("metrics", addr).await?,
+            listener: Listener::bind_with(
+                "metrics",
+                crate::handover::Role::Metrics,
+                addr,
+                handover,
+            )
+            .await?,
             metrics,
         })
     }

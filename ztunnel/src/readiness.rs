@@ -102,8 +102,23 @@ pub struct ReadinessServer {
 impl ReadinessServer {
     /// Binds `addr` (normally [`DEFAULT_ADDR`]; port 0 in tests).
     pub async fn bind(addr: SocketAddr, ready: Ready) -> Result<Self, ServerError> {
+        Self::bind_with(addr, ready, &crate::handover::Handover::default()).await
+    }
+
+    /// [`ReadinessServer::bind`], taking the listener a previous ztunnel handed over if any.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        ready: Ready,
+        handover: &crate::handover::Handover,
+    ) -> Result<Self, ServerError> {
         Ok(ReadinessServer {
-            listener: Listener::bind("readiness", addr).await?,
+            listener: Listener::bind_with(
+                "readiness",
+                crate::handover::Role::Readiness,
+                addr,
+                handover,
+            )
+            .await?,
             ready,
         })
     }

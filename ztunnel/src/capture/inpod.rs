@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use super::iptables::{self, IptablesError, Ipv6Capture, RuleConfig};
 use super::netns::{self, NetnsError, NetnsHandle, NetnsWorker};
 use super::sockets::{self, SocketFactory};
+use crate::handover::{Handover, NetnsId, Owner, Registered, Role};
 
 /// Errors from enrolling and removing pods. Each names the pod and its namespace.
 #[derive(Debug, thiserror::Error)]
@@ -133,22 +134,21 @@ impl PodListeners {
     }
 }
 
-/// Opens one family's listeners (see [`sockets::listener_specs`]) in the calling thread's
-/// namespace: outbound, inbound, HBONE.
-fn open_listeners(
-    ipv6: bool,
-    rules: &RuleConfig,
+/// Opens one family's listeners (`specs` from [`sockets::listener_specs`]) in the calling
+/// thread's namespace: outbound, inbound, HBONE; each one handed over by the previous ztunnel
+/// is used as it is instead.
+fn open_or_inherit(
+    specs: [(SocketAddr, bool); 3],
+    inherited: [Option<std::net::TcpListener>; 3],
 ) -> Result<[std::net::TcpListener; 3], (SocketAddr, std::io::Error)> {
-    let [outbound, inbound, hbone] = sockets::listener_specs(
-        ipv6,
-        rules.outbound_port,
-        rules.inbound_port,
-        rules.hbone_port,
-    );
-    let open = |(addr, transparent): (SocketAddr, bool)| {
-        sockets::bind_listener(addr, transparent).map_err(|e| (addr, e))
-    };
-    Ok([open(outbound)?, open(inbound)?, open(hbone)?])
+    let open =
+        |(addr, transparent): (SocketAddr, bool), had: Option<std::net::TcpListener>| match had {
+            Some(l) => Ok(l),
+            None => sockets::bind_listener(addr, transparent).map_err(|e| (addr, e)),
+        };
+    let [outbound, inbound, hbone] = specs;
+    let [o, i, h] = inherited;
+    Ok([open(outbound, o)?, open(inbound, i)?, open(hbone, h)?])
 }
 
 /// One pod's capture. See the module docs for the lifecycle.
@@ -164,6 +164,8 @@ pub struct CapturedPod {
     listeners: Mutex<Option<PodListeners>>,
     /// `true` once torn down; proxy tasks wait on it to stop serving the pod.
     closed: watch::Sender<bool>,
+    /// The listeners' entries in the hand-over registry, until the pod stops being served.
+    registered: Mutex<Vec<Registered>>,
 }
 
 impl CapturedPod {
@@ -175,23 +177,80 @@ impl CapturedPod {
         netns: NetnsHandle,
         rules: RuleConfig,
     ) -> Result<Self, InpodError> {
+        Self::start_with(uid, ip, netns, rules, &Handover::default()).await
+    }
+
+    /// [`CapturedPod::start`] taking the listeners a previous ztunnel handed over, if any,
+    /// instead of binding them, and registering them for a successor (`crate::handover`).
+    pub async fn start_with(
+        uid: &str,
+        ip: Option<IpAddr>,
+        netns: NetnsHandle,
+        rules: RuleConfig,
+        handover: &Handover,
+    ) -> Result<Self, InpodError> {
         let uid: Arc<str> = Arc::from(uid);
         let path = netns.path().to_path_buf();
+        let netns_id = nix::sys::stat::fstat(netns.as_fd())
+            .map(|st| NetnsId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            })
+            .map_err(|e| InpodError::Worker {
+                uid: uid.clone(),
+                source: NetnsError::Open {
+                    path: path.clone(),
+                    source: e.into(),
+                },
+            })?;
         let worker = NetnsWorker::spawn(netns).map_err(|source| InpodError::Worker {
             uid: uid.clone(),
             source,
         })?;
 
         let ipv6_requested = rules.ipv6;
-        let specs = rules.clone();
+        // A listener handed over by the previous ztunnel is the very socket it served on: no
+        // bind, no moment without a listener. Each family's listeners are looked up by role
+        // and address; IPv6 ones taken but not used (the pod's IPv6 turns out closed) are
+        // simply dropped: the old process still holds its own copies.
+        let roles = [Role::Outbound, Role::Inbound, Role::Hbone];
+        let specs_v4 = sockets::listener_specs(
+            false,
+            rules.outbound_port,
+            rules.inbound_port,
+            rules.hbone_port,
+        );
+        let specs_v6 = sockets::listener_specs(
+            true,
+            rules.outbound_port,
+            rules.inbound_port,
+            rules.hbone_port,
+        );
+        let inherit = |specs: &[(SocketAddr, bool); 3]| {
+            [0, 1, 2].map(|i| {
+                handover
+                    .inherited
+                    .take_pod(&uid, netns_id, roles[i], specs[i].0)
+            })
+        };
+        let (inherited_v4, inherited_v6) = (inherit(&specs_v4), inherit(&specs_v6));
+        let handed_over = inherited_v4
+            .iter()
+            .chain(inherited_v6.iter())
+            .filter(|l| l.is_some())
+            .count();
+        let capture_v6 = rules.ipv6;
         let opened = worker
             .run(move || {
-                let v4 = open_listeners(false, &specs)?;
+                // A successor that could not take these binds beside them (SO_REUSEPORT);
+                // when ours then close, waiting connections move to its sockets.
+                crate::handover::migrate_queued_connections();
+                let v4 = open_or_inherit(specs_v4, inherited_v4)?;
                 // A pod's IPv6 is captured only when the kernel has IPv6 and its listeners
                 // open; otherwise it is closed by the rules below (never left open).
-                let v6 = match specs.ipv6 {
+                let v6 = match capture_v6 {
                     Ipv6Capture::Captured if iptables::ipv6_present() => {
-                        match open_listeners(true, &specs) {
+                        match open_or_inherit(specs_v6, inherited_v6) {
                             Ok(v6) => Some(v6),
                             Err((addr, error)) => {
                                 tracing::warn!(
@@ -222,6 +281,22 @@ impl CapturedPod {
         if opened6.is_none() {
             rules.ipv6 = Ipv6Capture::Closed;
         }
+        let owner = Owner::Pod {
+            uid: uid.to_string(),
+            netns: netns_id,
+        };
+        let mut registered = Vec::with_capacity(6);
+        let families = std::iter::once(&opened).chain(opened6.as_ref());
+        for family in families {
+            for (listener, role) in family.iter().zip(roles) {
+                match handover.registry.register(owner.clone(), role, listener) {
+                    Ok(r) => registered.push(r),
+                    Err(e) => {
+                        tracing::warn!(%uid, ?role, error = %e, "listener not registered for a successor")
+                    }
+                }
+            }
+        }
         // Registration needs the runtime, so it happens here rather than on the worker.
         // The closure returns the small (addr, io error) pair; the large InpodError is built
         // once, below (clippy::result_large_err).
@@ -229,7 +304,12 @@ impl CapturedPod {
             let addr = listener
                 .local_addr()
                 .unwrap_or_else(|_| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
-            TcpListener::from_std(listener).map_err(|source| (addr, source))
+            // Handed-over sockets are non-blocking already (the flag is the socket's); bound
+            // ones too. Set it anyway: tokio requires it.
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(listener))
+                .map_err(|source| (addr, source))
         };
         let listen_error = |(addr, source)| InpodError::Listen {
             uid: uid.clone(),
@@ -268,7 +348,15 @@ impl CapturedPod {
             netns: path.clone(),
             source,
         })?;
-        tracing::info!(%uid, ?ip, netns = %path.display(), adopted, ipv6 = ?rules.ipv6, "pod captured");
+        tracing::info!(
+            %uid,
+            ?ip,
+            netns = %path.display(),
+            adopted,
+            ipv6 = ?rules.ipv6,
+            listeners_handed_over = handed_over,
+            "pod captured"
+        );
 
         Ok(Self {
             sockets: SocketFactory::new(worker.clone(), rules.mark),
@@ -284,6 +372,7 @@ impl CapturedPod {
                 ipv6,
             })),
             closed: watch::Sender::new(false),
+            registered: Mutex::new(registered),
         })
     }
 
@@ -334,10 +423,20 @@ impl CapturedPod {
         *self.closed.borrow()
     }
 
+    /// Takes the pod's listeners out of the hand-over registry: a successor must not get a
+    /// socket nobody serves any more (our duplicate would also keep it open).
+    fn unregister(&self) {
+        self.registered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// Stops serving the pod but leaves its rules (ztunnel is stopping; the pod stays enrolled
     /// and is refused until a ztunnel adopts it): closes the listeners if the proxy never took
     /// them and tells the proxy to stop. Idempotent.
     pub fn release(&self) {
+        self.unregister();
         if !self.closed.send_replace(true) {
             drop(self.take_listeners());
             tracing::info!(uid = %self.uid, "pod released; its capture rules stay");
@@ -348,6 +447,7 @@ impl CapturedPod {
     /// and tells the proxy to stop. Idempotent. On error the pod is still marked closed (the
     /// proxy stops), but rules may remain in the namespace: the error says which.
     pub async fn teardown(&self) -> Result<(), InpodError> {
+        self.unregister();
         if self.closed.send_replace(true) {
             return Ok(());
         }
@@ -399,6 +499,8 @@ impl Default for CaptureConfig {
 #[derive(Debug)]
 pub struct CaptureManager {
     cfg: CaptureConfig,
+    /// Listeners inherited from, and registered for, the ztunnels before and after this one.
+    handover: Handover,
     /// An async lock: enroll/remove of the same uid must not interleave across awaits.
     pods: tokio::sync::Mutex<HashMap<Arc<str>, Arc<CapturedPod>>>,
 }
@@ -406,8 +508,15 @@ pub struct CaptureManager {
 impl CaptureManager {
     /// A manager with no pods yet.
     pub fn new(cfg: CaptureConfig) -> Self {
+        Self::with_handover(cfg, Handover::default())
+    }
+
+    /// A manager whose pods take their listeners from `handover` when it has them, and
+    /// register them there.
+    pub fn with_handover(cfg: CaptureConfig, handover: Handover) -> Self {
         Self {
             cfg,
+            handover,
             pods: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -460,7 +569,8 @@ impl CaptureManager {
             ipv6,
             ..self.cfg.rules.clone()
         };
-        let pod = Arc::new(CapturedPod::start(uid, Some(ip), handle, rules).await?);
+        let pod =
+            Arc::new(CapturedPod::start_with(uid, Some(ip), handle, rules, &self.handover).await?);
         pods.insert(pod.uid.clone(), pod.clone());
         Ok(pod)
     }
@@ -546,9 +656,18 @@ impl CaptureManager {
 /// metrics and readiness ports (and e.g. ssh) in `rules.inbound_exclude_ports`: every other TCP
 /// connection in the namespace is captured. [`RuleConfig::dedicated`] has those exclusions.
 pub async fn dedicated(uid: &str, rules: RuleConfig) -> Result<CapturedPod, InpodError> {
+    dedicated_with(uid, rules, &Handover::default()).await
+}
+
+/// [`dedicated`] with listeners inherited from, and registered for, other ztunnels.
+pub async fn dedicated_with(
+    uid: &str,
+    rules: RuleConfig,
+    handover: &Handover,
+) -> Result<CapturedPod, InpodError> {
     let handle = NetnsHandle::current().map_err(|source| InpodError::Worker {
         uid: Arc::from(uid),
         source,
     })?;
-    CapturedPod::start(uid, None, handle, rules).await
+    CapturedPod::start_with(uid, None, handle, rules, handover).await
 }

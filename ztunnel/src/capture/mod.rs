@@ -29,7 +29,8 @@ pub mod netns;
 pub mod sockets;
 
 pub use inpod::{
-    dedicated, CaptureConfig, CaptureManager, CapturedPod, InpodError, Ipv6Listeners, PodListeners,
+    dedicated, dedicated_with, CaptureConfig, CaptureManager, CapturedPod, InpodError,
+    Ipv6Listeners, PodListeners,
 };
 pub use iptables::{Backend, Ipv6Capture, RuleConfig};
 pub use netns::{NetnsHandle, NetnsWorker};

@@ -63,12 +63,15 @@ fn tcp_socket(family: SocketAddr) -> io::Result<Socket> {
 ///
 /// `transparent` sets IP_TRANSPARENT, which the inbound TPROXY listener needs so that the kernel
 /// hands it connections addressed to other IPs/ports. SO_REUSEADDR lets a re-enrolled pod rebind
-/// while old connections linger in TIME_WAIT. An IPv6 listener is IPV6_V6ONLY: each family has
-/// its own listener, so a `[::]` socket must not also take the IPv4 wildcard's connections (as
-/// IPv4-mapped addresses, which TPROXY's IPv4 lookup and the rules do not expect).
+/// while old connections linger in TIME_WAIT; SO_REUSEPORT lets a successor ztunnel that could
+/// not receive this socket bind beside it during an upgrade (`crate::handover`). An IPv6
+/// listener is IPV6_V6ONLY: each family has its own listener, so a `[::]` socket must not also
+/// take the IPv4 wildcard's connections (as IPv4-mapped addresses, which TPROXY's IPv4 lookup
+/// and the rules do not expect).
 pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
     let socket = tcp_socket(addr)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -39,7 +39,12 @@ use crate::peer::PeerIdentity;
 /// Serves HBONE for the pod until drain (then GOAWAY, and the drain deadline for open streams).
 pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, drain: DrainWatcher) {
     let settings = ServerSettings {
-        drain_deadline: shared.settings.drain_deadline,
+        // The longest drain this pod can get (an upgrade's): the pod's own drain, which waits
+        // on this task, aborts it at the deadline it was actually given.
+        drain_deadline: shared
+            .settings
+            .drain_deadline
+            .max(shared.settings.upgrade_drain_deadline),
         log_throttle: shared.throttle.clone(),
         ..ServerSettings::default()
     };

@@ -109,6 +109,8 @@ pub struct ProxySettings {
     pub cert_wait: Duration,
     /// How long open connections get when a pod is un-enrolled or ztunnel drains.
     pub drain_deadline: Duration,
+    /// How long they get once ztunnel handed over to a successor (an upgrade).
+    pub upgrade_drain_deadline: Duration,
     /// TCP connect timeout for passthrough and for dials to the app.
     pub connect_timeout: Duration,
     /// HBONE pool tuning (one pool per pod).
@@ -124,6 +126,7 @@ impl Default for ProxySettings {
             strict_inbound: false,
             cert_wait: Duration::from_secs(10),
             drain_deadline: crate::drain::DEFAULT_DRAIN_DEADLINE,
+            upgrade_drain_deadline: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(10),
             pool: PoolConfig::default(),
             policy_reevaluation: Reevaluation::default(),

@@ -2,7 +2,7 @@
 //!
 //! A clap dispatcher with one module per subcommand; each module owns its `Args` and its `run`.
 //! `install` (alias `render`) and `crds` only print manifests and never talk to a cluster. The
-//! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`, and the hidden
+//! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`, `upgrade`, and the hidden
 //! `sample` app) run a mesh on this machine; their shared parts are the library's
 //! `ambitctl::local`.
 
@@ -15,6 +15,7 @@ mod proxy_config;
 mod sample;
 mod status;
 mod up;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,8 @@ enum Command {
     Up(up::Args),
     /// Remove a local mesh made by `up` (also after a crash).
     Down(down::Args),
+    /// Replace one node's ztunnel in the local mesh live, without resetting a connection.
+    Upgrade(upgrade::Args),
     /// Health of the local mesh: controller and each node's ztunnel.
     Status(status::Args),
     /// What one node's ztunnel holds: workloads, services, policies, certificates.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Sample(args) => sample::run(&args),
         Command::Apply(args) => apply::run(&args),
         Command::Status(args) => status::run(&args),
+        Command::Upgrade(args) => upgrade::run(&args),
         Command::ProxyConfig(args) => proxy_config::run(&args),
     };
     match result {

@@ -250,6 +250,52 @@ fn sample_traffic_goes_over_hbone_a_deny_policy_is_enforced_and_down_removes_eve
         },
         || mesh.log("ztunnel-node1.log"),
     );
+    // `ambitctl upgrade` replaces node1's ztunnel (the server side) live: every call keeps
+    // succeeding, and the old process exits by itself once its connections end.
+    let old_pid = node1.ztunnel.as_ref().expect("node1's ztunnel").pid;
+    let since = mesh.client_log().lines().count();
+    let sd = mesh.state_dir.display().to_string();
+    let out = ambitctl(&["upgrade", "node1", "--state-dir", &sd]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && said.contains(&format!("pid {old_pid}")),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{said}");
+    let new_pid = mesh
+        .state()
+        .node("node1")
+        .and_then(|n| n.ztunnel.as_ref())
+        .expect("node1's new ztunnel")
+        .pid;
+    assert_ne!(new_pid, old_pid);
+    wait_for(
+        30,
+        "the previous ztunnel to exit once its connections ended",
+        || !procs::alive(old_pid),
+        || mesh.log("ztunnel-node1.log"),
+    );
+    wait_for(
+        30,
+        "replies through the new ztunnel",
+        || {
+            let log = mesh.client_log();
+            ok_results(&log.lines().skip(since).collect::<Vec<_>>().join("\n")) >= 3
+        },
+        || mesh.client_log(),
+    );
+    let during: Vec<String> = mesh
+        .client_log()
+        .lines()
+        .skip(since)
+        .filter(|l| l.contains("\"ok\":false"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        during.is_empty(),
+        "calls failed during the upgrade: {during:?}"
+    );
 
     // A deny policy dropped into the watched folder takes effect live.
     std::fs::write(
@@ -284,6 +330,7 @@ fn sample_traffic_goes_over_hbone_a_deny_policy_is_enforced_and_down_removes_eve
     );
 
     // Down: nothing left.
+    let state = mesh.state();
     let pids: Vec<i32> = state
         .controller
         .iter()

@@ -300,36 +300,7 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
     for i in 0..state.nodes.len() {
         let node = state.nodes[i].clone();
         let log = logs.join(format!("ztunnel-{}.log", node.name));
-        // The controller is also the CA; the node credential is how it knows this ztunnel
-        // may obtain certificates for this node's pods (and subscribe as this node).
-        let credential = state
-            .state_dir
-            .join("credentials")
-            .join(format!("{}.token", node.name));
-        let args = vec![
-            "--node".into(),
-            node.name.clone(),
-            "--controller".into(),
-            state.controller_url.clone(),
-            "--ca-root-file".into(),
-            state.root_cert.display().to_string(),
-            "--credential-file".into(),
-            credential.display().to_string(),
-            "--netns-dir".into(),
-            state.netns_dir.display().to_string(),
-            // One node directory per node: the local nodes share this machine's filesystem.
-            "--data-dir".into(),
-            state
-                .state_dir
-                .join("ztunnel")
-                .join(&node.name)
-                .display()
-                .to_string(),
-            "--log-format".into(),
-            "json".into(),
-            "--drain-seconds".into(),
-            "1".into(),
-        ];
+        let args = ztunnel_args(state, &node.name);
         let label = format!("ztunnel-{}", node.name);
         let (child, proc) = procs::spawn_in(
             &state.state_dir,
@@ -467,6 +438,176 @@ fn start_waypoints(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
         wait_listening(&pod.netns, addr, &proc, &format!("waypoint {gateway}"))?;
     }
     Ok(())
+}
+
+/// One node directory per node: the local nodes share this machine's filesystem.
+fn ztunnel_data_dir(state: &ClusterState, node: &str) -> PathBuf {
+    state.state_dir.join("ztunnel").join(node)
+}
+
+/// The flags of `node`'s ztunnel: the same for every process of the node, so a successor
+/// finds its predecessor's hand-over socket and ports.
+fn ztunnel_args(state: &ClusterState, node: &str) -> Vec<String> {
+    // The controller is also the CA; the node credential is how it knows this ztunnel may
+    // obtain certificates for this node's pods (and subscribe as this node).
+    let credential = state
+        .state_dir
+        .join("credentials")
+        .join(format!("{node}.token"));
+    vec![
+        "--node".into(),
+        node.to_owned(),
+        "--controller".into(),
+        state.controller_url.clone(),
+        "--ca-root-file".into(),
+        state.root_cert.display().to_string(),
+        "--credential-file".into(),
+        credential.display().to_string(),
+        "--netns-dir".into(),
+        state.netns_dir.display().to_string(),
+        "--data-dir".into(),
+        ztunnel_data_dir(state, node).display().to_string(),
+        "--log-format".into(),
+        "json".into(),
+        "--drain-seconds".into(),
+        "1".into(),
+    ]
+}
+
+/// Why `ambitctl upgrade` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// No node of that name.
+    #[error("no node {node} in this cluster (nodes: {known})")]
+    NoNode { node: String, known: String },
+    /// The binary to run is not a file.
+    #[error("{} is not a file", path.display())]
+    Binary { path: PathBuf },
+    /// Starting it failed.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// Recording it failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// It exited before serving.
+    #[error("the new ztunnel (pid {pid}) exited before it served; see {}", log.display())]
+    Exited { pid: i32, log: PathBuf },
+    /// It did not take over in time; it keeps trying, and the old one keeps serving.
+    #[error(
+        "the new ztunnel (pid {pid}) did not take over within {secs}s (the old one keeps \
+         serving until it does); see {}",
+        log.display()
+    )]
+    Timeout { pid: i32, secs: u64, log: PathBuf },
+}
+
+/// What `ambitctl upgrade` did.
+#[derive(Debug)]
+pub struct Upgraded {
+    pub node: String,
+    /// The ztunnel it replaced, if one was recorded and running.
+    pub old_pid: Option<i32>,
+    pub new_pid: i32,
+    pub binary: PathBuf,
+    /// From start to serving (it owns the hand-over socket and answers ready).
+    pub took: Duration,
+    pub log: PathBuf,
+}
+
+/// The inode of a node's hand-over socket: a new ztunnel renames its own into place only
+/// once it serves everything and has told the old one to stop accepting.
+fn handover_inode(state: &ClusterState, node: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(ztunnel_data_dir(state, node).join("handover.sock"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Replaces `node`'s ztunnel live: starts `binary` with the node's flags (and `extra`), which
+/// takes the running one's listening sockets (or binds beside them), waits until it serves
+/// (it owns the hand-over socket and answers ready), and records it. The old process stops
+/// accepting and exits by itself once its open connections end.
+pub fn upgrade(
+    state: &mut ClusterState,
+    node: &str,
+    binary: &Path,
+    extra: &[String],
+) -> Result<Upgraded, UpgradeError> {
+    let Some(i) = state.nodes.iter().position(|n| n.name == node) else {
+        return Err(UpgradeError::NoNode {
+            node: node.to_owned(),
+            known: state
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    if !binary.is_file() {
+        return Err(UpgradeError::Binary {
+            path: binary.to_owned(),
+        });
+    }
+    let netns = state.nodes[i].netns.clone();
+    let old_pid = state.nodes[i]
+        .ztunnel
+        .as_ref()
+        .map(|p| p.pid)
+        .filter(|p| procs::alive(*p));
+    let before = handover_inode(state, node);
+    let log = state
+        .state_dir
+        .join("logs")
+        .join(format!("ztunnel-{node}.log"));
+    let mut args = ztunnel_args(state, node);
+    args.extend(extra.iter().cloned());
+    let started = Instant::now();
+    // The child runs in its own process group and outlives us; its parent becomes init.
+    let (_child, proc) = procs::spawn_in(
+        &state.state_dir,
+        &format!("ztunnel-{node}"),
+        &netns,
+        binary,
+        &args,
+        &log,
+    )?;
+    let secs = 60;
+    let deadline = started + Duration::from_secs(secs);
+    let readiness = SocketAddr::from(([127, 0, 0, 1], ZTUNNEL_READINESS_PORT));
+    loop {
+        let owns_socket = handover_inode(state, node).is_some_and(|i| Some(i) != before);
+        if owns_socket
+            && matches!(
+                admin::get(&netns, readiness, "/healthz/ready"),
+                Ok((200, _))
+            )
+        {
+            break;
+        }
+        if !procs::alive(proc.pid) {
+            return Err(UpgradeError::Exited { pid: proc.pid, log });
+        }
+        if Instant::now() > deadline {
+            return Err(UpgradeError::Timeout {
+                pid: proc.pid,
+                secs,
+                log,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = started.elapsed();
+    state.nodes[i].ztunnel = Some(proc.clone());
+    state.save()?;
+    Ok(Upgraded {
+        node: node.to_owned(),
+        old_pid,
+        new_pid: proc.pid,
+        binary: binary.to_owned(),
+        took,
+        log,
+    })
 }
 
 /// Waits (bounded) for each ztunnel's readiness; reports, never fails: a user learns more

@@ -1,12 +1,13 @@
 //! The local mesh: a whole ambient mesh on one Linux machine, pods being network namespaces.
-//! The subcommands (`up`, `down`, `status`, `proxy-config`, `apply`, `sample`) live in the
+//! The subcommands (`up`, `down`, `status`, `proxy-config`, `apply`, `upgrade`, `sample`) live in the
 //! binary; everything they share, and what the end-to-end tests reuse, lives here.
 //!
 //! - [`net`]: namespaces, bridge, veth pairs, addresses and routes (shared with the tests'
 //!   `Topology`).
 //! - [`objects`]: the sample as Kubernetes YAML, and the layout read back from any folder
 //!   with the controller's own parser.
-//! - [`cluster`]: build, start and tear down (also after a crash).
+//! - [`cluster`]: build, start, upgrade a node's ztunnel live, and tear down (also after a
+//!   crash).
 //! - [`state`]: `<state-dir>/cluster.json`, what a running cluster is made of.
 //! - [`procs`]: processes in namespaces, pidfiles, stopping.
 //! - [`admin`]: HTTP GETs to ops ports inside namespaces; [`inspect`]: status and

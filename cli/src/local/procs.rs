@@ -1,8 +1,8 @@
 //! Starting and stopping the local mesh's processes. Every process runs inside one of the
 //! cluster's namespaces (`ip netns exec`, so no `setns` before `exec` in our own code), in its
 //! own process group (a detached cluster survives the terminal), with stdout and stderr in a
-//! log file and a pidfile under `<state-dir>/pids/`. Stopping is SIGTERM (ztunnel removes its
-//! capture rules and drains), a bounded wait, then SIGKILL.
+//! log file and a pidfile under `<state-dir>/pids/`. Stopping is SIGTERM (ztunnel drains; its
+//! pods' capture rules stay), a bounded wait, then SIGKILL.
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt as _;

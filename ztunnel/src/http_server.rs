@@ -64,7 +64,11 @@ impl Listener {
         handover: &Handover,
     ) -> Result<Self, ServerError> {
         let bind_err = |source| ServerError::Bind { name, addr, source };
-        let std = match handover.inherited.take_ops(role, addr) {
+        let netns = crate::handover::own_netns()
+            .inspect_err(|e| tracing::warn!(server = name, error = %e, "cannot identify our network namespace; not taking or offering this listener"))
+            .ok();
+        let inherited = netns.and_then(|n| handover.inherited.take_ops(n, role, addr));
+        let std = match inherited {
             Some(l) => {
                 tracing::info!(server = name, %addr, "listener handed over by the previous ztunnel");
                 l
@@ -76,11 +80,13 @@ impl Listener {
         std.set_nonblocking(true).map_err(bind_err)?;
         let listener = TcpListener::from_std(std).map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
-        let registered = handover
-            .registry
-            .register(Owner::Ops, role, &listener)
-            .inspect_err(|e| tracing::warn!(server = name, error = %e, "listener not registered for a successor"))
-            .ok();
+        let registered = netns.and_then(|netns| {
+            handover
+                .registry
+                .register(Owner::Ops { netns }, role, &listener)
+                .inspect_err(|e| tracing::warn!(server = name, error = %e, "listener not registered for a successor"))
+                .ok()
+        });
         Ok(Listener {
             name,
             listener,

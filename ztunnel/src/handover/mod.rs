@@ -61,8 +61,10 @@ pub struct NetnsId {
 pub enum Owner {
     /// A pod's, bound inside its network namespace.
     Pod { uid: String, netns: NetnsId },
-    /// ztunnel's own, in the namespace it runs in.
-    Ops,
+    /// ztunnel's own, in the namespace it runs in. A successor in another namespace (on
+    /// Kubernetes each ztunnel pod has its own) binds its own instead: a port in the old pod's
+    /// namespace is not one its probes reach.
+    Ops { netns: NetnsId },
 }
 
 /// One handed-over listener, as the hand-over message describes it. The address carries the
@@ -240,6 +242,16 @@ impl std::fmt::Debug for Inherited {
     }
 }
 
+/// The network namespace the calling thread is in.
+pub fn own_netns() -> std::io::Result<NetnsId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata("/proc/thread-self/ns/net")?;
+    Ok(NetnsId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
 impl Inherited {
     /// Checked listeners (see [`check_listener`]); the others are logged and closed.
     pub fn new(received: Vec<(Descriptor, OwnedFd)>) -> Self {
@@ -292,11 +304,17 @@ impl Inherited {
             .map(|(_, l)| l)
     }
 
-    /// The operations listener for `role` configured at `addr` (port 0: any port on that IP,
-    /// as tests configure).
-    pub fn take_ops(&self, role: Role, addr: SocketAddr) -> Option<std::net::TcpListener> {
+    /// The operations listener for `role` configured at `addr` in namespace `netns` (port 0:
+    /// any port on that IP, as tests configure).
+    pub fn take_ops(
+        &self,
+        netns: NetnsId,
+        role: Role,
+        addr: SocketAddr,
+    ) -> Option<std::net::TcpListener> {
+        let want = Owner::Ops { netns };
         self.take_where(|d| {
-            d.owner == Owner::Ops
+            d.owner == want
                 && d.role == role
                 && (d.addr == addr || (addr.port() == 0 && d.addr.ip() == addr.ip()))
         })
@@ -320,7 +338,7 @@ impl Inherited {
             .filter(|(_, fd)| fd.is_some())
             .filter_map(|(d, _)| match &d.owner {
                 Owner::Pod { uid, .. } => Some(uid.clone()),
-                Owner::Ops => None,
+                Owner::Ops { .. } => None,
             })
             .collect();
         uids.dedup();
@@ -383,6 +401,8 @@ pub fn migrate_queued_connections() {
 mod tests {
     use super::*;
 
+    const NETNS: NetnsId = NetnsId { dev: 4, ino: 7 };
+
     #[test]
     fn registered_listeners_leave_with_their_guard_and_are_taken_once() {
         let registry = Registry::default();
@@ -394,7 +414,9 @@ mod tests {
             netns,
         };
         let ga = registry.register(pod.clone(), Role::Hbone, &a).unwrap();
-        let gb = registry.register(Owner::Ops, Role::Metrics, &b).unwrap();
+        let gb = registry
+            .register(Owner::Ops { netns }, Role::Metrics, &b)
+            .unwrap();
         assert_eq!(registry.len(), 2);
         drop(gb);
         let snap = registry.snapshot().unwrap();
@@ -442,7 +464,7 @@ mod tests {
         let inherited = Inherited::new(vec![(
             Descriptor {
                 id: 0,
-                owner: Owner::Ops,
+                owner: Owner::Ops { netns: NETNS },
                 role: Role::Admin,
                 addr: "127.0.0.1:1".parse().unwrap(),
             },
@@ -460,15 +482,20 @@ mod tests {
         let inherited = Inherited::new(vec![(
             Descriptor {
                 id: 3,
-                owner: Owner::Ops,
+                owner: Owner::Ops { netns: NETNS },
                 role: Role::Readiness,
                 addr,
             },
             OwnedFd::from(std::net::TcpListener::from(b)),
         )]);
+        // Another namespace's ops port (another pod's, on Kubernetes) is not ours.
+        let other = NetnsId { dev: 1, ino: 2 };
+        assert!(inherited
+            .take_ops(other, Role::Readiness, "127.0.0.1:0".parse().unwrap())
+            .is_none());
         // Tests configure port 0: any port on the same IP matches.
         let l = inherited
-            .take_ops(Role::Readiness, "127.0.0.1:0".parse().unwrap())
+            .take_ops(NETNS, Role::Readiness, "127.0.0.1:0".parse().unwrap())
             .unwrap();
         assert_eq!(l.local_addr().unwrap(), addr);
     }

@@ -543,8 +543,10 @@ fn receive_offer(conn: &Conn) -> Result<(u32, Vec<(Descriptor, OwnedFd)>), Hando
 #[cfg(test)]
 mod tests {
     use super::super::wire::pair;
-    use super::super::{bind_reuseport, Owner, Role};
+    use super::super::{bind_reuseport, NetnsId, Owner, Role};
     use super::*;
+
+    const NETNS: NetnsId = NetnsId { dev: 4, ino: 7 };
 
     fn temp_socket(name: &str) -> PathBuf {
         let dir =
@@ -563,7 +565,11 @@ mod tests {
         let mut listeners = Vec::new();
         for _ in 0..(MAX_FDS + 5) {
             let l = bind_reuseport("127.0.0.1:0".parse().unwrap(), 8).unwrap();
-            guards.push(registry.register(Owner::Ops, Role::Admin, &l).unwrap());
+            guards.push(
+                registry
+                    .register(Owner::Ops { netns: NETNS }, Role::Admin, &l)
+                    .unwrap(),
+            );
             listeners.push(l);
         }
         let server = Server::bind(&path).unwrap();
@@ -579,7 +585,7 @@ mod tests {
         assert_eq!(pid, std::process::id());
         assert_eq!(inherited.remaining(), MAX_FDS + 5);
         let addr = listeners[3].local_addr().unwrap().as_socket().unwrap();
-        let l = inherited.take_ops(Role::Admin, addr).unwrap();
+        let l = inherited.take_ops(NETNS, Role::Admin, addr).unwrap();
         assert_eq!(l.local_addr().unwrap(), addr);
         session.done(inherited.taken()).unwrap();
         let succession = served.join().unwrap();
@@ -637,8 +643,8 @@ mod tests {
         let l = bind_reuseport("127.0.0.1:0".parse().unwrap(), 8).unwrap();
         // Two descriptions, one socket.
         let offer = br#"{"pid":1,"total":2,"listeners":[
-            {"id":0,"owner":{"kind":"ops"},"role":"admin","addr":"127.0.0.1:1"},
-            {"id":1,"owner":{"kind":"ops"},"role":"admin","addr":"127.0.0.1:2"}]}"#;
+            {"id":0,"owner":{"kind":"ops","netns":{"dev":1,"ino":1}},"role":"admin","addr":"127.0.0.1:1"},
+            {"id":1,"owner":{"kind":"ops","netns":{"dev":1,"ino":1}},"role":"admin","addr":"127.0.0.1:2"}]}"#;
         old.send(Kind::Offer, offer, &[l.as_fd()], STEP_TIMEOUT)
             .unwrap();
         let err = receive_offer(&new).unwrap_err();
@@ -661,7 +667,7 @@ mod tests {
             .unwrap();
         assert!(matches!(receive_offer(&new), Err(HandoverError::Offer(_))));
         let dup = br#"{"pid":1,"total":2,"listeners":[
-            {"id":0,"owner":{"kind":"ops"},"role":"admin","addr":"127.0.0.1:1"}]}"#;
+            {"id":0,"owner":{"kind":"ops","netns":{"dev":1,"ino":1}},"role":"admin","addr":"127.0.0.1:1"}]}"#;
         old.send(Kind::Offer, dup, &[l.as_fd()], STEP_TIMEOUT)
             .unwrap();
         old.send(Kind::Offer, dup, &[l.as_fd()], STEP_TIMEOUT)

@@ -26,13 +26,22 @@
 //!   a TokenReview for that audience (so the token is useless to the API server or anyone else).
 //! - Tolerates every taint and runs as `system-node-critical`: a node whose ztunnel is missing has
 //!   enrolled pods with no connectivity.
-//! - `terminationGracePeriodSeconds` leaves time to drain: ztunnel stops accepting, lets open
-//!   connections finish, then exits before the hard kill. Pods stay captured meanwhile (their
-//!   connections are refused until the next ztunnel adopts them).
+//! - Upgrades surge: `RollingUpdate` with `maxSurge: 1, maxUnavailable: 0`, so a node's new
+//!   ztunnel pod starts beside the old one and takes its listening sockets over the hand-over
+//!   socket in the node directory (or binds beside them with SO_REUSEPORT). It reports ready
+//!   only once it serves every pod the old one served and has told it to stop accepting; only
+//!   then does the DaemonSet delete the old pod, which by then drains: no listener closes, no
+//!   connection is reset.
+//! - `terminationGracePeriodSeconds` covers the longer of the two drains: a plain stop
+//!   (`AMBIT_DRAIN_SECONDS`; pods stay captured and are refused until the next ztunnel adopts
+//!   them) and an old ztunnel after an upgrade, which keeps its open connections until they
+//!   end or `AMBIT_UPGRADE_DRAIN_SECONDS` passes (a SIGTERM then does not cut them short),
+//!   exiting as soon as the last one ends.
 //! - The node directory `/var/lib/ambit/ztunnel` is a hostPath (`DirectoryOrCreate`), read-write:
 //!   the last acknowledged state and the workload certificates with their keys (owner-only files)
-//!   survive a restart, so ztunnel serves before the controller answers. The root filesystem
-//!   stays read-only.
+//!   survive a restart, so ztunnel serves before the controller answers; `handover.sock`, the
+//!   Unix socket through which a new ztunnel takes over from the old one, lives there too. The
+//!   root filesystem stays read-only.
 
 use std::collections::BTreeMap;
 
@@ -65,8 +74,10 @@ pub const TOKEN_FILE: &str = "ambit-ca-token";
 /// Where the trust anchor (`root-cert.pem`, from the `ambit-root-cert` ConfigMap) is mounted; ztunnel
 /// verifies the controller's TLS certificate with it.
 pub const ROOT_CERT_DIR: &str = "/var/run/secrets/ambit";
-/// Seconds ztunnel gets to drain before it is killed.
-pub const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// Seconds a ztunnel that handed over to its successor keeps its open connections.
+pub const UPGRADE_DRAIN_SECONDS: i64 = 3600;
+/// Seconds ztunnel gets to drain before it is killed: the upgrade drain, plus time to exit.
+pub const TERMINATION_GRACE_SECONDS: i64 = UPGRADE_DRAIN_SECONDS + 30;
 /// Seconds ztunnel lets open connections finish once told to stop: less than the grace period,
 /// so it exits on its own (with its "drained" log line) before the kubelet's SIGKILL.
 pub const DRAIN_SECONDS: i64 = 20;
@@ -92,6 +103,10 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
             env("AMBIT_NETNS_DIR", NETNS_DIR),
             env("AMBIT_DATA_DIR", DATA_DIR),
             env("AMBIT_DRAIN_SECONDS", DRAIN_SECONDS.to_string()),
+            env(
+                "AMBIT_UPGRADE_DRAIN_SECONDS",
+                UPGRADE_DRAIN_SECONDS.to_string(),
+            ),
             env("AMBIT_LOG_FORMAT", "json"),
         ]),
         ports: Some(vec![
@@ -217,12 +232,13 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
                 match_labels: Some(meta::selector_labels(NAME)),
                 ..LabelSelector::default()
             },
-            // One node at a time: an upgrading node's pods lose their proxy briefly.
+            // One node at a time, the new pod beside the old one: it takes over the old one's
+            // listeners before the old one is deleted (see the module docs).
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".to_owned()),
                 rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(IntOrString::Int(1)),
-                    ..RollingUpdateDaemonSet::default()
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
                 }),
             }),
             template: PodTemplateSpec {

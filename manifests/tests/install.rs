@@ -464,7 +464,7 @@ fn ztunnel_mounts_the_host_netns_and_node_dirs_and_nothing_else_from_the_host() 
 
 #[test]
 fn ztunnel_is_ready_on_15021_runs_everywhere_and_drains() {
-    let (_, pod, c) = ztunnel(&InstallOptions::default());
+    let (ds, pod, c) = ztunnel(&InstallOptions::default());
     let probe = c.readiness_probe.unwrap().http_get.unwrap();
     assert_eq!(
         probe.port,
@@ -484,9 +484,25 @@ fn ztunnel_is_ready_on_15021_runs_everywhere_and_drains() {
     assert!(pod.termination_grace_period_seconds.unwrap() >= 10);
     let env = c.env.unwrap();
     let value = |name: &str| env.iter().find(|e| e.name == name).unwrap().value.clone();
-    // Drain ends before the kubelet's SIGKILL.
+    // Drain ends before the kubelet's SIGKILL, also the long one after an upgrade.
     let drain: i64 = value("AMBIT_DRAIN_SECONDS").unwrap().parse().unwrap();
     assert!(drain < pod.termination_grace_period_seconds.unwrap());
+    let upgrade: i64 = value("AMBIT_UPGRADE_DRAIN_SECONDS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        upgrade >= 3600,
+        "an upgrade keeps connections at least an hour"
+    );
+    assert!(upgrade < pod.termination_grace_period_seconds.unwrap());
+    // Upgrades surge: the new pod takes over from the old one before it is deleted.
+    let rolling = ds.spec.update_strategy.clone().unwrap();
+    assert_eq!(rolling.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = rolling.rolling_update.unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
     assert_eq!(
         value("AMBIT_CREDENTIAL_FILE").as_deref(),
         Some("/var/run/secrets/tokens/ambit-ca-token")

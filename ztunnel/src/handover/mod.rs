@@ -228,10 +228,13 @@ pub fn check_listener(fd: &OwnedFd, addr: SocketAddr) -> Result<(), AdoptError> 
     })
 }
 
+/// A received listener and its socket, `None` once taken.
+type Slot = (Descriptor, Option<OwnedFd>);
+
 /// Listeners received from the previous ztunnel, waiting to be taken. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Inherited {
-    inner: Arc<Mutex<Vec<(Descriptor, Option<OwnedFd>)>>>,
+    inner: Arc<Mutex<Vec<Slot>>>,
 }
 
 impl std::fmt::Debug for Inherited {
@@ -271,7 +274,7 @@ impl Inherited {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Descriptor, Option<OwnedFd>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -471,6 +474,35 @@ mod tests {
             fd,
         )]);
         assert_eq!(inherited.remaining(), 0);
+    }
+
+    #[test]
+    fn ipv6_listeners_are_described_with_their_family() {
+        let d = Descriptor {
+            id: 5,
+            owner: Owner::Pod {
+                uid: "shop/a".into(),
+                netns: NETNS,
+            },
+            role: Role::Hbone,
+            addr: "[::]:15008".parse().unwrap(),
+        };
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(json.contains(r#""addr":"[::]:15008""#), "{json}");
+        let back: Descriptor = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, d);
+        // A v6 socket is checked like a v4 one, where the host has IPv6 loopback.
+        if let Ok(l) = bind_reuseport("[::1]:0".parse().unwrap(), 8) {
+            let addr = l.local_addr().unwrap().as_socket().unwrap();
+            let inherited = Inherited::new(vec![(
+                Descriptor { addr, ..d.clone() },
+                OwnedFd::from(std::net::TcpListener::from(l)),
+            )]);
+            let got = inherited
+                .take_pod("shop/a", NETNS, Role::Hbone, addr)
+                .unwrap();
+            assert_eq!(got.local_addr().unwrap(), addr);
+        }
     }
 
     #[test]

@@ -24,8 +24,9 @@ use ztunnel_support::*;
 
 /// New connections per second asked of the load (the floor is 200).
 const RATE: u64 = 240;
-/// Threads opening them.
-const CONNECTORS: u64 = 4;
+/// Threads opening them, each paced to its share: several, so that one slow exchange on a
+/// busy machine does not hold the rate down.
+const CONNECTORS: u64 = 8;
 /// Long-lived streams, half each way.
 const STREAMS: usize = 20;
 /// Their message interval.

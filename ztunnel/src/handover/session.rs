@@ -597,6 +597,7 @@ mod tests {
                 adopted: 1
             }
         );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]
@@ -616,6 +617,7 @@ mod tests {
             served.join().unwrap(),
             Succession::Replaced { pid: Some(_) }
         ));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::capture::{CaptureConfig, CaptureManager};
 use crate::certs::grpc::GrpcCaClient;
 use crate::certs::local::InProcessCa;
 use crate::certs::{CaClient, CertConfig, CertManager, CertsError, SignedChain, SystemClock};
+use crate::cni::CniServer;
 use crate::config::{CaSource, Config, HandoverMode, Mode, StateSource};
 use crate::control::{self, ControlError};
 use crate::decision::Balancer;
@@ -332,6 +333,18 @@ impl App {
             ))),
             Mode::Dedicated => CaptureMode::Dedicated(config.rules.clone(), handover.clone()),
         };
+        // The CNI plugin's socket: pods are reported (and adopted) as their sandbox is made.
+        // Without it the plugin still installs the rules and enrollment finds the pods by IP.
+        let cni = match (&capture, &node_dir) {
+            (CaptureMode::Node(manager), Some(dir)) => match CniServer::bind(dir.path()) {
+                Ok(server) => Some((server, manager.hints().clone())),
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "no CNI socket; pods are found by IP");
+                    None
+                }
+            },
+            _ => None,
+        };
         let enrollment = Enrollment::spawn(
             shared,
             capture,
@@ -377,6 +390,14 @@ impl App {
         );
         background.push(tokio::spawn(metrics_server.serve(watcher.clone())));
         background.push(tokio::spawn(readiness.serve(watcher.clone())));
+        if let Some((server, hints)) = cni {
+            tracing::info!(socket = %server.path().display(), "CNI socket listening");
+            background.push(tokio::spawn(server.serve(
+                reader.clone(),
+                hints,
+                watcher.clone(),
+            )));
+        }
         background.push(tokio::spawn(admin.serve(watcher)));
         let (replaced_tx, replaced) = watch::channel(None);
         background.push(tokio::spawn(succeed_and_serve(Succeed {

@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::capture::{self, CaptureManager, CapturedPod, InpodError, Ipv6Capture, RuleConfig};
+use crate::cni::Hints;
 use crate::drain::{self, DrainOutcome, DrainTrigger};
 use crate::handover::Handover;
 use crate::proxy::{self, PodProxy, Shared};
@@ -109,7 +110,12 @@ impl Enrollment {
     ) -> Self {
         let (status_tx, status) = watch::channel(Arc::new(Statuses::new()));
         let (stop_tx, stop_rx) = oneshot::channel();
+        let hints = match &capture {
+            CaptureMode::Node(manager) => Some(manager.hints().clone()),
+            CaptureMode::Dedicated(..) => None,
+        };
         let worker = Worker {
+            hints,
             shared,
             capture,
             retry,
@@ -173,6 +179,8 @@ enum Stop {
 
 struct Worker {
     shared: Shared,
+    /// Pods the CNI plugin reported: enrolled as soon as they are, by the address it gave.
+    hints: Option<Hints>,
     capture: CaptureMode,
     retry: RetryPolicy,
     running: HashMap<Arc<str>, Running>,
@@ -180,13 +188,6 @@ struct Worker {
     /// Pods draining in the background.
     stopping: JoinSet<()>,
     status: watch::Sender<Arc<Statuses>>,
-}
-
-/// The address ztunnel captures a workload by (its first, as the pod's primary IP).
-fn enrolled_ip(w: &Workload) -> Option<IpAddr> {
-    (w.protocol == TunnelProtocol::Hbone)
-        .then(|| w.addresses.first().copied())
-        .flatten()
 }
 
 /// A pod's IPv6 can be meshed only when the mesh knows one of its IPv6 addresses: inbound
@@ -201,11 +202,28 @@ fn ipv6_capture(w: &Workload) -> Ipv6Capture {
 }
 
 impl Worker {
+    /// The address ztunnel captures a workload by: its first (the pod's primary IP), else the
+    /// one the CNI plugin reported (the controller has not published it yet).
+    fn enrolled_ip(&self, w: &Workload) -> Option<IpAddr> {
+        if w.protocol != TunnelProtocol::Hbone {
+            return None;
+        }
+        w.addresses.first().copied().or_else(|| {
+            self.hints
+                .as_ref()?
+                .find(&w.uid, None)?
+                .ips
+                .first()
+                .copied()
+        })
+    }
+
     async fn run(
         mut self,
         mut local: watch::Receiver<Arc<LocalWorkloads>>,
         mut stop: oneshot::Receiver<Duration>,
     ) {
+        let mut hinted = self.hints.as_ref().map(Hints::subscribe);
         loop {
             let desired = local.borrow_and_update().clone();
             self.reconcile(&desired).await;
@@ -232,6 +250,18 @@ impl Worker {
                     }
                 } => {}
                 Some(_) = self.stopping.join_next(), if !self.stopping.is_empty() => {}
+                changed = async {
+                    match hinted.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed.is_ok() {
+                        self.retry_hinted_now();
+                    } else {
+                        hinted = None;
+                    }
+                }
             }
         }
     }
@@ -243,7 +273,7 @@ impl Worker {
             .iter()
             .filter(|(uid, r)| match desired.get(*uid) {
                 Some(w) => {
-                    enrolled_ip(w) != Some(r.ip)
+                    self.enrolled_ip(w) != Some(r.ip)
                         || w.identity != r.identity
                         || ipv6_capture(w) != r.ipv6
                 }
@@ -260,7 +290,7 @@ impl Worker {
         let gone: Vec<(Arc<str>, IpAddr)> = self
             .failed
             .iter()
-            .filter(|(uid, f)| desired.get(*uid).and_then(|w| enrolled_ip(w)) != Some(f.ip))
+            .filter(|(uid, f)| desired.get(*uid).and_then(|w| self.enrolled_ip(w)) != Some(f.ip))
             .map(|(uid, f)| (uid.clone(), f.ip))
             .collect();
         for (uid, ip) in gone {
@@ -270,7 +300,9 @@ impl Worker {
         // Start what should run.
         let now = Instant::now();
         for (uid, w) in desired.iter() {
-            let Some(ip) = enrolled_ip(w) else { continue };
+            let Some(ip) = self.enrolled_ip(w) else {
+                continue;
+            };
             if self.running.contains_key(uid) {
                 continue;
             }
@@ -309,6 +341,18 @@ impl Worker {
             }
         }
         self.publish();
+    }
+
+    /// A pod the CNI plugin just reported is retried now, not after its back-off: its
+    /// namespace exists and its rules are in, so it can be served at once.
+    fn retry_hinted_now(&mut self) {
+        let Some(hints) = &self.hints else { return };
+        let now = Instant::now();
+        for (uid, f) in self.failed.iter_mut() {
+            if hints.find(uid, Some(f.ip)).is_some() {
+                f.retry_at = now;
+            }
+        }
     }
 
     fn publish(&self) {

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod capture;
 pub mod certs;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod decision;

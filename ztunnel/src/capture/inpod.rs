@@ -501,6 +501,8 @@ pub struct CaptureManager {
     cfg: CaptureConfig,
     /// Listeners inherited from, and registered for, the ztunnels before and after this one.
     handover: Handover,
+    /// Where the CNI plugin said pods are (`crate::cni`): used before scanning by IP.
+    hints: crate::cni::Hints,
     /// An async lock: enroll/remove of the same uid must not interleave across awaits.
     pods: tokio::sync::Mutex<HashMap<Arc<str>, Arc<CapturedPod>>>,
 }
@@ -517,8 +519,14 @@ impl CaptureManager {
         Self {
             cfg,
             handover,
+            hints: crate::cni::Hints::default(),
             pods: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The pods the CNI plugin reported (the `cni.sock` endpoint writes them).
+    pub fn hints(&self) -> &crate::cni::Hints {
+        &self.hints
     }
 
     /// The configuration.
@@ -555,10 +563,25 @@ impl CaptureManager {
         }
         let dir = self.cfg.netns_dir.clone();
         let find_dir = dir.clone();
+        // The CNI named the pod's namespace: no scan (and it need not be under `netns_dir`).
+        let hinted = self
+            .hints
+            .find(uid, Some(ip))
+            .filter(|h| h.ips.is_empty() || h.ips.contains(&ip))
+            .and_then(|h| {
+                NetnsHandle::open(&h.netns)
+                    .inspect_err(
+                        |e| tracing::debug!(uid, error = %e, "CNI hint unusable; scanning"),
+                    )
+                    .ok()
+            });
         // The scan enters every namespace in turn and takes milliseconds each: off the runtime.
-        let found = tokio::task::spawn_blocking(move || netns::find_by_ip(&find_dir, ip))
-            .await
-            .unwrap_or_else(|_| Err(NetnsError::WorkerGone { path: dir.clone() }));
+        let found = match hinted {
+            Some(handle) => Ok(handle),
+            None => tokio::task::spawn_blocking(move || netns::find_by_ip(&find_dir, ip))
+                .await
+                .unwrap_or_else(|_| Err(NetnsError::WorkerGone { path: dir.clone() })),
+        };
         let handle = found.map_err(|source| InpodError::Netns {
             uid: Arc::from(uid),
             ip,

@@ -2,7 +2,7 @@
 # Builds Ambit's container images with buildah, from scratch: no base image is pulled from any
 # registry. Each image holds one binary of this repository, the shared libraries it links (as
 # ldd finds them on this Debian machine) and, for ztunnel, the iptables and iproute2 programs it
-# runs inside pods. The names are the ones the manifests use: <registry>/<component>:<tag>.
+# runs inside pods and the ambit-cni plugin its init container installs on the node. The names are the ones the manifests use: <registry>/<component>:<tag>.
 #
 #   scripts/images.sh [--registry R] [--tag T] [--bin-dir DIR] [--no-build] [--check]
 #
@@ -38,8 +38,8 @@ apt_install buildah iptables iproute2
 if [ -z "$bin_dir" ]; then
   rust_toolchain
   echo "ambit: building release binaries" >&2
-  cargo build --release --locked -p ambit-ztunnel -p ambit-controller -p ambit-waypoint \
-    --bin ztunnel --bin ambit-controller --bin waypoint
+  cargo build --release --locked -p ambit-ztunnel -p ambit-cni -p ambit-controller \
+    -p ambit-waypoint --bin ztunnel --bin ambit-cni --bin ambit-controller --bin waypoint
   bin_dir=target/release
 fi
 
@@ -112,7 +112,11 @@ build() {
   trap 'rm -rf "$root"' RETURN
   base_files "$root"
   add_program "$root" "$bin_dir/$binary" "$binary"
-  [ "$component" = ztunnel ] && ztunnel_extras "$root"
+  if [ "$component" = ztunnel ]; then
+    ztunnel_extras "$root"
+    # Copied to the node by the DaemonSet's init container (`ambit-cni install`).
+    add_program "$root" "$bin_dir/ambit-cni" ambit-cni
+  fi
   ctr=$(bah from scratch)
   bah copy --quiet "$ctr" "$root/" / >/dev/null
   bah config --entrypoint "[\"/usr/local/bin/$binary\"]" --user "$user" \
@@ -130,6 +134,8 @@ build() {
     if [ "$component" = ztunnel ]; then
       bah run --isolation chroot "$ctr" -- iptables-restore --version >/dev/null 2>&1 ||
         { bah rm "$ctr" >/dev/null; die "$image: iptables-restore does not run in the image"; }
+      bah run --isolation chroot "$ctr" -- /usr/local/bin/ambit-cni --version >/dev/null 2>&1 ||
+        { bah rm "$ctr" >/dev/null; die "$image: ambit-cni does not run in the image"; }
     fi
     bah rm "$ctr" >/dev/null
     echo "ambit: checked $image: $out" >&2

@@ -42,6 +42,15 @@
 //!   survive a restart, so ztunnel serves before the controller answers; `handover.sock`, the
 //!   Unix socket through which a new ztunnel takes over from the old one, lives there too. The
 //!   root filesystem stays read-only.
+//! - An init container, `install-cni`, runs `ambit-cni install` from the same image: it copies
+//!   the `ambit-cni` binary into the node's CNI bin directory and appends the plugin to the
+//!   node's first conflist (idempotent, atomic writes), so every pod sandbox created afterwards
+//!   is captured before its containers start (`cni/ARCHITECTURE.md`). It is an init container,
+//!   not a sidecar, so the plugin stays installed while ztunnel restarts or rolls: a pod created
+//!   then is captured and refused until the new ztunnel adopts it, never started outside the
+//!   mesh. Only it mounts the host's CNI directories; it runs as root (the files are root's)
+//!   with every capability dropped. Uninstalling is explicit: `ambit-cni uninstall` on each
+//!   node (see `manifests/README.md`).
 
 use std::collections::BTreeMap;
 
@@ -81,6 +90,13 @@ pub const TERMINATION_GRACE_SECONDS: i64 = UPGRADE_DRAIN_SECONDS + 30;
 /// Seconds ztunnel lets open connections finish once told to stop: less than the grace period,
 /// so it exits on its own (with its "drained" log line) before the kubelet's SIGKILL.
 pub const DRAIN_SECONDS: i64 = 20;
+/// The node's CNI bin directory (where the runtime finds plugins), from the host.
+pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// The node's CNI configuration directory (its conflists), from the host.
+pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// Where the init container mounts the host's CNI directories: under `/host`, so the
+/// container's own paths are never confused with the node's.
+const HOST_PREFIX: &str = "/host";
 /// Lifetime of the projected CA token; the kubelet refreshes it at 80 %.
 const TOKEN_EXPIRY_SECONDS: i64 = 43_200;
 
@@ -161,6 +177,53 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
         ]),
         ..Container::default()
     };
+    let install_cni = Container {
+        name: "install-cni".to_owned(),
+        image: Some(opts.image("ztunnel")),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        command: Some(vec![
+            "/usr/local/bin/ambit-cni".to_owned(),
+            "install".to_owned(),
+        ]),
+        env: Some(vec![
+            env_field("NODE_NAME", "spec.nodeName"),
+            env("AMBIT_CNI_BIN_DIR", format!("{HOST_PREFIX}{CNI_BIN_DIR}")),
+            env("AMBIT_CNI_CONF_DIR", format!("{HOST_PREFIX}{CNI_CONF_DIR}")),
+            // As the node sees it: the plugin runs on the host, not in this container.
+            env("AMBIT_DATA_DIR", DATA_DIR),
+        ]),
+        resources: Some(resources("10m", "16Mi", "64Mi")),
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: None,
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "cni-bin".to_owned(),
+                mount_path: format!("{HOST_PREFIX}{CNI_BIN_DIR}"),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "cni-conf".to_owned(),
+                mount_path: format!("{HOST_PREFIX}{CNI_CONF_DIR}"),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
     let pod = PodSpec {
         service_account_name: Some(NAME.to_owned()),
         automount_service_account_token: Some(false),
@@ -177,6 +240,7 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
             operator: Some("Exists".to_owned()),
             ..Toleration::default()
         }]),
+        init_containers: Some(vec![install_cni]),
         containers: vec![container],
         volumes: Some(vec![
             Volume {
@@ -192,6 +256,22 @@ pub fn daemonset(opts: &InstallOptions) -> DaemonSet {
                 host_path: Some(HostPathVolumeSource {
                     path: DATA_DIR.to_owned(),
                     type_: Some("DirectoryOrCreate".to_owned()),
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "cni-bin".to_owned(),
+                host_path: Some(HostPathVolumeSource {
+                    path: CNI_BIN_DIR.to_owned(),
+                    type_: Some("Directory".to_owned()),
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "cni-conf".to_owned(),
+                host_path: Some(HostPathVolumeSource {
+                    path: CNI_CONF_DIR.to_owned(),
+                    type_: Some("Directory".to_owned()),
                 }),
                 ..Volume::default()
             },

@@ -6,7 +6,7 @@
 // #[test] functions only).
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use ambit_manifests::pki::{PkiError, RootCa};
@@ -426,7 +426,24 @@ fn ztunnel_mounts_the_host_netns_and_node_dirs_and_nothing_else_from_the_host() 
         .filter_map(|v| v.host_path.as_ref())
         .map(|h| h.path.as_str())
         .collect();
-    assert_eq!(host_paths, ["/var/run/netns", "/var/lib/ambit/ztunnel"]);
+    assert_eq!(
+        host_paths,
+        [
+            "/var/run/netns",
+            "/var/lib/ambit/ztunnel",
+            "/opt/cni/bin",
+            "/etc/cni/net.d"
+        ]
+    );
+    // ztunnel itself mounts neither CNI directory; only the installer does.
+    let ztunnel_mounts: Vec<_> = c
+        .volume_mounts
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert!(!ztunnel_mounts.iter().any(|n| n.starts_with("cni-")));
     let mount_of = |path: &str| {
         let volume = volumes
             .iter()
@@ -460,6 +477,60 @@ fn ztunnel_mounts_the_host_netns_and_node_dirs_and_nothing_else_from_the_host() 
         .unwrap();
     assert_eq!(token.audience.as_deref(), Some("ambit-ca"));
     assert_eq!(pod.automount_service_account_token, Some(false));
+}
+
+#[test]
+fn an_init_container_installs_the_cni_plugin_without_privileges() {
+    let opts = InstallOptions::default();
+    let (_, pod, _) = ztunnel(&opts);
+    let init = pod.init_containers.unwrap();
+    assert_eq!(init.len(), 1);
+    let c = &init[0];
+    assert_eq!(c.image, Some(opts.image("ztunnel")));
+    assert_eq!(
+        c.command.clone().unwrap(),
+        ["/usr/local/bin/ambit-cni", "install"]
+    );
+    let env: BTreeMap<_, _> = c
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value))
+        .collect();
+    assert_eq!(
+        env["AMBIT_CNI_BIN_DIR"].as_deref(),
+        Some("/host/opt/cni/bin")
+    );
+    assert_eq!(
+        env["AMBIT_CNI_CONF_DIR"].as_deref(),
+        Some("/host/etc/cni/net.d")
+    );
+    assert_eq!(
+        env["AMBIT_DATA_DIR"].as_deref(),
+        Some("/var/lib/ambit/ztunnel")
+    );
+    assert!(env.contains_key("NODE_NAME"));
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let caps = sc.capabilities.unwrap();
+    assert_eq!(caps.add, None);
+    assert_eq!(caps.drop.unwrap(), ["ALL"]);
+    let mounts: BTreeSet<_> = c
+        .volume_mounts
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.name, m.mount_path))
+        .collect();
+    assert_eq!(
+        mounts,
+        BTreeSet::from([
+            ("cni-bin".to_owned(), "/host/opt/cni/bin".to_owned()),
+            ("cni-conf".to_owned(), "/host/etc/cni/net.d".to_owned()),
+        ])
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ambit_ztunnel::capture::iptables::{self, RuleConfig};
+use ambit_ztunnel::capture::iptables::{self, Ipv6Capture, RuleConfig};
 use ambit_ztunnel::capture::netns::{NetnsError, NetnsHandle, NetnsWorker};
 use ambit_ztunnel::cni::{Op, PodRef};
 use serde_json::Value;
@@ -58,6 +58,14 @@ pub fn run(env: &Env, stdin: &[u8], log: &mut dyn FnMut(String)) -> Result<Outpu
             Backend::Default => iptables::Backend::Default,
             Backend::Nft => iptables::Backend::Nft,
             Backend::Legacy => iptables::Backend::Legacy,
+        },
+        // As ztunnel decides it (a pod with an IPv6 address is captured in both families,
+        // one without has its IPv6 closed), so adoption does not rewrite the IPv6 rules.
+        // Until ztunnel serves the pod either way refuses its IPv6.
+        ipv6: if pod.ips.iter().any(std::net::IpAddr::is_ipv6) {
+            Ipv6Capture::Captured
+        } else {
+            Ipv6Capture::Closed
         },
         ..RuleConfig::default()
     };

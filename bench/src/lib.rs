@@ -5,11 +5,13 @@
 //! - [`pair`], [`tools`], [`dedicated`]: the side-by-side harness (`ztunnel_peer`), which runs
 //!   two ztunnel implementations in dedicated mode on the same two namespaces and drives
 //!   iperf3, sockperf and wrk through them.
+//! - [`servers`]: the sink, echo and HBONE forwarding ends the other benchmarks measure against.
 
 use std::time::Duration;
 
 pub mod dedicated;
 pub mod pair;
+pub mod servers;
 pub mod tools;
 
 /// Latency samples of one path.

@@ -18,7 +18,3 @@ pub mod ops;
 pub mod server;
 pub mod source;
 pub mod waypoints;
-
-/// Test support (the fake API server), for this crate's and other crates' tests.
-#[cfg(feature = "testing")]
-pub mod testing;

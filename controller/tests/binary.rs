@@ -2,23 +2,15 @@
 //! serving a folder's state to a subscriber over TLS with a node credential, metrics, and
 //! a clean exit on SIGTERM.
 
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ambit_proto::discovery::discovery_client::DiscoveryClient;
 use ambit_proto::discovery::{resource, subscribe_request, Hello, ProxyKind, SubscribeRequest};
+use ambit_testing::{free_port, http_get_async, Proc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ambit-controller");
-
-/// Kills the child when the test ends, also on panic.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn a_missing_folder_is_a_clear_error() {
@@ -46,16 +38,10 @@ async fn serves_a_folder() -> anyhow::Result<()> {
         dir.path().join("mesh.yaml"),
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {ambit.dev/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: demo}\nspec: {nodeName: n1, containers: []}\nstatus: {podIP: 10.1.0.1}\n",
     )?;
-    // A free port: bind, read it, release it for the controller.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let ops_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let ops_port = free_port()?;
     let state = tempfile::tempdir()?;
-    let mut child = Child(
+    let mut child = Proc::adopt(
         Command::new(BIN)
             .args([
                 "--local-dir",
@@ -127,25 +113,24 @@ async fn serves_a_folder() -> anyhow::Result<()> {
         .collect();
     assert_eq!(workloads, vec![("demo/a", "n1", 1)]);
 
-    let metrics = http_get(ops_port, "/metrics").await?;
+    let ops = SocketAddr::from(([127, 0, 0, 1], ops_port));
+    let (_, metrics) = http_get_async(ops, "/metrics").await?;
     assert!(
         metrics.contains(r#"ambit_connected_proxies{kind="ztunnel"} 1"#),
         "{metrics}"
     );
-    assert!(http_get(ops_port, "/ready")
-        .await?
-        .starts_with("HTTP/1.1 200"));
+    assert_eq!(http_get_async(ops, "/ready").await?.0, 200);
 
     // SIGTERM: the subscriber's stream ends cleanly and the process exits 0.
     let killed = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
+        .args(["-TERM", &child.child.id().to_string()])
         .status()?;
     anyhow::ensure!(killed.success(), "kill -TERM failed");
     let end = tokio::time::timeout(Duration::from_secs(10), pushes.message()).await?;
     assert!(matches!(end, Ok(None)), "{end:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let status = loop {
-        if let Some(status) = child.0.try_wait()? {
+        if let Some(status) = child.child.try_wait()? {
             break status;
         }
         anyhow::ensure!(
@@ -157,17 +142,4 @@ async fn serves_a_folder() -> anyhow::Result<()> {
     assert!(status.success(), "{status:?}");
     drop(tx);
     Ok(())
-}
-
-/// A plain HTTP/1.1 GET, returning the whole response.
-async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await?;
-    Ok(out)
 }

@@ -28,6 +28,8 @@ use ambit_proto::ca::certificate_service_client::CertificateServiceClient;
 use ambit_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
 use ambit_proto::discovery::discovery_client::DiscoveryClient;
 use ambit_proto::discovery::{subscribe_request, Hello, ProxyKind, Push, SubscribeRequest};
+use ambit_testing::http_get_async;
+use ambit_testing::net::body;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use tokio::sync::watch;
 use tonic::Code;
@@ -219,22 +221,10 @@ async fn metrics(plane: &Plane) -> String {
     http_get(plane.ops_addr, "/metrics").await.1
 }
 
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+/// `GET path` on the ops port: the status and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, whole) = http_get_async(addr, path).await.unwrap();
+    (status, body(&whole).to_string())
 }
 
 fn hello_ztunnel(node: &str) -> SubscribeRequest {
@@ -577,7 +567,7 @@ async fn readiness_waits_for_the_sources() {
 /// wire format; the ztunnel ServiceAccount stands for its node, others for themselves.
 #[tokio::test]
 async fn kubernetes_tokens_are_reviewed_and_mapped_to_nodes() {
-    use ambit_controller::testing::apiserver::{FakeApiServer, TokenUser};
+    use ambit_testing::apiserver::{FakeApiServer, TokenUser};
     let api = FakeApiServer::start().await.unwrap();
     let zt = |node: &str| {
         TokenUser::service_account("ambit-system", "ambit-ztunnel", "ztunnel-x", node)
@@ -645,12 +635,7 @@ async fn kubernetes_tokens_are_reviewed_and_mapped_to_nodes() {
     let reviews = api
         .requests()
         .iter()
-        .filter(|r| {
-            r.is(
-                ambit_controller::testing::apiserver::Verb::TokenReview,
-                "tokenreviews",
-            )
-        })
+        .filter(|r| r.is(ambit_testing::apiserver::Verb::TokenReview, "tokenreviews"))
         .count();
     assert_eq!(reviews, 6);
 
@@ -672,7 +657,7 @@ async fn kubernetes_tokens_are_reviewed_and_mapped_to_nodes() {
 async fn kubernetes_root_lives_in_a_secret_and_is_published() {
     use ambit_controller::ca::kube_store;
     use ambit_controller::ca::store::CaOrigin;
-    use ambit_controller::testing::apiserver::FakeApiServer;
+    use ambit_testing::apiserver::FakeApiServer;
     let api = FakeApiServer::start().await.unwrap();
     api.apply(&serde_json::json!({
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ambit-system"}
@@ -706,7 +691,7 @@ async fn kubernetes_root_lives_in_a_secret_and_is_published() {
         Some(first.roots_pem().concat().as_str())
     );
     let applied = api.requests().iter().any(|r| {
-        r.verb == ambit_controller::testing::apiserver::Verb::Patch
+        r.verb == ambit_testing::apiserver::Verb::Patch
             && r.path.ends_with("/configmaps/ambit-root-cert")
             && r.param("fieldManager") == Some("ambit-controller")
     });

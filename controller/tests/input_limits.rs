@@ -4,6 +4,7 @@
 //! files are refused with their path and reason while the rest of the folder keeps being
 //! served; removing them clears the errors.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use ambit_proto::discovery::discovery_client::DiscoveryClient;
 use ambit_proto::discovery::{
     resource, subscribe_request, Hello, ProxyKind, Push, SubscribeRequest,
 };
+use ambit_testing::{free_port, http_get_async, Proc};
 use anyhow::{bail, Context};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ambit-controller");
@@ -24,22 +26,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_ambit-controller");
 const PROMPT: Duration = Duration::from_secs(2);
 
 const MESH: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {ambit.dev/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: demo}\nspec: {nodeName: n1, containers: []}\nstatus: {podIP: 10.1.0.1}\n";
-
-/// Kills the child when the test ends, also on panic.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// What the probes need to reach the running controller.
 struct Plane {
@@ -116,10 +102,11 @@ impl Plane {
         tokio::time::timeout(PROMPT, self.certificate())
             .await
             .context("the CA did not answer within 2 s")??;
-        let metrics = tokio::time::timeout(PROMPT, http_get(self.ops_port, "/metrics"))
+        let ops = SocketAddr::from(([127, 0, 0, 1], self.ops_port));
+        let (status, metrics) = tokio::time::timeout(PROMPT, http_get_async(ops, "/metrics"))
             .await
             .context("metrics did not answer within 2 s")??;
-        anyhow::ensure!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+        anyhow::ensure!(status == 200, "{metrics}");
         Ok(metrics)
     }
 
@@ -148,11 +135,11 @@ impl Plane {
     }
 }
 
-fn start(dir: &Path, state: &Path) -> anyhow::Result<(Child, Plane)> {
+fn start(dir: &Path, state: &Path) -> anyhow::Result<(Proc, Plane)> {
     let listen = format!("127.0.0.1:{}", free_port()?);
     let ops_port = free_port()?;
     let log = state.join("controller.log");
-    let child = Child(
+    let child = Proc::adopt(
         Command::new(BIN)
             .args([
                 "--local-dir",
@@ -281,17 +268,4 @@ async fn hostile_files_never_stall_discovery_the_ca_or_metrics() -> anyhow::Resu
         })
         .await?;
     Ok(())
-}
-
-/// A plain HTTP/1.1 GET, returning the whole response.
-async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await?;
-    Ok(out)
 }

@@ -8,17 +8,19 @@ use std::time::Duration;
 
 use ambit_controller::model::{Model, ModelBuilder, ModelConfig, Snapshot};
 use ambit_controller::source::kube::{KubeSource, Stores};
-use ambit_controller::testing::apiserver::{gateway_api_resources, ApiError, FakeApiServer, Verb};
 use ambit_proto::discovery::{
     resource, Route as WireRoute, Service as WireService, TunnelProtocol, Workload,
 };
+use ambit_testing::apiserver::{gateway_api_resources, ApiError, FakeApiServer, Verb};
+use ambit_testing::{eventually, Proc};
 use anyhow::{bail, Context, Result};
 use kube::runtime::watcher;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-/// Upper bound for anything the source must do after a change.
-const CONVERGE: Duration = Duration::from_secs(20);
+/// Upper bound for anything the source must do after a change (the model waits; other
+/// conditions use the shared [`eventually`], with the same bound).
+const CONVERGE: Duration = ambit_testing::WAIT;
 
 /// A model fed only by a Kubernetes source watching `server`.
 struct Harness {
@@ -74,18 +76,6 @@ impl Harness {
             ),
         }
     }
-}
-
-/// Polls a condition on something other than the model (server counters, stores).
-async fn poll(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    while !f() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }
 
 fn workload<'a>(snap: &'a Snapshot, namespace: &str, name: &str) -> Option<&'a Workload> {
@@ -290,7 +280,7 @@ async fn watch_events_reach_the_model() -> Result<()> {
     })
     .await?;
     // The store caught up with the server's resourceVersion for the object.
-    poll("the store to hold the modified pod", || {
+    eventually("the store to hold the modified pod", || {
         h.stores.pods.state().iter().any(|p| {
             p.metadata.resource_version.as_deref() == Some(rv_of(&modified).to_string().as_str())
         })
@@ -353,7 +343,7 @@ async fn bookmarks_advance_the_watch_without_changing_the_model() -> Result<()> 
     let moved_to = server.resource_version();
     let before = server.bookmarks_sent();
     // Every one of the eleven watches gets several bookmarks.
-    poll("bookmarks on every watch", || {
+    eventually("bookmarks on every watch", || {
         server.bookmarks_sent() >= before + 33
     })
     .await?;
@@ -366,7 +356,7 @@ async fn bookmarks_advance_the_watch_without_changing_the_model() -> Result<()> 
     // A watcher that consumed the bookmarks resumes from the bookmarked version.
     let watches_before = server.count(Verb::Watch, "pods");
     server.close_watches();
-    poll("the pod watch to resume", || {
+    eventually("the pod watch to resume", || {
         server.count(Verb::Watch, "pods") > watches_before
     })
     .await?;
@@ -498,7 +488,7 @@ async fn not_ready_until_every_kind_listed() -> Result<()> {
         hbone(workload(s, "apps", "web"))
     })
     .await?;
-    poll("a retried services LIST", || {
+    eventually("a retried services LIST", || {
         server.count(Verb::List, "services") >= 2
     })
     .await?;
@@ -703,16 +693,6 @@ async fn gateway_api_and_ambit_crds_flow_through_watches() -> Result<()> {
     Ok(())
 }
 
-/// Kills the controller process when the test ends, however it ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
     let server = FakeApiServer::start().await?;
@@ -733,7 +713,7 @@ async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
     )?;
     // The controller's log goes to a file, shown only if the test fails.
     let log = dir.path().join("controller.log");
-    let _child = Child(
+    let _child = Proc::adopt(
         std::process::Command::new(env!("CARGO_BIN_EXE_ambit-controller"))
             .arg("--kubeconfig")
             .arg(&kubeconfig)
@@ -753,7 +733,7 @@ async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
         "authorizationpolicies",
         "httproutes",
     ] {
-        let watched = poll(&format!("the controller to watch {plural}"), || {
+        let watched = eventually(&format!("the controller to watch {plural}"), || {
             server.count(Verb::Watch, plural) >= 1
         })
         .await;

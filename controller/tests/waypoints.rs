@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use ambit_controller::testing::apiserver::{FakeApiServer, Verb};
 use ambit_controller::waypoints::WaypointDeployer;
+use ambit_testing::apiserver::{FakeApiServer, Verb};
 use serde_json::json;
 
 fn gateway(name: &str, class: &str) -> serde_json::Value {
@@ -68,4 +68,45 @@ async fn waypoint_gateways_are_deployed_with_server_side_apply() {
         .get("apps/v1", "Deployment", "shop", "ingress")
         .is_none());
     task.abort();
+}
+
+#[tokio::test]
+async fn the_fake_api_server_writes_only_status_through_the_status_subresource() {
+    use ambit_controller::crd::Gateway;
+    use kube::api::{Api, Patch, PatchParams};
+
+    // The deployer reports a waypoint's address through the status subresource; the fake
+    // server must keep spec out of such a write, as a real one does.
+    let server = FakeApiServer::start().await.expect("start");
+    server
+        .apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}))
+        .expect("namespace");
+    server
+        .apply(&json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "a"},
+            "spec": {"gatewayClassName": "ambit-waypoint"},
+        }))
+        .expect("gateway");
+    let gateways: Api<Gateway> = Api::namespaced(server.client().expect("client"), "a");
+    let patch = json!({
+        "spec": {"gatewayClassName": "changed"},
+        "status": {"addresses": [{"type": "IPAddress", "value": "10.96.0.99"}]},
+    });
+    let patched = gateways
+        .patch_status("waypoint", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch status");
+    assert_eq!(
+        patched.spec.gateway_class_name, "ambit-waypoint",
+        "spec is not writable here"
+    );
+    let addresses = patched.status.map(|s| s.addresses).unwrap_or_default();
+    assert_eq!(
+        addresses.first().map(|a| a.value.as_str()),
+        Some("10.96.0.99")
+    );
+    assert_eq!(patched.metadata.generation, Some(1));
+    let got = gateways.get_status("waypoint").await.expect("get status");
+    assert!(got.status.is_some());
 }

@@ -19,10 +19,17 @@
 //! - [`topology`]: [`Topology`] and its builder.
 //! - [`ns`]: running commands and closures inside a namespace.
 //! - [`server`]: a reply/echo server and a client helper, both inside pods.
+//! - [`ztunnel`]: in-process ztunnels over a topology, a test CA, metrics, access logs, a
+//!   fabric sniffer and HBONE sockets made inside a pod.
+//!
+//! This is the one helper layer of the end-to-end tests; what is not about namespaces or
+//! ztunnel (child processes, HTTP probes, bounded waits, the fake API server) lives in
+//! `ambit-testing`, shared with every other crate's tests.
 
 pub mod ns;
 pub mod server;
 pub mod topology;
+pub mod ztunnel;
 
 pub use ns::{exec_in, in_netns};
 pub use server::{connect_from, echo, read_greeting, ReplyServer, Seen};

@@ -189,6 +189,16 @@ impl Topology {
         TopologyBuilder::new(test)
     }
 
+    /// The most common shape: nodes `n1` and `n2`, pod `client` on n1 and pod `srv` on n2,
+    /// so traffic crosses the fabric; add more before building.
+    pub fn client_and_server(test: &str) -> TopologyBuilder {
+        TopologyBuilder::new(test)
+            .node("n1")
+            .node("n2")
+            .pod("client", "n1")
+            .pod("srv", "n2")
+    }
+
     fn add_netns(&mut self, suffix: &str) -> anyhow::Result<String> {
         let name = format!("{}-{suffix}", self.prefix);
         // A namespace of this name can only be left over from a killed run with a reused pid;

@@ -1,24 +1,22 @@
-//! Shared by the `ztunnel_*` end-to-end tests: a mesh of in-process ztunnels (one `App` per
+//! For the end-to-end tests that run ztunnel: a mesh of in-process ztunnels (one `App` per
 //! node of a [`Topology`]) fed by one static state file, a CA client backed by a real
-//! [`CertificateAuthority`], and helpers to read metrics, sniff the fabric and talk HBONE
-//! from inside a pod.
+//! [`CertificateAuthority`], and helpers to read metrics and access logs, sniff the fabric and
+//! talk HBONE from inside a pod. Process guards, HTTP probes and bounded waits come from
+//! `ambit-testing`.
 
-#![allow(dead_code)] // each test binary uses a different subset
-
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
 use std::time::{Duration, SystemTime};
 
 use ambit_hbone::ca::CertificateAuthority;
 use ambit_hbone::cert::WorkloadCertificate;
 use ambit_hbone::Identity;
-use ambit_tests::{Pod, Topology};
+use ambit_testing::WAIT;
 use ambit_ztunnel::app::App;
+use ambit_ztunnel::capture::iptables::CHAIN_OUTPUT;
 use ambit_ztunnel::capture::{NetnsHandle, NetnsWorker};
 use ambit_ztunnel::certs::{CaClient, CertsError, SignedChain};
 use ambit_ztunnel::config::Config;
@@ -26,8 +24,7 @@ use ambit_ztunnel::enrollment::PodStatus;
 use ambit_ztunnel::telemetry::{self, CaptureWriter, LogFormat};
 use anyhow::{bail, Context};
 
-/// Bound of every wait in these tests.
-pub const WAIT: Duration = Duration::from_secs(20);
+use crate::{Pod, Topology};
 
 /// Signs with a real CA, valid from a second ago for `validity`, so rotation happens at
 /// half of `validity` (the production CA backdates a minute, which would put a short-lived
@@ -49,6 +46,15 @@ impl TestCa {
             validity,
             issued: Arc::default(),
         }
+    }
+
+    /// Writes the CA as `ca.pem` and `ca-key.pem` in `dir`, the files a ztunnel process
+    /// reads with `--local-ca-cert` and `--local-ca-key`.
+    pub fn write_files(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        let pem = self.ca.to_pem();
+        std::fs::write(dir.join("ca.pem"), &pem.cert_pem)?;
+        std::fs::write(dir.join("ca-key.pem"), &pem.key_pem)?;
+        Ok(())
     }
 
     /// A certificate for `identity` (for test clients speaking HBONE themselves).
@@ -99,6 +105,12 @@ pub fn workload(pod: &Pod, namespace: &str, sa: &str, node: &str, enrolled: bool
     )
 }
 
+/// Whether ztunnel's capture rules are in `pod`'s namespace (its outbound chain exists; the
+/// rules are applied in one transaction, so one chain stands for all).
+pub fn captured(pod: &Pod) -> bool {
+    crate::exec_in(&pod.netns, &["iptables-save"]).is_ok_and(|r| r.contains(CHAIN_OUTPUT))
+}
+
 /// The uid the static file gives a workload.
 pub fn uid(namespace: &str, pod: &Pod) -> String {
     format!("{namespace}/{}", pod.name)
@@ -137,6 +149,13 @@ impl Mesh {
             state_file,
             apps,
         })
+    }
+
+    /// ztunnels on `n1` and `n2` with the default test configuration and a CA issuing
+    /// hour-long certificates (no rotation during a test).
+    pub async fn two_nodes(topo: &Topology, state: &str) -> anyhow::Result<Mesh> {
+        let ca = TestCa::new(Duration::from_secs(3600));
+        Mesh::start(topo, &["n1", "n2"], state, ca, |_, _| {}).await
     }
 
     pub fn app(&self, node: &str) -> &App {
@@ -234,18 +253,6 @@ pub fn access_lines(log: &CaptureWriter, needles: &[&str]) -> Vec<serde_json::Va
         .collect()
 }
 
-/// Polls `cond` until it holds, for at most [`WAIT`].
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
 /// Runs a blocking fixture call off the runtime.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
@@ -258,9 +265,9 @@ pub async fn blocking<T: Send + 'static>(
 pub async fn round_trip(pod: &Pod, dst: SocketAddr, payload: &[u8]) -> anyhow::Result<SocketAddr> {
     let (pod, payload) = (pod.clone(), payload.to_vec());
     blocking(move || {
-        let mut s = ambit_tests::connect_from(&pod, dst)?;
-        let seen = ambit_tests::read_greeting(&mut s)?;
-        let back = ambit_tests::echo(&mut s, &payload)?;
+        let mut s = crate::connect_from(&pod, dst)?;
+        let seen = crate::read_greeting(&mut s)?;
+        let back = crate::echo(&mut s, &payload)?;
         if back != payload {
             bail!("echo came back different");
         }
@@ -280,7 +287,7 @@ pub struct Sniffer {
 impl Sniffer {
     pub fn start(netns: &str) -> anyhow::Result<Self> {
         // ETH_P_ALL in network byte order.
-        let socket = ambit_tests::in_netns(netns, || {
+        let socket = crate::in_netns(netns, || {
             socket2::Socket::new(
                 socket2::Domain::PACKET,
                 socket2::Type::RAW,
@@ -371,94 +378,6 @@ impl ambit_hbone::client::SocketFactory for PodSocketFactory {
     }
 }
 
-/// A free loopback port (bound, read, released).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// `GET path` over HTTP/1.1; returns (status, whole response).
-pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {out:?}"))?;
-    Ok((status, out))
-}
-
-/// A child process (the controller, a ztunnel), killed if the test ends without stopping it;
-/// its output goes to `log`.
-pub struct Proc {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(bin: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
-        let file = std::fs::File::create(&log)?;
-        let child = Command::new(bin)
-            .args(args)
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        Ok(Proc { child, log })
-    }
-
-    pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("exited early ({status}): {}", self.logs());
-        }
-        Ok(())
-    }
-
-    /// Sends `signal` and waits (bounded) for the exit status.
-    pub fn signal(
-        &mut self,
-        signal: nix::sys::signal::Signal,
-    ) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
-        nix::sys::signal::kill(pid, signal)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("did not exit after {signal}: {}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then the exit status.
-    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        self.signal(nix::sys::signal::Signal::SIGTERM)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// A ServiceAccount and a Pod on `node`, as the controller's local source reads them.
 pub fn pod_yaml(pod: &Pod, ns: &str, sa: &str, node: &str) -> String {
     format!(
@@ -469,18 +388,4 @@ pub fn pod_yaml(pod: &Pod, ns: &str, sa: &str, node: &str) -> String {
         name = pod.name,
         ip = pod.ip
     )
-}
-
-/// Polls `cond` (blocking) until it holds, for at most [`WAIT`].
-pub fn wait(what: &str, mut cond: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if cond()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -7,8 +7,6 @@
 //! A second test sends HTTP/2 and gRPC the same way, with a weighted route and an L7 deny
 //! by method. Needs root; see `ambit_tests::require_root`.
 
-mod ztunnel_support;
-
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +18,7 @@ use ambit_hbone::Identity;
 use ambit_proto::ca::certificate_service_client::CertificateServiceClient;
 use ambit_proto::ca::certificate_service_server::{CertificateService, CertificateServiceServer};
 use ambit_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
+use ambit_tests::ztunnel::*;
 use ambit_tests::Topology;
 use ambit_waypoint::metrics::Metrics;
 use ambit_waypoint::proxy::Proxy;
@@ -32,7 +31,6 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use ztunnel_support::*;
 
 /// A blocking HTTP/1.1 server inside `pod` answering with the request head it received.
 fn http_server(pod: &ambit_tests::Pod, port: u16) -> anyhow::Result<SocketAddr> {

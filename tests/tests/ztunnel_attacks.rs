@@ -13,19 +13,18 @@
 //! pointed at an older binary (`AMBIT_ZTUNNEL_BIN=/path/to/ztunnel`) to measure the "before".
 //! Needs root.
 
-mod ztunnel_support;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
 use ambit_tests::{exec_in, in_netns, Pod, ReplyServer, Topology};
 use anyhow::{bail, Context};
-use ztunnel_support::*;
 
 /// Connections of the junk flood, split over 15008 and 15006. The issue asks for 100,000; on
 /// 2 shared cores that takes ~25 s here, which is the budget for this test.
@@ -69,20 +68,19 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The ztunnel process under attack.
 struct Ztunnel {
-    child: Child,
-    log: PathBuf,
+    proc: Proc,
     metrics: SocketAddr,
     readiness: SocketAddr,
 }
 
 impl Ztunnel {
     fn spawn(dir: &Path, netns_dir: &Path) -> anyhow::Result<Self> {
-        let log = dir.join("ztunnel.log");
         let (m, r, a) = (free_port()?, free_port()?, free_port()?);
         let bin = std::env::var_os("AMBIT_ZTUNNEL_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| ambit_tests::workspace_bin("ztunnel"));
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .args(["--node", "n1"])
             .arg("--static-state")
             .arg(dir.join("state.yaml"))
@@ -108,42 +106,22 @@ impl Ztunnel {
                 "AMBIT_PLAINTEXT_IDLE_TIMEOUT_SECONDS",
                 IDLE_SECONDS.to_string(),
             )
-            .env_remove("RUST_LOG")
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::create(dir.join("ztunnel.err"))?)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("cannot start ztunnel")?;
+            .env_remove("RUST_LOG");
         Ok(Ztunnel {
-            child,
-            log,
+            proc: Proc::start(command, dir.join("ztunnel.log"))?,
             metrics: SocketAddr::from(([127, 0, 0, 1], m)),
             readiness: SocketAddr::from(([127, 0, 0, 1], r)),
         })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("ztunnel exited early ({status}): {}", self.stderr());
-            }
-            if http_get(self.readiness, "/healthz/ready").is_ok_and(|(s, _)| s == 200) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("ztunnel not ready: {}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default()
+        self.proc
+            .wait_http_ok(self.readiness, "/healthz/ready")
+            .context("ztunnel not ready")
     }
 
     /// Open descriptors, from /proc.
@@ -160,9 +138,11 @@ impl Ztunnel {
 
     /// Lines of its log that mention `needle`.
     fn log_lines_with(&self, needle: &str) -> usize {
-        std::fs::read_to_string(&self.log)
-            .map(|l| l.lines().filter(|l| l.contains(needle)).count())
-            .unwrap_or(0)
+        self.proc
+            .logs()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// A counter of the metrics endpoint, summed over series whose labels include `label`.
@@ -173,15 +153,6 @@ impl Ztunnel {
             .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64)
-    }
-}
-
-impl Drop for Ztunnel {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -231,10 +202,7 @@ impl Scene {
             (pod("attacked"), pod("victim"), pod("srv"), pod("outsider"));
         let dir = std::env::temp_dir().join(format!("ambit-{}-attack", topo.prefix()));
         std::fs::create_dir_all(&dir)?;
-        let ca = TestCa::new(Duration::from_secs(3600));
-        let pem = ca.ca.to_pem();
-        std::fs::write(dir.join("ca.pem"), &pem.cert_pem)?;
-        std::fs::write(dir.join("ca-key.pem"), &pem.key_pem)?;
+        TestCa::new(Duration::from_secs(3600)).write_files(&dir)?;
         std::fs::write(
             dir.join("state.yaml"),
             format!(
@@ -259,9 +227,7 @@ impl Scene {
         .await?;
         let enrolled = [attacked.clone(), victim.clone(), srv.clone()];
         eventually("capture rules in the enrolled pods", || {
-            enrolled.iter().all(|p| {
-                exec_in(&p.netns, &["iptables-save"]).is_ok_and(|r| r.contains("AMBIT_OUTPUT"))
-            })
+            enrolled.iter().all(captured)
         })
         .await?;
         Ok(Some(Scene {

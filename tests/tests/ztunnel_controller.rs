@@ -4,24 +4,17 @@
 //! (`CreateCertificate` with the node's bearer token) and carries their traffic over HBONE.
 //! Needs root.
 
-mod ztunnel_support;
-
 use std::net::{IpAddr, SocketAddr};
 
-use ambit_tests::{exec_in, ReplyServer, Topology};
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
+use ambit_tests::{ReplyServer, Topology};
 use anyhow::Context;
-use ztunnel_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identities(
 ) -> anyhow::Result<()> {
-    let Some(topo) = Topology::builder("zt_ctrl")
-        .node("n1")
-        .node("n2")
-        .pod("client", "n1")
-        .pod("srv", "n2")
-        .build_or_skip()
-    else {
+    let Some(topo) = Topology::client_and_server("zt_ctrl").build_or_skip() else {
         return Ok(());
     };
     let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());
@@ -108,22 +101,16 @@ async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identit
                 zs.push((z, readiness, metrics));
             }
             for (z, readiness, _) in zs.iter_mut() {
-                let addr = *readiness;
-                wait("ztunnel readiness", || {
-                    z.check_alive()?;
-                    Ok(matches!(http_get(addr, "/healthz/ready"), Ok((200, _))))
-                })
-                .with_context(|| z.logs())?;
+                z.wait_http_ok(*readiness, "/healthz/ready")
+                    .context("ztunnel readiness")?;
             }
             Ok((controller, zs))
         }
     })
     .await?;
 
-    let (c, s) = (client.clone(), srv.clone());
     eventually("capture rules in both pods", || {
-        exec_in(&c.netns, &["iptables-save"]).is_ok_and(|r| r.contains("AMBIT_OUTPUT"))
-            && exec_in(&s.netns, &["iptables-save"]).is_ok_and(|r| r.contains("AMBIT_OUTPUT"))
+        captured(&client) && captured(&srv)
     })
     .await?;
     let seen = round_trip(&client, app.addr(), b"via-controller").await?;

@@ -11,13 +11,12 @@
 //!
 //! Needs root; see `ambit_tests::require_root`.
 
-mod ztunnel_support;
-
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
 use ambit_tests::{in_netns, Pod, ReplyServer, Topology};
-use ztunnel_support::*;
 
 /// Connect timeout of attempts that must fail: refused ones fail at once, dropped ones after
 /// this, which keeps the test cheap.
@@ -140,14 +139,7 @@ async fn dual_stack_pods_talk_ipv6_through_the_mesh_and_the_fabric_sees_only_tls
         dual_stack(plain_s, "legacy", "default", "n2", false),
     );
     let log = access_log();
-    let mesh = Mesh::start(
-        &topo,
-        &["n1", "n2"],
-        &workloads,
-        TestCa::new(Duration::from_secs(3600)),
-        |_, _| {},
-    )
-    .await?;
+    let mesh = Mesh::two_nodes(&topo, &workloads).await?;
     mesh.wait_enrolled("n1", &uid("app", client), true).await?;
     mesh.wait_enrolled("n2", &uid("srv", server), true).await?;
     for pod in [client, server] {
@@ -334,14 +326,7 @@ async fn ipv6_the_mesh_cannot_carry_is_dropped_and_never_crosses_the_fabric() ->
         workload(plain_c, "legacy", "default", "n1", false),
         workload(plain_s, "legacy", "default", "n2", false),
     );
-    let mesh = Mesh::start(
-        &topo,
-        &["n1", "n2"],
-        &state,
-        TestCa::new(Duration::from_secs(3600)),
-        |_, _| {},
-    )
-    .await?;
+    let mesh = Mesh::two_nodes(&topo, &state).await?;
     mesh.wait_enrolled("n1", &uid("app", client), true).await?;
     mesh.wait_enrolled("n2", &uid("app", server), true).await?;
     let accepted_before = server6.seen().len();

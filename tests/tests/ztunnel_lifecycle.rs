@@ -1,16 +1,15 @@
 //! ztunnel end to end, lifecycle: certificate rotation under an open connection, and
 //! enrolling / un-enrolling a namespace while the apps keep running. Needs root.
 
-mod ztunnel_support;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ambit_hbone::tls::TrustBundle;
 use ambit_hbone::Identity;
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
 use ambit_tests::{exec_in, Pod, ReplyServer, Topology};
-use ztunnel_support::*;
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 
@@ -49,11 +48,7 @@ fn serial(der: &[u8]) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_an_open_connection() -> anyhow::Result<()> {
-    let Some(topo) = Topology::builder("zt_rotate")
-        .node("n1")
-        .node("n2")
-        .pod("client", "n1")
-        .pod("srv", "n2")
+    let Some(topo) = Topology::client_and_server("zt_rotate")
         .pod("probe", "n1")
         .build_or_skip()
     else {
@@ -149,13 +144,7 @@ fn capture_rules(pod: &Pod) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolling_and_unenrolling_a_namespace_needs_no_app_restart() -> anyhow::Result<()> {
-    let Some(topo) = Topology::builder("zt_enroll")
-        .node("n1")
-        .node("n2")
-        .pod("client", "n1")
-        .pod("srv", "n2")
-        .build_or_skip()
-    else {
+    let Some(topo) = Topology::client_and_server("zt_enroll").build_or_skip() else {
         return Ok(());
     };
     let (client, srv) = (topo.pod("client"), topo.pod("srv"));
@@ -166,14 +155,7 @@ async fn enrolling_and_unenrolling_a_namespace_needs_no_app_restart() -> anyhow:
             workload(srv, "shop", "srv", "n2", enrolled),
         )
     };
-    let mesh = Mesh::start(
-        &topo,
-        &["n1", "n2"],
-        &state(true),
-        TestCa::new(Duration::from_secs(3600)),
-        |_, _| {},
-    )
-    .await?;
+    let mesh = Mesh::two_nodes(&topo, &state(true)).await?;
     let (cuid, suid) = (uid("shop", client), uid("shop", srv));
     mesh.wait_enrolled("n1", &cuid, true).await?;
     mesh.wait_enrolled("n2", &suid, true).await?;

@@ -3,8 +3,6 @@
 //! for another address or for ztunnel's own ports, and a DENY applied while connections are
 //! open. Logs and metrics name only proven identities. Needs root.
 
-mod ztunnel_support;
-
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +11,10 @@ use std::time::{Duration, Instant};
 use ambit_hbone::client::{ConnectTarget, Pool, PoolConfig};
 use ambit_hbone::tls::{self, TrustBundle};
 use ambit_hbone::Identity;
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
 use ambit_tests::{Pod, ReplyServer, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ztunnel_support::*;
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 
@@ -199,14 +198,7 @@ async fn a_valid_peer_cannot_spoof_the_destination_or_reach_ztunnel_ports() -> a
         workload(srv, "srv", "srv", "n2", true),
         workload(other, "srv", "other", "n2", true),
     );
-    let mesh = Mesh::start(
-        &topo,
-        &["n1", "n2"],
-        &state,
-        TestCa::new(Duration::from_secs(3600)),
-        |_, _| {},
-    )
-    .await?;
+    let mesh = Mesh::two_nodes(&topo, &state).await?;
     mesh.wait_enrolled("n2", &uid("srv", srv), true).await?;
     mesh.wait_enrolled("n2", &uid("srv", other), true).await?;
     mesh.wait_certs("n2").await?;
@@ -354,14 +346,7 @@ policies:
     // Tests of this binary share the log and pod addresses: the namespaces tell them apart.
     const TO_SRV: &str = "\"dst.workload\":\"rv-srv/srv\"";
     let log = access_log();
-    let mesh = Mesh::start(
-        &topo,
-        &["n1", "n2"],
-        &workloads,
-        TestCa::new(Duration::from_secs(3600)),
-        |_, _| {},
-    )
-    .await?;
+    let mesh = Mesh::two_nodes(&topo, &workloads).await?;
     for (node, ns, pod) in [
         ("n1", "rv-app", victim),
         ("n1", "rv-app", keeper),

@@ -5,8 +5,6 @@
 //! are never used). The real binaries: `ambit-controller` in local mode and one `ztunnel` per
 //! node, with a sniffer on the fabric. Needs root.
 
-mod ztunnel_support;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -16,10 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ambit_hbone::Identity;
-use ambit_tests::{exec_in, Pod, ReplyServer, Topology};
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
+use ambit_tests::{Pod, ReplyServer, Topology};
 use anyhow::{bail, Context};
 use nix::sys::signal::Signal;
-use ztunnel_support::*;
 
 /// Every payload the client sends starts with this; the fabric must never show it.
 const MARKER: &[u8] = b"FAILCLOSED-PAYLOAD-";
@@ -349,10 +348,6 @@ fn mesh_yaml(enrolled: &[(&Pod, &str, &str)], plain: &[(&Pod, &str)]) -> String 
     yaml
 }
 
-fn captured(pod: &Pod) -> bool {
-    exec_in(&pod.netns, &["iptables-save"]).is_ok_and(|r| r.contains("AMBIT_V1_"))
-}
-
 fn mode(path: &Path) -> anyhow::Result<u32> {
     Ok(std::fs::metadata(path)
         .with_context(|| format!("{}", path.display()))?
@@ -378,11 +373,7 @@ fn assert_no_plaintext(wire: &[u8], control: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_or_killed_ztunnels_refuse_pods_traffic_and_restarts_resume_it(
 ) -> anyhow::Result<()> {
-    let Some(topo) = Topology::builder("zt_failclosed")
-        .node("n1")
-        .node("n2")
-        .pod("client", "n1")
-        .pod("srv", "n2")
+    let Some(topo) = Topology::client_and_server("zt_failclosed")
         .pod("plain", "n1")
         .pod("plain-srv", "n2")
         .build_or_skip()
@@ -512,13 +503,7 @@ fn expired_cert(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_the_controller_down_serves_from_the_node_directory() -> anyhow::Result<()> {
-    let Some(topo) = Topology::builder("zt_nodedir")
-        .node("n1")
-        .node("n2")
-        .pod("client", "n1")
-        .pod("srv", "n2")
-        .build_or_skip()
-    else {
+    let Some(topo) = Topology::client_and_server("zt_nodedir").build_or_skip() else {
         return Ok(());
     };
     let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());

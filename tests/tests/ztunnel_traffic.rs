@@ -1,13 +1,11 @@
 //! ztunnel end to end, traffic: two nodes, pods on each, one in-process ztunnel per node
 //! (real netns, iptables, TLS). Needs root; see `ambit_tests::require_root`.
 
-mod ztunnel_support;
-
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
 use ambit_tests::{ReplyServer, Topology};
-use ztunnel_support::*;
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 
@@ -36,14 +34,7 @@ async fn pods_reach_each_other_over_hbone_with_real_ips_and_plain_pods_are_unaff
         workload(plain_c, "legacy", "default", "n1", false),
         workload(plain_s, "legacy", "default", "n2", false),
     );
-    let mesh = Mesh::start(
-        &topo,
-        &["n1", "n2"],
-        &state,
-        TestCa::new(Duration::from_secs(3600)),
-        |_, _| {},
-    )
-    .await?;
+    let mesh = Mesh::two_nodes(&topo, &state).await?;
     for (node, pod) in [("n1", client), ("n1", local), ("n2", remote)] {
         mesh.wait_enrolled(node, &uid("app", pod), true).await?;
     }
@@ -167,14 +158,7 @@ async fn service_vip_spreads_over_endpoints_and_skips_a_removed_one() -> anyhow:
         s
     };
     let all = state_with(&["web-0", "web-1", "web-2"]);
-    let mesh = Mesh::start(
-        &topo,
-        &["n1", "n2"],
-        &all,
-        TestCa::new(Duration::from_secs(3600)),
-        |_, _| {},
-    )
-    .await?;
+    let mesh = Mesh::two_nodes(&topo, &all).await?;
     mesh.wait_enrolled("n1", &uid("app", client), true).await?;
     for w in &webs {
         mesh.wait_enrolled("n2", &uid("app", w), true).await?;

@@ -13,10 +13,10 @@ use ambit_hbone::server::{ConnectRequest, Handler, Refusal, Server, ServerSettin
 use ambit_hbone::stream::TunnelStream;
 use ambit_hbone::testing::TestPki;
 use ambit_hbone::{cert, csr, tls, Identity};
+use ambit_testing::{free_port, http_get_async};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 struct Forward;
@@ -31,27 +31,6 @@ impl Handler for Forward {
     async fn serve(&self, mut tcp: TcpStream, mut s: TunnelStream) {
         let _ = ambit_hbone::copy::copy_bidirectional(&mut s, &mut tcp).await;
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    (status, out)
 }
 
 #[tokio::test]
@@ -120,10 +99,18 @@ async fn binary_serves_reports_and_drains() {
         ),
     )
     .unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let ready: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let ready: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_waypoint"))
         // Identity and gateway from the environment the controller's Deployment sets.
         .env("POD_NAMESPACE", "demo")
@@ -153,8 +140,9 @@ async fn binary_serves_reports_and_drains() {
         .unwrap();
     let mut is_ready = false;
     for _ in 0..200 {
-        if TcpStream::connect(ready).await.is_ok()
-            && http_get(ready, "/healthz/ready").await.0 == 200
+        if http_get_async(ready, "/healthz/ready")
+            .await
+            .is_ok_and(|(status, _)| status == 200)
         {
             is_ready = true;
             break;
@@ -192,17 +180,20 @@ async fn binary_serves_reports_and_drains() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "hi");
 
-    let (_, text) = http_get(metrics, "/metrics").await;
+    let (_, text) = http_get_async(metrics, "/metrics").await.unwrap();
     assert!(text.contains("istio_requests_total{"), "{text}");
     assert!(
         text.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""),
         "{text}"
     );
-    let (status, dump) = http_get(admin, "/config_dump").await;
+    let (status, dump) = http_get_async(admin, "/config_dump").await.unwrap();
     assert_eq!(status, 200);
     // Not on the ports other nodes can reach.
-    assert_eq!(http_get(metrics, "/config_dump").await.0, 404);
-    assert_eq!(http_get(ready, "/config_dump").await.0, 404);
+    assert_eq!(
+        http_get_async(metrics, "/config_dump").await.unwrap().0,
+        404
+    );
+    assert_eq!(http_get_async(ready, "/config_dump").await.unwrap().0, 404);
     assert!(dump.contains("web.demo.svc.cluster.local"), "{dump}");
 
     let pid = child.id().unwrap();

@@ -44,6 +44,7 @@ use ambit_proto::discovery::{
     resource, string_match, subscribe_request, Ack, Authorization, Hello, ProxyKind, Push,
     ResourceKind, SubscribeRequest,
 };
+use ambit_testing::free_port;
 use anyhow::{bail, Context};
 use clap::Parser;
 use prost::Message as _;
@@ -760,12 +761,6 @@ fn controller_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Polls `cond` every 20 ms until it holds, the controller dies, or `limit` passes.

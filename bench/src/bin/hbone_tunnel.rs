@@ -17,12 +17,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ambit_bench::servers::{run_echo, run_sink, Forward};
 use ambit_bench::{mb_per_s, micros, print_table, Row, Samples};
 use ambit_hbone::client::ConnectTarget;
-use ambit_hbone::copy::copy_bidirectional;
 use ambit_hbone::pool::{Pool, PoolConfig};
-use ambit_hbone::server::{ConnectRequest, H2Settings, Handler, Refusal, Server, ServerSettings};
-use ambit_hbone::stream::TunnelStream;
+use ambit_hbone::server::{H2Settings, Server, ServerSettings};
 use ambit_hbone::testing::TestPki;
 use ambit_hbone::{tls, Identity};
 use anyhow::Context as _;
@@ -53,63 +52,6 @@ struct Args {
     /// Per-stream h2 send buffer, KiB.
     #[arg(long)]
     send_buffer_kib: Option<usize>,
-}
-
-/// Sink: reads to EOF, then writes the byte count (8 bytes, big endian).
-async fn run_sink(listener: TcpListener) {
-    loop {
-        let Ok((mut tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 1024 * 1024];
-            let mut total = 0u64;
-            loop {
-                match tcp.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => total += n as u64,
-                    Err(_) => return,
-                }
-            }
-            let _ = tcp.write_all(&total.to_be_bytes()).await;
-            let _ = tcp.shutdown().await;
-        });
-    }
-}
-
-/// Echo: writes back whatever it reads.
-async fn run_echo(listener: TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let (mut r, mut w) = tcp.into_split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-    }
-}
-
-/// What a node proxy's inbound side does, minus policy: connect to the authority (503 if
-/// that fails), then copy.
-struct Forward;
-
-impl Handler for Forward {
-    type Accepted = TcpStream;
-
-    async fn accept(&self, request: &ConnectRequest) -> Result<TcpStream, Refusal> {
-        let tcp = TcpStream::connect(request.authority)
-            .await
-            .map_err(|e| Refusal::Unreachable(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
-    }
-
-    async fn serve(&self, mut upstream: TcpStream, mut stream: TunnelStream) {
-        let _ = copy_bidirectional(&mut stream, &mut upstream).await;
-    }
 }
 
 /// Either path, so the workloads are written once.

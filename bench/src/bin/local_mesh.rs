@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ambit_bench::servers::{run_echo, run_sink};
 use ambit_bench::{mb_per_s, micros, proc_cpu_seconds, proc_status_kib, Samples};
 use ambitctl::local::net;
 use ambitctl::local::state::ClusterState;
@@ -300,42 +301,6 @@ fn haproxy_config(dir: &Path, k: usize) -> String {
         }
     }
     cfg
-}
-
-/// Sink: reads to EOF, then writes the byte count (8 bytes, big endian).
-async fn run_sink(listener: TcpListener) {
-    loop {
-        let Ok((mut tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                match tcp.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => total += n as u64,
-                    Err(_) => return,
-                }
-            }
-            let _ = tcp.write_all(&total.to_be_bytes()).await;
-            let _ = tcp.shutdown().await;
-        });
-    }
-}
-
-/// Echo: writes back whatever it reads.
-async fn run_echo(listener: TcpListener) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let (mut r, mut w) = tcp.into_split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        });
-    }
 }
 
 /// Starts the sink and echo servers in pod namespace `netns`, on a thread of their own that

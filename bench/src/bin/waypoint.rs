@@ -20,14 +20,14 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use ambit_bench::servers::Forward;
 use ambit_bench::{micros, print_table, Row, Samples};
 use ambit_hbone::client::ConnectTarget;
-use ambit_hbone::copy::copy_bidirectional;
 use ambit_hbone::pool::{Pool, PoolConfig};
-use ambit_hbone::server::{ConnectRequest, Handler, Refusal, Server, ServerSettings};
-use ambit_hbone::stream::TunnelStream;
+use ambit_hbone::server::{Server, ServerSettings};
 use ambit_hbone::testing::TestPki;
 use ambit_hbone::{cert, csr, tls, Identity};
+use ambit_testing::free_port;
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Parser;
@@ -80,25 +80,6 @@ async fn run_backend(listener: TcpListener) {
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
-    }
-}
-
-/// The destination node proxy's inbound side, minus policy.
-struct Forward;
-
-impl Handler for Forward {
-    type Accepted = TcpStream;
-
-    async fn accept(&self, request: &ConnectRequest) -> Result<TcpStream, Refusal> {
-        let tcp = TcpStream::connect(request.authority)
-            .await
-            .map_err(|e| Refusal::Unreachable(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
-    }
-
-    async fn serve(&self, mut upstream: TcpStream, mut stream: TunnelStream) {
-        let _ = copy_bidirectional(&mut stream, &mut upstream).await;
     }
 }
 
@@ -227,12 +208,6 @@ async fn paced(path: &Path, rate: u64, seconds: u64) -> anyhow::Result<u64> {
         total += t.await??;
     }
     Ok(total)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 #[tokio::main]

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use ambit_bench::{mb_per_s, micros, print_table, Row, Samples};
 use ambit_hbone::ca::CertificateAuthority;
-use ambit_tests::{exec_in, in_netns, Pod, Topology};
+use ambit_testing::wait;
+use ambit_tests::ztunnel::captured;
+use ambit_tests::{in_netns, Pod, Topology};
 use anyhow::{bail, Context};
 use clap::Parser;
 
@@ -251,17 +253,6 @@ fn state(client: &Pod, srv: &Pod, enrolled: bool) -> String {
     )
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 struct PathResult {
     bulk: Duration,
     pings: Samples,
@@ -297,13 +288,7 @@ fn main() -> anyhow::Result<()> {
             bin.display()
         );
     }
-    let Some(topo) = Topology::builder("zt_bench")
-        .node("n1")
-        .node("n2")
-        .pod("client", "n1")
-        .pod("srv", "n2")
-        .build_or_skip()
-    else {
+    let Some(topo) = Topology::client_and_server("zt_bench").build_or_skip() else {
         bail!("needs root");
     };
     let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());
@@ -329,14 +314,11 @@ fn main() -> anyhow::Result<()> {
     // Enroll both pods: the ztunnels re-read the file and capture them.
     std::fs::write(dir.join("state.yaml"), state(&client, &srv, true))?;
     for pod in [&client, &srv] {
-        let ns = pod.netns.clone();
-        wait_for("capture rules", || {
-            exec_in(&ns, &["iptables-save"]).is_ok_and(|r| r.contains("AMBIT_OUTPUT"))
-        })?;
+        wait("capture rules", || Ok(captured(pod)))?;
     }
     let echo = SocketAddr::new(srv.ip.into(), ECHO_PORT);
-    wait_for("a first tunnel", || {
-        in_pod(&client, move || {
+    wait("a first tunnel", || {
+        Ok(in_pod(&client, move || {
             let mut s = TcpStream::connect(echo)?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             s.write_all(b"x")?;
@@ -344,7 +326,7 @@ fn main() -> anyhow::Result<()> {
             s.read_exact(&mut b)?;
             Ok(())
         })
-        .is_ok()
+        .is_ok())
     })?;
     let rss_idle = rss_total(&both)?;
     println!("measuring through two ztunnels (HBONE)");

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use super::store::ResourceType;
+use super::resource::{now_rfc3339, ResourceType};
 
 /// `apiVersion` of CustomResourceDefinition objects.
 pub(crate) const CRD_API_VERSION: &str = "apiextensions.k8s.io/v1";
@@ -42,7 +42,7 @@ pub(crate) fn establish(crd: &mut Value) {
     let condition = |kind: &str, reason: &str| {
         json!({
             "type": kind, "status": "True", "reason": reason,
-            "lastTransitionTime": super::store::now_rfc3339(),
+            "lastTransitionTime": now_rfc3339(),
         })
     };
     if let Some(o) = crd.as_object_mut() {

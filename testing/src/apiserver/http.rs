@@ -5,19 +5,16 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures::StreamExt;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
+use super::resource::ResourceType;
+use super::response::{json_response, Body};
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{ApiError, ChangeType, ResourceType, State, TokenUser};
+use super::store::{ApiError, State, TokenUser};
 use super::{RequestRecord, Shared, Verb};
-
-pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
 /// Audiences a token is valid for when neither side names any (the API server's own).
 const DEFAULT_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
@@ -565,29 +562,6 @@ fn ok(value: &impl serde::Serialize) -> Response<Body> {
     json_response(StatusCode::OK, value)
 }
 
-pub(crate) fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
-    let bytes = serde_json::to_vec(value).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)).boxed());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-/// A chunked response whose chunks are whatever the producer sends (one event per line).
-pub(crate) fn streaming_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
-        .map(|b| Ok::<_, Infallible>(Frame::data(b)));
-    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
 /// Minimal `application/x-www-form-urlencoded` query parsing.
 fn parse_query(raw: &str) -> Vec<(String, String)> {
     raw.split('&')
@@ -623,26 +597,6 @@ fn decode(raw: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Serialises one watch event line.
-pub(crate) fn event_line(kind: &str, object: &Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
-    line.push(b'\n');
-    Bytes::from(line)
-}
-
-/// The watch event type for a change, as seen through a selector: objects that start or stop
-/// matching are ADDED or DELETED for this watcher.
-pub(crate) fn event_type(kind: ChangeType, now: bool, before: bool) -> Option<&'static str> {
-    match (kind, before, now) {
-        (ChangeType::Added, _, true) => Some("ADDED"),
-        (ChangeType::Modified, true, true) => Some("MODIFIED"),
-        (ChangeType::Modified, false, true) => Some("ADDED"),
-        (ChangeType::Modified, true, false) => Some("DELETED"),
-        (ChangeType::Deleted, true, _) => Some("DELETED"),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,15 +608,5 @@ mod tests {
         assert!(is_watch(&q));
         assert_eq!(param(&q, "x"), Some(""));
         assert_eq!(decode("100%"), "100%");
-    }
-
-    #[test]
-    fn selector_transitions() {
-        use ChangeType::*;
-        // (change, matches now, matched before)
-        assert_eq!(event_type(Modified, true, false), Some("ADDED"));
-        assert_eq!(event_type(Modified, false, true), Some("DELETED"));
-        assert_eq!(event_type(Modified, false, false), None);
-        assert_eq!(event_type(Deleted, false, true), Some("DELETED"));
     }
 }

@@ -18,6 +18,8 @@
 
 mod crd;
 mod http;
+mod resource;
+mod response;
 mod selector;
 mod store;
 mod watch;
@@ -31,8 +33,9 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 
+pub use resource::ResourceType;
 use store::State;
-pub use store::{ApiError, ResourceType, TokenUser};
+pub use store::{ApiError, TokenUser};
 
 /// Errors starting the server or talking to it from a test.
 #[derive(Debug, thiserror::Error)]

@@ -330,41 +330,6 @@ async fn crds_written_through_the_api_are_served() {
 }
 
 #[tokio::test]
-async fn status_subresource_writes_only_status() {
-    use crate::crd::Gateway;
-
-    let server = server().await;
-    server
-        .apply(&json!({
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-            "metadata": {"name": "waypoint", "namespace": "a"},
-            "spec": {"gatewayClassName": "ambit-waypoint"},
-        }))
-        .expect("gateway");
-    let gateways: Api<Gateway> = Api::namespaced(server.client().expect("client"), "a");
-    let patch = json!({
-        "spec": {"gatewayClassName": "changed"},
-        "status": {"addresses": [{"type": "IPAddress", "value": "10.96.0.99"}]},
-    });
-    let patched = gateways
-        .patch_status("waypoint", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("patch status");
-    assert_eq!(
-        patched.spec.gateway_class_name, "ambit-waypoint",
-        "spec is not writable here"
-    );
-    let addresses = patched.status.map(|s| s.addresses).unwrap_or_default();
-    assert_eq!(
-        addresses.first().map(|a| a.value.as_str()),
-        Some("10.96.0.99")
-    );
-    assert_eq!(patched.metadata.generation, Some(1));
-    let got = gateways.get_status("waypoint").await.expect("get status");
-    assert!(got.status.is_some());
-}
-
-#[tokio::test]
 async fn bearer_token_required_when_configured() {
     let server = FakeApiServer::builder()
         .require_bearer("secret")

@@ -14,9 +14,10 @@ use hyper::Response;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::http::{event_line, event_type, streaming_response, Body};
+use super::resource::ResourceType;
+use super::response::{streaming_response, Body};
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{ApiError, ChangeType, ResourceType, State};
+use super::store::{ApiError, ChangeType, State};
 use super::Shared;
 
 /// What one watch request asked for.
@@ -208,4 +209,39 @@ fn bookmark(rt: &ResourceType, rv: u64, initial_events_end: bool) -> Bytes {
 fn expired(requested: u64, floor: u64) -> Bytes {
     let status = ApiError::Expired(format!("too old resource version: {requested} ({floor})"));
     event_line("ERROR", &status.status_json())
+}
+
+/// Serialises one watch event line.
+pub(crate) fn event_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// The watch event type for a change, as seen through a selector: objects that start or stop
+/// matching are ADDED or DELETED for this watcher.
+pub(crate) fn event_type(kind: ChangeType, now: bool, before: bool) -> Option<&'static str> {
+    match (kind, before, now) {
+        (ChangeType::Added, _, true) => Some("ADDED"),
+        (ChangeType::Modified, true, true) => Some("MODIFIED"),
+        (ChangeType::Modified, false, true) => Some("ADDED"),
+        (ChangeType::Modified, true, false) => Some("DELETED"),
+        (ChangeType::Deleted, true, _) => Some("DELETED"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_transitions() {
+        use ChangeType::*;
+        // (change, matches now, matched before)
+        assert_eq!(event_type(Modified, true, false), Some("ADDED"));
+        assert_eq!(event_type(Modified, false, true), Some("DELETED"));
+        assert_eq!(event_type(Modified, false, false), None);
+        assert_eq!(event_type(Deleted, false, true), Some("DELETED"));
+    }
 }

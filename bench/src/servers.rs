@@ -1,0 +1,65 @@
+//! The far ends every benchmark needs: a sink that counts what it receives, an echo server,
+//! and the HBONE destination side of a node proxy without policy (connect, then copy).
+
+use ambit_hbone::copy::copy_bidirectional;
+use ambit_hbone::server::{ConnectRequest, Handler, Refusal};
+use ambit_hbone::stream::TunnelStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Sink: reads to EOF, then writes the byte count (8 bytes, big endian).
+pub async fn run_sink(listener: TcpListener) {
+    loop {
+        let Ok((mut tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = tcp.write_all(&total.to_be_bytes()).await;
+            let _ = tcp.shutdown().await;
+        });
+    }
+}
+
+/// Echo: writes back whatever it reads.
+pub async fn run_echo(listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = tcp.into_split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// What a node proxy's inbound side does, minus policy: connect to the authority (503 if
+/// that fails), then copy.
+pub struct Forward;
+
+impl Handler for Forward {
+    type Accepted = TcpStream;
+
+    async fn accept(&self, request: &ConnectRequest) -> Result<TcpStream, Refusal> {
+        let tcp = TcpStream::connect(request.authority)
+            .await
+            .map_err(|e| Refusal::Unreachable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    async fn serve(&self, mut upstream: TcpStream, mut stream: TunnelStream) {
+        let _ = copy_bidirectional(&mut stream, &mut upstream).await;
+    }
+}

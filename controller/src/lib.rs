@@ -5,12 +5,14 @@
 //! [`model::SourceEvent`]s; the [`model`] keeps the objects, derives the wire resources
 //! proxies need and publishes versioned snapshots; the [`discovery`] service filters a
 //! snapshot per proxy and pushes only what changed. The [`ca`] signs workload certificates
-//! for authenticated callers, authorized against the same model; [`ops`] serves metrics and
+//! for authenticated callers, authorized against the same model; both run in one TLS
+//! [`server`], whose requests know their peer through [`conn`]; [`ops`] serves metrics and
 //! readiness; [`waypoints`] deploys a waypoint per `ambit-waypoint` Gateway (Kubernetes).
 //! This crate does not talk to proxies' data paths and holds no per-connection state beyond
 //! discovery subscriptions.
 
 pub mod ca;
+pub mod conn;
 pub mod crd;
 pub mod discovery;
 pub mod model;

@@ -4,22 +4,18 @@
 //! and TLS is an optional rustls `ServerConfig` (production always sets one; tests may
 //! serve plaintext on loopback). TLS is terminated here rather than with tonic's TLS
 //! feature so the same rustls configuration (and crypto provider) as the rest of Ambit is
-//! used, and so each request can see the peer's certificates ([`TlsConnectInfo`]).
+//! used, and so each request can see the peer's certificates
+//! ([`TlsConnectInfo`](crate::conn::TlsConnectInfo)).
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
-use tonic::transport::server::Connected;
 
+use crate::conn::TlsConn;
 use crate::discovery::DiscoveryService;
 
 /// How long a client may take to complete the TLS handshake.
@@ -104,7 +100,7 @@ impl GrpcServer {
                                 .await
                             {
                                 Ok(Ok(tls)) => {
-                                    let _ = tx.send(Ok(TlsConn { inner: tls, peer })).await;
+                                    let _ = tx.send(Ok(TlsConn::new(tls, peer))).await;
                                 }
                                 Ok(Err(e)) => {
                                     tracing::debug!(%peer, error = %e, "TLS handshake failed")
@@ -123,72 +119,5 @@ impl GrpcServer {
             }
         }
         .map_err(ServerError::Transport)
-    }
-}
-
-/// A TLS connection accepted by [`GrpcServer`].
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    peer: SocketAddr,
-}
-
-/// What a request on a TLS connection knows about its peer (a request extension).
-#[derive(Clone, Debug)]
-pub struct TlsConnectInfo {
-    pub remote_addr: SocketAddr,
-    /// The client's certificate chain, leaf first, when it presented one.
-    pub peer_certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
-}
-
-impl Connected for TlsConn {
-    type ConnectInfo = TlsConnectInfo;
-
-    fn connect_info(&self) -> TlsConnectInfo {
-        let certs = self
-            .inner
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-        TlsConnectInfo {
-            remote_addr: self.peer,
-            peer_certificates: certs,
-        }
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }

@@ -19,9 +19,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
-// The pool is what most callers use to open tunnels; reachable from here too.
-pub use crate::pool::{Pool, PoolConfig, PoolStats};
-use crate::server::{BufferedTcp, TLS_READ_BUFFER};
+use crate::server::{BufferedTcp, H2Settings, TLS_READ_BUFFER};
 use crate::stream::{Guard, TunnelStream};
 use crate::tls::ALPN_H2;
 use crate::Identity;
@@ -220,14 +218,24 @@ pub(crate) struct Established {
     pub(crate) ping_pong: Option<h2::PingPong>,
 }
 
-/// TCP, TLS, HTTP/2, and the peer's SETTINGS, all within `config.connect_timeout`.
+/// How a new connection is set up (the pool's [`PoolConfig`](crate::pool::PoolConfig) says).
+pub(crate) struct ConnectionSettings<'a> {
+    /// TCP, TLS, HTTP/2 and the peer's SETTINGS must all arrive within this.
+    pub(crate) connect_timeout: Duration,
+    /// Streams we assume the peer takes until its SETTINGS say otherwise.
+    pub(crate) max_streams: usize,
+    /// Flow control and framing.
+    pub(crate) h2: &'a H2Settings,
+}
+
+/// TCP, TLS, HTTP/2, and the peer's SETTINGS, all within `settings.connect_timeout`.
 pub(crate) async fn establish(
     target: &ConnectTarget,
     factory: &dyn SocketFactory,
-    config: &PoolConfig,
+    settings: ConnectionSettings<'_>,
 ) -> Result<Established, ConnectError> {
     let peer = target.peer;
-    let after = config.connect_timeout;
+    let after = settings.connect_timeout;
     let deadline = Instant::now() + after;
     let timeout = |phase| ConnectError::Timeout { peer, phase, after };
 
@@ -271,7 +279,7 @@ pub(crate) async fn establish(
         });
     }
 
-    let h2 = config.h2.clamped();
+    let h2 = settings.h2.clamped();
     let mut builder = h2::client::Builder::new();
     builder
         .initial_window_size(h2.stream_window)
@@ -279,7 +287,7 @@ pub(crate) async fn establish(
         .max_frame_size(h2.max_frame_size)
         .max_send_buffer_size(h2.max_send_buffer)
         // Until the peer's SETTINGS arrive, assume it takes what we would send anyway.
-        .initial_max_send_streams(config.max_streams_per_connection)
+        .initial_max_send_streams(settings.max_streams)
         .enable_push(false);
     let (send, mut connection) = tokio::time::timeout_at(deadline, builder.handshake(tls))
         .await

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::client::{
-    self, open_stream, Attempt, ClientConnection, ConnectError, ConnectTarget,
+    self, open_stream, Attempt, ClientConnection, ConnectError, ConnectTarget, ConnectionSettings,
     DefaultSocketFactory, Established, SocketFactory,
 };
 use crate::server::{keepalive_failed, H2Settings, Keepalive};
@@ -370,7 +370,16 @@ impl Pool {
             send,
             connection,
             ping_pong,
-        } = client::establish(target, &*self.inner.factory, config).await?;
+        } = client::establish(
+            target,
+            &*self.inner.factory,
+            ConnectionSettings {
+                connect_timeout: config.connect_timeout,
+                max_streams: config.max_streams_per_connection,
+                h2: &config.h2,
+            },
+        )
+        .await?;
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             send,

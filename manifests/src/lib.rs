@@ -9,6 +9,7 @@
 //! Not here: talking to a cluster (nothing in this crate does I/O beyond reading the CA files the
 //! operator names), and the Gateway API CRDs, which users install from upstream.
 
+mod container;
 pub mod controller;
 pub mod crds;
 pub mod gateway;
@@ -30,6 +31,9 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_IMAGE_REGISTRY: &str = "ambit";
 /// The audience of the projected tokens proxies present to the CA (checked with TokenReview).
 pub const CA_TOKEN_AUDIENCE: &str = "ambit-ca";
+/// ConfigMap holding the trust anchor (`root-cert.pem`): the controller publishes it, proxies
+/// mount it to verify the controller.
+pub const ROOT_CERT_CONFIGMAP: &str = "ambit-root-cert";
 /// The `GatewayClass` whose `Gateway`s are Ambit waypoints.
 pub const WAYPOINT_CLASS: &str = "ambit-waypoint";
 /// The `controllerName` of that class.

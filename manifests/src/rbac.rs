@@ -81,11 +81,7 @@ pub fn ca_rules() -> Vec<PolicyRule> {
         named("secrets", controller::CA_SECRET, &["get"]),
         // Written with server-side apply: CREATE the first time, PATCH after.
         rule("", &["configmaps"], &["create"]),
-        named(
-            "configmaps",
-            controller::ROOT_CERT_CONFIGMAP,
-            &["get", "patch"],
-        ),
+        named("configmaps", crate::ROOT_CERT_CONFIGMAP, &["get", "patch"]),
     ]
 }
 

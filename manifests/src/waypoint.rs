@@ -23,9 +23,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::controller::{env, env_field, http_probe, port, resources, ROOT_CERT_CONFIGMAP};
+use crate::container::{env, env_field, http_probe, port, resources};
 use crate::ztunnel::{ROOT_CERT_DIR, TOKEN_DIR, TOKEN_FILE};
-use crate::{meta, ports, CA_TOKEN_AUDIENCE};
+use crate::{meta, ports, CA_TOKEN_AUDIENCE, ROOT_CERT_CONFIGMAP};
 
 /// The label Gateway API implementations put on a Gateway's generated objects.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";

@@ -65,8 +65,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::controller::{env, env_field, http_probe, port, resources, ROOT_CERT_CONFIGMAP};
-use crate::{meta, ports, InstallOptions, CA_TOKEN_AUDIENCE};
+use crate::container::{env, env_field, http_probe, port, resources};
+use crate::{meta, ports, InstallOptions, CA_TOKEN_AUDIENCE, ROOT_CERT_CONFIGMAP};
 
 /// Name of the DaemonSet and its ServiceAccount.
 pub const NAME: &str = "ambit-ztunnel";

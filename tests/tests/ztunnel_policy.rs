@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_hbone::client::{ConnectTarget, Pool, PoolConfig};
+use ambit_hbone::client::ConnectTarget;
+use ambit_hbone::pool::{Pool, PoolConfig};
 use ambit_hbone::tls::{self, TrustBundle};
 use ambit_hbone::Identity;
 use ambit_testing::*;

@@ -174,11 +174,7 @@ impl CertificateService for CaService {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
-        let peer = request
-            .extensions()
-            .get::<crate::server::TlsConnectInfo>()
-            .map(|i| i.remote_addr)
-            .or_else(|| request.remote_addr());
+        let peer = crate::conn::peer_addr(&request);
         let mut caller = None;
         match self.handle(request, &mut caller).await {
             Ok(response) => {

@@ -185,11 +185,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<PushStream>, Status> {
-        let peer = request
-            .extensions()
-            .get::<crate::server::TlsConnectInfo>()
-            .map(|i| i.remote_addr)
-            .or_else(|| request.remote_addr());
+        let peer = crate::conn::peer_addr(&request);
         // Authenticate before reading anything else: an unknown caller learns nothing.
         let caller = match &self.authenticator {
             Some(a) => Some(

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, Authorizations};
-use super::{typed, typed_in, FieldError, Key, Kind, ModelConfig, ModelError, Store};
+use super::{selects, typed, typed_in, FieldError, Key, Kind, ModelConfig, ModelError, Store};
 use crate::crd::gateway::WAYPOINT_CLASS;
 
 /// Namespace label that enrolls its pods (`ambient`); on a pod, `none` opts it out.
@@ -362,24 +362,11 @@ fn owner_workload_name(pod: &Pod) -> Option<String> {
     Some(owner.name.clone())
 }
 
-/// True when every selector label is on the object.
-pub(super) fn selects(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
 pub(super) fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     }
-}
-
-/// `name.namespace.svc.<suffix>`
-pub(super) fn service_hostname(name: &str, namespace: &str, config: &ModelConfig) -> String {
-    format!("{name}.{namespace}.svc.{}", config.domain_suffix)
 }
 
 fn service<'a>(
@@ -549,7 +536,7 @@ fn service<'a>(
         errors,
     );
     let s = WireService {
-        hostname: service_hostname(&name, &namespace, config),
+        hostname: config.service_hostname(&name, &namespace),
         vips,
         ports,
         endpoints: endpoints.into_values().collect(),

@@ -42,6 +42,22 @@ pub struct ModelConfig {
     pub domain_suffix: String,
 }
 
+impl ModelConfig {
+    /// A service's host name: `name.namespace.svc.<suffix>`.
+    pub(crate) fn service_hostname(&self, name: &str, namespace: &str) -> String {
+        format!("{name}.{namespace}.svc.{}", self.domain_suffix)
+    }
+}
+
+/// True when every selector label is on the object (a Kubernetes equality selector), shared
+/// by the derivation of services and the selection of policies.
+pub(crate) fn selects(
+    selector: &std::collections::BTreeMap<String, String>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {

@@ -17,8 +17,7 @@ use ambit_policy::{
 use ambit_proto::discovery::{LoadBalancing, Route, TrafficPolicy as WireTrafficPolicy};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::derive::{selects, service_hostname};
-use super::{typed, FieldError, Kind, ModelConfig, ModelError, Store};
+use super::{selects, typed, FieldError, Kind, ModelConfig, ModelError, Store};
 use crate::crd::gateway::{BackendRef, HttpRouteFilter};
 use crate::crd::security::{self, Action, AuthorizationPolicySpec};
 use crate::crd::traffic::{SimpleLb, TrafficPolicySpec};
@@ -153,7 +152,7 @@ fn convert_authorization(
                 &mut target_service,
                 format!(
                     "{namespace}/{}",
-                    service_hostname(&t.name, namespace, config)
+                    config.service_hostname(&t.name, namespace)
                 ),
             ),
             (g, k) => {
@@ -513,7 +512,7 @@ pub(super) fn traffic_policies(
             Ok(spec_json) => out.push(WireTrafficPolicy {
                 target_service: format!(
                     "{namespace}/{}",
-                    service_hostname(&tp.spec.target_ref.name, &namespace, config)
+                    config.service_hostname(&tp.spec.target_ref.name, &namespace)
                 ),
                 name,
                 namespace,
@@ -569,7 +568,7 @@ pub(super) fn routes(
             .filter(|p| p.is_service())
             .map(|p| {
                 let pns = p.namespace.as_deref().unwrap_or(ns);
-                format!("{pns}/{}", service_hostname(&p.name, pns, config))
+                format!("{pns}/{}", config.service_hostname(&p.name, pns))
             })
             .collect();
         v.sort();

@@ -37,8 +37,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_hbone::client::{ConnectError, Pool, PoolConfig};
+use ambit_hbone::client::ConnectError;
 use ambit_hbone::copy::{Copied, CopyError, Transferred};
+use ambit_hbone::pool::{Pool, PoolConfig};
 use ambit_hbone::throttle::LogThrottle;
 use ambit_hbone::Identity;
 use tokio::net::TcpStream;

@@ -25,7 +25,11 @@ pub mod workload;
 
 use std::net::IpAddr;
 
-pub use policy::{Action, Authorization, ConnectionInfo, PolicyScope, Verdict};
+// The policy types are the shared engine's: the store holds them, `policy` evaluates them.
+pub use ambit_policy::{
+    parse_ip_net, Action, Policy as Authorization, Scope as PolicyScope, StringMatch,
+};
+pub use policy::{ConnectionInfo, Verdict};
 pub use service::{Endpoint, LoadBalancing, Service, ServicePort};
 pub use store::{ApplyOutcome, LocalWorkloads, State, StateReader, Store, StoreError};
 pub use workload::{GatewayAddress, TunnelProtocol, Workload};

@@ -14,10 +14,7 @@ use serde::Serialize;
 
 use super::store::State;
 use super::workload::Workload;
-
-pub use ambit_policy::{
-    parse_ip_net, Action, Policy as Authorization, Scope as PolicyScope, StringMatch,
-};
+use super::Authorization;
 
 /// What policy sees of a connection arriving at a workload.
 #[derive(Debug, Clone, Copy)]

@@ -60,10 +60,10 @@ use ambit_proto::discovery as pb;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-use super::policy::{parse_ip_net, Authorization, StringMatch};
 use super::service::Service;
 use super::workload::Workload;
 use super::{ip_to_bytes, ConvertError};
+use super::{parse_ip_net, Authorization, StringMatch};
 
 /// Why a static state file could not be used.
 #[derive(Debug, thiserror::Error)]

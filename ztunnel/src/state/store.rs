@@ -25,10 +25,9 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::policy::{Authorization, PolicyScope};
 use super::service::{Service, ServicePort};
 use super::workload::Workload;
-use super::ConvertError;
+use super::{Authorization, ConvertError, PolicyScope};
 
 /// Why a push was refused (the NACK reason is this error's message).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -4,7 +4,9 @@
 use ambit_hbone::copy::copy_bidirectional;
 use ambit_hbone::server::{ConnectRequest, Handler, Refusal};
 use ambit_hbone::stream::TunnelStream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Sink: reads to EOF, then writes the byte count (8 bytes, big endian).
@@ -28,6 +30,30 @@ pub async fn run_sink(listener: TcpListener) {
             let _ = tcp.shutdown().await;
         });
     }
+}
+
+/// The client side of [`run_sink`]: writes `bytes` in chunks of `chunk`, closes its side and
+/// checks the sink's count; returns the time from the first byte to the count.
+pub async fn send_to_sink(
+    conn: &mut (impl AsyncRead + AsyncWrite + Unpin + ?Sized),
+    bytes: u64,
+    chunk: usize,
+) -> anyhow::Result<Duration> {
+    let buf = vec![0x5au8; chunk];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        conn.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    conn.shutdown().await?;
+    let mut count = [0u8; 8];
+    conn.read_exact(&mut count).await?;
+    let elapsed = start.elapsed();
+    let got = u64::from_be_bytes(count);
+    anyhow::ensure!(got == bytes, "sink received {got} of {bytes} bytes");
+    Ok(elapsed)
 }
 
 /// Echo: writes back whatever it reads.

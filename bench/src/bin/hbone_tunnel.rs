@@ -17,7 +17,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ambit_bench::servers::{run_echo, run_sink, Forward};
+use ambit_bench::servers::{run_echo, run_sink, send_to_sink, Forward};
 use ambit_bench::{mb_per_s, micros, print_table, Row, Samples};
 use ambit_hbone::client::ConnectTarget;
 use ambit_hbone::pool::{Pool, PoolConfig};
@@ -84,25 +84,8 @@ impl Path {
 }
 
 async fn bulk(path: &Path, sink: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
-    let chunk = vec![0x5au8; 1024 * 1024];
-    let start = Instant::now();
     let mut conn = path.connect(sink).await?;
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        conn.write_all(&chunk[..n]).await?;
-        left -= n as u64;
-    }
-    conn.shutdown().await?;
-    let mut count = [0u8; 8];
-    conn.read_exact(&mut count).await?;
-    let elapsed = start.elapsed();
-    anyhow::ensure!(
-        u64::from_be_bytes(count) == bytes,
-        "sink received {} of {bytes} bytes",
-        u64::from_be_bytes(count)
-    );
-    Ok(elapsed)
+    send_to_sink(&mut *conn, bytes, 1024 * 1024).await
 }
 
 async fn ping_pong(path: &Path, echo: SocketAddr, n: usize) -> anyhow::Result<Samples> {

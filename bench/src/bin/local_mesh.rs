@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ambit_bench::servers::{run_echo, run_sink};
+use ambit_bench::servers::{run_echo, run_sink, send_to_sink};
 use ambit_bench::{mb_per_s, micros, proc_cpu_seconds, proc_status_kib, Samples};
 use ambitctl::local::net;
 use ambitctl::local::state::ClusterState;
@@ -362,22 +362,8 @@ async fn connect(to: SocketAddr) -> anyhow::Result<TcpStream> {
 }
 
 async fn bulk(sink: SocketAddr, bytes: u64) -> anyhow::Result<Duration> {
-    let chunk = vec![0x5au8; 256 * 1024];
-    let start = Instant::now();
     let mut conn = connect(sink).await?;
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        conn.write_all(&chunk[..n]).await?;
-        left -= n as u64;
-    }
-    conn.shutdown().await?;
-    let mut count = [0u8; 8];
-    conn.read_exact(&mut count).await?;
-    let elapsed = start.elapsed();
-    let got = u64::from_be_bytes(count);
-    anyhow::ensure!(got == bytes, "sink received {got} of {bytes} bytes");
-    Ok(elapsed)
+    send_to_sink(&mut conn, bytes, 256 * 1024).await
 }
 
 async fn ping_pong(echo: SocketAddr, n: usize, warm_up: usize) -> anyhow::Result<Samples> {

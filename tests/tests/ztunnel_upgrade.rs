@@ -8,8 +8,6 @@
 //! itself once its last connection ends (its upgrade drain deadline is far away). The figures
 //! are printed for the record. Needs root.
 
-mod ztunnel_support;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -18,9 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
 use ambit_tests::{Pod, ReplyServer, Topology};
 use anyhow::{bail, Context};
-use ztunnel_support::*;
 
 /// New connections per second asked of the load (the floor is 200).
 const RATE: u64 = 240;
@@ -483,7 +482,7 @@ async fn a_ztunnel_upgraded_under_load_resets_nothing() -> anyhow::Result<()> {
 
             let (mut z1, handed) = upgrade_under_load(&mut n1, &mut z1, &routes, &[])?;
             handed.print("listeners handed over");
-            let log = std::fs::read_to_string(&z1.log)?;
+            let log = z1.logs();
             assert!(
                 log.contains("took over the listening sockets of the running ztunnel"),
                 "{log}"
@@ -493,7 +492,7 @@ async fn a_ztunnel_upgraded_under_load_resets_nothing() -> anyhow::Result<()> {
             let (mut z1, fallback) =
                 upgrade_under_load(&mut n1, &mut z1, &routes, &["--handover", "reuseport"])?;
             fallback.print("hand-over forced to fail: SO_REUSEPORT");
-            let log = std::fs::read_to_string(&z1.log)?;
+            let log = z1.logs();
             assert!(log.contains("binding beside them (SO_REUSEPORT)"), "{log}");
             fallback.assert_clean("SO_REUSEPORT fallback");
             z1.check_alive()?;

@@ -14,20 +14,19 @@
 //!
 //! Needs root.
 
-mod ztunnel_support;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ambit_testing::*;
+use ambit_tests::ztunnel::*;
 use ambit_tests::{exec_in, Pod, ReplyServer, Topology};
 use ambit_ztunnel::node_dir::NodeDir;
 use ambit_ztunnel::state::static_file;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use ztunnel_support::*;
 
 /// Debian's containernetworking-plugins.
 const CNI_PLUGINS: &str = "/usr/lib/cni";

@@ -71,7 +71,7 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
     /// SPIFFE trust domain of workload identities.
-    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = ambit_proto::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     /// Namespace whose authorization policies apply to the whole mesh; also the
     /// controller's own namespace (its identity is `ns/<this>/sa/ambit-controller`).

@@ -9,8 +9,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// Trust domain used when none is configured, as in Kubernetes meshes.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Trust domain used when none is configured, as in Kubernetes meshes (defined with the
+/// contract, in `ambit-proto`).
+pub use ambit_proto::DEFAULT_TRUST_DOMAIN;
 
 /// Why a string is not an Ambit SPIFFE identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

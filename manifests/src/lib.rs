@@ -26,7 +26,7 @@ pub use object::{Object, ObjectError};
 /// The namespace Ambit installs into unless told otherwise.
 pub const DEFAULT_NAMESPACE: &str = "ambit-system";
 /// The trust domain of SPIFFE identities unless told otherwise.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub use ambit_proto::DEFAULT_TRUST_DOMAIN;
 /// Where images come from unless told otherwise: a bare name, as `kind load` / local builds tag them.
 pub const DEFAULT_IMAGE_REGISTRY: &str = "ambit";
 /// The audience of the projected tokens proxies present to the CA (checked with TokenReview).
@@ -39,20 +39,23 @@ pub const WAYPOINT_CLASS: &str = "ambit-waypoint";
 /// The `controllerName` of that class.
 pub const WAYPOINT_CONTROLLER_NAME: &str = "ambit.dev/waypoint-controller";
 
-/// The ports (the root ARCHITECTURE.md, "Ports") that the objects here mention.
+/// The ports (the root ARCHITECTURE.md, "Ports") that the objects here mention, as the `i32`
+/// Kubernetes objects carry; the numbers are [`ambit_proto::ports`].
 pub mod ports {
+    use ambit_proto::ports as p;
+
     /// Inbound HBONE (ztunnel in each pod's netns, and waypoints).
-    pub const HBONE: i32 = 15008;
+    pub const HBONE: i32 = p::HBONE as i32;
     /// Admin, localhost only: never exposed by a Service or containerPort.
-    pub const ADMIN: i32 = 15000;
+    pub const ADMIN: i32 = p::ADMIN as i32;
     /// Prometheus metrics of every proxy.
-    pub const METRICS: i32 = 15020;
+    pub const METRICS: i32 = p::METRICS as i32;
     /// Readiness of every proxy.
-    pub const READINESS: i32 = 15021;
+    pub const READINESS: i32 = p::READINESS as i32;
     /// Controller: discovery and CA (gRPC over TLS).
-    pub const DISCOVERY: i32 = 15012;
+    pub const DISCOVERY: i32 = p::DISCOVERY as i32;
     /// Controller: metrics, health and dashboard.
-    pub const CONTROLLER_HTTP: i32 = 15014;
+    pub const CONTROLLER_HTTP: i32 = p::CONTROLLER_OPS as i32;
 }
 
 /// What `ambitctl install` lets an operator choose.

@@ -2,7 +2,8 @@
 //!
 //! This crate holds only generated code and the few helpers that make it easier to use;
 //! conversion into domain types happens at the edge of each consumer (`TryFrom` in the
-//! proxies and the controller), not here.
+//! proxies and the controller), not here. The contract's well-known ports and default trust
+//! domain are defined here too ([`ports`], [`DEFAULT_TRUST_DOMAIN`]), once for every crate.
 
 #![allow(clippy::all)]
 
@@ -13,6 +14,9 @@ pub mod discovery {
 pub mod ca {
     tonic::include_proto!("ambit.ca.v1");
 }
+
+mod defaults;
+pub use defaults::{ports, DEFAULT_TRUST_DOMAIN};
 
 /// Decodes a raw address as the contract carries it (4 bytes IPv4, 16 bytes IPv6); `Err` holds
 /// the length of anything else. An IPv4-mapped IPv6 address comes back as the IPv4 address, the

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use ambit_proto::ports;
+
 use super::admin;
 use super::net::{self, NetError};
 use super::objects::{self, Layout, ObjectsError, Sample, SampleSpec};
@@ -16,17 +18,17 @@ use super::procs::{self, ProcError};
 use super::state::{ClusterState, NodeState, PodState, Proc, StateError};
 
 /// The controller's discovery/CA port.
-pub const CONTROLLER_PORT: u16 = 15012;
+pub const CONTROLLER_PORT: u16 = ports::DISCOVERY;
 /// ztunnel's readiness port.
-pub const ZTUNNEL_READINESS_PORT: u16 = 15021;
+pub const ZTUNNEL_READINESS_PORT: u16 = ports::READINESS;
 /// ztunnel's metrics port.
-pub const ZTUNNEL_METRICS_PORT: u16 = 15020;
+pub const ZTUNNEL_METRICS_PORT: u16 = ports::METRICS;
 /// ztunnel's admin port, on loopback.
-pub const ZTUNNEL_ADMIN_PORT: u16 = 15000;
+pub const ZTUNNEL_ADMIN_PORT: u16 = ports::ADMIN;
 /// Where a waypoint accepts HBONE.
-pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+pub const WAYPOINT_HBONE_PORT: u16 = ports::HBONE;
 /// The controller's metrics and readiness port.
-pub const CONTROLLER_OPS_PORT: u16 = 15014;
+pub const CONTROLLER_OPS_PORT: u16 = ports::CONTROLLER_OPS;
 
 /// Why the cluster could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -31,7 +31,7 @@ pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// Node label naming the node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Port on which waypoints accept HBONE unless their Gateway lists another.
-pub const HBONE_PORT: u32 = 15008;
+pub const HBONE_PORT: u32 = ambit_proto::ports::HBONE as u32;
 
 /// One derived resource and what the discovery service needs to route it.
 #[derive(Clone, Debug)]

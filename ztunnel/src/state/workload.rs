@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::{ip_from_bytes, port_from_u32, ConvertError};
 
 /// Port on which ztunnels and waypoints accept HBONE (the root ARCHITECTURE.md, "Ports").
-pub const HBONE_PORT: u16 = 15008;
+pub const HBONE_PORT: u16 = ambit_proto::ports::HBONE;
 
 /// How a workload is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

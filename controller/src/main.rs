@@ -39,14 +39,12 @@ use ambit_controller::source::limits::{
 use ambit_controller::source::local::{LocalOptions, LocalSource};
 use ambit_controller::source::Sources;
 use ambit_controller::waypoints::WaypointDeployer;
+use ambit_proto::ports;
+use ambit_runtime::flags::{any_addr, MeshArgs, DEFAULT_CERT_VALIDITY_SECONDS};
+use ambit_runtime::http::Listener;
+use ambit_runtime::logging::{error_chain, LogArgs};
 use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
-}
+use clap::Parser;
 
 /// Ambit's control plane: computes what each proxy needs and pushes it.
 #[derive(Debug, Parser)]
@@ -68,11 +66,10 @@ struct Args {
     #[arg(long, conflicts_with = "local_dir")]
     kubeconfig: Option<PathBuf>,
     /// Address of the gRPC server (discovery and CA).
-    #[arg(long, default_value = "0.0.0.0:15012")]
+    #[arg(long, default_value_t = any_addr(ports::DISCOVERY))]
     listen: SocketAddr,
-    /// SPIFFE trust domain of workload identities.
-    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = ambit_proto::DEFAULT_TRUST_DOMAIN)]
-    trust_domain: String,
+    #[command(flatten)]
+    mesh: MeshArgs,
     /// Namespace whose authorization policies apply to the whole mesh; also the
     /// controller's own namespace (its identity is `ns/<this>/sa/ambit-controller`).
     #[arg(long, env = "AMBIT_NAMESPACE", default_value = "ambit-system")]
@@ -85,7 +82,7 @@ struct Args {
     #[arg(long)]
     trust_roots: Option<PathBuf>,
     /// Address of the operations endpoint (metrics, readiness).
-    #[arg(long, default_value = "0.0.0.0:15014")]
+    #[arg(long, default_value_t = any_addr(ports::CONTROLLER_OPS))]
     ops_listen: SocketAddr,
     /// Directory of the controller's state: a generated root (`ca/`), the trust root
     /// proxies use (`ca/root-cert.pem`), local node credentials (`credentials/`).
@@ -106,8 +103,8 @@ struct Args {
     #[arg(long, env = "AMBIT_CA_DIR")]
     ca_dir: Option<PathBuf>,
     /// Lifetime of issued certificates, in seconds (callers may ask for less).
-    #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
-    cert_validity_secs: u64,
+    #[arg(long, default_value_t = DEFAULT_CERT_VALIDITY_SECONDS, env = "AMBIT_CERT_VALIDITY_SECONDS", alias = "cert-validity-secs", value_parser = clap::value_parser!(u64).range(60..))]
+    cert_validity_seconds: u64,
     /// Local mode: nodes to issue credentials for (`<state-dir>/credentials/<node>.token`).
     #[arg(long, env = "AMBIT_NODES", value_delimiter = ',')]
     nodes: Vec<String>,
@@ -130,21 +127,8 @@ struct Args {
     /// `https://ambit-controller.<namespace>.svc:15012`).
     #[arg(long)]
     controller_address: Option<String>,
-    /// Log output format.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 /// Splits a PEM bundle into its certificates, each as its own PEM string.
@@ -235,7 +219,7 @@ async fn auth_config(args: &Args) -> anyhow::Result<AuthConfig> {
                 let (ns, sa) = s.split_once('/').with_context(|| {
                     format!("--waypoint-service-accounts {s:?}: expected namespace/name")
                 })?;
-                ambit_hbone::Identity::new(&args.trust_domain, ns, sa)
+                ambit_hbone::Identity::new(&args.mesh.trust_domain, ns, sa)
                     .with_context(|| format!("--waypoint-service-accounts {s:?}"))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -290,10 +274,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let security_config = SecurityConfig {
         state_dir: args.state_dir.clone(),
-        trust_domain: args.trust_domain.clone(),
+        trust_domain: args.mesh.trust_domain.clone(),
         namespace: args.root_namespace.clone(),
         ca_files: ca_files(&args),
-        cert_validity: Duration::from_secs(args.cert_validity_secs),
+        cert_validity: Duration::from_secs(args.cert_validity_seconds),
         auth,
     };
     // Kubernetes mode without a plugged-in CA: the root lives in the `ambit-ca` Secret,
@@ -303,7 +287,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let (ca, origin) = kube_store::load_or_generate(
                 client.clone(),
                 &args.root_namespace,
-                &args.trust_domain,
+                &args.mesh.trust_domain,
             )
             .await
             .context("loading the CA from its Secret")?;
@@ -328,7 +312,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 format!("https://ambit-controller.{}.svc:15012", args.root_namespace)
             });
             let deployer =
-                WaypointDeployer::new(client.clone(), image, &args.trust_domain, &address);
+                WaypointDeployer::new(client.clone(), image, &args.mesh.trust_domain, &address);
             Some(AbortOnDrop(tokio::spawn(deployer.run())))
         }
         _ => None,
@@ -339,7 +323,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         trust_roots.extend(read_trust_roots(p)?);
     }
     let config = ModelConfig {
-        trust_domain: args.trust_domain,
+        trust_domain: args.mesh.trust_domain,
         root_namespace: args.root_namespace,
         domain_suffix: args.domain_suffix,
     };
@@ -367,16 +351,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let ops_listener = tokio::net::TcpListener::bind(args.ops_listen)
-        .await
-        .with_context(|| format!("binding {}", args.ops_listen))?;
+    let ops_listener = Listener::bind("ops", args.ops_listen).await?;
     readiness.set_listening();
     tracing::info!(listen = %args.listen, ops = %args.ops_listen, "serving discovery and the CA over TLS");
     let closed = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|c| *c).await;
     };
     let mut server = tokio::spawn(server.serve(listener, closed(closing.clone())));
-    let mut ops = tokio::spawn(ops.serve(ops_listener, closed(closing)));
+    let mut ops = tokio::spawn(ops.serve(ops_listener, closing));
 
     tokio::select! {
         () = shutdown_signal() => tracing::info!("shutting down"),
@@ -385,7 +367,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bail!("the gRPC server stopped unexpectedly");
         }
         r = &mut ops => {
-            r.context("operations endpoint task")?.context("operations endpoint")?;
+            r.context("operations endpoint task")?;
             bail!("the operations endpoint stopped unexpectedly");
         }
         Some(r) = source_tasks.join_next() => {
@@ -409,7 +391,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format);
+    // stderr, as the controller always logged; stdout stays free.
+    args.log
+        .init_stderr()
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

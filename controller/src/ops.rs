@@ -1,4 +1,5 @@
-//! The operations endpoint on 15014: Prometheus metrics and readiness, over plain HTTP/1.1.
+//! The operations endpoint on 15014: Prometheus metrics and readiness, over plain HTTP/1.1
+//! (the HTTP server every binary shares, [`ambit_runtime::http`]; this module is its handler).
 //!
 //! - `GET /metrics`: `ambit_connected_proxies{kind}`, `ambit_pushes_total`,
 //!   `ambit_nacks_total`, `ambit_push_duration_seconds` (queueing a push to its ACK),
@@ -13,34 +14,20 @@
 //! Gauges of connected proxies are computed from the discovery registry at scrape time,
 //! so they can never drift from the streams that actually exist.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use ambit_runtime::http::{respond, text, Body, Listener, Shutdown};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 use crate::ca::CaMetrics;
 use crate::discovery;
 use crate::model::Model;
 use crate::source::local::LocalError;
-
-/// Why the operations endpoint stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum OpsError {
-    /// Accepting connections failed for good.
-    #[error("operations endpoint stopped accepting")]
-    Accept(#[source] std::io::Error),
-}
 
 /// Labels of `ambit_connected_proxies`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,90 +151,40 @@ impl Ops {
         out
     }
 
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let text = |status: StatusCode, body: String, content_type: &'static str| {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            *r.status_mut() = status;
-            r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(content_type),
-            );
-            r
-        };
+    fn respond<B>(&self, req: &Request<B>) -> Response<Body> {
         if req.method() != Method::GET {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "GET only\n".into(),
-                "text/plain",
-            );
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
         match req.uri().path() {
-            "/metrics" => text(
+            "/metrics" => respond(
                 StatusCode::OK,
-                self.encode(),
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.encode(),
             ),
             "/ready" | "/healthz/ready" => {
                 let missing = self.readiness.missing();
                 if missing.is_empty() {
-                    text(StatusCode::OK, "ready\n".into(), "text/plain")
+                    text(StatusCode::OK, "ready\n")
                 } else {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("not ready: {}\n", missing.join(", ")),
-                        "text/plain",
                     )
                 }
             }
-            "/healthz/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
-            _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+            "/healthz/live" => text(StatusCode::OK, "live\n"),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 
-    /// Serves on `listener` until `shutdown` completes.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<(), OpsError> {
-        tokio::pin!(shutdown);
-        let mut connections = tokio::task::JoinSet::new();
-        loop {
-            let (tcp, _) = tokio::select! {
-                () = &mut shutdown => break,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    // Out of file descriptors and the like: back off rather than spin.
-                    Err(e) if is_transient(&e) => {
-                        tracing::warn!(error = %e, "operations endpoint: accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                    Err(e) => return Err(OpsError::Accept(e)),
-                },
-            };
-            let ops = self.clone();
-            connections.spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let response = ops.respond(&req);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-            // Reap finished connections so the set does not grow.
-            while connections.try_join_next().is_some() {}
-        }
-        // Scrapes are short; anything still open is cut at shutdown.
-        connections.shutdown().await;
-        Ok(())
+    /// Serves on `listener` until `shutdown` fires; connections still open are asked to close
+    /// after their current request.
+    pub async fn serve(self, listener: Listener, shutdown: impl Shutdown) {
+        listener
+            .serve(shutdown, move |req| {
+                let response = self.respond(&req);
+                async move { response }
+            })
+            .await
     }
-}
-
-fn is_transient(e: &std::io::Error) -> bool {
-    !matches!(
-        e.kind(),
-        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::PermissionDenied
-    )
 }

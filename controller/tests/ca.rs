@@ -115,12 +115,11 @@ impl Plane {
         let server = tokio::spawn(server.serve(listener, async move {
             let _ = stop.wait_for(|c| *c).await;
         }));
-        let ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ops_addr = ops_listener.local_addr().unwrap();
-        let mut stop = closing_rx;
-        tokio::spawn(ops.serve(ops_listener, async move {
-            let _ = stop.wait_for(|c| *c).await;
-        }));
+        let ops_listener = ambit_runtime::http::Listener::bind("ops", ([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        let ops_addr = ops_listener.local_addr();
+        tokio::spawn(ops.serve(ops_listener, closing_rx));
         Plane {
             addr,
             ops_addr,

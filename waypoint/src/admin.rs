@@ -1,18 +1,15 @@
 //! The operations ports: Prometheus metrics (`/metrics`, port 15020), readiness
 //! (`/healthz/ready`, port 15021) and the admin config dump (`/config_dump`, 127.0.0.1:15000).
-//! One small hyper server type serves all three; each listener only answers its own paths,
-//! so the config dump (which names every workload) is never reachable off the node.
+//! The HTTP server is the one every binary shares ([`ambit_runtime::http`]); each listener
+//! only answers its own paths, so the config dump (which names every workload) is never
+//! reachable off the node.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use ambit_runtime::http::{self, Body, Listener, UntilDropped};
+use hyper::{Response, StatusCode};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 use crate::state::StateHandle;
 
@@ -46,9 +43,9 @@ impl Port {
 }
 
 impl Admin {
-    fn respond(&self, port: Port, path: &str) -> Response<Full<Bytes>> {
+    fn respond(&self, port: Port, path: &str) -> Response<Body> {
         let path = if port.allows(path) { path } else { "" };
-        let (status, ctype, body) = match path {
+        match path {
             "/metrics" | "/stats/prometheus" => {
                 let mut text = String::new();
                 let registry = match self.registry.lock() {
@@ -56,63 +53,37 @@ impl Admin {
                     Err(p) => p.into_inner(),
                 };
                 match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                    Ok(()) => (
+                    Ok(()) => http::respond(
                         StatusCode::OK,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         text,
                     ),
-                    Err(e) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "text/plain",
-                        e.to_string(),
-                    ),
+                    Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 }
             }
             "/healthz/ready" => {
                 if self.ready.load(Ordering::Acquire) {
-                    (StatusCode::OK, "text/plain", "ready\n".into())
+                    http::text(StatusCode::OK, "ready\n")
                 } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready\n".into(),
-                    )
+                    http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 }
             }
-            "/config_dump" => match serde_json::to_string_pretty(&self.state.load().source) {
-                Ok(json) => (StatusCode::OK, "application/json", json),
-                Err(e) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    e.to_string(),
-                ),
+            "/config_dump" => match serde_json::to_value(&self.state.load().source) {
+                Ok(json) => http::json(StatusCode::OK, &json),
+                Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             },
-            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-        };
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        if let Ok(v) = http::HeaderValue::from_str(ctype) {
-            r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+            _ => http::text(StatusCode::NOT_FOUND, "not found\n"),
         }
-        r
     }
 
-    /// Serves `port`'s paths on `listener` until the task is dropped.
-    pub async fn serve(self, port: Port, listener: TcpListener) {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let r = admin.respond(port, req.uri().path());
-                    async move { Ok::<_, std::convert::Infallible>(r) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
+    /// Serves `port`'s paths on `listener` until the task is dropped (the process exits):
+    /// metrics and readiness stay answerable while the proxy drains.
+    pub async fn serve(self, port: Port, listener: Listener) {
+        listener
+            .serve(UntilDropped, move |req| {
+                let response = self.respond(port, req.uri().path());
+                async move { response }
+            })
+            .await
     }
 }

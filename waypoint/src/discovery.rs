@@ -1,23 +1,25 @@
-//! The discovery client: one `Discovery.Subscribe` stream to the controller, opened with
-//! `Hello{WAYPOINT, identity, gateway}`. Each push is applied to a copy of the resources the
-//! waypoint holds, converted from protobuf at this edge (`TryFrom`, errors naming the
-//! resource) and compiled into a [`State`]; only a push that converts and compiles is
-//! installed and ACKed, any other is NACKed with the reason and the last good state keeps
-//! serving. The stream reconnects with jittered exponential back-off; a reconnect starts
-//! from the full state the controller sends first.
+//! The discovery client: what a push means to the waypoint. The stream itself (one
+//! `Discovery.Subscribe` opened with `Hello{WAYPOINT, identity, gateway}`, ACK/NACK, the
+//! bearer credential, reconnection with jittered exponential back-off) is
+//! [`ambit_runtime::discovery`]'s, shared with ztunnel. Each push is applied to a copy of the
+//! resources the waypoint holds, converted from protobuf at this edge (`TryFrom`, errors
+//! naming the resource) and compiled into a [`State`]; only a push that converts and compiles
+//! is installed and ACKed, any other is NACKed with the reason and the last good state keeps
+//! serving. A reconnect starts from the full state the controller sends first.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_hbone::Identity;
 use ambit_proto::discovery as pb;
-use rand::Rng as _;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use ambit_runtime::discovery::{
+    self as stream, Backoff, ClientConfig, Connect, Status, Subscriber,
+};
+use tokio::sync::watch;
 
 use crate::resilience::TrafficPolicyResource;
 use crate::route::RouteResource;
@@ -25,7 +27,7 @@ use crate::state::{
     Endpoint, Service, ServicePort, State, StateError, StateFile, StateHandle, Workload,
 };
 
-/// Why a push or a stream failed.
+/// Why a push was refused (the NACK's reason).
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     /// An address is neither 4 nor 16 bytes.
@@ -50,15 +52,6 @@ pub enum DiscoveryError {
     /// The converted state does not compile.
     #[error(transparent)]
     State(#[from] StateError),
-    /// The channel to the controller could not be set up.
-    #[error("controller channel: {0}")]
-    Channel(#[source] ambit_hbone::control::ControlError),
-    /// The subscription was refused or the stream failed.
-    #[error("discovery stream: {0}")]
-    Stream(#[source] tonic::Status),
-    /// The controller closed the stream.
-    #[error("discovery stream closed by the controller")]
-    Closed,
 }
 
 fn ip(resource: &str, bytes: &[u8]) -> Result<IpAddr, DiscoveryError> {
@@ -235,130 +228,76 @@ impl Resources {
     }
 }
 
-/// Where and as whom to subscribe.
+/// As whom to subscribe.
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
-    /// `https://host:15012` or `host:port`.
-    pub address: String,
-    pub controller_identity: Identity,
     pub identity: Identity,
     /// `namespace/name`.
     pub gateway: String,
-    /// Mesh roots (PEM) the controller's certificate chains to.
-    pub roots_pem: String,
-    /// Bearer token (a projected service account token, or the local-mode credential).
-    pub token: Option<String>,
+    /// File holding the bearer token (a projected service account token, or the local-mode
+    /// credential), re-read for every stream.
+    pub credential_file: Option<PathBuf>,
 }
 
-/// Runs the client forever: reconnects with back-off, `ready` turns true after the first
-/// installed state.
-pub async fn run(config: DiscoveryConfig, state: StateHandle, ready: Arc<AtomicBool>) {
-    let connect = |c: &DiscoveryConfig| {
-        ambit_hbone::control::channel(&c.address, &c.roots_pem, &c.controller_identity)
-            .map_err(DiscoveryError::Channel)
-    };
-    run_with(config, state, ready, connect).await
-}
+/// The waypoint's reconnection back-off: from half a second up to 30 s.
+pub const BACKOFF: Backoff = Backoff {
+    initial: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+};
 
-/// [`run`] with the channel to the controller made by `connect` (tests use plaintext).
-pub async fn run_with(
+/// Runs the client forever over `connector` ([`ambit_runtime::control::channel`], or a
+/// plaintext endpoint in tests): `ready` turns true after the first installed state, and
+/// `status` says what the stream is doing.
+pub async fn run(
+    connector: impl Connect,
     config: DiscoveryConfig,
     state: StateHandle,
     ready: Arc<AtomicBool>,
-    connect: impl Fn(&DiscoveryConfig) -> Result<Channel, DiscoveryError>,
+    status: watch::Sender<Status>,
 ) {
-    let mut resources = Resources::default();
-    let mut delay = Duration::from_millis(500);
-    loop {
-        let mut established = false;
-        let err = match connect(&config) {
-            Ok(channel) => {
-                session(
-                    channel,
-                    &config,
-                    &state,
-                    &ready,
-                    &mut resources,
-                    &mut established,
-                )
-                .await
-            }
-            Err(e) => e,
-        };
-        if established {
-            // The controller was there; a restart should not wait out an old back-off.
-            delay = Duration::from_millis(500);
-        }
-        tracing::warn!(error = %err, retry_in = ?delay, "discovery stream ended; serving the last good state");
-        let jitter = rand::rng().random_range(0.5..1.0);
-        tokio::time::sleep(delay.mul_f64(jitter)).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
+    let subscriber = Waypoint {
+        identity: config.identity,
+        gateway: config.gateway,
+        state,
+        ready,
+        resources: Resources::default(),
+    };
+    let client = ClientConfig {
+        backoff: BACKOFF,
+        credential_file: config.credential_file,
+    };
+    stream::run(connector, subscriber, client, status).await
 }
 
-async fn session(
-    channel: Channel,
-    config: &DiscoveryConfig,
-    state: &StateHandle,
-    ready: &AtomicBool,
-    resources: &mut Resources,
-    established: &mut bool,
-) -> DiscoveryError {
-    let mut client = pb::discovery_client::DiscoveryClient::new(channel);
-    let (tx, rx) = mpsc::channel(16);
-    let hello = pb::SubscribeRequest {
-        message: Some(pb::subscribe_request::Message::Hello(pb::Hello {
+/// What a push means to the waypoint.
+struct Waypoint {
+    identity: Identity,
+    gateway: String,
+    state: StateHandle,
+    ready: Arc<AtomicBool>,
+    /// The resources of the state installed.
+    resources: Resources,
+}
+
+impl Subscriber for Waypoint {
+    type Error = DiscoveryError;
+
+    fn hello(&self) -> pb::Hello {
+        pb::Hello {
             kind: pb::ProxyKind::Waypoint as i32,
             node: String::new(),
-            identity: config.identity.to_string(),
-            gateway: config.gateway.clone(),
-        })),
-    };
-    if tx.send(hello).await.is_err() {
-        return DiscoveryError::Closed;
-    }
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(token) = &config.token {
-        if let Ok(v) = format!("Bearer {token}").parse() {
-            request.metadata_mut().insert("authorization", v);
+            identity: self.identity.to_string(),
+            gateway: self.gateway.clone(),
         }
     }
-    let mut stream = match client.subscribe(request).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return DiscoveryError::Stream(status),
-    };
-    *established = true;
-    tracing::info!(gateway = %config.gateway, "discovery stream established");
-    loop {
-        let push = match stream.message().await {
-            Ok(Some(p)) => p,
-            Ok(None) => return DiscoveryError::Closed,
-            Err(status) => return DiscoveryError::Stream(status),
-        };
-        let nonce = push.nonce.clone();
-        let reply = match resources.apply(&push) {
-            Ok((next, compiled)) => {
-                *resources = next;
-                state.store(compiled);
-                ready.store(true, Ordering::Release);
-                tracing::info!(version = push.version, %nonce, "state installed");
-                pb::subscribe_request::Message::Ack(pb::Ack { nonce })
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                tracing::warn!(%nonce, %reason, "push refused; keeping the last good state");
-                pb::subscribe_request::Message::Nack(pb::Nack { nonce, reason })
-            }
-        };
-        if tx
-            .send(pb::SubscribeRequest {
-                message: Some(reply),
-            })
-            .await
-            .is_err()
-        {
-            return DiscoveryError::Closed;
-        }
+
+    fn apply(&mut self, push: pb::Push) -> Result<u64, DiscoveryError> {
+        let (next, compiled) = self.resources.apply(&push)?;
+        self.resources = next;
+        self.state.store(compiled);
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(version = push.version, nonce = %push.nonce, "state installed");
+        Ok(push.version)
     }
 }
 

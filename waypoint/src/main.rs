@@ -8,11 +8,13 @@
 //! Flags fall back to the environment the controller's waypoint Deployment sets
 //! (`manifests/src/waypoint.rs`: `POD_NAMESPACE`, `SERVICE_ACCOUNT`, `AMBIT_WAYPOINT_NAME`,
 //! `AMBIT_CONTROLLER`, `AMBIT_CA_ROOT_FILE`, `AMBIT_CREDENTIAL_FILE`, `AMBIT_TRUST_DOMAIN`,
-//! `AMBIT_LOG_FORMAT`), the same names ztunnel reads.
+//! `AMBIT_LOG_FORMAT`). The flags it shares with ztunnel are the same clap groups
+//! (`ambit_runtime::flags`), so they have the same names and variables.
 //!
 //! State comes from the controller's discovery stream (`--controller`) or a static YAML/JSON
 //! file (`--static-state`). The identity certificate comes from PEM files or from the
-//! controller's CA (`--ca`, rotated at half-life without dropping connections). On SIGTERM or
+//! controller's CA (`--ca-address`, else the controller; rotated at half-life without dropping
+//! connections). On SIGTERM or
 //! SIGINT the waypoint turns not-ready, sends GOAWAY on its HBONE connections and lets open
 //! streams finish for `--drain-seconds` before exiting.
 //!
@@ -31,6 +33,11 @@ use ambit_hbone::pool::{Pool, PoolConfig};
 use ambit_hbone::server::{Server, ServerSettings};
 use ambit_hbone::tls::{self, RotatingCert, TrustBundle};
 use ambit_hbone::Identity;
+use ambit_proto::ports;
+use ambit_runtime::control;
+use ambit_runtime::flags::{any_addr, ControlPlaneArgs, MeshArgs, ProxyOpsArgs};
+use ambit_runtime::http::Listener;
+use ambit_runtime::logging::{error_chain, LogArgs};
 use ambit_waypoint::admin::{Admin, Port};
 use ambit_waypoint::certs::{self, CaConfig};
 use ambit_waypoint::discovery::{self, DiscoveryConfig};
@@ -47,6 +54,7 @@ use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
 #[command(name = "waypoint", version, about = "Ambit's L7 proxy")]
+#[command(group(clap::ArgGroup::new("state").args(["controller", "static_state"])))]
 struct Args {
     /// SPIFFE identity of this waypoint; by default
     /// `spiffe://<trust domain>/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT`.
@@ -63,50 +71,25 @@ struct Args {
     pod_namespace: Option<String>,
     #[arg(long, env = "SERVICE_ACCOUNT")]
     service_account: Option<String>,
-    #[arg(long, default_value = ambit_hbone::identity::DEFAULT_TRUST_DOMAIN, env = "AMBIT_TRUST_DOMAIN")]
-    trust_domain: String,
-    /// Controller discovery address (https://host:15012).
-    #[arg(long, env = "AMBIT_CONTROLLER", conflicts_with = "static_state")]
-    controller: Option<String>,
-    /// SPIFFE identity the controller must present; by default
-    /// `spiffe://<trust domain>/ns/ambit-system/sa/ambit-controller`.
-    #[arg(long, env = "AMBIT_CONTROLLER_IDENTITY")]
-    controller_identity: Option<String>,
-    /// File holding the bearer token for the controller and CA (a projected token).
-    #[arg(long, env = "AMBIT_CREDENTIAL_FILE")]
-    token_file: Option<PathBuf>,
-    /// Static state file (YAML or JSON) instead of a controller.
-    #[arg(long, env = "AMBIT_STATIC_STATE")]
-    static_state: Option<PathBuf>,
+    #[command(flatten)]
+    mesh: MeshArgs,
+    #[command(flatten)]
+    control: ControlPlaneArgs,
     /// Certificate chain (PEM); with `--key`, instead of a CA.
-    #[arg(long, requires = "key", conflicts_with = "ca")]
+    #[arg(long, requires = "key", conflicts_with = "ca_address")]
     cert: Option<PathBuf>,
     /// Private key (PEM).
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// The CA (https://host:15012); the controller's address when unset. The certificate is
-    /// requested there and rotated at half-life.
-    #[arg(long, env = "AMBIT_CA_ADDRESS")]
-    ca: Option<String>,
-    /// Requested certificate lifetime, seconds.
-    #[arg(long, default_value_t = 86_400, env = "AMBIT_CERT_VALIDITY_SECONDS")]
-    cert_validity_seconds: u64,
-    /// Trust roots (PEM): the mesh root, also what the controller and CA must chain to.
-    #[arg(long, env = "AMBIT_CA_ROOT_FILE")]
-    roots: PathBuf,
-    /// `json` for one JSON object per log line.
-    #[arg(long, default_value = "text", env = "AMBIT_LOG_FORMAT")]
-    log_format: String,
-    #[arg(long, default_value = "0.0.0.0:15008")]
+    #[command(flatten)]
+    log: LogArgs,
+    /// HBONE in.
+    #[arg(long, default_value_t = any_addr(ports::HBONE))]
     listen: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15020", env = "AMBIT_METRICS_ADDR")]
-    metrics: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15021", env = "AMBIT_READINESS_ADDR")]
-    readiness: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:15000", env = "AMBIT_ADMIN_ADDR")]
-    admin: SocketAddr,
+    #[command(flatten)]
+    ops: ProxyOpsArgs,
     /// HBONE port of destination ztunnels.
-    #[arg(long, default_value_t = 15008)]
+    #[arg(long, default_value_t = ports::HBONE)]
     hbone_port: u16,
     /// OpenTelemetry collector (OTLP over gRPC, e.g. `http://otel-collector:4317`): one span
     /// per sampled request is exported there. Unset: nothing is exported.
@@ -123,7 +106,7 @@ impl Args {
             return id.parse().context("--identity");
         }
         match (&self.pod_namespace, &self.service_account) {
-            (Some(ns), Some(sa)) => Ok(Identity::new(&self.trust_domain, ns, sa)?),
+            (Some(ns), Some(sa)) => Ok(Identity::new(&self.mesh.trust_domain, ns, sa)?),
             _ => anyhow::bail!("give --identity, or POD_NAMESPACE and SERVICE_ACCOUNT"),
         }
     }
@@ -135,17 +118,6 @@ impl Args {
         match (&self.pod_namespace, &self.waypoint_name) {
             (Some(ns), Some(name)) => Ok(format!("{ns}/{name}")),
             _ => anyhow::bail!("give --gateway, or POD_NAMESPACE and AMBIT_WAYPOINT_NAME"),
-        }
-    }
-
-    fn controller_identity(&self) -> anyhow::Result<Identity> {
-        match &self.controller_identity {
-            Some(id) => id.parse().context("--controller-identity"),
-            None => Ok(Identity::new(
-                &self.trust_domain,
-                "ambit-system",
-                "ambit-controller",
-            )?),
         }
     }
 }
@@ -168,28 +140,29 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.log_format == "json" {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    args.log
+        .init()
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let identity = args.identity()?;
     let gateway = args.gateway()?;
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
-    let roots_pem = read(&args.roots)?;
-    let controller_identity = args.controller_identity()?;
-    let token = match &args.token_file {
-        Some(p) => Some(read(p)?.trim().to_string()),
-        None => None,
-    };
-    let ca_address = args.ca.as_ref().or(args.controller.as_ref());
+    let roots_file = args
+        .control
+        .ca_root_file
+        .as_ref()
+        .context("give --ca-root-file: the mesh root the controller and peers chain to")?;
+    let roots_pem = read(roots_file)?;
+    let controller_identity = args
+        .control
+        .controller_identity(&args.mesh.trust_domain)
+        .context("--controller-identity")?;
+    let ca_address = args
+        .control
+        .ca_address
+        .as_ref()
+        .or(args.control.controller.as_ref());
     let (cert, ca) = match (&args.cert, &args.key, ca_address) {
         (Some(c), Some(k), _) => (
             WorkloadCertificate::from_pem(&read(c)?, &read(k)?, &roots_pem)
@@ -198,16 +171,16 @@ async fn main() -> anyhow::Result<()> {
         ),
         (_, _, Some(ca)) => {
             let config = CaConfig {
-                channel: ambit_hbone::control::channel(ca, &roots_pem, &controller_identity)
+                channel: control::channel(ca, Some(roots_file), &controller_identity)
                     .context("CA channel")?,
                 identity: identity.clone(),
-                token_file: args.token_file.clone(),
-                validity: Duration::from_secs(args.cert_validity_seconds),
+                token_file: args.control.credential_file.clone(),
+                validity: Duration::from_secs(args.control.cert_validity_seconds),
             };
             let cert = certs::fetch(&config).await.context("first certificate")?;
             (cert, Some(config))
         }
-        _ => anyhow::bail!("give --cert and --key, or a CA (--ca or --controller)"),
+        _ => anyhow::bail!("give --cert and --key, or a CA (--ca-address or --controller)"),
     };
     anyhow::ensure!(
         cert.identity() == &identity,
@@ -223,20 +196,26 @@ async fn main() -> anyhow::Result<()> {
 
     let state = StateHandle::default();
     let ready = Arc::new(AtomicBool::new(false));
-    if let Some(path) = &args.static_state {
+    if let Some(path) = &args.control.static_state {
         let file = StateFile::load(path)?;
         state.store(State::build(file).context("static state")?);
         ready.store(true, Ordering::Release);
-    } else if let Some(controller) = &args.controller {
+    } else if let Some(controller) = &args.control.controller {
+        let channel = control::channel(controller, Some(roots_file), &controller_identity)
+            .context("controller channel")?;
         let config = DiscoveryConfig {
-            address: controller.clone(),
-            controller_identity: controller_identity.clone(),
             identity: identity.clone(),
             gateway: gateway.clone(),
-            roots_pem: roots_pem.clone(),
-            token: token.clone(),
+            credential_file: args.control.credential_file.clone(),
         };
-        tokio::spawn(discovery::run(config, state.clone(), ready.clone()));
+        let (status, _) = tokio::sync::watch::channel(Default::default());
+        tokio::spawn(discovery::run(
+            channel,
+            config,
+            state.clone(),
+            ready.clone(),
+            status,
+        ));
     } else {
         anyhow::bail!("one of --controller or --static-state is required");
     }
@@ -268,14 +247,12 @@ async fn main() -> anyhow::Result<()> {
         state: state.clone(),
         ready: ready.clone(),
     };
-    for (port, addr) in [
-        (Port::Metrics, args.metrics),
-        (Port::Readiness, args.readiness),
-        (Port::Admin, args.admin),
+    for (port, name, addr) in [
+        (Port::Metrics, "metrics", args.ops.metrics_addr),
+        (Port::Readiness, "readiness", args.ops.readiness_addr),
+        (Port::Admin, "admin", args.ops.admin_addr),
     ] {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+        let listener = Listener::bind(name, addr).await?;
         tokio::spawn(admin.clone().serve(port, listener));
     }
     let listener = TcpListener::bind(args.listen)

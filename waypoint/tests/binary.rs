@@ -123,12 +123,12 @@ async fn binary_serves_reports_and_drains() {
         .arg(dir.join("cert.pem"))
         .arg("--key")
         .arg(dir.join("key.pem"))
-        .arg("--roots")
+        .arg("--ca-root-file")
         .arg(dir.join("roots.pem"))
         .args(["--listen", &listen.to_string()])
-        .args(["--metrics", &metrics.to_string()])
-        .args(["--readiness", &ready.to_string()])
-        .args(["--admin", &admin.to_string()])
+        .args(["--metrics-addr", &metrics.to_string()])
+        .args(["--readiness-addr", &ready.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
         .args([
             "--hbone-port",
             &hbone_port.to_string(),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ambit_proto::discovery as pb;
-use ambit_waypoint::discovery::{self, DiscoveryConfig, DiscoveryError};
+use ambit_waypoint::discovery::{self, DiscoveryConfig};
 use ambit_waypoint::state::StateHandle;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -137,27 +137,26 @@ async fn acks_nacks_keeps_last_good_state_and_reconnects() {
     let state = StateHandle::default();
     let ready = Arc::new(AtomicBool::new(false));
     let config = DiscoveryConfig {
-        address: addr.to_string(),
-        controller_identity: "spiffe://cluster.local/ns/ambit-system/sa/ambit-controller"
-            .parse()
-            .unwrap(),
         identity: "spiffe://cluster.local/ns/demo/sa/waypoint"
             .parse()
             .unwrap(),
         gateway: "demo/waypoint".into(),
-        roots_pem: String::new(),
-        token: None,
+        credential_file: None,
     };
-    let url = format!("http://{addr}");
-    tokio::spawn(discovery::run_with(
+    // The binary's own channel, in its plaintext form for a controller on loopback.
+    let channel = ambit_runtime::control::channel(
+        &format!("http://{addr}"),
+        None,
+        &ambit_runtime::control::default_controller_identity("cluster.local"),
+    )
+    .unwrap();
+    let (status_tx, status) = tokio::sync::watch::channel(Default::default());
+    tokio::spawn(discovery::run(
+        channel,
         config,
         state.clone(),
         ready.clone(),
-        move |_| {
-            tonic::transport::Endpoint::from_shared(url.clone())
-                .map(|e| e.connect_lazy())
-                .map_err(|e| DiscoveryError::Stream(tonic::Status::unavailable(e.to_string())))
-        },
+        status_tx,
     ));
 
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
@@ -191,6 +190,13 @@ async fn acks_nacks_keeps_last_good_state_and_reconnects() {
         "{entries:?}"
     );
     assert!(ready.load(Ordering::Acquire));
+    // The shared client's status counts what the controller saw.
+    let st = status.borrow().clone();
+    assert_eq!((st.acks, st.nacks, st.streams), (2, 1, 2), "{st:?}");
+    assert!(
+        st.last_nack.as_deref().unwrap_or("").contains("workload b"),
+        "{st:?}"
+    );
     let s = state.load();
     assert!(s.workload_by_ip(ip("10.0.0.3")).is_some());
     assert!(

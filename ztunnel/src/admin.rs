@@ -179,7 +179,7 @@ impl AdminServer {
             return Err(AdminError::NotLoopback(addr));
         }
         Ok(AdminServer {
-            listener: Listener::bind_with("admin", crate::handover::Role::Admin, addr, handover)
+            listener: http_server::bind_with("admin", crate::handover::Role::Admin, addr, handover)
                 .await
                 .map_err(AdminError::Server)?,
             admin,

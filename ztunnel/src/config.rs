@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_hbone::Identity;
+use ambit_runtime::flags::{ControlPlaneArgs, MeshArgs, ProxyOpsArgs};
 
 use crate::capture::RuleConfig;
 use crate::limits::{LimitArgs, Limits};
@@ -57,35 +58,16 @@ pub struct Args {
     /// This node's name: pods scheduled here are the ones ztunnel captures.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
-    /// The controller (discovery and CA), e.g. https://10.77.0.1:15012.
-    #[arg(long, env = "AMBIT_CONTROLLER")]
-    pub controller: Option<String>,
-    /// Read the mesh state from this YAML file instead of a controller (re-read when it
-    /// changes).
-    #[arg(long, env = "AMBIT_STATIC_STATE")]
-    pub static_state: Option<PathBuf>,
-    /// The CA's address, when it is not the controller.
-    #[arg(long, env = "AMBIT_CA_ADDRESS")]
-    pub ca_address: Option<String>,
-    /// PEM root(s) of the mesh, to verify the controller's and CA's TLS certificates.
-    #[arg(long, env = "AMBIT_CA_ROOT_FILE")]
-    pub ca_root_file: Option<PathBuf>,
-    /// The SPIFFE identity the controller must prove (default:
-    /// spiffe://<trust-domain>/ns/ambit-system/sa/ambit-controller).
-    #[arg(long, env = "AMBIT_CONTROLLER_IDENTITY")]
-    pub controller_identity: Option<String>,
-    /// File holding the bearer token the CA authenticates us by (re-read per request).
-    #[arg(long, env = "AMBIT_CREDENTIAL_FILE")]
-    pub credential_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub control: ControlPlaneArgs,
     /// Sign workload certificates in-process with this CA certificate (local mode, tests).
     #[arg(long, env = "AMBIT_LOCAL_CA_CERT")]
     pub local_ca_cert: Option<PathBuf>,
     /// The local CA's private key.
     #[arg(long, env = "AMBIT_LOCAL_CA_KEY")]
     pub local_ca_key: Option<PathBuf>,
-    /// The mesh's trust domain.
-    #[arg(long, default_value = ambit_hbone::identity::DEFAULT_TRUST_DOMAIN, env = "AMBIT_TRUST_DOMAIN")]
-    pub trust_domain: String,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
     /// Where pods' network namespaces are found.
     #[arg(long, default_value = "/var/run/netns", env = "AMBIT_NETNS_DIR")]
     pub netns_dir: PathBuf,
@@ -99,15 +81,8 @@ pub struct Args {
     /// Node (in-pod capture) or dedicated (capture ztunnel's own namespace).
     #[arg(long, value_enum, default_value_t = Mode::Node, env = "AMBIT_MODE")]
     pub mode: Mode,
-    /// Prometheus metrics.
-    #[arg(long, default_value = "0.0.0.0:15020", env = "AMBIT_METRICS_ADDR")]
-    pub metrics_addr: SocketAddr,
-    /// Readiness (`/healthz/ready`).
-    #[arg(long, default_value = "0.0.0.0:15021", env = "AMBIT_READINESS_ADDR")]
-    pub readiness_addr: SocketAddr,
-    /// Admin (config dump, certificates, log level); keep it on loopback.
-    #[arg(long, default_value = "127.0.0.1:15000", env = "AMBIT_ADMIN_ADDR")]
-    pub admin_addr: SocketAddr,
+    #[command(flatten)]
+    pub ops: ProxyOpsArgs,
     /// Seconds open connections get to finish on shutdown or un-enrollment.
     #[arg(long, default_value_t = 5, env = "AMBIT_DRAIN_SECONDS")]
     pub drain_seconds: u64,
@@ -121,9 +96,6 @@ pub struct Args {
     /// old one to drain, as when the hand-over fails.
     #[arg(long, value_enum, default_value_t = HandoverMode::Listeners, env = "AMBIT_HANDOVER")]
     pub handover: HandoverMode,
-    /// Lifetime asked of the CA for workload certificates, in seconds.
-    #[arg(long, default_value_t = 24 * 3600, env = "AMBIT_CERT_VALIDITY_SECONDS")]
-    pub cert_validity_seconds: u64,
     /// The node directory: last acknowledged state and workload certificates (owner-only),
     /// so a restart serves before the controller answers.
     #[arg(long, default_value = crate::node_dir::DEFAULT_DIR, env = "AMBIT_DATA_DIR")]
@@ -232,19 +204,7 @@ impl Config {
     }
 }
 
-/// `spiffe://<trust_domain>/ns/ambit-system/sa/ambit-controller`, as the install deploys it.
-pub fn default_controller_identity(trust_domain: &str) -> Identity {
-    Identity::new(trust_domain, "ambit-system", "ambit-controller").unwrap_or_else(|_| {
-        // Only reachable with an invalid trust domain, which the CA and every certificate
-        // check reject anyway; fall back to the default domain.
-        Identity::new(
-            ambit_hbone::identity::DEFAULT_TRUST_DOMAIN,
-            "ambit-system",
-            "ambit-controller",
-        )
-        .unwrap_or_else(|_| unreachable!("the default controller identity is valid"))
-    })
-}
+pub use ambit_runtime::control::default_controller_identity;
 
 fn check_url(flag: &'static str, value: &str) -> Result<(), ConfigError> {
     if value.starts_with("http://") || value.starts_with("https://") {
@@ -261,7 +221,8 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: Args) -> Result<Self, Self::Error> {
-        let state = match (&a.controller, &a.static_state) {
+        let c = &a.control;
+        let state = match (&c.controller, &c.static_state) {
             (Some(c), None) => {
                 check_url("--controller", c)?;
                 StateSource::Controller(c.clone())
@@ -269,7 +230,7 @@ impl TryFrom<Args> for Config {
             (None, Some(path)) => StateSource::StaticFile(path.clone()),
             _ => return Err(ConfigError::StateSource),
         };
-        let ca = match (&a.local_ca_cert, &a.local_ca_key, &a.ca_address) {
+        let ca = match (&a.local_ca_cert, &a.local_ca_key, &c.ca_address) {
             (Some(cert), Some(key), _) => CaSource::Local {
                 cert: cert.clone(),
                 key: key.clone(),
@@ -279,28 +240,25 @@ impl TryFrom<Args> for Config {
                 check_url("--ca-address", addr)?;
                 CaSource::Grpc(addr.clone())
             }
-            (None, None, None) => match &a.controller {
+            (None, None, None) => match &c.controller {
                 Some(c) => CaSource::Grpc(c.clone()),
                 None => return Err(ConfigError::NoCa),
             },
         };
         for (flag, url) in [
-            ("--controller", a.controller.as_deref()),
-            ("--ca-address", a.ca_address.as_deref()),
+            ("--controller", c.controller.as_deref()),
+            ("--ca-address", c.ca_address.as_deref()),
         ] {
-            if url.is_some_and(|u| u.starts_with("https://")) && a.ca_root_file.is_none() {
+            if url.is_some_and(|u| u.starts_with("https://")) && c.ca_root_file.is_none() {
                 return Err(ConfigError::NoRoot { flag });
             }
         }
-        let controller_identity = match &a.controller_identity {
-            Some(v) => v
-                .parse::<Identity>()
+        let controller_identity =
+            c.controller_identity(&a.mesh.trust_domain)
                 .map_err(|source| ConfigError::ControllerIdentity {
-                    value: v.clone(),
+                    value: c.controller_identity.clone().unwrap_or_default(),
                     source,
-                })?,
-            None => default_controller_identity(&a.trust_domain),
-        };
+                })?;
         let rules = match a.mode {
             Mode::Node => RuleConfig::default(),
             Mode::Dedicated => {
@@ -308,9 +266,9 @@ impl TryFrom<Args> for Config {
                 // by flags) and its controller must stay reachable.
                 let mut rules = RuleConfig::dedicated();
                 for port in [
-                    a.metrics_addr.port(),
-                    a.readiness_addr.port(),
-                    a.admin_addr.port(),
+                    a.ops.metrics_addr.port(),
+                    a.ops.readiness_addr.port(),
+                    a.ops.admin_addr.port(),
                 ] {
                     if !rules.inbound_exclude_ports.contains(&port) {
                         rules.inbound_exclude_ports.push(port);
@@ -323,22 +281,22 @@ impl TryFrom<Args> for Config {
             node: a.node,
             state,
             ca,
-            ca_root_file: a.ca_root_file,
+            ca_root_file: a.control.ca_root_file,
             controller_identity,
-            credential_file: a.credential_file,
-            trust_domain: a.trust_domain,
+            credential_file: a.control.credential_file,
+            trust_domain: a.mesh.trust_domain,
             mode: a.mode,
             netns_dir: a.netns_dir,
             rules,
             strict_inbound: a.strict_inbound,
             policy_reevaluation: a.policy_reevaluation,
-            metrics_addr: a.metrics_addr,
-            readiness_addr: a.readiness_addr,
-            admin_addr: a.admin_addr,
+            metrics_addr: a.ops.metrics_addr,
+            readiness_addr: a.ops.readiness_addr,
+            admin_addr: a.ops.admin_addr,
             drain_deadline: Duration::from_secs(a.drain_seconds),
             upgrade_drain_deadline: Duration::from_secs(a.upgrade_drain_seconds),
             handover: a.handover,
-            cert_validity: Duration::from_secs(a.cert_validity_seconds),
+            cert_validity: Duration::from_secs(a.control.cert_validity_seconds),
             static_poll: Duration::from_secs(1),
             limits: a.limits.into(),
             data_dir: Some(a.data_dir),

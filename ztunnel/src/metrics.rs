@@ -412,7 +412,7 @@ impl MetricsServer {
         handover: &crate::handover::Handover,
     ) -> Result<Self, ServerError> {
         Ok(MetricsServer {
-            listener: Listener::bind_with(
+            listener: http_server::bind_with(
                 "metrics",
                 crate::handover::Role::Metrics,
                 addr,

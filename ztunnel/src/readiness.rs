@@ -112,7 +112,7 @@ impl ReadinessServer {
         handover: &crate::handover::Handover,
     ) -> Result<Self, ServerError> {
         Ok(ReadinessServer {
-            listener: Listener::bind_with(
+            listener: http_server::bind_with(
                 "readiness",
                 crate::handover::Role::Readiness,
                 addr,

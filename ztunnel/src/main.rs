@@ -20,7 +20,8 @@ use clap::Parser;
 // version 3 the crate builds by default: v3 waits 1 s before it purges a freed page and 10 s
 // before its arenas do, and purges only when a thread allocates again, so an idle ztunnel
 // after a flood kept its pages (v3: +18.4%, +19.1%, +10.6% after the hold; v2, whose delays
-// are 10 ms and 100 ms: +12.8%, +14.5%, +5.2%, +7.5%, +9.3%, +18.6%; `cargo test -p ambit-tests
+// are 10 ms and 100 ms: +12.8%, +14.5%, +5.2%, +7.5%, +9.3%, +18.6%, +19.1%, +7.3%, and
+// once +35.5%, a run that kept its peak for 15 s; `cargo test -p ambit-tests
 // --test ztunnel_attacks -- --nocapture` prints the figures). Built with `no_thp`: with
 // transparent huge pages its eagerly committed arenas were backed by 2 MiB pages and the
 // idle baseline doubled (31 MB). jemalloc would do as well but its C build adds minutes to a

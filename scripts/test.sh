@@ -20,6 +20,10 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (binaries)" >&2
+# The end-to-end tests run every binary of the workspace; `cargo test` builds only the
+# binaries of packages that have integration tests of their own (not ambit-cni's).
+cargo build --workspace --bins --locked
 echo "== cargo test" >&2
 # Tests that need root fail instead of skipping when CI is set: say we mean it.
 export CI="${CI:-true}"

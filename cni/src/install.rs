@@ -6,8 +6,6 @@
 //! The edit itself ([`add_to_conflist`], [`remove_from_conflist`]) is pure, so it is unit-tested;
 //! the file handling around it is thin.
 
-use std::io::Write as _;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -142,26 +140,14 @@ pub fn first_conflist(dir: &Path) -> Result<Option<PathBuf>, InstallError> {
     Ok(lists.into_iter().next())
 }
 
-/// Writes `bytes` to `path` through a temp file in the same directory and a rename, so the
+/// Writes `bytes` to `path` whole or not at all ([`ambit_runtime::fs::write_atomic`]), so the
 /// runtime never reads half a file; `mode` is the new file's permissions.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    let io = |what, source| InstallError::Io {
-        what,
+    ambit_runtime::fs::write_atomic(path, bytes, mode).map_err(|source| InstallError::Io {
+        what: "cannot replace",
         path: path.to_path_buf(),
         source,
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // A dot-name without `.conflist`: never read by the runtime while it is being written.
-    let tmp = path.with_file_name(format!(".{name}.ambit-tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
-    f.write_all(bytes).map_err(|e| io("cannot write", e))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io("cannot set the mode of", e))?;
-    f.sync_all().map_err(|e| io("cannot sync", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("cannot replace", e))
+    })
 }
 
 /// What [`install`] and [`uninstall`] did, for the log.
@@ -253,6 +239,7 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Report, InstallError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     const KINDNET: &str = r#"{
   "cniVersion": "0.3.1",

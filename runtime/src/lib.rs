@@ -9,6 +9,7 @@
 //! - [`http`]: the small HTTP/1 server behind the operations ports (admin, metrics,
 //!   readiness) and its response helpers; each binary supplies only its handler.
 //! - [`logging`]: `tracing` set-up (text or JSON, env-filter, changeable at runtime).
+//! - [`fs`]: files written whole or not at all (temp file, fsync, rename).
 //! - [`flags`]: clap argument groups flattened into each binary's command line, so one
 //!   setting has one flag and one environment variable everywhere.
 //!
@@ -18,5 +19,6 @@
 pub mod control;
 pub mod discovery;
 pub mod flags;
+pub mod fs;
 pub mod http;
 pub mod logging;

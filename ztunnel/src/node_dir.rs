@@ -21,8 +21,7 @@
 //! the CNI and hand-over sockets, which will live beside these files.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -347,34 +346,12 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, NodeDirError> {
     }
 }
 
-/// Temp file (0600, same directory) + write + fsync + rename + fsync of the directory.
+/// Owner-only, whole or not at all ([`ambit_runtime::fs::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), NodeDirError> {
-    let err = |source| NodeDirError::Write {
+    ambit_runtime::fs::write_atomic(path, bytes, FILE_MODE).map_err(|source| NodeDirError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .open(&tmp)?;
-        // `mode` only applies when the file is created: a leftover temp file keeps its own.
-        f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(err)
+    })
 }
 
 /// The full state as ACKed so far, rebuilt from full and incremental pushes, ready to be

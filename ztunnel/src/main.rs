@@ -13,22 +13,61 @@ use ambit_ztunnel::telemetry::error_chain;
 use anyhow::Context;
 use clap::Parser;
 
-// mimalloc rather than glibc's malloc, because memory must come back after a flood. Measured
-// with the 10,000-connection hold of tests/tests/ztunnel_attacks.rs (RSS baseline / peak /
-// after, KiB): glibc 15,324 / 23,216 / 22,220 (+45% left behind: freed chunks stay in its
-// per-thread arenas, it only trims the top of the main heap). mimalloc's version 2, not the
-// version 3 the crate builds by default: v3 waits 1 s before it purges a freed page and 10 s
-// before its arenas do, and purges only when a thread allocates again, so an idle ztunnel
-// after a flood kept its pages (v3: +18.4%, +19.1%, +10.6% after the hold; v2, whose delays
-// are 10 ms and 100 ms: +12.8%, +14.5%, +5.2%, +7.5%, +9.3%, +18.6%, +19.1%, +7.3%, and
-// once +35.5%, a run that kept its peak for 15 s; `cargo test -p ambit-tests
-// --test ztunnel_attacks -- --nocapture` prints the figures). Built with `no_thp`: with
-// transparent huge pages its eagerly committed arenas were backed by 2 MiB pages and the
-// idle baseline doubled (31 MB). jemalloc would do as well but its C build adds minutes to a
-// cold CI run; mimalloc is a few C files.
+/// The allocator, and when it hands memory back.
 #[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod allocator {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+
+    // mimalloc rather than glibc's malloc, because memory must come back after a flood.
+    // Measured with the 10,000-connection hold of tests/tests/ztunnel_attacks.rs (RSS
+    // baseline / peak / after, KiB): glibc 15,324 / 23,216 / 22,220 (+45% left behind: freed
+    // chunks stay in its per-thread arenas, it only trims the top of the main heap).
+    // mimalloc's version 2, not the version 3 the crate builds by default: v3 waits 1 s
+    // before it purges a freed page and 10 s before its arenas do (v3: +18.4%, +19.1%,
+    // +10.6% after the hold). Built with `no_thp`: with transparent huge pages its eagerly
+    // committed arenas were backed by 2 MiB pages and the idle baseline doubled (31 MB).
+    // jemalloc would do as well but its C build adds minutes to a cold CI run; mimalloc is a
+    // few C files.
+    #[global_allocator]
+    static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+    /// How often, at most, a runtime worker that goes idle collects its heap.
+    const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+    thread_local! {
+        static LAST_COLLECT: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+
+    /// Run by each runtime worker as it parks. mimalloc frees a page only on the thread that
+    /// owns it, when that thread next allocates: memory that another thread freed (a
+    /// connection accepted on one worker and closed on the other) waited for its owner to be
+    /// busy again, and an idle ztunnel after a flood kept its peak (v2 alone: +5% to +19%
+    /// after the hold, and once +35.5% for the 15 s the test waits). Collecting as a worker
+    /// goes idle, at most once a second so that a busy worker parking thousands of times a
+    /// second pays nothing, hands those pages back.
+    pub fn on_park() {
+        let now = Instant::now();
+        let due = LAST_COLLECT.with(|last| match last.get() {
+            Some(at) if now.duration_since(at) < COLLECT_EVERY => false,
+            _ => {
+                last.set(Some(now));
+                true
+            }
+        });
+        if due {
+            collect();
+        }
+    }
+
+    #[allow(unsafe_code)]
+    fn collect() {
+        // SAFETY: `mi_collect` takes no pointers; it frees and purges the calling thread's
+        // own heap (and, forced, reclaims pages left by exited threads), which mimalloc, as
+        // the global allocator, has already set up.
+        unsafe { libmimalloc_sys::mi_collect(true) }
+    }
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -44,11 +83,11 @@ fn main() -> ExitCode {
         Ok(nofile) => tracing::info!(was = nofile.was, now = nofile.now, "descriptor limit"),
         Err(e) => tracing::warn!(error = %error_chain(&e), "descriptor limit not raised"),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ztunnel")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("ztunnel");
+    #[cfg(feature = "mimalloc")]
+    builder.on_thread_park(allocator::on_park);
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");

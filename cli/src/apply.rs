@@ -87,11 +87,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    // Written beside and renamed, under a name the controller ignores, so it never reads
-    // half a file.
-    let tmp = folder.join(format!(".{}.tmp", name.to_string_lossy()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &dest).with_context(|| format!("writing {}", dest.display()))?;
+    // Written beside under a name without a manifest extension, which the controller ignores,
+    // then renamed: it never reads half a file.
+    ambit_runtime::fs::write_atomic(&dest, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", dest.display()))?;
     println!(
         "{} applied as {} (the controller picks it up now)",
         args.file.display(),

@@ -110,13 +110,11 @@ impl ClusterState {
     /// Writes `<state-dir>/cluster.json` (atomically: a reader never sees half a file).
     pub fn save(&self) -> Result<(), StateError> {
         let path = state_file(&self.state_dir);
-        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(self).map_err(|source| StateError::Json {
             path: path.clone(),
             source,
         })?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        ambit_runtime::fs::write_atomic(&path, text.as_bytes(), 0o644)
             .map_err(|source| StateError::Io { path, source })
     }
 

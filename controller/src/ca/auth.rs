@@ -14,8 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -257,7 +256,8 @@ fn new_token() -> String {
 }
 
 /// Writes `contents` to `path` readable by the owner only, atomically (a reader never
-/// sees half a token): a 0600 temporary file renamed over the old one.
+/// sees half a token, and a crash leaves the old one): a 0600 file written whole, then
+/// renamed over the old one.
 pub(crate) fn write_secret(path: &Path, contents: &str) -> Result<(), CredentialError> {
     let err = |source| CredentialError::Write {
         path: path.to_path_buf(),
@@ -270,17 +270,7 @@ pub(crate) fn write_secret(path: &Path, contents: &str) -> Result<(), Credential
             .create(parent)
             .map_err(err)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(contents.as_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    ambit_runtime::fs::write_atomic(path, contents.as_bytes(), 0o600).map_err(err)
 }
 
 /// RFC 1123 subdomain, as Kubernetes requires of node names.

@@ -11,20 +11,22 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::copy::Pipe;
 use crate::Identity;
 
 /// Something kept alive for as long as the stream lives (the client pool uses it to count
 /// streams per connection and to keep the connection alive).
 pub(crate) type Guard = Box<dyn Send + Sync>;
 
-/// Most bytes one `poll_write` hands to h2. Each write copies into a fresh buffer (h2 owns
-/// what it sends); at 64 KiB those come from the allocator's free lists, while 1 MiB
-/// buffers go to `mmap` and back, and the bulk benchmark showed those page faults as most
-/// of the tunnel's page faults (236k vs 86k per GiB). Larger writes just take a few calls.
+/// Most bytes one `poll_write` hands to h2. Each write from a slice copies into a fresh
+/// buffer (h2 owns what it sends); at 64 KiB those come from the allocator's free lists, while
+/// 1 MiB buffers go to `mmap` and back, and the bulk benchmark showed those page faults as
+/// most of the tunnel's page faults (236k vs 86k per GiB). Larger writes just take a few
+/// calls. The proxies' copy loop writes chunks instead ([`Pipe`]), which are not copied.
 const MAX_WRITE_CHUNK: usize = 64 * 1024;
 
 /// Why a tunnel stream failed, before it is surfaced as an [`io::Error`] (the
@@ -148,33 +150,23 @@ impl AsyncRead for TunnelStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        loop {
-            if !this.pending.is_empty() {
-                let n = this.pending.len().min(buf.remaining());
-                buf.put_slice(&this.pending[..n]);
-                this.pending.advance(n);
-                // Fails only if the stream is already gone, and then the next poll says so.
-                let _ = this.recv.flow_control().release_capacity(n);
-                return Poll::Ready(Ok(()));
-            }
-            if this.read_eof || buf.remaining() == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                None => {
-                    this.read_eof = true;
-                    return Poll::Ready(Ok(()));
-                }
-                Some(Ok(data)) => this.pending = data,
-                // RST_STREAM(NO_ERROR) is the peer saying "I am done, stop sending": for the
-                // reader that is an end of stream, not a failure.
-                Some(Err(err)) if err.reason() == Some(Reason::NO_ERROR) => {
-                    this.read_eof = true;
-                    return Poll::Ready(Ok(()));
-                }
-                Some(Err(err)) => return Poll::Ready(Err(StreamError::into_io(err))),
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        while this.pending.is_empty() {
+            this.pending = ready!(this.poll_frame_unreleased(cx))?;
+            if this.read_eof {
+                break;
             }
         }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        // Flow control is released as the reader consumes bytes, so a slow reader slows the
+        // sender down instead of making us buffer without bound. Fails only if the stream is
+        // already gone, and then the next poll says so.
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -194,29 +186,14 @@ impl AsyncWrite for TunnelStream {
                 "write after shutdown of an HBONE stream",
             )));
         }
-        // Ask for capacity for the whole buffer; h2 assigns what the peer's windows (stream
-        // and connection) allow. We only ever hand h2 bytes it has capacity for, so its
-        // internal buffering stays bounded by the flow-control windows.
-        this.send.reserve_capacity(buf.len());
-        loop {
-            let capacity = this.send.capacity();
-            if capacity > 0 {
-                let n = capacity.min(buf.len()).min(MAX_WRITE_CHUNK);
-                return match this
-                    .send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                {
-                    Ok(()) => Poll::Ready(Ok(n)),
-                    Err(err) => Poll::Ready(Err(this.write_error(cx, Some(err)))),
-                };
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                // Capacity was assigned: loop to read how much.
-                Some(Ok(_)) => continue,
-                Some(Err(err)) => return Poll::Ready(Err(this.write_error(cx, Some(err)))),
-                // The stream can no longer send (reset or closed).
-                None => return Poll::Ready(Err(this.write_error(cx, None))),
-            }
+        let capacity = ready!(this.poll_send_capacity(cx, buf.len()))?;
+        let n = capacity.min(buf.len()).min(MAX_WRITE_CHUNK);
+        match this
+            .send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+        {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(err) => Poll::Ready(Err(this.write_error(cx, Some(err)))),
         }
     }
 
@@ -235,6 +212,102 @@ impl AsyncWrite for TunnelStream {
         match this.send.send_data(Bytes::new(), true) {
             Ok(()) => Poll::Ready(Ok(())),
             Err(err) => Poll::Ready(Err(this.write_error(cx, Some(err)))),
+        }
+    }
+}
+
+impl TunnelStream {
+    /// Waits for send capacity for up to `want` bytes; how much was assigned.
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        // Ask for the whole of it; h2 assigns what the peer's windows (stream and connection)
+        // allow. We only ever hand h2 bytes it has capacity for, so its internal buffering
+        // stays bounded by the flow-control windows.
+        self.send.reserve_capacity(want);
+        loop {
+            let capacity = self.send.capacity();
+            if capacity > 0 {
+                return Poll::Ready(Ok(capacity));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                // Capacity was assigned: loop to read how much.
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return Poll::Ready(Err(self.write_error(cx, Some(err)))),
+                // The stream can no longer send (reset or closed).
+                None => return Poll::Ready(Err(self.write_error(cx, None))),
+            }
+        }
+    }
+
+    /// The next DATA frame's bytes as received (empty at EOF, or for an empty frame), their
+    /// flow control not yet released: whoever consumes them releases it.
+    fn poll_frame_unreleased(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        if self.read_eof {
+            return Poll::Ready(Ok(Bytes::new()));
+        }
+        match ready!(self.recv.poll_data(cx)) {
+            None => {
+                self.read_eof = true;
+                Poll::Ready(Ok(Bytes::new()))
+            }
+            Some(Ok(data)) => Poll::Ready(Ok(data)),
+            // RST_STREAM(NO_ERROR) is the peer saying "I am done, stop sending": for the
+            // reader that is an end of stream, not a failure.
+            Some(Err(err)) if err.reason() == Some(Reason::NO_ERROR) => {
+                self.read_eof = true;
+                Poll::Ready(Ok(Bytes::new()))
+            }
+            Some(Err(err)) => Poll::Ready(Err(StreamError::into_io(err))),
+        }
+    }
+}
+
+/// The copy loop's side of a tunnel: received frames are handed over as they are, and
+/// chunks to send go into DATA frames without a copy.
+impl Pipe for TunnelStream {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _buf: &mut BytesMut,
+        _want: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        // Bytes a reader left over first, then whole frames. Handing them over is consuming
+        // them: the caller holds them as it would hold bytes it had read, so their flow
+        // control is released now.
+        let data = if !self.pending.is_empty() {
+            std::mem::take(&mut self.pending)
+        } else {
+            loop {
+                let frame = ready!(self.poll_frame_unreleased(cx))?;
+                // An empty DATA frame is not EOF; EOF is `read_eof`.
+                if !frame.is_empty() || self.read_eof {
+                    break frame;
+                }
+            }
+        };
+        // Fails only if the stream is already gone, and then the next poll says so.
+        let _ = self.recv.flow_control().release_capacity(data.len());
+        Poll::Ready(Ok(data))
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown of an HBONE stream",
+            )));
+        }
+        let capacity = ready!(self.poll_send_capacity(cx, chunk.len()))?;
+        let n = capacity.min(chunk.len());
+        match self.send.send_data(chunk.split_to(n), false) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(err) => Poll::Ready(Err(self.write_error(cx, Some(err)))),
         }
     }
 }

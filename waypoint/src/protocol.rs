@@ -102,6 +102,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// The sniffed bytes go first, as one chunk; then the stream's own chunks (a tunnel's frames,
+/// not copied).
+impl<S: ambit_hbone::copy::Pipe> ambit_hbone::copy::Pipe for Rewind<S> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut bytes::BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<Bytes>> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Ok(std::mem::take(&mut self.prefix)));
+        }
+        self.inner.poll_read_chunk(cx, buf, want)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.inner.poll_write_chunk(cx, chunk)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -409,8 +409,8 @@ pub(crate) async fn splice_upgraded(
             return;
         }
     };
-    let mut down = hyper_util::rt::TokioIo::new(down);
-    let mut up = hyper_util::rt::TokioIo::new(up);
+    let mut down = ambit_hbone::copy::Plain(hyper_util::rt::TokioIo::new(down));
+    let mut up = ambit_hbone::copy::Plain(hyper_util::rt::TokioIo::new(up));
     if let Err(e) = ambit_hbone::copy::copy_bidirectional(&mut down, &mut up).await {
         tracing::debug!(error = %e, "upgraded connection ended");
     }

@@ -453,6 +453,32 @@ impl<S: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Tracked<S> {
     }
 }
 
+impl<S: ambit_hbone::copy::Pipe> ambit_hbone::copy::Pipe for Tracked<S> {
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut bytes::BytesMut,
+        want: usize,
+    ) -> std::task::Poll<std::io::Result<bytes::Bytes>> {
+        let polled = self.inner.poll_read_chunk(cx, buf, want);
+        if let std::task::Poll::Ready(Ok(chunk)) = &polled {
+            if !chunk.is_empty() {
+                self.read += chunk.len() as u64;
+                self.activity.touch();
+            }
+        }
+        polled
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        chunk: &mut bytes::Bytes,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_write_chunk(cx, chunk)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

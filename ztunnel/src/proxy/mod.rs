@@ -442,8 +442,8 @@ impl Report {
         activity: Activity,
         timeouts: Timeouts,
     ) where
-        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        A: ambit_hbone::copy::Pipe + ?Sized,
+        B: ambit_hbone::copy::Pipe + ?Sized,
     {
         self.copy_until(metrics, a, b, activity, timeouts, std::future::pending())
             .await
@@ -461,8 +461,8 @@ impl Report {
         timeouts: Timeouts,
         mut registration: Registration,
     ) where
-        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        A: ambit_hbone::copy::Pipe + ?Sized,
+        B: ambit_hbone::copy::Pipe + ?Sized,
     {
         self.copy_until(metrics, a, b, activity, timeouts, registration.revoked())
             .await
@@ -478,8 +478,8 @@ impl Report {
         timeouts: Timeouts,
         stop: impl std::future::Future<Output = Revocation>,
     ) where
-        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        A: ambit_hbone::copy::Pipe + ?Sized,
+        B: ambit_hbone::copy::Pipe + ?Sized,
     {
         let conn = metrics.connection_opened(&self.labels);
         let mut a = Tracked::new(a, activity.clone());

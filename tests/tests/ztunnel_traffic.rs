@@ -100,7 +100,7 @@ async fn pods_reach_each_other_over_hbone_with_real_ips_and_plain_pods_are_unaff
     })
     .await?;
     eventually("bytes counted", || {
-        metric(n1, "istio_tcp_sent_bytes_total", &out_labels) >= secret.len() as u64
+        metric(n1, "istio_tcp_received_bytes_total", &out_labels) >= secret.len() as u64
     })
     .await?;
 

@@ -246,12 +246,12 @@ impl Metrics {
         );
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent to the destination (request direction)",
+            "Bytes sent during the response: from the destination back to the client",
             sent.clone(),
         );
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes received from the destination (response direction)",
+            "Bytes received during the request: from the client towards the destination",
             received.clone(),
         );
         registry.register(
@@ -375,14 +375,16 @@ pub struct ConnectionMetrics {
 }
 
 impl ConnectionMetrics {
-    /// Counts bytes sent towards the destination.
-    pub fn record_sent(&self, bytes: u64) {
-        self.sent.inc_by(bytes);
+    /// Counts bytes of the request direction (client to destination), which Istio's
+    /// dashboards read as `istio_tcp_received_bytes_total`, whichever side reports.
+    pub fn record_request_bytes(&self, bytes: u64) {
+        self.received.inc_by(bytes);
     }
 
-    /// Counts bytes received from the destination.
-    pub fn record_received(&self, bytes: u64) {
-        self.received.inc_by(bytes);
+    /// Counts bytes of the response direction (destination to client):
+    /// `istio_tcp_sent_bytes_total`.
+    pub fn record_response_bytes(&self, bytes: u64) {
+        self.sent.inc_by(bytes);
     }
 }
 
@@ -513,9 +515,9 @@ mod tests {
     async fn serves_connection_series_over_http() {
         let metrics = Metrics::new();
         let conn = metrics.connection_opened(&labels());
-        conn.record_sent(100);
-        conn.record_sent(23);
-        conn.record_received(4567);
+        conn.record_request_bytes(100);
+        conn.record_request_bytes(23);
+        conn.record_response_bytes(4567);
         drop(conn);
         let open = metrics.connection_opened(&labels());
         let identity: Identity = "spiffe://cluster.local/ns/default/sa/sleep"
@@ -568,8 +570,9 @@ mod tests {
         };
         assert_eq!(value("istio_tcp_connections_opened_total"), 2.0);
         assert_eq!(value("istio_tcp_connections_closed_total"), 1.0);
-        assert_eq!(value("istio_tcp_sent_bytes_total"), 123.0);
-        assert_eq!(value("istio_tcp_received_bytes_total"), 4567.0);
+        // Istio's names: "received" is the request direction, "sent" the response's.
+        assert_eq!(value("istio_tcp_received_bytes_total"), 123.0);
+        assert_eq!(value("istio_tcp_sent_bytes_total"), 4567.0);
         let expiry: Vec<_> = samples
             .iter()
             .filter(|s| s.0 == "ambit_certificates_expiry_seconds")

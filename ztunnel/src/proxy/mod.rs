@@ -518,8 +518,8 @@ impl Report {
                 },
             ),
         };
-        conn.record_sent(moved.a_to_b);
-        conn.record_received(moved.b_to_a);
+        conn.record_request_bytes(moved.a_to_b);
+        conn.record_response_bytes(moved.b_to_a);
         drop(conn);
         self.log(moved, flags, outcome);
     }

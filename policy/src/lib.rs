@@ -3,7 +3,8 @@
 //! the parsed policy with its sources, operations and conditions ([`model`]), their
 //! evaluation in Istio's order with a verdict naming the deciding policy and rule
 //! ([`eval`]), and the protobuf form the controller sends and the proxies decode
-//! ([`wire`]). HTTP attributes are optional, so ztunnel evaluates the L4 subset and the
+//! ([`wire`]). It also resolves Istio's `PeerAuthentication` levels (mesh, namespace,
+//! workload, port) into the mTLS mode a connection meets ([`peer_auth`]). HTTP attributes are optional, so ztunnel evaluates the L4 subset and the
 //! waypoint the whole, with the same code and the same fail-closed rule for what cannot
 //! be known.
 //!
@@ -15,6 +16,7 @@
 pub mod eval;
 pub mod model;
 pub mod pattern;
+pub mod peer_auth;
 pub mod wire;
 
 pub use eval::{evaluate, Attributes, Decision, HttpAttributes, RuleRef, Verdict};
@@ -23,4 +25,5 @@ pub use model::{
     Values,
 };
 pub use pattern::{PatternError, StringMatch};
+pub use peer_auth::{effective_mode, Level, MtlsDecision, MtlsMode, PeerAuthentication};
 pub use wire::WireError;

@@ -186,6 +186,10 @@ fn key_of(r: &pb::Resource) -> Option<(i32, String)> {
             pb::ResourceKind::TrafficPolicy as i32,
             format!("{}/{}", t.namespace, t.name),
         ),
+        Kind::PeerAuthentication(p) => (
+            pb::ResourceKind::PeerAuthentication as i32,
+            format!("{}/{}", p.namespace, p.name),
+        ),
     })
 }
 
@@ -222,6 +226,8 @@ impl Resources {
                 Kind::Authorization(a) => f.policies.push(a.try_into()?),
                 Kind::Route(r) => f.routes.push(r.try_into()?),
                 Kind::TrafficPolicy(t) => f.traffic_policies.push(t.try_into()?),
+                // ztunnel's business (inbound plaintext); the waypoint does not ask for it.
+                Kind::PeerAuthentication(_) => {}
             }
         }
         Ok(f)
@@ -288,6 +294,8 @@ impl Subscriber for Waypoint {
             node: String::new(),
             identity: self.identity.to_string(),
             gateway: self.gateway.clone(),
+            // No kind beyond the first five: it never receives PeerAuthentications.
+            accepts: Vec::new(),
         }
     }
 

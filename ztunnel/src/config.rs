@@ -71,7 +71,9 @@ pub struct Args {
     /// Where pods' network namespaces are found.
     #[arg(long, default_value = "/var/run/netns", env = "AMBIT_NETNS_DIR")]
     pub netns_dir: PathBuf,
-    /// Refuse plaintext inbound connections to enrolled pods.
+    /// ztunnel's own mTLS mode is STRICT rather than PERMISSIVE: plaintext inbound to
+    /// enrolled pods is refused wherever no PeerAuthentication (mesh, namespace, workload or
+    /// port) sets a mode. A mesh-level PeerAuthentication overrides it.
     #[arg(long, env = "AMBIT_STRICT_INBOUND")]
     pub strict_inbound: bool,
     /// What a policy change does to open inbound connections: `close` re-checks them and

@@ -9,7 +9,7 @@
 //! | status | when |
 //! | --- | --- |
 //! | 400 | malformed authority, authority not the pod behind this listener (spoofing), or one of ztunnel's own ports (a loop) |
-//! | 401 | no peer identity on an HBONE stream; plaintext in strict mode |
+//! | 401 | no peer identity on an HBONE stream; plaintext to a port whose mTLS mode is STRICT (a PeerAuthentication, or `--strict-inbound` where none sets a mode) |
 //! | 403 | L4 policy denies; the pod has a waypoint and the peer is not a waypoint |
 //! | 503 | the pod is not in the mesh (not enrolled) |
 
@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ambit_hbone::Identity;
+use ambit_policy::{effective_mode, MtlsDecision, MtlsMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -523,22 +524,47 @@ pub fn inbound(
     policy(state, pod, conn, dst)
 }
 
-/// Decides on a plaintext connection to `dst` captured on 15006 for `pod`. In strict mode
-/// plaintext is refused; otherwise policy runs without a source identity (so principal and
-/// namespace rules cannot match it).
+/// ztunnel's own mTLS mode, where no PeerAuthentication sets one at any level:
+/// `--strict-inbound` makes it STRICT, else PERMISSIVE (Istio's default).
+pub fn default_mtls(strict_inbound: bool) -> MtlsMode {
+    if strict_inbound {
+        MtlsMode::Strict
+    } else {
+        MtlsMode::Permissive
+    }
+}
+
+/// The mTLS mode of `pod`'s port `port`: the PeerAuthentications of the state, resolved by
+/// the shared engine (port > workload > namespace > mesh, UNSET inherits), over `default`.
+pub fn mtls_mode(state: &State, pod: &Workload, port: u16, default: MtlsMode) -> MtlsDecision {
+    let policies = state.peer_authentications_for(pod);
+    effective_mode(
+        policies.iter().map(|p| &**p),
+        &pod.namespace,
+        &pod.labels,
+        port,
+        default,
+    )
+}
+
+/// Decides on a plaintext connection to `dst` captured on 15006 for `pod`. A port whose
+/// mTLS mode is STRICT refuses plaintext (401, the reason naming the PeerAuthentication
+/// and level that set it, or ztunnel's default); otherwise policy runs without a source
+/// identity (so principal and namespace rules cannot match it).
 pub fn inbound_plaintext(
     state: &State,
     pod: &Workload,
     source_ip: IpAddr,
     dst: SocketAddr,
-    strict: bool,
+    default_mode: MtlsMode,
 ) -> Inbound {
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if let Err(refusal) = check_destination(pod, dst) {
         return refusal;
     }
-    if strict {
-        return Inbound::refuse(401, "plaintext refused: strict mTLS");
+    let mtls = mtls_mode(state, pod, dst.port(), default_mode);
+    if !mtls.allows_plaintext() {
+        return Inbound::refuse(401, format!("plaintext refused: mTLS {mtls}"));
     }
     let conn = ConnectionInfo {
         src_identity: None,

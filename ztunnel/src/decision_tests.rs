@@ -610,7 +610,13 @@ fn inbound_ipv6() {
         matches!(denied, Inbound::Refuse { status: 403, ref reason } if reason.contains("app/deny-v6-block")),
         "{denied:?}"
     );
-    let plain = super::inbound_plaintext(&s, s2, ip("fd00:bad::7"), sa("[fd00::2:20]:8080"), false);
+    let plain = super::inbound_plaintext(
+        &s,
+        s2,
+        ip("fd00:bad::7"),
+        sa("[fd00::2:20]:8080"),
+        MtlsMode::Permissive,
+    );
     assert!(
         matches!(plain, Inbound::Refuse { status: 403, .. }),
         "{plain:?}"
@@ -643,18 +649,20 @@ fn inbound_plaintext() {
     let s = mesh();
     let s1 = s.workload_by_uid("app/s1").unwrap();
     let from = ip("10.0.9.9");
-    let strict = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:8080"), true);
+    let strict = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:8080"), MtlsMode::Strict);
     assert!(
-        matches!(strict, Inbound::Refuse { status: 401, ref reason } if reason.contains("strict"))
+        matches!(strict, Inbound::Refuse { status: 401, ref reason } if reason == "plaintext refused: mTLS STRICT by the proxy's default"),
+        "{strict:?}"
     );
-    let ok = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:8080"), false);
+    let ok = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:8080"), MtlsMode::Permissive);
     assert!(matches!(ok, Inbound::Accept { .. }), "{ok:?}");
-    let denied = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:9090"), false);
+    let denied = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:9090"), MtlsMode::Permissive);
     assert!(
         matches!(denied, Inbound::Refuse { status: 403, .. }),
         "{denied:?}"
     );
-    let looped = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:15006"), false);
+    let looped =
+        super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:15006"), MtlsMode::Permissive);
     assert!(
         matches!(looped, Inbound::Refuse { status: 400, .. }),
         "{looped:?}"
@@ -663,7 +671,13 @@ fn inbound_plaintext() {
     // A principal-only ALLOW policy cannot match plaintext (no identity), HBONE passes.
     let mut mesh_legacy = (**s.workload_by_uid("legacy/l").unwrap()).clone();
     mesh_legacy.protocol = TunnelProtocol::Hbone;
-    let plain = super::inbound_plaintext(&s, &mesh_legacy, from, sa("10.0.4.1:9000"), false);
+    let plain = super::inbound_plaintext(
+        &s,
+        &mesh_legacy,
+        from,
+        sa("10.0.4.1:9000"),
+        MtlsMode::Permissive,
+    );
     assert!(
         matches!(plain, Inbound::Refuse { status: 403, ref reason } if reason.contains("legacy/principals-only")),
         "{plain:?}"
@@ -671,4 +685,134 @@ fn inbound_plaintext() {
     let id: Identity = "spiffe://cluster.local/ns/client/sa/curl".parse().unwrap();
     let tunnelled = inbound(&s, &mesh_legacy, Some(&id), from, "10.0.4.1:9000");
     assert!(matches!(tunnelled, Inbound::Accept { .. }), "{tunnelled:?}");
+}
+
+/// PeerAuthentication on the plaintext path: what each level says, as a connection to
+/// workload `web` (labels app=web) or `db` of namespace `shop` meets it.
+#[test]
+fn inbound_plaintext_follows_peer_authentication() {
+    use pb::MtlsMode as M;
+    let mut web = workload("shop", "web", "web", "node-1", "10.0.7.1");
+    web.labels.insert("app".into(), "web".into());
+    let mut db = workload("shop", "db", "db", "node-1", "10.0.7.2");
+    db.labels.insert("app".into(), "db".into());
+    let other = workload("other", "o", "o", "node-1", "10.0.7.3");
+    let state = |pas: Vec<pb::PeerAuthentication>| {
+        let mut upserts = vec![res_w(web.clone()), res_w(db.clone()), res_w(other.clone())];
+        upserts.extend(pas.into_iter().map(res_pa));
+        let mut store = Store::new(Some("node-1"));
+        store.apply(full(1, upserts)).expect("apply");
+        store.snapshot()
+    };
+    let mesh_strict = peer_auth("ambit-system", "mesh", S::Global, M::Strict, &[], &[]);
+    let mesh_permissive = peer_auth("ambit-system", "mesh", S::Global, M::Permissive, &[], &[]);
+    let ns_strict = peer_auth("shop", "strict", S::Namespace, M::Strict, &[], &[]);
+    let web_8080 = peer_auth(
+        "shop",
+        "web-8080",
+        S::WorkloadSelector,
+        M::Unset,
+        &[("app", "web")],
+        &[(8080, M::Permissive)],
+    );
+    let web_disable = peer_auth(
+        "shop",
+        "web",
+        S::WorkloadSelector,
+        M::Disable,
+        &[("app", "web")],
+        &[],
+    );
+    let from = ip("10.0.9.9");
+    // (policies, ztunnel's default, destination, Ok(()) accepted / Err(reason) refused 401)
+    let cases: Vec<(
+        Vec<pb::PeerAuthentication>,
+        MtlsMode,
+        &str,
+        Result<(), &str>,
+    )> = vec![
+        (vec![], MtlsMode::Permissive, "10.0.7.1:80", Ok(())),
+        (
+            vec![],
+            MtlsMode::Strict,
+            "10.0.7.1:80",
+            Err("mTLS STRICT by the proxy's default"),
+        ),
+        // The mesh level overrides --strict-inbound either way.
+        (
+            vec![mesh_permissive.clone()],
+            MtlsMode::Strict,
+            "10.0.7.1:80",
+            Ok(()),
+        ),
+        (
+            vec![mesh_strict.clone()],
+            MtlsMode::Permissive,
+            "10.0.7.3:80",
+            Err("STRICT by PeerAuthentication ambit-system/mesh (mesh)"),
+        ),
+        // Namespace STRICT: every workload and port of it, not other namespaces.
+        (
+            vec![ns_strict.clone()],
+            MtlsMode::Permissive,
+            "10.0.7.2:8080",
+            Err("STRICT by PeerAuthentication shop/strict (namespace)"),
+        ),
+        (
+            vec![ns_strict.clone()],
+            MtlsMode::Permissive,
+            "10.0.7.3:8080",
+            Ok(()),
+        ),
+        // ... but PERMISSIVE on web's 8080 only: web's other ports and db's 8080 stay STRICT.
+        (
+            vec![ns_strict.clone(), web_8080.clone()],
+            MtlsMode::Permissive,
+            "10.0.7.1:8080",
+            Ok(()),
+        ),
+        (
+            vec![ns_strict.clone(), web_8080.clone()],
+            MtlsMode::Permissive,
+            "10.0.7.1:9090",
+            Err("STRICT by PeerAuthentication shop/strict (namespace)"),
+        ),
+        (
+            vec![ns_strict.clone(), web_8080.clone()],
+            MtlsMode::Permissive,
+            "10.0.7.2:8080",
+            Err("shop/strict"),
+        ),
+        // A workload policy over its namespace's; DISABLE lets plaintext in.
+        (
+            vec![mesh_strict.clone(), ns_strict.clone(), web_disable.clone()],
+            MtlsMode::Strict,
+            "10.0.7.1:80",
+            Ok(()),
+        ),
+    ];
+    for (i, (pas, default, dst, want)) in cases.into_iter().enumerate() {
+        let s = state(pas);
+        let dst = sa(dst);
+        let pod = s.workload_by_ip(dst.ip()).expect("pod").clone();
+        let got = super::inbound_plaintext(&s, &pod, from, dst, default);
+        match (want, &got) {
+            (Ok(()), Inbound::Accept { .. }) => {}
+            (
+                Err(why),
+                Inbound::Refuse {
+                    status: 401,
+                    reason,
+                },
+            ) if reason.contains(why) => {}
+            _ => panic!("case {i} ({dst}): want {want:?}, got {got:?}"),
+        }
+        // HBONE is never refused by a mode: every mode accepts mTLS.
+        let id: Identity = "spiffe://cluster.local/ns/client/sa/curl".parse().unwrap();
+        let tunnelled = inbound(&s, &pod, Some(&id), from, &dst.to_string());
+        assert!(
+            matches!(tunnelled, Inbound::Accept { .. }),
+            "case {i}: {tunnelled:?}"
+        );
+    }
 }

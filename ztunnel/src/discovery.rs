@@ -136,6 +136,7 @@ impl Subscriber for Ztunnel {
             node: self.node.clone(),
             identity: String::new(),
             gateway: String::new(),
+            accepts: vec![pb::ResourceKind::PeerAuthentication as i32],
         }
     }
 

@@ -383,6 +383,10 @@ fn resource_key(r: &pb::Resource) -> Option<(i32, String)> {
             pb::ResourceKind::TrafficPolicy as i32,
             ns(&x.namespace, &x.name),
         ),
+        Kind::PeerAuthentication(x) => (
+            pb::ResourceKind::PeerAuthentication as i32,
+            ns(&x.namespace, &x.name),
+        ),
     })
 }
 

@@ -583,6 +583,10 @@ fn apply(
                 ResourceKind::TrafficPolicy as i32,
                 format!("{}/{}", x.namespace, x.name),
             ),
+            Some(resource::Kind::PeerAuthentication(x)) => (
+                ResourceKind::PeerAuthentication as i32,
+                format!("{}/{}", x.namespace, x.name),
+            ),
             None => continue,
         };
         held.insert(key);

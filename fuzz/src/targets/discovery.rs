@@ -268,6 +268,9 @@ fn fields(push: &mut pb::Push) -> Fields<'_> {
                     &mut t.spec_json,
                 ]);
             }
+            Some(Kind::PeerAuthentication(p)) => {
+                f.texts.extend([&mut p.name, &mut p.namespace]);
+            }
             None => {}
         }
     }

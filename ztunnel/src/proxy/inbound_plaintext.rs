@@ -2,8 +2,8 @@
 //! by the capture rules. The accepted socket's local address is the original destination
 //! and its peer the real client.
 //!
-//! [`decision::inbound_plaintext`] refuses in strict mode (and applies policy without a
-//! source identity otherwise); an allowed connection is dialled to the app from the client's
+//! [`decision::inbound_plaintext`] refuses a port whose mTLS mode is STRICT (PeerAuthentication,
+//! else `--strict-inbound`) and applies policy without a source identity otherwise; an allowed connection is dialled to the app from the client's
 //! IP, like HBONE inbound, and copied until it ends or a policy change denies it (it is in
 //! the pod's [`registry`](super::registry)). A refusal closes the connection: plain TCP has
 //! no status to send.
@@ -124,7 +124,7 @@ async fn handle(
         &dst,
         client.ip(),
         original,
-        shared.settings.strict_inbound,
+        decision::default_mtls(shared.settings.strict_inbound),
     );
     registration.decided_on(Fingerprint::of(&state, &dst));
     drop(state);

@@ -104,7 +104,8 @@ pub enum ProxyError {
 pub struct ProxySettings {
     /// The mesh's trust domain: peers' identities must be in it.
     pub trust_domain: Arc<str>,
-    /// Refuse plaintext inbound connections (15006).
+    /// ztunnel's own mTLS mode is STRICT: plaintext inbound (15006) is refused where no
+    /// PeerAuthentication sets a mode (see `decision::default_mtls`).
     pub strict_inbound: bool,
     /// How long a connection waits for its pod's first certificate.
     pub cert_wait: Duration,

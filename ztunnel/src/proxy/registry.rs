@@ -6,7 +6,8 @@
 //! its decision needs (the proven peer identity, the client address, the destination) with
 //! a way to close it, and leaves when it ends ([`Registration`] is a guard). It registers
 //! before taking its decision's snapshot, and then records what that decision depended on
-//! ([`Fingerprint`]: the pod's workload and the policies applying to it).
+//! ([`Fingerprint`]: the pod's workload, the authorization policies applying to it and
+//! the PeerAuthentications that may, so a mode turned STRICT reaches open plaintext).
 //!
 //! [`reevaluate`] is the pod's watcher: it wakes on the state store's version `watch`,
 //! takes the current fingerprint, and re-runs the accept-time decision ([`recheck`], a pure
@@ -34,7 +35,7 @@ use tokio::sync::oneshot;
 use super::{PodProxy, Shared};
 use crate::decision::{self, Inbound};
 use crate::drain::DrainWatcher;
-use crate::state::{Authorization, State, Workload};
+use crate::state::{Authorization, MtlsMode, PeerAuthentication, State, Workload};
 
 /// Whether a policy change reaches connections that are already open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -76,14 +77,14 @@ pub struct Revocation {
 }
 
 /// Re-runs the accept-time decision for `conn` on `state`; `Some` when it is now refused by
-/// authorization (policy, a waypoint requirement, strict mode). Other refusals (the pod's
-/// address or enrollment changed) are not handled here: enrollment stops such a pod and
-/// drains its connections.
+/// authorization (policy, a waypoint requirement, a STRICT mTLS mode for plaintext; ztunnel's
+/// own mode is `default_mode`). Other refusals (the pod's address or enrollment changed) are
+/// not handled here: enrollment stops such a pod and drains its connections.
 pub fn recheck(
     state: &State,
     pod: &Workload,
     conn: &OpenConnection,
-    strict: bool,
+    default_mode: MtlsMode,
 ) -> Option<Revocation> {
     let client = conn.client.ip();
     let decided = match &conn.via {
@@ -91,7 +92,7 @@ pub fn recheck(
             decision::inbound(state, pod, Some(peer), client, &authority.to_string())
         }
         Via::Plaintext { destination } => {
-            decision::inbound_plaintext(state, pod, client, *destination, strict)
+            decision::inbound_plaintext(state, pod, client, *destination, default_mode)
         }
     };
     match decided {
@@ -110,6 +111,7 @@ pub fn recheck(
 pub struct Fingerprint {
     workload: Arc<Workload>,
     policies: Vec<Arc<Authorization>>,
+    peer_authentications: Vec<Arc<PeerAuthentication>>,
 }
 
 impl Fingerprint {
@@ -118,6 +120,7 @@ impl Fingerprint {
         Arc::new(Fingerprint {
             workload: pod.clone(),
             policies: state.policies_for(pod),
+            peer_authentications: state.peer_authentications_for(pod),
         })
     }
 }
@@ -274,10 +277,10 @@ pub async fn reevaluate(shared: Shared, pod: Arc<PodProxy>, drain: DrainWatcher)
             continue;
         };
         let current = Fingerprint::of(&state, &workload);
-        let strict = shared.settings.strict_inbound;
-        let closed = pod
-            .inbound
-            .revoke_where(&current, |conn| recheck(&state, &workload, conn, strict));
+        let default_mode = decision::default_mtls(shared.settings.strict_inbound);
+        let closed = pod.inbound.revoke_where(&current, |conn| {
+            recheck(&state, &workload, conn, default_mode)
+        });
         if closed > 0 {
             tracing::info!(
                 pod = %pod.name,
@@ -367,11 +370,11 @@ mod tests {
         ];
         for (conn, want) in cases {
             assert_eq!(
-                recheck(&before, &srv(&before), &conn, false),
+                recheck(&before, &srv(&before), &conn, MtlsMode::Permissive),
                 None,
                 "{conn:?}"
             );
-            let got = recheck(&after, &srv(&after), &conn, false);
+            let got = recheck(&after, &srv(&after), &conn, MtlsMode::Permissive);
             assert_eq!(got.as_ref().map(|r| r.reason.as_str()), want, "{conn:?}");
             if let Some(r) = got {
                 assert_eq!(r.status, 403);
@@ -379,11 +382,16 @@ mod tests {
         }
         // Strict mode turns every plaintext connection away, HBONE stays.
         assert_eq!(
-            recheck(&before, &srv(&before), &plain("10.0.9.8"), true).map(|r| r.status),
+            recheck(&before, &srv(&before), &plain("10.0.9.8"), MtlsMode::Strict).map(|r| r.status),
             Some(401)
         );
         assert_eq!(
-            recheck(&before, &srv(&before), &hbone("good", "10.0.1.2"), true),
+            recheck(
+                &before,
+                &srv(&before),
+                &hbone("good", "10.0.1.2"),
+                MtlsMode::Strict
+            ),
             None
         );
     }
@@ -405,9 +413,79 @@ mod tests {
         );
         let s = state(vec![allow_good]);
         let srv = s.workload_by_uid("app/srv").cloned().expect("srv");
-        let r = recheck(&s, &srv, &hbone("other", "10.0.1.3"), false).expect("revoked");
+        let r =
+            recheck(&s, &srv, &hbone("other", "10.0.1.3"), MtlsMode::Permissive).expect("revoked");
         assert!(r.reason.contains("app/allow-good"), "{}", r.reason);
-        assert_eq!(recheck(&s, &srv, &hbone("good", "10.0.1.2"), false), None);
+        assert_eq!(
+            recheck(&s, &srv, &hbone("good", "10.0.1.2"), MtlsMode::Permissive),
+            None
+        );
+    }
+
+    #[test]
+    fn a_namespace_turned_strict_revokes_open_plaintext_but_not_its_permissive_port() {
+        let srv = res_w(workload("app", "srv", "srv", "n2", "10.0.2.1"));
+        let strict_ns = res_pa(peer_auth(
+            "app",
+            "strict",
+            S::Namespace,
+            pb::MtlsMode::Strict,
+            &[],
+            &[],
+        ));
+        let open_8080 = res_pa(peer_auth(
+            "app",
+            "srv-8080",
+            S::WorkloadSelector,
+            pb::MtlsMode::Unset,
+            &[("app", "srv")],
+            &[(8080, pb::MtlsMode::Permissive)],
+        ));
+        let mut store = Store::new(Some("n2"));
+        let mut srv_labelled = srv.clone();
+        if let Some(pb::resource::Kind::Workload(w)) = &mut srv_labelled.kind {
+            w.labels.insert("app".into(), "srv".into());
+        }
+        store
+            .apply(full(1, vec![srv_labelled.clone()]))
+            .expect("apply");
+        let before = store.snapshot();
+        let w_before = before.workload_by_uid("app/srv").cloned().expect("srv");
+        let on_9090 = OpenConnection {
+            client: "10.0.9.9:40000".parse().expect("addr"),
+            via: Via::Plaintext {
+                destination: "10.0.2.1:9090".parse().expect("addr"),
+            },
+        };
+        assert_eq!(
+            recheck(&before, &w_before, &plain("10.0.9.9"), MtlsMode::Permissive),
+            None
+        );
+        store
+            .apply(full(2, vec![srv_labelled, strict_ns, open_8080]))
+            .expect("apply");
+        let after = store.snapshot();
+        let w = after.workload_by_uid("app/srv").cloned().expect("srv");
+        // The fingerprint moved, so the watcher looks at the open connections again.
+        assert_ne!(
+            Fingerprint::of(&before, &w_before),
+            Fingerprint::of(&after, &w)
+        );
+        let r = recheck(&after, &w, &on_9090, MtlsMode::Permissive).expect("revoked");
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.reason,
+            "plaintext refused: mTLS STRICT by PeerAuthentication app/strict (namespace)"
+        );
+        assert_eq!(
+            recheck(&after, &w, &plain("10.0.9.9"), MtlsMode::Permissive),
+            None,
+            "port 8080 is PERMISSIVE for this workload"
+        );
+        assert_eq!(
+            recheck(&after, &w, &hbone("good", "10.0.1.2"), MtlsMode::Permissive),
+            None
+        );
     }
 
     #[tokio::test]
@@ -426,7 +504,8 @@ mod tests {
         let after = state(vec![deny_from("cluster.local/ns/app/sa/bad", "10.0.9.9")]);
         let srv = after.workload_by_uid("app/srv").cloned().expect("srv");
         let current = Fingerprint::of(&after, &srv);
-        let closed = registry.revoke_where(&current, |c| recheck(&after, &srv, c, false));
+        let closed =
+            registry.revoke_where(&current, |c| recheck(&after, &srv, c, MtlsMode::Permissive));
         assert_eq!(closed, 1);
         let r = victim.revoked().await;
         assert_eq!(r.reason, "denied by app/deny-some (rule 0)");
@@ -451,7 +530,7 @@ mod tests {
         let after = state(vec![deny_from("cluster.local/ns/app/sa/bad", "10.0.9.9")]);
         let srv = after.workload_by_uid("app/srv").cloned().expect("srv");
         let closed = registry.revoke_where(&Fingerprint::of(&after, &srv), |c| {
-            recheck(&after, &srv, c, false)
+            recheck(&after, &srv, c, MtlsMode::Permissive)
         });
         assert_eq!(closed, 1);
     }

@@ -131,6 +131,34 @@ pub fn res_a(a: pb::Authorization) -> pb::Resource {
     }
 }
 
+/// A PeerAuthentication: selector labels and port-level modes may be empty.
+pub fn peer_auth(
+    ns: &str,
+    name: &str,
+    scope: pb::PolicyScope,
+    mode: pb::MtlsMode,
+    selector: &[(&str, &str)],
+    ports: &[(u32, pb::MtlsMode)],
+) -> pb::PeerAuthentication {
+    pb::PeerAuthentication {
+        name: name.into(),
+        namespace: ns.into(),
+        scope: scope as i32,
+        selector: selector
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        mode: mode as i32,
+        port_level_mtls: ports.iter().map(|&(p, m)| (p, m as i32)).collect(),
+    }
+}
+
+pub fn res_pa(p: pb::PeerAuthentication) -> pb::Resource {
+    pb::Resource {
+        kind: Some(pb::resource::Kind::PeerAuthentication(p)),
+    }
+}
+
 pub fn full(version: u64, upserts: Vec<pb::Resource>) -> pb::Push {
     pb::Push {
         nonce: format!("n{version}"),

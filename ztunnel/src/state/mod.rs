@@ -1,4 +1,5 @@
-//! What ztunnel knows about the mesh: workloads, services and authorization policies.
+//! What ztunnel knows about the mesh: workloads, services, authorization policies and
+//! peer authentications (mTLS modes).
 //!
 //! The controller speaks protobuf ([`ambit_proto::discovery`]); everything past this module's
 //! edge speaks the domain types defined here, converted once with `TryFrom` when a push
@@ -27,7 +28,8 @@ use std::net::IpAddr;
 
 // The policy types are the shared engine's: the store holds them, `policy` evaluates them.
 pub use ambit_policy::{
-    parse_ip_net, Action, Policy as Authorization, Scope as PolicyScope, StringMatch,
+    parse_ip_net, Action, MtlsMode, PeerAuthentication, Policy as Authorization,
+    Scope as PolicyScope, StringMatch,
 };
 pub use policy::{ConnectionInfo, Verdict};
 pub use service::{Endpoint, LoadBalancing, Service, ServicePort};
@@ -73,7 +75,8 @@ pub enum ConvertError {
     /// Two resources of one push share a key: the push is ambiguous.
     #[error("{kind} {key:?} appears twice in the push")]
     Duplicate { kind: &'static str, key: String },
-    /// An authorization policy does not decode (the shared engine names the field).
+    /// An authorization policy or a peer authentication does not decode (the shared engine
+    /// names the field).
     #[error(transparent)]
     Policy(#[from] ambit_policy::WireError),
 }

@@ -47,6 +47,14 @@
 //!       - from: [{principals: ["cluster.local/ns/api/sa/*"], notIpBlocks: [10.9.0.0/16]}]
 //!         to: [{ports: [8080]}]
 //!         when: [{key: source.namespace, values: [api]}]
+//! peerAuthentications:
+//!   - name: strict
+//!     namespace: default
+//!     mode: STRICT                # UNSET (default), DISABLE, PERMISSIVE, STRICT
+//!   - name: web-metrics
+//!     namespace: default
+//!     selector: {app: web}        # scope WORKLOAD_SELECTOR when a selector is given,
+//!     portLevelMtls: {9090: PERMISSIVE}  # else NAMESPACE (or scope: GLOBAL, the mesh)
 //! ```
 //!
 //! `ztunnel/examples/static-state.yaml` is a complete example.
@@ -63,7 +71,7 @@ use serde::{Deserialize, Deserializer};
 use super::service::Service;
 use super::workload::Workload;
 use super::{ip_to_bytes, ConvertError};
-use super::{parse_ip_net, Authorization, StringMatch};
+use super::{parse_ip_net, Authorization, MtlsMode, PeerAuthentication, StringMatch};
 
 /// Why a static state file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +119,8 @@ struct Document {
     services: Vec<ServiceDoc>,
     #[serde(default)]
     policies: Vec<PolicyDoc>,
+    #[serde(default)]
+    peer_authentications: Vec<PeerAuthDoc>,
     /// PEM root certificates.
     #[serde(default)]
     trust_roots: Vec<String>,
@@ -235,6 +245,22 @@ struct PolicyDoc {
     target_gateway: String,
     #[serde(default)]
     target_service: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PeerAuthDoc {
+    name: String,
+    #[serde(deserialize_with = "k8s_name")]
+    namespace: String,
+    /// Default: WORKLOAD_SELECTOR with a selector, else NAMESPACE.
+    scope: Option<ScopeDoc>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    mode: MtlsMode,
+    #[serde(default)]
+    port_level_mtls: BTreeMap<u16, MtlsMode>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -543,6 +569,34 @@ impl From<PolicyDoc> for pb::Authorization {
     }
 }
 
+impl From<PeerAuthDoc> for pb::PeerAuthentication {
+    fn from(p: PeerAuthDoc) -> Self {
+        let scope = match p.scope {
+            Some(s) => s,
+            None if !p.selector.is_empty() => ScopeDoc::WorkloadSelector,
+            None => ScopeDoc::Namespace,
+        };
+        let doc = PeerAuthentication {
+            name: p.name.as_str().into(),
+            namespace: p.namespace.as_str().into(),
+            scope: match scope {
+                ScopeDoc::WorkloadSelector => super::PolicyScope::WorkloadSelector,
+                ScopeDoc::Namespace => super::PolicyScope::Namespace,
+                ScopeDoc::Global => super::PolicyScope::Global,
+            },
+            selector: p
+                .selector
+                .iter()
+                .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                .collect(),
+            mode: p.mode,
+            port_level_mtls: p.port_level_mtls,
+        };
+        // The engine's encoder: one spelling of the wire form.
+        pb::PeerAuthentication::from(&doc)
+    }
+}
+
 // ---- entry points ----------------------------------------------------------------------
 
 /// Parses `text` (YAML, or JSON which is YAML) into a full-state push at `version`.
@@ -625,6 +679,24 @@ pub fn parse(origin: &str, text: &str, version: u64) -> Result<pb::Push, StaticF
             kind: Some(pb::resource::Kind::Authorization(p)),
         });
     }
+    let mut peer_auth_keys = HashSet::new();
+    for (i, p) in doc.peer_authentications.into_iter().enumerate() {
+        let p = pb::PeerAuthentication::from(p);
+        let key = PeerAuthentication::try_from(p.clone())
+            .map_err(ConvertError::from)
+            .map_err(invalid(format!("peerAuthentications[{i}]")))?
+            .key();
+        if !peer_auth_keys.insert(key.clone()) {
+            return Err(duplicate(
+                format!("peerAuthentications[{i}]"),
+                "peer authentication",
+                key,
+            ));
+        }
+        upserts.push(pb::Resource {
+            kind: Some(pb::resource::Kind::PeerAuthentication(p)),
+        });
+    }
     Ok(pb::Push {
         nonce: format!("static-{version}"),
         full_state: true,
@@ -697,6 +769,18 @@ mod tests {
             (
                 "policies:\n  - name: p\n    namespace: default\n    rules:\n      - from:\n          - ipBlocks: [10.0.0.0/40]\n",
                 "policies[0].rules[0].from[0].ipBlocks[0]: \"10.0.0.0/40\" is not an IP address or CIDR at line 6",
+            ),
+            (
+                "peerAuthentications:\n  - name: p\n    namespace: default\n    mode: STRIKT\n",
+                "peerAuthentications[0].mode: unknown variant `STRIKT`",
+            ),
+            (
+                "peerAuthentications:\n  - name: p\n    namespace: default\n    selector: {app: a}\n    portLevelMtls: {70000: STRICT}\n",
+                "peerAuthentications[0].portLevelMtls",
+            ),
+            (
+                "peerAuthentications:\n  - name: p\n    namespace: default\n    portLevelMtls: {8080: STRICT}\n",
+                "peerAuthentications[0]: peer authentication default/p: port_level_mtls[8080] \"8080\" is invalid: port-level modes need a workload selector",
             ),
             (
                 "services:\n  - name: s\n    namespace: default\n    endpoints: [{workloadUid: default/nope}]\n",

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::service::{Service, ServicePort};
 use super::workload::Workload;
-use super::{Authorization, ConvertError, PolicyScope};
+use super::{Authorization, ConvertError, PeerAuthentication, PolicyScope};
 
 /// Why a push was refused (the NACK reason is this error's message).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +49,9 @@ struct Indexes {
     workloads_by_node: HashMap<Arc<str>, Vec<Arc<Workload>>>,
     global_policies: Vec<Arc<Authorization>>,
     namespace_policies: HashMap<Arc<str>, Vec<Arc<Authorization>>>,
+    global_peer_auth: Vec<Arc<PeerAuthentication>>,
+    /// Namespace-wide and selector policies, by their namespace.
+    namespace_peer_auth: HashMap<Arc<str>, Vec<Arc<PeerAuthentication>>>,
     waypoint_identities: HashSet<Identity>,
 }
 
@@ -63,6 +66,8 @@ pub struct State {
     services: BTreeMap<Arc<str>, Arc<Service>>,
     /// By "namespace/name".
     policies: BTreeMap<Arc<str>, Arc<Authorization>>,
+    /// By "namespace/name".
+    peer_authentications: BTreeMap<Arc<str>, Arc<PeerAuthentication>>,
     /// PEM roots of the mesh's trust bundle.
     trust_roots: Vec<Arc<str>>,
     #[serde(skip)]
@@ -85,6 +90,10 @@ impl State {
 
     pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
         self.policies.values()
+    }
+
+    pub fn peer_authentications(&self) -> impl Iterator<Item = &Arc<PeerAuthentication>> {
+        self.peer_authentications.values()
     }
 
     pub fn trust_roots(&self) -> &[Arc<str>] {
@@ -162,6 +171,18 @@ impl State {
         out
     }
 
+    /// The PeerAuthentications that may apply to `dst`: the mesh's and those of its
+    /// namespace (namespace-wide and selector ones), by key within each group. Which of
+    /// them select it, and which level wins, is the engine's business
+    /// ([`ambit_policy::effective_mode`]).
+    pub fn peer_authentications_for(&self, dst: &Workload) -> Vec<Arc<PeerAuthentication>> {
+        let mut out = self.idx.global_peer_auth.clone();
+        if let Some(ps) = self.idx.namespace_peer_auth.get(&dst.namespace) {
+            out.extend(ps.iter().cloned());
+        }
+        out
+    }
+
     /// Workloads on `node`, as the local-workloads watch publishes them.
     fn local(&self, node: &str) -> LocalWorkloads {
         self.workloads_on_node(node)
@@ -218,6 +239,16 @@ impl State {
                 PolicyScope::WorkloadSelector => {}
             }
         }
+        for p in self.peer_authentications.values() {
+            match p.scope {
+                PolicyScope::Global => idx.global_peer_auth.push(p.clone()),
+                PolicyScope::Namespace | PolicyScope::WorkloadSelector => idx
+                    .namespace_peer_auth
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p.clone()),
+            }
+        }
         self.idx = idx;
     }
 }
@@ -234,6 +265,7 @@ pub struct ApplyOutcome {
     pub workloads: usize,
     pub services: usize,
     pub policies: usize,
+    pub peer_authentications: usize,
 }
 
 /// A push converted to domain types, before anything is applied.
@@ -242,6 +274,7 @@ struct Converted {
     workloads: Vec<Workload>,
     services: Vec<Service>,
     policies: Vec<Authorization>,
+    peer_authentications: Vec<PeerAuthentication>,
     removals: Vec<(pb::ResourceKind, String)>,
     ignored: usize,
 }
@@ -273,6 +306,11 @@ fn convert(push: pb::Push) -> Result<Converted, ConvertError> {
                 let a = Authorization::try_from(a)?;
                 check_dup("authorization", a.key())?;
                 out.policies.push(a);
+            }
+            Some(Kind::PeerAuthentication(p)) => {
+                let p = PeerAuthentication::try_from(p)?;
+                check_dup("peer authentication", p.key())?;
+                out.peer_authentications.push(p);
             }
             // The waypoint's business; a controller may send them to everyone.
             Some(Kind::Route(_)) | Some(Kind::TrafficPolicy(_)) => out.ignored += 1,
@@ -356,6 +394,7 @@ impl Store {
                 workloads: current.workloads.clone(),
                 services: current.services.clone(),
                 policies: current.policies.clone(),
+                peer_authentications: current.peer_authentications.clone(),
                 trust_roots: current.trust_roots.clone(),
                 idx: Indexes::default(),
             }
@@ -368,7 +407,10 @@ impl Store {
         let mut outcome = ApplyOutcome {
             version,
             full_state,
-            upserts: conv.workloads.len() + conv.services.len() + conv.policies.len(),
+            upserts: conv.workloads.len()
+                + conv.services.len()
+                + conv.policies.len()
+                + conv.peer_authentications.len(),
             removals: 0,
             ignored: conv.ignored,
             ..Default::default()
@@ -381,6 +423,9 @@ impl Store {
                     pb::ResourceKind::Service => next.services.remove(name.as_str()).is_some(),
                     pb::ResourceKind::Authorization => {
                         next.policies.remove(name.as_str()).is_some()
+                    }
+                    pb::ResourceKind::PeerAuthentication => {
+                        next.peer_authentications.remove(name.as_str()).is_some()
                     }
                     _ => {
                         outcome.ignored += 1;
@@ -399,10 +444,15 @@ impl Store {
         for p in conv.policies {
             next.policies.insert(p.key().into(), Arc::new(p));
         }
+        for p in conv.peer_authentications {
+            next.peer_authentications
+                .insert(p.key().into(), Arc::new(p));
+        }
         next.reindex();
         outcome.workloads = next.workloads.len();
         outcome.services = next.services.len();
         outcome.policies = next.policies.len();
+        outcome.peer_authentications = next.peer_authentications.len();
         let local = self
             .node
             .as_deref()

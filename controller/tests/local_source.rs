@@ -314,3 +314,90 @@ async fn a_folder_that_keeps_changing_is_still_rescanned() {
     );
     writer.abort();
 }
+
+#[tokio::test]
+async fn a_bad_peer_authentication_is_refused_naming_file_document_and_field_and_the_good_one_stays(
+) {
+    let good = "apiVersion: security.ambit.dev/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: demo}\nspec: {mtls: {mode: STRICT}}\n";
+    let mut h = Harness::start(
+        &[
+            ("ns.yaml", NS),
+            ("pa.yaml", good),
+            ("other.yaml", &pod("c", "x")),
+        ],
+        Duration::from_secs(3600),
+    );
+    assert_eq!(
+        summary(&h.next().await),
+        vec![
+            "apply Namespace demo",
+            "apply Pod demo/c x",
+            "apply PeerAuthentication demo/strict",
+            "synced"
+        ]
+    );
+    // The good policy is document 1; each bad version keeps it and breaks document 2.
+    let doc2 = |spec: &str| {
+        format!("{good}---\napiVersion: security.ambit.dev/v1\nkind: PeerAuthentication\nmetadata: {{name: web, namespace: demo}}\nspec:\n{spec}")
+    };
+    let cases: &[(String, &[&str])] = &[
+        // A mode Istio does not define, at the top and per port.
+        (
+            doc2("  mtls: {mode: STRIKT}\n"),
+            &["pa.yaml", "document 2", "spec.mtls.mode: unknown variant `STRIKT`"],
+        ),
+        (
+            doc2("  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    8080: {mode: OFF}\n"),
+            &["pa.yaml", "document 2", "spec.portLevelMtls", "unknown variant `OFF`"],
+        ),
+        // Ports out of range.
+        (
+            doc2("  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    70000: {mode: PERMISSIVE}\n"),
+            &["pa.yaml: document 2: spec.portLevelMtls[70000]: \"70000\" is not a port number (1-65535)"],
+        ),
+        (
+            doc2("  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    \"0\": {mode: PERMISSIVE}\n"),
+            &["pa.yaml: document 2: spec.portLevelMtls[0]: \"0\" is not a port number"],
+        ),
+        // Port-level modes without a selector (Istio refuses them too).
+        (
+            doc2("  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n"),
+            &["pa.yaml: document 2: spec.portLevelMtls: port-level modes need a selector"],
+        ),
+        // A misspelt field, which would otherwise be dropped silently.
+        (
+            doc2("  mtsl: {mode: STRICT}\n"),
+            &["pa.yaml", "document 2", "unknown field spec.mtsl"],
+        ),
+    ];
+    for (text, wants) in cases {
+        h.write("pa.yaml", text);
+        let errors = h.errors().await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        for want in *wants {
+            assert!(errors[0].contains(want), "{:?} lacks {want:?}", errors[0]);
+        }
+        // The file's last good objects stay: no delete of demo/strict, nothing applied.
+        h.quiet().await;
+        // Other files still update meanwhile.
+        h.write("other.yaml", &pod("c", &format!("x{}", text.len())));
+        let events = summary(&h.next().await);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].starts_with("apply Pod demo/c"), "{events:?}");
+        h.write("pa.yaml", good);
+        tokio::time::timeout(Duration::from_secs(10), h.errors.wait_for(|e| e.is_empty()))
+            .await
+            .expect("errors clear")
+            .expect("source");
+        h.quiet().await;
+    }
+    // A good port-level policy is taken.
+    h.write(
+        "pa.yaml",
+        &doc2("  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n"),
+    );
+    assert_eq!(
+        summary(&h.next().await),
+        vec!["apply PeerAuthentication demo/web"]
+    );
+}

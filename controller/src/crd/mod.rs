@@ -8,9 +8,11 @@
 //! break an older controller.
 
 pub mod gateway;
+pub mod peer_auth;
 pub mod security;
 pub mod traffic;
 
 pub use gateway::{Gateway, GrpcRoute, HttpRoute};
+pub use peer_auth::PeerAuthentication;
 pub use security::AuthorizationPolicy;
 pub use traffic::TrafficPolicy;

@@ -241,7 +241,7 @@ fn may_subscribe(caller: &Caller, proxy: &Proxy) -> Result<(), DiscoveryError> {
         why,
     };
     match (caller, proxy) {
-        (Caller::Node { node: own }, Proxy::Ztunnel { node }) if own == node => Ok(()),
+        (Caller::Node { node: own }, Proxy::Ztunnel { node, .. }) if own == node => Ok(()),
         (Caller::Node { .. }, Proxy::Ztunnel { .. }) => {
             Err(refuse("a ztunnel may only subscribe for its own node"))
         }

@@ -5,7 +5,9 @@
 //! - ztunnel: every workload and service (it may route to any), and the authorization
 //!   policies that can apply to its node's pods: global ones, namespace-wide ones for
 //!   namespaces with a pod on the node, and selector ones a local pod references. Never
-//!   routes or traffic policies: it does not parse HTTP.
+//!   routes or traffic policies: it does not parse HTTP. PeerAuthentications (the mesh's, and
+//!   those of namespaces with a pod on the node) only to a ztunnel whose `Hello` accepts
+//!   them: an older one would NACK every push holding one.
 //! - waypoint: every workload and service, the policies targeting its Gateway or a service
 //!   it fronts, and the routes and traffic policies of those services.
 
@@ -21,8 +23,12 @@ use crate::model::{Entry, Key, Snapshot};
 /// Who is subscribing, checked from its `Hello`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Proxy {
-    /// The node proxy of one node.
-    Ztunnel { node: String },
+    /// The node proxy of one node; `peer_authentication`: its `Hello` accepts
+    /// PeerAuthentication resources.
+    Ztunnel {
+        node: String,
+        peer_authentication: bool,
+    },
     /// A waypoint, by its Gateway's `namespace/name`.
     Waypoint { gateway: String, identity: String },
 }
@@ -30,7 +36,7 @@ pub enum Proxy {
 impl std::fmt::Display for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Proxy::Ztunnel { node } => write!(f, "ztunnel node={node}"),
+            Proxy::Ztunnel { node, .. } => write!(f, "ztunnel node={node}"),
             Proxy::Waypoint { gateway, .. } => write!(f, "waypoint gateway={gateway}"),
         }
     }
@@ -44,6 +50,9 @@ impl TryFrom<&Hello> for Proxy {
             ProxyKind::Ztunnel if hello.node.is_empty() => Err("a ztunnel must name its node"),
             ProxyKind::Ztunnel => Ok(Proxy::Ztunnel {
                 node: hello.node.clone(),
+                peer_authentication: hello
+                    .accepts
+                    .contains(&(ResourceKind::PeerAuthentication as i32)),
             }),
             ProxyKind::Waypoint => match hello.gateway.split_once('/') {
                 Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
@@ -67,6 +76,7 @@ pub enum Selection {
     Ztunnel {
         namespaces: BTreeSet<String>,
         referenced: BTreeSet<String>,
+        peer_authentication: bool,
     },
     /// A waypoint: what targets its Gateway or one of the services it fronts.
     Waypoint {
@@ -80,7 +90,10 @@ impl Selection {
     /// The facts `proxy`'s rules need from `snapshot`.
     pub fn new(snapshot: &Snapshot, proxy: &Proxy) -> Self {
         match proxy {
-            Proxy::Ztunnel { node } => {
+            Proxy::Ztunnel {
+                node,
+                peer_authentication,
+            } => {
                 let mut namespaces = BTreeSet::new();
                 let mut referenced = BTreeSet::new();
                 for (_, e) in of_kind(snapshot, ResourceKind::Workload) {
@@ -100,6 +113,7 @@ impl Selection {
                 Selection::Ztunnel {
                     namespaces,
                     referenced,
+                    peer_authentication: *peer_authentication,
                 }
             }
             Proxy::Waypoint { gateway, .. } => Selection::Waypoint {
@@ -123,6 +137,7 @@ impl Selection {
                 Selection::Ztunnel {
                     namespaces,
                     referenced,
+                    ..
                 },
                 Some(resource::Kind::Authorization(a)),
             ) => match a.scope() {
@@ -130,6 +145,15 @@ impl Selection {
                 PolicyScope::Namespace => namespaces.contains(&a.namespace),
                 PolicyScope::WorkloadSelector => referenced.contains(&key.name),
             },
+            // Selector ones too: ztunnel matches them against its pods' labels.
+            (
+                Selection::Ztunnel {
+                    namespaces,
+                    peer_authentication: true,
+                    ..
+                },
+                Some(resource::Kind::PeerAuthentication(p)),
+            ) => p.scope() == PolicyScope::Global || namespaces.contains(&p.namespace),
             // Never routes or traffic policies: ztunnel does not parse HTTP.
             (Selection::Ztunnel { .. }, _) => false,
             (Selection::Waypoint { gateway, services }, Some(kind)) => match kind {
@@ -302,6 +326,21 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: r, namespace: demo}
 spec: {parentRefs: [{kind: Service, name: a}]}
+---
+apiVersion: security.ambit.dev/v1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: ambit-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.ambit.dev/v1
+kind: PeerAuthentication
+metadata: {name: ns, namespace: demo}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.ambit.dev/v1
+kind: PeerAuthentication
+metadata: {name: sel, namespace: demo}
+spec: {selector: {matchLabels: {app: a}}, portLevelMtls: {"8080": {mode: STRICT}}}
 "#;
 
     fn snapshot() -> Snapshot {
@@ -343,7 +382,10 @@ spec: {parentRefs: [{kind: Service, name: a}]}
     #[test]
     fn each_proxy_sees_what_it_needs() {
         let snap = snapshot();
-        let ztunnel = |node: &str| Proxy::Ztunnel { node: node.into() };
+        let ztunnel = |node: &str| Proxy::Ztunnel {
+            node: node.into(),
+            peer_authentication: true,
+        };
         let waypoint = |gw: &str| Proxy::Waypoint {
             gateway: gw.into(),
             identity: String::new(),
@@ -354,9 +396,29 @@ spec: {parentRefs: [{kind: Service, name: a}]}
                 vec![
                     "Authorization ambit-system/global",
                     "Authorization demo/sel",
+                    "PeerAuthentication ambit-system/mesh",
+                    "PeerAuthentication demo/ns",
+                    "PeerAuthentication demo/sel",
                 ],
             ),
-            (ztunnel("n2"), vec!["Authorization ambit-system/global"]),
+            (
+                ztunnel("n2"),
+                vec![
+                    "Authorization ambit-system/global",
+                    "PeerAuthentication ambit-system/mesh",
+                ],
+            ),
+            // A ztunnel whose Hello does not accept them (an older one) gets none.
+            (
+                Proxy::Ztunnel {
+                    node: "n1".into(),
+                    peer_authentication: false,
+                },
+                vec![
+                    "Authorization ambit-system/global",
+                    "Authorization demo/sel",
+                ],
+            ),
             (
                 waypoint("demo/wp"),
                 vec!["Authorization demo/on-svc", "Route demo/r"],
@@ -384,7 +446,10 @@ spec: {parentRefs: [{kind: Service, name: a}]}
 
     #[test]
     fn diff_sends_changes_and_removals_only() {
-        let proxy = Proxy::Ztunnel { node: "n1".into() };
+        let proxy = Proxy::Ztunnel {
+            node: "n1".into(),
+            peer_authentication: true,
+        };
         // What the proxy was sent: the fixture plus a global policy that is gone since.
         let mut before = snapshot();
         let global = Key {
@@ -447,8 +512,26 @@ spec: {parentRefs: [{kind: Service, name: a}]}
             node: node.into(),
             gateway: gateway.into(),
             identity: String::new(),
+            accepts: Vec::new(),
         };
-        assert!(Proxy::try_from(&hello(ProxyKind::Ztunnel, "n1", "")).is_ok());
+        assert_eq!(
+            Proxy::try_from(&hello(ProxyKind::Ztunnel, "n1", "")),
+            Ok(Proxy::Ztunnel {
+                node: "n1".into(),
+                peer_authentication: false
+            })
+        );
+        let newer = Hello {
+            accepts: vec![ResourceKind::PeerAuthentication as i32, 99],
+            ..hello(ProxyKind::Ztunnel, "n1", "")
+        };
+        assert_eq!(
+            Proxy::try_from(&newer),
+            Ok(Proxy::Ztunnel {
+                node: "n1".into(),
+                peer_authentication: true
+            })
+        );
         assert!(Proxy::try_from(&hello(ProxyKind::Ztunnel, "", "")).is_err());
         assert!(Proxy::try_from(&hello(ProxyKind::Waypoint, "", "demo/wp")).is_ok());
         for bad in ["", "wp", "/wp", "demo/", "a/b/c"] {

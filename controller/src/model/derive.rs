@@ -1,6 +1,6 @@
 //! Derivation of the wire resources from the stored objects: workloads from pods,
-//! services with their endpoints, and (via [`super::policy`]) authorizations, routes and
-//! traffic policies.
+//! services with their endpoints, (via [`super::policy`]) authorizations, routes and
+//! traffic policies, and (via [`super::peer_auth`]) peer authentications.
 //!
 //! A pure function of the store and the config, so it is tested with fixtures and no
 //! runtime. Problems are collected, not returned early: one bad object must never stop
@@ -109,6 +109,10 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
     }
     for t in policy::traffic_policies(store, config, &mut out.errors) {
         out.push(resource::Kind::TrafficPolicy(t), None);
+    }
+    for p in super::peer_auth::peer_authentications(store, config, &mut out.errors) {
+        let wire = ambit_proto::discovery::PeerAuthentication::from(&p);
+        out.push(resource::Kind::PeerAuthentication(wire), None);
     }
     out
 }

@@ -13,6 +13,7 @@
 
 mod derive;
 mod object;
+mod peer_auth;
 mod policy;
 mod store;
 #[cfg(test)]
@@ -36,7 +37,8 @@ pub(crate) use store::{typed, typed_in};
 pub struct ModelConfig {
     /// SPIFFE trust domain of workload identities.
     pub trust_domain: String,
-    /// Namespace whose authorization policies apply mesh-wide.
+    /// Namespace whose authorization policies apply mesh-wide, and whose PeerAuthentication
+    /// without selector is the mesh-wide mTLS mode.
     pub root_namespace: String,
     /// DNS suffix of service host names (`name.ns.svc.<suffix>`).
     pub domain_suffix: String,
@@ -190,6 +192,10 @@ impl Key {
             resource::Kind::TrafficPolicy(t) => (
                 ResourceKind::TrafficPolicy,
                 format!("{}/{}", t.namespace, t.name),
+            ),
+            resource::Kind::PeerAuthentication(p) => (
+                ResourceKind::PeerAuthentication,
+                format!("{}/{}", p.namespace, p.name),
             ),
         };
         Some(Key { kind, name })

@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::crd::{AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, TrafficPolicy};
+use crate::crd::{
+    AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, PeerAuthentication, TrafficPolicy,
+};
 
 /// The namespace objects land in when their metadata names none, as in Kubernetes.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -105,6 +107,7 @@ objects! {
     GrpcRoute(GrpcRoute) = "gateway.networking.k8s.io/v1", "GRPCRoute", namespaced: true;
     AuthorizationPolicy(AuthorizationPolicy) = "security.ambit.dev/v1", "AuthorizationPolicy", namespaced: true;
     TrafficPolicy(TrafficPolicy) = "traffic.ambit.dev/v1", "TrafficPolicy", namespaced: true;
+    PeerAuthentication(PeerAuthentication) = "security.ambit.dev/v1", "PeerAuthentication", namespaced: true;
 }
 
 impl fmt::Display for Kind {

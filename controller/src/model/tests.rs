@@ -649,3 +649,92 @@ fn policy_fields_are_checked_strictly_but_known_spellings_pass() {
         "tp.yaml: document 1: unknown field spec.rateLimit.perSource"
     );
 }
+
+#[test]
+fn peer_authentications_are_placed_by_root_namespace_and_selector() {
+    use ambit_proto::discovery::{MtlsMode, PeerAuthentication};
+    let pa = |ns: &str, name: &str, spec: &str| {
+        format!("---\napiVersion: security.ambit.dev/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n")
+    };
+    let yaml = pa("ambit-system", "mesh", "{mtls: {mode: STRICT}}")
+        + &pa("demo", "ns", "{mtls: {mode: PERMISSIVE}}")
+        + &pa(
+            "demo",
+            "web",
+            "{selector: {matchLabels: {app: web}}, portLevelMtls: {'8080': {mode: DISABLE}}}",
+        )
+        // An empty selector is namespace-wide, as in Istio.
+        + &pa("demo", "empty-sel", "{selector: {matchLabels: {}}}");
+    let d = derived(&yaml);
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    let get = |key: &str| -> PeerAuthentication {
+        match d
+            .resources
+            .get(&Key {
+                kind: ResourceKind::PeerAuthentication,
+                name: key.into(),
+            })
+            .and_then(|r| r.resource.kind.clone())
+        {
+            Some(resource::Kind::PeerAuthentication(p)) => p,
+            other => panic!("no peer authentication {key}: {other:?}"),
+        }
+    };
+    let mesh = get("ambit-system/mesh");
+    assert_eq!(
+        (mesh.scope(), mesh.mode()),
+        (PolicyScope::Global, MtlsMode::Strict)
+    );
+    let ns = get("demo/ns");
+    assert_eq!(
+        (ns.scope(), ns.mode()),
+        (PolicyScope::Namespace, MtlsMode::Permissive)
+    );
+    let web = get("demo/web");
+    assert_eq!(
+        (web.scope(), web.mode()),
+        (PolicyScope::WorkloadSelector, MtlsMode::Unset)
+    );
+    assert_eq!(web.selector.get("app").map(String::as_str), Some("web"));
+    assert_eq!(
+        web.port_level_mtls.get(&8080).copied(),
+        Some(MtlsMode::Disable as i32)
+    );
+    assert_eq!(get("demo/empty-sel").scope(), PolicyScope::Namespace);
+
+    // From a source without files (Kubernetes), a bad object is rejected by the model,
+    // naming the object and the field, and the rest still derives.
+    let mut bad = crate::crd::PeerAuthentication::new(
+        "bad",
+        crate::crd::peer_auth::PeerAuthenticationSpec {
+            port_level_mtls: [(
+                "70000".to_string(),
+                crate::crd::peer_auth::Mtls {
+                    mode: crate::crd::peer_auth::Mode::Strict,
+                },
+            )]
+            .into(),
+            ..Default::default()
+        },
+    );
+    bad.metadata.namespace = Some("demo".into());
+    let mut objects: Vec<Object> = parse_file(Path::new("f.yaml"), &yaml)
+        .expect("fixture")
+        .into_iter()
+        .map(|l| l.object)
+        .collect();
+    objects.push(Object::PeerAuthentication(bad));
+    let d = derive(&Store::from_objects(objects), &ModelConfig::default());
+    let errors: Vec<String> = d.errors.iter().map(|e| error_chain(e)).collect();
+    assert_eq!(
+        errors,
+        vec!["PeerAuthentication demo/bad rejected: field spec.portLevelMtls[70000]: \"70000\" is not a port number (1-65535)"]
+    );
+    assert_eq!(
+        d.resources
+            .keys()
+            .filter(|k| k.kind == ResourceKind::PeerAuthentication)
+            .count(),
+        4
+    );
+}

@@ -30,7 +30,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::crd::{AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, TrafficPolicy};
+use crate::crd::{
+    AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, PeerAuthentication, TrafficPolicy,
+};
 use crate::model::{Kind, ModelError, Object, ObjectKey, SourceEvent, SourceSink};
 
 /// Why the Kubernetes source could not start or stopped.
@@ -104,6 +106,8 @@ pub struct Stores {
     pub authorization_policies: Store<AuthorizationPolicy>,
     /// Traffic policies.
     pub traffic_policies: Store<TrafficPolicy>,
+    /// Peer authentications (mTLS modes).
+    pub peer_authentications: Store<PeerAuthentication>,
 }
 
 /// The write halves of [`Stores`], consumed when the watchers start.
@@ -119,6 +123,7 @@ struct Writers {
     grpc_routes: Writer<GrpcRoute>,
     authorization_policies: Writer<AuthorizationPolicy>,
     traffic_policies: Writer<TrafficPolicy>,
+    peer_authentications: Writer<PeerAuthentication>,
 }
 
 fn stores() -> (Stores, Writers) {
@@ -133,6 +138,7 @@ fn stores() -> (Stores, Writers) {
     let (grpc_routes, grpc_routes_w) = reflector::store();
     let (authorization_policies, authorization_policies_w) = reflector::store();
     let (traffic_policies, traffic_policies_w) = reflector::store();
+    let (peer_authentications, peer_authentications_w) = reflector::store();
     let stores = Stores {
         namespaces,
         nodes,
@@ -145,6 +151,7 @@ fn stores() -> (Stores, Writers) {
         grpc_routes,
         authorization_policies,
         traffic_policies,
+        peer_authentications,
     };
     let writers = Writers {
         namespaces: namespaces_w,
@@ -158,6 +165,7 @@ fn stores() -> (Stores, Writers) {
         grpc_routes: grpc_routes_w,
         authorization_policies: authorization_policies_w,
         traffic_policies: traffic_policies_w,
+        peer_authentications: peer_authentications_w,
     };
     (stores, writers)
 }
@@ -249,6 +257,11 @@ impl KubeSource {
             Kind::TrafficPolicy,
             Object::TrafficPolicy,
             w.traffic_policies,
+        );
+        s.kind(
+            Kind::PeerAuthentication,
+            Object::PeerAuthentication,
+            w.peer_authentications,
         );
         let mut tasks = s.tasks;
         let first = tasks.join_next().await;

@@ -105,6 +105,15 @@ pub enum LocalError {
         document: usize,
         field: String,
     },
+    /// A document's field breaks a rule its type cannot express (a port out of range, a
+    /// field that needs another one).
+    #[error("{}: document {document}: {field}: {why}", path.display())]
+    InvalidField {
+        path: PathBuf,
+        document: usize,
+        field: String,
+        why: String,
+    },
     /// A document puts an object in a namespace that no file defines.
     #[error("{}: document {document}: {key} is in namespace {namespace:?}, which does not exist", path.display())]
     UnknownNamespace {
@@ -263,6 +272,15 @@ pub fn parse_file_limited(
                 if kind.namespaced() && meta.namespace.is_none() {
                     meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
                 }
+                if let Err(e) = check_object(&object) {
+                    errors.push(LocalError::InvalidField {
+                        path: path.into(),
+                        document,
+                        field: e.field,
+                        why: e.why,
+                    });
+                    continue;
+                }
                 if let Some(field) = unknown_policy_field(value, &object) {
                     errors.push(LocalError::UnknownField {
                         path: path.into(),
@@ -283,6 +301,16 @@ pub fn parse_file_limited(
     }
 }
 
+/// The rules of a kind that its type cannot express, checked where the document is read so
+/// the error names the file, the document and the field (the model checks them again for
+/// sources without files).
+fn check_object(object: &Object) -> Result<(), crate::crd::peer_auth::InvalidField> {
+    match object {
+        Object::PeerAuthentication(p) => p.spec.check().map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 /// For Ambit's own policy kinds, the first field of `spec` the typed form does not know.
 /// Like `kubectl apply`'s strict validation: for security policy a dropped field changes
 /// the meaning (a misspelt `principals` makes a rule match every source). Gateway API and
@@ -291,6 +319,7 @@ fn unknown_policy_field(input: &serde_yaml::Value, object: &Object) -> Option<St
     let typed = match object {
         Object::AuthorizationPolicy(p) => serde_json::to_value(&p.spec),
         Object::TrafficPolicy(p) => serde_json::to_value(&p.spec),
+        Object::PeerAuthentication(p) => serde_json::to_value(&p.spec),
         _ => return None,
     }
     .ok()?;

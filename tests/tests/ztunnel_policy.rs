@@ -466,3 +466,170 @@ policies:
     mesh.shutdown().await;
     Ok(())
 }
+
+/// Writes `payload` on a plaintext connection ztunnel accepted and expects it closed
+/// (end of stream or reset) without a byte back: the refusal as the client sees it.
+fn closed_without_reply(pod: &Pod, dst: SocketAddr) -> anyhow::Result<()> {
+    // The capture accepts the TCP connection locally (15006), so connecting succeeds.
+    let mut s = ambit_tests::connect_from(pod, dst)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // The write may already meet the close (EPIPE / reset): that is a refusal too.
+    let _ = std::io::Write::write_all(&mut s, b"secret payload\n");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => Ok(()),
+        Ok(n) => anyhow::bail!(
+            "{dst} answered {:?}: not refused",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        Err(e) => anyhow::bail!("{dst}: neither closed nor answered: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_authentication_strict_namespace_refuses_plaintext_but_one_permissive_port_takes_it(
+) -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("zt_peerauth")
+        .node("n1")
+        .node("n2")
+        .pod("plain", "n1")
+        .pod("good", "n1")
+        .pod("web", "n2")
+        .pod("db", "n2")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let (plain, good, web, db) = (
+        topo.pod("plain"),
+        topo.pod("good"),
+        topo.pod("web"),
+        topo.pod("db"),
+    );
+    let workloads = format!(
+        "workloads:\n{}{}{}    labels: {{app: web}}\n{}    labels: {{app: db}}\n",
+        workload(plain, "pa-legacy", "default", "n1", false),
+        workload(good, "pa-app", "good", "n1", true),
+        workload(web, "pa-shop", "web", "n2", true),
+        workload(db, "pa-shop", "db", "n2", true),
+    );
+    // STRICT for the namespace; web's 8080 (its target port) PERMISSIVE, its mode UNSET
+    // (so its other ports inherit STRICT).
+    let with_peer_auth = format!(
+        "{workloads}\
+peerAuthentications:
+  - name: strict
+    namespace: pa-shop
+    mode: STRICT
+  - name: web-8080
+    namespace: pa-shop
+    selector: {{app: web}}
+    portLevelMtls: {{8080: PERMISSIVE}}
+"
+    );
+    let log = access_log();
+    // ztunnel's own default is PERMISSIVE: the policies alone make the difference.
+    let mesh = Mesh::two_nodes(&topo, &workloads).await?;
+    mesh.wait_enrolled("n1", &uid("pa-app", good), true).await?;
+    mesh.wait_enrolled("n2", &uid("pa-shop", web), true).await?;
+    mesh.wait_enrolled("n2", &uid("pa-shop", db), true).await?;
+    let web_open = ReplyServer::start(web, 8080)?;
+    let web_closed = ReplyServer::start(web, 9090)?;
+    let db_app = ReplyServer::start(db, 8080)?;
+
+    // Before any PeerAuthentication: plaintext reaches both, and stays open.
+    let open = |pod: &Pod, dst: SocketAddr| {
+        let pod = pod.clone();
+        blocking(move || {
+            let mut s = ambit_tests::connect_from(&pod, dst)?;
+            ambit_tests::read_greeting(&mut s)?;
+            anyhow::ensure!(ambit_tests::echo(&mut s, b"before")? == b"before");
+            Ok(s)
+        })
+    };
+    let mut to_db = open(plain, db_app.addr()).await?;
+    let mut to_web = open(plain, web_open.addr()).await?;
+
+    let applied = Instant::now();
+    mesh.set_state(&with_peer_auth).await?;
+    // The open plaintext connection to db (now STRICT) is closed; web's 8080 keeps flowing.
+    let closed_after =
+        blocking(move || closed_by(&mut to_db, applied, applied + Duration::from_secs(5))).await?;
+    eprintln!("open plaintext to the STRICT port closed {closed_after:?} after the push");
+    let to_web = blocking(move || {
+        anyhow::ensure!(ambit_tests::echo(&mut to_web, b"after")? == b"after");
+        Ok(to_web)
+    })
+    .await?;
+
+    // New plaintext: refused on web's other port and on db, taken on web's 8080.
+    let (seen_9090, seen_db) = (web_closed.seen().len(), db_app.seen().len());
+    for dst in [web_closed.addr(), db_app.addr()] {
+        let plain = plain.clone();
+        blocking(move || closed_without_reply(&plain, dst)).await?;
+    }
+    assert_eq!(
+        web_closed.seen().len(),
+        seen_9090,
+        "plaintext reached a STRICT port"
+    );
+    assert_eq!(
+        db_app.seen().len(),
+        seen_db,
+        "plaintext reached a STRICT pod"
+    );
+    let seen = round_trip(plain, web_open.addr(), b"permissive port").await?;
+    assert_eq!(seen.ip(), std::net::IpAddr::from(plain.ip));
+    // mTLS is accepted in every mode: the enrolled client reaches the STRICT port.
+    let seen = round_trip(good, web_closed.addr(), b"over hbone").await?;
+    assert_eq!(seen.ip(), std::net::IpAddr::from(good.ip));
+
+    // The access log names the PeerAuthentication and level that refused.
+    let plain_addr = format!("\"src.addr\":\"{}:", plain.ip);
+    let revoked = |dst: &str| access_lines(&log, &[&plain_addr, dst, "\"outcome\":\"revoked\""]);
+    eventually("the revocation is logged", || {
+        !revoked("\"dst.workload\":\"pa-shop/db\"").is_empty()
+    })
+    .await?;
+    let line = &revoked("\"dst.workload\":\"pa-shop/db\"")[0];
+    assert_eq!(
+        line["reason"],
+        "policy changed: 401: plaintext refused: mTLS STRICT by PeerAuthentication pa-shop/strict (namespace)"
+    );
+    assert_eq!(line["response_flags"], "RBAC");
+    assert_eq!(line["src.identity"], "unknown");
+    // The first refusal of a new connection on n2 is never throttled (a fresh ztunnel).
+    let refused_line = access_lines(
+        &log,
+        &[
+            &plain_addr,
+            "\"dst.workload\":\"pa-shop/web\"",
+            "plaintext refused",
+        ],
+    );
+    assert_eq!(refused_line.len(), 1, "{refused_line:?}");
+    assert_eq!(
+        refused_line[0]["reason"],
+        "401: plaintext refused: mTLS STRICT by PeerAuthentication pa-shop/strict (namespace)"
+    );
+    let n2 = mesh.app("n2");
+    eventually("plaintext refusals counted as RBAC on n2", || {
+        metric(
+            n2,
+            OPENED,
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "none"),
+                ("response_flags", "RBAC"),
+                ("destination_workload", "db"),
+            ],
+        ) >= 1
+    })
+    .await?;
+
+    drop(to_web);
+    drop((web_open, web_closed, db_app));
+    mesh.shutdown().await;
+    Ok(())
+}

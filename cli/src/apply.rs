@@ -196,6 +196,32 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_peer_authentication_is_refused_naming_file_document_and_field() {
+        let pa = |spec: &str| {
+            format!("apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: s, namespace: demo}}\n---\napiVersion: security.ambit.dev/v1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: demo}}\nspec: {spec}\n")
+        };
+        let mode = problems(&pa("{mtls: {mode: STRIKT}}"));
+        assert_eq!(mode.len(), 1, "{mode:?}");
+        assert!(
+            mode[0].contains(".new.yaml: document 2")
+                && mode[0].contains("spec.mtls.mode: unknown variant `STRIKT`"),
+            "{mode:?}"
+        );
+        let port = problems(&pa(
+            "{selector: {matchLabels: {app: web}}, portLevelMtls: {'70000': {mode: STRICT}}}",
+        ));
+        assert_eq!(port.len(), 1, "{port:?}");
+        assert!(
+            port[0].ends_with(".new.yaml: document 2: spec.portLevelMtls[70000]: \"70000\" is not a port number (1-65535)"),
+            "{port:?}"
+        );
+        assert!(problems(&pa(
+            "{selector: {matchLabels: {app: web}}, portLevelMtls: {'8080': {mode: PERMISSIVE}}}"
+        ))
+        .is_empty());
+    }
+
+    #[test]
     fn the_controllers_input_limits_apply() {
         let dir = folder();
         let attempt = |name: &str, text: &str, limits: InputLimits| {

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ambit_controller::crd::{AuthorizationPolicy, TrafficPolicy};
+use ambit_controller::crd::{AuthorizationPolicy, PeerAuthentication, TrafficPolicy};
 use kube::CustomResourceExt;
 use serde_json::Value;
 
@@ -116,6 +116,14 @@ fn authorization_policy_schema_matches_the_types() {
 }
 
 #[test]
+fn peer_authentication_schema_matches_the_types() {
+    compare(
+        "PeerAuthentication",
+        serde_json::to_value(PeerAuthentication::crd()).unwrap(),
+    );
+}
+
+#[test]
 fn traffic_policy_schema_matches_the_types() {
     compare(
         "TrafficPolicy",
@@ -139,6 +147,9 @@ fn example_policies_read_into_the_types() {
                 serde_json::from_value::<AuthorizationPolicy>(value).map(drop)
             }
             Some("TrafficPolicy") => serde_json::from_value::<TrafficPolicy>(value).map(drop),
+            Some("PeerAuthentication") => {
+                serde_json::from_value::<PeerAuthentication>(value).map(drop)
+            }
             other => panic!("{}: unexpected kind {other:?}", path.display()),
         };
         ok.unwrap_or_else(|e| panic!("{}: {e}", path.display()));

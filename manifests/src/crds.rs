@@ -1,5 +1,5 @@
-//! Ambit's CustomResourceDefinitions: `AuthorizationPolicy` (security.ambit.dev/v1) and
-//! `TrafficPolicy` (traffic.ambit.dev/v1), with structural schemas that make the API server refuse
+//! Ambit's CustomResourceDefinitions: `AuthorizationPolicy` and `PeerAuthentication`
+//! (security.ambit.dev/v1) and `TrafficPolicy` (traffic.ambit.dev/v1), with structural schemas that make the API server refuse
 //! bad objects at admission instead of leaving the controller to discover them.
 //!
 //! Written by hand, field for field after the controller's types (`controller/src/crd/`): a schema
@@ -16,6 +16,8 @@
 //!   cannot be combined with `selector` (they pick the enforcement point in exclusive ways).
 //! - A TrafficPolicy must target a Service; percentages are 0..100, abort statuses 200..599,
 //!   durations are Go-style (`250ms`, `1m30s`), counts fit the controller's `u32`.
+//! - A PeerAuthentication's modes are UNSET/DISABLE/PERMISSIVE/STRICT, its `portLevelMtls` keys
+//!   are ports 1..65535 and need a `selector` (as Istio validates them).
 //! - NOT checked: "L7 fields need targetRefs". The root ARCHITECTURE.md gives such a policy a meaning (ztunnel
 //!   fails closed on it), so rejecting it at admission would change the semantics, not enforce them.
 
@@ -391,14 +393,79 @@ pub fn traffic_policy() -> Value {
     )
 }
 
-/// Both CRDs as written here, before they pass through the k8s-openapi type. Tests compare these
+/// `peerauthentications.security.ambit.dev`, as JSON.
+pub fn peer_authentication() -> Value {
+    let mtls = json!({
+        "type": "object",
+        "properties": {
+            "mode": {
+                "type": "string",
+                "enum": ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"],
+                "default": "UNSET",
+                "description": "UNSET inherits (port, workload, namespace, mesh, then \
+                                ztunnel's --strict-inbound); DISABLE and PERMISSIVE accept \
+                                plaintext; STRICT refuses it.",
+            },
+        },
+    });
+    let spec = json!({
+        "type": "object",
+        "description": "Istio-style peer authentication: the mTLS mode of the selected \
+                        workloads (no selector: the namespace; in the root namespace: the mesh).",
+        "properties": {
+            "selector": {
+                "type": "object",
+                "description": "Apply to the workloads of this namespace whose labels match.",
+                "properties": {
+                    "matchLabels": {
+                        "type": "object",
+                        "additionalProperties": { "type": "string" },
+                    },
+                },
+            },
+            "mtls": mtls.clone(),
+            "portLevelMtls": {
+                "type": "object",
+                "description": "Modes by the workload's own (target) port; they win over mtls. \
+                                Only with a selector.",
+                "additionalProperties": mtls,
+                "x-kubernetes-validations": [{
+                    "rule": format!("self.all(k, k.matches('{PORT}'))"),
+                    "message": "portLevelMtls keys are port numbers 1-65535",
+                }],
+            },
+        },
+        "x-kubernetes-validations": [{
+            "rule": "!has(self.portLevelMtls) || size(self.portLevelMtls) == 0 || (has(self.selector) && has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0)",
+            "message": "portLevelMtls needs a selector",
+        }],
+    });
+    let columns = json!([
+        { "name": "Mode", "type": "string", "jsonPath": ".spec.mtls.mode" },
+        { "name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp" },
+    ]);
+    crd(
+        "security.ambit.dev",
+        "PeerAuthentication",
+        "peerauthentications",
+        "pa",
+        columns,
+        spec,
+    )
+}
+
+/// Every CRD as written here, before they pass through the k8s-openapi type. Tests compare these
 /// with their typed round trip: a field the type does not know (a misspelling) would be dropped
 /// silently by `all`, and the comparison catches it.
 pub fn all_values() -> Vec<Value> {
-    vec![authorization_policy(), traffic_policy()]
+    vec![
+        authorization_policy(),
+        peer_authentication(),
+        traffic_policy(),
+    ]
 }
 
-/// Both CRDs.
+/// Every CRD.
 pub fn all() -> Result<Vec<CustomResourceDefinition>, CrdError> {
     all_values()
         .into_iter()

@@ -56,7 +56,11 @@ pub fn controller_rules() -> Vec<PolicyRule> {
         ),
         rule("discovery.k8s.io", &["endpointslices"], READ),
         // Policy: Ambit's own CRDs.
-        rule("security.ambit.dev", &["authorizationpolicies"], READ),
+        rule(
+            "security.ambit.dev",
+            &["authorizationpolicies", "peerauthentications"],
+            READ,
+        ),
         rule("traffic.ambit.dev", &["trafficpolicies"], READ),
         // Routing (GAMMA) and waypoint declarations. Harmless where the Gateway API CRDs are absent.
         rule(

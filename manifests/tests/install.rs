@@ -243,7 +243,11 @@ fn allowed() -> BTreeSet<(String, String, String)> {
         read,
     );
     add("discovery.k8s.io", &["endpointslices"], read);
-    add("security.ambit.dev", &["authorizationpolicies"], read);
+    add(
+        "security.ambit.dev",
+        &["authorizationpolicies", "peerauthentications"],
+        read,
+    );
     add("traffic.ambit.dev", &["trafficpolicies"], read);
     add(
         "gateway.networking.k8s.io",

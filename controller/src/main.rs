@@ -70,7 +70,8 @@ struct Args {
     listen: SocketAddr,
     #[command(flatten)]
     mesh: MeshArgs,
-    /// Namespace whose authorization policies apply to the whole mesh; also the
+    /// Namespace whose authorization policies apply to the whole mesh, and whose
+    /// PeerAuthentication without selector is the mesh-wide mTLS mode; also the
     /// controller's own namespace (its identity is `ns/<this>/sa/ambit-controller`).
     #[arg(long, env = "AMBIT_NAMESPACE", default_value = "ambit-system")]
     root_namespace: String,

@@ -147,6 +147,7 @@ fn upserts(push: &Push) -> Vec<String> {
             resource::Kind::Authorization(a) => format!("authz {}/{}", a.namespace, a.name),
             resource::Kind::Route(r) => format!("route {}/{}", r.namespace, r.name),
             resource::Kind::TrafficPolicy(t) => format!("tp {}/{}", t.namespace, t.name),
+            resource::Kind::PeerAuthentication(p) => format!("pa {}/{}", p.namespace, p.name),
         })
         .collect();
     v.sort();
@@ -338,6 +339,53 @@ async fn a_ztunnel_gets_only_the_policies_of_its_nodes_pods() {
     let push = a.next().await;
     assert_eq!(upserts(&push), vec!["workload other/remote"]);
     assert!(push.removals.is_empty());
+}
+
+#[tokio::test]
+async fn peer_authentications_reach_only_ztunnels_that_accept_them() {
+    let (sink, model) = direct_model().await;
+    let mut yaml = ns("demo") + &ns("other") + &ns("ambit-system");
+    yaml += &pod("demo", "local", "node-a", "app: web");
+    yaml += &pod("other", "remote", "node-b", "app: web");
+    let pa = |ns: &str, name: &str, spec: &str| {
+        format!("---\napiVersion: security.ambit.dev/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n")
+    };
+    yaml += &pa("ambit-system", "mesh", "{mtls: {mode: STRICT}}");
+    yaml += &pa("demo", "strict", "{mtls: {mode: STRICT}}");
+    yaml += &pa(
+        "demo",
+        "web",
+        "{selector: {matchLabels: {app: web}}, portLevelMtls: {'8080': {mode: PERMISSIVE}}}",
+    );
+    yaml += &pa("other", "permissive", "{mtls: {mode: PERMISSIVE}}");
+    apply(&sink, &yaml).await;
+    let server = serve(model).await;
+    let peer_auths = |push: &Push| -> Vec<String> {
+        upserts(push)
+            .into_iter()
+            .filter(|u| u.starts_with("pa "))
+            .collect()
+    };
+
+    // A ztunnel that says it decodes them: the mesh's and those of its pods' namespaces.
+    let newer = Hello {
+        accepts: vec![ResourceKind::PeerAuthentication as i32],
+        ..ztunnel("node-a")
+    };
+    let mut a = connect(server.addr, newer).await;
+    assert_eq!(
+        peer_auths(&a.next().await),
+        vec!["pa ambit-system/mesh", "pa demo/strict", "pa demo/web"]
+    );
+    // An older ztunnel (its Hello lists no such kind) would NACK them: it gets none, and
+    // the rest of its state as before.
+    let mut old = connect(server.addr, ztunnel("node-a")).await;
+    let push = old.next().await;
+    assert!(peer_auths(&push).is_empty(), "{:?}", upserts(&push));
+    assert!(upserts(&push).contains(&"workload demo/local".to_string()));
+    // Waypoints never get them.
+    let mut wp = connect(server.addr, waypoint("demo/wp")).await;
+    assert!(peer_auths(&wp.next().await).is_empty());
 }
 
 #[tokio::test]

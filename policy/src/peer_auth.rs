@@ -376,12 +376,11 @@ mod tests {
         [("app".into(), app.into())].into()
     }
 
-    /// (mode, level, deciding policy) for app=web in namespace `app`.
-    fn decide(
-        ps: &[PeerAuthentication],
-        port: u16,
-        default: MtlsMode,
-    ) -> (MtlsMode, Level, Option<String>) {
+    /// (mode, level, deciding policy).
+    type Outcome = (MtlsMode, Level, Option<String>);
+
+    /// The outcome for app=web in namespace `app`.
+    fn decide(ps: &[PeerAuthentication], port: u16, default: MtlsMode) -> Outcome {
         let d = effective_mode(ps, "app", &labels("web"), port, default);
         (d.mode, d.level, d.policy)
     }
@@ -393,12 +392,7 @@ mod tests {
         let wl = selecting("app", "wl", "web", Strict);
         let port = ports(selecting("app", "wl", "web", Strict), &[(8080, Permissive)]);
         let some = |s: &str| Some(s.to_string());
-        let cases: Vec<(
-            Vec<PeerAuthentication>,
-            u16,
-            MtlsMode,
-            (MtlsMode, Level, Option<String>),
-        )> = vec![
+        let cases: Vec<(Vec<PeerAuthentication>, u16, MtlsMode, Outcome)> = vec![
             // Nothing: the proxy's default, PERMISSIVE unless it says otherwise.
             (vec![], 80, Unset, (Permissive, Level::Default, None)),
             (vec![], 80, Strict, (Strict, Level::Default, None)),

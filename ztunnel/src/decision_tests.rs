@@ -725,12 +725,13 @@ fn inbound_plaintext_follows_peer_authentication() {
     );
     let from = ip("10.0.9.9");
     // (policies, ztunnel's default, destination, Ok(()) accepted / Err(reason) refused 401)
-    let cases: Vec<(
+    type Case<'a> = (
         Vec<pb::PeerAuthentication>,
         MtlsMode,
-        &str,
-        Result<(), &str>,
-    )> = vec![
+        &'a str,
+        Result<(), &'a str>,
+    );
+    let cases: Vec<Case> = vec![
         (vec![], MtlsMode::Permissive, "10.0.7.1:80", Ok(())),
         (
             vec![],

@@ -731,6 +731,7 @@ mod tests {
             out.workloads >= 3 && out.services >= 1 && out.policies >= 1,
             "{out:?}"
         );
+        assert_eq!(out.peer_authentications, 2, "{out:?}");
         let state = store.snapshot();
         let web = state.workload_by_ip("10.0.1.5".parse().unwrap()).unwrap();
         assert_eq!(

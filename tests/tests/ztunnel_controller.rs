@@ -1,8 +1,9 @@
 //! The real binaries together: `ambit-controller` in local mode (a folder of Kubernetes YAML,
 //! its own generated root, node credentials) serving discovery and the CA over TLS, and one
 //! `ztunnel` per node that learns the pods from it, gets their certificates from it
-//! (`CreateCertificate` with the node's bearer token) and carries their traffic over HBONE.
-//! Needs root.
+//! (`CreateCertificate` with the node's bearer token) and carries their traffic over HBONE;
+//! a PeerAuthentication dropped into the folder reaches the ztunnels and turns plaintext
+//! away. Needs root.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -14,10 +15,14 @@ use anyhow::Context;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identities(
 ) -> anyhow::Result<()> {
-    let Some(topo) = Topology::client_and_server("zt_ctrl").build_or_skip() else {
+    let Some(topo) = Topology::client_and_server("zt_ctrl")
+        .pod("plain", "n1")
+        .build_or_skip()
+    else {
         return Ok(());
     };
     let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());
+    let plain = topo.pod("plain").clone();
     let (controller_bin, ztunnel_bin) = blocking(|| {
         Ok((
             ambit_tests::workspace_bin("ambit-controller"),
@@ -33,9 +38,12 @@ async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identit
         objects.join("mesh.yaml"),
         format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    \
-             ambit.dev/dataplane-mode: ambient\n{}{}",
+             ambit.dev/dataplane-mode: ambient\n\
+             ---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n{}{}{}",
             pod_yaml(&client, "shop", "client", "n1"),
             pod_yaml(&srv, "shop", "srv", "n2"),
+            // Not enrolled: it speaks plaintext to the mesh.
+            pod_yaml(&plain, "legacy", "plain", "n1"),
         ),
     )?;
     let app = ReplyServer::start(&srv, 8080)?;
@@ -130,6 +138,44 @@ async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identit
         })
     })
     .await?;
+
+    // Plaintext is accepted by default (PERMISSIVE); a STRICT PeerAuthentication for the
+    // namespace, written into the folder, reaches the ztunnels (their Hello accepts the
+    // kind) and turns it away, while HBONE still passes.
+    let seen = round_trip(&plain, app.addr(), b"plaintext").await?;
+    assert_eq!(seen.ip(), IpAddr::from(plain.ip));
+    std::fs::write(
+        dir.join("objects").join("strict.yaml"),
+        "apiVersion: security.ambit.dev/v1\nkind: PeerAuthentication\n\
+         metadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
+    )?;
+    let dst = app.addr();
+    let refused = || {
+        let plain = plain.clone();
+        blocking(move || {
+            let Ok(mut s) = ambit_tests::connect_from(&plain, dst) else {
+                return Ok(true);
+            };
+            Ok(ambit_tests::read_greeting(&mut s).is_err())
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !refused().await? {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "plaintext still accepted {WAIT:?} after the STRICT PeerAuthentication was written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let served = app.seen().len();
+    anyhow::ensure!(refused().await?, "plaintext accepted again");
+    assert_eq!(
+        app.seen().len(),
+        served,
+        "refused plaintext reached the app"
+    );
+    let seen = round_trip(&client, app.addr(), b"still-hbone").await?;
+    assert_eq!(seen.ip(), IpAddr::from(client.ip));
 
     for (z, _, _) in zs.iter_mut() {
         let status = z.terminate()?;

@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::TcpListener;
@@ -389,6 +389,17 @@ impl CapturedPod {
     /// The pod's namespace.
     pub fn netns(&self) -> &NetnsHandle {
         self.worker.netns()
+    }
+
+    /// Whether the namespace file at `path` is another namespace than the one this pod is
+    /// captured in (compared by nsfs device and inode, so a namespace recreated under the same
+    /// name is another one). `false` when `path` cannot be examined (it is gone).
+    pub fn netns_differs(&self, path: &Path) -> bool {
+        let Ok(theirs) = nix::sys::stat::stat(path) else {
+            return false;
+        };
+        nix::sys::stat::fstat(self.netns().as_fd())
+            .is_ok_and(|ours| (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino))
     }
 
     /// The rules this pod was captured with (ports, marks, and whether its IPv6 is captured

@@ -1,8 +1,12 @@
 //! Building and tearing down a local cluster: namespaces (via [`net`]), the mesh root, the
 //! controller in the fabric namespace (on the bridge address, so every node reaches it), one
-//! ztunnel per node, and the sample app in the pods. [`down`] undoes all of it from the
-//! recorded state *and* from what it can find without it (namespaces with our prefix, the
-//! processes inside them, pidfiles), so it also cleans up after a crash.
+//! ztunnel per node, then the pods, each made as a node makes one: its namespace, its node's
+//! CNI chain (ADD, via [`cni`]), and only then its app. So ztunnels run before any pod exists,
+//! and `ambit-cni` captures every enrolled pod before its first process. [`create_pod`] and
+//! [`delete_pod`] do the same for one pod of a running cluster (DEL before its namespace goes).
+//! [`down`] undoes all of it from the recorded state (DEL for each pod it recorded) *and* from
+//! what it can find without it (namespaces with our prefix, the processes inside them,
+//! pidfiles), so it also cleans up after a crash.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,8 +16,9 @@ use std::time::{Duration, Instant};
 use ambit_proto::ports;
 
 use super::admin;
+use super::cni::{self, Chain, CniError, Sandbox};
 use super::net::{self, NetError};
-use super::objects::{self, Layout, ObjectsError, Sample, SampleSpec};
+use super::objects::{self, Layout, ObjectsError, PodLayout, Sample, SampleSpec};
 use super::procs::{self, ProcError};
 use super::state::{ClusterState, NodeState, PodState, Proc, StateError};
 
@@ -36,7 +41,7 @@ pub enum ClusterError {
     /// A component binary is not where we look for it.
     #[error(
         "{name} not found at {} (it is looked for next to ambitctl); build it with: \
-         cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint{release}",
+         cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-cni{release}",
         path.display(),
         release = if path.components().any(|c| c.as_os_str() == "release") { " --release" } else { "" }
     )]
@@ -62,6 +67,11 @@ pub enum ClusterError {
     Proc(#[from] ProcError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Cni(#[from] CniError),
+    /// `pod create`/`pod delete` named a pod the cluster (or the objects folder) lacks.
+    #[error("{what}")]
+    Pod { what: String },
     /// A process never accepted connections.
     #[error("{what} did not listen on {addr} within {secs}s; see {}", log.display())]
     ListenTimeout {
@@ -82,6 +92,8 @@ pub struct Binaries {
     pub controller: PathBuf,
     pub ztunnel: PathBuf,
     pub waypoint: PathBuf,
+    /// The chained CNI plugin the pods are made with.
+    pub cni: PathBuf,
 }
 
 impl Binaries {
@@ -101,6 +113,7 @@ impl Binaries {
             controller: find("ambit-controller")?,
             ztunnel: find("ztunnel")?,
             waypoint: find("waypoint")?,
+            cni: find("ambit-cni")?,
             ambitctl: me,
         })
     }
@@ -154,6 +167,8 @@ pub fn up(
         // A stale record (crashed run): clean it up before building anew.
         down(dir, &old.prefix);
     }
+    // Before anything is made: without the CNI plugins no pod can be.
+    let cni_path = cni::plugin_path(&bins.cni, &cni::PLUGIN_DIRS)?;
     // Leftovers of a crash without a record.
     down(dir, &opts.prefix);
     for sub in ["logs", "netns", "ca", "pids", "examples"] {
@@ -185,6 +200,7 @@ pub fn up(
         objects_are_ours,
         netns_dir: dir.join("netns"),
         namespaces: Vec::new(),
+        cni_path,
         fabric: format!("{}-fabric", opts.prefix),
         controller_url: format!("https://{}:{CONTROLLER_PORT}", net::FABRIC_IP),
         controller: None,
@@ -198,7 +214,7 @@ pub fn up(
         children: Vec::new(),
     });
     build_network(&mut run.state, &layout)?;
-    start_processes(run, bins)?;
+    start_processes(run, bins, &layout)?;
     Ok(())
 }
 
@@ -231,36 +247,232 @@ fn build_network(state: &mut ClusterState, layout: &Layout) -> Result<(), Cluste
         .collect();
     net::route_between_nodes(&indexed)?;
     net::route_fabric_to_pods(&fabric, &indexed)?;
-    for pod in &layout.pods {
-        let node = state.nodes[pod.node].clone();
-        let netns = add_netns(
-            state,
-            format!("{}-{}-{}", state.prefix, pod.namespace, pod.name),
+    // Each node hosts its pods as a Kubernetes node does: a CNI configuration of its own.
+    for (i, node) in state.nodes.iter().enumerate() {
+        net::prepare_cni_host(&node.netns)?;
+        cni::write_conflist(
+            &state.state_dir,
+            &node.name,
+            i + 1,
+            &ztunnel_data_dir(state, &node.name),
         )?;
-        let j = usize::from(pod.ip.octets()[3]) - 2;
-        net::attach_pod(&node.netns, pod.node + 1, &netns, j)?;
-        let link = state.netns_dir.join(&netns);
-        std::os::unix::fs::symlink(Path::new(net::NETNS_RUN_DIR).join(&netns), &link).map_err(
-            |source| ClusterError::Io {
-                path: link.clone(),
-                source,
-            },
-        )?;
-        state.pods.push(PodState {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            netns,
-            ip: pod.ip,
-            node: node.name.clone(),
-            sample: pod.sample.clone(),
-            process: None,
-        });
     }
     state.save()?;
     Ok(())
 }
 
-fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterError> {
+/// Makes one pod as a node does: its namespace (the sandbox), recorded before anything else
+/// so `down` finds a half-made pod; then ADD through its node's CNI chain, which gives it
+/// `eth0` and its addresses and, in an enrolled namespace, installs its capture rules and
+/// tells the node's ztunnel. Returns its index in `state.pods`. Its app is not started here.
+fn create_sandbox(state: &mut ClusterState, pod: &PodLayout) -> Result<usize, ClusterError> {
+    let node_name = pod_node_name(state, pod)?;
+    let Some(k) = state.nodes.iter().position(|n| n.name == node_name) else {
+        return Err(ClusterError::Pod {
+            what: format!(
+                "pod {}/{} is on node {node_name}, which this cluster does not have",
+                pod.namespace, pod.name
+            ),
+        });
+    };
+    let node = state.nodes[k].clone();
+    let netns = format!("{}-{}-{}", state.prefix, pod.namespace, pod.name);
+    state.namespaces.push(netns.clone());
+    state.pods.push(PodState {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        uid: pod.uid.clone(),
+        netns: netns.clone(),
+        ip: pod.ip,
+        node: node.name.clone(),
+        sample: pod.sample.clone(),
+        process: None,
+        cni_result: None,
+    });
+    let i = state.pods.len() - 1;
+    state.save()?;
+    net::add_sandbox(&netns)?;
+    let link = state.netns_dir.join(&netns);
+    // ztunnel's scan by address (after a restart, when the CNI's hints are gone) looks here.
+    std::os::unix::fs::symlink(Path::new(net::NETNS_RUN_DIR).join(&netns), &link).map_err(
+        |source| ClusterError::Io {
+            path: link.clone(),
+            source,
+        },
+    )?;
+    let chain = node_chain(state, &node.name)?;
+    let result = chain.add(&sandbox(&state.pods[i])?, pod.ip)?;
+    state.pods[i].cni_result = Some(result);
+    state.save()?;
+    Ok(i)
+}
+
+/// The node a pod of the folder runs on: `layout.nodes` is only known to `up`, so the
+/// address's node number says it (the folder's check guarantees they agree).
+fn pod_node_name(state: &ClusterState, pod: &PodLayout) -> Result<String, ClusterError> {
+    let k = usize::from(pod.ip.octets()[2]);
+    state
+        .nodes
+        .get(k.wrapping_sub(1))
+        .map(|n| n.name.clone())
+        .ok_or_else(|| ClusterError::Pod {
+            what: format!(
+                "pod {}/{} has address {}, on node {k} of the plan; this cluster has {} node(s)",
+                pod.namespace,
+                pod.name,
+                pod.ip,
+                state.nodes.len()
+            ),
+        })
+}
+
+/// The CNI chain of node `node`, as written by `up`.
+fn node_chain(state: &ClusterState, node: &str) -> Result<Chain, ClusterError> {
+    let netns = state
+        .node(node)
+        .map(|n| n.netns.clone())
+        .ok_or_else(|| ClusterError::Pod {
+            what: format!("no node {node} in this cluster"),
+        })?;
+    Ok(Chain::load(
+        &cni::conflist_path(&state.state_dir, node),
+        &netns,
+        state.cni_path.clone(),
+    )?)
+}
+
+/// How the chain sees `pod`: its namespace as `CNI_NETNS`, its addresses (IPv4 and the IPv6
+/// twin) requested.
+fn sandbox(pod: &PodState) -> Result<Sandbox, NetError> {
+    let [_, _, k, n] = pod.ip.octets();
+    let ip6 = net::pod_ip6(usize::from(k), usize::from(n).saturating_sub(2))?;
+    Ok(Sandbox {
+        container_id: pod.netns.clone(),
+        netns: Path::new(net::NETNS_RUN_DIR).join(&pod.netns),
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        uid: if pod.uid.is_empty() {
+            format!("{}/{}", pod.namespace, pod.name)
+        } else {
+            pod.uid.clone()
+        },
+        ips: vec![pod.ip.into(), ip6.into()],
+    })
+}
+
+/// `ambitctl pod create`: makes pod `namespace/name` of the objects folder in a running
+/// cluster, as a node does when a pod is scheduled to it: its namespace, ADD through its
+/// node's CNI chain, then its app (which outlives this process, in its own process group).
+/// A pod that cannot be made is torn down again (DEL, namespace deleted).
+pub fn create_pod(
+    state: &mut ClusterState,
+    bins: &Binaries,
+    namespace: &str,
+    name: &str,
+) -> Result<PodState, ClusterError> {
+    if state
+        .pods
+        .iter()
+        .any(|p| p.namespace == namespace && p.name == name)
+    {
+        return Err(ClusterError::Pod {
+            what: format!(
+                "pod {namespace}/{name} already runs; `ambitctl pod delete {namespace}/{name}` first"
+            ),
+        });
+    }
+    let layout = objects::read_layout(&state.objects_dir)?;
+    let Some(pod) = layout
+        .pods
+        .iter()
+        .find(|p| p.namespace == namespace && p.name == name)
+    else {
+        return Err(ClusterError::Pod {
+            what: format!(
+                "no pod {namespace}/{name} in {}: add it there first (ambitctl apply -f), with \
+                 spec.nodeName and status.podIP",
+                state.objects_dir.display()
+            ),
+        });
+    };
+    if let Some(other) = state.pods.iter().find(|p| p.ip == pod.ip) {
+        return Err(ClusterError::Pod {
+            what: format!(
+                "pod {namespace}/{name}'s address {} is pod {}/{}'s",
+                pod.ip, other.namespace, other.name
+            ),
+        });
+    }
+    let made = create_sandbox(state, pod).and_then(|i| {
+        // The child is not reaped here: it runs on after this command returns.
+        start_app(state, i, bins).map(|_| i)
+    });
+    match made {
+        Ok(i) => Ok(state.pods[i].clone()),
+        Err(e) => {
+            if let Err(cleanup) = delete_pod(state, namespace, name) {
+                eprintln!("ambitctl: removing the half-made pod {namespace}/{name}: {cleanup}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// `ambitctl pod delete`: removes pod `namespace/name` of a running cluster as a node does:
+/// stops its processes, runs DEL through its node's CNI chain (`ambit-cni` removes the
+/// capture rules and tells ztunnel; `bridge` and `host-local` release the veth and the
+/// addresses), then deletes its namespace. A failed DEL keeps the pod recorded, to retry.
+pub fn delete_pod(
+    state: &mut ClusterState,
+    namespace: &str,
+    name: &str,
+) -> Result<PodState, ClusterError> {
+    let Some(i) = state
+        .pods
+        .iter()
+        .position(|p| p.namespace == namespace && p.name == name)
+    else {
+        return Err(ClusterError::Pod {
+            what: format!(
+                "no pod {namespace}/{name} in this cluster (pods: {})",
+                state
+                    .pods
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    };
+    let pod = state.pods[i].clone();
+    let exists = net::list_netns()?.contains(&pod.netns);
+    if exists {
+        let mut pids: Vec<i32> = pod
+            .process
+            .iter()
+            .map(|p| p.pid)
+            .filter(|p| ours(*p))
+            .collect();
+        pids.extend(net::netns_pids(&pod.netns).unwrap_or_default());
+        procs::stop_all(&pids, Duration::from_secs(5));
+    }
+    let chain = node_chain(state, &pod.node)?;
+    chain.del(&sandbox(&pod)?, pod.cni_result.as_ref())?;
+    let _ = std::fs::remove_file(state.netns_dir.join(&pod.netns));
+    if exists {
+        net::del_netns(&pod.netns)?;
+    }
+    state.pods.remove(i);
+    state.namespaces.retain(|n| *n != pod.netns);
+    state.save()?;
+    Ok(pod)
+}
+
+fn start_processes(
+    run: &mut Running,
+    bins: &Binaries,
+    layout: &Layout,
+) -> Result<(), ClusterError> {
     let state = &mut run.state;
     let logs = state.state_dir.join("logs");
     let listen = SocketAddr::from((net::FABRIC_IP, CONTROLLER_PORT));
@@ -290,7 +502,7 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
             "json".into(),
         ]
         .into_iter()
-        .chain(waypoint_credentials(state))
+        .chain(waypoint_credentials(layout))
         .collect::<Vec<_>>(),
         &log,
     )?;
@@ -317,129 +529,153 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
         state.save()?;
     }
 
-    // The sample starts once the mesh can carry it, so its first results mean something.
+    // Pods only once every ztunnel serves its node: `ambit-cni` asks it whether a new pod is
+    // in the mesh, and the pod's app starts captured.
     wait_ready(state);
-    start_waypoints(run, bins)?;
-    let state = &mut run.state;
-    // Servers first, and listening, before any client calls them.
-    for servers in [true, false] {
-        for i in 0..state.pods.len() {
-            let pod = state.pods[i].clone();
-            let Some(sample) = &pod.sample else { continue };
-            if matches!(sample, Sample::Waypoint { .. }) {
-                continue;
-            }
-            let is_server = matches!(sample, Sample::Server { .. });
-            if is_server != servers {
-                continue;
-            }
-            let name = format!("{}/{}", pod.namespace, pod.name);
-            let mut args = vec!["sample".to_owned()];
-            match sample {
-                Sample::Server { port } => {
-                    args.extend(["server".into(), "--port".into(), port.to_string()]);
+    for pod in &layout.pods {
+        create_sandbox(state, pod)?;
+    }
+    // Waypoints first (clients' calls may go through them), then servers, listening, before
+    // any client calls them, so the sample's first results mean something.
+    for pass in [AppKind::Waypoint, AppKind::Server, AppKind::Client] {
+        for i in 0..run.state.pods.len() {
+            if app_kind(&run.state.pods[i]) == Some(pass) {
+                if let Some(child) = start_app(&mut run.state, i, bins)? {
+                    run.children.push(child);
                 }
-                Sample::Client { target } => {
-                    args.extend(["client".into(), "--target".into(), target.clone()]);
-                    args.extend(["--every".into(), "1s".into()]);
-                }
-                Sample::Waypoint { .. } => continue,
-            }
-            args.extend(["--name".into(), name.clone()]);
-            let label = format!("sample-{}-{}", pod.namespace, pod.name);
-            let log = logs.join(format!("{label}.log"));
-            let (child, proc) = procs::spawn_in(
-                &state.state_dir,
-                &label,
-                &pod.netns,
-                &bins.ambitctl,
-                &args,
-                &log,
-            )?;
-            run.children.push(child);
-            state.pods[i].process = Some(proc.clone());
-            state.save()?;
-            if let Sample::Server { port } = sample {
-                let addr = SocketAddr::from(([127, 0, 0, 1], *port));
-                wait_listening(&pod.netns, addr, &proc, &format!("sample server {name}"))?;
             }
         }
     }
     Ok(())
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppKind {
+    Waypoint,
+    Server,
+    Client,
+}
+
+fn app_kind(pod: &PodState) -> Option<AppKind> {
+    match pod.sample.as_ref()? {
+        Sample::Waypoint { .. } => Some(AppKind::Waypoint),
+        Sample::Server { .. } => Some(AppKind::Server),
+        Sample::Client { .. } => Some(AppKind::Client),
+    }
+}
+
+/// Starts pod `i`'s app (sample server or client, or the `waypoint` binary), records it, and
+/// for a server or waypoint waits until it listens. `None`: the pod runs nothing.
+fn start_app(
+    state: &mut ClusterState,
+    i: usize,
+    bins: &Binaries,
+) -> Result<Option<Child>, ClusterError> {
+    let pod = state.pods[i].clone();
+    let Some(sample) = &pod.sample else {
+        return Ok(None);
+    };
+    let name = format!("{}/{}", pod.namespace, pod.name);
+    let (program, args, label) = match sample {
+        Sample::Waypoint { gateway } => {
+            let (args, label) = waypoint_args(state, &pod, gateway);
+            (&bins.waypoint, args, label)
+        }
+        Sample::Server { port } => (
+            &bins.ambitctl,
+            vec![
+                "sample".into(),
+                "server".into(),
+                "--port".into(),
+                port.to_string(),
+                "--name".into(),
+                name.clone(),
+            ],
+            format!("sample-{}-{}", pod.namespace, pod.name),
+        ),
+        Sample::Client { target } => (
+            &bins.ambitctl,
+            vec![
+                "sample".into(),
+                "client".into(),
+                "--target".into(),
+                target.clone(),
+                "--every".into(),
+                "1s".into(),
+                "--name".into(),
+                name.clone(),
+            ],
+            format!("sample-{}-{}", pod.namespace, pod.name),
+        ),
+    };
+    let log = state.state_dir.join("logs").join(format!("{label}.log"));
+    let (child, proc) = procs::spawn_in(&state.state_dir, &label, &pod.netns, program, &args, &log)?;
+    state.pods[i].process = Some(proc.clone());
+    state.save()?;
+    match sample {
+        Sample::Server { port } => {
+            let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+            wait_listening(&pod.netns, addr, &proc, &format!("sample server {name}"))?;
+        }
+        // It binds its HBONE port once it holds a certificate from the CA.
+        Sample::Waypoint { gateway } => {
+            let addr = SocketAddr::from((pod.ip, WAYPOINT_HBONE_PORT));
+            wait_listening(&pod.netns, addr, &proc, &format!("waypoint {gateway}"))?;
+        }
+        Sample::Client { .. } => {}
+    }
+    Ok(Some(child))
+}
+
 /// `namespace/gateway` of every waypoint pod: also its service account, since a waypoint's
 /// identity is named after its Gateway.
-fn waypoint_gateways(state: &ClusterState) -> impl Iterator<Item = &str> {
-    state.pods.iter().filter_map(|p| match &p.sample {
+fn waypoint_gateways(layout: &Layout) -> impl Iterator<Item = &str> {
+    layout.pods.iter().filter_map(|p| match &p.sample {
         Some(Sample::Waypoint { gateway }) => Some(gateway.as_str()),
         _ => None,
     })
 }
 
 /// The controller's flag issuing credentials for the waypoints' identities, if any.
-fn waypoint_credentials(state: &ClusterState) -> Vec<String> {
-    let gateways: Vec<&str> = waypoint_gateways(state).collect();
+fn waypoint_credentials(layout: &Layout) -> Vec<String> {
+    let gateways: Vec<&str> = waypoint_gateways(layout).collect();
     if gateways.is_empty() {
         return Vec::new();
     }
     vec!["--waypoint-service-accounts".into(), gateways.join(",")]
 }
 
-/// Starts the `waypoint` binary in each waypoint pod, with its discovery and certificate
-/// from the controller, as the controller's Deployment does on Kubernetes.
-fn start_waypoints(run: &mut Running, bins: &Binaries) -> Result<(), ClusterError> {
-    let state = &mut run.state;
-    for i in 0..state.pods.len() {
-        let pod = state.pods[i].clone();
-        let Some(Sample::Waypoint { gateway }) = &pod.sample else {
-            continue;
-        };
-        let (ns, name) = gateway.split_once('/').unwrap_or((&pod.namespace, gateway));
-        let token = state
-            .state_dir
-            .join("credentials/serviceaccounts")
-            .join(ns)
-            .join(format!("{name}.token"));
-        let args = vec![
-            "--identity".into(),
-            // The controller's trust domain in local mode; the identity it derives for a
-            // waypoint is named after the Gateway.
-            format!(
-                "spiffe://{}/ns/{ns}/sa/{name}",
-                ambit_hbone::identity::DEFAULT_TRUST_DOMAIN
-            ),
-            "--gateway".into(),
-            gateway.clone(),
-            "--controller".into(),
-            state.controller_url.clone(),
-            "--ca-root-file".into(),
-            state.root_cert.display().to_string(),
-            "--credential-file".into(),
-            token.display().to_string(),
-            "--log-format".into(),
-            "json".into(),
-            "--drain-seconds".into(),
-            "1".into(),
-        ];
-        let label = format!("waypoint-{ns}-{name}");
-        let log = state.state_dir.join("logs").join(format!("{label}.log"));
-        let (child, proc) = procs::spawn_in(
-            &state.state_dir,
-            &label,
-            &pod.netns,
-            &bins.waypoint,
-            &args,
-            &log,
-        )?;
-        run.children.push(child);
-        state.pods[i].process = Some(proc.clone());
-        state.save()?;
-        // It binds its HBONE port once it holds a certificate from the CA.
-        let addr = SocketAddr::from((pod.ip, WAYPOINT_HBONE_PORT));
-        wait_listening(&pod.netns, addr, &proc, &format!("waypoint {gateway}"))?;
-    }
-    Ok(())
+/// The `waypoint` binary's flags in its pod, with its discovery and certificate from the
+/// controller, as the controller's Deployment runs it on Kubernetes; and its label.
+fn waypoint_args(state: &ClusterState, pod: &PodState, gateway: &str) -> (Vec<String>, String) {
+    let (ns, name) = gateway.split_once('/').unwrap_or((&pod.namespace, gateway));
+    let token = state
+        .state_dir
+        .join("credentials/serviceaccounts")
+        .join(ns)
+        .join(format!("{name}.token"));
+    let args = vec![
+        "--identity".into(),
+        // The controller's trust domain in local mode; the identity it derives for a
+        // waypoint is named after the Gateway.
+        format!(
+            "spiffe://{}/ns/{ns}/sa/{name}",
+            ambit_hbone::identity::DEFAULT_TRUST_DOMAIN
+        ),
+        "--gateway".into(),
+        gateway.to_owned(),
+        "--controller".into(),
+        state.controller_url.clone(),
+        "--ca-root-file".into(),
+        state.root_cert.display().to_string(),
+        "--credential-file".into(),
+        token.display().to_string(),
+        "--log-format".into(),
+        "json".into(),
+        "--drain-seconds".into(),
+        "1".into(),
+    ];
+    (args, format!("waypoint-{ns}-{name}"))
 }
 
 /// One node directory per node: the local nodes share this machine's filesystem.
@@ -681,6 +917,8 @@ pub struct DownReport {
     pub stopped: Vec<(String, i32)>,
     pub killed: Vec<i32>,
     pub namespaces: Vec<String>,
+    /// Pods whose CNI DEL ran (`namespace/name`).
+    pub released: Vec<String>,
     pub removed: Vec<PathBuf>,
     /// What could not be undone, in words.
     pub problems: Vec<String>,
@@ -757,6 +995,28 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
     report.killed = procs::stop_all(&all, Duration::from_secs(5));
     report.stopped = pids;
 
+    // As a node does for each pod it removes: DEL through its CNI chain (capture rules, veth,
+    // addresses) before its namespace goes. Without a record (a crash), deleting the
+    // namespaces and the state dir releases the same.
+    if let Some(s) = state.as_ref().filter(|s| !s.cni_path.is_empty()) {
+        for pod in s.pods.iter().filter(|p| namespaces.contains(&p.netns)) {
+            let del = node_chain(s, &pod.node).and_then(|chain| {
+                chain
+                    .del(&sandbox(pod)?, pod.cni_result.as_ref())
+                    .map_err(ClusterError::from)
+            });
+            match del {
+                Ok(()) => report
+                    .released
+                    .push(format!("{}/{}", pod.namespace, pod.name)),
+                Err(e) => report.problems.push(format!(
+                    "CNI DEL of pod {}/{}: {e}",
+                    pod.namespace, pod.name
+                )),
+            }
+        }
+    }
+
     // Reverse creation order: pods, then nodes, then the fabric.
     for ns in namespaces.iter().rev() {
         match net::del_netns(ns) {
@@ -776,6 +1036,7 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
         "credentials",
         "examples",
         "ztunnel",
+        "cni",
     ];
     if objects_ours {
         entries.push("objects");
@@ -819,7 +1080,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint --release"
+                "cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-cni --release"
             ),
             "{text}"
         );

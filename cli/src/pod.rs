@@ -44,7 +44,9 @@ fn split(pod: &str) -> anyhow::Result<(&str, &str)> {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("ambitctl pod needs root (it makes and deletes network namespaces): run it with sudo");
+        bail!(
+            "ambitctl pod needs root (it makes and deletes network namespaces): run it with sudo"
+        );
     }
     let mut state = ClusterState::load(&args.state_dir).context("ambitctl pod")?;
     match &args.action {

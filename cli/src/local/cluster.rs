@@ -609,7 +609,8 @@ fn start_app(
         ),
     };
     let log = state.state_dir.join("logs").join(format!("{label}.log"));
-    let (child, proc) = procs::spawn_in(&state.state_dir, &label, &pod.netns, program, &args, &log)?;
+    let (child, proc) =
+        procs::spawn_in(&state.state_dir, &label, &pod.netns, program, &args, &log)?;
     state.pods[i].process = Some(proc.clone());
     state.save()?;
     match sample {

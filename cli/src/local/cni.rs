@@ -158,7 +158,12 @@ pub fn conflist_path(state_dir: &Path, node: &str) -> PathBuf {
 /// The conflist of node k (1-based): `bridge` (gateway 10.77.k.1 and fd77:k::1 on `cni0`)
 /// with `host-local` handing out the node's plan (10.77.k.2-249 and their IPv6 twins), then
 /// `ambit-cni` pointed at the node's ztunnel directory.
-pub fn conflist(ipam_dir: &Path, k: usize, ztunnel_dir: &Path, node: &str) -> Result<Value, CniError> {
+pub fn conflist(
+    ipam_dir: &Path,
+    k: usize,
+    ztunnel_dir: &Path,
+    node: &str,
+) -> Result<Value, CniError> {
     let range = |first: IpAddr, last: IpAddr, gateway: IpAddr, subnet: String| {
         json!({"subnet": subnet, "rangeStart": first.to_string(), "rangeEnd": last.to_string(),
                "gateway": gateway.to_string()})
@@ -209,10 +214,12 @@ pub fn write_conflist(
         source,
     })?;
     let path = conflist_path(state_dir, node);
-    let text = serde_json::to_string_pretty(&conflist(&ipam, k, ztunnel_dir, node)?)
-        .map_err(|e| CniError::Conflist {
-            path: path.clone(),
-            source: Some(e),
+    let text =
+        serde_json::to_string_pretty(&conflist(&ipam, k, ztunnel_dir, node)?).map_err(|e| {
+            CniError::Conflist {
+                path: path.clone(),
+                source: Some(e),
+            }
         })?;
     std::fs::write(&path, text).map_err(|source| CniError::Io {
         path: path.clone(),
@@ -285,7 +292,9 @@ impl Chain {
     }
 
     fn plugins(&self) -> &[Value] {
-        self.conflist["plugins"].as_array().map_or(&[], Vec::as_slice)
+        self.conflist["plugins"]
+            .as_array()
+            .map_or(&[], Vec::as_slice)
     }
 
     fn find(&self, plugin_type: &str) -> Result<PathBuf, CniError> {
@@ -359,12 +368,10 @@ impl Chain {
         if let Some(mut pipe) = child.stdin.take() {
             let _ = pipe.write_all(&stdin);
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|source| CniError::Spawn {
-                plugin: binary.clone(),
-                source,
-            })?;
+        let out = child.wait_with_output().map_err(|source| CniError::Spawn {
+            plugin: binary.clone(),
+            source,
+        })?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let parsed: Option<Value> = serde_json::from_str(&text).ok();
         if !out.status.success() {
@@ -473,8 +480,14 @@ mod tests {
         std::fs::create_dir_all(&empty).unwrap();
         let err = plugin_path(&ambit_cni, &[empty.to_str().unwrap()]).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("bridge and host-local are not installed"), "{text}");
-        assert!(text.contains("apt-get install containernetworking-plugins"), "{text}");
+        assert!(
+            text.contains("bridge and host-local are not installed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("apt-get install containernetworking-plugins"),
+            "{text}"
+        );
         assert!(text.contains(empty.to_str().unwrap()), "{text}");
 
         std::fs::write(empty.join("bridge"), "").unwrap();
@@ -483,7 +496,10 @@ mod tests {
         assert_eq!(path, vec![dir.clone(), empty.clone()]);
 
         let err = plugin_path(&dir.join("nope"), &[empty.to_str().unwrap()]).unwrap_err();
-        assert!(err.to_string().contains("cargo build -p ambit-cni"), "{err}");
+        assert!(
+            err.to_string().contains("cargo build -p ambit-cni"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -517,7 +533,10 @@ mod tests {
         let bridge = chain.stdin(&list["plugins"][0], &sandbox, None);
         assert_eq!(bridge["cniVersion"], CNI_VERSION);
         assert_eq!(bridge["name"], NETWORK);
-        assert_eq!(bridge["runtimeConfig"]["ips"], json!(["10.77.2.5", "fd77:2::5"]));
+        assert_eq!(
+            bridge["runtimeConfig"]["ips"],
+            json!(["10.77.2.5", "fd77:2::5"])
+        );
         assert!(bridge.get("capabilities").is_none() && bridge.get("prevResult").is_none());
         let prev = json!({"cniVersion": CNI_VERSION, "ips": [{"address": "10.77.2.5/24"}]});
         let ours = chain.stdin(&list["plugins"][1], &sandbox, Some(&prev));

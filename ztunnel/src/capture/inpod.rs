@@ -671,6 +671,49 @@ impl CaptureManager {
         Ok(true)
     }
 
+    /// Removes our rules from namespace `netns`, which belongs to pod `uid` that left the mesh
+    /// while no ztunnel served it (`super::sweep`). Holds the pods' lock throughout and asks
+    /// `still_orphaned` (on the current state) under it, so enrollment never captures the pod
+    /// while its rules go: a pod enrolled meanwhile, or served here, is left alone. Returns
+    /// whether rules were removed (`false`: none of ours there, or no longer orphaned).
+    pub async fn remove_orphaned(
+        &self,
+        uid: &str,
+        netns: NetnsHandle,
+        still_orphaned: impl FnOnce() -> bool,
+    ) -> Result<bool, InpodError> {
+        let pods = self.pods.lock().await;
+        if pods.contains_key(uid) || !still_orphaned() {
+            return Ok(false);
+        }
+        let path = netns.path().to_path_buf();
+        let worker = NetnsWorker::spawn(netns).map_err(|source| InpodError::Worker {
+            uid: Arc::from(uid),
+            source,
+        })?;
+        let cfg = self.cfg.rules.clone();
+        let removed = worker
+            .run(move || {
+                // Only a namespace holding rules of ours is touched (not even our routing table).
+                if iptables::parse_save(&iptables::save(cfg.backend)?).is_empty() {
+                    return Ok(false);
+                }
+                iptables::remove(&cfg).map(|()| true)
+            })
+            .await
+            .map_err(|source| InpodError::Worker {
+                uid: Arc::from(uid),
+                source,
+            })?
+            .map_err(|source| InpodError::Remove {
+                uid: Arc::from(uid),
+                netns: path,
+                source,
+            })?;
+        drop(pods);
+        Ok(removed)
+    }
+
     /// The capture of pod `uid`, if enrolled.
     pub async fn get(&self, uid: &str) -> Option<Arc<CapturedPod>> {
         self.pods.lock().await.get(uid).cloned()

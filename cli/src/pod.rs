@@ -8,8 +8,8 @@
 
 use std::path::PathBuf;
 
-use ambitctl::local::cluster;
 use ambitctl::local::state::{ClusterState, DEFAULT_STATE_DIR};
+use ambitctl::local::{cluster, pods};
 use anyhow::{bail, Context};
 
 /// Options of `ambitctl pod`.
@@ -53,7 +53,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         Action::Create { pod } => {
             let (ns, name) = split(pod)?;
             let bins = cluster::Binaries::locate()?;
-            let made = cluster::create_pod(&mut state, &bins, ns, name)
+            let made = pods::create_pod(&mut state, &bins.ambitctl, &bins.waypoint, ns, name)
                 .with_context(|| format!("ambitctl pod create {pod}"))?;
             println!(
                 "created pod {pod} on {} at {} (network namespace {}){}",
@@ -67,7 +67,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
         Action::Delete { pod } => {
             let (ns, name) = split(pod)?;
-            let gone = cluster::delete_pod(&mut state, ns, name)
+            let gone = pods::delete_pod(&mut state, ns, name)
                 .with_context(|| format!("ambitctl pod delete {pod}"))?;
             println!(
                 "deleted pod {pod} from {} (CNI DEL released {}; network namespace {} removed)",

@@ -1,14 +1,13 @@
 //! Building and tearing down a local cluster: namespaces (via [`net`]), the mesh root, the
 //! controller in the fabric namespace (on the bridge address, so every node reaches it), one
 //! ztunnel per node, then the pods, each made as a node makes one: its namespace, its node's
-//! CNI chain (ADD, via [`cni`]), and only then its app. So ztunnels run before any pod exists,
-//! and `ambit-cni` captures every enrolled pod before its first process. [`create_pod`] and
-//! [`delete_pod`] do the same for one pod of a running cluster (DEL before its namespace goes).
+//! CNI chain (ADD, via [`cni`]), and only then its app ([`pods`]). So ztunnels run before any
+//! pod exists, and `ambit-cni` captures every enrolled pod before its first process.
 //! [`down`] undoes all of it from the recorded state (DEL for each pod it recorded) *and* from
 //! what it can find without it (namespaces with our prefix, the processes inside them,
 //! pidfiles), so it also cleans up after a crash.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -16,11 +15,12 @@ use std::time::{Duration, Instant};
 use ambit_proto::ports;
 
 use super::admin;
-use super::cni::{self, Chain, CniError, Sandbox};
+use super::cni::{self, CniError};
 use super::net::{self, NetError};
-use super::objects::{self, Layout, ObjectsError, PodLayout, Sample, SampleSpec};
+use super::objects::{self, Layout, ObjectsError, Sample, SampleSpec};
+use super::pods::{self, AppKind, PodError};
 use super::procs::{self, ProcError};
-use super::state::{ClusterState, NodeState, PodState, Proc, StateError};
+use super::state::{ClusterState, NodeState, StateError};
 
 /// The controller's discovery/CA port.
 pub const CONTROLLER_PORT: u16 = ports::DISCOVERY;
@@ -30,8 +30,7 @@ pub const ZTUNNEL_READINESS_PORT: u16 = ports::READINESS;
 pub const ZTUNNEL_METRICS_PORT: u16 = ports::METRICS;
 /// ztunnel's admin port, on loopback.
 pub const ZTUNNEL_ADMIN_PORT: u16 = ports::ADMIN;
-/// Where a waypoint accepts HBONE.
-pub const WAYPOINT_HBONE_PORT: u16 = ports::HBONE;
+pub use super::pods::WAYPOINT_HBONE_PORT;
 /// The controller's metrics and readiness port.
 pub const CONTROLLER_OPS_PORT: u16 = ports::CONTROLLER_OPS;
 
@@ -69,20 +68,9 @@ pub enum ClusterError {
     State(#[from] StateError),
     #[error(transparent)]
     Cni(#[from] CniError),
-    /// `pod create`/`pod delete` named a pod the cluster (or the objects folder) lacks.
-    #[error("{what}")]
-    Pod { what: String },
-    /// A process never accepted connections.
-    #[error("{what} did not listen on {addr} within {secs}s; see {}", log.display())]
-    ListenTimeout {
-        what: String,
-        addr: SocketAddr,
-        secs: u64,
-        log: PathBuf,
-    },
-    /// A process exited during start-up.
-    #[error("{what} exited during start-up; see {}", log.display())]
-    Exited { what: String, log: PathBuf },
+    /// A pod could not be made, found or started.
+    #[error(transparent)]
+    Pod(#[from] PodError),
 }
 
 /// The executables a cluster runs.
@@ -261,213 +249,6 @@ fn build_network(state: &mut ClusterState, layout: &Layout) -> Result<(), Cluste
     Ok(())
 }
 
-/// Makes one pod as a node does: its namespace (the sandbox), recorded before anything else
-/// so `down` finds a half-made pod; then ADD through its node's CNI chain, which gives it
-/// `eth0` and its addresses and, in an enrolled namespace, installs its capture rules and
-/// tells the node's ztunnel. Returns its index in `state.pods`. Its app is not started here.
-fn create_sandbox(state: &mut ClusterState, pod: &PodLayout) -> Result<usize, ClusterError> {
-    let node_name = pod_node_name(state, pod)?;
-    let Some(k) = state.nodes.iter().position(|n| n.name == node_name) else {
-        return Err(ClusterError::Pod {
-            what: format!(
-                "pod {}/{} is on node {node_name}, which this cluster does not have",
-                pod.namespace, pod.name
-            ),
-        });
-    };
-    let node = state.nodes[k].clone();
-    let netns = format!("{}-{}-{}", state.prefix, pod.namespace, pod.name);
-    state.namespaces.push(netns.clone());
-    state.pods.push(PodState {
-        namespace: pod.namespace.clone(),
-        name: pod.name.clone(),
-        uid: pod.uid.clone(),
-        netns: netns.clone(),
-        ip: pod.ip,
-        node: node.name.clone(),
-        sample: pod.sample.clone(),
-        process: None,
-        cni_result: None,
-    });
-    let i = state.pods.len() - 1;
-    state.save()?;
-    net::add_sandbox(&netns)?;
-    let link = state.netns_dir.join(&netns);
-    // ztunnel's scan by address (after a restart, when the CNI's hints are gone) looks here.
-    std::os::unix::fs::symlink(Path::new(net::NETNS_RUN_DIR).join(&netns), &link).map_err(
-        |source| ClusterError::Io {
-            path: link.clone(),
-            source,
-        },
-    )?;
-    let chain = node_chain(state, &node.name)?;
-    let result = chain.add(&sandbox(&state.pods[i])?, pod.ip)?;
-    state.pods[i].cni_result = Some(result);
-    state.save()?;
-    Ok(i)
-}
-
-/// The node a pod of the folder runs on: `layout.nodes` is only known to `up`, so the
-/// address's node number says it (the folder's check guarantees they agree).
-fn pod_node_name(state: &ClusterState, pod: &PodLayout) -> Result<String, ClusterError> {
-    let k = usize::from(pod.ip.octets()[2]);
-    state
-        .nodes
-        .get(k.wrapping_sub(1))
-        .map(|n| n.name.clone())
-        .ok_or_else(|| ClusterError::Pod {
-            what: format!(
-                "pod {}/{} has address {}, on node {k} of the plan; this cluster has {} node(s)",
-                pod.namespace,
-                pod.name,
-                pod.ip,
-                state.nodes.len()
-            ),
-        })
-}
-
-/// The CNI chain of node `node`, as written by `up`.
-fn node_chain(state: &ClusterState, node: &str) -> Result<Chain, ClusterError> {
-    let netns = state
-        .node(node)
-        .map(|n| n.netns.clone())
-        .ok_or_else(|| ClusterError::Pod {
-            what: format!("no node {node} in this cluster"),
-        })?;
-    Ok(Chain::load(
-        &cni::conflist_path(&state.state_dir, node),
-        &netns,
-        state.cni_path.clone(),
-    )?)
-}
-
-/// How the chain sees `pod`: its namespace as `CNI_NETNS`, its addresses (IPv4 and the IPv6
-/// twin) requested.
-fn sandbox(pod: &PodState) -> Result<Sandbox, NetError> {
-    let [_, _, k, n] = pod.ip.octets();
-    let ip6 = net::pod_ip6(usize::from(k), usize::from(n).saturating_sub(2))?;
-    Ok(Sandbox {
-        container_id: pod.netns.clone(),
-        netns: Path::new(net::NETNS_RUN_DIR).join(&pod.netns),
-        namespace: pod.namespace.clone(),
-        name: pod.name.clone(),
-        uid: if pod.uid.is_empty() {
-            format!("{}/{}", pod.namespace, pod.name)
-        } else {
-            pod.uid.clone()
-        },
-        ips: vec![pod.ip.into(), ip6.into()],
-    })
-}
-
-/// `ambitctl pod create`: makes pod `namespace/name` of the objects folder in a running
-/// cluster, as a node does when a pod is scheduled to it: its namespace, ADD through its
-/// node's CNI chain, then its app (which outlives this process, in its own process group).
-/// A pod that cannot be made is torn down again (DEL, namespace deleted).
-pub fn create_pod(
-    state: &mut ClusterState,
-    bins: &Binaries,
-    namespace: &str,
-    name: &str,
-) -> Result<PodState, ClusterError> {
-    if state
-        .pods
-        .iter()
-        .any(|p| p.namespace == namespace && p.name == name)
-    {
-        return Err(ClusterError::Pod {
-            what: format!(
-                "pod {namespace}/{name} already runs; `ambitctl pod delete {namespace}/{name}` first"
-            ),
-        });
-    }
-    let layout = objects::read_layout(&state.objects_dir)?;
-    let Some(pod) = layout
-        .pods
-        .iter()
-        .find(|p| p.namespace == namespace && p.name == name)
-    else {
-        return Err(ClusterError::Pod {
-            what: format!(
-                "no pod {namespace}/{name} in {}: add it there first (ambitctl apply -f), with \
-                 spec.nodeName and status.podIP",
-                state.objects_dir.display()
-            ),
-        });
-    };
-    if let Some(other) = state.pods.iter().find(|p| p.ip == pod.ip) {
-        return Err(ClusterError::Pod {
-            what: format!(
-                "pod {namespace}/{name}'s address {} is pod {}/{}'s",
-                pod.ip, other.namespace, other.name
-            ),
-        });
-    }
-    let made = create_sandbox(state, pod).and_then(|i| {
-        // The child is not reaped here: it runs on after this command returns.
-        start_app(state, i, bins).map(|_| i)
-    });
-    match made {
-        Ok(i) => Ok(state.pods[i].clone()),
-        Err(e) => {
-            if let Err(cleanup) = delete_pod(state, namespace, name) {
-                eprintln!("ambitctl: removing the half-made pod {namespace}/{name}: {cleanup}");
-            }
-            Err(e)
-        }
-    }
-}
-
-/// `ambitctl pod delete`: removes pod `namespace/name` of a running cluster as a node does:
-/// stops its processes, runs DEL through its node's CNI chain (`ambit-cni` removes the
-/// capture rules and tells ztunnel; `bridge` and `host-local` release the veth and the
-/// addresses), then deletes its namespace. A failed DEL keeps the pod recorded, to retry.
-pub fn delete_pod(
-    state: &mut ClusterState,
-    namespace: &str,
-    name: &str,
-) -> Result<PodState, ClusterError> {
-    let Some(i) = state
-        .pods
-        .iter()
-        .position(|p| p.namespace == namespace && p.name == name)
-    else {
-        return Err(ClusterError::Pod {
-            what: format!(
-                "no pod {namespace}/{name} in this cluster (pods: {})",
-                state
-                    .pods
-                    .iter()
-                    .map(|p| format!("{}/{}", p.namespace, p.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        });
-    };
-    let pod = state.pods[i].clone();
-    let exists = net::list_netns()?.contains(&pod.netns);
-    if exists {
-        let mut pids: Vec<i32> = pod
-            .process
-            .iter()
-            .map(|p| p.pid)
-            .filter(|p| ours(*p))
-            .collect();
-        pids.extend(net::netns_pids(&pod.netns).unwrap_or_default());
-        procs::stop_all(&pids, Duration::from_secs(5));
-    }
-    let chain = node_chain(state, &pod.node)?;
-    chain.del(&sandbox(&pod)?, pod.cni_result.as_ref())?;
-    let _ = std::fs::remove_file(state.netns_dir.join(&pod.netns));
-    if exists {
-        net::del_netns(&pod.netns)?;
-    }
-    state.pods.remove(i);
-    state.namespaces.retain(|n| *n != pod.netns);
-    state.save()?;
-    Ok(pod)
-}
-
 fn start_processes(
     run: &mut Running,
     bins: &Binaries,
@@ -509,7 +290,7 @@ fn start_processes(
     run.children.push(child);
     state.controller = Some(proc.clone());
     state.save()?;
-    wait_listening(&state.fabric, listen, &proc, "the controller")?;
+    pods::wait_listening(&state.fabric, listen, &proc, "the controller")?;
 
     for i in 0..state.nodes.len() {
         let node = state.nodes[i].clone();
@@ -533,99 +314,22 @@ fn start_processes(
     // in the mesh, and the pod's app starts captured.
     wait_ready(state);
     for pod in &layout.pods {
-        create_sandbox(state, pod)?;
+        pods::create_sandbox(state, pod)?;
     }
     // Waypoints first (clients' calls may go through them), then servers, listening, before
     // any client calls them, so the sample's first results mean something.
     for pass in [AppKind::Waypoint, AppKind::Server, AppKind::Client] {
         for i in 0..run.state.pods.len() {
-            if app_kind(&run.state.pods[i]) == Some(pass) {
-                if let Some(child) = start_app(&mut run.state, i, bins)? {
+            if pods::app_kind(&run.state.pods[i]) == Some(pass) {
+                if let Some(child) =
+                    pods::start_app(&mut run.state, i, &bins.ambitctl, &bins.waypoint)?
+                {
                     run.children.push(child);
                 }
             }
         }
     }
     Ok(())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AppKind {
-    Waypoint,
-    Server,
-    Client,
-}
-
-fn app_kind(pod: &PodState) -> Option<AppKind> {
-    match pod.sample.as_ref()? {
-        Sample::Waypoint { .. } => Some(AppKind::Waypoint),
-        Sample::Server { .. } => Some(AppKind::Server),
-        Sample::Client { .. } => Some(AppKind::Client),
-    }
-}
-
-/// Starts pod `i`'s app (sample server or client, or the `waypoint` binary), records it, and
-/// for a server or waypoint waits until it listens. `None`: the pod runs nothing.
-fn start_app(
-    state: &mut ClusterState,
-    i: usize,
-    bins: &Binaries,
-) -> Result<Option<Child>, ClusterError> {
-    let pod = state.pods[i].clone();
-    let Some(sample) = &pod.sample else {
-        return Ok(None);
-    };
-    let name = format!("{}/{}", pod.namespace, pod.name);
-    let (program, args, label) = match sample {
-        Sample::Waypoint { gateway } => {
-            let (args, label) = waypoint_args(state, &pod, gateway);
-            (&bins.waypoint, args, label)
-        }
-        Sample::Server { port } => (
-            &bins.ambitctl,
-            vec![
-                "sample".into(),
-                "server".into(),
-                "--port".into(),
-                port.to_string(),
-                "--name".into(),
-                name.clone(),
-            ],
-            format!("sample-{}-{}", pod.namespace, pod.name),
-        ),
-        Sample::Client { target } => (
-            &bins.ambitctl,
-            vec![
-                "sample".into(),
-                "client".into(),
-                "--target".into(),
-                target.clone(),
-                "--every".into(),
-                "1s".into(),
-                "--name".into(),
-                name.clone(),
-            ],
-            format!("sample-{}-{}", pod.namespace, pod.name),
-        ),
-    };
-    let log = state.state_dir.join("logs").join(format!("{label}.log"));
-    let (child, proc) =
-        procs::spawn_in(&state.state_dir, &label, &pod.netns, program, &args, &log)?;
-    state.pods[i].process = Some(proc.clone());
-    state.save()?;
-    match sample {
-        Sample::Server { port } => {
-            let addr = SocketAddr::from(([127, 0, 0, 1], *port));
-            wait_listening(&pod.netns, addr, &proc, &format!("sample server {name}"))?;
-        }
-        // It binds its HBONE port once it holds a certificate from the CA.
-        Sample::Waypoint { gateway } => {
-            let addr = SocketAddr::from((pod.ip, WAYPOINT_HBONE_PORT));
-            wait_listening(&pod.netns, addr, &proc, &format!("waypoint {gateway}"))?;
-        }
-        Sample::Client { .. } => {}
-    }
-    Ok(Some(child))
 }
 
 /// `namespace/gateway` of every waypoint pod: also its service account, since a waypoint's
@@ -644,39 +348,6 @@ fn waypoint_credentials(layout: &Layout) -> Vec<String> {
         return Vec::new();
     }
     vec!["--waypoint-service-accounts".into(), gateways.join(",")]
-}
-
-/// The `waypoint` binary's flags in its pod, with its discovery and certificate from the
-/// controller, as the controller's Deployment runs it on Kubernetes; and its label.
-fn waypoint_args(state: &ClusterState, pod: &PodState, gateway: &str) -> (Vec<String>, String) {
-    let (ns, name) = gateway.split_once('/').unwrap_or((&pod.namespace, gateway));
-    let token = state
-        .state_dir
-        .join("credentials/serviceaccounts")
-        .join(ns)
-        .join(format!("{name}.token"));
-    let args = vec![
-        "--identity".into(),
-        // The controller's trust domain in local mode; the identity it derives for a
-        // waypoint is named after the Gateway.
-        format!(
-            "spiffe://{}/ns/{ns}/sa/{name}",
-            ambit_hbone::identity::DEFAULT_TRUST_DOMAIN
-        ),
-        "--gateway".into(),
-        gateway.to_owned(),
-        "--controller".into(),
-        state.controller_url.clone(),
-        "--ca-root-file".into(),
-        state.root_cert.display().to_string(),
-        "--credential-file".into(),
-        token.display().to_string(),
-        "--log-format".into(),
-        "json".into(),
-        "--drain-seconds".into(),
-        "1".into(),
-    ];
-    (args, format!("waypoint-{ns}-{name}"))
 }
 
 /// One node directory per node: the local nodes share this machine's filesystem.
@@ -877,40 +548,6 @@ fn wait_ready(state: &ClusterState) {
     }
 }
 
-/// Waits until something accepts connections on `addr` inside `netns`.
-fn wait_listening(
-    netns: &str,
-    addr: SocketAddr,
-    proc: &Proc,
-    what: &str,
-) -> Result<(), ClusterError> {
-    let secs = 30;
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let ok = net::in_netns(netns, move || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-        })?;
-        if ok {
-            return Ok(());
-        }
-        if !procs::alive(proc.pid) {
-            return Err(ClusterError::Exited {
-                what: what.to_owned(),
-                log: proc.log.clone(),
-            });
-        }
-        if Instant::now() > deadline {
-            return Err(ClusterError::ListenTimeout {
-                what: what.to_owned(),
-                addr,
-                secs,
-                log: proc.log.clone(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// What [`down`] did.
 #[derive(Debug, Default)]
 pub struct DownReport {
@@ -923,17 +560,6 @@ pub struct DownReport {
     pub removed: Vec<PathBuf>,
     /// What could not be undone, in words.
     pub problems: Vec<String>,
-}
-
-/// Whether a pid from a pidfile or the record still runs one of our programs (pids get reused).
-fn ours(pid: i32) -> bool {
-    let cmd = procs::cmdline(pid);
-    procs::alive(pid)
-        && (cmd.contains("ztunnel")
-            || cmd.contains("ambit-controller")
-            || cmd.contains("waypoint")
-            || cmd.contains("sample server")
-            || cmd.contains("sample client"))
 }
 
 /// Removes everything a cluster with this state dir and namespace prefix made: processes
@@ -984,7 +610,7 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
         pids.extend(recorded.map(|(l, p)| (l, p.pid)));
     }
     pids.extend(procs::recorded_pids(state_dir));
-    pids.retain(|(_, pid)| ours(*pid));
+    pids.retain(|(_, pid)| procs::ours(*pid));
     for ns in &namespaces {
         for pid in net::netns_pids(ns).unwrap_or_default() {
             pids.push((format!("process in {ns}"), pid));
@@ -1001,12 +627,7 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
     // namespaces and the state dir releases the same.
     if let Some(s) = state.as_ref().filter(|s| !s.cni_path.is_empty()) {
         for pod in s.pods.iter().filter(|p| namespaces.contains(&p.netns)) {
-            let del = node_chain(s, &pod.node).and_then(|chain| {
-                chain
-                    .del(&sandbox(pod)?, pod.cni_result.as_ref())
-                    .map_err(ClusterError::from)
-            });
-            match del {
+            match pods::release(s, pod) {
                 Ok(()) => report
                     .released
                     .push(format!("{}/{}", pod.namespace, pod.name)),

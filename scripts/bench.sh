@@ -47,7 +47,7 @@ apt_install haproxy openssl
 rust_toolchain
 
 echo "ambit: building (release)" >&2
-cargo build --release --locked -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-bench --bin ambitctl --bin ambit-controller --bin ztunnel --bin waypoint --bin local_mesh
+cargo build --release --locked -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-cni -p ambit-bench --bin ambitctl --bin ambit-controller --bin ztunnel --bin waypoint --bin ambit-cni --bin local_mesh
 
 # 1,000 idle connections hold about 2,000 descriptors in the bench and in each proxy.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"

@@ -27,7 +27,9 @@ apt_install() {
 # ip6tables, which closes IPv6 in enrolled pods), iproute2 (namespaces, veth, policy routing),
 # a C compiler for ring's build, CA certificates for crates.io.
 system_deps() {
-  apt_install iptables iproute2 gcc libc6-dev ca-certificates procps
+  # containernetworking-plugins: the local mesh makes its pods through a real CNI chain
+  # (bridge and host-local from /usr/lib/cni, then ambit-cni).
+  apt_install iptables iproute2 gcc libc6-dev ca-certificates procps containernetworking-plugins
   local tool
   for tool in iptables-restore ip6tables-restore; do
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] \

@@ -10,8 +10,6 @@ need_root
 system_deps
 # tests/tests/images.rs builds the container images with buildah.
 apt_install buildah
-# tests/tests/cni.rs runs a real CNI chain (loopback, bridge, host-local) before ambit-cni.
-apt_install containernetworking-plugins
 # The smoke run of the side-by-side ztunnel harness (bench/tests/ztunnel_peer.rs) drives these.
 apt_install iperf3 sockperf wrk nginx
 rust_toolchain

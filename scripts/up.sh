@@ -13,5 +13,5 @@ system_deps
 rust_toolchain
 
 echo "ambit: building (the first build takes a few minutes)" >&2
-cargo build --release --locked -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint
+cargo build --release --locked -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-cni
 exec target/release/ambitctl up "$@"

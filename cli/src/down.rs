@@ -1,7 +1,7 @@
-//! `ambitctl down`: remove a local cluster: its processes, network namespaces (links, routes
-//! and iptables rules inside them go along; stopping ztunnel leaves pods captured, so deleting
-//! the pods' namespaces is what removes their capture rules) and files, ztunnels' node
-//! directories included. Works from `<state-dir>/cluster.json`
+//! `ambitctl down`: remove a local cluster: its processes, its pods as a node removes them
+//! (DEL through the node's CNI chain: capture rules, veth and addresses; stopping ztunnel
+//! leaves pods captured), network namespaces (links, routes and iptables rules inside them go
+//! along) and files, ztunnels' node directories and the nodes' CNI state included. Works from `<state-dir>/cluster.json`
 //! and, when that is missing or stale (a crash), from what it finds: namespaces with our
 //! prefix, the processes inside them, pidfiles.
 
@@ -34,6 +34,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "stopped"
         };
         println!("{how} {what} (pid {pid})");
+    }
+    for pod in &report.released {
+        println!("released pod {pod} (CNI DEL: capture rules, veth, addresses)");
     }
     for ns in &report.namespaces {
         println!("deleted network namespace {ns}");

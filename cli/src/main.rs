@@ -2,7 +2,7 @@
 //!
 //! A clap dispatcher with one module per subcommand; each module owns its `Args` and its `run`.
 //! `install` (alias `render`) and `crds` only print manifests and never talk to a cluster. The
-//! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`, `upgrade`, and the hidden
+//! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`, `upgrade`, `pod`, and the hidden
 //! `sample` app) run a mesh on this machine; their shared parts are the library's
 //! `ambitctl::local`.
 
@@ -11,6 +11,7 @@ mod crds;
 mod down;
 mod install;
 mod output;
+mod pod;
 mod proxy_config;
 mod sample;
 mod status;
@@ -50,6 +51,8 @@ enum Command {
     ProxyConfig(proxy_config::Args),
     /// Check a YAML file and add it to the local mesh's objects folder (live).
     Apply(apply::Args),
+    /// Create or delete one pod of the local mesh, as its node would (CNI ADD/DEL).
+    Pod(pod::Args),
     /// The local mesh's sample app (run by `up` inside pods).
     #[command(hide = true)]
     Sample(sample::Args),
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Down(args) => down::run(&args),
         Command::Sample(args) => sample::run(&args),
         Command::Apply(args) => apply::run(&args),
+        Command::Pod(args) => pod::run(&args),
         Command::Status(args) => status::run(&args),
         Command::Upgrade(args) => upgrade::run(&args),
         Command::ProxyConfig(args) => proxy_config::run(&args),

@@ -25,6 +25,7 @@ use ambit_tests::ztunnel::*;
 use ambit_tests::{exec_in, Pod, ReplyServer, Topology};
 use ambit_ztunnel::node_dir::NodeDir;
 use ambit_ztunnel::state::static_file;
+use ambitctl::local::cni;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
@@ -39,44 +40,6 @@ struct Call {
     ok: bool,
     out: Option<Value>,
     stderr: String,
-}
-
-/// Runs `plugin` as a runtime does, from inside `runtime_netns` (the node), with `env` and
-/// `conf` on stdin.
-fn invoke(
-    plugin: &Path,
-    runtime_netns: &str,
-    env: &[(&str, &str)],
-    stdin: &[u8],
-) -> anyhow::Result<Call> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", runtime_netns])
-        .arg(plugin)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot run {}", plugin.display()))?;
-    feed(child.stdin.take(), stdin)?;
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(Call {
-        ok: out.status.success(),
-        out: (!text.trim().is_empty())
-            .then(|| serde_json::from_str(&text))
-            .transpose()
-            .with_context(|| format!("{} printed non-JSON: {text}", plugin.display()))?,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
 }
 
 /// Writes the configuration to the plugin's stdin. A plugin that fails on its environment
@@ -125,117 +88,53 @@ impl Drop for Sandbox {
     }
 }
 
-/// A conflist's plugins run in order as a runtime runs them (ADD forward, each getting the
-/// previous result as `prevResult`; DEL in reverse with the ADD result).
-#[derive(Debug, Clone)]
-struct Chain {
-    node_netns: String,
-    plugins: Vec<Value>,
-    cni_version: &'static str,
-}
-
-impl Chain {
-    fn env<'a>(
-        &self,
-        command: &'a str,
-        sandbox: &'a Sandbox,
-        netns: &'a str,
-        args: &'a str,
-    ) -> Vec<(&'a str, String)> {
-        vec![
-            ("CNI_COMMAND", command.to_owned()),
-            ("CNI_CONTAINERID", format!("ctr-{}", sandbox.name)),
-            ("CNI_NETNS", netns.to_owned()),
-            ("CNI_IFNAME", "eth0".to_owned()),
-            ("CNI_ARGS", args.to_owned()),
-            ("CNI_PATH", CNI_PLUGINS.to_owned()),
-        ]
-    }
-
-    fn binary(plugin: &Value) -> PathBuf {
-        match plugin["type"].as_str() {
-            Some("ambit-cni") => ambit_tests::workspace_bin("ambit-cni"),
-            Some(other) => Path::new(CNI_PLUGINS).join(other),
-            None => PathBuf::from("/nonexistent"),
-        }
-    }
-
-    fn conf(&self, plugin: &Value, prev: Option<&Value>) -> Vec<u8> {
-        let mut conf = plugin.clone();
-        conf["cniVersion"] = json!(self.cni_version);
-        conf["name"] = json!("ambit-test");
-        if let Some(prev) = prev {
-            conf["prevResult"] = prev.clone();
-        }
-        serde_json::to_vec(&conf).unwrap_or_default()
-    }
-
-    /// ADD through the whole chain; returns the final result.
-    fn add(&self, sandbox: &Sandbox, args: &str) -> anyhow::Result<Value> {
-        let netns = sandbox.path().display().to_string();
-        let env = self.env("ADD", sandbox, &netns, args);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut prev: Option<Value> = None;
-        for plugin in &self.plugins {
-            let call = invoke(
-                &Self::binary(plugin),
-                &self.node_netns,
-                &env,
-                &self.conf(plugin, prev.as_ref()),
-            )?;
-            if !call.ok {
-                bail!("ADD {}: {call:?}", plugin["type"]);
-            }
-            prev = call.out;
-        }
-        prev.context("the chain returned no result")
-    }
-
-    /// DEL through the chain, in reverse.
-    fn del(&self, sandbox: &Sandbox, args: &str, result: &Value) -> anyhow::Result<()> {
-        let netns = sandbox.path().display().to_string();
-        let env = self.env("DEL", sandbox, &netns, args);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        for plugin in self.plugins.iter().rev() {
-            let call = invoke(
-                &Self::binary(plugin),
-                &self.node_netns,
-                &env,
-                &self.conf(plugin, Some(result)),
-            )?;
-            if !call.ok {
-                bail!("DEL {}: {call:?}", plugin["type"]);
-            }
-        }
-        Ok(())
-    }
-}
-
 fn ambit_entry(data_dir: &Path, node: &str) -> Value {
     json!({"type": "ambit-cni", "dataDir": data_dir, "nodeName": node, "timeoutMs": 3000})
 }
 
 /// loopback, bridge (cni0, the gateway 10.77.1.129 in the node) with host-local handing out
 /// 10.77.1.130 and up (inside node 1's 10.77.1.0/24, which the other node routes to it), then
-/// ambit-cni.
-fn node_chain(node_netns: &str, ipam_dir: &Path, data_dir: &Path) -> Chain {
-    Chain {
+/// ambit-cni; run from inside node 1's namespace by the same runtime side as the local mesh's
+/// (`ambitctl::local::cni::Chain`).
+fn node_chain(node_netns: &str, ipam_dir: &Path, data_dir: &Path) -> cni::Chain {
+    let ambit_cni = ambit_tests::workspace_bin("ambit-cni");
+    cni::Chain {
         node_netns: node_netns.to_owned(),
-        cni_version: "1.0.0",
-        plugins: vec![
-            json!({"type": "loopback"}),
-            json!({
-                "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "dataDir": ipam_dir,
-                    "ranges": [[{"subnet": "10.77.1.128/25", "rangeStart": "10.77.1.130",
-                                 "rangeEnd": "10.77.1.140", "gateway": "10.77.1.129"}]],
-                    "routes": [{"dst": "0.0.0.0/0"}]
-                }
-            }),
-            ambit_entry(data_dir, "n1"),
+        conflist: json!({
+            "cniVersion": "1.0.0",
+            "name": "ambit-test",
+            "plugins": [
+                {"type": "loopback"},
+                {
+                    "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": ipam_dir,
+                        "ranges": [[{"subnet": "10.77.1.128/25", "rangeStart": "10.77.1.130",
+                                     "rangeEnd": "10.77.1.140", "gateway": "10.77.1.129"}]],
+                        "routes": [{"dst": "0.0.0.0/0"}]
+                    }
+                },
+                ambit_entry(data_dir, "n1"),
+            ]
+        }),
+        path: vec![
+            ambit_cni.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            PathBuf::from(CNI_PLUGINS),
         ],
+    }
+}
+
+/// How the runtime describes pod `namespace/name` in `sandbox` to the chain (no address
+/// requested: host-local picks the next one).
+fn pod_in(sandbox: &Sandbox, namespace: &str, name: &str) -> cni::Sandbox {
+    cni::Sandbox {
+        container_id: format!("ctr-{}", sandbox.name),
+        netns: sandbox.path(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        uid: format!("k8s-uid-{name}"),
+        ips: Vec::new(),
     }
 }
 
@@ -393,7 +292,7 @@ async fn a_pod_created_in_an_enrolled_namespace_is_refused_until_ztunnel_serves_
         let (chain, prefix, dst) = (chain.clone(), prefix.clone(), app.addr());
         move || {
             let early = Sandbox::new(&format!("{prefix}-early"))?;
-            let result = chain.add(&early, &k8s_args("shop", "early"))?;
+            let result = chain.add(&pod_in(&early, "shop", "early"), early_ip)?;
             assert_eq!(result_ip(&result)?, early_ip, "host-local's first address");
             let rules = rules_in(&early.name)?;
             assert!(
@@ -455,7 +354,7 @@ async fn a_pod_created_in_an_enrolled_namespace_is_refused_until_ztunnel_serves_
         let (chain, prefix) = (chain, prefix.clone());
         move || {
             let late = Sandbox::new(&format!("{prefix}-late"))?;
-            let result = chain.add(&late, &k8s_args("shop", "late"))?;
+            let result = chain.add(&pod_in(&late, "shop", "late"), late_ip)?;
             let added = Instant::now();
             assert_eq!(result_ip(&result)?, late_ip);
             let (tries, _) = connect_until_ok(&late.name, dst, "late")?;
@@ -501,13 +400,13 @@ async fn a_pod_created_in_an_enrolled_namespace_is_refused_until_ztunnel_serves_
     blocking({
         let chain = node_chain(&topo.node("n1").netns, &ipam, &data_n1);
         move || {
-            chain.del(&late, &k8s_args("shop", "late"), &late_result)?;
+            chain.del(&pod_in(&late, "shop", "late"), Some(&late_result))?;
             assert!(
                 !rules_in(&late.name)?.contains("AMBIT_"),
                 "rules left after DEL"
             );
-            chain.del(&late, &k8s_args("shop", "late"), &late_result)?;
-            chain.del(&early, &k8s_args("shop", "early"), &early_result)?;
+            chain.del(&pod_in(&late, "shop", "late"), Some(&late_result))?;
+            chain.del(&pod_in(&early, "shop", "early"), Some(&early_result))?;
             drop(early);
             drop(late);
             Ok(())

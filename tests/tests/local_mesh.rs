@@ -1,6 +1,8 @@
 //! The local mesh as a user runs it: `ambitctl up --detach` builds nodes and pods as network
-//! namespaces, starts the real controller, ztunnels and sample app, and `ambitctl down`
-//! removes all of it. Asserts on what a user sees: the sample client's results, ztunnel's
+//! namespaces (each pod through its node's real CNI chain: Debian's `bridge` and
+//! `host-local`, then `ambit-cni`), starts the real controller, ztunnels and sample app,
+//! `ambitctl pod create|delete` makes and removes one pod as a node does (CNI ADD/DEL), and
+//! `ambitctl down` removes all of it. Asserts on what a user sees: the sample client's results, ztunnel's
 //! metrics and access log, `apply`'s errors, the controller's log, and what is left after down.
 //!
 //! Runs the built binaries (`ambitctl`, `ambit-controller`, `ztunnel` in this target dir;
@@ -25,10 +27,16 @@ fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
-    for name in ["ambitctl", "ambit-controller", "ztunnel", "waypoint"] {
+    for name in [
+        "ambitctl",
+        "ambit-controller",
+        "ztunnel",
+        "waypoint",
+        "ambit-cni",
+    ] {
         assert!(
             dir.join(name).is_file(),
-            "{} is missing: build it with `cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint`",
+            "{} is missing: build it with `cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-cni`",
             dir.join(name).display()
         );
     }
@@ -694,4 +702,190 @@ fn tempfile_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("objects dir");
     dir
+}
+
+/// A pod the folder gains while the mesh runs: in enrolled `demo`, on node2, whose app's very
+/// first action is a call to echo-1's own address (10.77.1.2:8080), which would succeed in
+/// plaintext if the pod were not captured yet.
+const LATE_POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: late-1\n  namespace: demo\n  labels: {app: client}\n  annotations: {ambit.dev/sample-client: \"10.77.1.2:8080\"}\nspec:\n  nodeName: node2\n  serviceAccountName: client\n  containers: [{name: app, image: ambitctl-sample}]\nstatus:\n  podIP: 10.77.2.3\n  podIPs: [{ip: 10.77.2.3}, {ip: \"fd77:2::3\"}]\n";
+
+/// The lines of `log` after the first `skip`.
+fn lines_after(log: &str, skip: usize) -> Vec<String> {
+    log.lines().skip(skip).map(str::to_owned).collect()
+}
+
+#[test]
+fn pods_are_made_through_the_cni_chain_captured_before_their_app_runs_and_delete_runs_del() {
+    let Some(mesh) = Mesh::up("local_mesh_cni", "cni", "1") else {
+        return;
+    };
+    let state = mesh.state();
+    let sd = mesh.state_dir.display().to_string();
+    let node2 = state.node("node2").expect("node2").clone();
+    let ipam = mesh.state_dir.join("cni/node2/ipam/ambit-local");
+    let reserved = |ip: &str| ipam.join(ip).exists();
+    // client-1 was made by the chain: host-local reserved its address (and its IPv6 twin),
+    // bridge put it on node2's cni0, which holds the gateway.
+    assert!(
+        reserved("10.77.2.2") && reserved("fd77:2::2"),
+        "{}",
+        ipam.display()
+    );
+    let bridge = net::ip(&node2.netns, &["-o", "addr", "show", "dev", "cni0"]).expect("cni0");
+    assert!(bridge.contains("10.77.2.1/24"), "{bridge}");
+    let veths = || {
+        net::ip(&node2.netns, &["-o", "link", "show", "master", "cni0"])
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(veths(), 1, "one pod on node2's bridge");
+
+    // The folder gains late-1; the node makes it: sandbox, CNI ADD, then its app, which
+    // calls at once. No byte of it may cross the fabric in plaintext.
+    let scratch = mesh.state_dir.with_extension("late");
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let file = scratch.join("late.yaml");
+    std::fs::write(&file, LATE_POD).expect("write late.yaml");
+    let out = ambitctl(&[
+        "apply",
+        "--state-dir",
+        &sd,
+        "-f",
+        &file.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&scratch).expect("remove scratch");
+    let sniffer = ambit_tests::ztunnel::Sniffer::start(&state.fabric).expect("sniffer");
+    let late_log = || mesh.log("sample-demo-late-1.log");
+    let node1_log = || mesh.log("ztunnel-node1.log");
+    let from_late = |log: &str, skip: usize| -> Vec<String> {
+        lines_after(log, skip)
+            .into_iter()
+            .filter(|l| {
+                l.contains("\"src.addr\":\"10.77.2.3:") && l.contains("\"direction\":\"inbound\"")
+            })
+            .collect()
+    };
+    for round in ["created", "created again"] {
+        let node1_since = node1_log().lines().count();
+        let late_since = late_log().lines().count();
+        let out = ambitctl(&["pod", "create", "demo/late-1", "--state-dir", &sd]);
+        assert!(
+            out.status.success(),
+            "pod create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pod = mesh
+            .state()
+            .pods
+            .into_iter()
+            .find(|p| p.name == "late-1")
+            .expect("late-1 recorded");
+        assert_eq!(pod.ip.to_string(), "10.77.2.3");
+        assert!(
+            reserved("10.77.2.3") && reserved("fd77:2::3"),
+            "{round}: not reserved"
+        );
+        let rules = net::exec_in(&pod.netns, &["iptables-save"]).expect("iptables-save");
+        assert!(
+            rules.contains("AMBIT_V1_"),
+            "{round}: no capture rules:\n{rules}"
+        );
+        wait_for(
+            30,
+            &format!("late-1 ({round}) to be answered 3 times"),
+            || ok_results(&lines_after(&late_log(), late_since).join("\n")) >= 3,
+            || late_log() + &mesh.log("ztunnel-node2.log"),
+        );
+        // Every call that reached echo-1 came over HBONE with late-1's proven identity; a
+        // call made before ztunnel served the pod was refused, never carried in plaintext.
+        let inbound = from_late(&node1_log(), node1_since);
+        assert!(
+            !inbound.is_empty(),
+            "{round}: node1 logged nothing from late-1"
+        );
+        for line in &inbound {
+            assert!(
+                line.contains("\"protocol\":\"hbone\"")
+                    && line
+                        .contains("\"src.identity\":\"spiffe://cluster.local/ns/demo/sa/client\""),
+                "{round}: not HBONE: {line}"
+            );
+        }
+        let failed: Vec<String> = lines_after(&late_log(), late_since)
+            .into_iter()
+            .filter(|l| l.contains("\"ok\":false"))
+            .collect();
+        eprintln!(
+            "{round}: {} call(s) refused before ztunnel served late-1: {failed:?}",
+            failed.len()
+        );
+
+        // Deleted: its app stops, DEL runs through the chain (ambit-cni tells ztunnel and
+        // removes the rules, bridge the veth, host-local the addresses), its namespace goes.
+        let removed_before = mesh
+            .log("ztunnel-node2.log")
+            .matches("cni: pod removed")
+            .count();
+        let out = ambitctl(&["pod", "delete", "demo/late-1", "--state-dir", &sd]);
+        assert!(
+            out.status.success(),
+            "pod delete: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let app = pod.process.as_ref().expect("late-1's app").pid;
+        assert!(!procs::alive(app), "late-1's app outlived its pod");
+        assert!(
+            !reserved("10.77.2.3") && !reserved("fd77:2::3"),
+            "{round}: host-local still holds late-1's addresses"
+        );
+        assert!(reserved("10.77.2.2"), "client-1's address was released too");
+        assert_eq!(veths(), 1, "{round}: late-1's veth is still on cni0");
+        let removed = mesh.log("ztunnel-node2.log");
+        assert!(
+            removed.matches("cni: pod removed").count() > removed_before,
+            "{round}: ztunnel was not told of the DEL"
+        );
+        assert!(
+            !net::list_netns().expect("netns list").contains(&pod.netns),
+            "{round}: late-1's namespace is left"
+        );
+        assert!(mesh.state().pods.iter().all(|p| p.name != "late-1"));
+    }
+    // The second time the same pod (same uid and address) came in a new namespace: node2's
+    // ztunnel moved to it rather than keep serving the dead one.
+    assert!(
+        mesh.log("ztunnel-node2.log")
+            .contains("pod's sandbox replaced; serving its new namespace"),
+        "{}",
+        mesh.log("ztunnel-node2.log")
+    );
+    let seen = sniffer.bytes();
+    assert!(
+        !ambit_tests::ztunnel::contains(&seen, b"you are 10.77.2.3"),
+        "late-1's exchange crossed the fabric in plaintext"
+    );
+    assert!(!seen.is_empty(), "the sniffer saw nothing on the fabric");
+
+    // Down runs DEL for the pods it removes.
+    let out = mesh.down();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for pod in ["demo/echo-1", "demo/client-1"] {
+        assert!(
+            said.contains(&format!("released pod {pod} (CNI DEL")),
+            "{said}"
+        );
+    }
 }

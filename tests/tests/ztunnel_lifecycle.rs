@@ -1,5 +1,6 @@
-//! ztunnel end to end, lifecycle: certificate rotation under an open connection, and
-//! enrolling / un-enrolling a namespace while the apps keep running. Needs root.
+//! ztunnel end to end, lifecycle: certificate rotation under an open connection,
+//! enrolling / un-enrolling a namespace while the apps keep running, and a pod that left the
+//! mesh while its ztunnel was down, released at the next start (and no other). Needs root.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -218,5 +219,76 @@ async fn enrolling_and_unenrolling_a_namespace_needs_no_app_restart() -> anyhow:
     // serves them again).
     assert!(capture_rules(client)?.contains("AMBIT_OUTPUT"));
     assert!(capture_rules(srv)?.contains("AMBIT_PRERT"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_left_the_mesh_while_ztunnel_was_down_is_released_at_start_and_no_other(
+) -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("zt_sweep")
+        .node("n1")
+        .node("n2")
+        .pod("left", "n1")
+        .pod("ghost", "n1")
+        .pod("far", "n2")
+        .pod("srv", "n2")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let (left, ghost, far, srv) = (
+        topo.pod("left"),
+        topo.pod("ghost"),
+        topo.pod("far"),
+        topo.pod("srv"),
+    );
+    let before = format!(
+        "workloads:\n{}{}{}{}",
+        workload(left, "shop", "left", "n1", true),
+        workload(ghost, "shop", "ghost", "n1", true),
+        workload(far, "shop", "far", "n2", true),
+        workload(srv, "legacy", "default", "n2", false),
+    );
+    let mesh = Mesh::two_nodes(&topo, &before).await?;
+    mesh.wait_enrolled("n1", &uid("shop", left), true).await?;
+    mesh.wait_enrolled("n1", &uid("shop", ghost), true).await?;
+    mesh.wait_enrolled("n2", &uid("shop", far), true).await?;
+    // Both ztunnels stop: every pod stays captured.
+    mesh.shutdown().await;
+    for pod in [left, ghost, far] {
+        assert!(
+            captured(pod),
+            "{} lost its rules when ztunnel stopped",
+            pod.name
+        );
+    }
+
+    // Meanwhile `left`'s namespace lost its label, and `ghost` is no longer in the state (the
+    // controller has not published it, or it is going away). n1's ztunnel starts alone.
+    let after = format!(
+        "workloads:\n{}{}{}",
+        workload(left, "legacy", "left", "n1", false),
+        workload(far, "shop", "far", "n2", true),
+        workload(srv, "legacy", "default", "n2", false),
+    );
+    let app = ReplyServer::start(srv, 8080)?;
+    let ca = TestCa::new(Duration::from_secs(3600));
+    let mesh = Mesh::start(&topo, &["n1"], &after, ca, |_, _| {}).await?;
+    eventually("left's rules removed by the start-up sweep", || {
+        !captured(left)
+    })
+    .await?;
+    // `left` reaches a plain server directly again: the server sees its own address.
+    let seen = round_trip(left, app.addr(), b"released").await?;
+    assert_eq!(seen.ip(), IpAddr::from(left.ip));
+    // The sweep decides on one snapshot taken before it removes anything, and runs once: what
+    // it leaves is left for good. A pod the state does not know and another node's pod stay
+    // closed.
+    assert!(
+        captured(ghost),
+        "the sweep opened a pod the state does not know"
+    );
+    assert!(captured(far), "the sweep opened another node's pod");
+    mesh.shutdown().await;
     Ok(())
 }

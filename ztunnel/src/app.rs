@@ -242,6 +242,9 @@ impl App {
         let (handover, previous) = take_over(handover_path.as_deref(), config.handover).await;
         let takeover_block = previous.as_ref().map(|_| ready.register(TAKEOVER_TASK));
         let mut state_ready = Some(ready.register("state"));
+        // Set once the state is authoritative (the static file, or the controller's first
+        // full state; not the kept state alone): the capture sweep waits for it.
+        let (authoritative_tx, mut authoritative) = watch::channel(false);
         let mut store = Store::new(Some(&config.node));
         let reader = store.reader();
         let mut background = Vec::new();
@@ -252,6 +255,7 @@ impl App {
                 if let Some(block) = state_ready.take() {
                     block.done();
                 }
+                authoritative_tx.send_replace(true);
                 let st = Arc::new(StaticState {
                     path: path.clone(),
                     store: Mutex::new(store),
@@ -296,6 +300,7 @@ impl App {
                     if let Some(block) = state_ready {
                         block.done();
                     }
+                    authoritative_tx.send_replace(true);
                     while status.changed().await.is_ok() {
                         let connected = status.borrow().connected;
                         m.set_xds_connected(connected);
@@ -345,6 +350,19 @@ impl App {
             },
             _ => None,
         };
+        if let CaptureMode::Node(manager) = &capture {
+            let (manager, reader, node) = (manager.clone(), reader.clone(), config.node.clone());
+            background.push(tokio::spawn(async move {
+                if authoritative.wait_for(|a| *a).await.is_ok() {
+                    let swept = crate::capture::sweep::sweep(&manager, &reader, &node).await;
+                    tracing::info!(
+                        scanned = swept.scanned,
+                        released = ?swept.released,
+                        "capture sweep done"
+                    );
+                }
+            }));
+        }
         let enrollment = Enrollment::spawn(
             shared,
             capture,

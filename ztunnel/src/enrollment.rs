@@ -175,6 +175,10 @@ enum Stop {
     Unenroll,
     /// ztunnel is stopping: rules and certificate stay for the next ztunnel.
     Exit,
+    /// The pod's sandbox was replaced (the CNI reported it in another namespace): the old
+    /// namespace is left as it is (the runtime is deleting it, rules and all), the identity is
+    /// released after the drain (the pod in its new namespace holds it again).
+    Moved,
 }
 
 struct Worker {
@@ -257,6 +261,7 @@ impl Worker {
                     }
                 } => {
                     if changed.is_ok() {
+                        self.stop_moved().await;
                         self.retry_hinted_now();
                     } else {
                         hinted = None;
@@ -341,6 +346,31 @@ impl Worker {
             }
         }
         self.publish();
+    }
+
+    /// A served pod the CNI plugin reported in another namespace than the one it is served in
+    /// had its sandbox recreated (same pod, new namespace; a runtime does that when a pod's
+    /// sandbox dies, and the local mesh when a pod is deleted and created again). Stopping it
+    /// lets the next reconcile serve it in the new namespace, where the plugin's rules wait;
+    /// otherwise ztunnel would keep serving the dead namespace and the pod stay refused.
+    async fn stop_moved(&mut self) {
+        let Some(hints) = &self.hints else { return };
+        let moved: Vec<Arc<str>> = self
+            .running
+            .iter()
+            .filter(|(uid, r)| {
+                hints
+                    .find(uid, Some(r.ip))
+                    .is_some_and(|h| r.capture.netns_differs(&h.netns))
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in moved {
+            if let Some(r) = self.running.remove(&uid) {
+                self.stop_pod(&uid, r, self.shared.settings.drain_deadline, Stop::Moved)
+                    .await;
+            }
+        }
     }
 
     /// A pod the CNI plugin just reported is retried now, not after its back-off: its
@@ -462,14 +492,19 @@ impl Worker {
                 // Rules first: from here on new connections reach the app directly.
                 self.remove_capture(uid, &r.capture).await;
             }
-            Stop::Exit => match &self.capture {
-                CaptureMode::Node(manager) => {
-                    manager.release(uid).await;
+            Stop::Exit | Stop::Moved => {
+                if how == Stop::Moved {
+                    tracing::info!(pod = %r.name, uid, "pod's sandbox replaced; serving its new namespace");
                 }
-                CaptureMode::Dedicated(..) => r.capture.release(),
-            },
+                match &self.capture {
+                    CaptureMode::Node(manager) => {
+                        manager.release(uid).await;
+                    }
+                    CaptureMode::Dedicated(..) => r.capture.release(),
+                }
+            }
         }
-        let certs = (how == Stop::Unenroll).then(|| self.shared.certs.clone());
+        let certs = (how != Stop::Exit).then(|| self.shared.certs.clone());
         self.stopping.spawn(async move {
             let Running {
                 name,
@@ -487,7 +522,9 @@ impl Worker {
             match certs {
                 Some(certs) => {
                     certs.release(&identity);
-                    tracing::info!(pod = %name, "pod un-enrolled");
+                    if how == Stop::Unenroll {
+                        tracing::info!(pod = %name, "pod un-enrolled");
+                    }
                 }
                 None => tracing::info!(pod = %name, "pod drained; it stays captured"),
             }

@@ -626,7 +626,7 @@ fn main() -> anyhow::Result<()> {
     let ambitctl = bin_dir.join("ambitctl");
     anyhow::ensure!(
         ambitctl.is_file(),
-        "{} is missing: cargo build --release -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint",
+        "{} is missing: cargo build --release -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-cni",
         ambitctl.display()
     );
     let objects = args.state_dir.with_extension("objects");

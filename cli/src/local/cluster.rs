@@ -1,10 +1,13 @@
 //! Building and tearing down a local cluster: namespaces (via [`net`]), the mesh root, the
 //! controller in the fabric namespace (on the bridge address, so every node reaches it), one
-//! ztunnel per node, and the sample app in the pods. [`down`] undoes all of it from the
-//! recorded state *and* from what it can find without it (namespaces with our prefix, the
-//! processes inside them, pidfiles), so it also cleans up after a crash.
+//! ztunnel per node, then the pods, each made as a node makes one: its namespace, its node's
+//! CNI chain (ADD, via [`cni`]), and only then its app ([`pods`]). So ztunnels run before any
+//! pod exists, and `ambit-cni` captures every enrolled pod before its first process.
+//! [`down`] undoes all of it from the recorded state (DEL for each pod it recorded) *and* from
+//! what it can find without it (namespaces with our prefix, the processes inside them,
+//! pidfiles), so it also cleans up after a crash.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -12,10 +15,12 @@ use std::time::{Duration, Instant};
 use ambit_proto::ports;
 
 use super::admin;
+use super::cni::{self, CniError};
 use super::net::{self, NetError};
 use super::objects::{self, Layout, ObjectsError, Sample, SampleSpec};
+use super::pods::{self, AppKind, PodError};
 use super::procs::{self, ProcError};
-use super::state::{ClusterState, NodeState, PodState, Proc, StateError};
+use super::state::{ClusterState, NodeState, StateError};
 
 /// The controller's discovery/CA port.
 pub const CONTROLLER_PORT: u16 = ports::DISCOVERY;
@@ -25,8 +30,7 @@ pub const ZTUNNEL_READINESS_PORT: u16 = ports::READINESS;
 pub const ZTUNNEL_METRICS_PORT: u16 = ports::METRICS;
 /// ztunnel's admin port, on loopback.
 pub const ZTUNNEL_ADMIN_PORT: u16 = ports::ADMIN;
-/// Where a waypoint accepts HBONE.
-pub const WAYPOINT_HBONE_PORT: u16 = ports::HBONE;
+pub use super::pods::WAYPOINT_HBONE_PORT;
 /// The controller's metrics and readiness port.
 pub const CONTROLLER_OPS_PORT: u16 = ports::CONTROLLER_OPS;
 
@@ -36,7 +40,7 @@ pub enum ClusterError {
     /// A component binary is not where we look for it.
     #[error(
         "{name} not found at {} (it is looked for next to ambitctl); build it with: \
-         cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint{release}",
+         cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-cni{release}",
         path.display(),
         release = if path.components().any(|c| c.as_os_str() == "release") { " --release" } else { "" }
     )]
@@ -62,17 +66,11 @@ pub enum ClusterError {
     Proc(#[from] ProcError),
     #[error(transparent)]
     State(#[from] StateError),
-    /// A process never accepted connections.
-    #[error("{what} did not listen on {addr} within {secs}s; see {}", log.display())]
-    ListenTimeout {
-        what: String,
-        addr: SocketAddr,
-        secs: u64,
-        log: PathBuf,
-    },
-    /// A process exited during start-up.
-    #[error("{what} exited during start-up; see {}", log.display())]
-    Exited { what: String, log: PathBuf },
+    #[error(transparent)]
+    Cni(#[from] CniError),
+    /// A pod could not be made, found or started.
+    #[error(transparent)]
+    Pod(#[from] PodError),
 }
 
 /// The executables a cluster runs.
@@ -82,6 +80,8 @@ pub struct Binaries {
     pub controller: PathBuf,
     pub ztunnel: PathBuf,
     pub waypoint: PathBuf,
+    /// The chained CNI plugin the pods are made with.
+    pub cni: PathBuf,
 }
 
 impl Binaries {
@@ -101,6 +101,7 @@ impl Binaries {
             controller: find("ambit-controller")?,
             ztunnel: find("ztunnel")?,
             waypoint: find("waypoint")?,
+            cni: find("ambit-cni")?,
             ambitctl: me,
         })
     }
@@ -154,6 +155,8 @@ pub fn up(
         // A stale record (crashed run): clean it up before building anew.
         down(dir, &old.prefix);
     }
+    // Before anything is made: without the CNI plugins no pod can be.
+    let cni_path = cni::plugin_path(&bins.cni, &cni::PLUGIN_DIRS)?;
     // Leftovers of a crash without a record.
     down(dir, &opts.prefix);
     for sub in ["logs", "netns", "ca", "pids", "examples"] {
@@ -185,6 +188,7 @@ pub fn up(
         objects_are_ours,
         netns_dir: dir.join("netns"),
         namespaces: Vec::new(),
+        cni_path,
         fabric: format!("{}-fabric", opts.prefix),
         controller_url: format!("https://{}:{CONTROLLER_PORT}", net::FABRIC_IP),
         controller: None,
@@ -198,7 +202,7 @@ pub fn up(
         children: Vec::new(),
     });
     build_network(&mut run.state, &layout)?;
-    start_processes(run, bins)?;
+    start_processes(run, bins, &layout)?;
     Ok(())
 }
 
@@ -231,36 +235,25 @@ fn build_network(state: &mut ClusterState, layout: &Layout) -> Result<(), Cluste
         .collect();
     net::route_between_nodes(&indexed)?;
     net::route_fabric_to_pods(&fabric, &indexed)?;
-    for pod in &layout.pods {
-        let node = state.nodes[pod.node].clone();
-        let netns = add_netns(
-            state,
-            format!("{}-{}-{}", state.prefix, pod.namespace, pod.name),
+    // Each node hosts its pods as a Kubernetes node does: a CNI configuration of its own.
+    for (i, node) in state.nodes.iter().enumerate() {
+        net::prepare_cni_host(&node.netns)?;
+        cni::write_conflist(
+            &state.state_dir,
+            &node.name,
+            i + 1,
+            &ztunnel_data_dir(state, &node.name),
         )?;
-        let j = usize::from(pod.ip.octets()[3]) - 2;
-        net::attach_pod(&node.netns, pod.node + 1, &netns, j)?;
-        let link = state.netns_dir.join(&netns);
-        std::os::unix::fs::symlink(Path::new(net::NETNS_RUN_DIR).join(&netns), &link).map_err(
-            |source| ClusterError::Io {
-                path: link.clone(),
-                source,
-            },
-        )?;
-        state.pods.push(PodState {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            netns,
-            ip: pod.ip,
-            node: node.name.clone(),
-            sample: pod.sample.clone(),
-            process: None,
-        });
     }
     state.save()?;
     Ok(())
 }
 
-fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterError> {
+fn start_processes(
+    run: &mut Running,
+    bins: &Binaries,
+    layout: &Layout,
+) -> Result<(), ClusterError> {
     let state = &mut run.state;
     let logs = state.state_dir.join("logs");
     let listen = SocketAddr::from((net::FABRIC_IP, CONTROLLER_PORT));
@@ -290,14 +283,14 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
             "json".into(),
         ]
         .into_iter()
-        .chain(waypoint_credentials(state))
+        .chain(waypoint_credentials(layout))
         .collect::<Vec<_>>(),
         &log,
     )?;
     run.children.push(child);
     state.controller = Some(proc.clone());
     state.save()?;
-    wait_listening(&state.fabric, listen, &proc, "the controller")?;
+    pods::wait_listening(&state.fabric, listen, &proc, "the controller")?;
 
     for i in 0..state.nodes.len() {
         let node = state.nodes[i].clone();
@@ -317,51 +310,22 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
         state.save()?;
     }
 
-    // The sample starts once the mesh can carry it, so its first results mean something.
+    // Pods only once every ztunnel serves its node: `ambit-cni` asks it whether a new pod is
+    // in the mesh, and the pod's app starts captured.
     wait_ready(state);
-    start_waypoints(run, bins)?;
-    let state = &mut run.state;
-    // Servers first, and listening, before any client calls them.
-    for servers in [true, false] {
-        for i in 0..state.pods.len() {
-            let pod = state.pods[i].clone();
-            let Some(sample) = &pod.sample else { continue };
-            if matches!(sample, Sample::Waypoint { .. }) {
-                continue;
-            }
-            let is_server = matches!(sample, Sample::Server { .. });
-            if is_server != servers {
-                continue;
-            }
-            let name = format!("{}/{}", pod.namespace, pod.name);
-            let mut args = vec!["sample".to_owned()];
-            match sample {
-                Sample::Server { port } => {
-                    args.extend(["server".into(), "--port".into(), port.to_string()]);
+    for pod in &layout.pods {
+        pods::create_sandbox(state, pod)?;
+    }
+    // Waypoints first (clients' calls may go through them), then servers, listening, before
+    // any client calls them, so the sample's first results mean something.
+    for pass in [AppKind::Waypoint, AppKind::Server, AppKind::Client] {
+        for i in 0..run.state.pods.len() {
+            if pods::app_kind(&run.state.pods[i]) == Some(pass) {
+                if let Some(child) =
+                    pods::start_app(&mut run.state, i, &bins.ambitctl, &bins.waypoint)?
+                {
+                    run.children.push(child);
                 }
-                Sample::Client { target } => {
-                    args.extend(["client".into(), "--target".into(), target.clone()]);
-                    args.extend(["--every".into(), "1s".into()]);
-                }
-                Sample::Waypoint { .. } => continue,
-            }
-            args.extend(["--name".into(), name.clone()]);
-            let label = format!("sample-{}-{}", pod.namespace, pod.name);
-            let log = logs.join(format!("{label}.log"));
-            let (child, proc) = procs::spawn_in(
-                &state.state_dir,
-                &label,
-                &pod.netns,
-                &bins.ambitctl,
-                &args,
-                &log,
-            )?;
-            run.children.push(child);
-            state.pods[i].process = Some(proc.clone());
-            state.save()?;
-            if let Sample::Server { port } = sample {
-                let addr = SocketAddr::from(([127, 0, 0, 1], *port));
-                wait_listening(&pod.netns, addr, &proc, &format!("sample server {name}"))?;
             }
         }
     }
@@ -370,76 +334,20 @@ fn start_processes(run: &mut Running, bins: &Binaries) -> Result<(), ClusterErro
 
 /// `namespace/gateway` of every waypoint pod: also its service account, since a waypoint's
 /// identity is named after its Gateway.
-fn waypoint_gateways(state: &ClusterState) -> impl Iterator<Item = &str> {
-    state.pods.iter().filter_map(|p| match &p.sample {
+fn waypoint_gateways(layout: &Layout) -> impl Iterator<Item = &str> {
+    layout.pods.iter().filter_map(|p| match &p.sample {
         Some(Sample::Waypoint { gateway }) => Some(gateway.as_str()),
         _ => None,
     })
 }
 
 /// The controller's flag issuing credentials for the waypoints' identities, if any.
-fn waypoint_credentials(state: &ClusterState) -> Vec<String> {
-    let gateways: Vec<&str> = waypoint_gateways(state).collect();
+fn waypoint_credentials(layout: &Layout) -> Vec<String> {
+    let gateways: Vec<&str> = waypoint_gateways(layout).collect();
     if gateways.is_empty() {
         return Vec::new();
     }
     vec!["--waypoint-service-accounts".into(), gateways.join(",")]
-}
-
-/// Starts the `waypoint` binary in each waypoint pod, with its discovery and certificate
-/// from the controller, as the controller's Deployment does on Kubernetes.
-fn start_waypoints(run: &mut Running, bins: &Binaries) -> Result<(), ClusterError> {
-    let state = &mut run.state;
-    for i in 0..state.pods.len() {
-        let pod = state.pods[i].clone();
-        let Some(Sample::Waypoint { gateway }) = &pod.sample else {
-            continue;
-        };
-        let (ns, name) = gateway.split_once('/').unwrap_or((&pod.namespace, gateway));
-        let token = state
-            .state_dir
-            .join("credentials/serviceaccounts")
-            .join(ns)
-            .join(format!("{name}.token"));
-        let args = vec![
-            "--identity".into(),
-            // The controller's trust domain in local mode; the identity it derives for a
-            // waypoint is named after the Gateway.
-            format!(
-                "spiffe://{}/ns/{ns}/sa/{name}",
-                ambit_hbone::identity::DEFAULT_TRUST_DOMAIN
-            ),
-            "--gateway".into(),
-            gateway.clone(),
-            "--controller".into(),
-            state.controller_url.clone(),
-            "--ca-root-file".into(),
-            state.root_cert.display().to_string(),
-            "--credential-file".into(),
-            token.display().to_string(),
-            "--log-format".into(),
-            "json".into(),
-            "--drain-seconds".into(),
-            "1".into(),
-        ];
-        let label = format!("waypoint-{ns}-{name}");
-        let log = state.state_dir.join("logs").join(format!("{label}.log"));
-        let (child, proc) = procs::spawn_in(
-            &state.state_dir,
-            &label,
-            &pod.netns,
-            &bins.waypoint,
-            &args,
-            &log,
-        )?;
-        run.children.push(child);
-        state.pods[i].process = Some(proc.clone());
-        state.save()?;
-        // It binds its HBONE port once it holds a certificate from the CA.
-        let addr = SocketAddr::from((pod.ip, WAYPOINT_HBONE_PORT));
-        wait_listening(&pod.netns, addr, &proc, &format!("waypoint {gateway}"))?;
-    }
-    Ok(())
 }
 
 /// One node directory per node: the local nodes share this machine's filesystem.
@@ -640,40 +548,6 @@ fn wait_ready(state: &ClusterState) {
     }
 }
 
-/// Waits until something accepts connections on `addr` inside `netns`.
-fn wait_listening(
-    netns: &str,
-    addr: SocketAddr,
-    proc: &Proc,
-    what: &str,
-) -> Result<(), ClusterError> {
-    let secs = 30;
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let ok = net::in_netns(netns, move || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-        })?;
-        if ok {
-            return Ok(());
-        }
-        if !procs::alive(proc.pid) {
-            return Err(ClusterError::Exited {
-                what: what.to_owned(),
-                log: proc.log.clone(),
-            });
-        }
-        if Instant::now() > deadline {
-            return Err(ClusterError::ListenTimeout {
-                what: what.to_owned(),
-                addr,
-                secs,
-                log: proc.log.clone(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// What [`down`] did.
 #[derive(Debug, Default)]
 pub struct DownReport {
@@ -681,20 +555,11 @@ pub struct DownReport {
     pub stopped: Vec<(String, i32)>,
     pub killed: Vec<i32>,
     pub namespaces: Vec<String>,
+    /// Pods whose CNI DEL ran (`namespace/name`).
+    pub released: Vec<String>,
     pub removed: Vec<PathBuf>,
     /// What could not be undone, in words.
     pub problems: Vec<String>,
-}
-
-/// Whether a pid from a pidfile or the record still runs one of our programs (pids get reused).
-fn ours(pid: i32) -> bool {
-    let cmd = procs::cmdline(pid);
-    procs::alive(pid)
-        && (cmd.contains("ztunnel")
-            || cmd.contains("ambit-controller")
-            || cmd.contains("waypoint")
-            || cmd.contains("sample server")
-            || cmd.contains("sample client"))
 }
 
 /// Removes everything a cluster with this state dir and namespace prefix made: processes
@@ -745,7 +610,7 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
         pids.extend(recorded.map(|(l, p)| (l, p.pid)));
     }
     pids.extend(procs::recorded_pids(state_dir));
-    pids.retain(|(_, pid)| ours(*pid));
+    pids.retain(|(_, pid)| procs::ours(*pid));
     for ns in &namespaces {
         for pid in net::netns_pids(ns).unwrap_or_default() {
             pids.push((format!("process in {ns}"), pid));
@@ -756,6 +621,23 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
     let all: Vec<i32> = pids.iter().map(|(_, p)| *p).collect();
     report.killed = procs::stop_all(&all, Duration::from_secs(5));
     report.stopped = pids;
+
+    // As a node does for each pod it removes: DEL through its CNI chain (capture rules, veth,
+    // addresses) before its namespace goes. Without a record (a crash), deleting the
+    // namespaces and the state dir releases the same.
+    if let Some(s) = state.as_ref().filter(|s| !s.cni_path.is_empty()) {
+        for pod in s.pods.iter().filter(|p| namespaces.contains(&p.netns)) {
+            match pods::release(s, pod) {
+                Ok(()) => report
+                    .released
+                    .push(format!("{}/{}", pod.namespace, pod.name)),
+                Err(e) => report.problems.push(format!(
+                    "CNI DEL of pod {}/{}: {e}",
+                    pod.namespace, pod.name
+                )),
+            }
+        }
+    }
 
     // Reverse creation order: pods, then nodes, then the fabric.
     for ns in namespaces.iter().rev() {
@@ -776,6 +658,7 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
         "credentials",
         "examples",
         "ztunnel",
+        "cni",
     ];
     if objects_ours {
         entries.push("objects");
@@ -819,7 +702,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint --release"
+                "cargo build -p ambitctl -p ambit-controller -p ambit-ztunnel -p ambit-waypoint -p ambit-cni --release"
             ),
             "{text}"
         );

@@ -1,7 +1,11 @@
 //! Network plumbing for nodes and pods as network namespaces: the one place that creates
 //! namespaces, the fabric bridge, veth pairs, addresses and routes. `ambitctl up` builds its
-//! local cluster with it, and the end-to-end test fixture (`ambit-tests`' `Topology`) builds
-//! its topologies with it, so the two cannot drift apart.
+//! local cluster's fabric and nodes with it, and the end-to-end test fixture (`ambit-tests`'
+//! `Topology`) builds its topologies with it, so the two cannot drift apart. The local mesh's
+//! pods are not plugged in here: their namespaces get `eth0`, addresses and routes from the
+//! node's CNI chain (`super::cni`: the reference `bridge` plugin puts the node-side veths on
+//! a bridge `cni0` holding the gateway 10.77.k.1/24, the pods get 10.77.k.N/24); the fixture's
+//! pods below are plugged in by hand, with the same addresses.
 //!
 //! ```text
 //!  fabric netns: bridge br0 (10.77.0.0/24 between nodes; optionally 10.77.0.1 on the bridge)
@@ -226,8 +230,16 @@ pub fn pod_ip6(k: usize, j: usize) -> Result<Ipv6Addr, NetError> {
     ))
 }
 
+/// The last per-node pod index of the plan: pod 247 is 10.77.k.249.
+pub const MAX_POD_INDEX: usize = 247;
+
+/// Node k's pod subnet, 10.77.k.0/24.
+pub fn pod_subnet(k: usize) -> Result<String, NetError> {
+    Ok(format!("10.77.{}.0/24", octet("node", k)?))
+}
+
 /// Node k's IPv6 pod subnet, fd77:k::/64.
-fn pod_subnet6(k: usize) -> Result<String, NetError> {
+pub fn pod_subnet6(k: usize) -> Result<String, NetError> {
     Ok(format!("fd77:{:x}::/64", mirror("node", k)?))
 }
 
@@ -320,7 +332,7 @@ pub fn route_between_nodes(nodes: &[(&str, usize)]) -> Result<(), NetError> {
     for (ns, k) in nodes {
         for (_, m) in nodes {
             if k != m {
-                let subnet = format!("10.77.{}.0/24", octet("node", *m)?);
+                let subnet = pod_subnet(*m)?;
                 ip(
                     ns,
                     &["route", "add", &subnet, "via", &node_ip(*m)?.to_string()],
@@ -346,7 +358,7 @@ pub fn route_between_nodes(nodes: &[(&str, usize)]) -> Result<(), NetError> {
 /// that talk to the control plane themselves, as waypoints do, reach it and get answers.
 pub fn route_fabric_to_pods(fabric: &str, nodes: &[(&str, usize)]) -> Result<(), NetError> {
     for (_, k) in nodes {
-        let subnet = format!("10.77.{}.0/24", octet("node", *k)?);
+        let subnet = pod_subnet(*k)?;
         ip(
             fabric,
             &["route", "add", &subnet, "via", &node_ip(*k)?.to_string()],
@@ -364,6 +376,42 @@ pub fn route_fabric_to_pods(fabric: &str, nodes: &[(&str, usize)]) -> Result<(),
         )?;
     }
     Ok(())
+}
+
+/// Makes a pod's namespace as a container runtime makes a sandbox, before any CNI call:
+/// loopback up and strict reverse-path filtering (see [`attach_pod`]); the CNI chain then
+/// gives it `eth0`, its addresses and routes.
+pub fn add_sandbox(pod: &str) -> Result<(), NetError> {
+    add_netns(pod)?;
+    exec_in(
+        pod,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.conf.all.rp_filter=1",
+            "net.ipv4.conf.default.rp_filter=1",
+        ],
+    )
+    .map(drop)
+}
+
+/// Prepares node namespace `node` to host pods made by the CNI `bridge` plugin: no duplicate
+/// address detection on the interfaces it will create (the bridge's gateway addresses would
+/// stay unusable for a second or more after the first pod arrives; the plan guarantees they
+/// are unique).
+pub fn prepare_cni_host(node: &str) -> Result<(), NetError> {
+    exec_in(
+        node,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    )
+    .map(drop)
 }
 
 /// Plugs pod j (0-based on its node; its namespace exists) into node k: veth `p<j>` in the
@@ -477,6 +525,11 @@ mod tests {
             "fd77:2::12".parse::<Ipv6Addr>().unwrap()
         );
         assert_eq!(pod_subnet6(3).unwrap(), "fd77:3::/64");
+        assert_eq!(pod_subnet(3).unwrap(), "10.77.3.0/24");
+        assert_eq!(
+            pod_ip(1, MAX_POD_INDEX).unwrap(),
+            Ipv4Addr::new(10, 77, 1, 249)
+        );
         assert!(matches!(
             pod_ip(1, 248),
             Err(NetError::Plan { what: "pod", .. })

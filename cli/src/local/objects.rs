@@ -76,6 +76,9 @@ pub enum Sample {
 pub struct PodLayout {
     pub namespace: String,
     pub name: String,
+    /// What the controller keys the pod's workload by: `metadata.uid`, else `namespace/name`
+    /// (the CNI chain passes it as `K8S_POD_UID`, as a kubelet passes the pod's uid).
+    pub uid: String,
     /// Index of its node in [`Layout::nodes`] (0-based).
     pub node: usize,
     pub ip: Ipv4Addr,
@@ -334,11 +337,11 @@ pub fn read_layout(dir: &Path) -> Result<Layout, ObjectsError> {
                 .get(SAMPLE_CLIENT)
                 .map(|t| Sample::Client { target: t.clone() })
         };
-        pods.push((key, node, ip, sample));
+        pods.push((key, meta.uid.clone(), node, ip, sample));
     }
     let nodes: Vec<String> = pods
         .iter()
-        .map(|(_, n, _, _)| n.clone())
+        .map(|(_, _, n, _, _)| n.clone())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -346,7 +349,7 @@ pub fn read_layout(dir: &Path) -> Result<Layout, ObjectsError> {
         nodes,
         pods: Vec::new(),
     };
-    for (key, node, ip, sample) in pods {
+    for (key, uid, node, ip, sample) in pods {
         let k = layout.nodes.iter().position(|n| *n == node).unwrap_or(0);
         let octets = ip.octets();
         let ok = octets[0] == 10
@@ -365,6 +368,7 @@ pub fn read_layout(dir: &Path) -> Result<Layout, ObjectsError> {
         }
         let (namespace, name) = key.split_once('/').unwrap_or(("default", &key));
         layout.pods.push(PodLayout {
+            uid: uid.unwrap_or_else(|| key.clone()),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             node: k,

@@ -117,6 +117,17 @@ pub fn cmdline(pid: i32) -> String {
         .unwrap_or_default()
 }
 
+/// Whether a pid from a pidfile or the record still runs one of our programs (pids get reused).
+pub fn ours(pid: i32) -> bool {
+    let cmd = cmdline(pid);
+    alive(pid)
+        && (cmd.contains("ztunnel")
+            || cmd.contains("ambit-controller")
+            || cmd.contains("waypoint")
+            || cmd.contains("sample server")
+            || cmd.contains("sample client"))
+}
+
 /// SIGTERM to each pid, up to `grace` for them to exit, then SIGKILL to the rest. Returns the
 /// pids that had to be killed.
 pub fn stop_all(pids: &[i32], grace: Duration) -> Vec<i32> {

@@ -52,16 +52,23 @@ pub struct NodeState {
     pub ztunnel: Option<Proc>,
 }
 
-/// One pod: a namespace with the sample app.
+/// One pod: a namespace, made by its node's CNI chain, with the sample app.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PodState {
     pub namespace: String,
     pub name: String,
+    /// `K8S_POD_UID` as the chain was called with.
+    #[serde(default)]
+    pub uid: String,
     pub netns: String,
     pub ip: Ipv4Addr,
     pub node: String,
     pub sample: Option<Sample>,
     pub process: Option<Proc>,
+    /// The CNI result of its ADD, which its DEL is given (as runtimes cache it); `None` while
+    /// the ADD has not completed (DEL then runs without it, as the spec allows).
+    #[serde(default)]
+    pub cni_result: Option<serde_json::Value>,
 }
 
 /// The whole cluster.
@@ -78,6 +85,10 @@ pub struct ClusterState {
     pub netns_dir: PathBuf,
     /// Every namespace made, in creation order.
     pub namespaces: Vec<String>,
+    /// `CNI_PATH`: where the pods' CNI plugins were found (`ambit-cni`'s directory, the
+    /// reference plugins'), so `down` runs DEL with the same plugins as ADD.
+    #[serde(default)]
+    pub cni_path: Vec<PathBuf>,
     pub fabric: String,
     /// `http(s)://ip:port` of the controller, as the ztunnels reach it.
     pub controller_url: String,

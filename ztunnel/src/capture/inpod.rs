@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::TcpListener;
@@ -391,6 +391,17 @@ impl CapturedPod {
         self.worker.netns()
     }
 
+    /// Whether the namespace file at `path` is another namespace than the one this pod is
+    /// captured in (compared by nsfs device and inode, so a namespace recreated under the same
+    /// name is another one). `false` when `path` cannot be examined (it is gone).
+    pub fn netns_differs(&self, path: &Path) -> bool {
+        let Ok(theirs) = nix::sys::stat::stat(path) else {
+            return false;
+        };
+        nix::sys::stat::fstat(self.netns().as_fd())
+            .is_ok_and(|ours| (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino))
+    }
+
     /// The rules this pod was captured with (ports, marks, and whether its IPv6 is captured
     /// or closed: closed when it was asked for, or when its IPv6 listeners could not open).
     pub fn rules(&self) -> &RuleConfig {
@@ -658,6 +669,49 @@ impl CaptureManager {
                 source,
             })?;
         Ok(true)
+    }
+
+    /// Removes our rules from namespace `netns`, which belongs to pod `uid` that left the mesh
+    /// while no ztunnel served it (`super::sweep`). Holds the pods' lock throughout and asks
+    /// `still_orphaned` (on the current state) under it, so enrollment never captures the pod
+    /// while its rules go: a pod enrolled meanwhile, or served here, is left alone. Returns
+    /// whether rules were removed (`false`: none of ours there, or no longer orphaned).
+    pub async fn remove_orphaned(
+        &self,
+        uid: &str,
+        netns: NetnsHandle,
+        still_orphaned: impl FnOnce() -> bool,
+    ) -> Result<bool, InpodError> {
+        let pods = self.pods.lock().await;
+        if pods.contains_key(uid) || !still_orphaned() {
+            return Ok(false);
+        }
+        let path = netns.path().to_path_buf();
+        let worker = NetnsWorker::spawn(netns).map_err(|source| InpodError::Worker {
+            uid: Arc::from(uid),
+            source,
+        })?;
+        let cfg = self.cfg.rules.clone();
+        let removed = worker
+            .run(move || {
+                // Only a namespace holding rules of ours is touched (not even our routing table).
+                if iptables::parse_save(&iptables::save(cfg.backend)?).is_empty() {
+                    return Ok(false);
+                }
+                iptables::remove(&cfg).map(|()| true)
+            })
+            .await
+            .map_err(|source| InpodError::Worker {
+                uid: Arc::from(uid),
+                source,
+            })?
+            .map_err(|source| InpodError::Remove {
+                uid: Arc::from(uid),
+                netns: path,
+                source,
+            })?;
+        drop(pods);
+        Ok(removed)
     }
 
     /// The capture of pod `uid`, if enrolled.

@@ -7,6 +7,7 @@
 //! - [`sockets`]: the listeners and ztunnel's own (marked, possibly transparent) sockets.
 //! - [`inpod`]: one pod's capture ([`CapturedPod`]), the per-node [`CaptureManager`], and
 //!   [`dedicated`] mode for a workload outside Kubernetes.
+//! - [`sweep`]: once at start, the rules of pods that left the mesh while no ztunnel ran.
 //!
 //! Threads and ports, per enrolled pod: one namespace worker thread (socket creation and
 //! `iptables-restore` only; all I/O stays on the main runtime), and three listeners per
@@ -27,6 +28,7 @@ pub mod inpod;
 pub mod iptables;
 pub mod netns;
 pub mod sockets;
+pub mod sweep;
 
 pub use inpod::{
     dedicated, dedicated_with, CaptureConfig, CaptureManager, CapturedPod, InpodError,

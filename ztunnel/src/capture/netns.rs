@@ -146,6 +146,30 @@ impl NetnsHandle {
 /// interface addresses there. Files that are not network namespaces are skipped. This blocks for
 /// a few milliseconds per namespace: call it from a blocking context.
 pub fn find_by_ip(dir: &Path, ip: IpAddr) -> Result<NetnsHandle, NetnsError> {
+    let mut found: Vec<NetnsHandle> = scan(dir)?
+        .into_iter()
+        .filter(|(_, addrs)| addrs.contains(&ip))
+        .map(|(handle, _)| handle)
+        .collect();
+    match found.len() {
+        0 => Err(NetnsError::NotFound {
+            dir: dir.to_path_buf(),
+            ip,
+        }),
+        1 => Ok(found.remove(0)),
+        _ => Err(NetnsError::Ambiguous {
+            dir: dir.to_path_buf(),
+            ip,
+            paths: found.iter().map(|h| h.path.to_path_buf()).collect(),
+        }),
+    }
+}
+
+/// Every network namespace among the files in `dir`, sorted by path, with the addresses of
+/// its interfaces. Entered in turn from one short-lived helper thread; files that are not
+/// network namespaces (or vanish meanwhile) are skipped. Blocks for a few milliseconds per
+/// namespace: call it from a blocking context.
+pub fn scan(dir: &Path) -> Result<Vec<(NetnsHandle, Vec<IpAddr>)>, NetnsError> {
     let entries = std::fs::read_dir(dir).map_err(|source| NetnsError::ReadDir {
         dir: dir.to_path_buf(),
         source,
@@ -176,9 +200,8 @@ pub fn find_by_ip(dir: &Path, ip: IpAddr) -> Result<NetnsHandle, NetnsError> {
                     tracing::debug!(error = %err, "skipping namespace candidate");
                     continue;
                 }
-                match has_address(ip) {
-                    Ok(true) => found.push(handle),
-                    Ok(false) => {}
+                match addresses() {
+                    Ok(addrs) => found.push((handle, addrs)),
                     Err(err) => tracing::debug!(
                         path = %handle.path.display(), error = %err, "cannot list addresses"
                     ),
@@ -190,39 +213,22 @@ pub fn find_by_ip(dir: &Path, ip: IpAddr) -> Result<NetnsHandle, NetnsError> {
             path: dir.to_path_buf(),
             source,
         })?;
-    let mut found = scan.join().map_err(|_| NetnsError::WorkerGone {
+    scan.join().map_err(|_| NetnsError::WorkerGone {
         path: dir.to_path_buf(),
-    })?;
-
-    match found.len() {
-        0 => Err(NetnsError::NotFound {
-            dir: dir.to_path_buf(),
-            ip,
-        }),
-        1 => Ok(found.remove(0)),
-        _ => Err(NetnsError::Ambiguous {
-            dir: dir.to_path_buf(),
-            ip,
-            paths: found.iter().map(|h| h.path.to_path_buf()).collect(),
-        }),
-    }
+    })
 }
 
-/// Whether any interface of the calling thread's namespace carries `ip`.
-fn has_address(ip: IpAddr) -> Result<bool, nix::Error> {
-    let found = nix::ifaddrs::getifaddrs()?.any(|ifa| {
-        let Some(addr) = ifa.address else {
-            return false;
-        };
-        if let Some(v4) = addr.as_sockaddr_in() {
-            return IpAddr::V4(v4.ip()) == ip;
-        }
-        if let Some(v6) = addr.as_sockaddr_in6() {
-            return IpAddr::V6(v6.ip()) == ip;
-        }
-        false
-    });
-    Ok(found)
+/// The addresses of the calling thread's namespace's interfaces.
+fn addresses() -> Result<Vec<IpAddr>, nix::Error> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect())
 }
 
 type Job = Box<dyn FnOnce() + Send + 'static>;

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::model::{Action, Condition, Operation, Policy, Rule, Source, Test, Values};
 use crate::pattern::StringMatch;
+use crate::trace::{Clause, Observer, RuleRef, Trace, Unobserved};
 
 /// What policy sees of a connection or a request.
 #[derive(Debug, Clone, Copy)]
@@ -46,20 +47,6 @@ pub struct HttpAttributes<'a> {
     /// The `Host` (`:authority`), possibly with a port.
     pub host: &'a str,
     pub headers: &'a http::HeaderMap,
-}
-
-/// A policy and the index of its rule that matched.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RuleRef {
-    /// `namespace/name`.
-    pub policy: String,
-    pub rule: usize,
-}
-
-impl fmt::Display for RuleRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (rule {})", self.policy, self.rule)
-    }
 }
 
 /// What decided.
@@ -118,6 +105,28 @@ pub fn evaluate<'p>(
     policies: impl IntoIterator<Item = &'p Policy>,
     attrs: &Attributes<'_>,
 ) -> Verdict {
+    evaluate_observed(policies, attrs, &mut Unobserved)
+}
+
+/// [`evaluate`], and the [`Trace`] of every policy, rule and field it looked at: what
+/// `ambitctl explain` prints. The trace is recorded by the evaluation itself, so it cannot
+/// disagree with the verdict.
+pub fn explain<'p>(
+    policies: impl IntoIterator<Item = &'p Policy>,
+    attrs: &Attributes<'_>,
+) -> (Verdict, Trace) {
+    let mut trace = Trace::default();
+    let verdict = evaluate_observed(policies, attrs, &mut trace);
+    (verdict, trace)
+}
+
+/// [`evaluate`], reporting each step to `observer` as it is taken ([`Unobserved`] costs
+/// nothing; [`Trace`] records).
+pub fn evaluate_observed<'p, O: Observer + ?Sized>(
+    policies: impl IntoIterator<Item = &'p Policy>,
+    attrs: &Attributes<'_>,
+    observer: &mut O,
+) -> Verdict {
     let facts = Facts {
         principal: attrs
             .principal
@@ -129,8 +138,8 @@ pub fn evaluate<'p>(
     let mut checked = Vec::new();
     let mut audited = Vec::new();
     for p in policies {
-        let hit = |p: &Policy| {
-            p.matching_rule(&facts).map(|rule| RuleRef {
+        let mut hit = |p: &Policy| {
+            p.matching_rule(&facts, &mut *observer).map(|rule| RuleRef {
                 policy: p.key(),
                 rule,
             })
@@ -153,7 +162,13 @@ pub fn evaluate<'p>(
         (None, None) if checked.is_empty() => Decision::NoAllowPolicy,
         (None, None) => Decision::NoAllowMatched(checked),
     };
-    Verdict { decision, audited }
+    let verdict = Verdict { decision, audited };
+    let by = match &verdict.decision {
+        Decision::DeniedBy(r) | Decision::AllowedBy(r) => Some(r),
+        Decision::NoAllowPolicy | Decision::NoAllowMatched(_) => None,
+    };
+    observer.decided(verdict.allowed(), by);
+    verdict
 }
 
 /// The attributes, with the principal in Istio's form.
@@ -162,26 +177,87 @@ struct Facts<'a> {
     attrs: &'a Attributes<'a>,
 }
 
-impl Policy {
-    /// Index of the first rule matching, if any.
-    fn matching_rule(&self, f: &Facts) -> Option<usize> {
-        let http_known = f.attrs.http.is_some();
-        self.rules.iter().position(|r| {
-            if self.action == Action::Allow && r.unknowable(http_known) {
-                return false;
-            }
-            r.matches(f)
-        })
+impl Facts<'_> {
+    fn principal(&self) -> String {
+        self.principal.unwrap_or("none (plaintext)").to_string()
+    }
+
+    fn namespace(&self) -> String {
+        self.attrs
+            .namespace
+            .unwrap_or("none (plaintext)")
+            .to_string()
     }
 }
 
-/// `values` (if any) must match and `not_values` must not.
-fn field<T>(values: &[T], not_values: &[T], hit: impl Fn(&[T]) -> bool) -> bool {
-    (values.is_empty() || hit(values)) && (not_values.is_empty() || !hit(not_values))
+impl Policy {
+    /// Index of the first rule matching, if any.
+    fn matching_rule<O: Observer + ?Sized>(&self, f: &Facts, o: &mut O) -> Option<usize> {
+        o.policy(self);
+        let http_known = f.attrs.http.is_some();
+        for (index, r) in self.rules.iter().enumerate() {
+            if self.action == Action::Allow && r.unknowable(http_known) {
+                o.rule(index, true);
+                o.rule_done(false);
+                continue;
+            }
+            o.rule(index, false);
+            let matched = r.matches(f, o);
+            o.rule_done(matched);
+            if matched {
+                return Some(index);
+            }
+        }
+        None
+    }
 }
 
-fn set<T>(v: &Values<T>, hit: impl Fn(&[T]) -> bool) -> bool {
-    field(&v.values, &v.not_values, hit)
+/// Checks the fields of one clause, reporting each that constrains.
+struct Clauses<'o, 'c, O: ?Sized> {
+    o: &'o mut O,
+    clause: Clause<'c>,
+}
+
+impl<O: Observer + ?Sized> Clauses<'_, '_, O> {
+    /// `values` (if any) must match and `not_values` must not; `names` are the two lists'
+    /// names as written, `seen` the value the request had.
+    fn field<T>(
+        &mut self,
+        names: (&str, &str),
+        (values, not_values): (&[T], &[T]),
+        seen: &dyn Fn() -> String,
+        hit: impl Fn(&[T]) -> bool,
+    ) -> bool {
+        if !values.is_empty() {
+            let matched = hit(values);
+            self.o.check(self.clause, names.0, seen, matched);
+            if !matched {
+                return false;
+            }
+        }
+        if !not_values.is_empty() {
+            let matched = !hit(not_values);
+            self.o.check(self.clause, names.1, seen, matched);
+            if !matched {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn set<T>(
+        &mut self,
+        v: &Values<T>,
+        seen: &dyn Fn() -> String,
+        hit: impl Fn(&[T]) -> bool,
+    ) -> bool {
+        self.field(
+            ("values", "notValues"),
+            (&v.values, &v.not_values),
+            seen,
+            hit,
+        )
+    }
 }
 
 fn any_str(ms: &[StringMatch], v: Option<&str>) -> bool {
@@ -202,59 +278,135 @@ fn any_net(nets: &[IpNet], ip: IpAddr) -> bool {
 /// Unknowable parts count as matching here: an ALLOW rule with any never gets here
 /// (`Policy::matching_rule`), and a DENY or AUDIT rule must match on the rest.
 impl Rule {
-    fn matches(&self, f: &Facts) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(f)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(f)))
-            && self.when.iter().all(|c| c.matches(f))
-    }
-}
-
-impl Source {
-    fn matches(&self, f: &Facts) -> bool {
-        let ip = f.attrs.source_ip;
-        let ns = f.attrs.namespace;
-        field(&self.principals, &self.not_principals, |m| {
-            any_principal(m, f.principal)
-        }) && field(&self.namespaces, &self.not_namespaces, |m| any_str(m, ns))
-            && field(&self.ip_blocks, &self.not_ip_blocks, |n| any_net(n, ip))
-            && field(&self.remote_ip_blocks, &self.not_remote_ip_blocks, |n| {
-                any_net(n, ip)
+    fn matches<O: Observer + ?Sized>(&self, f: &Facts, o: &mut O) -> bool {
+        (self.from.is_empty()
+            || self.from.iter().enumerate().any(|(i, s)| {
+                s.matches(
+                    f,
+                    &mut Clauses {
+                        o: &mut *o,
+                        clause: Clause::From(i),
+                    },
+                )
+            }))
+            && (self.to.is_empty()
+                || self.to.iter().enumerate().any(|(i, op)| {
+                    op.matches(
+                        f,
+                        &mut Clauses {
+                            o: &mut *o,
+                            clause: Clause::To(i),
+                        },
+                    )
+                }))
+            && self.when.iter().enumerate().all(|(i, c)| {
+                c.matches(
+                    f,
+                    &mut Clauses {
+                        o: &mut *o,
+                        clause: Clause::When(i, c.key()),
+                    },
+                )
             })
     }
 }
 
+impl Source {
+    fn matches<O: Observer + ?Sized>(&self, f: &Facts, c: &mut Clauses<'_, '_, O>) -> bool {
+        let ip = f.attrs.source_ip;
+        let ns = f.attrs.namespace;
+        let seen_ip = || ip.to_canonical().to_string();
+        c.field(
+            ("principals", "notPrincipals"),
+            (&self.principals, &self.not_principals),
+            &|| f.principal(),
+            |m| any_principal(m, f.principal),
+        ) && c.field(
+            ("namespaces", "notNamespaces"),
+            (&self.namespaces, &self.not_namespaces),
+            &|| f.namespace(),
+            |m| any_str(m, ns),
+        ) && c.field(
+            ("ipBlocks", "notIpBlocks"),
+            (&self.ip_blocks, &self.not_ip_blocks),
+            &seen_ip,
+            |n| any_net(n, ip),
+        ) && c.field(
+            ("remoteIpBlocks", "notRemoteIpBlocks"),
+            (&self.remote_ip_blocks, &self.not_remote_ip_blocks),
+            &seen_ip,
+            |n| any_net(n, ip),
+        )
+    }
+}
+
 impl Operation {
-    fn matches(&self, f: &Facts) -> bool {
+    fn matches<O: Observer + ?Sized>(&self, f: &Facts, c: &mut Clauses<'_, '_, O>) -> bool {
         let port = f.attrs.destination_port;
-        if !field(&self.ports, &self.not_ports, |ps| ps.contains(&port)) {
+        if !c.field(
+            ("ports", "notPorts"),
+            (&self.ports, &self.not_ports),
+            &|| port.to_string(),
+            |ps| ps.contains(&port),
+        ) {
             return false;
         }
         let Some(h) = &f.attrs.http else {
+            if self.uses_http() {
+                // Only a DENY or AUDIT rule gets here (an ALLOW one was skipped as
+                // unknowable): it matches on its L4 parts, and the trace says so.
+                c.o.check(
+                    c.clause,
+                    "methods/paths/hosts",
+                    &|| "unknown (no HTTP)".into(),
+                    true,
+                );
+            }
             return true;
         };
-        let method_ok = (self.methods.is_empty()
-            || self.methods.iter().any(|m| m == "*" || m == h.method))
-            && !self.not_methods.iter().any(|m| m == h.method);
+        // `*` in `methods` means any method; `notMethods` is exact.
+        let seen = || h.method.to_string();
+        let method_ok = c.field(("methods", ""), (&self.methods, &[]), &seen, |ms| {
+            ms.iter().any(|m| m == "*" || m == h.method)
+        }) && c.field(("", "notMethods"), (&[], &self.not_methods), &seen, |ms| {
+            ms.iter().any(|m| m == h.method)
+        });
         // `Host` may carry the port; a pattern may be written with or without it.
         let host = h.host;
         let bare_host = host.rsplit_once(':').map_or(host, |(h, _)| h);
         let hosts = |ms: &[StringMatch]| any_str(ms, Some(host)) || any_str(ms, Some(bare_host));
         let path = Some(h.path);
         method_ok
-            && field(&self.hosts, &self.not_hosts, hosts)
-            && field(&self.paths, &self.not_paths, |m| any_str(m, path))
+            && c.field(
+                ("hosts", "notHosts"),
+                (&self.hosts, &self.not_hosts),
+                &|| host.to_string(),
+                hosts,
+            )
+            && c.field(
+                ("paths", "notPaths"),
+                (&self.paths, &self.not_paths),
+                &|| h.path.to_string(),
+                |m| any_str(m, path),
+            )
     }
 }
 
 impl Condition {
-    fn matches(&self, f: &Facts) -> bool {
+    fn matches<O: Observer + ?Sized>(&self, f: &Facts, c: &mut Clauses<'_, '_, O>) -> bool {
         let a = f.attrs;
         match self.test() {
-            Test::SourceIp(v) => set(v, |n| any_net(n, a.source_ip)),
-            Test::DestinationIp(v) => set(v, |n| any_net(n, a.destination_ip)),
-            Test::DestinationPort(v) => set(v, |ps| ps.contains(&a.destination_port)),
-            Test::SourceNamespace(v) => set(v, |m| any_str(m, a.namespace)),
-            Test::SourcePrincipal(v) => set(v, |m| any_principal(m, f.principal)),
+            Test::SourceIp(v) => c.set(v, &|| a.source_ip.to_string(), |n| any_net(n, a.source_ip)),
+            Test::DestinationIp(v) => c.set(v, &|| a.destination_ip.to_string(), |n| {
+                any_net(n, a.destination_ip)
+            }),
+            Test::DestinationPort(v) => c.set(v, &|| a.destination_port.to_string(), |ps| {
+                ps.contains(&a.destination_port)
+            }),
+            Test::SourceNamespace(v) => c.set(v, &|| f.namespace(), |m| any_str(m, a.namespace)),
+            Test::SourcePrincipal(v) => {
+                c.set(v, &|| f.principal(), |m| any_principal(m, f.principal))
+            }
             Test::RequestHeader { name, values } => match &a.http {
                 Some(h) => {
                     // Repeated headers are one value, joined as HTTP allows; an absent
@@ -266,11 +418,17 @@ impl Condition {
                         .filter_map(|v| v.to_str().ok())
                         .collect::<Vec<_>>()
                         .join(",");
-                    set(values, |m| any_str(m, Some(&joined)))
+                    c.set(values, &|| joined.clone(), |m| any_str(m, Some(&joined)))
                 }
-                None => true,
+                None => {
+                    c.o.check(c.clause, "values", &|| "unknown (no HTTP)".into(), true);
+                    true
+                }
             },
-            Test::RequestAuth | Test::Unknown => true,
+            Test::RequestAuth | Test::Unknown => {
+                c.o.check(c.clause, "values", &|| "unknowable".into(), true);
+                true
+            }
         }
     }
 }

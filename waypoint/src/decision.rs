@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_policy::{Observer, Unobserved};
 use http::header::HeaderValue;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, StatusCode, Uri};
@@ -183,6 +184,20 @@ pub fn decide(
     draws: Draws,
     limits: &dyn RateLimits,
 ) -> Decision {
+    decide_observed(state, gateway, caller, req, draws, limits, &mut Unobserved)
+}
+
+/// [`decide`], reporting each step of L7 policy evaluation to `observer` (`ambitctl
+/// explain` records them; the proxy observes nothing).
+pub fn decide_observed(
+    state: &State,
+    gateway: &str,
+    caller: &Caller,
+    req: &RequestHead<'_>,
+    draws: Draws,
+    limits: &dyn RateLimits,
+    observer: &mut dyn Observer,
+) -> Decision {
     let mut d = Decision {
         destination: String::new(),
         audited: Vec::new(),
@@ -203,7 +218,7 @@ pub fn decide(
         draws,
         limits,
     };
-    d.action = match input.chain(target, &mut d) {
+    d.action = match input.chain(target, &mut d, observer) {
         Ok(action) => action,
         Err(refusal) => Action::Refuse(refusal),
     };
@@ -222,7 +237,12 @@ struct Input<'a> {
 
 impl Input<'_> {
     /// The steps after the destination is known; fills in `d` as they go.
-    fn chain(&self, target: Target, d: &mut Decision) -> Result<Action, Refusal> {
+    fn chain(
+        &self,
+        target: Target,
+        d: &mut Decision,
+        observer: &mut dyn Observer,
+    ) -> Result<Action, Refusal> {
         let Input {
             state,
             gateway,
@@ -239,7 +259,13 @@ impl Input<'_> {
         d.destination = service
             .map(|s| s.hostname.clone())
             .unwrap_or_else(|| caller.authority.to_string());
-        d.audited = authorize(state, gateway, service.map(|_| key.as_str()), caller, req)?;
+        d.audited = authorize(
+            state,
+            gateway,
+            service.map(|_| key.as_str()),
+            (caller, req),
+            observer,
+        )?;
         let settings = state.settings(&key);
         rate_limit(settings, &key, caller, limits)?;
         // The delay is waited out even when the abort follows (the client sees both).
@@ -259,13 +285,58 @@ impl Input<'_> {
     }
 }
 
+/// What to do with a connection that is not HTTP (opaque TCP).
+#[derive(Debug)]
+pub enum TcpDecision {
+    /// The tunnel's `:authority` is no service VIP or workload the state knows.
+    UnknownDestination,
+    /// L4 policy denies it (rules needing HTTP fail closed); `by` names the policy, or the
+    /// ALLOW policies that did not match.
+    Denied { by: String },
+    /// Copy bytes to the first of these endpoints that answers.
+    Forward { upstreams: Arc<[Upstream]> },
+}
+
+/// Decides on an opaque TCP connection from `caller` through the waypoint `gateway`: the
+/// destination, then the bound policies without HTTP attributes. `observer` sees each
+/// step of the evaluation.
+pub fn decide_tcp(
+    state: &State,
+    gateway: &str,
+    caller: &Caller,
+    observer: &mut dyn Observer,
+) -> TcpDecision {
+    let (service, upstreams) = match state.resolve(caller.authority) {
+        None => return TcpDecision::UnknownDestination,
+        Some(Target::Service { service, port }) => {
+            let ups = state.upstreams(&service, port);
+            (Some(service), ups)
+        }
+        Some(Target::Workload { upstream, service }) => (service, Arc::from([upstream])),
+    };
+    let key = service.as_ref().map(|s| s.key());
+    let policies = state.policies_for(gateway, key.as_deref());
+    let attrs = Attributes {
+        principal: Some(&caller.principal),
+        namespace: Some(&caller.namespace),
+        source_ip: caller.addr.ip(),
+        destination_ip: caller.authority.ip(),
+        destination_port: caller.authority.port(),
+        http: None,
+    };
+    match policy::evaluate_observed(&policies, &attrs, observer) {
+        Verdict::Deny { by, .. } => TcpDecision::Denied { by },
+        Verdict::Allow { .. } => TcpDecision::Forward { upstreams },
+    }
+}
+
 /// L7 authorization; the AUDIT policies that matched when allowed.
 fn authorize(
     state: &State,
     gateway: &str,
     service_key: Option<&str>,
-    caller: &Caller,
-    req: &RequestHead<'_>,
+    (caller, req): (&Caller, &RequestHead<'_>),
+    observer: &mut dyn Observer,
 ) -> Result<Vec<String>, Refusal> {
     let policies = state.policies_for(gateway, service_key);
     let attrs = Attributes {
@@ -281,7 +352,7 @@ fn authorize(
             headers: req.headers,
         }),
     };
-    match policy::evaluate(&policies, &attrs) {
+    match policy::evaluate_observed(&policies, &attrs, observer) {
         Verdict::Deny { by, .. } => Err(Refusal::Denied { by }),
         Verdict::Allow { audited } => Ok(audited),
     }

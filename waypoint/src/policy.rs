@@ -52,7 +52,16 @@ pub enum Verdict {
 
 /// Evaluates `policies` (already the ones bound to this destination) for `attrs`.
 pub fn evaluate(policies: &[&Policy], attrs: &Attributes<'_>) -> Verdict {
-    let v = ambit_policy::evaluate(policies.iter().copied(), attrs);
+    evaluate_observed(policies, attrs, &mut ambit_policy::Unobserved)
+}
+
+/// [`evaluate`], reporting each step to `observer` (see [`ambit_policy::trace`]).
+pub fn evaluate_observed(
+    policies: &[&Policy],
+    attrs: &Attributes<'_>,
+    observer: &mut dyn ambit_policy::Observer,
+) -> Verdict {
+    let v = ambit_policy::evaluate_observed(policies.iter().copied(), attrs, observer);
     let audited = v.audited.into_iter().map(|r| r.policy).collect();
     match v.decision {
         Decision::DeniedBy(r) => Verdict::Deny {

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use ambit_hbone::server::{ConnectRequest, Handler, Refusal};
 use ambit_hbone::stream::TunnelStream;
+use ambit_policy::Unobserved;
 use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncReadExt as _;
 
-use crate::decision::Caller;
-use crate::policy::{self, Attributes, Verdict};
+use crate::decision::{self, Caller, TcpDecision};
 use crate::protocol::{self, Detected, Rewind};
 use crate::proxy::Proxy;
 use crate::state::Target;
@@ -166,31 +166,19 @@ impl Waypoint {
     /// endpoint reachable, then a byte copy.
     async fn forward_tcp(&self, caller: &Caller, mut down: Rewind<TunnelStream>) {
         let state = self.proxy.state.load();
-        let (service, upstreams) = match state.resolve(caller.authority) {
-            None => {
+        let decided = decision::decide_tcp(&state, &self.proxy.gateway, caller, &mut Unobserved);
+        drop(state);
+        let upstreams = match decided {
+            TcpDecision::UnknownDestination => {
                 tracing::info!(target: "access", authority = %caller.authority, "tcp: unknown destination");
                 return;
             }
-            Some(Target::Service { service, port }) => {
-                let ups = state.upstreams(&service, port);
-                (Some(service), ups)
+            TcpDecision::Denied { by } => {
+                tracing::info!(target: "access", principal = %caller.principal, authority = %caller.authority, denied_by = %by, "tcp: denied");
+                return;
             }
-            Some(Target::Workload { upstream, service }) => (service, Arc::from([upstream])),
+            TcpDecision::Forward { upstreams } => upstreams,
         };
-        let key = service.as_ref().map(|s| s.key());
-        let policies = state.policies_for(&self.proxy.gateway, key.as_deref());
-        let attrs = Attributes {
-            principal: Some(&caller.principal),
-            namespace: Some(&caller.namespace),
-            source_ip: caller.addr.ip(),
-            destination_ip: caller.authority.ip(),
-            destination_port: caller.authority.port(),
-            http: None,
-        };
-        if let Verdict::Deny { by, .. } = policy::evaluate(&policies, &attrs) {
-            tracing::info!(target: "access", principal = %caller.principal, authority = %caller.authority, denied_by = %by, "tcp: denied");
-            return;
-        }
         for up in upstreams.iter() {
             match self.proxy.upstreams.tunnel(up).await {
                 Ok(mut tunnel) => {

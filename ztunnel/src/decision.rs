@@ -18,12 +18,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ambit_hbone::Identity;
-use ambit_policy::{effective_mode, MtlsDecision, MtlsMode};
+use ambit_policy::{effective_mode, MtlsDecision, MtlsMode, Observer, Unobserved};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::state::policy::{authorize, ConnectionInfo};
+use crate::state::policy::{authorize_observed, ConnectionInfo};
 use crate::state::service::{Endpoint, LoadBalancing, Service};
 use crate::state::workload::{GatewayAddress, TunnelProtocol, Workload, HBONE_PORT};
 use crate::state::State;
@@ -465,8 +465,14 @@ fn check_destination(pod: &Workload, dst: SocketAddr) -> Result<(), Inbound> {
     Ok(())
 }
 
-fn policy(state: &State, pod: &Workload, conn: ConnectionInfo<'_>, dst: SocketAddr) -> Inbound {
-    let verdict = authorize(state, pod, &conn);
+fn policy(
+    state: &State,
+    pod: &Workload,
+    conn: ConnectionInfo<'_>,
+    dst: SocketAddr,
+    observer: &mut dyn Observer,
+) -> Inbound {
+    let verdict = authorize_observed(state, pod, &conn, observer);
     if verdict.allowed {
         Inbound::Accept {
             destination: dst,
@@ -490,6 +496,19 @@ pub fn inbound(
     peer: Option<&Identity>,
     source_ip: IpAddr,
     authority: &str,
+) -> Inbound {
+    inbound_observed(state, pod, peer, source_ip, authority, &mut Unobserved)
+}
+
+/// [`inbound`], reporting each step of L4 policy evaluation to `observer` (`ambitctl
+/// explain` records them; the proxy observes nothing).
+pub fn inbound_observed(
+    state: &State,
+    pod: &Workload,
+    peer: Option<&Identity>,
+    source_ip: IpAddr,
+    authority: &str,
+    observer: &mut dyn Observer,
 ) -> Inbound {
     let Ok(dst) = authority.parse::<SocketAddr>() else {
         return Inbound::refuse(400, format!("authority {authority:?} is not an ip:port"));
@@ -521,7 +540,7 @@ pub fn inbound(
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
-    policy(state, pod, conn, dst)
+    policy(state, pod, conn, dst, observer)
 }
 
 /// ztunnel's own mTLS mode, where no PeerAuthentication sets one at any level:
@@ -558,6 +577,18 @@ pub fn inbound_plaintext(
     dst: SocketAddr,
     default_mode: MtlsMode,
 ) -> Inbound {
+    inbound_plaintext_observed(state, pod, source_ip, dst, default_mode, &mut Unobserved)
+}
+
+/// [`inbound_plaintext`], reporting each step of L4 policy evaluation to `observer`.
+pub fn inbound_plaintext_observed(
+    state: &State,
+    pod: &Workload,
+    source_ip: IpAddr,
+    dst: SocketAddr,
+    default_mode: MtlsMode,
+    observer: &mut dyn Observer,
+) -> Inbound {
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
     if let Err(refusal) = check_destination(pod, dst) {
         return refusal;
@@ -572,7 +603,7 @@ pub fn inbound_plaintext(
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
-    policy(state, pod, conn, dst)
+    policy(state, pod, conn, dst, observer)
 }
 
 #[cfg(test)]

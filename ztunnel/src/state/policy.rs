@@ -10,6 +10,7 @@
 use std::net::IpAddr;
 
 use ambit_hbone::Identity;
+use ambit_policy::{Observer, Unobserved};
 use serde::Serialize;
 
 use super::store::State;
@@ -41,6 +42,15 @@ pub fn evaluate<'p>(
     policies: impl IntoIterator<Item = &'p Authorization>,
     conn: &ConnectionInfo<'_>,
 ) -> Verdict {
+    evaluate_observed(policies, conn, &mut Unobserved)
+}
+
+/// [`evaluate`], reporting each step to `observer` (see [`ambit_policy::trace`]).
+pub fn evaluate_observed<'p>(
+    policies: impl IntoIterator<Item = &'p Authorization>,
+    conn: &ConnectionInfo<'_>,
+    observer: &mut dyn Observer,
+) -> Verdict {
     let principal = conn.src_identity.map(ToString::to_string);
     let attrs = ambit_policy::Attributes {
         principal: principal.as_deref(),
@@ -50,7 +60,7 @@ pub fn evaluate<'p>(
         destination_port: conn.dst_port,
         http: None,
     };
-    let v = ambit_policy::evaluate(policies, &attrs);
+    let v = ambit_policy::evaluate_observed(policies, &attrs, observer);
     Verdict {
         allowed: v.allowed(),
         audit: !v.audited.is_empty(),
@@ -61,8 +71,18 @@ pub fn evaluate<'p>(
 /// Authorizes a connection to `dst` with the policies `state` applies to it (global, its
 /// namespace's, and those selecting it).
 pub fn authorize(state: &State, dst: &Workload, conn: &ConnectionInfo<'_>) -> Verdict {
+    authorize_observed(state, dst, conn, &mut Unobserved)
+}
+
+/// [`authorize`], reporting each step to `observer`.
+pub fn authorize_observed(
+    state: &State,
+    dst: &Workload,
+    conn: &ConnectionInfo<'_>,
+    observer: &mut dyn Observer,
+) -> Verdict {
     let policies = state.policies_for(dst);
-    evaluate(policies.iter().map(|p| &**p), conn)
+    evaluate_observed(policies.iter().map(|p| &**p), conn, observer)
 }
 
 #[cfg(test)]

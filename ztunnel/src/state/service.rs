@@ -8,13 +8,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ambit_proto::discovery as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::workload::GatewayAddress;
 use super::{ip_from_bytes, port_from_u32, ConvertError};
 
 /// How ztunnel spreads connections over a service's endpoints (after locality preference).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LoadBalancing {
     /// Uniformly at random (the default).
@@ -27,7 +27,7 @@ pub enum LoadBalancing {
 }
 
 /// One port a service exposes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePort {
     /// Port on the VIP.
     pub port: u16,
@@ -39,7 +39,7 @@ pub struct ServicePort {
 }
 
 /// A workload backing a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     /// The backing workload's uid.
     pub workload_uid: Arc<str>,
@@ -50,7 +50,7 @@ pub struct Endpoint {
 }
 
 /// A Kubernetes Service, as ztunnel needs it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: Arc<str>,
     pub namespace: Arc<str>,

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use ambit_hbone::Identity;
 use ambit_proto::discovery as pb;
 use arc_swap::ArcSwap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::service::{Service, ServicePort};
@@ -56,8 +56,10 @@ struct Indexes {
 }
 
 /// One immutable version of the mesh as this proxy knows it. `Serialize` is the admin
-/// config dump.
-#[derive(Debug, Default, Clone, Serialize)]
+/// config dump; `Deserialize` reads such a dump back, indexes rebuilt, so that tools
+/// (`ambitctl explain`) run ztunnel's decisions on the very snapshot a proxy serves.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(from = "Snapshot")]
 pub struct State {
     version: u64,
     /// By uid.
@@ -72,6 +74,36 @@ pub struct State {
     trust_roots: Vec<Arc<str>>,
     #[serde(skip)]
     idx: Indexes,
+}
+
+/// The serialised part of a [`State`]: what the config dump holds.
+#[derive(Deserialize)]
+struct Snapshot {
+    #[serde(default)]
+    version: u64,
+    #[serde(default)]
+    workloads: BTreeMap<Arc<str>, Arc<Workload>>,
+    #[serde(default)]
+    services: BTreeMap<Arc<str>, Arc<Service>>,
+    #[serde(default)]
+    policies: BTreeMap<Arc<str>, Arc<Authorization>>,
+    #[serde(default)]
+    trust_roots: Vec<Arc<str>>,
+}
+
+impl From<Snapshot> for State {
+    fn from(s: Snapshot) -> Self {
+        let mut state = State {
+            version: s.version,
+            workloads: s.workloads,
+            services: s.services,
+            policies: s.policies,
+            trust_roots: s.trust_roots,
+            idx: Indexes::default(),
+        };
+        state.reindex();
+        state
+    }
 }
 
 impl State {

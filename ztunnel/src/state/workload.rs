@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ambit_hbone::identity::{Identity, DEFAULT_TRUST_DOMAIN};
 use ambit_proto::discovery as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ip_from_bytes, port_from_u32, ConvertError};
 
@@ -17,7 +17,7 @@ use super::{ip_from_bytes, port_from_u32, ConvertError};
 pub const HBONE_PORT: u16 = ambit_proto::ports::HBONE;
 
 /// How a workload is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TunnelProtocol {
     /// Not in the mesh (namespace not enrolled, or the pod opted out): plain TCP.
@@ -27,7 +27,7 @@ pub enum TunnelProtocol {
 }
 
 /// A waypoint that traffic must traverse: where to send the tunnel and whom to expect there.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GatewayAddress {
     /// The waypoint's address (its Service VIP or its pod IP).
     pub address: IpAddr,
@@ -86,7 +86,7 @@ impl GatewayAddress {
 }
 
 /// A pod (or a waypoint's pod): the unit of identity and of policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
     /// Stable key (the pod's uid); what services' endpoints refer to.
     pub uid: Arc<str>,

@@ -2,13 +2,15 @@
 //!
 //! A clap dispatcher with one module per subcommand; each module owns its `Args` and its `run`.
 //! `install` (alias `render`) and `crds` only print manifests and never talk to a cluster. The
-//! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `apply`, `upgrade`, `pod`, and the hidden
+//! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `explain`, `apply`,
+//! `upgrade`, `pod`, and the hidden
 //! `sample` app) run a mesh on this machine; their shared parts are the library's
 //! `ambitctl::local`.
 
 mod apply;
 mod crds;
 mod down;
+mod explain;
 mod install;
 mod output;
 mod pod;
@@ -49,6 +51,9 @@ enum Command {
     Status(status::Args),
     /// What one node's ztunnel holds: workloads, services, policies, certificates.
     ProxyConfig(proxy_config::Args),
+    /// Why a connection or request from a pod to a destination is allowed or denied: runs
+    /// the proxies' own decisions on their live state and names the deciding rule.
+    Explain(explain::Args),
     /// Check a YAML file and add it to the local mesh's objects folder (live).
     Apply(apply::Args),
     /// Create or delete one pod of the local mesh, as its node would (CNI ADD/DEL).
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(&args),
         Command::Upgrade(args) => upgrade::run(&args),
         Command::ProxyConfig(args) => proxy_config::run(&args),
+        Command::Explain(args) => explain::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

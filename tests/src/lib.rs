@@ -19,6 +19,7 @@
 //! - [`topology`]: [`Topology`] and its builder.
 //! - [`ns`]: running commands and closures inside a namespace.
 //! - [`server`]: a reply/echo server and a client helper, both inside pods.
+//! - [`local_mesh`]: a whole local mesh (`ambitctl up`) per test, and requests inside its pods.
 //! - [`ztunnel`]: in-process ztunnels over a topology, a test CA, metrics, access logs, a
 //!   fabric sniffer and HBONE sockets made inside a pod.
 //!
@@ -26,6 +27,7 @@
 //! ztunnel (child processes, HTTP probes, bounded waits, the fake API server) lives in
 //! `ambit-testing`, shared with every other crate's tests.
 
+pub mod local_mesh;
 pub mod ns;
 pub mod server;
 pub mod topology;

@@ -412,3 +412,40 @@ fn mirror_draws_are_one_digit_each() {
     );
     assert_eq!(d.mirror(9), 56);
 }
+
+#[test]
+fn opaque_tcp_is_decided_on_l4_with_http_rules_failing_closed() {
+    let state = state();
+    let mut trace = ambit_policy::Trace::default();
+    let d = decide_tcp(&state, "demo/waypoint", &caller("10.9.9.9:80"), &mut trace);
+    assert!(matches!(d, TcpDecision::UnknownDestination), "{d:?}");
+    assert!(!trace.evaluated, "policy runs only for a known destination");
+    // demo/no-admin denies paths; without HTTP its rule matches on what is known.
+    let d = decide_tcp(
+        &state,
+        "demo/waypoint",
+        &caller("10.96.0.10:80"),
+        &mut trace,
+    );
+    match d {
+        TcpDecision::Denied { by } => assert_eq!(by, "demo/no-admin"),
+        other => panic!("{other:?}"),
+    }
+    let rule = trace.deciding_rule().expect("a rule decided");
+    assert_eq!(rule.checks[0].field, "to[0].operation.methods/paths/hosts");
+    assert_eq!(rule.checks[0].seen, "unknown (no HTTP)");
+    // Through a waypoint no policy is bound to: the service's ready endpoints.
+    let d = decide_tcp(
+        &state,
+        "other/none",
+        &caller("10.96.0.10:80"),
+        &mut ambit_policy::Unobserved,
+    );
+    match d {
+        TcpDecision::Forward { upstreams } => {
+            let addrs: Vec<String> = upstreams.iter().map(|u| u.addr.to_string()).collect();
+            assert_eq!(addrs, ["10.0.1.1:8080", "10.0.1.2:8080"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -264,3 +264,29 @@ fn local_watch_fires_only_when_local_workloads_change() {
     assert_eq!(rx.borrow_and_update().len(), 1);
     assert_eq!(*store.reader().watch_version().borrow(), 5);
 }
+
+#[test]
+fn a_config_dump_reads_back_as_the_same_state() {
+    let mut store = Store::new(Some("node-1"));
+    store.apply(base_push()).unwrap();
+    let s = store.reader().snapshot();
+    let dump = serde_json::to_value(&*s).unwrap();
+    let back: State = serde_json::from_value(dump.clone()).unwrap();
+    // The same primary maps, and indexes rebuilt from them.
+    assert_eq!(serde_json::to_value(&back).unwrap(), dump);
+    assert_eq!(back.version(), 1);
+    assert_eq!(&*back.workload_by_ip(ip("fd00::2:1")).unwrap().name, "b");
+    assert_eq!(&*back.service_by_vip(ip("10.96.0.1")).unwrap().name, "svc");
+    let b = back.workload_by_uid("default/b").unwrap();
+    let keys = |ps: Vec<Arc<crate::state::Authorization>>| -> Vec<String> {
+        ps.iter().map(|p| p.key()).collect()
+    };
+    assert_eq!(
+        keys(back.policies_for(b)),
+        keys(s.policies_for(s.workload_by_uid("default/b").unwrap()))
+    );
+    assert_eq!(
+        keys(back.policies_for(b)),
+        ["root/global", "default/ns", "default/select-b"]
+    );
+}

@@ -165,12 +165,11 @@ fn step_text(o: &mut String, n: usize, st: &Step) {
                 by.policy, by.rule
             );
         }
+        (None, true) if p.trace.policies.is_empty() => {
+            let _ = writeln!(o, "   no policy applies");
+        }
         (None, true) => {
-            let _ = writeln!(
-                o,
-                "   no ALLOW policy applies ({} policy(ies) looked at)",
-                p.trace.policies.len()
-            );
+            let _ = writeln!(o, "   no DENY rule matched and no ALLOW policy applies:");
         }
         (None, false) => {
             let _ = writeln!(o, "   no ALLOW policy matched:");

@@ -73,8 +73,9 @@ pub struct PolicyStep {
     /// The rule that decided; `None` when no ALLOW policy applies (allowed) or none of
     /// those that apply matched (denied).
     pub decided_by: Option<RuleRef>,
-    /// The fields of the deciding rule that matched, or, when no ALLOW policy matched,
-    /// the fields of each of their rules that did not.
+    /// The fields of the deciding rule that matched; when no rule decided, the fields that
+    /// did not match in each rule of the ALLOW policies (denied) or of the DENY policies
+    /// (allowed).
     pub fields: Vec<Field>,
     /// Everything the evaluation looked at.
     pub trace: Trace,
@@ -98,12 +99,14 @@ impl PolicyStep {
                 rule: by.rule,
                 check: c.clone(),
             }));
-        } else if !trace.allowed {
-            for p in trace
-                .policies
-                .iter()
-                .filter(|p| p.action == ambit_policy::Action::Allow)
-            {
+        } else {
+            // Denied: why no ALLOW rule matched. Allowed: why no DENY rule did.
+            let action = if trace.allowed {
+                ambit_policy::Action::Deny
+            } else {
+                ambit_policy::Action::Allow
+            };
+            for p in trace.policies.iter().filter(|p| p.action == action) {
                 for r in &p.rules {
                     if r.unknowable {
                         fields.push(Field {
@@ -399,7 +402,7 @@ pub fn explain(mesh: &dyn MeshSource, q: &Query) -> anyhow::Result<Explanation> 
         services,
         waypoints: Vec::new(),
     };
-    walk.from_source(&source, src_ip, dst, q)?;
+    walk.walk_from(&source, src_ip, dst, q)?;
     let last = walk.steps.last().context("no step")?;
     let (outcome, decided_at, reason) = (
         last.outcome,
@@ -438,7 +441,7 @@ impl RateLimits for NoLimits {
 }
 
 impl Walk<'_> {
-    fn from_source(
+    fn walk_from(
         &mut self,
         source: &Arc<Workload>,
         src_ip: IpAddr,

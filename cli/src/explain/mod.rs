@@ -1,11 +1,14 @@
 //! `ambitctl explain SOURCE DESTINATION`: why a connection (or, with `--method`, an HTTP
-//! request) is allowed or denied. It reads the proxies' live snapshots ([`source`]) and runs
-//! their own decision functions on them ([`walk`]): capture, the source ztunnel's outbound
-//! decision, the waypoint's L7 policy and route, the destination ztunnel's L4 policy. Each
-//! step names the policy and rule that decided and the fields that did or did not match,
-//! as recorded by the policy engine's own evaluation; the last access-log events of the
-//! proxies on the way follow. Text by default, `-o json` for scripts.
+//! request) is allowed or denied. It reads the proxies' live snapshots ([`source`]), names
+//! the source and destination in them ([`resolve`]), and runs the proxies' own decision
+//! functions on them ([`walk`]): capture, the source ztunnel's outbound decision, the
+//! waypoint's L7 policy and route, the destination ztunnel's L4 policy. Each step
+//! ([`report`]) names the policy and rule that decided and the fields that did or did not
+//! match, as recorded by the policy engine's own evaluation; the last access-log events of
+//! the proxies on the way follow. Text by default, `-o json` for scripts.
 
+mod report;
+mod resolve;
 mod source;
 mod walk;
 
@@ -15,8 +18,9 @@ use ambitctl::local::state::{ClusterState, DEFAULT_STATE_DIR};
 use anyhow::Context;
 
 use crate::status::Output;
+use report::{Explanation, Outcome, Step};
 use source::LocalMesh;
-use walk::{Explanation, Outcome, Query, Step};
+use walk::Query;
 
 /// Options of `ambitctl explain`.
 #[derive(Debug, clap::Args)]

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use ambit_policy::{Check, RuleRef, Trace};
+use ambit_policy::Trace;
 use ambit_waypoint::decision::{
     decide_observed, decide_tcp, Action, Caller, Draws, RateLimits, RequestHead, TcpDecision,
 };
@@ -26,9 +26,10 @@ use ambit_waypoint::state::{State as WaypointState, StateFile, Upstream};
 use ambit_ztunnel::decision::{self, Candidate, Inbound, Outbound};
 use ambit_ztunnel::state::{Service, State, TunnelProtocol, Workload};
 use anyhow::{bail, Context};
-use serde::Serialize;
 use serde_json::Value;
 
+use super::report::{step, Explanation, LogEvents, Outcome, PolicyStep, SourceInfo, Step};
+use super::resolve::{find_destination, find_source};
 use super::source::{MeshSource, Proxy};
 
 /// What to explain.
@@ -44,156 +45,6 @@ pub struct Query {
     pub method: Option<String>,
     pub path: String,
     pub headers: Vec<(String, String)>,
-}
-
-/// How a step ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The step lets the connection on.
-    Pass,
-    /// The connection (or request) is allowed end to end.
-    Allowed,
-    /// A policy refused it.
-    Denied,
-    /// A proxy refused it for another reason (unknown destination, no endpoint, a loop).
-    Refused,
-    /// It leaves the mesh as plain TCP.
-    Passthrough,
-    /// What happens cannot be told from the state (say, a pod whose capture failed).
-    Unknown,
-}
-
-/// The policy evaluation of one step.
-#[derive(Debug, Clone, Serialize)]
-pub struct PolicyStep {
-    /// The reason the proxy logs.
-    pub reason: String,
-    pub allowed: bool,
-    /// The rule that decided; `None` when no ALLOW policy applies (allowed) or none of
-    /// those that apply matched (denied).
-    pub decided_by: Option<RuleRef>,
-    /// The fields of the deciding rule that matched; when no rule decided, the fields that
-    /// did not match in each rule of the ALLOW policies (denied) or of the DENY policies
-    /// (allowed).
-    pub fields: Vec<Field>,
-    /// Everything the evaluation looked at.
-    pub trace: Trace,
-}
-
-/// A field check, with the rule it belongs to.
-#[derive(Debug, Clone, Serialize)]
-pub struct Field {
-    pub policy: String,
-    pub rule: usize,
-    #[serde(flatten)]
-    pub check: Check,
-}
-
-impl PolicyStep {
-    fn new(reason: String, trace: Trace) -> Self {
-        let mut fields = Vec::new();
-        if let (Some(by), Some(rule)) = (&trace.decided_by, trace.deciding_rule()) {
-            fields.extend(rule.deciding().map(|c| Field {
-                policy: by.policy.clone(),
-                rule: by.rule,
-                check: c.clone(),
-            }));
-        } else {
-            // Denied: why no ALLOW rule matched. Allowed: why no DENY rule did.
-            let action = if trace.allowed {
-                ambit_policy::Action::Deny
-            } else {
-                ambit_policy::Action::Allow
-            };
-            for p in trace.policies.iter().filter(|p| p.action == action) {
-                for r in &p.rules {
-                    if r.unknowable {
-                        fields.push(Field {
-                            policy: p.policy.clone(),
-                            rule: r.rule,
-                            check: Check {
-                                field: "(rule)".into(),
-                                seen: "names what cannot be known here".into(),
-                                matched: false,
-                            },
-                        });
-                    }
-                    fields.extend(r.deciding().map(|c| Field {
-                        policy: p.policy.clone(),
-                        rule: r.rule,
-                        check: c.clone(),
-                    }));
-                }
-            }
-        }
-        PolicyStep {
-            reason,
-            allowed: trace.allowed,
-            decided_by: trace.decided_by.clone(),
-            fields,
-            trace,
-        }
-    }
-}
-
-/// One proxy's part.
-#[derive(Debug, Clone, Serialize)]
-pub struct Step {
-    /// `capture`, `outbound`, `waypoint`, `inbound`.
-    pub step: &'static str,
-    /// `ztunnel on node1`, `waypoint shop/waypoint`.
-    pub proxy: String,
-    pub outcome: Outcome,
-    /// What it decides, in one sentence.
-    pub summary: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<PolicyStep>,
-    /// The route rule that matched (`namespace/name` and its index among the service's).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub route: Option<String>,
-}
-
-/// The source as the mesh knows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SourceInfo {
-    pub pod: String,
-    pub node: String,
-    pub ip: IpAddr,
-    pub identity: String,
-    /// Found by its service account rather than named.
-    pub by_service_account: bool,
-}
-
-/// Access-log events of one proxy that mention the source.
-#[derive(Debug, Clone, Serialize)]
-pub struct LogEvents {
-    pub proxy: String,
-    pub events: Vec<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// The whole explanation.
-#[derive(Debug, Clone, Serialize)]
-pub struct Explanation {
-    pub source: SourceInfo,
-    /// The destination address the source connects to.
-    pub destination: SocketAddr,
-    /// What the destination names (`service shop/api`, `pod shop/api-0`, `unknown`).
-    pub destination_kind: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
-    pub steps: Vec<Step>,
-    /// The last step's outcome: what the connection meets.
-    pub outcome: Outcome,
-    /// The step that decided it.
-    pub decided_at: String,
-    /// The reason the deciding proxy gives.
-    pub reason: String,
-    pub access_log: Vec<LogEvents>,
 }
 
 /// The ztunnel snapshots, by node.
@@ -241,117 +92,6 @@ impl Nodes {
     }
 }
 
-/// Finds the source workload.
-fn find_source(state: &State, name: &str) -> anyhow::Result<(Arc<Workload>, bool)> {
-    let (ns, short) = match name.split_once('/') {
-        Some((ns, n)) => (Some(ns), n),
-        None => (None, name),
-    };
-    let pods: Vec<&Arc<Workload>> = state
-        .workloads()
-        .filter(|w| &*w.name == short && ns.is_none_or(|ns| &*w.namespace == ns))
-        .collect();
-    match pods.as_slice() {
-        [one] => return Ok(((*one).clone(), false)),
-        [] => {}
-        many => {
-            let names: Vec<String> = many.iter().map(|w| w.describe()).collect();
-            bail!(
-                "{name:?} names several pods: {}; say namespace/name",
-                names.join(", ")
-            )
-        }
-    }
-    if let Some(ns) = ns {
-        // A service account: any of its pods (they share identity and policy).
-        if let Some(w) = state
-            .workloads()
-            .find(|w| &*w.namespace == ns && &*w.service_account == short)
-        {
-            return Ok((w.clone(), true));
-        }
-    }
-    bail!("{name:?} is no pod (namespace/name or name) and no service account (namespace/sa) the mesh knows")
-}
-
-/// What the destination resolves to: an address, and what it names.
-fn find_destination(
-    state: &State,
-    source: &Workload,
-    dest: &str,
-    port: Option<u16>,
-) -> anyhow::Result<(SocketAddr, String)> {
-    let family = |ips: &[IpAddr]| {
-        let like = source.addresses.first().copied();
-        ips.iter()
-            .copied()
-            .find(|ip| like.is_none_or(|l| l.is_ipv4() == ip.is_ipv4()))
-            .or_else(|| ips.first().copied())
-    };
-    let need_port =
-        |what: &str| port.with_context(|| format!("{what}: give a port (--port, or host:port)"));
-    if let Ok(addr) = dest.parse::<SocketAddr>() {
-        return Ok((addr, describe_addr(state, addr.ip())));
-    }
-    if let Ok(ip) = dest.parse::<IpAddr>() {
-        return Ok((
-            SocketAddr::new(ip, need_port(dest)?),
-            describe_addr(state, ip),
-        ));
-    }
-    let (host, port) = match dest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            Some(
-                p.parse::<u16>()
-                    .with_context(|| format!("{dest:?}: bad port"))?,
-            ),
-        ),
-        None => (dest, port),
-    };
-    let need_port =
-        |what: &str| port.with_context(|| format!("{what}: give a port (--port, or host:port)"));
-    let service = state.services().find(|s| {
-        let h = &*s.hostname;
-        h == host
-            || h.strip_prefix(host)
-                .is_some_and(|rest| rest.starts_with('.'))
-            || format!("{}/{}", s.namespace, s.name) == host
-    });
-    if let Some(svc) = service {
-        let vip = family(&svc.vips).with_context(|| format!("service {} has no VIP", svc.key()))?;
-        let port = match (port, svc.ports.as_slice()) {
-            (Some(p), _) => p,
-            (None, [only]) => only.port,
-            (None, _) => need_port(&format!("service {}", svc.key()))?,
-        };
-        return Ok((
-            SocketAddr::new(vip, port),
-            format!("service {}/{}", svc.namespace, svc.name),
-        ));
-    }
-    if let Some((ns, name)) = host.split_once('/') {
-        if let Some(w) = state
-            .workloads()
-            .find(|w| &*w.namespace == ns && &*w.name == name)
-        {
-            let ip = family(&w.addresses).with_context(|| format!("pod {host} has no address"))?;
-            return Ok((SocketAddr::new(ip, need_port(host)?), format!("pod {host}")));
-        }
-    }
-    bail!("{dest:?} is no service, pod or address the mesh knows (services: name.namespace or namespace/name; pods: namespace/name)")
-}
-
-fn describe_addr(state: &State, ip: IpAddr) -> String {
-    if let Some(s) = state.service_by_vip(ip) {
-        format!("service {}/{}", s.namespace, s.name)
-    } else if let Some(w) = state.workload_by_ip(ip) {
-        format!("pod {}/{}", w.namespace, w.name)
-    } else {
-        "an address the mesh does not know".into()
-    }
-}
-
 /// The explanation so far; the walk appends steps and ends with one outcome.
 struct Walk<'a> {
     mesh: &'a dyn MeshSource,
@@ -366,18 +106,6 @@ struct Walk<'a> {
     services: Vec<String>,
     /// Waypoints on the way, by address.
     waypoints: Vec<IpAddr>,
-}
-
-fn step(step: &'static str, proxy: String, outcome: Outcome, summary: String) -> Step {
-    Step {
-        step,
-        proxy,
-        outcome,
-        summary,
-        status: None,
-        policy: None,
-        route: None,
-    }
 }
 
 /// Explains `q` on the live state `mesh` gives.
@@ -457,7 +185,7 @@ impl Walk<'_> {
             self.steps.push(step(
                 "capture",
                 ztunnel,
-                Outcome::Unknown,
+                Outcome::Pass,
                 format!(
                     "{} is not in the mesh (its namespace is not enrolled, or it opted out): its traffic is not captured and leaves as plain TCP",
                     source.describe()

@@ -729,3 +729,7 @@ impl Walk<'_> {
         out
     }
 }
+
+#[cfg(test)]
+#[path = "walk_tests.rs"]
+mod tests;

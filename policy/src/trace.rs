@@ -78,6 +78,8 @@ impl Observer for Unobserved {}
 pub struct Check {
     /// `from[0].source.principals`, `to[0].operation.methods`, `when[1](source.ip).values`.
     pub field: String,
+    /// The clause it belongs to: `from[0].source`, `to[0].operation`, `when[1](source.ip)`.
+    pub clause: String,
     /// The value the request had (`cluster.local/ns/a/sa/b`, `DELETE`, `10.0.0.1`).
     pub seen: String,
     pub matched: bool,
@@ -97,12 +99,18 @@ pub struct RuleTrace {
 }
 
 impl RuleTrace {
-    /// The checks that decided the rule: for a match, those that matched; otherwise those
-    /// that did not.
+    /// The checks that decided the rule: for a match, those of the clauses that matched
+    /// (a `from` alternative that failed before another matched is left out); otherwise
+    /// those that did not match.
     pub fn deciding(&self) -> impl Iterator<Item = &Check> {
-        self.checks
-            .iter()
-            .filter(move |c| c.matched == self.matched)
+        let failed = |clause: &str| self.checks.iter().any(|c| c.clause == clause && !c.matched);
+        self.checks.iter().filter(move |c| {
+            if self.matched {
+                !failed(&c.clause)
+            } else {
+                !c.matched
+            }
+        })
     }
 }
 
@@ -172,8 +180,10 @@ impl Observer for Trace {
 
     fn check(&mut self, clause: Clause<'_>, field: &str, seen: &dyn Fn() -> String, matched: bool) {
         if let Some(r) = self.current_rule() {
+            let clause = clause.to_string();
             r.checks.push(Check {
                 field: format!("{clause}.{field}"),
+                clause,
                 seen: seen(),
                 matched,
             });

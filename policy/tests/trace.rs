@@ -98,3 +98,24 @@ fn l7_fields_are_traced_with_the_request_s_values() {
         Some("app/allow-web (rule 1)")
     );
 }
+
+#[test]
+fn a_matched_rule_names_only_the_alternative_that_matched() {
+    let ps = policies(
+        r#"
+- {name: deny, namespace: app, action: DENY,
+   rules: [{from: [{principals: ["cluster.local/ns/evil/*"]},
+                   {namespaces: [shop], ipBlocks: [10.0.0.0/8]}]}]}
+"#,
+    );
+    let a = attrs("cluster.local/ns/shop/sa/x", 80, None);
+    let (verdict, trace) = explain(&ps, &a);
+    assert!(!verdict.allowed());
+    let rule = trace.deciding_rule().expect("a rule decided");
+    assert_eq!(rule.checks.len(), 3, "{rule:?}");
+    let named: Vec<&str> = rule.deciding().map(|c| c.field.as_str()).collect();
+    assert_eq!(
+        named,
+        ["from[1].source.namespaces", "from[1].source.ipBlocks"]
+    );
+}

@@ -231,6 +231,31 @@ fn one_policy_one_verdict_at_every_hop() {
             let engine_wp_l4 = ambit_policy::evaluate(for_waypoint.iter().copied(), &l4);
             let engine_wp_l7 = ambit_policy::evaluate(for_waypoint.iter().copied(), &l7);
 
+            // A recorded evaluation (what `ambitctl explain` shows) decides the same, and its
+            // trace names the rule the verdict names.
+            for (policies, attrs, verdict) in [
+                (&for_pod, &l4, &engine_l4),
+                (&for_waypoint, &l7, &engine_wp_l7),
+            ] {
+                let (traced, trace) = ambit_policy::explain(policies.iter().copied(), attrs);
+                assert_eq!(&traced, verdict, "{what}");
+                assert_eq!(trace.allowed, verdict.allowed(), "{what}");
+                let by = match &verdict.decision {
+                    Decision::DeniedBy(r) | Decision::AllowedBy(r) => Some(r),
+                    _ => None,
+                };
+                assert_eq!(trace.decided_by.as_ref(), by, "{what}");
+                // The rule that decided matched, on at least one whole clause when it
+                // checked anything.
+                if let Some(rule) = trace.deciding_rule() {
+                    assert!(rule.matched, "{what}");
+                    assert!(
+                        rule.checks.is_empty() || rule.deciding().next().is_some(),
+                        "{what}: {rule:?}"
+                    );
+                }
+            }
+
             // ztunnel's inbound decision prints the engine's verdict.
             let authority = format!("{POD_IP}:{PORT}");
             match decision::inbound(&zt_state, &pod, Some(&peer), src, &authority) {

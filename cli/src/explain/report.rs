@@ -77,6 +77,7 @@ impl PolicyStep {
                             rule: r.rule,
                             check: Check {
                                 field: "(rule)".into(),
+                                clause: String::new(),
                                 seen: "names what cannot be known here".into(),
                                 matched: false,
                             },

@@ -47,6 +47,28 @@ pub struct Match {
     pub query: Vec<(String, ValueCond)>,
 }
 
+/// The condition of a [`Match`] a request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    Path,
+    Method,
+    /// This header (lower-case name).
+    Header(String),
+    /// This query parameter.
+    Query(String),
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mismatch::Path => f.write_str("path"),
+            Mismatch::Method => f.write_str("method"),
+            Mismatch::Header(h) => write!(f, "header {h}"),
+            Mismatch::Query(q) => write!(f, "query parameter {q}"),
+        }
+    }
+}
+
 /// What matching looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
@@ -69,28 +91,42 @@ impl Match {
 
     /// True when the request satisfies every condition.
     pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        self.mismatch(r).is_none()
+    }
+
+    /// The first condition the request does not satisfy, in the order path, method,
+    /// headers, query parameters; `None` when it satisfies them all ([`Match::matches`]).
+    pub fn mismatch(&self, r: &RequestView<'_>) -> Option<Mismatch> {
         let path_ok = match &self.path {
             PathCond::Exact(p) => r.path == p,
             PathCond::Prefix(p) => prefix_matches(p, r.path),
             PathCond::Regex(re) => re.is_match(r.path),
         };
-        path_ok
-            && self.method.as_deref().is_none_or(|m| m == r.method)
-            && self.headers.iter().all(|(name, cond)| {
-                r.headers
-                    .get(name.as_str())
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| cond.matches(v))
-            })
-            && self.query.iter().all(|(name, cond)| {
-                r.query
-                    .unwrap_or("")
-                    .split('&')
-                    .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                    // Gateway API: the first value of a repeated parameter counts.
-                    .find(|(k, _)| k == name)
-                    .is_some_and(|(_, v)| cond.matches(v))
-            })
+        if !path_ok {
+            return Some(Mismatch::Path);
+        }
+        if self.method.as_deref().is_some_and(|m| m != r.method) {
+            return Some(Mismatch::Method);
+        }
+        let header = self.headers.iter().find(|(name, cond)| {
+            !r.headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| cond.matches(v))
+        });
+        if let Some((name, _)) = header {
+            return Some(Mismatch::Header(name.clone()));
+        }
+        let query = self.query.iter().find(|(name, cond)| {
+            !r.query
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                // Gateway API: the first value of a repeated parameter counts.
+                .find(|(k, _)| k == name)
+                .is_some_and(|(_, v)| cond.matches(v))
+        });
+        query.map(|(name, _)| Mismatch::Query(name.clone()))
     }
 
     /// Precedence, larger first.
@@ -237,6 +273,24 @@ impl<T: Alternatives> Alternatives for std::sync::Arc<T> {
     }
 }
 
+/// For each rule and each of its alternatives, the condition the request failed (`None`: it
+/// matched): what `ambitctl explain` shows next to [`select`]'s choice, from the same
+/// [`Match::mismatch`] that `select` decides with.
+pub fn mismatches<R: Alternatives>(
+    rules: &[R],
+    req: &RequestView<'_>,
+) -> Vec<Vec<Option<Mismatch>>> {
+    rules
+        .iter()
+        .map(|rule| {
+            rule.alternatives()
+                .iter()
+                .map(|m| m.mismatch(req))
+                .collect()
+        })
+        .collect()
+}
+
 /// The winning rule for a request, by Gateway API precedence; `None` when no rule matches.
 pub fn select<'a, R: Alternatives>(rules: &'a [R], req: &RequestView<'_>) -> Option<&'a R> {
     let mut best: Option<(&R, Precedence)> = None;
@@ -290,6 +344,41 @@ mod tests {
         };
         let chosen = select(rules, &view)?;
         rules.iter().position(|r| std::ptr::eq(r, chosen))
+    }
+
+    #[test]
+    fn mismatches_name_the_first_condition_failed() {
+        let r = rules(serde_json::json!({"rules": [
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "POST"}]},
+            {"matches": [
+                {"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"name": "X-Canary", "value": "1"}]},
+                {"path": {"type": "PathPrefix", "value": "/q"}, "queryParams": [{"name": "v", "value": "2"}]},
+            ]},
+        ]}));
+        let h = http::HeaderMap::new();
+        let view = |path, query| RequestView {
+            method: "GET",
+            path,
+            query,
+            headers: &h,
+        };
+        assert_eq!(
+            mismatches(&r, &view("/api/x", None)),
+            [
+                vec![Some(Mismatch::Method)],
+                vec![
+                    Some(Mismatch::Header("x-canary".into())),
+                    Some(Mismatch::Path)
+                ]
+            ]
+        );
+        assert_eq!(
+            mismatches(&r, &view("/q", Some("v=2")))[1],
+            [Some(Mismatch::Path), None]
+        );
+        // `select` agrees: a rule is chosen exactly when one of its alternatives has no mismatch.
+        assert_eq!(pick(&r, "GET", "/q?v=2", &[]), Some(1));
+        assert_eq!(pick(&r, "GET", "/api/x", &[]), None);
     }
 
     #[test]

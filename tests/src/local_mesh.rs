@@ -156,11 +156,16 @@ pub fn http_echo_in(netns: &str, addr: SocketAddr) {
     });
 }
 
-/// One HTTP/1.1 request from inside `netns`; the whole response.
+/// One HTTP/1.1 request for `/orders/1` from inside `netns`; the whole response.
 pub fn http_from(netns: &str, dst: SocketAddr, method: &str) -> String {
+    http_to(netns, dst, method, "/orders/1")
+}
+
+/// One HTTP/1.1 request for `path` from inside `netns`; the whole response.
+pub fn http_to(netns: &str, dst: SocketAddr, method: &str, path: &str) -> String {
     use std::io::{Read as _, Write as _};
     let request =
-        format!("{method} /orders/1 HTTP/1.1\r\nhost: api.shop\r\nconnection: close\r\n\r\n");
+        format!("{method} {path} HTTP/1.1\r\nhost: api.shop\r\nconnection: close\r\n\r\n");
     net::in_netns(netns, move || -> std::io::Result<String> {
         let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;

@@ -16,14 +16,16 @@
 
 use std::net::SocketAddr;
 
-use ambit_tests::local_mesh::{ambitctl, http_echo_in, http_from, tempfile_dir, wait_for, Mesh};
+use ambit_tests::local_mesh::{
+    ambitctl, http_echo_in, http_from, http_to, tempfile_dir, wait_for, Mesh,
+};
 use ambitctl::local::net;
 use serde_json::Value;
 
 const WAYPOINT_OBJECTS: &str = include_str!("../../cli/examples/waypoint/shop.yaml");
 
-/// The example, with the client's IPv6 address known to the mesh and a `db` pod guarded by
-/// an L4 DENY policy for the client on port 5432.
+/// The example, with the client's IPv6 address known to the mesh, a `db` pod guarded by an
+/// L4 DENY policy for the client on port 5432, and a route for `/orders` on `api`.
 fn objects() -> String {
     let client = "status: {podIP: 10.77.1.2}";
     assert!(WAYPOINT_OBJECTS.contains(client), "the example changed");
@@ -47,6 +49,15 @@ spec:
   rules:
   - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]
     to: [{operation: {ports: ["5432"]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-orders, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /orders}}]
+    backendRefs: [{name: api, port: 80}]
 "#
 }
 
@@ -158,6 +169,16 @@ fn explain_agrees_with_what_the_proxies_do() {
             )
         },
     );
+    // The waypoint writes its access-log line when the response ends.
+    wait_for(
+        10,
+        "the waypoint's access-log line for the GET",
+        || {
+            mesh.log("waypoint-shop-waypoint.log")
+                .contains("\"status\":\"200\"")
+        },
+        || mesh.log("waypoint-shop-waypoint.log"),
+    );
     let e = explain(
         &mesh,
         &[
@@ -186,6 +207,10 @@ fn explain_agrees_with_what_the_proxies_do() {
     assert_eq!(
         fields(wp),
         ["shop/no-delete to[0].operation.methods=GET unmatched"],
+        "{e:#}"
+    );
+    assert_eq!(
+        wp["route"], "shop/api-orders (rule 0 of the service's)",
         "{e:#}"
     );
     let inbound = step(&e, "inbound");
@@ -311,6 +336,29 @@ fn explain_agrees_with_what_the_proxies_do() {
             .flatten()
             .any(|s| s["step"] == "inbound"),
         "a request refused at the waypoint goes no further: {e:#}"
+    );
+
+    // No route: a path the service's only route does not take is answered 404 by the
+    // waypoint, and explain names the condition that failed.
+    let answer = http_to(&client.netns, vip, "GET", "/nope");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let e = explain(
+        &mesh,
+        &[
+            "shop/client-0",
+            "api.shop",
+            "--method",
+            "GET",
+            "--path",
+            "/nope",
+        ],
+    );
+    assert_eq!(e["outcome"], "refused", "{e:#}");
+    let wp = step(&e, "waypoint");
+    assert_eq!(wp["status"], 404, "{e:#}");
+    assert_eq!(
+        wp["route_matches"][0], "rule 0 (shop/api-orders): match 0: path did not match",
+        "{e:#}"
     );
 
     // Refused: an IPv6 address the mesh does not know. The client's ztunnel closes it.

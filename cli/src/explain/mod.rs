@@ -153,6 +153,9 @@ fn step_text(o: &mut String, n: usize, st: &Step) {
     if let Some(route) = &st.route {
         let _ = writeln!(o, "   route: {route}");
     }
+    for m in &st.route_matches {
+        let _ = writeln!(o, "     {m}");
+    }
     let Some(p) = &st.policy else {
         return;
     };

@@ -118,6 +118,10 @@ pub struct Step {
     /// The route rule that matched (`namespace/name` and its index among the service's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
+    /// For each route rule of the service, whether each of its matches took the request,
+    /// or the first condition that did not.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub route_matches: Vec<String>,
 }
 
 /// The source as the mesh knows it.
@@ -169,5 +173,6 @@ pub fn step(step: &'static str, proxy: String, outcome: Outcome, summary: String
         status: None,
         policy: None,
         route: None,
+        route_matches: Vec::new(),
     }
 }

@@ -22,6 +22,7 @@ use ambit_waypoint::decision::{
     decide_observed, decide_tcp, Action, Caller, Draws, RateLimits, RequestHead, TcpDecision,
 };
 use ambit_waypoint::resilience::ratelimit;
+use ambit_waypoint::route::matching::{mismatches, RequestView};
 use ambit_waypoint::state::{State as WaypointState, StateFile, Upstream};
 use ambit_ztunnel::decision::{self, Candidate, Inbound, Outbound};
 use ambit_ztunnel::state::{Service, State, TunnelProtocol, Workload};
@@ -558,24 +559,43 @@ impl Walk<'_> {
             &NoLimits,
             &mut trace,
         );
-        let route = d.rule.as_ref().map(|rule| {
-            let key = state
-                .resolve(caller.authority)
-                .map(|t| match t {
-                    ambit_waypoint::state::Target::Service { service, .. } => service.key(),
-                    ambit_waypoint::state::Target::Workload { service, .. } => {
-                        service.map(|s| s.key()).unwrap_or_default()
-                    }
-                })
-                .unwrap_or_default();
-            let index = state
-                .rules(&key)
-                .and_then(|rs| rs.iter().position(|r| Arc::ptr_eq(r, rule)));
-            match index {
-                Some(i) => format!("{} (rule {i} of the service's)", rule.route),
-                None => rule.route.clone(),
+        // Routes attach to services; a workload address is not routed.
+        let rules = match state.resolve(caller.authority) {
+            Some(ambit_waypoint::state::Target::Service { service, .. }) => {
+                state.rules(&service.key()).unwrap_or_default()
             }
-        });
+            _ => &[],
+        };
+        let route =
+            d.rule.as_ref().map(
+                |rule| match rules.iter().position(|r| Arc::ptr_eq(r, rule)) {
+                    Some(i) => format!("{} (rule {i} of the service's)", rule.route),
+                    None => rule.route.clone(),
+                },
+            );
+        let view = RequestView {
+            method: method.as_str(),
+            path: uri.path(),
+            query: uri.query(),
+            headers: &headers,
+        };
+        // Each rule's alternatives, from the same matching the decision ran.
+        let route_matches: Vec<String> = mismatches(rules, &view)
+            .iter()
+            .zip(rules)
+            .enumerate()
+            .map(|(i, (alts, rule))| {
+                let each: Vec<String> = alts
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| match m {
+                        None => format!("match {j} matched"),
+                        Some(m) => format!("match {j}: {m} did not match"),
+                    })
+                    .collect();
+                format!("rule {i} ({}): {}", rule.route, each.join("; "))
+            })
+            .collect();
         let policy = trace.evaluated.then(|| {
             let reason = match &d.action {
                 Action::Refuse(r @ ambit_waypoint::refusal::Refusal::Denied { .. }) => {
@@ -592,6 +612,7 @@ impl Walk<'_> {
                     status: Some(r.status().as_u16()),
                     policy,
                     route,
+                    route_matches,
                     ..step(
                         "waypoint",
                         proxy,
@@ -616,6 +637,7 @@ impl Walk<'_> {
                     status: Some(status.as_u16()),
                     policy,
                     route,
+                    route_matches,
                     ..step(
                         "waypoint",
                         proxy,
@@ -632,6 +654,7 @@ impl Walk<'_> {
                 self.steps.push(Step {
                     policy,
                     route,
+                    route_matches,
                     ..step(
                         "waypoint",
                         proxy,

@@ -362,14 +362,23 @@ impl Walk<'_> {
         };
         self.proxies.push(Proxy::Ztunnel { node: node.clone() });
         let mut trace = Trace::default();
-        // Strict mode is a ztunnel flag, not part of its state: explained as permissive.
-        let d = decision::inbound_plaintext_observed(&state, &pod, src_ip, dst, false, &mut trace);
+        // PeerAuthentications are state and apply as ztunnel applies them; past the mesh
+        // level ztunnel's --strict-inbound flag decides, which the state does not carry:
+        // explained with the flag's default (PERMISSIVE).
+        let d = decision::inbound_plaintext_observed(
+            &state,
+            &pod,
+            src_ip,
+            dst,
+            decision::default_mtls(false),
+            &mut trace,
+        );
         self.push_inbound(
             format!("ztunnel on {node}"),
             &pod,
             d,
             trace,
-            " (plaintext, 15006; assuming ztunnel runs without --strict-inbound)",
+            " (plaintext, 15006; where no PeerAuthentication sets a mode, assuming ztunnel runs without --strict-inbound)",
         );
         Ok(())
     }

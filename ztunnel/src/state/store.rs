@@ -88,6 +88,8 @@ struct Snapshot {
     #[serde(default)]
     policies: BTreeMap<Arc<str>, Arc<Authorization>>,
     #[serde(default)]
+    peer_authentications: BTreeMap<Arc<str>, Arc<PeerAuthentication>>,
+    #[serde(default)]
     trust_roots: Vec<Arc<str>>,
 }
 
@@ -98,6 +100,7 @@ impl From<Snapshot> for State {
             workloads: s.workloads,
             services: s.services,
             policies: s.policies,
+            peer_authentications: s.peer_authentications,
             trust_roots: s.trust_roots,
             idx: Indexes::default(),
         };

@@ -268,7 +268,16 @@ fn local_watch_fires_only_when_local_workloads_change() {
 #[test]
 fn a_config_dump_reads_back_as_the_same_state() {
     let mut store = Store::new(Some("node-1"));
-    store.apply(base_push()).unwrap();
+    let mut push = base_push();
+    push.upserts.push(res_pa(peer_auth(
+        "default",
+        "strict-b",
+        S::WorkloadSelector,
+        pb::MtlsMode::Strict,
+        &[("app", "b")],
+        &[(8080, pb::MtlsMode::Permissive)],
+    )));
+    store.apply(push).unwrap();
     let s = store.reader().snapshot();
     let dump = serde_json::to_value(&*s).unwrap();
     let back: State = serde_json::from_value(dump.clone()).unwrap();

@@ -1263,7 +1263,10 @@ COMMIT
             "-A AMBIT_OUTPUT -p udp -m mark --mark 0x539/0xfff -j RETURN",
             "-A AMBIT_INPUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
         ] {
-            assert!(filter.contains(&format!("{rule}\n")), "{rule} missing:\n{v6}");
+            assert!(
+                filter.contains(&format!("{rule}\n")),
+                "{rule} missing:\n{v6}"
+            );
         }
         assert!(filter.find("-p udp").unwrap() < filter.find("-j DROP").unwrap());
         // Off: not a word about UDP or port 53.

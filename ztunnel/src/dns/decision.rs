@@ -24,7 +24,9 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hickory_proto::op::{Edns, Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::op::{
+    Edns, Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
+};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
@@ -185,7 +187,12 @@ pub fn refuse(query: &[u8]) -> Option<Vec<u8>> {
         [q] => Some(q),
         _ => None,
     });
-    match error_reply(&header, question, ResponseCode::Refused, Outcome::RateLimited) {
+    match error_reply(
+        &header,
+        question,
+        ResponseCode::Refused,
+        Outcome::RateLimited,
+    ) {
         Decision::Reply { message, .. } => Some(message),
         _ => None,
     }
@@ -209,7 +216,7 @@ pub fn relay(forward: &Forward, upstream: &[u8]) -> Result<Vec<u8>, RelayError> 
     let mut message = Message::from_vec(upstream).map_err(|_| RelayError::Malformed)?;
     let same_question = match message.queries.as_slice() {
         [q] => {
-            q.name().eq_ignore_root_case(forward.question.name())
+            q.name().eq_ignore_root(forward.question.name())
                 && q.query_type() == forward.question.query_type()
                 && q.query_class() == forward.question.query_class()
         }

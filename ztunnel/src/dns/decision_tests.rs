@@ -13,7 +13,8 @@ use crate::state::Store;
 fn state() -> Arc<State> {
     let mut store = Store::new(None);
     let mut dual = service("demo", "dual", "10.96.0.20", 80, 8080, &[]);
-    dual.vips.push(vec![0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20]);
+    dual.vips
+        .push(vec![0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20]);
     let mut headless = service("demo", "headless", "10.96.0.30", 80, 8080, &[]);
     headless.vips.clear();
     store
@@ -93,9 +94,16 @@ fn service_names_answer_with_vips_in_every_form_a_pod_may_ask() {
     }
     assert!(matches!(
         decide(&state, &demo, &query("db.", RecordType::A)),
-        Decision::Forward(Forward { mesh_name: false, .. })
+        Decision::Forward(Forward {
+            mesh_name: false,
+            ..
+        })
     ));
-    let (m, _) = reply(decide(&state, &asker("other"), &query("db.", RecordType::A)));
+    let (m, _) = reply(decide(
+        &state,
+        &asker("other"),
+        &query("db.", RecordType::A),
+    ));
     assert_eq!(addresses(&m), ["10.96.1.10"]);
 }
 
@@ -146,7 +154,10 @@ fn families_nodata_and_other_types() {
 fn edns_is_answered_with_edns() {
     let state = state();
     let mut m = Message::query();
-    m.add_query(Query::query(Name::from_ascii("echo.").unwrap(), RecordType::A));
+    m.add_query(Query::query(
+        Name::from_ascii("echo.").unwrap(),
+        RecordType::A,
+    ));
     let mut opt = Edns::new();
     opt.set_max_payload(4096);
     m.set_edns(opt);
@@ -245,6 +256,11 @@ fn relayed_answers_are_checked_and_mesh_names_never_nxdomain() {
         Err(RelayError::Mismatch)
     );
     assert_eq!(relay(&f, &[0; 5]), Err(RelayError::Malformed));
+    // Names compare without case (resolvers randomise it); the answer's own case is kept.
+    let mut shouted = Message::from_vec(&nx).unwrap();
+    shouted.queries[0] = Query::query(Name::from_ascii("EXAMPLE.com.").unwrap(), RecordType::A);
+    let shouted = shouted.to_vec().unwrap();
+    assert_eq!(relay(&f, &shouted), Ok(shouted.clone()));
 
     // SRV for a mesh name: the upstream's NXDOMAIN becomes NODATA.
     let f = forward_of("echo.", RecordType::SRV);

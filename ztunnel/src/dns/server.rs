@@ -319,12 +319,13 @@ async fn forwarded(
 ) -> Option<Vec<u8>> {
     let mut last = UpstreamError::NoUpstream;
     for &upstream in &pod.upstreams {
-        let exchanged = tokio::time::timeout(pod.timeout, exchange(pod, upstream, query, transport))
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout {
-                upstream,
-                timeout: pod.timeout,
-            }));
+        let exchanged =
+            tokio::time::timeout(pod.timeout, exchange(pod, upstream, query, transport))
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout {
+                    upstream,
+                    timeout: pod.timeout,
+                }));
         let relayed = exchanged.and_then(|answer| {
             decision::relay(forward, &answer)
                 .map_err(|source| UpstreamError::Relay { upstream, source })

@@ -47,7 +47,12 @@ pub fn nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
 /// The upstream resolvers of the pod whose namespace file is `netns` (see the module docs).
 /// Empty when none is known: its forwarded queries then get SERVFAIL.
 pub fn for_pod(settings: &DnsSettings, netns: &Path) -> Vec<SocketAddr> {
-    for_pod_in(settings, netns, Path::new(NETNS_ETC), Path::new(OWN_RESOLV_CONF))
+    for_pod_in(
+        settings,
+        netns,
+        Path::new(NETNS_ETC),
+        Path::new(OWN_RESOLV_CONF),
+    )
 }
 
 fn for_pod_in(
@@ -115,10 +120,7 @@ mod tests {
             ["10.0.0.1:53".parse::<SocketAddr>().unwrap()]
         );
         settings.upstreams = vec!["10.9.9.9:5353".parse().unwrap()];
-        assert_eq!(
-            for_pod_in(&settings, pod_a, &etc, &own),
-            settings.upstreams
-        );
+        assert_eq!(for_pod_in(&settings, pod_a, &etc, &own), settings.upstreams);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -179,7 +179,12 @@ async fn getent(pod: &Pod, name: &str, tcp: bool) -> anyhow::Result<Ipv4Addr> {
 
 /// A UDP socket inside `pod`, talking to `server` (port 53 of some address: captured).
 fn pod_udp(pod: &Pod, server: SocketAddr) -> anyhow::Result<UdpSocket> {
-    let socket = in_netns(&pod.netns, || UdpSocket::bind("0.0.0.0:0"))??;
+    let bind = if server.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let socket = in_netns(&pod.netns, move || UdpSocket::bind(bind))??;
     socket.connect(server)?;
     socket.set_read_timeout(Some(Duration::from_secs(3)))?;
     Ok(socket)
@@ -236,7 +241,11 @@ async fn pods_resolve_mesh_names_through_ztunnel_and_the_rest_upstream() -> anyh
     );
     let state = format!(
         "workloads:\n{}{}services:\n  - name: echo\n    namespace: demo\n    vips: [{VIP}]\n    ports: [{{port: 80, targetPort: 8080}}]\n",
-        workload(client, "demo", "client", "n1", true),
+        // Known by both addresses: its IPv6 is captured too.
+        workload(client, "demo", "client", "n1", true).replace(
+            &format!("addresses: [{}]", client.ip),
+            &format!("addresses: [{}, '{}']", client.ip, client.ip6),
+        ),
         workload(flooder, "demo", "flooder", "n1", true),
     );
     let ca = TestCa::new(Duration::from_secs(3600));
@@ -319,6 +328,11 @@ async fn pods_resolve_mesh_names_through_ztunnel_and_the_rest_upstream() -> anyh
     )?;
     assert_eq!((m.metadata.id, a_records(&m)), (9, vec![VIP.to_string()]));
     assert!(metric(n1, DNS_REQUESTS, &[("outcome", "malformed")]) >= 1);
+    // The same over IPv6 (ip6tables' capture, the [::1] listener): the answer comes back as
+    // from the resolver the pod addressed.
+    let socket6 = pod_udp(client, SocketAddr::new(resolver.ip6.into(), 53))?;
+    let m = exchange(&socket6, &query(10, "echo.", RecordType::A))?;
+    assert_eq!((m.metadata.id, a_records(&m)), (10, vec![VIP.to_string()]));
 
     // 4. A flood from one pod: past its burst it gets REFUSED, counted; the other pod's
     // queries, at the same time, are all answered.

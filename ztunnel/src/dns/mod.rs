@@ -26,7 +26,7 @@ pub use decision::{decide, Asker, Decision, Outcome};
 pub use server::{DnsListeners, DnsPod};
 
 /// The port ztunnel's DNS listeners take in every pod (the capture rules redirect 53 there).
-pub const DNS_PORT: u16 = 15053;
+pub const DNS_PORT: u16 = ambit_proto::ports::DNS;
 
 // The defaults; their reasons are in ARCHITECTURE.md ("Limits").
 const DEFAULT_QUERY_RATE: u32 = 200;

@@ -23,7 +23,7 @@ use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::admin::{Admin, AdminError, AdminServer};
-use crate::capture::{CaptureConfig, CaptureManager};
+use crate::capture::{CaptureConfig, CaptureManager, RuleConfig};
 use crate::certs::grpc::GrpcCaClient;
 use crate::certs::local::InProcessCa;
 use crate::certs::{CaClient, CertConfig, CertManager, CertsError, SignedChain, SystemClock};
@@ -327,12 +327,18 @@ impl App {
             settings: Arc::new(settings),
             throttle: Arc::new(LogThrottle::new(limits.limits().log_interval)),
             limits,
+            dns: Arc::new(config.dns.clone()),
         };
         let capture = match config.mode {
             Mode::Node => CaptureMode::Node(Arc::new(CaptureManager::with_handover(
                 CaptureConfig {
                     netns_dir: config.netns_dir.clone(),
-                    rules: config.rules.clone(),
+                    // DNS is captured in pods only: in dedicated mode ztunnel's own lookups
+                    // share the namespace and would be captured with the workload's.
+                    rules: RuleConfig {
+                        dns_port: config.dns.enabled.then_some(crate::dns::DNS_PORT),
+                        ..config.rules.clone()
+                    },
                 },
                 handover.clone(),
             ))),

@@ -10,6 +10,7 @@ use ambit_hbone::Identity;
 use ambit_runtime::flags::{ControlPlaneArgs, MeshArgs, ProxyOpsArgs};
 
 use crate::capture::RuleConfig;
+use crate::dns::{DnsArgs, DnsSettings};
 use crate::limits::{LimitArgs, Limits};
 use crate::proxy::Reevaluation;
 use crate::telemetry::LogArgs;
@@ -105,6 +106,8 @@ pub struct Args {
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
+    pub dns: DnsArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -171,6 +174,8 @@ pub struct Config {
     pub limits: Limits,
     /// The node directory ([`crate::node_dir`]); `None` keeps nothing on disk (tests).
     pub data_dir: Option<PathBuf>,
+    /// The DNS proxy (node mode only).
+    pub dns: DnsSettings,
 }
 
 impl Config {
@@ -202,6 +207,8 @@ impl Config {
             static_poll: Duration::from_millis(500),
             limits: Limits::default(),
             data_dir: None,
+            // Tests that look at DNS turn it on; the others keep their pods' DNS untouched.
+            dns: DnsSettings::disabled(),
         }
     }
 }
@@ -302,6 +309,7 @@ impl TryFrom<Args> for Config {
             static_poll: Duration::from_secs(1),
             limits: a.limits.into(),
             data_dir: Some(a.data_dir),
+            dns: a.dns.into(),
         })
     }
 }

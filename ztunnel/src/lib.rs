@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod decision;
 pub mod discovery;
+pub mod dns;
 pub mod drain;
 pub mod enrollment;
 pub mod handover;

@@ -202,6 +202,15 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// The labels of `istio_dns_requests_total`: which pod's workload asked, and how the query
+/// ended (a fixed set, [`crate::dns::Outcome::as_str`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DnsLabels {
+    source_workload: Arc<str>,
+    source_workload_namespace: Arc<str>,
+    outcome: &'static str,
+}
+
 /// ztunnel's metrics. Cheap to clone; clones share the registry.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -215,6 +224,7 @@ pub struct Metrics {
     xds_state: Gauge,
     refused: Family<ReasonLabels, Counter>,
     handshakes_failed: Family<ReasonLabels, Counter>,
+    dns_requests: Family<DnsLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -281,8 +291,15 @@ impl Metrics {
             "Inbound HBONE connections that failed before HTTP/2 was up, by reason",
             handshakes_failed.clone(),
         );
+        let dns_requests = Family::default();
+        registry.register(
+            "istio_dns_requests",
+            "DNS queries of enrolled pods captured by ztunnel, by outcome (answered, nodata, forwarded, malformed, not_implemented, rate_limited, upstream_failed)",
+            dns_requests.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
+            dns_requests,
             opened,
             closed,
             sent,
@@ -299,6 +316,17 @@ impl Metrics {
     /// [`crate::limits::Refused::as_str`]).
     pub fn connection_refused(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts one DNS query of a pod of `workload` in `namespace`, ended as `outcome`.
+    pub fn dns_request(&self, workload: &Arc<str>, namespace: &Arc<str>, outcome: &'static str) {
+        self.dns_requests
+            .get_or_create(&DnsLabels {
+                source_workload: workload.clone(),
+                source_workload_namespace: namespace.clone(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts an inbound HBONE connection whose handshake failed.

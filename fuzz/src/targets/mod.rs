@@ -2,6 +2,7 @@
 
 mod csr;
 mod discovery;
+mod dns;
 mod hbone;
 mod policy;
 mod static_state;

@@ -109,6 +109,9 @@ pub struct PodListeners {
     /// The same three for IPv6 (IPV6_V6ONLY sockets), when the pod's IPv6 is captured;
     /// `None` when it is closed.
     pub ipv6: Option<Ipv6Listeners>,
+    /// The DNS listeners (UDP and TCP on 127.0.0.1:15053, and [::1]:15053 when the pod's
+    /// IPv6 is captured) when DNS is captured; empty otherwise.
+    pub dns: Vec<crate::dns::DnsListeners>,
 }
 
 /// A pod's IPv6 capture listeners.
@@ -149,6 +152,21 @@ fn open_or_inherit(
     let [outbound, inbound, hbone] = specs;
     let [o, i, h] = inherited;
     Ok([open(outbound, o)?, open(inbound, i)?, open(hbone, h)?])
+}
+
+/// Opens one family's DNS sockets at `port` on loopback, when DNS is captured.
+fn open_dns(
+    port: Option<u16>,
+    ipv6: bool,
+) -> Result<Option<(std::net::UdpSocket, std::net::TcpListener)>, (SocketAddr, std::io::Error)> {
+    let Some(port) = port else { return Ok(None) };
+    let lo: IpAddr = if ipv6 {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
+    let addr = SocketAddr::new(lo, port);
+    sockets::bind_dns(addr).map(Some).map_err(|e| (addr, e))
 }
 
 /// One pod's capture. See the module docs for the lifecycle.
@@ -240,17 +258,21 @@ impl CapturedPod {
             .filter(|l| l.is_some())
             .count();
         let capture_v6 = rules.ipv6;
+        let dns_port = rules.dns_port;
         let opened = worker
             .run(move || {
                 // A successor that could not take these binds beside them (SO_REUSEPORT);
                 // when ours then close, waiting connections move to its sockets.
                 crate::handover::migrate_queued_connections();
                 let v4 = open_or_inherit(specs_v4, inherited_v4)?;
+                let dns4 = open_dns(dns_port, false)?;
                 // A pod's IPv6 is captured only when the kernel has IPv6 and its listeners
                 // open; otherwise it is closed by the rules below (never left open).
                 let v6 = match capture_v6 {
                     Ipv6Capture::Captured if iptables::ipv6_present() => {
-                        match open_or_inherit(specs_v6, inherited_v6) {
+                        let opened = open_or_inherit(specs_v6, inherited_v6)
+                            .and_then(|l| Ok((l, open_dns(dns_port, true)?)));
+                        match opened {
                             Ok(v6) => Some(v6),
                             Err((addr, error)) => {
                                 tracing::warn!(
@@ -263,7 +285,7 @@ impl CapturedPod {
                     }
                     _ => None,
                 };
-                Ok::<_, (SocketAddr, std::io::Error)>((v4, v6))
+                Ok::<_, (SocketAddr, std::io::Error)>((v4, dns4, v6))
             })
             .await
             .map_err(|source| InpodError::Worker {
@@ -276,7 +298,11 @@ impl CapturedPod {
                 netns: path.clone(),
                 source,
             })?;
-        let (opened, opened6) = opened;
+        let (opened, dns4, opened6) = opened;
+        let (opened6, dns6) = match opened6 {
+            Some((l, dns)) => (Some(l), dns),
+            None => (None, None),
+        };
         let mut rules = rules;
         if opened6.is_none() {
             rules.ipv6 = Ipv6Capture::Closed;
@@ -331,6 +357,17 @@ impl CapturedPod {
             }),
             None => None,
         };
+        let mut dns = Vec::with_capacity(2);
+        for (udp, tcp) in dns4.into_iter().chain(dns6) {
+            let addr = udp
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0));
+            let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| listen_error((addr, e)))?;
+            dns.push(crate::dns::DnsListeners {
+                udp,
+                tcp: register(tcp).map_err(listen_error)?,
+            });
+        }
 
         let cfg = rules.clone();
         // A failed apply is not cleaned up: restore commits whole or not at all, so rules a
@@ -370,6 +407,7 @@ impl CapturedPod {
                 inbound,
                 hbone,
                 ipv6,
+                dns,
             })),
             closed: watch::Sender::new(false),
             registered: Mutex::new(registered),

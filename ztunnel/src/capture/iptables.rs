@@ -17,7 +17,9 @@
 //! - connections ztunnel opens to the app *from the client's IP* (IP_TRANSPARENT, marked) get a
 //!   connmark when they arrive on `lo`; the app's replies take that mark back and are routed to
 //!   `lo` by the same table, instead of out of the pod towards the real client.
-//! - UDP (and so DNS) is left alone.
+//! - DNS, when `dns_port` is set: UDP and TCP to port 53 (except to loopback and except
+//!   ztunnel's marked sockets) are REDIRECTed to the DNS proxy's port (15053). Other UDP is
+//!   left alone.
 //!
 //! IPv6 gets the same capture ([`render_apply_v6`], applied with `ip6tables-restore` beside the
 //! IPv4 rules and removed with them): the same chains, marks and ports in `ip6tables`'
@@ -168,6 +170,9 @@ pub struct RuleConfig {
     pub backend: Backend,
     /// Whether the pod's IPv6 is captured or closed.
     pub ipv6: Ipv6Capture,
+    /// DNS capture port (REDIRECT target of UDP and TCP to port 53), when the DNS proxy is
+    /// on; `None` leaves the pod's DNS alone.
+    pub dns_port: Option<u16>,
 }
 
 impl Default for RuleConfig {
@@ -186,6 +191,7 @@ impl Default for RuleConfig {
             outbound_exclude_ports: Vec::new(),
             backend: Backend::Default,
             ipv6: Ipv6Capture::default(),
+            dns_port: None,
         }
     }
 }
@@ -463,6 +469,19 @@ fn render_rules(
             "-A {CHAIN_OUTPUT} -p tcp -m tcp --dport {port} -j RETURN"
         ));
     }
+    // DNS: the pod's queries to any resolver off its loopback go to ztunnel's DNS proxy,
+    // over UDP and TCP; ztunnel's own queries to the upstream carry the mark and leave.
+    if let Some(dns) = cfg.dns_port {
+        line(format!(
+            "-A {CHAIN_OUTPUT} -p udp -m mark --mark {mark} -j RETURN"
+        ));
+        line(format!(
+            "-A {CHAIN_OUTPUT} -p udp -m udp --dport 53 -j REDIRECT --to-ports {dns}"
+        ));
+        line(format!(
+            "-A {CHAIN_OUTPUT} -p tcp -m tcp --dport 53 --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports {dns}"
+        ));
+    }
     // SYN only, for the same reason as TPROXY: NAT binds a connection at the first packet
     // conntrack sees, and for a connection older than the rules that is not a SYN.
     line(format!(
@@ -565,6 +584,23 @@ fn render_filter_v6(cfg: &RuleConfig, existing: &Existing) -> String {
                 line(format!(
                     "-A {chain} -p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN"
                 ));
+            }
+            // DNS capture carries UDP: the pod's queries REDIRECTed to ztunnel's [::1]
+            // listener, ztunnel's own (marked) queries to the upstream, and the answers to
+            // both. Only flows let through here can have a reply direction.
+            if let Some(dns) = cfg.dns_port {
+                let mark = format!("{:#x}/{:#x}", cfg.mark, cfg.mask);
+                line(format!(
+                    "-A {CHAIN_OUTPUT} -d ::1/128 -p udp -m udp --dport {dns} -j RETURN"
+                ));
+                line(format!(
+                    "-A {CHAIN_OUTPUT} -p udp -m mark --mark {mark} -j RETURN"
+                ));
+                for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
+                    line(format!(
+                        "-A {chain} -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN"
+                    ));
+                }
             }
         }
         Ipv6Capture::Closed => {
@@ -1190,6 +1226,52 @@ COMMIT
         }
         // The filter jumps exist already: not added again, not deleted.
         assert!(!doc.contains("INPUT -j AMBIT_INPUT"), "{doc}");
+    }
+
+    #[test]
+    fn dns_capture_redirects_port_53_but_not_ztunnels_own_queries() {
+        let cfg = RuleConfig {
+            dns_port: Some(15053),
+            ..RuleConfig::default()
+        };
+        assert_ne!(marker_chain(&cfg), marker_chain(&RuleConfig::default()));
+        for doc in [
+            render_apply(&cfg, &Existing::default()),
+            render_apply_v6(&cfg, &Existing::default()),
+        ] {
+            let nat = &doc[doc.find("*nat").unwrap()..];
+            let own = nat
+                .find("-A AMBIT_OUTPUT -p udp -m mark --mark 0x539/0xfff -j RETURN\n")
+                .expect(&doc);
+            let udp = nat
+                .find("-A AMBIT_OUTPUT -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053\n")
+                .expect(&doc);
+            let tcp = nat
+                .find("-A AMBIT_OUTPUT -p tcp -m tcp --dport 53 --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports 15053\n")
+                .expect(&doc);
+            // ztunnel's own marked TCP returns before both; loopback resolvers are left alone.
+            let own_tcp = nat.find("-p tcp -m mark").unwrap();
+            let lo = nat.find("-o lo -j RETURN").unwrap();
+            let outbound = nat.find("--to-ports 15001").unwrap();
+            assert!(lo < own_tcp && own_tcp < own && own < udp && udp < tcp && tcp < outbound);
+        }
+        // IPv6's filter lets the DNS flows through (UDP is otherwise dropped).
+        let v6 = render_apply_v6(&cfg, &Existing::default());
+        let filter = &v6[..v6.find("COMMIT").unwrap()];
+        for rule in [
+            "-A AMBIT_OUTPUT -d ::1/128 -p udp -m udp --dport 15053 -j RETURN",
+            "-A AMBIT_OUTPUT -p udp -m mark --mark 0x539/0xfff -j RETURN",
+            "-A AMBIT_INPUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
+        ] {
+            assert!(
+                filter.contains(&format!("{rule}\n")),
+                "{rule} missing:\n{v6}"
+            );
+        }
+        assert!(filter.find("-p udp").unwrap() < filter.find("-j DROP").unwrap());
+        // Off: not a word about UDP or port 53.
+        let off = render_apply(&RuleConfig::default(), &Existing::default());
+        assert!(!off.contains("udp") && !off.contains("dport 53"), "{off}");
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! `iptables-restore` only; all I/O stays on the main runtime), and three listeners per
 //! family inside the pod: 127.0.0.1:15001 and [::1]:15001 (outbound, REDIRECT),
 //! 0.0.0.0:15006 and [::]:15006 (inbound plaintext, TPROXY, IP_TRANSPARENT), 0.0.0.0:15008
-//! and [::]:15008 (HBONE, not redirected); the IPv6 ones are IPV6_V6ONLY. ztunnel's own
+//! and [::]:15008 (HBONE, not redirected); the IPv6 ones are IPV6_V6ONLY. With the DNS proxy,
+//! UDP and TCP on 127.0.0.1:15053 and [::1]:15053 take the pod's DNS (REDIRECT from port 53). ztunnel's own
 //! sockets in the pod carry SO_MARK 0x539 (mask 0xfff). A pod's IPv6 is captured with
 //! `ip6tables` exactly as its IPv4 with `iptables`; where it cannot be meshed (the mesh knows
 //! no IPv6 address of the pod, its IPv6 listeners cannot open) it is closed instead: every

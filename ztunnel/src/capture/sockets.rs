@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use super::netns::{NetnsError, NetnsWorker};
 
@@ -84,6 +84,37 @@ pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+/// Binds the DNS listeners at `addr` (a loopback address; the capture rules REDIRECT port 53
+/// there) in the calling thread's namespace: a UDP socket and a TCP listener, non-blocking.
+/// SO_REUSEPORT for the same reason as [`bind_listener`]: a successor ztunnel binds beside
+/// them during an upgrade (these are not handed over; the old ones close when it drains).
+pub fn bind_dns(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let udp = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    udp.set_nonblocking(true)?;
+    udp.set_reuse_address(true)?;
+    udp.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        udp.set_only_v6(true)?;
+    }
+    udp.bind(&addr.into())?;
+    Ok((udp.into(), bind_listener(addr, false)?))
+}
+
+/// A marked, non-blocking UDP socket for `dst`'s family bound to an ephemeral port, in the
+/// calling thread's namespace: ztunnel's own DNS queries to a pod's upstream, which the
+/// capture rules must not redirect back to ztunnel.
+pub fn marked_udp_socket(dst: SocketAddr, mark: u32) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(dst), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_mark(mark)?;
+    let any: SocketAddr = match dst {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    socket.bind(&any.into())?;
+    Ok(socket)
 }
 
 /// A marked, unbound, non-blocking socket for `dst`'s family, in the calling thread's namespace.
@@ -188,6 +219,27 @@ impl SocketFactory {
                 source,
             })?;
         Ok(TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// A marked UDP socket in the pod, connected to `dst` (only its datagrams are received).
+    pub async fn udp(&self, dst: SocketAddr) -> Result<UdpSocket, SocketError> {
+        let mark = self.mark;
+        let socket = self
+            .worker
+            .run(move || marked_udp_socket(dst, mark))
+            .await
+            .map_err(SocketError::Worker)?
+            .map_err(|source| SocketError::Create {
+                what: "udp".into(),
+                netns: self.netns(),
+                source,
+            })?;
+        let socket = UdpSocket::from_std(socket.into()).map_err(SocketError::Register)?;
+        socket
+            .connect(dst)
+            .await
+            .map_err(|source| SocketError::Connect { dst, source })?;
+        Ok(socket)
     }
 
     /// Connects from inside the pod, past the capture rules.

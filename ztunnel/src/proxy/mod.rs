@@ -148,6 +148,8 @@ pub struct Shared {
     pub limits: NodeLimits,
     /// Bounds the lines of refusals and failures, node-wide, per cause.
     pub throttle: Arc<LogThrottle>,
+    /// The DNS proxy's settings.
+    pub dns: Arc<crate::dns::DnsSettings>,
 }
 
 /// One enrolled pod as its proxies see it.
@@ -171,6 +173,8 @@ pub struct PodProxy {
     pub limits: PodLimits,
     /// Open inbound connections, for policy re-evaluation.
     pub inbound: Arc<Registry>,
+    /// The pod's DNS proxy state, when DNS is captured.
+    pub dns: Option<Arc<crate::dns::DnsPod>>,
 }
 
 impl PodProxy {
@@ -182,7 +186,19 @@ impl PodProxy {
         capture: Arc<CapturedPod>,
     ) -> Self {
         let factory = Arc::new(PodSockets(capture.sockets().clone()));
+        let dns = shared.dns.enabled.then(|| {
+            let upstreams = crate::dns::upstream::for_pod(&shared.dns, capture.netns().path());
+            Arc::new(crate::dns::DnsPod::new(
+                &shared.dns,
+                Arc::from(format!("{}/{}", workload.namespace, workload.name)),
+                workload.workload_name.clone(),
+                workload.namespace.clone(),
+                upstreams,
+                capture.sockets().clone(),
+            ))
+        });
         PodProxy {
+            dns,
             uid: workload.uid.clone(),
             name: Arc::from(format!("{}/{}", workload.namespace, workload.name)),
             ip,
@@ -222,10 +238,14 @@ impl ambit_hbone::client::SocketFactory for PodSockets {
 pub fn spawn(
     shared: &Shared,
     pod: Arc<PodProxy>,
-    listeners: PodListeners,
+    mut listeners: PodListeners,
     drain: DrainWatcher,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
+    let dns = std::mem::take(&mut listeners.dns);
+    if let Some(dns_pod) = &pod.dns {
+        crate::dns::server::spawn(shared, dns_pod.clone(), dns, drain.clone(), &mut tasks);
+    }
     for [outbound, inbound, hbone] in listeners.by_family() {
         tasks.spawn(outbound::serve(
             shared.clone(),

@@ -7,10 +7,14 @@
 //!   in-process CA (a generated ECDSA P-256 root); it installs its own capture rules.
 //! - [`Flavor::Peer`]: a ztunnel that reads Istio's settings (`PROXY_MODE=dedicated`,
 //!   `FAKE_CA=true`, `LOCAL_XDS_PATH`, `XDS_ADDRESS=""`), e.g. Istio's own built with its
-//!   `testing` feature. It installs no rules in dedicated mode, so the harness adds the one
-//!   its own namespaced tests rely on: `nat OUTPUT` redirects TCP to 15001 unless it leaves by
-//!   `lo` or carries the proxy's packet mark (`PACKET_MARK`). Inbound HBONE is addressed to
-//!   15008 directly and needs no rule.
+//!   `testing` feature. It installs no rules in dedicated mode (on a node, Istio's CNI
+//!   plugin installs them in each pod), so the harness installs them, as [`PeerRules`] says:
+//!   by default the same capture rules Ambit's ztunnel puts in its namespace (mangle and nat,
+//!   the same marks and ports, which is also what Istio's in-pod rules do), so both proxies
+//!   pay the same netfilter cost per packet; or only the one rule Istio's own namespaced
+//!   tests use (`nat OUTPUT` redirects TCP to 15001 unless it leaves by `lo` or carries the
+//!   proxy's packet mark), which leaves the peer's packets a far shorter path through the
+//!   kernel than the Ambit side's. Inbound HBONE is addressed to 15008 directly.
 //!
 //! Both get the same worker-thread count and log level; nothing else is tuned.
 
@@ -41,9 +45,26 @@ pub enum Flavor {
     Peer(PathBuf),
 }
 
+/// The capture rules the harness installs for a peer, which installs none of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PeerRules {
+    /// The rules Ambit's ztunnel installs in dedicated mode, applied with its own code: both
+    /// proxies' packets take the same path through netfilter, as on a node where every pod
+    /// carries its mesh's capture rules.
+    #[default]
+    Mesh,
+    /// Only a `nat OUTPUT` redirect to 15001: no mangle table, and no conntrack on the
+    /// server side. The peer's kernel path is then much shorter than Ambit's (in one profile,
+    /// netfilter was a third of the Ambit ztunnel's CPU samples), which measures the rules as
+    /// much as the proxies.
+    Redirect,
+}
+
 /// What both implementations of a pair are run with.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The capture rules the peer gets.
+    pub peer_rules: PeerRules,
     /// Runtime worker threads of each proxy.
     pub worker_threads: usize,
     /// Log level (`warn` keeps the per-connection access-log lines out of the measurement).
@@ -63,10 +84,14 @@ impl Flavor {
                 s.worker_threads
             ),
             Flavor::Peer(bin) => format!(
-                "{} with PROXY_MODE=dedicated FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<file> PROXY_WORKLOAD_INFO=bench/<side>/<side> ZTUNNEL_WORKER_THREADS={} PACKET_MARK={PACKET_MARK} ENABLE_ORIG_SRC=false RUST_LOG={} CONNECTION_TERMINATION_DEADLINE=1s; outbound redirected to 15001 by the harness's nat OUTPUT rule",
+                "{} with PROXY_MODE=dedicated FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<file> PROXY_WORKLOAD_INFO=bench/<side>/<side> ZTUNNEL_WORKER_THREADS={} PACKET_MARK={PACKET_MARK} ENABLE_ORIG_SRC=false RUST_LOG={} CONNECTION_TERMINATION_DEADLINE=1s; {}",
                 bin.display(),
                 s.worker_threads,
-                s.log_level
+                s.log_level,
+                match s.peer_rules {
+                    PeerRules::Mesh => "capture rules installed by the harness, the same as Ambit's",
+                    PeerRules::Redirect => "outbound redirected to 15001 by one nat OUTPUT rule of the harness (no other capture rules)",
+                }
             ),
         }
     }
@@ -148,8 +173,16 @@ impl ZtunnelPair {
                 let config = s.dir.join("peer-local-xds.yaml");
                 std::fs::write(&config, peer_local_config())?;
                 for (side, ns) in sides {
-                    install_peer_redirect(ns)?;
-                    rules_in.push(ns.clone());
+                    match s.peer_rules {
+                        PeerRules::Mesh => {
+                            install_ambit_rules(ns)?;
+                            ambit_rules_in.push(ns.clone());
+                        }
+                        PeerRules::Redirect => {
+                            install_peer_redirect(ns)?;
+                            rules_in.push(ns.clone());
+                        }
+                    }
                     let env: Vec<(String, String)> = [
                         ("PROXY_MODE", "dedicated".to_owned()),
                         ("FAKE_CA", "true".to_owned()),
@@ -272,6 +305,17 @@ impl Drop for ZtunnelPair {
             let _ = unenroll_ambit(ns);
         }
     }
+}
+
+/// Installs Ambit's dedicated-mode capture rules in `ns` for a peer, with ztunnel's own code.
+fn install_ambit_rules(ns: &str) -> anyhow::Result<()> {
+    net::in_netns(ns, || {
+        ambit_ztunnel::capture::iptables::apply(
+            &ambit_ztunnel::capture::iptables::RuleConfig::dedicated(),
+        )
+    })?
+    .with_context(|| format!("installing capture rules for the peer in {ns}"))?;
+    Ok(())
 }
 
 /// Removes Ambit's dedicated-mode capture rules from `ns`, with ztunnel's own code.

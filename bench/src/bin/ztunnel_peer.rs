@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ambit_bench::dedicated::{http_get, Flavor, Settings, ZtunnelPair};
+use ambit_bench::dedicated::{http_get, Flavor, PeerRules, Settings, ZtunnelPair};
 use ambit_bench::pair::{NetnsPair, SERVER_IP};
 use ambit_bench::tools::{parse_iperf3, parse_sockperf, parse_wrk, Daemon, Iperf, PingPong, Wrk};
 use ambit_bench::{median_spread, proc_cpu_seconds, proc_status_kib};
@@ -58,6 +58,10 @@ struct Args {
     /// Tiny sizes for a smoke run: iperf3 sends 32 MiB per test, sockperf and wrk run 1 s.
     #[arg(long)]
     quick: bool,
+    /// The capture rules the harness gives the peer, which installs none of its own:
+    /// `mesh`, the same as Ambit's (default), or `redirect`, one nat rule only.
+    #[arg(long, value_enum, default_value_t = PeerRules::Mesh)]
+    peer_rules: PeerRules,
     /// Also write every figure of every round here, as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -651,6 +655,7 @@ fn main() -> anyhow::Result<()> {
     ));
     std::fs::create_dir_all(&dir)?;
     let settings = Settings {
+        peer_rules: args.peer_rules,
         worker_threads: args.worker_threads,
         log_level: args.log_level.clone(),
         dir: dir.join("proxies"),

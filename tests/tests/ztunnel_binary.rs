@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ambit_testing::*;
 use ambit_tests::ztunnel::*;
-use ambit_tests::{exec_in, ReplyServer, Topology};
+use ambit_tests::{exec_in, in_netns, ReplyServer, Topology};
 use anyhow::{bail, Context};
 
 /// A ztunnel process; killed if the test ends without stopping it.
@@ -153,5 +153,97 @@ async fn the_ztunnel_binary_carries_hbone_between_nodes_and_drains_on_sigterm() 
     assert_eq!(app.seen().len(), seen_before);
     drop(app);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// In dedicated mode ztunnel shares its workload's namespace and nothing captures it before
+/// ztunnel does, so ready must mean captured: a client that waits for readiness and connects
+/// at once must go through the mesh. Installing the rules is made slow here (iptables-restore
+/// behind a wrapper that waits first), so a readiness that did not wait for them would answer
+/// long before they exist; the first ready answer must find them in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedicated_ztunnel_is_ready_only_once_its_namespace_is_captured() -> anyhow::Result<()> {
+    let Some(topo) = Topology::client_and_server("zt_dedicated").build_or_skip() else {
+        return Ok(());
+    };
+    let vm = topo.pod("client").clone();
+    let dir = std::env::temp_dir().join(format!("ambit-{}-bin", topo.prefix()));
+    std::fs::create_dir_all(&dir)?;
+    TestCa::new(Duration::from_secs(3600)).write_files(&dir)?;
+    std::fs::write(
+        dir.join("state.yaml"),
+        format!("workloads:\n{}", workload(&vm, "app", "vm", "n1", true)),
+    )?;
+    // Slow rule installs: each restore waits a second, then runs the real one.
+    let slow = dir.join("slow-tools");
+    std::fs::create_dir_all(&slow)?;
+    let path = std::env::var("PATH").unwrap_or_default();
+    for tool in ["iptables-restore", "ip6tables-restore"] {
+        let real = path
+            .split(':')
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .with_context(|| format!("{tool} not found on PATH"))?;
+        let wrapper = slow.join(tool);
+        std::fs::write(
+            &wrapper,
+            format!("#!/bin/sh\nsleep 1\nexec {} \"$@\"\n", real.display()),
+        )?;
+        std::process::Command::new("chmod")
+            .arg("755")
+            .arg(&wrapper)
+            .status()?;
+    }
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &vm.netns, "env"])
+        // Through env(1), so that `ip` itself is found on the test's own PATH.
+        .arg(format!("PATH={}:{path}", slow.display()))
+        .arg(ambit_tests::workspace_bin("ztunnel"))
+        .args(["--node", "n1", "--mode", "dedicated"])
+        .arg("--static-state")
+        .arg(dir.join("state.yaml"))
+        .arg("--local-ca-cert")
+        .arg(dir.join("ca.pem"))
+        .arg("--local-ca-key")
+        .arg(dir.join("ca-key.pem"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--drain-seconds", "1", "--log-format", "json"]);
+    let mut ztunnel = Proc::start(command, dir.join("dedicated.log"))?;
+    let ns = vm.netns.clone();
+    let (rules, waited) = blocking(move || {
+        let start = Instant::now();
+        let deadline = start + WAIT;
+        loop {
+            // The readiness port, asked from inside the namespace.
+            let ready = in_netns(&ns, || {
+                http_get(SocketAddr::from(([127, 0, 0, 1], 15021)), "/healthz/ready")
+            })?;
+            if matches!(ready, Ok((200, _))) {
+                return Ok((
+                    exec_in(&ns, &["iptables-save", "-t", "nat"])?,
+                    start.elapsed(),
+                ));
+            }
+            if Instant::now() > deadline {
+                bail!("never ready");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+    .await?;
+    assert!(
+        rules.contains("-j REDIRECT --to-ports 15001"),
+        "ready after {waited:?}, before the outbound capture:\n{rules}\nlog:\n{}",
+        ztunnel.logs()
+    );
+    ztunnel.terminate()?;
+    let ns = vm.netns.clone();
+    in_netns(&ns, || {
+        ambit_ztunnel::capture::iptables::remove(
+            &ambit_ztunnel::capture::iptables::RuleConfig::dedicated(),
+        )
+    })??;
     Ok(())
 }

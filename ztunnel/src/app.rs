@@ -380,6 +380,19 @@ impl App {
             reader.clone(),
             certs.clone(),
         )));
+        // In dedicated mode ztunnel and its workload share a namespace that nothing captures
+        // before ztunnel does: ready must mean captured, or a client that waits for readiness
+        // and connects at once goes out in plaintext. (The side-by-side benchmark did exactly
+        // that: its first measurement after a start sometimes bypassed both proxies.) On a
+        // node, a pod's rules come from the CNI plugin before the pod runs, and one pod that
+        // cannot be enrolled must not hold the node's readiness.
+        if config.mode == Mode::Dedicated {
+            background.push(tokio::spawn(captured_ready(
+                ready.register("capture of this namespace"),
+                reader.watch_local(),
+                enrollment.status(),
+            )));
+        }
 
         let (ops_drain, watcher) = drain::channel();
         let shutdown = ShutdownRequest::new();
@@ -594,6 +607,33 @@ fn config_dump(reader: &StateReader, status: &watch::Receiver<Arc<Statuses>>) ->
     let pods = serde_json::to_value(&**status.borrow())
         .unwrap_or_else(|e| json!({ "error": e.to_string() }));
     json!({ "state": state, "local_pods": pods })
+}
+
+/// Holds the readiness task until every local enrolled workload is captured and served.
+async fn captured_ready(
+    block: crate::readiness::BlockReady,
+    mut local: watch::Receiver<Arc<LocalWorkloads>>,
+    mut status: watch::Receiver<Arc<Statuses>>,
+) {
+    loop {
+        let all = {
+            let local = local.borrow_and_update();
+            let status = status.borrow_and_update();
+            local.iter().all(|(uid, w)| {
+                w.protocol != TunnelProtocol::Hbone
+                    || w.addresses.is_empty()
+                    || matches!(status.get(uid), Some(PodStatus::Enrolled { .. }))
+            })
+        };
+        if all {
+            block.done();
+            return;
+        }
+        tokio::select! {
+            changed = local.changed() => if changed.is_err() { return },
+            changed = status.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Holds the readiness task until every local enrolled workload has a certificate.

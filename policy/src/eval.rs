@@ -8,9 +8,12 @@
 //!   index of the rule that decided.
 //!
 //! What cannot be known fails closed. HTTP attributes are optional: ztunnel never has
-//! them, the waypoint has them for HTTP requests but not for opaque TCP. JWTs are never
-//! validated, so request principals and `request.auth.*` claims are never known, nor are
-//! condition keys this code does not know. A rule naming anything unknowable never
+//! them, the waypoint has them for HTTP requests but not for opaque TCP. With them come
+//! the request's validated token ([`RequestAuth`]), if it had one: request principals and
+//! `request.auth.*` are known where HTTP is, and a request without a token simply has no
+//! principal and no claims (an ALLOW on `requestPrincipals` does not match it, a
+//! `notRequestPrincipals` excludes nothing). Condition keys this code does not know are
+//! never known. A rule naming anything unknowable never
 //! matches in an ALLOW policy; in a DENY or AUDIT policy it matches on its knowable parts
 //! alone. Guessing wrong must never open access.
 
@@ -47,6 +50,41 @@ pub struct HttpAttributes<'a> {
     /// The `Host` (`:authority`), possibly with a port.
     pub host: &'a str,
     pub headers: &'a http::HeaderMap,
+    /// The request's token, validated (signature, issuer, audiences, time); `None` when the
+    /// request carries none.
+    pub auth: Option<&'a RequestAuth>,
+}
+
+/// What a validated token says, as policy reads it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RequestAuth {
+    /// `iss/sub`, Istio's request principal.
+    pub principal: String,
+    /// The `aud` claim (a string or a list).
+    pub audiences: Vec<String>,
+    /// The `azp` claim.
+    pub presenter: Option<String>,
+    /// Every claim of the payload.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RequestAuth {
+    /// The string values of the claim at `path` (through nested objects): the claim
+    /// itself when it is a string, its strings when it is a list; nothing otherwise.
+    pub fn claim(&self, path: &[String]) -> Vec<&str> {
+        let Some((first, rest)) = path.split_first() else {
+            return Vec::new();
+        };
+        let mut v = self.claims.get(first.as_str());
+        for p in rest {
+            v = v.and_then(|v| v.get(p.as_str()));
+        }
+        match v {
+            Some(serde_json::Value::String(s)) => vec![s.as_str()],
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// What decided.
@@ -336,7 +374,30 @@ impl Source {
             (&self.remote_ip_blocks, &self.not_remote_ip_blocks),
             &seen_ip,
             |n| any_net(n, ip),
-        )
+        ) && match &f.attrs.http {
+            // Without HTTP the token is unknowable; an ALLOW never gets here with a rule
+            // on it, and a DENY matches on the rest.
+            None => {
+                if self.uses_jwt() {
+                    c.o.check(
+                        c.clause,
+                        "requestPrincipals",
+                        &|| "unknown (no HTTP)".into(),
+                        true,
+                    );
+                }
+                true
+            }
+            Some(h) => {
+                let principal = h.auth.map(|a| a.principal.as_str());
+                c.field(
+                    ("requestPrincipals", "notRequestPrincipals"),
+                    (&self.request_principals, &self.not_request_principals),
+                    &|| principal.unwrap_or("none (no token)").to_string(),
+                    |m| any_str(m, principal),
+                )
+            }
+        }
     }
 }
 
@@ -425,10 +486,42 @@ impl Condition {
                     true
                 }
             },
-            Test::RequestAuth | Test::Unknown => {
+            Test::RequestPrincipal(v) => auth_test(c, a, v, |au| vec![au.principal.as_str()]),
+            Test::RequestAudiences(v) => auth_test(c, a, v, |au| {
+                au.audiences.iter().map(String::as_str).collect()
+            }),
+            Test::RequestPresenter(v) => auth_test(c, a, v, |au| {
+                au.presenter.as_deref().into_iter().collect()
+            }),
+            Test::RequestClaim { path, values } => auth_test(c, a, values, |au| au.claim(path)),
+            Test::Unknown => {
                 c.o.check(c.clause, "values", &|| "unknowable".into(), true);
                 true
             }
         }
     }
+}
+
+/// A `request.auth.*` condition: any of the token's values for the key must match
+/// `values` and none `not_values`; a request without a token has no values. Without HTTP
+/// the token is unknowable, which counts as matching here as for the other parts.
+fn auth_test<'a, O: Observer + ?Sized>(
+    c: &mut Clauses<'_, '_, O>,
+    a: &'a Attributes<'a>,
+    v: &Values<StringMatch>,
+    of: impl Fn(&'a RequestAuth) -> Vec<&'a str>,
+) -> bool {
+    let Some(h) = &a.http else {
+        c.o.check(c.clause, "values", &|| "unknown (no HTTP)".into(), true);
+        return true;
+    };
+    let got = h.auth.map(of).unwrap_or_default();
+    c.set(
+        v,
+        &|| match h.auth {
+            Some(_) => format!("{got:?}"),
+            None => "none (no token)".into(),
+        },
+        |ms| got.iter().any(|g| ms.iter().any(|m| m.matches(g))),
+    )
 }

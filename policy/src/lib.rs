@@ -22,7 +22,8 @@ pub mod trace;
 pub mod wire;
 
 pub use eval::{
-    evaluate, evaluate_observed, explain, Attributes, Decision, HttpAttributes, Verdict,
+    evaluate, evaluate_observed, explain, Attributes, Decision, HttpAttributes, RequestAuth,
+    Verdict,
 };
 pub use model::{
     parse_ip_net, Action, Condition, ConditionError, Operation, Policy, Rule, Scope, Source, Test,

@@ -99,9 +99,10 @@ impl Rule {
         self.unknowable(false)
     }
 
-    /// The rule names something that cannot be known, given whether HTTP attributes are.
+    /// The rule names something that cannot be known, given whether HTTP attributes are
+    /// (a request's token, when it has one, is validated where HTTP is parsed).
     pub(crate) fn unknowable(&self, http_known: bool) -> bool {
-        self.from.iter().any(Source::uses_jwt)
+        (!http_known && self.from.iter().any(Source::uses_jwt))
             || (!http_known && self.to.iter().any(Operation::uses_http))
             || self.when.iter().any(|c| c.unknowable(http_known))
     }
@@ -125,7 +126,8 @@ pub struct Source {
     /// source address too.
     pub remote_ip_blocks: Vec<IpNet>,
     pub not_remote_ip_blocks: Vec<IpNet>,
-    /// JWT `iss/sub`: nothing in this mesh validates JWTs, so never knowable.
+    /// JWT `iss/sub` of the request's validated token: known where HTTP is (the waypoint
+    /// validates tokens per RequestAuthentication); absent when the request carries none.
     pub request_principals: Vec<StringMatch>,
     pub not_request_principals: Vec<StringMatch>,
 }
@@ -189,8 +191,18 @@ pub enum Test {
         name: String,
         values: Values<StringMatch>,
     },
-    /// `request.auth.*`: JWT claims, never knowable here.
-    RequestAuth,
+    /// `request.auth.principal`: the validated token's `iss/sub`.
+    RequestPrincipal(Values<StringMatch>),
+    /// `request.auth.audiences`: the validated token's `aud` values.
+    RequestAudiences(Values<StringMatch>),
+    /// `request.auth.presenter`: the validated token's `azp`.
+    RequestPresenter(Values<StringMatch>),
+    /// `request.auth.claims[a][b]...`: a claim of the validated token, by its path through
+    /// nested objects; a string claim or each string of a list claim is matched.
+    RequestClaim {
+        path: Vec<String>,
+        values: Values<StringMatch>,
+    },
     /// A key this code does not know (`connection.sni`, `experimental.*`, newer keys):
     /// never knowable.
     Unknown,
@@ -248,6 +260,17 @@ impl From<Condition> for ConditionDoc {
             not_values: c.not_values,
         }
     }
+}
+
+/// The claim path of `request.auth.claims[a][b]`: `["a", "b"]`; `None` for any other
+/// key, or for an empty or unbalanced path (the key is then unknown, which fails closed).
+fn claim_path(key: &str) -> Option<Vec<String>> {
+    let inner = key
+        .strip_prefix("request.auth.claims[")?
+        .strip_suffix(']')?;
+    let path: Vec<String> = inner.split("][").map(str::to_string).collect();
+    let malformed = |p: &String| p.is_empty() || p.contains('[') || p.contains(']');
+    (!path.iter().any(malformed)).then_some(path)
 }
 
 /// Parses an address or CIDR as written in policies (`10.0.0.1`, `10.0.0.0/8`).
@@ -327,8 +350,18 @@ impl Condition {
                     name: name.to_string(),
                     values: patterns()?,
                 },
-                None if k.starts_with("request.auth.") => Test::RequestAuth,
-                None => Test::Unknown,
+                None => match k {
+                    "request.auth.principal" => Test::RequestPrincipal(patterns()?),
+                    "request.auth.audiences" => Test::RequestAudiences(patterns()?),
+                    "request.auth.presenter" => Test::RequestPresenter(patterns()?),
+                    k => match claim_path(k) {
+                        Some(path) => Test::RequestClaim {
+                            path,
+                            values: patterns()?,
+                        },
+                        None => Test::Unknown,
+                    },
+                },
             },
         };
         Ok(Condition {
@@ -361,8 +394,12 @@ impl Condition {
 
     pub(crate) fn unknowable(&self, http_known: bool) -> bool {
         match self.test {
-            Test::RequestHeader { .. } => !http_known,
-            Test::RequestAuth | Test::Unknown => true,
+            Test::RequestHeader { .. }
+            | Test::RequestPrincipal(_)
+            | Test::RequestAudiences(_)
+            | Test::RequestPresenter(_)
+            | Test::RequestClaim { .. } => !http_known,
+            Test::Unknown => true,
             _ => false,
         }
     }

@@ -5,7 +5,7 @@
 //! rule.
 
 use ambit_policy::{
-    evaluate, Attributes, HttpAttributes, Policy, Rule, StringMatch, Test, Verdict,
+    evaluate, Attributes, HttpAttributes, Policy, RequestAuth, Rule, StringMatch, Test, Verdict,
 };
 
 #[test]
@@ -78,6 +78,23 @@ struct Req {
     path: &'static str,
     host: &'static str,
     header: Option<(&'static str, &'static str)>,
+    /// Carries the validated token of [`token`].
+    jwt: bool,
+}
+
+/// The validated token `GET.token()` carries: `https://idp.example/alice`, audience `web`,
+/// presenter `cli`, groups `admin` and `dev`, a nested `org.team`.
+fn token() -> RequestAuth {
+    let claims = serde_json::json!({
+        "iss": "https://idp.example", "sub": "alice", "aud": "web", "azp": "cli",
+        "groups": ["admin", "dev"], "org": {"team": "blue"}, "level": 3,
+    });
+    RequestAuth {
+        principal: "https://idp.example/alice".into(),
+        audiences: vec!["web".into()],
+        presenter: Some("cli".into()),
+        claims: claims.as_object().cloned().unwrap_or_default(),
+    }
 }
 
 /// `curl` in namespace `client` from 10.1.0.5 to 10.0.0.2:8080, at L4.
@@ -90,6 +107,7 @@ const L4: Req = Req {
     path: "/",
     host: "web.app.svc.cluster.local:8080",
     header: None,
+    jwt: false,
 };
 
 /// The same over IPv6: from fd77:1::2 to [fd77:2::2]:8080.
@@ -133,7 +151,12 @@ impl Req {
         }
     }
 
+    fn token(self) -> Self {
+        Req { jwt: true, ..self }
+    }
+
     fn verdict(&self, policies: &[Policy]) -> Verdict {
+        let token = token();
         let mut headers = http::HeaderMap::new();
         if let Some((n, v)) = self.header {
             headers.insert(
@@ -153,6 +176,7 @@ impl Req {
                 path: self.path,
                 host: self.host,
                 headers: &headers,
+                auth: self.jwt.then_some(&token),
             }),
         };
         evaluate(policies, &attrs)
@@ -240,10 +264,18 @@ fn verdicts() {
         ("ipBlocks AND remoteIpBlocks", "a ALLOW: [{from: [{ipBlocks: [10.1.0.0/16], remoteIpBlocks: [10.9.0.0/16]}]}]", L4, "no ALLOW policy matched (checked: app/a)"),
         ("fields ANDed within a source", "a ALLOW: [{from: [{principals: ['*'], ipBlocks: [10.9.0.0/16]}]}]", L4, "no ALLOW policy matched (checked: app/a)"),
         ("sources ORed", "a ALLOW: [{from: [{principals: [nobody]}, {ipBlocks: [10.1.0.5/32]}]}]", L4, "allowed by app/a (rule 0)"),
-        ("requestPrincipals: an ALLOW never matches (no JWT)", "a ALLOW: [{from: [{requestPrincipals: ['*']}]}]", GET, "no ALLOW policy matched (checked: app/a)"),
-        ("requestPrincipals: a DENY matches on the rest", "d DENY: [{from: [{requestPrincipals: ['*'], namespaces: [client]}]}]", GET, "denied by app/d (rule 0)"),
+        ("requestPrincipals: an ALLOW does not match a request without a token", "a ALLOW: [{from: [{requestPrincipals: ['*']}]}]", GET, "no ALLOW policy matched (checked: app/a)"),
+        ("requestPrincipals: an ALLOW matches the token's iss/sub", "a ALLOW: [{from: [{requestPrincipals: ['https://idp.example/alice']}]}]", GET.token(), "allowed by app/a (rule 0)"),
+        ("requestPrincipals: issuer prefix", "a ALLOW: [{from: [{requestPrincipals: ['https://idp.example/*']}]}]", GET.token(), "allowed by app/a (rule 0)"),
+        ("requestPrincipals: another subject", "a ALLOW: [{from: [{requestPrincipals: ['https://idp.example/bob']}]}]", GET.token(), "no ALLOW policy matched (checked: app/a)"),
+        ("requestPrincipals: an ALLOW never matches at L4", "a ALLOW: [{from: [{requestPrincipals: ['*']}]}]", L4, "no ALLOW policy matched (checked: app/a)"),
+        ("requestPrincipals: a DENY at L4 matches on the rest", "d DENY: [{from: [{requestPrincipals: ['*'], namespaces: [client]}]}]", L4, "denied by app/d (rule 0)"),
+        ("requestPrincipals: a DENY does not match a request without a token", "d DENY: [{from: [{requestPrincipals: ['*'], namespaces: [client]}]}]", GET, "no ALLOW policy applies"),
+        ("notRequestPrincipals: a DENY of requests without a token", "d DENY: [{from: [{notRequestPrincipals: ['*']}]}]", GET, "denied by app/d (rule 0)"),
+        ("notRequestPrincipals: a request with a token passes", "d DENY: [{from: [{notRequestPrincipals: ['*']}]}]", GET.token(), "no ALLOW policy applies"),
         ("notRequestPrincipals: a DENY matches on the rest", "d DENY: [{from: [{notRequestPrincipals: ['*'], namespaces: [other]}]}]", GET, "no ALLOW policy applies"),
-        ("requestPrincipals in one source fails the whole ALLOW rule", "a ALLOW: [{from: [{namespaces: [client]}, {requestPrincipals: ['*']}]}]", GET, "no ALLOW policy matched (checked: app/a)"),
+        ("requestPrincipals in one source of an ALLOW rule: the other source matches at L7", "a ALLOW: [{from: [{namespaces: [client]}, {requestPrincipals: ['*']}]}]", GET, "allowed by app/a (rule 0)"),
+        ("requestPrincipals in one source fails the whole ALLOW rule at L4", "a ALLOW: [{from: [{namespaces: [client]}, {requestPrincipals: ['*']}]}]", L4, "no ALLOW policy matched (checked: app/a)"),
         // ---- operations
         ("ports", "d DENY: [{to: [{ports: [8080]}]}]", L4, "denied by app/d (rule 0)"),
         ("ports other", "d DENY: [{to: [{ports: [9090]}]}]", L4, "no ALLOW policy applies"),
@@ -280,8 +312,19 @@ fn verdicts() {
         ("when request.headers presence", "d DENY: [{when: [{key: 'request.headers[x-debug]', values: ['*']}]}]", GET.header("x-debug", "1"), "denied by app/d (rule 0)"),
         ("when request.headers at L4 in an ALLOW", "a ALLOW: [{when: [{key: 'request.headers[x-team]', values: [blue]}]}]", L4, "no ALLOW policy matched (checked: app/a)"),
         ("when request.headers at L4 in a DENY", "d DENY: [{when: [{key: 'request.headers[x-team]', values: [blue]}]}]", L4, "denied by app/d (rule 0)"),
-        ("when request.auth.claims in an ALLOW", "a ALLOW: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]", GET, "no ALLOW policy matched (checked: app/a)"),
-        ("when request.auth.claims in a DENY", "d DENY: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]", GET, "denied by app/d (rule 0)"),
+        ("when request.auth.claims without a token", "a ALLOW: [{when: [{key: 'request.auth.claims[iss]', values: ['*']}]}]", GET, "no ALLOW policy matched (checked: app/a)"),
+        ("when request.auth.claims in a DENY without a token", "d DENY: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]", GET, "no ALLOW policy applies"),
+        ("when request.auth.claims in a DENY at L4", "d DENY: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]", L4, "denied by app/d (rule 0)"),
+        ("when request.auth.claims string", "a ALLOW: [{when: [{key: 'request.auth.claims[iss]', values: ['https://idp.example']}]}]", GET.token(), "allowed by app/a (rule 0)"),
+        ("when request.auth.claims list", "a ALLOW: [{when: [{key: 'request.auth.claims[groups]', values: [admin]}]}]", GET.token(), "allowed by app/a (rule 0)"),
+        ("when request.auth.claims list, none", "a ALLOW: [{when: [{key: 'request.auth.claims[groups]', values: [ops]}]}]", GET.token(), "no ALLOW policy matched (checked: app/a)"),
+        ("when request.auth.claims notValues on a list", "d DENY: [{when: [{key: 'request.auth.claims[groups]', notValues: [dev]}]}]", GET.token(), "no ALLOW policy applies"),
+        ("when request.auth.claims nested", "a ALLOW: [{when: [{key: 'request.auth.claims[org][team]', values: ['bl*']}]}]", GET.token(), "allowed by app/a (rule 0)"),
+        ("when request.auth.claims a number is no string", "a ALLOW: [{when: [{key: 'request.auth.claims[level]', values: ['3']}]}]", GET.token(), "no ALLOW policy matched (checked: app/a)"),
+        ("when request.auth.claims malformed key", "a ALLOW: [{when: [{key: 'request.auth.claims[]', values: ['*']}]}]", GET.token(), "no ALLOW policy matched (checked: app/a)"),
+        ("when request.auth.principal", "a ALLOW: [{when: [{key: request.auth.principal, values: ['*/alice']}]}]", GET.token(), "allowed by app/a (rule 0)"),
+        ("when request.auth.audiences", "a ALLOW: [{when: [{key: request.auth.audiences, values: [web]}]}]", GET.token(), "allowed by app/a (rule 0)"),
+        ("when request.auth.presenter", "a ALLOW: [{when: [{key: request.auth.presenter, values: [other]}]}]", GET.token(), "no ALLOW policy matched (checked: app/a)"),
         ("when unknown key in an ALLOW", "a ALLOW: [{when: [{key: connection.sni, values: [x]}]}]", GET, "no ALLOW policy matched (checked: app/a)"),
         ("when unknown key in a DENY", "d DENY: [{when: [{key: connection.sni, values: [x]}]}]", L4, "denied by app/d (rule 0)"),
         ("from AND to AND when", "a ALLOW: [{from: [{namespaces: [client]}], to: [{ports: [8080]}], when: [{key: source.ip, values: [10.9.0.0/16]}]}]", L4, "no ALLOW policy matched (checked: app/a)"),

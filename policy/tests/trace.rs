@@ -79,6 +79,7 @@ fn l7_fields_are_traced_with_the_request_s_values() {
         path: "/x",
         host: "api",
         headers: &headers,
+        auth: None,
     };
     let a = attrs("cluster.local/ns/ops/sa/admin", 8080, Some(http("DELETE")));
     let (verdict, trace) = explain(&ps, &a);

@@ -219,6 +219,7 @@ fn one_policy_one_verdict_at_every_hop() {
                     path: req.path,
                     host: "web.demo.svc.cluster.local:8080",
                     headers: &headers,
+                    auth: None,
                 }),
                 ..l4
             };

@@ -25,6 +25,7 @@ fn attrs<'a>(method: &'a str, path: &'a str, headers: &'a http::HeaderMap) -> At
             path,
             host: "web.demo.svc.cluster.local:80",
             headers,
+            auth: None,
         }),
     }
 }

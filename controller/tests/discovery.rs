@@ -148,6 +148,9 @@ fn upserts(push: &Push) -> Vec<String> {
             resource::Kind::Route(r) => format!("route {}/{}", r.namespace, r.name),
             resource::Kind::TrafficPolicy(t) => format!("tp {}/{}", t.namespace, t.name),
             resource::Kind::PeerAuthentication(p) => format!("pa {}/{}", p.namespace, p.name),
+            resource::Kind::RequestAuthentication(a) => {
+                format!("reqauthn {}/{}", a.namespace, a.name)
+            }
         })
         .collect();
     v.sort();

@@ -8,7 +8,8 @@
 //! | step | refusal ([`Refusal`]: status, flag) |
 //! | --- | --- |
 //! | destination: the tunnel's `:authority` as a service VIP or a workload address | 503 `NR` |
-//! | L7 authorization (policies bound to the Gateway or the service) | 403 `RBAC` |
+//! | request authentication: the token, if any, against the RequestAuthentications bound to the Gateway or the service ([`crate::authn`]) | 401 `-` |
+//! | L7 authorization (policies bound to the Gateway or the service), with the token's principal and claims | 403 `RBAC` |
 //! | local rate limit of the service (the one piece of runtime state read, through [`RateLimits`]) | 429 `RL` |
 //! | fault injection: a delay to wait first (`DI`), an abort | configured status, `FI` |
 //! | route: rule match, redirect, rewrite, weighted backend | 404 / 500 `NR` |
@@ -25,6 +26,8 @@ use http::header::HeaderValue;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, StatusCode, Uri};
 
+use crate::authn::jwks::JwksSource;
+use crate::authn::validate::{authenticate, Authenticated};
 use crate::policy::{self, Attributes, HttpAttributes, Verdict};
 use crate::refusal::Refusal;
 use crate::resilience::{ratelimit, Settings};
@@ -97,6 +100,15 @@ pub trait RateLimits {
     fn check(&self, service_key: &str, principal: &str) -> ratelimit::Decision;
 }
 
+/// What validating a token reads besides the state: the key sets fetched so far and the
+/// time, handed in so that tests fix both.
+#[derive(Clone, Copy)]
+pub struct AuthnInput<'a> {
+    pub keys: &'a dyn JwksSource,
+    /// Unix seconds.
+    pub now: u64,
+}
+
 /// What to do with a request.
 #[derive(Debug)]
 pub struct Decision {
@@ -105,6 +117,9 @@ pub struct Decision {
     pub destination: String,
     /// AUDIT policies that matched an allowed request (logged by the proxy).
     pub audited: Vec<String>,
+    /// The request's token, validated; what its rule says to do with it towards the
+    /// destination (remove it, copy its payload to a header).
+    pub authn: Option<Authenticated>,
     /// Fault delay to wait before acting (response flag `DI`).
     pub delay: Option<Duration>,
     /// The rule that matched, shared with the state (its route names the access-log line).
@@ -183,8 +198,17 @@ pub fn decide(
     req: &RequestHead<'_>,
     draws: Draws,
     limits: &dyn RateLimits,
+    authn: AuthnInput<'_>,
 ) -> Decision {
-    decide_observed(state, gateway, caller, req, draws, limits, &mut Unobserved)
+    decide_observed(
+        state,
+        gateway,
+        caller,
+        req,
+        draws,
+        (limits, authn),
+        &mut Unobserved,
+    )
 }
 
 /// [`decide`], reporting each step of L7 policy evaluation to `observer` (`ambitctl
@@ -195,12 +219,13 @@ pub fn decide_observed(
     caller: &Caller,
     req: &RequestHead<'_>,
     draws: Draws,
-    limits: &dyn RateLimits,
+    (limits, authn): (&dyn RateLimits, AuthnInput<'_>),
     observer: &mut dyn Observer,
 ) -> Decision {
     let mut d = Decision {
         destination: String::new(),
         audited: Vec::new(),
+        authn: None,
         delay: None,
         rule: None,
         action: Action::Refuse(Refusal::UnknownDestination {
@@ -217,6 +242,7 @@ pub fn decide_observed(
         req,
         draws,
         limits,
+        authn,
     };
     d.action = match input.chain(target, &mut d, observer) {
         Ok(action) => action,
@@ -233,6 +259,7 @@ struct Input<'a> {
     req: &'a RequestHead<'a>,
     draws: Draws,
     limits: &'a dyn RateLimits,
+    authn: AuthnInput<'a>,
 }
 
 impl Input<'_> {
@@ -250,6 +277,7 @@ impl Input<'_> {
             req,
             draws,
             limits,
+            authn,
         } = *self;
         let service = match &target {
             Target::Service { service, .. } => Some(service),
@@ -259,13 +287,20 @@ impl Input<'_> {
         d.destination = service
             .map(|s| s.hostname.clone())
             .unwrap_or_else(|| caller.authority.to_string());
-        d.audited = authorize(
-            state,
-            gateway,
-            service.map(|_| key.as_str()),
-            (caller, req),
-            observer,
-        )?;
+        let service_key = service.map(|_| key.as_str());
+        let rules = state.jwt_rules_for(gateway, service_key);
+        if !rules.is_empty() {
+            d.authn = authenticate(
+                &rules,
+                req.headers,
+                req.uri.query(),
+                authn.keys,
+                authn.now,
+            )
+            .map_err(Refusal::Unauthenticated)?;
+        }
+        let token = d.authn.as_ref().map(|a| &a.auth);
+        d.audited = authorize(state, gateway, service_key, (caller, req, token), observer)?;
         let settings = state.settings(&key);
         rate_limit(settings, &key, caller, limits)?;
         // The delay is waited out even when the abort follows (the client sees both).
@@ -335,7 +370,7 @@ fn authorize(
     state: &State,
     gateway: &str,
     service_key: Option<&str>,
-    (caller, req): (&Caller, &RequestHead<'_>),
+    (caller, req, token): (&Caller, &RequestHead<'_>, Option<&ambit_policy::RequestAuth>),
     observer: &mut dyn Observer,
 ) -> Result<Vec<String>, Refusal> {
     let policies = state.policies_for(gateway, service_key);
@@ -350,6 +385,7 @@ fn authorize(
             path: req.uri.path(),
             host: req.host,
             headers: req.headers,
+            auth: token,
         }),
     };
     match policy::evaluate_observed(&policies, &attrs, observer) {

@@ -140,6 +140,15 @@ impl RateLimits for Buckets {
     }
 }
 
+/// No key set was ever fetched.
+struct NoKeys;
+
+impl JwksSource for NoKeys {
+    fn jwks(&self, uri: &str) -> Result<Arc<jsonwebtoken::jwk::JwkSet>, String> {
+        Err(format!("{uri} not fetched"))
+    }
+}
+
 /// No fault fires, first backend, every mirror fires.
 const QUIET: Draws = Draws {
     fault_delay: 99.9,
@@ -192,6 +201,10 @@ fn run(
         &head,
         draws,
         limits,
+        AuthnInput {
+            keys: &NoKeys,
+            now: 1_800_000_000,
+        },
     )
 }
 

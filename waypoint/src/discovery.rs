@@ -21,6 +21,7 @@ use ambit_runtime::discovery::{
 };
 use tokio::sync::watch;
 
+use crate::authn::RequestAuthenticationResource;
 use crate::resilience::TrafficPolicyResource;
 use crate::route::RouteResource;
 use crate::state::{
@@ -165,6 +166,23 @@ impl TryFrom<pb::TrafficPolicy> for TrafficPolicyResource {
     }
 }
 
+impl TryFrom<pb::RequestAuthentication> for RequestAuthenticationResource {
+    type Error = DiscoveryError;
+    fn try_from(a: pb::RequestAuthentication) -> Result<Self, DiscoveryError> {
+        let spec = serde_json::from_str(&a.spec_json).map_err(|source| DiscoveryError::Json {
+            resource: format!("request authentication {}/{}", a.namespace, a.name),
+            source,
+        })?;
+        Ok(RequestAuthenticationResource {
+            name: a.name,
+            namespace: a.namespace,
+            target_gateway: a.target_gateway,
+            target_service: a.target_service,
+            spec,
+        })
+    }
+}
+
 /// The key a resource is stored under (the proto's `ResourceKey`).
 fn key_of(r: &pb::Resource) -> Option<(i32, String)> {
     use pb::resource::Kind;
@@ -189,6 +207,9 @@ fn key_of(r: &pb::Resource) -> Option<(i32, String)> {
         Kind::PeerAuthentication(p) => (
             pb::ResourceKind::PeerAuthentication as i32,
             format!("{}/{}", p.namespace, p.name),
+        Kind::RequestAuthentication(a) => (
+            pb::ResourceKind::RequestAuthentication as i32,
+            format!("{}/{}", a.namespace, a.name),
         ),
     })
 }
@@ -228,6 +249,7 @@ impl Resources {
                 Kind::TrafficPolicy(t) => f.traffic_policies.push(t.try_into()?),
                 // ztunnel's business (inbound plaintext); the waypoint does not ask for it.
                 Kind::PeerAuthentication(_) => {}
+                Kind::RequestAuthentication(a) => f.request_authentications.push(a.try_into()?),
             }
         }
         Ok(f)

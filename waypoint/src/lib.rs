@@ -5,7 +5,7 @@
 //!
 //! Map: [`server`] (HBONE in, protocol detection, hyper) → [`proxy`], which asks
 //! [`decision`] what to do with a request (a pure function of the [`state`] snapshot, using
-//! [`policy`], [`route`] and [`resilience`]) and carries it out: [`refusal`]s answered
+//! [`authn`] for tokens, [`policy`], [`route`] and [`resilience`]) and carries it out: [`refusal`]s answered
 //! locally, or attempts sent through [`upstream`] (HBONE out, pooled hyper clients) under the
 //! per-service runtime state (breaker, budget, outlier detection). [`state`] holds what the
 //! controller (or a static file) said; [`metrics`] records each request ([`labels`]) and
@@ -13,6 +13,7 @@
 
 pub mod admin;
 mod attempt;
+pub mod authn;
 pub mod certs;
 pub mod decision;
 pub mod discovery;

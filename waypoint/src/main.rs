@@ -43,6 +43,10 @@ use ambit_waypoint::certs::{self, CaConfig};
 use ambit_waypoint::discovery::{self, DiscoveryConfig};
 use ambit_waypoint::metrics::Metrics;
 use ambit_waypoint::otlp;
+use ambit_waypoint::authn::{
+    self,
+    jwks::{FetchConfig, Jwks},
+};
 use ambit_waypoint::proxy::Proxy;
 use ambit_waypoint::server::{Limits, Waypoint};
 use ambit_waypoint::state::{State, StateFile, StateHandle};
@@ -98,6 +102,10 @@ struct Args {
     /// How long open streams may finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "AMBIT_DRAIN_SECONDS")]
     drain_seconds: u64,
+    /// How often a key set named by a RequestAuthentication's `jwksUri` is fetched again
+    /// (a failed fetch is retried after 5 s, keeping the last good set meanwhile).
+    #[arg(long, default_value_t = 1200, env = "AMBIT_JWKS_REFRESH_SECONDS")]
+    jwks_refresh_seconds: u64,
 }
 
 impl Args {
@@ -229,7 +237,12 @@ async fn main() -> anyhow::Result<()> {
         bundle.clone(),
         args.hbone_port,
     );
-    let mut proxy = Proxy::new(state.clone(), upstreams, metrics, gateway.clone());
+    let jwks = Jwks::default();
+    let mut fetching = FetchConfig::new(&roots_pem).context("TLS for fetching key sets")?;
+    fetching.refresh = Duration::from_secs(args.jwks_refresh_seconds.max(1));
+    tokio::spawn(authn::jwks::run(state.clone(), jwks.clone(), fetching));
+    let mut proxy =
+        Proxy::new(state.clone(), upstreams, metrics, gateway.clone()).with_jwks(jwks);
     let exporter = match &args.otlp_endpoint {
         Some(endpoint) => {
             // Named like Istio names its proxies' traces, so a trace view reads the same.

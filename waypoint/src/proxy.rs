@@ -25,8 +25,13 @@ use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
 use crate::attempt::{build_request, version_of, Attempts};
+use crate::authn::jwks::Jwks;
+use crate::authn::validate::Authenticated;
+use crate::authn::Location;
 pub use crate::decision::Caller;
-use crate::decision::{decide, Action, Decision, Draws, Forward, RequestHead, Rewrite};
+use crate::decision::{
+    decide, Action, AuthnInput, Decision, Draws, Forward, RequestHead, Rewrite,
+};
 use crate::metrics::{Counted, Metrics, Recorded, Recorder};
 use crate::otlp::{PendingSpan, SpanSink, TraceContext};
 use crate::refusal::{redirect, Refusal, DELAY_INJECTED, NO_FLAG};
@@ -52,6 +57,8 @@ pub struct Proxy {
     runtimes: Runtimes,
     /// Where finished spans go, when an OTLP collector is configured.
     spans: Option<SpanSink>,
+    /// Key sets fetched for RequestAuthentication (see [`crate::authn::jwks::run`]).
+    jwks: Jwks,
 }
 
 /// What carrying out a forward decision reads.
@@ -78,7 +85,14 @@ impl Proxy {
             gateway,
             runtimes: Runtimes::default(),
             spans: None,
+            jwks: Jwks::default(),
         }
+    }
+
+    /// Reads fetched key sets from `jwks` (filled by [`crate::authn::jwks::run`]).
+    pub fn with_jwks(mut self, jwks: Jwks) -> Self {
+        self.jwks = jwks;
+        self
     }
 
     /// Exports a span per sampled request through `sink` (see [`crate::otlp`]).
@@ -123,6 +137,10 @@ impl Proxy {
             &head,
             draws,
             &self.runtimes.limits(&state),
+            AuthnInput {
+                keys: &self.jwks,
+                now: unix_now(),
+            },
         );
         rec.labels.destination_service = decision.destination.clone();
         if let Some(rule) = &decision.rule {
@@ -209,6 +227,9 @@ impl Proxy {
         let upgrading =
             parts.version == http::Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
         towards_destination(&mut parts.headers, x.caller, &x.traceparent, upgrading);
+        if let Some(a) = &x.decision.authn {
+            token_towards_destination(&mut parts.headers, a);
+        }
         filters::apply_request_headers(x.decision.filters(), &mut parts.headers);
 
         let runtime = self.runtimes.get(x.state, &f.service);
@@ -301,6 +322,29 @@ fn towards_destination(
     if let Ok(v) = HeaderValue::from_str(traceparent) {
         headers.insert("traceparent", v);
     }
+}
+
+/// The token is removed unless its rule forwards it (a query parameter stays: the URI is
+/// the application's); its payload goes in the rule's output header when it names one.
+fn token_towards_destination(headers: &mut HeaderMap, a: &Authenticated) {
+    if !a.rule.forward_original_token {
+        if let Location::Header { name, .. } = &a.location {
+            headers.remove(name);
+        }
+    }
+    if let Some(name) = &a.rule.output_payload_to_header {
+        if let Ok(v) = HeaderValue::from_str(&a.payload) {
+            headers.insert(name.clone(), v);
+        }
+    }
+}
+
+/// Seconds since the Unix epoch; 0 if the clock is before it (every token then looks
+/// not yet valid, which refuses rather than accepts).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The request body: buffered (replayable) when `buffer` asks and it is small enough,

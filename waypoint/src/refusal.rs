@@ -11,6 +11,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 
+use crate::authn::validate::AuthnError;
 use crate::resilience::circuit::CircuitError;
 use crate::upstream::UpstreamError;
 use crate::Body;
@@ -28,6 +29,9 @@ pub enum Refusal {
     /// The tunnel's `:authority` is no service VIP or workload the state knows.
     #[error("unknown destination")]
     UnknownDestination { authority: SocketAddr },
+    /// The request's token failed validation (RequestAuthentication).
+    #[error("jwt rejected: {0}")]
+    Unauthenticated(AuthnError),
     /// An AuthorizationPolicy denied the request (`by` names it, or the ALLOW policies that
     /// did not match).
     #[error("denied by {by}")]
@@ -80,6 +84,7 @@ impl Refusal {
             | Refusal::NoHealthyUpstream
             | Refusal::ConnectFailure(_)
             | Refusal::Reset(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Refusal::Denied { .. } => StatusCode::FORBIDDEN,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::FaultAbort { status } => *status,
@@ -99,6 +104,8 @@ impl Refusal {
             | Refusal::NoRoute { .. }
             | Refusal::NoBackendWeight
             | Refusal::UnknownBackend { .. } => "NR",
+            // Envoy's JWT filter sets no flag either; the reason says what failed.
+            Refusal::Unauthenticated(_) => NO_FLAG,
             Refusal::Denied { .. } => "RBAC",
             Refusal::RateLimited { .. } => "RL",
             Refusal::FaultAbort { .. } => "FI",
@@ -117,6 +124,7 @@ impl Refusal {
             Refusal::UnknownDestination { authority } => {
                 format!("no service or workload known at {authority}\n")
             }
+            Refusal::Unauthenticated(e) => format!("JWT rejected: {e}\n"),
             Refusal::Denied { by } => format!("RBAC: access denied by {by}\n"),
             Refusal::RateLimited { .. } => "local rate limit exceeded\n".into(),
             Refusal::FaultAbort { .. } => "fault filter abort\n".into(),
@@ -141,6 +149,12 @@ impl Refusal {
     /// The whole response.
     pub fn response(&self) -> Response<Body> {
         let mut r = local(self.status(), self.body());
+        if let Refusal::Unauthenticated(_) = self {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
         if let Refusal::RateLimited { retry_after } = self {
             // Whole seconds, rounded up and at least 1: a client retrying sooner is refused.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
@@ -192,6 +206,8 @@ mod tests {
         let cases: Vec<(Refusal, u16, &str, &str, &str)> = vec![
             (Refusal::UnknownDestination { authority: addr }, 503, "NR",
                 "no service or workload known at 10.0.1.1:8080\n", "unknown destination"),
+            (Refusal::Unauthenticated(AuthnError::Expired { exp: 10, now: 100 }), 401, "-",
+                "JWT rejected: token expired at 10 (now 100, leeway 60s)\n", "jwt rejected: token expired at 10 (now 100, leeway 60s)"),
             (Refusal::Denied { by: "demo/no-admin".into() }, 403, "RBAC",
                 "RBAC: access denied by demo/no-admin\n", "denied by demo/no-admin"),
             (Refusal::RateLimited { retry_after: Duration::from_secs(1) }, 429, "RL",

@@ -15,6 +15,9 @@ use ambit_hbone::Identity;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
+use crate::authn::{
+    AuthnConfigError, JwtRule, Keys, RequestAuthentication, RequestAuthenticationResource,
+};
 use crate::policy::{self, Policy, PolicyError};
 use crate::resilience::{ResilienceError, Settings, TrafficPolicyResource};
 use crate::route::{RouteError, RouteResource, Rule};
@@ -52,6 +55,9 @@ pub enum StateError {
     /// A policy cannot be evaluated.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// A RequestAuthentication does not compile.
+    #[error(transparent)]
+    Authn(#[from] AuthnConfigError),
 }
 
 /// A pod.
@@ -153,6 +159,7 @@ pub struct StateFile {
     pub policies: Vec<Policy>,
     pub routes: Vec<RouteResource>,
     pub traffic_policies: Vec<TrafficPolicyResource>,
+    pub request_authentications: Vec<RequestAuthenticationResource>,
 }
 
 impl StateFile {
@@ -214,6 +221,8 @@ pub struct State {
     /// that pick them.
     routes: HashMap<String, Vec<Arc<Rule>>>,
     settings: HashMap<String, Arc<Settings>>,
+    /// In `namespace/name` order.
+    authns: Vec<RequestAuthentication>,
 }
 
 impl State {
@@ -272,6 +281,13 @@ impl State {
             s.settings
                 .insert(tp.target_service.clone(), Arc::new(tp.compile()?));
         }
+        let mut authns = file
+            .request_authentications
+            .iter()
+            .map(RequestAuthenticationResource::compile)
+            .collect::<Result<Vec<_>, _>>()?;
+        authns.sort_by(|a, b| a.key.cmp(&b.key));
+        s.authns = authns;
         s.source = file;
         Ok(s)
     }
@@ -389,6 +405,31 @@ impl State {
             .collect()
     }
 
+    /// The JWT rules of the RequestAuthentications bound to traffic for `service` through
+    /// the waypoint `gateway`, in `namespace/name` order.
+    pub fn jwt_rules_for(&self, gateway: &str, service: Option<&str>) -> Vec<Arc<JwtRule>> {
+        self.authns
+            .iter()
+            .filter(|a| {
+                a.target_gateway.as_deref() == Some(gateway)
+                    || service.is_some_and(|s| a.target_service.as_deref() == Some(s))
+            })
+            .flat_map(|a| a.rules.iter().cloned())
+            .collect()
+    }
+
+    /// Every key-set URL a RequestAuthentication names.
+    pub fn jwks_uris(&self) -> std::collections::BTreeSet<String> {
+        self.authns
+            .iter()
+            .flat_map(|a| &a.rules)
+            .filter_map(|r| match &r.keys {
+                Keys::Uri(u) => Some(u.clone()),
+                Keys::Inline(_) => None,
+            })
+            .collect()
+    }
+
     /// Route rules attached to a service.
     pub fn rules(&self, service_key: &str) -> Option<&[Arc<Rule>]> {
         self.routes.get(service_key).map(Vec::as_slice)
@@ -400,17 +441,18 @@ impl State {
     }
 }
 
-/// The current state: one writer replaces it whole, readers take snapshots.
+/// The current state: one writer replaces it whole, readers take snapshots; background
+/// work that follows the state (key-set fetching) watches [`StateHandle::changes`].
 #[derive(Debug, Clone)]
 pub struct StateHandle {
     inner: Arc<ArcSwap<State>>,
+    /// Counts installed states.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Default for StateHandle {
     fn default() -> Self {
-        StateHandle {
-            inner: Arc::new(ArcSwap::from_pointee(State::default())),
-        }
+        StateHandle::new(State::default())
     }
 }
 
@@ -419,7 +461,13 @@ impl StateHandle {
     pub fn new(state: State) -> Self {
         StateHandle {
             inner: Arc::new(ArcSwap::from_pointee(state)),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// Sees each state installed after it is called.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// A snapshot for one decision.
@@ -430,6 +478,7 @@ impl StateHandle {
     /// Replaces the state.
     pub fn store(&self, state: State) {
         self.inner.store(Arc::new(state));
+        self.changes.send_modify(|n| *n += 1);
     }
 }
 

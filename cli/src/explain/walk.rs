@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use ambit_policy::Trace;
 use ambit_waypoint::decision::{
-    decide_observed, decide_tcp, Action, Caller, Draws, RateLimits, RequestHead, TcpDecision,
+    decide_observed, decide_tcp, Action, AuthnInput, Caller, Draws, RateLimits, RequestHead,
+    TcpDecision,
 };
 use ambit_waypoint::resilience::ratelimit;
 use ambit_waypoint::route::matching::{mismatches, RequestView};
@@ -559,13 +560,22 @@ impl Walk<'_> {
             backend: 0,
             mirror: 0,
         };
+        // No key set is fetched here: a token whose keys come from a URL is explained as
+        // the waypoint's refusal until it has them; inline keys verify as they would there.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let authn = AuthnInput {
+            keys: &ambit_waypoint::authn::jwks::Jwks::default(),
+            now,
+        };
         let d = decide_observed(
             &state,
             &wp.gateway,
             caller,
             &head,
             draws,
-            &NoLimits,
+            (&NoLimits, authn),
             &mut trace,
         );
         // Routes attach to services; a workload address is not routed.

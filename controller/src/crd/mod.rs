@@ -9,10 +9,12 @@
 
 pub mod gateway;
 pub mod peer_auth;
+pub mod request_authn;
 pub mod security;
 pub mod traffic;
 
 pub use gateway::{Gateway, GrpcRoute, HttpRoute};
 pub use peer_auth::PeerAuthentication;
+pub use request_authn::RequestAuthentication;
 pub use security::AuthorizationPolicy;
 pub use traffic::TrafficPolicy;

@@ -162,6 +162,9 @@ impl Selection {
                 }
                 resource::Kind::Route(r) => r.parent_services.iter().any(|p| services.contains(p)),
                 resource::Kind::TrafficPolicy(t) => services.contains(&t.target_service),
+                resource::Kind::RequestAuthentication(a) => {
+                    &a.target_gateway == gateway || services.contains(&a.target_service)
+                }
                 _ => false,
             },
             (Selection::Waypoint { .. }, None) => false,

@@ -11,6 +11,7 @@
 //! tracking between pods, services, namespaces and policies); bursts are coalesced into
 //! one derivation.
 
+mod authn;
 mod derive;
 mod object;
 mod peer_auth;
@@ -27,6 +28,7 @@ use ambit_proto::discovery::{resource, Resource, ResourceKey, ResourceKind};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 
+pub use authn::check_spec as check_request_authentication;
 pub use derive::{derive, Derived, DerivedResource, GATEWAY_NAME_LABEL};
 pub use object::{Kind, Object, ObjectKey, DEFAULT_NAMESPACE};
 pub use store::Store;
@@ -196,6 +198,9 @@ impl Key {
             resource::Kind::PeerAuthentication(p) => (
                 ResourceKind::PeerAuthentication,
                 format!("{}/{}", p.namespace, p.name),
+            resource::Kind::RequestAuthentication(a) => (
+                ResourceKind::RequestAuthentication,
+                format!("{}/{}", a.namespace, a.name),
             ),
         };
         Some(Key { kind, name })

@@ -10,7 +10,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{
-    AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, PeerAuthentication, TrafficPolicy,
+    AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, PeerAuthentication, RequestAuthentication,
+    TrafficPolicy,
 };
 
 /// The namespace objects land in when their metadata names none, as in Kubernetes.
@@ -108,6 +109,7 @@ objects! {
     AuthorizationPolicy(AuthorizationPolicy) = "security.ambit.dev/v1", "AuthorizationPolicy", namespaced: true;
     TrafficPolicy(TrafficPolicy) = "traffic.ambit.dev/v1", "TrafficPolicy", namespaced: true;
     PeerAuthentication(PeerAuthentication) = "security.ambit.dev/v1", "PeerAuthentication", namespaced: true;
+    RequestAuthentication(RequestAuthentication) = "security.ambit.dev/v1", "RequestAuthentication", namespaced: true;
 }
 
 impl fmt::Display for Kind {

@@ -31,7 +31,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::crd::{
-    AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, PeerAuthentication, TrafficPolicy,
+    AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, PeerAuthentication, RequestAuthentication,
+    TrafficPolicy,
 };
 use crate::model::{Kind, ModelError, Object, ObjectKey, SourceEvent, SourceSink};
 
@@ -108,6 +109,8 @@ pub struct Stores {
     pub traffic_policies: Store<TrafficPolicy>,
     /// Peer authentications (mTLS modes).
     pub peer_authentications: Store<PeerAuthentication>,
+    /// Request authentications.
+    pub request_authentications: Store<RequestAuthentication>,
 }
 
 /// The write halves of [`Stores`], consumed when the watchers start.
@@ -124,6 +127,7 @@ struct Writers {
     authorization_policies: Writer<AuthorizationPolicy>,
     traffic_policies: Writer<TrafficPolicy>,
     peer_authentications: Writer<PeerAuthentication>,
+    request_authentications: Writer<RequestAuthentication>,
 }
 
 fn stores() -> (Stores, Writers) {
@@ -139,6 +143,7 @@ fn stores() -> (Stores, Writers) {
     let (authorization_policies, authorization_policies_w) = reflector::store();
     let (traffic_policies, traffic_policies_w) = reflector::store();
     let (peer_authentications, peer_authentications_w) = reflector::store();
+    let (request_authentications, request_authentications_w) = reflector::store();
     let stores = Stores {
         namespaces,
         nodes,
@@ -152,6 +157,7 @@ fn stores() -> (Stores, Writers) {
         authorization_policies,
         traffic_policies,
         peer_authentications,
+        request_authentications,
     };
     let writers = Writers {
         namespaces: namespaces_w,
@@ -166,6 +172,7 @@ fn stores() -> (Stores, Writers) {
         authorization_policies: authorization_policies_w,
         traffic_policies: traffic_policies_w,
         peer_authentications: peer_authentications_w,
+        request_authentications: request_authentications_w,
     };
     (stores, writers)
 }
@@ -262,6 +269,9 @@ impl KubeSource {
             Kind::PeerAuthentication,
             Object::PeerAuthentication,
             w.peer_authentications,
+            Kind::RequestAuthentication,
+            Object::RequestAuthentication,
+            w.request_authentications,
         );
         let mut tasks = s.tasks;
         let first = tasks.join_next().await;

@@ -348,7 +348,9 @@ fn convert(push: pb::Push) -> Result<Converted, ConvertError> {
                 out.peer_authentications.push(p);
             }
             // The waypoint's business; a controller may send them to everyone.
-            Some(Kind::Route(_)) | Some(Kind::TrafficPolicy(_)) => out.ignored += 1,
+            Some(Kind::Route(_))
+            | Some(Kind::TrafficPolicy(_))
+            | Some(Kind::RequestAuthentication(_)) => out.ignored += 1,
             None => return Err(ConvertError::EmptyResource { index }),
         }
     }

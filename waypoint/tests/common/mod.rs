@@ -109,13 +109,15 @@ async fn backend_reply(
             .to_string()
     };
     let body = format!(
-        "backend={name}\nidentity={}\nforwarded={}\ntraceparent={}\npath={}\nversion={:?}\nx-added={}\n",
+        "backend={name}\nidentity={}\nforwarded={}\ntraceparent={}\npath={}\nversion={:?}\nx-added={}\nauthorization={}\nx-jwt-payload={}\n",
         h("x-ambit-peer-identity"),
         h("forwarded"),
         h("traceparent"),
         req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
         req.version(),
         h("x-added"),
+        h("authorization"),
+        h("x-jwt-payload"),
     );
     let mut r = http::Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
@@ -171,6 +173,8 @@ pub struct Mesh {
     pub state: StateHandle,
     pub registry: Arc<Mutex<Registry>>,
     pub backends: HashMap<String, Arc<Behaviour>>,
+    /// The key sets the waypoint fetched (refreshed every second here).
+    pub jwks: ambit_waypoint::authn::jwks::Jwks,
 }
 
 /// Pods: (name, ip, namespace). Each gets a backend on ip:8080 and an HBONE server on
@@ -253,7 +257,17 @@ async fn start_inner(
         bundle.clone(),
         hbone_port,
     );
-    let mut proxy = Proxy::new(state.clone(), upstreams, metrics, "demo/waypoint".into());
+    let jwks = ambit_waypoint::authn::jwks::Jwks::default();
+    let mut fetching = ambit_waypoint::authn::jwks::FetchConfig::new("").unwrap();
+    fetching.refresh = Duration::from_secs(1);
+    fetching.retry = Duration::from_millis(500);
+    tokio::spawn(ambit_waypoint::authn::jwks::run(
+        state.clone(),
+        jwks.clone(),
+        fetching,
+    ));
+    let mut proxy = Proxy::new(state.clone(), upstreams, metrics, "demo/waypoint".into())
+        .with_jwks(jwks.clone());
     let mut exporter = None;
     if let Some(endpoint) = otlp {
         let (sink, e) =
@@ -280,6 +294,7 @@ async fn start_inner(
         state,
         registry: Arc::new(Mutex::new(registry)),
         backends,
+        jwks,
     };
     (mesh, prefix, exporter)
 }

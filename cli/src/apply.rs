@@ -182,6 +182,12 @@ mod tests {
         assert!(unknown[0].contains("unknown kind v1/Gizmo"), "{unknown:?}");
         let field = problems("apiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec: {action: DENY, rules: [{from: [{source: {principal: [x]}}]}]}\n");
         assert!(field[0].contains("unknown field"), "{field:?}");
+        let jwks = problems("apiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: demo}\nspec: {targetRefs: [{kind: Service, name: web}], jwtRules: [{issuer: idp, jwks: '{not json'}]}\n");
+        assert_eq!(jwks.len(), 1, "{jwks:?}");
+        assert!(
+            jwks[0].contains(".new.yaml: document 1: RequestAuthentication demo/ra: field spec.jwtRules[0].jwks: not a JSON Web Key Set"),
+            "{jwks:?}"
+        );
         let ns = problems(
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: s, namespace: nowhere}\n",
         );

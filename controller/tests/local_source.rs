@@ -192,6 +192,13 @@ async fn a_broken_file_keeps_its_last_good_objects() {
         ("{pod_a}---\napiVersion: traffic.ambit.dev/v1\nkind: TrafficPolicy\nmetadata: {name: tp, namespace: demo}\nspec: {rateLimit: {tokensPerFill: 1, fillInterval: 1s, maxTokens: 1}}\n", &["pods.yaml", "document 2", "missing field `targetRef`"]),
         // A misspelt policy field, which would otherwise widen the rule.
         ("{pod_a}---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec:\n  rules: [{from: [{source: {principal: [a]}}]}]\n", &["pods.yaml", "document 2", "unknown field spec.rules[0].from[0].source.principal"]),
+        // RequestAuthentication: a key set that is not JSON, an empty issuer, a selector
+        // instead of targetRefs, a misspelt field, a missing issuer.
+        ("{pod_a}---\napiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: web}]\n  jwtRules: [{issuer: idp, jwks: 'keys go here'}]\n", &["pods.yaml", "document 2", "RequestAuthentication demo/ra", "field spec.jwtRules[0].jwks", "not a JSON Web Key Set"]),
+        ("{pod_a}---\napiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: web}]\n  jwtRules: [{issuer: '', jwksUri: 'https://idp.example/keys'}]\n", &["pods.yaml", "document 2", "field spec.jwtRules[0].issuer", "must not be empty"]),
+        ("{pod_a}---\napiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: demo}\nspec:\n  selector: {matchLabels: {app: web}}\n  jwtRules: [{issuer: idp, jwksUri: 'https://idp.example/keys'}]\n", &["pods.yaml", "document 2", "field spec.selector", "targetRefs"]),
+        ("{pod_a}---\napiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: web}]\n  jwtRules: [{issuer: idp, jwksURI: 'https://idp.example/keys'}]\n", &["pods.yaml", "document 2", "unknown field spec.jwtRules[0].jwksURI"]),
+        ("{pod_a}---\napiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: web}]\n  jwtRules: [{jwksUri: 'https://idp.example/keys'}]\n", &["pods.yaml", "document 2", "missing field `issuer`"]),
         // An unknown kind.
         ("{pod_a}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm, namespace: demo}\n", &["pods.yaml", "document 2", "unknown kind v1/ConfigMap"]),
         // No name.

@@ -1,5 +1,5 @@
-//! Ambit's CustomResourceDefinitions: `AuthorizationPolicy` and `PeerAuthentication`
-//! (security.ambit.dev/v1) and `TrafficPolicy` (traffic.ambit.dev/v1), with structural schemas that make the API server refuse
+//! Ambit's CustomResourceDefinitions: `AuthorizationPolicy`, `PeerAuthentication` and
+//! `RequestAuthentication` (security.ambit.dev/v1) and `TrafficPolicy` (traffic.ambit.dev/v1), with structural schemas that make the API server refuse
 //! bad objects at admission instead of leaving the controller to discover them.
 //!
 //! Written by hand, field for field after the controller's types (`controller/src/crd/`): a schema
@@ -18,6 +18,9 @@
 //!   durations are Go-style (`250ms`, `1m30s`), counts fit the controller's `u32`.
 //! - A PeerAuthentication's modes are UNSET/DISABLE/PERMISSIVE/STRICT, its `portLevelMtls` keys
 //!   are ports 1..65535 and need a `selector` (as Istio validates them).
+//! - A RequestAuthentication names its waypoint or Service (`targetRefs`, required) and at
+//!   least one rule; each rule has an issuer and exactly one of `jwksUri` (http or https) and
+//!   `jwks`. That `jwks` parses as a key set is the controller's check (CEL cannot parse JSON).
 //! - NOT checked: "L7 fields need targetRefs". The root ARCHITECTURE.md gives such a policy a meaning (ztunnel
 //!   fails closed on it), so rejecting it at admission would change the semantics, not enforce them.
 
@@ -454,6 +457,113 @@ pub fn peer_authentication() -> Value {
     )
 }
 
+/// `requestauthentications.security.ambit.dev`, as JSON.
+pub fn request_authentication() -> Value {
+    let spec = json!({
+        "type": "object",
+        "description": "JWT validation at waypoints (Istio's RequestAuthentication): a request \
+                        with a bad token is refused (401); one without a token goes on without \
+                        a request principal, for AuthorizationPolicy to decide on.",
+        "required": ["targetRefs", "jwtRules"],
+        "properties": {
+            "targetRefs": {
+                "type": "array",
+                "description": "The waypoint (Gateway) or Service whose requests are \
+                                authenticated. Required: tokens are validated by waypoints.",
+                "minItems": 1,
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "required": ["kind", "name"],
+                    "properties": {
+                        "group": { "type": "string", "maxLength": 253 },
+                        "kind": { "type": "string", "enum": ["Gateway", "Service"] },
+                        "name": { "type": "string", "minLength": 1, "maxLength": 253 },
+                    },
+                    "x-kubernetes-validations": [{
+                        "rule": "self.kind == 'Gateway' ? (has(self.group) && self.group == 'gateway.networking.k8s.io') : (!has(self.group) || self.group == '')",
+                        "message": "a Gateway is in group gateway.networking.k8s.io, a Service in the core group (\"\")",
+                    }],
+                },
+            },
+            "selector": {
+                "type": "object",
+                "description": "Accepted for Istio's YAML, refused by the controller: Ambit \
+                                validates tokens at waypoints only, so use targetRefs.",
+                "properties": {
+                    "matchLabels": {
+                        "type": "object",
+                        "additionalProperties": { "type": "string" },
+                    },
+                },
+            },
+            "jwtRules": {
+                "type": "array",
+                "description": "One rule per accepted issuer.",
+                "minItems": 1,
+                "maxItems": 64,
+                "items": {
+                    "type": "object",
+                    "required": ["issuer"],
+                    "properties": {
+                        "issuer": {
+                            "type": "string", "minLength": 1,
+                            "description": "The token's iss, exactly.",
+                        },
+                        "audiences": {
+                            "type": "array", "items": { "type": "string", "minLength": 1 },
+                            "description": "Accepted aud values; empty accepts any.",
+                        },
+                        "jwksUri": {
+                            "type": "string", "pattern": "^https?://[^/\\s]+(/\\S*)?$",
+                            "description": "URL of the issuer's JSON Web Key Set (fetched and \
+                                            refreshed by the waypoint).",
+                        },
+                        "jwks": {
+                            "type": "string", "minLength": 2,
+                            "description": "The issuer's JSON Web Key Set itself, as JSON text.",
+                        },
+                        "fromHeaders": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": { "type": "string", "pattern": "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$" },
+                                    "prefix": { "type": "string" },
+                                },
+                            },
+                        },
+                        "fromParams": {
+                            "type": "array", "items": { "type": "string", "minLength": 1 },
+                        },
+                        "forwardOriginalToken": { "type": "boolean" },
+                        "outputPayloadToHeader": {
+                            "type": "string", "pattern": "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+                        },
+                    },
+                    "x-kubernetes-validations": [{
+                        "rule": "has(self.jwksUri) != has(self.jwks)",
+                        "message": "give jwksUri or jwks, exactly one",
+                    }],
+                },
+            },
+        },
+    });
+    let columns = json!([
+        { "name": "Issuer", "type": "string", "jsonPath": ".spec.jwtRules[0].issuer" },
+        { "name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp" },
+    ]);
+    crd(
+        "security.ambit.dev",
+        "RequestAuthentication",
+        "requestauthentications",
+        "ra",
+        columns,
+        spec,
+    )
+}
+
 /// Every CRD as written here, before they pass through the k8s-openapi type. Tests compare these
 /// with their typed round trip: a field the type does not know (a misspelling) would be dropped
 /// silently by `all`, and the comparison catches it.
@@ -462,6 +572,7 @@ pub fn all_values() -> Vec<Value> {
         authorization_policy(),
         peer_authentication(),
         traffic_policy(),
+        request_authentication(),
     ]
 }
 

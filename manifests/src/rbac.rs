@@ -58,7 +58,11 @@ pub fn controller_rules() -> Vec<PolicyRule> {
         // Policy: Ambit's own CRDs.
         rule(
             "security.ambit.dev",
-            &["authorizationpolicies", "peerauthentications"],
+            &[
+            "authorizationpolicies",
+            "peerauthentications",
+            "requestauthentications",
+        ],
             READ,
         ),
         rule("traffic.ambit.dev", &["trafficpolicies"], READ),

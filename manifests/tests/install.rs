@@ -245,7 +245,11 @@ fn allowed() -> BTreeSet<(String, String, String)> {
     add("discovery.k8s.io", &["endpointslices"], read);
     add(
         "security.ambit.dev",
-        &["authorizationpolicies", "peerauthentications"],
+        &[
+            "authorizationpolicies",
+            "peerauthentications",
+            "requestauthentications",
+        ],
         read,
     );
     add("traffic.ambit.dev", &["trafficpolicies"], read);

@@ -178,6 +178,18 @@ fn run(
     headers: &[(&str, &str)],
     draws: Draws,
 ) -> Decision {
+    run_at(state, limits, authority, request, headers, draws, 1_800_000_000)
+}
+
+fn run_at(
+    state: &State,
+    limits: &Buckets,
+    authority: &str,
+    request: &str,
+    headers: &[(&str, &str)],
+    draws: Draws,
+    now: u64,
+) -> Decision {
     let (method, uri) = request.split_once(' ').expect("METHOD /path");
     let method: Method = method.parse().expect("method");
     let uri: Uri = uri.parse().expect("uri");
@@ -203,7 +215,7 @@ fn run(
         limits,
         AuthnInput {
             keys: &NoKeys,
-            now: 1_800_000_000,
+            now,
         },
     )
 }
@@ -460,5 +472,93 @@ fn opaque_tcp_is_decided_on_l4_with_http_rules_failing_closed() {
             assert_eq!(addrs, ["10.0.1.1:8080", "10.0.1.2:8080"]);
         }
         other => panic!("{other:?}"),
+    }
+}
+
+/// `canary` requires a token of `https://idp.example` (inline keys, a principal required by
+/// policy, `admin` in `groups` for `/admin`); `plain` reads its keys from a URL never fetched.
+fn state_with_authn(key: &crate::authn::mint::SigningKey) -> State {
+    let mut file: StateFile = serde_yaml::from_str(FIXTURE).expect("fixture parses");
+    let set = crate::authn::mint::jwks(&[key]);
+    file.request_authentications = serde_yaml::from_str(&format!(
+        r#"
+- name: idp
+  namespace: demo
+  targetService: demo/canary.demo.svc.cluster.local
+  spec: {{jwtRules: [{{issuer: "https://idp.example", jwks: '{set}'}}]}}
+- name: remote
+  namespace: demo
+  targetService: demo/plain.demo.svc.cluster.local
+  spec: {{jwtRules: [{{issuer: "https://idp.example", jwksUri: "https://idp.example/keys"}}]}}
+"#
+    ))
+    .expect("request authentications");
+    let policies: Vec<crate::policy::Policy> = serde_yaml::from_str(
+        r#"
+- name: need-jwt
+  namespace: demo
+  targetService: demo/canary.demo.svc.cluster.local
+  rules:
+    - from: [{requestPrincipals: ["https://idp.example/*"]}]
+      to: [{notPaths: ["/ops/*"]}]
+    - to: [{paths: ["/ops/*"]}]
+      when: [{key: "request.auth.claims[groups]", values: [admin]}]
+"#,
+    )
+    .expect("policies");
+    file.policies.extend(policies);
+    State::build(file).expect("state builds")
+}
+
+#[test]
+fn authentication_comes_before_authorization() {
+    let key = crate::authn::mint::SigningKey::es256("k").expect("key");
+    let stranger = crate::authn::mint::SigningKey::es256("k").expect("key");
+    let state = state_with_authn(&key);
+    let limits = Buckets::default();
+    let now = 1_800_000_000u64;
+    let token = |k: &crate::authn::mint::SigningKey, extra: serde_json::Value| {
+        let mut c = serde_json::json!({"iss": "https://idp.example", "sub": "alice", "exp": now + 60});
+        for (n, v) in extra.as_object().into_iter().flatten() {
+            c[n] = v.clone();
+        }
+        format!("Bearer {}", k.token(&c).expect("token"))
+    };
+    let good = token(&key, serde_json::json!({}));
+    let admin = token(&key, serde_json::json!({"groups": ["admin"]}));
+    let expired = token(&key, serde_json::json!({"exp": now - 120}));
+    let forged = token(&stranger, serde_json::json!({}));
+    let canary = "demo/canary.demo.svc.cluster.local";
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &str, &str, Vec<(&str, &str)>, String)> = vec![
+        ("a valid token meets requestPrincipals", "10.96.0.11:80", "GET /", vec![("authorization", &good)],
+            format!("dst=canary.demo.svc.cluster.local | forward {canary} [10.0.2.1:8081] token=https://idp.example/alice")),
+        ("no token: no principal, the ALLOW does not match", "10.96.0.11:80", "GET /", vec![],
+            "dst=canary.demo.svc.cluster.local | 403 RBAC RBAC: access denied by no ALLOW policy matched (demo/need-jwt)".into()),
+        ("expired: 401 before policy", "10.96.0.11:80", "GET /", vec![("authorization", &expired)],
+            "dst=canary.demo.svc.cluster.local | 401 - JWT rejected: token expired at 1799999880 (now 1800000000, leeway 60s)".into()),
+        ("wrongly signed", "10.96.0.11:80", "GET /", vec![("authorization", &forged)],
+            "dst=canary.demo.svc.cluster.local | 401 - JWT rejected: signature does not verify with any key of issuer \"https://idp.example\" (kid \"k\")".into()),
+        ("claims condition not met", "10.96.0.11:80", "GET /ops/x", vec![("authorization", &good)],
+            "dst=canary.demo.svc.cluster.local | 403 RBAC RBAC: access denied by no ALLOW policy matched (demo/need-jwt) token=https://idp.example/alice".into()),
+        ("claims condition met", "10.96.0.11:80", "GET /ops/x", vec![("authorization", &admin)],
+            format!("dst=canary.demo.svc.cluster.local | forward {canary} [10.0.2.1:8081] token=https://idp.example/alice")),
+        ("keys not fetched yet: refused, not accepted", "10.96.0.12:80", "GET /", vec![("authorization", &good)],
+            "dst=plain.demo.svc.cluster.local | 401 - JWT rejected: no keys for issuer \"https://idp.example\" yet: https://idp.example/keys not fetched".into()),
+        ("a service without RequestAuthentication ignores tokens", "10.96.0.13:80", "GET /", vec![("authorization", &forged)],
+            "dst=limited.demo.svc.cluster.local | 429 RL local rate limit exceeded".into()),
+    ];
+    let limits_spent = Buckets {
+        spent: vec!["demo/limited.demo.svc.cluster.local"],
+        ..Buckets::default()
+    };
+    for (name, authority, request, headers, want) in cases {
+        let l = if authority == "10.96.0.13:80" { &limits_spent } else { &limits };
+        let d = run_at(&state, l, authority, request, &headers, QUIET, now);
+        let mut got = summary(&d);
+        if let Some(a) = &d.authn {
+            got += &format!(" token={}", a.auth.principal);
+        }
+        assert_eq!(got, want, "{name}");
     }
 }

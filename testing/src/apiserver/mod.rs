@@ -225,6 +225,13 @@ pub fn ambit_resources() -> Vec<ResourceType> {
             true,
         ),
         ResourceType::custom(
+            "security.ambit.dev",
+            "v1",
+            "requestauthentications",
+            "RequestAuthentication",
+            true,
+        ),
+        ResourceType::custom(
             "traffic.ambit.dev",
             "v1",
             "trafficpolicies",

@@ -344,6 +344,21 @@ apiVersion: security.ambit.dev/v1
 kind: PeerAuthentication
 metadata: {name: sel, namespace: demo}
 spec: {selector: {matchLabels: {app: a}}, portLevelMtls: {"8080": {mode: STRICT}}}
+---
+apiVersion: security.ambit.dev/v1
+kind: RequestAuthentication
+metadata: {name: on-wp, namespace: demo}
+spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: wp}], jwtRules: [{issuer: i, jwksUri: 'https://i/keys'}]}
+---
+apiVersion: security.ambit.dev/v1
+kind: RequestAuthentication
+metadata: {name: on-svc, namespace: demo}
+spec: {targetRefs: [{kind: Service, name: a}], jwtRules: [{issuer: i, jwksUri: 'https://i/keys'}]}
+---
+apiVersion: security.ambit.dev/v1
+kind: RequestAuthentication
+metadata: {name: elsewhere, namespace: demo}
+spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: 'https://i/keys'}]}
 "#;
 
     fn snapshot() -> Snapshot {
@@ -424,7 +439,12 @@ spec: {selector: {matchLabels: {app: a}}, portLevelMtls: {"8080": {mode: STRICT}
             ),
             (
                 waypoint("demo/wp"),
-                vec!["Authorization demo/on-svc", "Route demo/r"],
+                vec![
+                    "Authorization demo/on-svc",
+                    "Route demo/r",
+                    "RequestAuthentication demo/on-svc",
+                    "RequestAuthentication demo/on-wp",
+                ],
             ),
             (waypoint("demo/other"), vec![]),
         ];

@@ -738,3 +738,57 @@ fn peer_authentications_are_placed_by_root_namespace_and_selector() {
         4
     );
 }
+
+#[test]
+fn request_authentications_go_to_waypoints_and_bad_ones_are_rejected() {
+    let good = ns("demo", "")
+        + "---\napiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: idp, namespace: demo}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: wp}, {kind: Service, name: web}]\n  jwtRules:\n  - issuer: https://idp.example\n    audiences: [web]\n    jwksUri: https://idp.example/keys\n    fromHeaders: [{name: x-jwt, prefix: 'Bearer '}]\n    outputPayloadToHeader: x-jwt-payload\n";
+    let mut objects: Vec<Object> = parse_file(Path::new("fixture.yaml"), &good)
+        .expect("fixture")
+        .into_iter()
+        .map(|l| l.object)
+        .collect();
+    // What the Kubernetes source may hand over: the API server checked the schema, not
+    // whether the inline key set parses.
+    let bad: serde_yaml::Value = serde_yaml::from_str(
+        "apiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: bad, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: web}]\n  jwtRules: [{issuer: idp, jwks: 'not json'}]\n",
+    )
+    .expect("yaml");
+    objects.push(Kind::RequestAuthentication.deserialize(bad).expect("object"));
+    let d = derive(
+        &Store::from_objects(objects.into_iter()),
+        &ModelConfig::default(),
+    );
+    let Some(resource::Kind::RequestAuthentication(ra)) = d.resources[&Key {
+        kind: ResourceKind::RequestAuthentication,
+        name: "demo/idp".into(),
+    }]
+        .resource
+        .kind
+        .clone()
+    else {
+        panic!("request authentication")
+    };
+    assert_eq!(ra.target_gateway, "demo/wp");
+    assert_eq!(ra.target_service, "demo/web.demo.svc.cluster.local");
+    let spec: serde_json::Value = serde_json::from_str(&ra.spec_json).expect("json");
+    assert_eq!(
+        spec,
+        serde_json::json!({"jwtRules": [{
+            "issuer": "https://idp.example", "audiences": ["web"],
+            "jwksUri": "https://idp.example/keys",
+            "fromHeaders": [{"name": "x-jwt", "prefix": "Bearer "}],
+            "outputPayloadToHeader": "x-jwt-payload",
+        }]})
+    );
+    assert!(!d.resources.contains_key(&Key {
+        kind: ResourceKind::RequestAuthentication,
+        name: "demo/bad".into()
+    }));
+    let msg = error_chain(&d.errors[0]);
+    assert!(
+        msg.contains("RequestAuthentication demo/bad rejected: field spec.jwtRules[0].jwks")
+            && msg.contains("not a JSON Web Key Set"),
+        "{msg}"
+    );
+}

@@ -420,4 +420,45 @@ mod tests {
             .workload_by_ip("10.0.0.1".parse().expect("ip"))
             .is_none());
     }
+
+    #[test]
+    fn request_authentications_compile_or_are_refused_naming_the_field() {
+        let ra = |name: &str, spec_json: &str| pb::Resource {
+            kind: Some(pb::resource::Kind::RequestAuthentication(
+                pb::RequestAuthentication {
+                    name: name.into(),
+                    namespace: "demo".into(),
+                    target_gateway: "demo/wp".into(),
+                    spec_json: spec_json.into(),
+                    ..Default::default()
+                },
+            )),
+        };
+        let push = |nonce: &str, r: pb::Resource| pb::Push {
+            nonce: nonce.into(),
+            upserts: vec![r],
+            ..Default::default()
+        };
+        let good = r#"{"jwtRules": [{"issuer": "https://idp.example", "jwksUri": "https://idp.example/keys"}]}"#;
+        let (held, state) = Resources::default()
+            .apply(&push("1", ra("idp", good)))
+            .expect("good push");
+        assert_eq!(state.jwt_rules_for("demo/wp", None).len(), 1);
+        assert_eq!(
+            state.jwks_uris().into_iter().collect::<Vec<_>>(),
+            vec!["https://idp.example/keys"]
+        );
+        let not_json = r#"{"jwtRules": [{"issuer": "i", "jwks": "{oops"}]}"#;
+        let err = held
+            .apply(&push("2", ra("bad", not_json)))
+            .expect_err("bad key set");
+        assert_eq!(
+            err.to_string(),
+            "request authentication demo/bad: jwtRules[0].jwks is not a JSON Web Key Set"
+        );
+        let err = held
+            .apply(&push("3", ra("worse", "[")))
+            .expect_err("bad spec");
+        assert!(err.to_string().starts_with("request authentication demo/worse: spec_json"), "{err}");
+    }
 }

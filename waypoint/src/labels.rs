@@ -31,4 +31,6 @@ pub struct LogFields {
     pub route: String,
     pub reason: String,
     pub trace_id: String,
+    /// `iss/sub` of the request's validated token; empty without one.
+    pub request_principal: String,
 }

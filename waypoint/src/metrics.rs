@@ -140,6 +140,7 @@ impl Drop for Recorder {
         tracing::info!(
             target: "access",
             src_principal = %l.source_principal,
+            request_principal = %f.request_principal,
             src_workload = %l.source_workload,
             dst_service = %l.destination_service,
             dst_workload = %l.destination_workload,

@@ -146,6 +146,9 @@ impl Proxy {
         if let Some(rule) = &decision.rule {
             rec.log.route = rule.route.clone();
         }
+        if let Some(a) = &decision.authn {
+            rec.log.request_principal = a.auth.principal.clone();
+        }
         if !decision.audited.is_empty() {
             tracing::info!(target: "audit", policies = ?decision.audited, principal = %caller.principal, path = %parts.uri.path(), "audited request");
         }

@@ -122,7 +122,8 @@ fn crds_prints_only_our_crds() {
         names,
         [
             "authorizationpolicies.security.ambit.dev",
-            "trafficpolicies.traffic.ambit.dev"
+            "trafficpolicies.traffic.ambit.dev",
+            "requestauthentications.security.ambit.dev",
         ]
     );
 }

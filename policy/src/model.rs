@@ -102,8 +102,8 @@ impl Rule {
     /// The rule names something that cannot be known, given whether HTTP attributes are
     /// (a request's token, when it has one, is validated where HTTP is parsed).
     pub(crate) fn unknowable(&self, http_known: bool) -> bool {
-        (!http_known && self.from.iter().any(Source::uses_jwt))
-            || (!http_known && self.to.iter().any(Operation::uses_http))
+        (!http_known
+            && (self.from.iter().any(Source::uses_jwt) || self.to.iter().any(Operation::uses_http)))
             || self.when.iter().any(|c| c.unknowable(http_known))
     }
 }

@@ -290,14 +290,8 @@ impl Input<'_> {
         let service_key = service.map(|_| key.as_str());
         let rules = state.jwt_rules_for(gateway, service_key);
         if !rules.is_empty() {
-            d.authn = authenticate(
-                &rules,
-                req.headers,
-                req.uri.query(),
-                authn.keys,
-                authn.now,
-            )
-            .map_err(Refusal::Unauthenticated)?;
+            d.authn = authenticate(&rules, req.headers, req.uri.query(), authn.keys, authn.now)
+                .map_err(Refusal::Unauthenticated)?;
         }
         let token = d.authn.as_ref().map(|a| &a.auth);
         d.audited = authorize(state, gateway, service_key, (caller, req, token), observer)?;

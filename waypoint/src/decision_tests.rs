@@ -178,7 +178,15 @@ fn run(
     headers: &[(&str, &str)],
     draws: Draws,
 ) -> Decision {
-    run_at(state, limits, authority, request, headers, draws, 1_800_000_000)
+    run_at(
+        state,
+        limits,
+        authority,
+        request,
+        headers,
+        draws,
+        1_800_000_000,
+    )
 }
 
 fn run_at(
@@ -213,10 +221,7 @@ fn run_at(
         &head,
         draws,
         limits,
-        AuthnInput {
-            keys: &NoKeys,
-            now,
-        },
+        AuthnInput { keys: &NoKeys, now },
     )
 }
 
@@ -510,6 +515,9 @@ fn state_with_authn(key: &crate::authn::mint::SigningKey) -> State {
     State::build(file).expect("state builds")
 }
 
+/// Name, authority, `METHOD /path`, headers, the decision's summary.
+type AuthnRow<'a> = (&'a str, &'a str, &'a str, Vec<(&'a str, &'a str)>, String);
+
 #[test]
 fn authentication_comes_before_authorization() {
     let key = crate::authn::mint::SigningKey::es256("k").expect("key");
@@ -518,7 +526,8 @@ fn authentication_comes_before_authorization() {
     let limits = Buckets::default();
     let now = 1_800_000_000u64;
     let token = |k: &crate::authn::mint::SigningKey, extra: serde_json::Value| {
-        let mut c = serde_json::json!({"iss": "https://idp.example", "sub": "alice", "exp": now + 60});
+        let mut c =
+            serde_json::json!({"iss": "https://idp.example", "sub": "alice", "exp": now + 60});
         for (n, v) in extra.as_object().into_iter().flatten() {
             c[n] = v.clone();
         }
@@ -530,7 +539,7 @@ fn authentication_comes_before_authorization() {
     let forged = token(&stranger, serde_json::json!({}));
     let canary = "demo/canary.demo.svc.cluster.local";
     #[rustfmt::skip]
-    let cases: Vec<(&str, &str, &str, Vec<(&str, &str)>, String)> = vec![
+    let cases: Vec<AuthnRow> = vec![
         ("a valid token meets requestPrincipals", "10.96.0.11:80", "GET /", vec![("authorization", &good)],
             format!("dst=canary.demo.svc.cluster.local | forward {canary} [10.0.2.1:8081] token=https://idp.example/alice")),
         ("no token: no principal, the ALLOW does not match", "10.96.0.11:80", "GET /", vec![],
@@ -553,7 +562,11 @@ fn authentication_comes_before_authorization() {
         ..Buckets::default()
     };
     for (name, authority, request, headers, want) in cases {
-        let l = if authority == "10.96.0.13:80" { &limits_spent } else { &limits };
+        let l = if authority == "10.96.0.13:80" {
+            &limits_spent
+        } else {
+            &limits
+        };
         let d = run_at(&state, l, authority, request, &headers, QUIET, now);
         let mut got = summary(&d);
         if let Some(a) = &d.authn {

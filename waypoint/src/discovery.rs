@@ -459,6 +459,10 @@ mod tests {
         let err = held
             .apply(&push("3", ra("worse", "[")))
             .expect_err("bad spec");
-        assert!(err.to_string().starts_with("request authentication demo/worse: spec_json"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("request authentication demo/worse: spec_json"),
+            "{err}"
+        );
     }
 }

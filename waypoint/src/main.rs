@@ -39,14 +39,14 @@ use ambit_runtime::flags::{any_addr, ControlPlaneArgs, MeshArgs, ProxyOpsArgs};
 use ambit_runtime::http::Listener;
 use ambit_runtime::logging::{error_chain, LogArgs};
 use ambit_waypoint::admin::{Admin, Port};
-use ambit_waypoint::certs::{self, CaConfig};
-use ambit_waypoint::discovery::{self, DiscoveryConfig};
-use ambit_waypoint::metrics::Metrics;
-use ambit_waypoint::otlp;
 use ambit_waypoint::authn::{
     self,
     jwks::{FetchConfig, Jwks},
 };
+use ambit_waypoint::certs::{self, CaConfig};
+use ambit_waypoint::discovery::{self, DiscoveryConfig};
+use ambit_waypoint::metrics::Metrics;
+use ambit_waypoint::otlp;
 use ambit_waypoint::proxy::Proxy;
 use ambit_waypoint::server::{Limits, Waypoint};
 use ambit_waypoint::state::{State, StateFile, StateHandle};
@@ -241,8 +241,7 @@ async fn main() -> anyhow::Result<()> {
     let mut fetching = FetchConfig::new(&roots_pem).context("TLS for fetching key sets")?;
     fetching.refresh = Duration::from_secs(args.jwks_refresh_seconds.max(1));
     tokio::spawn(authn::jwks::run(state.clone(), jwks.clone(), fetching));
-    let mut proxy =
-        Proxy::new(state.clone(), upstreams, metrics, gateway.clone()).with_jwks(jwks);
+    let mut proxy = Proxy::new(state.clone(), upstreams, metrics, gateway.clone()).with_jwks(jwks);
     let exporter = match &args.otlp_endpoint {
         Some(endpoint) => {
             // Named like Istio names its proxies' traces, so a trace view reads the same.

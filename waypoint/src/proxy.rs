@@ -29,9 +29,7 @@ use crate::authn::jwks::Jwks;
 use crate::authn::validate::Authenticated;
 use crate::authn::Location;
 pub use crate::decision::Caller;
-use crate::decision::{
-    decide, Action, AuthnInput, Decision, Draws, Forward, RequestHead, Rewrite,
-};
+use crate::decision::{decide, Action, AuthnInput, Decision, Draws, Forward, RequestHead, Rewrite};
 use crate::metrics::{Counted, Metrics, Recorded, Recorder};
 use crate::otlp::{PendingSpan, SpanSink, TraceContext};
 use crate::refusal::{redirect, Refusal, DELAY_INJECTED, NO_FLAG};

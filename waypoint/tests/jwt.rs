@@ -3,6 +3,8 @@
 //! test time (ECDSA) or the test-only RSA fixture; key sets are inline or served by a real
 //! HTTP server the waypoint fetches from and refreshes.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -87,9 +89,17 @@ requestAuthentications:
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("authorization=\n"), "token forwarded: {body}");
     let payload = good.split('.').nth(1).unwrap();
-    assert!(body.contains(&format!("x-jwt-payload={payload}\n")), "{body}");
+    assert!(
+        body.contains(&format!("x-jwt-payload={payload}\n")),
+        "{body}"
+    );
     let rs = bearer(token(&rsa, json!({})));
-    assert_eq!(get(&mut c, "/api/orders", &[("authorization", &rs)]).await.0, 200);
+    assert_eq!(
+        get(&mut c, "/api/orders", &[("authorization", &rs)])
+            .await
+            .0,
+        200
+    );
 
     // Expired and wrongly signed tokens: 401 with the reason, whatever the path.
     let expired = bearer(token(&es, json!({"exp": now() - 3600})));
@@ -105,7 +115,12 @@ requestAuthentications:
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("signature does not verify"), "{body}");
     let other_aud = bearer(token(&es, json!({"aud": "db"})));
-    assert_eq!(get(&mut c, "/public", &[("authorization", &other_aud)]).await.0, 401);
+    assert_eq!(
+        get(&mut c, "/public", &[("authorization", &other_aud)])
+            .await
+            .0,
+        401
+    );
 
     // No token: allowed where no principal is required, denied where one is.
     assert_eq!(get(&mut c, "/public", &[]).await.0, 200);
@@ -114,15 +129,28 @@ requestAuthentications:
     assert!(body.contains("require-jwt"), "{body}");
 
     // A claims condition.
-    assert_eq!(get(&mut c, "/admin/users", &[("authorization", &good)]).await.0, 403);
+    assert_eq!(
+        get(&mut c, "/admin/users", &[("authorization", &good)])
+            .await
+            .0,
+        403
+    );
     let admin = bearer(token(&es, json!({"groups": ["dev", "admin"]})));
-    assert_eq!(get(&mut c, "/admin/users", &[("authorization", &admin)]).await.0, 200);
+    assert_eq!(
+        get(&mut c, "/admin/users", &[("authorization", &admin)])
+            .await
+            .0,
+        200
+    );
 
     // What the refusals were, as counted.
     let m = mesh.metrics();
     let count = |code: &str| {
         m.lines()
-            .filter(|l| l.starts_with("istio_requests_total{") && l.contains(&format!("response_code=\"{code}\"")))
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("response_code=\"{code}\""))
+            })
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum::<u64>()
     };
@@ -140,7 +168,10 @@ struct KeyServer {
 async fn key_server(body: String) -> KeyServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     // Named `localhost`: the mesh rewrites `127.0.0.` addresses in its state to its own.
-    let url = format!("http://localhost:{}/keys", listener.local_addr().unwrap().port());
+    let url = format!(
+        "http://localhost:{}/keys",
+        listener.local_addr().unwrap().port()
+    );
     let reply = Arc::new(Mutex::new((200u16, body)));
     let hits = Arc::new(AtomicUsize::new(0));
     let (r, h) = (reply.clone(), hits.clone());
@@ -156,7 +187,11 @@ async fn key_server(body: String) -> KeyServer {
                     async move {
                         h.fetch_add(1, Ordering::SeqCst);
                         let (status, body) = r.lock().unwrap().clone();
-                        let status = if req.uri().path() == "/keys" { status } else { 404 };
+                        let status = if req.uri().path() == "/keys" {
+                            status
+                        } else {
+                            404
+                        };
                         let mut resp = http::Response::new(Full::new(Bytes::from(body)));
                         *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                         Ok::<_, std::convert::Infallible>(resp)
@@ -175,7 +210,10 @@ async fn key_server(body: String) -> KeyServer {
 async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -208,7 +246,9 @@ requestAuthentications:
 
     // Nothing good fetched yet: tokens are refused, with the URL and what was wrong.
     eventually("the failed fetch is recorded", async || {
-        mesh.jwks.jwks(&server.url).is_err_and(|e| e.contains("not a JSON Web Key Set"))
+        mesh.jwks
+            .jwks(&server.url)
+            .is_err_and(|e| e.contains("not a JSON Web Key Set"))
     })
     .await;
     let (status, _, body) = get(&mut c, "/api/x", &[("authorization", &t1)]).await;
@@ -225,7 +265,10 @@ requestAuthentications:
     .await;
     let (_, _, body) = get(&mut c, "/api/x", &[("authorization", &t1)]).await;
     assert!(body.contains(&format!("authorization={t1}\n")), "{body}");
-    assert_eq!(get(&mut c, "/api/x", &[("authorization", &t2)]).await.0, 401);
+    assert_eq!(
+        get(&mut c, "/api/x", &[("authorization", &t2)]).await.0,
+        401
+    );
 
     // Key rotation: the refresh picks up the new set; the old key stops working.
     *server.reply.lock().unwrap() = (200, jwks(&[&second]));
@@ -233,7 +276,10 @@ requestAuthentications:
         get(&mut c, "/api/x", &[("authorization", &t2)]).await.0 == 200
     })
     .await;
-    assert_eq!(get(&mut c, "/api/x", &[("authorization", &t1)]).await.0, 401);
+    assert_eq!(
+        get(&mut c, "/api/x", &[("authorization", &t1)]).await.0,
+        401
+    );
 
     // The server fails: the last good set keeps serving through several failed fetches.
     *server.reply.lock().unwrap() = (500, "down".into());
@@ -244,7 +290,13 @@ requestAuthentications:
     .await;
     let entry = mesh.jwks.entries()[&server.url].clone();
     let err = entry.error.unwrap();
-    assert!(err.contains(&server.url) && err.contains("answered 500"), "{err}");
+    assert!(
+        err.contains(&server.url) && err.contains("answered 500"),
+        "{err}"
+    );
     assert!(entry.keys.is_some());
-    assert_eq!(get(&mut c, "/api/x", &[("authorization", &t2)]).await.0, 200);
+    assert_eq!(
+        get(&mut c, "/api/x", &[("authorization", &t2)]).await.0,
+        200
+    );
 }

@@ -30,10 +30,7 @@ pub fn check_spec(spec: &RequestAuthenticationSpec) -> FieldResult<()> {
         );
     }
     if spec.selector.is_some() {
-        return invalid(
-            "spec.selector".into(),
-            "cannot be combined with targetRefs",
-        );
+        return invalid("spec.selector".into(), "cannot be combined with targetRefs");
     }
     let mut gateways = 0;
     let mut services = 0;
@@ -70,7 +67,9 @@ pub fn check_spec(spec: &RequestAuthenticationSpec) -> FieldResult<()> {
                     return invalid(at("jwks"), format!("not a JSON Web Key Set: {e}"));
                 }
             }
-            (None, Some(uri)) => check_uri(uri).or_else(|why| invalid(at("jwksUri"), format!("{uri:?}: {why}")))?,
+            (None, Some(uri)) => {
+                check_uri(uri).or_else(|why| invalid(at("jwksUri"), format!("{uri:?}: {why}")))?
+            }
             (Some(_), Some(_)) => return invalid(at("jwks"), "give jwks or jwksUri, not both"),
             (None, None) => return invalid(at("jwksUri"), "give jwksUri or jwks"),
         }

@@ -754,11 +754,12 @@ fn request_authentications_go_to_waypoints_and_bad_ones_are_rejected() {
         "apiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: bad, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, name: web}]\n  jwtRules: [{issuer: idp, jwks: 'not json'}]\n",
     )
     .expect("yaml");
-    objects.push(Kind::RequestAuthentication.deserialize(bad).expect("object"));
-    let d = derive(
-        &Store::from_objects(objects.into_iter()),
-        &ModelConfig::default(),
+    objects.push(
+        Kind::RequestAuthentication
+            .deserialize(bad)
+            .expect("object"),
     );
+    let d = derive(&Store::from_objects(objects), &ModelConfig::default());
     let Some(resource::Kind::RequestAuthentication(ra)) = d.resources[&Key {
         kind: ResourceKind::RequestAuthentication,
         name: "demo/idp".into(),

@@ -114,9 +114,7 @@ impl JwksSource for Jwks {
             Some(Entry {
                 keys: Some(keys), ..
             }) => Ok(keys.clone()),
-            Some(Entry {
-                error: Some(e), ..
-            }) => Err(format!("fetching the key set failed: {e}")),
+            Some(Entry { error: Some(e), .. }) => Err(format!("fetching the key set failed: {e}")),
             _ => Err(format!("the key set from {uri} has not been fetched yet")),
         }
     }
@@ -143,7 +141,8 @@ impl FetchConfig {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
         use rustls_pki_types::pem::PemObject as _;
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(extra_roots.as_bytes()).flatten()
+        for cert in
+            rustls_pki_types::CertificateDer::pem_slice_iter(extra_roots.as_bytes()).flatten()
         {
             // A mesh root that is no CA certificate serves nothing here; skip it.
             let _ = roots.add(cert);
@@ -247,7 +246,10 @@ pub async fn fetch(uri: &str, tls: &Arc<rustls::ClientConfig>) -> Result<JwkSet,
         _ => return Err(bad("the scheme must be http or https")),
     };
     let authority = u.authority().ok_or(bad("no host"))?.clone();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let tcp = TcpStream::connect((host, port))
         .await

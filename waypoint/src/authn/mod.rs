@@ -26,10 +26,7 @@ use serde::{Deserialize, Serialize};
 pub enum AuthnConfigError {
     /// A field that must be set is empty.
     #[error("request authentication {resource}: {field} is empty")]
-    Missing {
-        resource: String,
-        field: String,
-    },
+    Missing { resource: String, field: String },
     /// The inline key set is not a JSON Web Key Set.
     #[error("request authentication {resource}: {field} is not a JSON Web Key Set")]
     Jwks {
@@ -178,7 +175,8 @@ impl RequestAuthenticationResource {
                     },
                 )?)),
                 (true, false) => {
-                    check_uri(&r.jwks_uri).map_err(|why| invalid(at("jwksUri"), &r.jwks_uri, why))?;
+                    check_uri(&r.jwks_uri)
+                        .map_err(|why| invalid(at("jwksUri"), &r.jwks_uri, why))?;
                     Keys::Uri(r.jwks_uri.clone())
                 }
                 (false, false) => {
@@ -194,7 +192,11 @@ impl RequestAuthenticationResource {
             let mut locations = Vec::new();
             for (j, h) in r.from_headers.iter().enumerate() {
                 let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-                    invalid(at(&format!("fromHeaders[{j}].name")), &h.name, "not a header name")
+                    invalid(
+                        at(&format!("fromHeaders[{j}].name")),
+                        &h.name,
+                        "not a header name",
+                    )
                 })?;
                 locations.push(Location::Header {
                     name,
@@ -219,12 +221,13 @@ impl RequestAuthenticationResource {
                     Location::Param("access_token".into()),
                 ];
             }
-            let output_payload_to_header = match r.output_payload_to_header.as_str() {
-                "" => None,
-                h => Some(HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
-                    invalid(at("outputPayloadToHeader"), h, "not a header name")
-                })?),
-            };
+            let output_payload_to_header =
+                match r.output_payload_to_header.as_str() {
+                    "" => None,
+                    h => Some(HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                        invalid(at("outputPayloadToHeader"), h, "not a header name")
+                    })?),
+                };
             rules.push(Arc::new(JwtRule {
                 issuer: r.issuer.clone(),
                 audiences: r.audiences.clone(),

@@ -51,7 +51,10 @@ pub enum AuthnError {
     NotYetValid { nbf: u64, now: u64 },
     /// A registered claim has the wrong type.
     #[error("claim {claim} is not {want}")]
-    ClaimType { claim: &'static str, want: &'static str },
+    ClaimType {
+        claim: &'static str,
+        want: &'static str,
+    },
     /// `aud` names none of the rule's audiences.
     #[error("audiences {got:?} are not among {want:?}")]
     Audience { got: Vec<String>, want: Vec<String> },
@@ -84,7 +87,10 @@ pub fn authenticate(
         location: location.to_string(),
         why,
     })?;
-    let issuer = claims.get("iss").and_then(Value::as_str).unwrap_or_default();
+    let issuer = claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let Some(rule) = rules
         .iter()
         .find(|r| r.issuer == issuer && r.locations.contains(&location))
@@ -176,7 +182,9 @@ fn fits(k: &Jwk, alg: Algorithm) -> bool {
         ) => true,
         (AlgorithmParameters::EllipticCurve(p), Algorithm::ES256) => p.curve == EllipticCurve::P256,
         (AlgorithmParameters::EllipticCurve(p), Algorithm::ES384) => p.curve == EllipticCurve::P384,
-        (AlgorithmParameters::OctetKeyPair(p), Algorithm::EdDSA) => p.curve == EllipticCurve::Ed25519,
+        (AlgorithmParameters::OctetKeyPair(p), Algorithm::EdDSA) => {
+            p.curve == EllipticCurve::Ed25519
+        }
         _ => false,
     }
 }

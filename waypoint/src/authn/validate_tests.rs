@@ -63,6 +63,9 @@ fn run(rules: &[Arc<JwtRule>], headers: &[(&str, &str)], query: Option<&str>) ->
     }
 }
 
+/// Name, headers, query, what `run` says.
+type Case<'a> = (&'a str, Vec<(&'a str, String)>, Option<String>, &'a str);
+
 #[test]
 fn tokens_are_checked_against_their_issuers_rule() {
     let es = SigningKey::es256("k1").expect("key");
@@ -75,7 +78,7 @@ fn tokens_are_checked_against_their_issuers_rule() {
     let bearer = |t: String| format!("Bearer {t}");
     let tok = |k: &SigningKey, extra| k.token(&claims(extra)).expect("token");
     #[rustfmt::skip]
-    let cases: Vec<(&str, Vec<(&str, String)>, Option<String>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("no token", vec![], None, "no token"),
         ("ES256", vec![("authorization", bearer(tok(&es, json!({"azp": "cli"}))))], None,
             "ok https://idp.example/alice aud=[\"web\"] azp=Some(\"cli\") from header authorization"),
@@ -117,7 +120,10 @@ fn tokens_are_checked_against_their_issuers_rule() {
         let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         // The parser's own words may follow (`alg none`: where in the header).
         let got = run(&rs, &h, query.as_deref());
-        assert!(got == want || (got.starts_with(want) && want.contains("JSON error")), "{name}: {got}");
+        assert!(
+            got == want || (got.starts_with(want) && want.contains("JSON error")),
+            "{name}: {got}"
+        );
     }
 }
 
@@ -138,11 +144,7 @@ fn unsigned() -> String {
     let b = |v: serde_json::Value| {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
     };
-    format!(
-        "{}.{}.",
-        b(json!({"alg": "none"})),
-        b(claims(json!({})))
-    )
+    format!("{}.{}.", b(json!({"alg": "none"})), b(claims(json!({}))))
 }
 
 #[test]

@@ -271,13 +271,16 @@ fn convert_rule(rule: &security::Rule, at: &str) -> FieldResult<Rule> {
 }
 
 /// The condition keys the proxies evaluate, for the error message.
-const CONDITION_KEYS: &str = "source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, request.headers[<name>], request.auth.*";
+const CONDITION_KEYS: &str = "source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, request.headers[<name>], request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[<name>]...";
 
 /// Whether a condition key is one the proxies know. The waypoint refuses a whole push that
 /// carries a policy with any other key, so such a policy is failed closed here instead.
+/// `request.auth.*` keys are the engine's to resolve (claim paths such as `[a][b]`).
 fn condition_key_known(key: &str) -> bool {
     (key.starts_with("request.headers[") && key.ends_with(']'))
-        || key.starts_with("request.auth.")
+        || (key.starts_with("request.auth.")
+            && Condition::parse(key, Vec::new(), Vec::new())
+                .is_ok_and(|c| !matches!(c.test(), ambit_policy::Test::Unknown)))
         || matches!(
             key,
             "source.ip"

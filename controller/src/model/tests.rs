@@ -332,6 +332,8 @@ fn condition_values_ztunnel_parses_are_checked_here() {
         // Unknown keys too: the waypoint refused the whole push carrying one.
         ("connection.sni", "a.example", "key"),
         ("bogus", "x", "key"),
+        ("request.auth.nickname", "x", "key"),
+        ("'request.auth.claims[]'", "request.auth.claims[]", "key"),
     ] {
         let yaml = ns("demo", "")
             + &format!("---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: demo}}\nspec:\n  action: DENY\n  rules: [{{when: [{{key: {key}, notValues: ['{value}']}}]}}]\n");
@@ -348,14 +350,14 @@ fn condition_values_ztunnel_parses_are_checked_here() {
     }
     // Values of the same keys that parse are served as written.
     let yaml = ns("demo", "")
-        + "---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: ok, namespace: demo}\nspec:\n  rules: [{when: [{key: destination.port, values: ['8080']}, {key: source.ip, values: [10.0.0.0/8, 10.1.1.1, 'fd00::/8']}, {key: 'request.headers[x]', values: [anything]}]}]\n";
+        + "---\napiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: ok, namespace: demo}\nspec:\n  rules: [{when: [{key: destination.port, values: ['8080']}, {key: source.ip, values: [10.0.0.0/8, 10.1.1.1, 'fd00::/8']}, {key: 'request.headers[x]', values: [anything]}, {key: 'request.auth.claims[org][team]', values: [blue]}, {key: request.auth.presenter, values: [cli]}]}]\n";
     let d = derived(&yaml);
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     assert_eq!(
         authorization(&d, "demo/ok").expect("served").rules[0]
             .when
             .len(),
-        3
+        5
     );
 }
 

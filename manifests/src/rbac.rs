@@ -59,10 +59,10 @@ pub fn controller_rules() -> Vec<PolicyRule> {
         rule(
             "security.ambit.dev",
             &[
-            "authorizationpolicies",
-            "peerauthentications",
-            "requestauthentications",
-        ],
+                "authorizationpolicies",
+                "peerauthentications",
+                "requestauthentications",
+            ],
             READ,
         ),
         rule("traffic.ambit.dev", &["trafficpolicies"], READ),

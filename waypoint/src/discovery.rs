@@ -207,6 +207,7 @@ fn key_of(r: &pb::Resource) -> Option<(i32, String)> {
         Kind::PeerAuthentication(p) => (
             pb::ResourceKind::PeerAuthentication as i32,
             format!("{}/{}", p.namespace, p.name),
+        ),
         Kind::RequestAuthentication(a) => (
             pb::ResourceKind::RequestAuthentication as i32,
             format!("{}/{}", a.namespace, a.name),
@@ -316,8 +317,8 @@ impl Subscriber for Waypoint {
             node: String::new(),
             identity: self.identity.to_string(),
             gateway: self.gateway.clone(),
-            // No kind beyond the first five: it never receives PeerAuthentications.
-            accepts: Vec::new(),
+            // Kinds beyond the first five it decodes (it never receives PeerAuthentications).
+            accepts: vec![pb::ResourceKind::RequestAuthentication as i32],
         }
     }
 

@@ -385,6 +385,8 @@ fn resource_key(r: &pb::Resource) -> Option<(i32, String)> {
         ),
         Kind::PeerAuthentication(x) => (
             pb::ResourceKind::PeerAuthentication as i32,
+            ns(&x.namespace, &x.name),
+        ),
         Kind::RequestAuthentication(x) => (
             pb::ResourceKind::RequestAuthentication as i32,
             ns(&x.namespace, &x.name),

@@ -585,6 +585,8 @@ fn apply(
             ),
             Some(resource::Kind::PeerAuthentication(x)) => (
                 ResourceKind::PeerAuthentication as i32,
+                format!("{}/{}", x.namespace, x.name),
+            ),
             Some(resource::Kind::RequestAuthentication(x)) => (
                 ResourceKind::RequestAuthentication as i32,
                 format!("{}/{}", x.namespace, x.name),

@@ -245,7 +245,12 @@ fn may_subscribe(caller: &Caller, proxy: &Proxy) -> Result<(), DiscoveryError> {
         (Caller::Node { .. }, Proxy::Ztunnel { .. }) => {
             Err(refuse("a ztunnel may only subscribe for its own node"))
         }
-        (Caller::Workload { identity: own, .. }, Proxy::Waypoint { gateway, identity }) => {
+        (
+            Caller::Workload { identity: own, .. },
+            Proxy::Waypoint {
+                gateway, identity, ..
+            },
+        ) => {
             if identity.parse::<ambit_hbone::Identity>().ok().as_ref() != Some(own) {
                 return Err(refuse("a waypoint must name its own identity"));
             }

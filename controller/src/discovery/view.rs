@@ -9,7 +9,8 @@
 //!   those of namespaces with a pod on the node) only to a ztunnel whose `Hello` accepts
 //!   them: an older one would NACK every push holding one.
 //! - waypoint: every workload and service, the policies targeting its Gateway or a service
-//!   it fronts, and the routes and traffic policies of those services.
+//!   it fronts, and the routes and traffic policies of those services; the
+//!   RequestAuthentications targeting the same, only when its `Hello` accepts them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -29,8 +30,13 @@ pub enum Proxy {
         node: String,
         peer_authentication: bool,
     },
-    /// A waypoint, by its Gateway's `namespace/name`.
-    Waypoint { gateway: String, identity: String },
+    /// A waypoint, by its Gateway's `namespace/name`; `request_authentication`: its
+    /// `Hello` accepts RequestAuthentication resources.
+    Waypoint {
+        gateway: String,
+        identity: String,
+        request_authentication: bool,
+    },
 }
 
 impl std::fmt::Display for Proxy {
@@ -59,6 +65,9 @@ impl TryFrom<&Hello> for Proxy {
                     Ok(Proxy::Waypoint {
                         gateway: hello.gateway.clone(),
                         identity: hello.identity.clone(),
+                        request_authentication: hello
+                            .accepts
+                            .contains(&(ResourceKind::RequestAuthentication as i32)),
                     })
                 }
                 _ => Err("a waypoint must name its Gateway as namespace/name"),
@@ -83,6 +92,8 @@ pub enum Selection {
         gateway: String,
         /// The services it fronts, by key (`namespace/hostname`).
         services: BTreeSet<String>,
+        /// It accepts RequestAuthentications.
+        request_authentication: bool,
     },
 }
 
@@ -116,8 +127,13 @@ impl Selection {
                     peer_authentication: *peer_authentication,
                 }
             }
-            Proxy::Waypoint { gateway, .. } => Selection::Waypoint {
+            Proxy::Waypoint {
+                gateway,
+                request_authentication,
+                ..
+            } => Selection::Waypoint {
                 gateway: gateway.clone(),
+                request_authentication: *request_authentication,
                 services: of_kind(snapshot, ResourceKind::Service)
                     .filter(|(_, e)| e.waypoint.as_deref() == Some(gateway.as_str()))
                     .map(|(k, _)| k.name.clone())
@@ -156,14 +172,24 @@ impl Selection {
             ) => p.scope() == PolicyScope::Global || namespaces.contains(&p.namespace),
             // Never routes or traffic policies: ztunnel does not parse HTTP.
             (Selection::Ztunnel { .. }, _) => false,
-            (Selection::Waypoint { gateway, services }, Some(kind)) => match kind {
+            (
+                Selection::Waypoint {
+                    gateway,
+                    services,
+                    request_authentication,
+                },
+                Some(kind),
+            ) => match kind {
                 resource::Kind::Authorization(a) => {
                     &a.target_gateway == gateway || services.contains(&a.target_service)
                 }
                 resource::Kind::Route(r) => r.parent_services.iter().any(|p| services.contains(p)),
                 resource::Kind::TrafficPolicy(t) => services.contains(&t.target_service),
+                // Only to a waypoint that says it knows the kind: an older one would NACK
+                // every push holding one.
                 resource::Kind::RequestAuthentication(a) => {
-                    &a.target_gateway == gateway || services.contains(&a.target_service)
+                    *request_authentication
+                        && (&a.target_gateway == gateway || services.contains(&a.target_service))
                 }
                 _ => false,
             },
@@ -407,6 +433,7 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
         let waypoint = |gw: &str| Proxy::Waypoint {
             gateway: gw.into(),
             identity: String::new(),
+            request_authentication: true,
         };
         let cases: Vec<(Proxy, Vec<&str>)> = vec![
             (
@@ -447,6 +474,15 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
                 ],
             ),
             (waypoint("demo/other"), vec![]),
+            // A waypoint whose Hello does not accept them (an older one) gets none.
+            (
+                Proxy::Waypoint {
+                    gateway: "demo/wp".into(),
+                    identity: String::new(),
+                    request_authentication: false,
+                },
+                vec!["Authorization demo/on-svc", "Route demo/r"],
+            ),
         ];
         for (proxy, want) in cases {
             let view = view(&snap, &proxy);
@@ -556,7 +592,26 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
             })
         );
         assert!(Proxy::try_from(&hello(ProxyKind::Ztunnel, "", "")).is_err());
-        assert!(Proxy::try_from(&hello(ProxyKind::Waypoint, "", "demo/wp")).is_ok());
+        assert_eq!(
+            Proxy::try_from(&hello(ProxyKind::Waypoint, "", "demo/wp")),
+            Ok(Proxy::Waypoint {
+                gateway: "demo/wp".into(),
+                identity: String::new(),
+                request_authentication: false,
+            })
+        );
+        let newer_waypoint = Hello {
+            accepts: vec![ResourceKind::RequestAuthentication as i32],
+            ..hello(ProxyKind::Waypoint, "", "demo/wp")
+        };
+        assert_eq!(
+            Proxy::try_from(&newer_waypoint),
+            Ok(Proxy::Waypoint {
+                gateway: "demo/wp".into(),
+                identity: String::new(),
+                request_authentication: true,
+            })
+        );
         for bad in ["", "wp", "/wp", "demo/", "a/b/c"] {
             assert!(
                 Proxy::try_from(&hello(ProxyKind::Waypoint, "", bad)).is_err(),

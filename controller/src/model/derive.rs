@@ -113,6 +113,7 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
     for p in super::peer_auth::peer_authentications(store, config, &mut out.errors) {
         let wire = ambit_proto::discovery::PeerAuthentication::from(&p);
         out.push(resource::Kind::PeerAuthentication(wire), None);
+    }
     for a in super::authn::request_authentications(store, config, &mut out.errors) {
         out.push(resource::Kind::RequestAuthentication(a), None);
     }

@@ -198,6 +198,7 @@ impl Key {
             resource::Kind::PeerAuthentication(p) => (
                 ResourceKind::PeerAuthentication,
                 format!("{}/{}", p.namespace, p.name),
+            ),
             resource::Kind::RequestAuthentication(a) => (
                 ResourceKind::RequestAuthentication,
                 format!("{}/{}", a.namespace, a.name),

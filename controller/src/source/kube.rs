@@ -269,6 +269,8 @@ impl KubeSource {
             Kind::PeerAuthentication,
             Object::PeerAuthentication,
             w.peer_authentications,
+        );
+        s.kind(
             Kind::RequestAuthentication,
             Object::RequestAuthentication,
             w.request_authentications,

@@ -270,6 +270,7 @@ fn fields(push: &mut pb::Push) -> Fields<'_> {
             }
             Some(Kind::PeerAuthentication(p)) => {
                 f.texts.extend([&mut p.name, &mut p.namespace]);
+            }
             Some(Kind::RequestAuthentication(a)) => {
                 f.texts.extend([
                     &mut a.name,

@@ -272,20 +272,22 @@ pub fn parse_file_limited(
                 if kind.namespaced() && meta.namespace.is_none() {
                     meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
                 }
+                if let Some(field) = unknown_policy_field(value, &object) {
+                    errors.push(LocalError::UnknownField {
+                        path: path.into(),
+                        document,
+                        field,
+                    });
+                    continue;
+                }
+                // After the spelling check: a misspelt field is the cause to name, not the
+                // rule it then seems to break.
                 if let Err(e) = check_object(&object) {
                     errors.push(LocalError::InvalidField {
                         path: path.into(),
                         document,
                         field: e.field,
                         why: e.why,
-                    });
-                    continue;
-                }
-                if let Some(field) = unknown_policy_field(value, &object) {
-                    errors.push(LocalError::UnknownField {
-                        path: path.into(),
-                        document,
-                        field,
                     });
                     continue;
                 }

@@ -185,7 +185,8 @@ mod tests {
         let jwks = problems("apiVersion: security.ambit.dev/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: demo}\nspec: {targetRefs: [{kind: Service, name: web}], jwtRules: [{issuer: idp, jwks: '{not json'}]}\n");
         assert_eq!(jwks.len(), 1, "{jwks:?}");
         assert!(
-            jwks[0].contains(".new.yaml: document 1: spec.jwtRules[0].jwks: not a JSON Web Key Set"),
+            jwks[0]
+                .contains(".new.yaml: document 1: spec.jwtRules[0].jwks: not a JSON Web Key Set"),
             "{jwks:?}"
         );
         let ns = problems(

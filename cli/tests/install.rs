@@ -122,6 +122,7 @@ fn crds_prints_only_our_crds() {
         names,
         [
             "authorizationpolicies.security.ambit.dev",
+            "peerauthentications.security.ambit.dev",
             "trafficpolicies.traffic.ambit.dev",
             "requestauthentications.security.ambit.dev",
         ]

@@ -300,3 +300,77 @@ requestAuthentications:
         200
     );
 }
+
+#[tokio::test]
+async fn key_sets_over_https_are_checked_against_the_roots_given() {
+    use ambit_waypoint::authn::jwks::{fetch, FetchConfig};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    // A CA of our own (standing in for the mesh's root) and a server certificate for
+    // `localhost` that it signed.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server_tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+    let signer = SigningKey::es256("tls").unwrap();
+    let body = jwks(&[&signer]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://localhost:{}/keys",
+        listener.local_addr().unwrap().port()
+    );
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |_req: http::Request<_>| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+
+    // Trusting the given root (as the waypoint trusts the mesh's): fetched.
+    let trusting = FetchConfig::new(&ca_pem).unwrap();
+    let set = fetch(&url, &trusting.tls).await.unwrap();
+    assert_eq!(set.keys.len(), 1);
+    // The web's roots alone do not vouch for this server: refused, naming the URL.
+    let web_only = FetchConfig::new("").unwrap();
+    let err = fetch(&url, &web_only.tls).await.unwrap_err();
+    let chain = ambit_runtime::logging::error_chain(&err);
+    assert!(
+        chain.starts_with(&format!("{url}: TLS with localhost")),
+        "{chain}"
+    );
+}

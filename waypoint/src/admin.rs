@@ -1,5 +1,6 @@
 //! The operations ports: Prometheus metrics (`/metrics`, port 15020), readiness
-//! (`/healthz/ready`, port 15021) and the admin config dump (`/config_dump`, 127.0.0.1:15000).
+//! (`/healthz/ready`, port 15021) and the admin config dump (`/config_dump`, 127.0.0.1:15000,
+//! beside `/jwks`: each key-set URL's last good set, when it was fetched, the last failure).
 //! The HTTP server is the one every binary shares ([`ambit_runtime::http`]); each listener
 //! only answers its own paths, so the config dump (which names every workload) is never
 //! reachable off the node.
@@ -11,6 +12,7 @@ use ambit_runtime::http::{self, Body, Listener, UntilDropped};
 use hyper::{Response, StatusCode};
 use prometheus_client::registry::Registry;
 
+use crate::authn::jwks::Jwks;
 use crate::state::StateHandle;
 
 /// What the operations endpoints show.
@@ -19,6 +21,8 @@ pub struct Admin {
     pub registry: Arc<Mutex<Registry>>,
     pub state: StateHandle,
     pub ready: Arc<AtomicBool>,
+    /// The fetched key sets.
+    pub jwks: Jwks,
 }
 
 /// Which paths a listener answers.
@@ -69,6 +73,10 @@ impl Admin {
                 }
             }
             "/config_dump" => match serde_json::to_value(&self.state.load().source) {
+                Ok(json) => http::json(StatusCode::OK, &json),
+                Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            },
+            "/jwks" => match serde_json::to_value(&*self.jwks.entries()) {
                 Ok(json) => http::json(StatusCode::OK, &json),
                 Err(e) => http::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             },

@@ -241,7 +241,8 @@ async fn main() -> anyhow::Result<()> {
     let mut fetching = FetchConfig::new(&roots_pem).context("TLS for fetching key sets")?;
     fetching.refresh = Duration::from_secs(args.jwks_refresh_seconds.max(1));
     tokio::spawn(authn::jwks::run(state.clone(), jwks.clone(), fetching));
-    let mut proxy = Proxy::new(state.clone(), upstreams, metrics, gateway.clone()).with_jwks(jwks);
+    let mut proxy =
+        Proxy::new(state.clone(), upstreams, metrics, gateway.clone()).with_jwks(jwks.clone());
     let exporter = match &args.otlp_endpoint {
         Some(endpoint) => {
             // Named like Istio names its proxies' traces, so a trace view reads the same.
@@ -255,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let registry = Arc::new(Mutex::new(registry));
     let admin = Admin {
+        jwks: jwks.clone(),
         registry,
         state: state.clone(),
         ready: ready.clone(),

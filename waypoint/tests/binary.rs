@@ -94,7 +94,9 @@ async fn binary_serves_reports_and_drains() {
         format!(
             "workloads: [{{uid: web, name: web, namespace: demo, serviceAccount: web, addresses: [127.0.0.1]}}]\n\
              services: [{{name: web, namespace: demo, hostname: web.demo.svc.cluster.local, vips: [10.96.0.10],\n\
-               ports: [{{servicePort: 80, targetPort: {}}}], endpoints: [{{workloadUid: web}}]}}]\n",
+               ports: [{{servicePort: 80, targetPort: {}}}], endpoints: [{{workloadUid: web}}]}}]\n\
+             requestAuthentications: [{{name: idp, namespace: demo, targetGateway: demo/other,\n\
+               spec: {{jwtRules: [{{issuer: idp, jwksUri: 'http://127.0.0.1:1/keys'}}]}}}}]\n",
             backend_addr.port()
         ),
     )
@@ -195,6 +197,23 @@ async fn binary_serves_reports_and_drains() {
     );
     assert_eq!(http_get_async(ready, "/config_dump").await.unwrap().0, 404);
     assert!(dump.contains("web.demo.svc.cluster.local"), "{dump}");
+    // The key set nobody serves: its failure, named by URL, on the admin port only.
+    let jwks = async || http_get_async(admin, "/jwks").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = jwks().await;
+        if body.contains("connecting") || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\"http://127.0.0.1:1/keys\"")
+            && body.contains("http://127.0.0.1:1/keys: connecting to 127.0.0.1:1"),
+        "{body}"
+    );
+    assert_eq!(http_get_async(metrics, "/jwks").await.unwrap().0, 404);
 
     let pid = child.id().unwrap();
     let killed = std::process::Command::new("kill")

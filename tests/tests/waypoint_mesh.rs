@@ -4,6 +4,8 @@
 //! client pod (n1) → captured by ztunnel n1 → HBONE to the waypoint pod (the server is
 //! behind it) → waypoint: L7 policy, then HBONE as the waypoint to the server pod's
 //! ztunnel (n2), which only accepts it because it comes from the waypoint → server pod.
+//! The waypoint also validates JWTs there (RequestAuthentication): a valid token meets a
+//! rule on `requestPrincipals`, an expired one gets 401, a missing one 403.
 //! A second test sends HTTP/2 and gRPC the same way, with a weighted route and an L7 deny
 //! by method. Needs root; see `ambit_tests::require_root`.
 
@@ -70,7 +72,20 @@ async fn http_from(
     host: &str,
     path: &str,
 ) -> anyhow::Result<String> {
-    let request = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    http_from_with(pod, dst, method, host, path, "").await
+}
+
+/// [`http_from`] with extra header lines (`name: value\r\n` each).
+async fn http_from_with(
+    pod: &ambit_tests::Pod,
+    dst: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &str,
+) -> anyhow::Result<String> {
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\n{headers}connection: close\r\n\r\n");
     let pod = pod.clone();
     blocking(move || {
         let mut s = ambit_tests::connect_from(&pod, dst)?;
@@ -202,7 +217,10 @@ async fn requests_cross_the_waypoint_with_l7_policy() -> anyhow::Result<()> {
     }
     let server_addr = http_server(server, 8080)?;
 
-    // The waypoint, on its own runtime in the waypoint pod's namespace.
+    // The waypoint, on its own runtime in the waypoint pod's namespace. `/jwt/*` needs a
+    // token of the issuer whose key is generated here.
+    let issuer_key = ambit_waypoint::authn::mint::SigningKey::es256("k1")?;
+    let jwks = ambit_waypoint::authn::mint::jwks(&[&issuer_key]);
     let waypoint_state = format!(
         r#"
 workloads:
@@ -214,6 +232,19 @@ policies:
     action: DENY
     targetGateway: app/waypoint
     rules: [{{to: [{{paths: ["/admin/*"]}}]}}]
+  - name: jwt-area
+    namespace: app
+    action: ALLOW
+    targetGateway: app/waypoint
+    rules:
+      - from: [{{requestPrincipals: ["https://idp.example/*"]}}]
+        to: [{{paths: ["/jwt/*"]}}]
+      - to: [{{notPaths: ["/jwt/*"]}}]
+requestAuthentications:
+  - name: idp
+    namespace: app
+    targetGateway: app/waypoint
+    spec: {{jwtRules: [{{issuer: "https://idp.example", jwks: '{jwks}'}}]}}
 "#,
         client.ip, server.ip
     );
@@ -240,6 +271,44 @@ policies:
         denied.ends_with("RBAC: access denied by app/no-admin\n"),
         "{denied}"
     );
+
+    // Request authentication at the waypoint: a valid token meets the rule on
+    // requestPrincipals (and is not passed on), an expired one is refused with 401, and
+    // without one the rule that requires a principal does not match.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let token = |exp: u64| {
+        issuer_key
+            .token(&serde_json::json!({"iss": "https://idp.example", "sub": "alice", "exp": exp}))
+    };
+    let bearer = format!("authorization: Bearer {}\r\n", token(now + 600)?);
+    let ok = http_from_with(client, server_addr, "GET", "server", "/jwt/orders", &bearer)
+        .await
+        .context("request with a valid token")?;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(!ok.to_ascii_lowercase().contains("authorization:"), "{ok}");
+    let expired = format!("authorization: Bearer {}\r\n", token(now - 3600)?);
+    let refused = http_from_with(
+        client,
+        server_addr,
+        "GET",
+        "server",
+        "/jwt/orders",
+        &expired,
+    )
+    .await
+    .context("request with an expired token")?;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    assert!(
+        refused.contains("JWT rejected: token expired at"),
+        "{refused}"
+    );
+    let anonymous = http_from(client, server_addr, "GET", "server", "/jwt/orders")
+        .await
+        .context("request without a token")?;
+    assert!(anonymous.starts_with("HTTP/1.1 403"), "{anonymous}");
+    assert!(anonymous.contains("app/jwt-area"), "{anonymous}");
 
     waypoint.stop()?;
     mesh.shutdown().await;

@@ -490,9 +490,9 @@ impl Condition {
             Test::RequestAudiences(v) => auth_test(c, a, v, |au| {
                 au.audiences.iter().map(String::as_str).collect()
             }),
-            Test::RequestPresenter(v) => auth_test(c, a, v, |au| {
-                au.presenter.as_deref().into_iter().collect()
-            }),
+            Test::RequestPresenter(v) => {
+                auth_test(c, a, v, |au| au.presenter.as_deref().into_iter().collect())
+            }
             Test::RequestClaim { path, values } => auth_test(c, a, values, |au| au.claim(path)),
             Test::Unknown => {
                 c.o.check(c.clause, "values", &|| "unknowable".into(), true);

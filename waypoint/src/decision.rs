@@ -364,7 +364,11 @@ fn authorize(
     state: &State,
     gateway: &str,
     service_key: Option<&str>,
-    (caller, req, token): (&Caller, &RequestHead<'_>, Option<&ambit_policy::RequestAuth>),
+    (caller, req, token): (
+        &Caller,
+        &RequestHead<'_>,
+        Option<&ambit_policy::RequestAuth>,
+    ),
     observer: &mut dyn Observer,
 ) -> Result<Vec<String>, Refusal> {
     let policies = state.policies_for(gateway, service_key);

@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ambit_controller::crd::{AuthorizationPolicy, PeerAuthentication, TrafficPolicy};
+use ambit_controller::crd::{
+    AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficPolicy,
+};
 use kube::CustomResourceExt;
 use serde_json::Value;
 
@@ -124,6 +126,14 @@ fn peer_authentication_schema_matches_the_types() {
 }
 
 #[test]
+fn request_authentication_schema_matches_the_types() {
+    compare(
+        "RequestAuthentication",
+        serde_json::to_value(RequestAuthentication::crd()).unwrap(),
+    );
+}
+
+#[test]
 fn traffic_policy_schema_matches_the_types() {
     compare(
         "TrafficPolicy",
@@ -149,6 +159,9 @@ fn example_policies_read_into_the_types() {
             Some("TrafficPolicy") => serde_json::from_value::<TrafficPolicy>(value).map(drop),
             Some("PeerAuthentication") => {
                 serde_json::from_value::<PeerAuthentication>(value).map(drop)
+            }
+            Some("RequestAuthentication") => {
+                serde_json::from_value::<RequestAuthentication>(value).map(drop)
             }
             other => panic!("{}: unexpected kind {other:?}", path.display()),
         };

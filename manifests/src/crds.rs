@@ -18,9 +18,10 @@
 //!   durations are Go-style (`250ms`, `1m30s`), counts fit the controller's `u32`.
 //! - A PeerAuthentication's modes are UNSET/DISABLE/PERMISSIVE/STRICT, its `portLevelMtls` keys
 //!   are ports 1..65535 and need a `selector` (as Istio validates them).
-//! - A RequestAuthentication names its waypoint or Service (`targetRefs`, required) and at
-//!   least one rule; each rule has an issuer and exactly one of `jwksUri` (http or https) and
-//!   `jwks`. That `jwks` parses as a key set is the controller's check (CEL cannot parse JSON).
+//! - A RequestAuthentication's `targetRefs` and `jwtRules` are not empty when given; each rule
+//!   has an issuer and exactly one of `jwksUri` (http or https) and `jwks`. That both lists
+//!   are there and that `jwks` parses as a key set is the controller's check (the types keep
+//!   them optional, as Istio's do, and CEL cannot parse JSON).
 //! - NOT checked: "L7 fields need targetRefs". The root ARCHITECTURE.md gives such a policy a meaning (ztunnel
 //!   fails closed on it), so rejecting it at admission would change the semantics, not enforce them.
 
@@ -464,12 +465,12 @@ pub fn request_authentication() -> Value {
         "description": "JWT validation at waypoints (Istio's RequestAuthentication): a request \
                         with a bad token is refused (401); one without a token goes on without \
                         a request principal, for AuthorizationPolicy to decide on.",
-        "required": ["targetRefs", "jwtRules"],
         "properties": {
             "targetRefs": {
                 "type": "array",
                 "description": "The waypoint (Gateway) or Service whose requests are \
-                                authenticated. Required: tokens are validated by waypoints.",
+                                authenticated. The controller refuses an object without it \
+                                (tokens are validated by waypoints), naming the field.",
                 "minItems": 1,
                 "maxItems": 2,
                 "items": {

@@ -227,6 +227,13 @@ pub fn ambit_resources() -> Vec<ResourceType> {
         ResourceType::custom(
             "security.ambit.dev",
             "v1",
+            "peerauthentications",
+            "PeerAuthentication",
+            true,
+        ),
+        ResourceType::custom(
+            "security.ambit.dev",
+            "v1",
             "requestauthentications",
             "RequestAuthentication",
             true,

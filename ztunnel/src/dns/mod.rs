@@ -4,7 +4,8 @@
 //!
 //! - [`decision`]: what to answer, a pure function of a state snapshot, the asking pod and
 //!   the query's bytes (hickory-proto parses and encodes; nothing here reads DNS by hand).
-//! - [`server`]: the per-pod UDP and TCP loops, the rate limit, forwarding and relaying.
+//! - `crate::proxy::dns`: the per-pod UDP and TCP loops, the rate limit, forwarding and
+//!   relaying (the acting side, beside the other proxies).
 //! - [`upstream`]: which resolver a pod's forwarded queries go to.
 //!
 //! Not for: resolving names for ztunnel itself, caching upstream answers (the pod's own
@@ -13,7 +14,6 @@
 //! join the services).
 
 pub mod decision;
-pub mod server;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -23,10 +23,19 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use decision::{decide, Asker, Decision, Outcome};
-pub use server::{DnsListeners, DnsPod};
 
 /// The port ztunnel's DNS listeners take in every pod (the capture rules redirect 53 there).
 pub const DNS_PORT: u16 = ambit_proto::ports::DNS;
+
+/// One family's DNS listeners in a pod, as capture opens them; `crate::proxy::dns` serves
+/// them.
+#[derive(Debug)]
+pub struct DnsListeners {
+    /// UDP on the loopback port 15053.
+    pub udp: tokio::net::UdpSocket,
+    /// TCP on the same address.
+    pub tcp: tokio::net::TcpListener,
+}
 
 // The defaults; their reasons are in ARCHITECTURE.md ("Limits").
 const DEFAULT_QUERY_RATE: u32 = 200;

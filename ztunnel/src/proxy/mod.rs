@@ -28,6 +28,7 @@
 //! identity fields.
 
 pub mod credentials;
+pub mod dns;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
@@ -174,7 +175,7 @@ pub struct PodProxy {
     /// Open inbound connections, for policy re-evaluation.
     pub inbound: Arc<Registry>,
     /// The pod's DNS proxy state, when DNS is captured.
-    pub dns: Option<Arc<crate::dns::DnsPod>>,
+    pub dns: Option<Arc<dns::DnsPod>>,
 }
 
 impl PodProxy {
@@ -188,7 +189,7 @@ impl PodProxy {
         let factory = Arc::new(PodSockets(capture.sockets().clone()));
         let dns = shared.dns.enabled.then(|| {
             let upstreams = crate::dns::upstream::for_pod(&shared.dns, capture.netns().path());
-            Arc::new(crate::dns::DnsPod::new(
+            Arc::new(dns::DnsPod::new(
                 &shared.dns,
                 Arc::from(format!("{}/{}", workload.namespace, workload.name)),
                 workload.workload_name.clone(),
@@ -244,7 +245,7 @@ pub fn spawn(
     let mut tasks = JoinSet::new();
     let dns = std::mem::take(&mut listeners.dns);
     if let Some(dns_pod) = &pod.dns {
-        crate::dns::server::spawn(shared, dns_pod.clone(), dns, drain.clone(), &mut tasks);
+        dns::spawn(shared, dns_pod.clone(), dns, drain.clone(), &mut tasks);
     }
     for [outbound, inbound, hbone] in listeners.by_family() {
         tasks.spawn(outbound::serve(

@@ -1,5 +1,6 @@
-//! One pod's DNS listeners: the UDP socket and TCP listener on its loopback port 15053 (per
-//! family), where the capture rules redirect the pod's queries to port 53.
+//! The DNS proxy's side of one pod: its listeners' loops (the UDP socket and TCP listener on
+//! its loopback port 15053, per family, where the capture rules redirect the pod's queries to
+//! port 53). What a query gets is decided in `crate::dns`; this module only acts.
 //!
 //! Every query, UDP or TCP, goes the same way ([`answer`]): the pod's token bucket first
 //! (over it: REFUSED, counted), then [`decide`] on one state snapshot, then either the
@@ -26,11 +27,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::decision::{self, decide, Asker, Decision, Outcome};
-use super::{DnsSettings, TokenBucket};
+use super::Shared;
 use crate::capture::SocketFactory;
+use crate::dns::decision::{self, decide, Asker, Decision, Outcome};
+use crate::dns::{DnsListeners, DnsSettings, TokenBucket};
 use crate::drain::DrainWatcher;
-use crate::proxy::Shared;
 use crate::telemetry::error_chain;
 
 /// Open DNS-over-TCP connections one pod may hold; more are closed at once. Resolvers open
@@ -41,15 +42,6 @@ pub const MAX_TCP_CONNECTIONS: usize = 64;
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The largest DNS message (a TCP length prefix is 16 bits).
 const MAX_MESSAGE: usize = 65535;
-
-/// One family's DNS listeners in a pod.
-#[derive(Debug)]
-pub struct DnsListeners {
-    /// UDP on the loopback port 15053.
-    pub udp: UdpSocket,
-    /// TCP on the same address.
-    pub tcp: TcpListener,
-}
 
 /// Why a forwarded query got no usable answer from one upstream.
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +216,7 @@ async fn serve_tcp(shared: Shared, pod: Arc<DnsPod>, listener: TcpListener, drai
                     if let Some(suppressed) = shared.throttle.admit("dns tcp accept") {
                         tracing::warn!(pod = %pod.name, error = %e, suppressed, "dns accept failed");
                     }
-                    tokio::time::sleep(crate::proxy::ACCEPT_BACKOFF).await;
+                    tokio::time::sleep(super::ACCEPT_BACKOFF).await;
                     continue;
                 }
             },

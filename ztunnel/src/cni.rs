@@ -464,26 +464,9 @@ fn reply(v: &Verdict, pod: &PodRef) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::fixtures::workload;
+    use crate::state::fixtures::{node_state as state, workload};
     use crate::state::Store;
     use ambit_proto::discovery as pb;
-
-    fn state(workloads: Vec<pb::Workload>) -> Arc<State> {
-        let mut store = Store::new(Some("n1"));
-        let push = pb::Push {
-            full_state: true,
-            version: 1,
-            upserts: workloads
-                .into_iter()
-                .map(|w| pb::Resource {
-                    kind: Some(pb::resource::Kind::Workload(w)),
-                })
-                .collect(),
-            ..pb::Push::default()
-        };
-        store.apply(push).unwrap();
-        store.snapshot()
-    }
 
     fn pod(ns: &str, name: &str, uid: Option<&str>, ip: &str) -> PodRef {
         PodRef {

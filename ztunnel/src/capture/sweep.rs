@@ -98,26 +98,8 @@ pub async fn sweep(manager: &CaptureManager, state: &StateReader, node: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::fixtures::workload;
-    use crate::state::Store;
+    use crate::state::fixtures::{node_state as state, workload};
     use ambit_proto::discovery as pb;
-
-    fn state(workloads: Vec<pb::Workload>) -> Arc<State> {
-        let mut store = Store::new(Some("n1"));
-        let push = pb::Push {
-            full_state: true,
-            version: 1,
-            upserts: workloads
-                .into_iter()
-                .map(|w| pb::Resource {
-                    kind: Some(pb::resource::Kind::Workload(w)),
-                })
-                .collect(),
-            ..pb::Push::default()
-        };
-        store.apply(push).unwrap();
-        store.snapshot()
-    }
 
     fn plain(mut w: pb::Workload) -> pb::Workload {
         w.tunnel_protocol = pb::TunnelProtocol::None as i32;

@@ -4,7 +4,25 @@ use std::net::IpAddr;
 
 use ambit_proto::discovery as pb;
 
-use super::ip_to_bytes;
+use super::{ip_to_bytes, State, Store};
+
+/// The state of node `n1` after one full push of `workloads`.
+pub fn node_state(workloads: Vec<pb::Workload>) -> std::sync::Arc<State> {
+    let mut store = Store::new(Some("n1"));
+    let push = pb::Push {
+        full_state: true,
+        version: 1,
+        upserts: workloads
+            .into_iter()
+            .map(|w| pb::Resource {
+                kind: Some(pb::resource::Kind::Workload(w)),
+            })
+            .collect(),
+        ..pb::Push::default()
+    };
+    store.apply(push).expect("a fixture push applies");
+    store.snapshot()
+}
 
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("test IP")

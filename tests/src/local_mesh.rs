@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use ambitctl::local::net;
-use ambitctl::local::state::ClusterState;
+use ambitctl::local::state::{ClusterState, PodState};
 
 /// The directory holding this test's binaries' siblings (target/debug).
 pub fn bin_dir() -> PathBuf {
@@ -87,6 +87,19 @@ impl Mesh {
     /// Its `cluster.json`.
     pub fn state(&self) -> ClusterState {
         ClusterState::load(&self.state_dir).expect("cluster.json")
+    }
+
+    /// Pods of its `cluster.json` by name, in the order asked.
+    pub fn pods<const N: usize>(&self, names: [&str; N]) -> [PodState; N] {
+        let state = self.state();
+        names.map(|name| {
+            state
+                .pods
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap_or_else(|| panic!("pod {name} in cluster.json"))
+                .clone()
+        })
     }
 
     /// A log file under its state dir's `logs/` (empty when missing).

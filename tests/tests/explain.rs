@@ -134,16 +134,7 @@ fn explain_agrees_with_what_the_proxies_do() {
     ) else {
         return;
     };
-    let state = mesh.state();
-    let pod = |name: &str| {
-        state
-            .pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("pod {name} in cluster.json"))
-            .clone()
-    };
-    let (client, api, db) = (pod("client-0"), pod("api-0"), pod("db-0"));
+    let [client, api, db] = mesh.pods(["client-0", "api-0", "db-0"]);
     http_echo_in(&api.netns, SocketAddr::from((api.ip, 8080)));
     for port in [5432, 8080] {
         http_echo_in(&db.netns, SocketAddr::from((db.ip, port)));

@@ -451,16 +451,7 @@ fn a_waypoint_in_the_folder_is_started_and_applies_l7_policy() {
     ) else {
         return;
     };
-    let state = mesh.state();
-    let pod = |name: &str| {
-        state
-            .pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("pod {name} in cluster.json"))
-            .clone()
-    };
-    let (client, api, wp) = (pod("client-0"), pod("api-0"), pod("waypoint-0"));
+    let [client, api, wp] = mesh.pods(["client-0", "api-0", "waypoint-0"]);
     let wp_proc = wp.process.clone().expect("the waypoint was started");
     assert!(procs::alive(wp_proc.pid));
     http_echo_in(&api.netns, SocketAddr::from((api.ip, 8080)));

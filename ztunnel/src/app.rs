@@ -616,15 +616,11 @@ async fn captured_ready(
     mut status: watch::Receiver<Arc<Statuses>>,
 ) {
     loop {
-        let all = {
-            let local = local.borrow_and_update();
-            let status = status.borrow_and_update();
-            local.iter().all(|(uid, w)| {
-                w.protocol != TunnelProtocol::Hbone
-                    || w.addresses.is_empty()
-                    || matches!(status.get(uid), Some(PodStatus::Enrolled { .. }))
-            })
-        };
+        let all = local_enrolled_served(
+            &local.borrow_and_update(),
+            &status.borrow_and_update(),
+            |_| true,
+        );
         if all {
             block.done();
             return;
@@ -772,14 +768,22 @@ fn serving_all(s: &Succeed) -> bool {
     if others > 0 {
         return false;
     }
-    let local = s.local.borrow().clone();
-    let status = s.status.borrow().clone();
     let waiting = s.inherited.waiting_pods();
+    local_enrolled_served(&s.local.borrow(), &s.status.borrow(), |uid| {
+        !waiting.iter().any(|u| **u == *uid)
+    })
+}
+
+/// Whether every local workload in the mesh (HBONE, with addresses) is enrolled, and `also`
+/// holds for it.
+fn local_enrolled_served(
+    local: &LocalWorkloads,
+    status: &Statuses,
+    also: impl Fn(&str) -> bool,
+) -> bool {
     local.iter().all(|(uid, w)| {
         let enrolled = w.protocol == TunnelProtocol::Hbone && !w.addresses.is_empty();
-        !enrolled
-            || (matches!(status.get(uid), Some(PodStatus::Enrolled { .. }))
-                && !waiting.iter().any(|u| **u == **uid))
+        !enrolled || (matches!(status.get(uid), Some(PodStatus::Enrolled { .. })) && also(uid))
     })
 }
 

@@ -7,7 +7,11 @@
 //! - connect: `--connects` sequential new connections, each with a 1-byte round trip so the
 //!   tunnel is really up (connections/s);
 //! - ztunnel CPU (`/proc/<pid>/stat` of both processes) during bulk and ping-pong, and RSS
-//!   (`/proc/<pid>/status`) idle and with `--idle` open idle connections (RSS per connection).
+//!   (`/proc/<pid>/status`) idle and with `--idle` open idle connections (RSS per connection,
+//!   each side's ztunnel separately). `--idle 100000` is the memory-per-connection figure: the
+//!   harness raises its descriptor limit (the ztunnels inherit it) and their connection caps to
+//!   fit, and spreads the connections over several server ports, because one (source address,
+//!   destination address and port) triple has only the ~28,000 ports of the ephemeral range.
 //!
 //! A measurement, not a test: nothing asserts on timing. Needs root (namespaces, iptables).
 //! Build ztunnel in the same profile first, e.g.
@@ -48,6 +52,83 @@ struct Args {
 
 const ECHO_PORT: u16 = 9000;
 const SINK_PORT: u16 = 9001;
+/// First port of the idle-connection holders; each takes [`CONNS_PER_HOLD_PORT`].
+const HOLD_PORT: u16 = 9100;
+const CONNS_PER_HOLD_PORT: usize = 20_000;
+
+fn hold_ports(idle: usize) -> u16 {
+    idle.div_ceil(CONNS_PER_HOLD_PORT).max(1) as u16
+}
+
+/// Listeners in `pod` that greet each connection with one byte (so the client knows the
+/// tunnel is up end to end), keep it, and close it at the client's EOF, on one thread with a
+/// task per connection: 100,000 held connections must not cost 100,000 stacks in the harness.
+fn start_holders(pod: &Pod, ports: u16) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for port in HOLD_PORT..HOLD_PORT + ports {
+        let l = in_netns(&pod.netns, move || {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        })??;
+        l.set_nonblocking(true)?;
+        listeners.push(l);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            for l in listeners {
+                let Ok(l) = tokio::net::TcpListener::from_std(l) else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = l.accept().await {
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            if s.write_all(b"h").await.is_ok() {
+                                let mut b = [0u8; 1];
+                                while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                            }
+                        });
+                    }
+                });
+            }
+            std::future::pending::<()>().await
+        })
+    });
+    Ok(())
+}
+
+/// Raises this process's descriptor limit (the ztunnels it starts inherit it) to hold `idle`
+/// connections: two descriptors each in the harness (client and server end), one in each
+/// ztunnel, plus headroom. Raising the hard limit needs CAP_SYS_RESOURCE; without it the soft
+/// limit goes up to the hard one, and a count that cannot fit is refused before anything runs.
+fn raise_nofile(idle: usize) -> anyhow::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")?
+        .trim()
+        .parse()
+        .context("/proc/sys/fs/nr_open")?;
+    let need = 2 * idle as u64 + 2_048;
+    let want = (need + 63_488).max(soft).max(hard).min(nr_open);
+    let got = match setrlimit(Resource::RLIMIT_NOFILE, want, want) {
+        Ok(()) => want,
+        Err(_) => {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+                .with_context(|| format!("cannot raise RLIMIT_NOFILE to its hard limit {hard}"))?;
+            hard
+        }
+    };
+    if got < need {
+        bail!(
+            "--idle {idle} needs {need} descriptors but the limit is {got} and cannot be raised \
+             (raising the hard limit needs CAP_SYS_RESOURCE); use --idle {} or less here",
+            (got.saturating_sub(2_048)) / 2
+        );
+    }
+    Ok(got)
+}
 
 /// Echo and sink servers listening inside `pod` (threads; sockets stay in the pod).
 fn start_servers(pod: &Pod) -> anyhow::Result<()> {
@@ -139,13 +220,15 @@ fn connects(dst: SocketAddr, n: usize) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-fn idle(dst: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+fn idle(srv: Ipv4Addr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
     (0..n)
-        .map(|_| {
-            let mut s = TcpStream::connect(dst)?;
-            s.write_all(b"x")?;
+        .map(|i| {
+            let port = HOLD_PORT + (i / CONNS_PER_HOLD_PORT) as u16;
+            let mut s = TcpStream::connect((srv, port))
+                .with_context(|| format!("idle connection {i} to port {port}"))?;
             let mut b = [0u8; 1];
-            s.read_exact(&mut b)?;
+            s.read_exact(&mut b)
+                .with_context(|| format!("idle connection {i}: no greeting"))?;
             Ok(s)
         })
         .collect()
@@ -165,7 +248,16 @@ struct Ztunnel {
 }
 
 impl Ztunnel {
-    fn spawn(bin: &Path, node: &str, dir: &Path, netns_dir: &Path) -> anyhow::Result<Self> {
+    fn spawn(
+        bin: &Path,
+        node: &str,
+        dir: &Path,
+        netns_dir: &Path,
+        idle: usize,
+    ) -> anyhow::Result<Self> {
+        // The default caps (4,096 per pod, 32,768 per node) are attack limits; the memory
+        // figure needs room for every idle connection.
+        let cap = (idle + 4_096).to_string();
         let port = |p: u16| format!("127.0.0.1:{p}");
         let base = if node == "n1" { 25000 } else { 26000 };
         let child = Command::new(bin)
@@ -184,6 +276,12 @@ impl Ztunnel {
             .args(["--readiness-addr", &port(base + 21)])
             .args(["--admin-addr", &port(base)])
             .args(["--log-level", "warn"])
+            .args([
+                "--pod-connection-limit",
+                &cap,
+                "--node-connection-limit",
+                &cap,
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -235,6 +333,22 @@ fn rss_kib(pid: u32) -> anyhow::Result<f64> {
         .nth(1)
         .context("bad VmRSS")?
         .parse()?)
+}
+
+/// Connections the ztunnel whose metrics listen on `metrics` accepted as the destination side.
+fn inbound_connections(metrics: SocketAddr) -> anyhow::Result<f64> {
+    let (status, body) = ambit_testing::http_get(metrics, "/metrics")?;
+    if status != 200 {
+        bail!("GET {metrics}/metrics: status {status}");
+    }
+    Ok(body
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 fn cpu_total(z: &[&Ztunnel]) -> anyhow::Result<f64> {
@@ -293,6 +407,8 @@ fn main() -> anyhow::Result<()> {
     };
     let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());
     start_servers(&srv)?;
+    start_holders(&srv, hold_ports(args.idle))?;
+    let nofile = raise_nofile(args.idle)?;
     let dir = std::env::temp_dir().join(format!("ambit-{}-bench", topo.prefix()));
     std::fs::create_dir_all(&dir)?;
     let ca = CertificateAuthority::generate("cluster.local", Duration::from_secs(86400))?;
@@ -300,8 +416,8 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(dir.join("ca.pem"), &pem.cert_pem)?;
     std::fs::write(dir.join("ca-key.pem"), &pem.key_pem)?;
     std::fs::write(dir.join("state.yaml"), state(&client, &srv, false))?;
-    let z1 = Ztunnel::spawn(&bin, "n1", &dir, topo.netns_dir())?;
-    let z2 = Ztunnel::spawn(&bin, "n2", &dir, topo.netns_dir())?;
+    let z1 = Ztunnel::spawn(&bin, "n1", &dir, topo.netns_dir(), args.idle)?;
+    let z2 = Ztunnel::spawn(&bin, "n2", &dir, topo.netns_dir(), args.idle)?;
     let both = [&z1, &z2];
     std::thread::sleep(Duration::from_millis(500));
 
@@ -343,12 +459,25 @@ fn main() -> anyhow::Result<()> {
     let cpu3 = cpu_total(&both)?;
 
     let n_idle = args.idle;
-    let rss_before = rss_total(&both)?;
-    let held = in_pod(&client, move || idle(echo, n_idle))?;
-    std::thread::sleep(Duration::from_millis(500));
-    let rss_held = rss_total(&both)?;
+    let before = [rss_kib(z1.pid())?, rss_kib(z2.pid())?];
+    println!("opening {n_idle} idle connections (descriptor limit {nofile})");
+    let srv_ip = srv.ip;
+    let opened = Instant::now();
+    let held = in_pod(&client, move || idle(srv_ip, n_idle))?;
+    let opened = opened.elapsed();
+    // Let both ztunnels settle (the last streams' buffers, the allocator's deferred frees).
+    std::thread::sleep(Duration::from_secs(2));
+    let with = [rss_kib(z1.pid())?, rss_kib(z2.pid())?];
+    // The figures mean something only if the connections really went through the tunnel.
+    let tunnelled = inbound_connections(SocketAddr::from(([127, 0, 0, 1], 26020)))?;
+    let expected = (n_idle + args.connects) as f64;
+    if tunnelled < expected {
+        bail!("the server side's ztunnel counted {tunnelled} inbound connections, expected at least {expected}: the mesh path did not go through it");
+    }
     drop(held);
-
+    // The allocator hands freed pages back after a delay; give it time before the last look.
+    std::thread::sleep(Duration::from_secs(8));
+    let after = [rss_kib(z1.pid())?, rss_kib(z2.pid())?];
     let gb = bytes as f64 / 1e9;
     let rows = vec![
         Row {
@@ -399,10 +528,19 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  RSS idle (pods enrolled): {:>8.1} MiB", rss_idle / 1024.0);
     println!(
-        "  RSS with {} idle connections: {:.1} MiB (+{:.1} KiB per connection, both ends)",
+        "  {} idle connections opened in {:.1} s; RSS per ztunnel, MiB (client side / server side):",
         args.idle,
-        rss_held / 1024.0,
-        (rss_held - rss_before) / args.idle as f64
+        opened.as_secs_f64()
+    );
+    let mib = |k: [f64; 2]| format!("{:.1} / {:.1}", k[0] / 1024.0, k[1] / 1024.0);
+    let per_conn = |i: usize| (with[i] - before[i]) / args.idle as f64;
+    println!("    before:       {}", mib(before));
+    println!("    holding them: {}", mib(with));
+    println!("    closed again: {}", mib(after));
+    println!(
+        "  RSS per idle connection: {:.2} KiB client side, {:.2} KiB server side",
+        per_conn(0),
+        per_conn(1)
     );
     drop((z1, z2));
     let _ = std::fs::remove_dir_all(&dir);

@@ -7,6 +7,11 @@
 //! - `Hbone` / `Waypoint`: a `CONNECT` stream on the pod's pool (sockets made in the pod, so
 //!   the tunnel leaves from the pod IP), presenting the pod's certificate and requiring the
 //!   identity the decision expects.
+//! - `External`: a declared ExternalService: plain TCP as for passthrough (to the address
+//!   dialled, or a STATIC endpoint), logged with the service's host.
+//! - `Blocked`: the namespace's outbound policy is REGISTRY_ONLY and the destination is
+//!   unknown: close, log the reason (flag `RBAC`) and count it
+//!   (`ambit_ztunnel_connections_refused{reason="registry_only"}`).
 //! - `Refuse`: close the connection and log why.
 //! - `SelfDial`: the connection is addressed to one of ztunnel's own listeners in the pod
 //!   (e.g. `127.0.0.1:15001`, which is not NATed and so reports itself as its original
@@ -66,7 +71,7 @@ pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, dr
 async fn handle(
     shared: &Shared,
     pod: &PodProxy,
-    mut app: TcpStream,
+    app: TcpStream,
     client: SocketAddr,
     _permit: ConnectionPermit,
 ) {
@@ -145,39 +150,37 @@ async fn handle(
         } => {
             tracing::debug!(pod = %pod.name, %destination, reason, "passthrough");
             let report = base(destination, None, None, Protocol::Tcp, None);
-            let dial = tokio::time::timeout(
-                shared.settings.connect_timeout,
-                pod.capture.sockets().connect(destination),
-            )
-            .await;
-            match dial {
-                Ok(Ok(mut upstream)) => {
-                    report
-                        .copy(
-                            &shared.metrics,
-                            &mut app,
-                            &mut upstream,
-                            activity,
-                            Timeouts::first_byte(shared),
-                        )
-                        .await
-                }
-                Ok(Err(e)) => report.refused(
-                    shared,
-                    ResponseFlags::UpstreamConnectionFailure,
-                    error_outcome(&ProxyError::Socket(e)),
-                ),
-                Err(_) => report.refused(
-                    shared,
-                    ResponseFlags::Timeout,
-                    Outcome::Error {
-                        error: format!(
-                            "connect to {destination} timed out after {:?}",
-                            shared.settings.connect_timeout
-                        ),
-                    },
-                ),
+            direct(shared, pod, app, report, destination, activity).await;
+        }
+        Outbound::External {
+            destination,
+            service,
+        } => {
+            tracing::debug!(pod = %pod.name, %destination, service = %service.key(), "external service");
+            let mut report = base(destination, None, None, Protocol::Tcp, None);
+            // The log line and the metrics name the service by its first host, as a mesh
+            // service is named by its hostname.
+            if let Some(host) = service.hosts.first() {
+                report.service = Some(host.clone());
+                report.labels.destination_service = host.clone();
+                report.labels.destination_service_namespace = service.namespace.clone();
             }
+            direct(shared, pod, app, report, destination, activity).await;
+        }
+        Outbound::Blocked {
+            destination,
+            reason,
+        } => {
+            shared
+                .metrics
+                .connection_refused(Refused::RegistryOnly.as_str());
+            base(destination, None, None, Protocol::Tcp, None).refused(
+                shared,
+                ResponseFlags::Denied,
+                Outcome::Refused {
+                    reason: reason.into(),
+                },
+            );
         }
         Outbound::Hbone {
             peer,
@@ -243,6 +246,51 @@ async fn handle(
                 },
             );
         }
+    }
+}
+
+/// Plain TCP from inside the pod (a marked socket, so it is not captured again) to
+/// `destination`, then copies until both sides close.
+async fn direct(
+    shared: &Shared,
+    pod: &PodProxy,
+    mut app: TcpStream,
+    report: Report,
+    destination: SocketAddr,
+    activity: Activity,
+) {
+    let dial = tokio::time::timeout(
+        shared.settings.connect_timeout,
+        pod.capture.sockets().connect(destination),
+    )
+    .await;
+    match dial {
+        Ok(Ok(mut upstream)) => {
+            report
+                .copy(
+                    &shared.metrics,
+                    &mut app,
+                    &mut upstream,
+                    activity,
+                    Timeouts::first_byte(shared),
+                )
+                .await
+        }
+        Ok(Err(e)) => report.refused(
+            shared,
+            ResponseFlags::UpstreamConnectionFailure,
+            error_outcome(&ProxyError::Socket(e)),
+        ),
+        Err(_) => report.refused(
+            shared,
+            ResponseFlags::Timeout,
+            Outcome::Error {
+                error: format!(
+                    "connect to {destination} timed out after {:?}",
+                    shared.settings.connect_timeout
+                ),
+            },
+        ),
     }
 }
 

@@ -5,6 +5,7 @@
 //! through a STATIC endpoint; ALLOW_ANY still passes unknown destinations through. Needs root.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use ambit_testing::*;
 use ambit_tests::ztunnel::*;
@@ -147,6 +148,86 @@ externalServices:
     );
 
     drop((declared, other_port, undeclared));
+    mesh.shutdown().await;
+    Ok(())
+}
+
+/// The pod's resolv.conf as `ip netns exec` shows it (`/etc/netns/<name>/resolv.conf`);
+/// removed on Drop. Its nameserver is never reached for mesh names: port 53 is captured.
+struct ResolvConf(std::path::PathBuf);
+
+impl ResolvConf {
+    fn write(pod: &Pod, nameserver: std::net::Ipv4Addr) -> anyhow::Result<Self> {
+        let dir = std::path::PathBuf::from("/etc/netns").join(&pod.netns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"),
+        )?;
+        Ok(ResolvConf(dir))
+    }
+}
+
+impl Drop for ResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_resolves_a_declared_external_host_to_its_vip_and_reaches_the_service(
+) -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("zt_egress_dns")
+        .node("n1")
+        .node("n2")
+        .pod("client", "n1")
+        .pod("ext", "n2")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let (client, ext) = (topo.pod("client"), topo.pod("ext"));
+    // The VIP as the controller allocates them (240.240.0.0/16); the service's only
+    // instance is the server outside the mesh, on 9090.
+    let state = format!(
+        "workloads:\n{}    outboundPolicy: REGISTRY_ONLY\n\
+externalServices:
+  - name: billing
+    namespace: eg-dns
+    hosts: [billing.ext.example]
+    ports: [{{number: 80, name: http, targetPort: 9090}}]
+    resolution: STATIC
+    endpoints: [{{address: {ip}}}]
+    vips: [{{host: billing.ext.example, address: 240.240.7.7}}]
+",
+        workload(client, "eg-dns", "client", "n1", true),
+        ip = ext.ip
+    );
+    let _conf = ResolvConf::write(client, ext.ip)?;
+    let ca = TestCa::new(Duration::from_secs(3600));
+    let mesh = Mesh::start(&topo, &["n1"], &state, ca, |_, c| {
+        c.dns = ambit_ztunnel::dns::DnsSettings::default();
+    })
+    .await?;
+    mesh.wait_enrolled("n1", &uid("eg-dns", client), true)
+        .await?;
+    let server = ReplyServer::start(ext, 9090)?;
+
+    // The C library's resolver, through the captured port 53: ztunnel answers the VIP.
+    let netns = client.netns.clone();
+    let out = blocking(move || {
+        ambit_tests::exec_in(&netns, &["getent", "ahostsv4", "billing.ext.example."])
+    })
+    .await?;
+    let vip = out.split_whitespace().next().unwrap_or_default().to_owned();
+    assert_eq!(vip, "240.240.7.7", "getent printed {out:?}");
+
+    // Dialled at the VIP, ztunnel sends it to the STATIC endpoint's target port.
+    let seen = round_trip(client, format!("{vip}:80").parse()?, b"billing").await?;
+    assert_eq!(seen.ip(), IpAddr::from(client.ip));
+    assert_eq!(server.seen().len(), 1);
+
+    drop(server);
     mesh.shutdown().await;
     Ok(())
 }

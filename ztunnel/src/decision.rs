@@ -82,6 +82,13 @@ pub enum Outbound {
         destination: SocketAddr,
         service: Arc<ExternalService>,
     },
+    /// A declared external service with resolution DNS, dialled at one of its VIPs: resolve
+    /// `host` (ztunnel's own resolver) and connect to `port` there with plain TCP from the pod.
+    ExternalDns {
+        host: Arc<str>,
+        port: u16,
+        service: Arc<ExternalService>,
+    },
     /// The source's namespace is `REGISTRY_ONLY` and `destination` is neither a mesh
     /// address nor a declared external service: close the connection, log and count it.
     Blocked {
@@ -389,6 +396,56 @@ fn to_external(x: &Arc<ExternalService>, dst: SocketAddr, chooser: &dyn Chooser)
     }
 }
 
+/// The decision for a connection to one of external service `x`'s allocated VIPs: a STATIC
+/// endpoint, or (DNS) the endpoint's or the VIP's host resolved; NONE has nowhere to go.
+fn to_external_vip(x: &Arc<ExternalService>, dst: SocketAddr, chooser: &dyn Chooser) -> Outbound {
+    let Some(port) = x.ports.iter().find(|p| p.number == dst.port()) else {
+        return Outbound::Refuse(format!(
+            "external service {} does not declare port {}",
+            x.key(),
+            dst.port()
+        ));
+    };
+    let target = port.target_port.unwrap_or(port.number);
+    let endpoint = (!x.endpoints.is_empty()).then(|| {
+        let e = &x.endpoints[chooser
+            .choose_external(x.endpoints.len())
+            .min(x.endpoints.len() - 1)];
+        (e, e.ports.get(&port.name).copied().unwrap_or(target))
+    });
+    let host = x
+        .vips
+        .iter()
+        .find(|v| v.address == dst.ip())
+        .map(|v| v.host.clone());
+    match (x.resolution, endpoint, host) {
+        (Resolution::Static | Resolution::Dns, Some((e, p)), _) => {
+            match e.address.parse::<IpAddr>() {
+                Ok(ip) => Outbound::External {
+                    destination: SocketAddr::new(ip, p),
+                    service: x.clone(),
+                },
+                Err(_) => Outbound::ExternalDns {
+                    host: e.address.clone(),
+                    port: p,
+                    service: x.clone(),
+                },
+            }
+        }
+        (Resolution::Dns, None, Some(host)) => Outbound::ExternalDns {
+            host,
+            port: target,
+            service: x.clone(),
+        },
+        _ => Outbound::Refuse(format!(
+            "external service {} has resolution NONE and no endpoint: its VIP {} leads nowhere \
+             (declare addresses, or use resolution STATIC or DNS)",
+            x.key(),
+            dst.ip()
+        )),
+    }
+}
+
 /// True when `dst` is one of ztunnel's listeners in `source`'s own namespace: loopback, the
 /// unspecified address (which connects locally) or one of the pod's addresses.
 fn is_self_dial(source: &Workload, dst: SocketAddr) -> bool {
@@ -457,6 +514,9 @@ pub fn outbound(
     }
     if let Some(w) = state.workload_by_ip(dst.ip()) {
         return to_workload(state, source, w, dst, None, chooser);
+    }
+    if let Some(x) = state.external_service_by_vip(dst.ip()) {
+        return to_external_vip(x, dst, chooser);
     }
     if let Some(x) = state.external_service_for(dst) {
         return to_external(x, dst, chooser);

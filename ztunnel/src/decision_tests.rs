@@ -197,6 +197,11 @@ fn summary(o: &Outbound) -> String {
             service,
         } => format!("external {destination} {}", service.key()),
         Outbound::Blocked { reason, .. } => format!("blocked {reason}"),
+        Outbound::ExternalDns {
+            host,
+            port,
+            service,
+        } => format!("external-dns {host}:{port} {}", service.key()),
     }
 }
 
@@ -849,6 +854,7 @@ fn egress_table() {
                     }],
                     resolution: resolution as i32,
                     endpoints,
+                    vips: Vec::new(),
                 })),
             }
         };
@@ -951,5 +957,83 @@ fn egress_table() {
     for (name, src, dst, want) in cases {
         let got = summary(&outbound(&s, src, sa(dst), &first));
         assert_eq!(got, want, "{name}");
+    }
+}
+
+/// A connection to an external host's allocated VIP goes where the service's resolution says.
+#[test]
+fn external_vips_map_back_to_their_service() {
+    let mut client = workload("locked", "c", "default", "node-1", "10.0.1.50");
+    client.outbound_policy = pb::OutboundPolicy::RegistryOnly as i32;
+    let external = |name: &str,
+                    resolution: pb::ExternalResolution,
+                    endpoint: Option<&str>,
+                    vip: [u8; 4]| pb::Resource {
+        kind: Some(pb::resource::Kind::ExternalService(pb::ExternalService {
+            name: name.into(),
+            namespace: "ext".into(),
+            hosts: vec![format!("{name}.example.com")],
+            ports: vec![pb::ExternalPort {
+                number: 80,
+                name: "http".into(),
+                protocol: "HTTP".into(),
+                target_port: 8080,
+            }],
+            resolution: resolution as i32,
+            endpoints: endpoint
+                .map(|a| pb::ExternalEndpoint {
+                    address: a.into(),
+                    ports: Default::default(),
+                })
+                .into_iter()
+                .collect(),
+            vips: vec![pb::ExternalVip {
+                host: format!("{name}.example.com"),
+                address: vip.to_vec(),
+            }],
+            ..Default::default()
+        })),
+    };
+    let mut store = Store::new(None);
+    store
+        .apply(full(
+            1,
+            vec![
+                res_w(client),
+                external(
+                    "st",
+                    pb::ExternalResolution::Static,
+                    Some("198.51.100.9"),
+                    [240, 240, 0, 1],
+                ),
+                external("dns", pb::ExternalResolution::Dns, None, [240, 240, 0, 2]),
+                external(
+                    "dnsep",
+                    pb::ExternalResolution::Dns,
+                    Some("backend.example.net"),
+                    [240, 240, 0, 3],
+                ),
+                external("none", pb::ExternalResolution::None, None, [240, 240, 0, 4]),
+            ],
+        ))
+        .expect("fixture applies");
+    let s = store.snapshot();
+    let client = s.workload_by_uid("locked/c").unwrap().clone();
+    let cases = [
+        ("240.240.0.1:80", "external 198.51.100.9:8080 ext/st"),
+        ("240.240.0.2:80", "external-dns dns.example.com:8080 ext/dns"),
+        ("240.240.0.3:80", "external-dns backend.example.net:8080 ext/dnsep"),
+        ("240.240.0.1:81", "refuse external service ext/st does not declare port 81"),
+        (
+            "240.240.0.4:80",
+            "refuse external service ext/none has resolution NONE and no endpoint: its VIP 240.240.0.4 leads nowhere (declare addresses, or use resolution STATIC or DNS)",
+        ),
+    ];
+    for (dst, want) in cases {
+        assert_eq!(
+            summary(&outbound(&s, &client, sa(dst), &first)),
+            want,
+            "{dst}"
+        );
     }
 }

@@ -289,6 +289,22 @@ impl Walk<'_> {
                 ));
                 Ok(())
             }
+            Outbound::ExternalDns {
+                host,
+                port,
+                service,
+            } => {
+                self.steps.push(step(
+                    "outbound",
+                    ztunnel,
+                    Outcome::Passthrough,
+                    format!(
+                        "plain TCP to {host}:{port} as ztunnel resolves it: declared ExternalService {}",
+                        service.key()
+                    ),
+                ));
+                Ok(())
+            }
             Outbound::Blocked { reason, .. } => {
                 self.steps.push(step(
                     "outbound",

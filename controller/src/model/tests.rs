@@ -847,8 +847,24 @@ fn external_services_and_the_outbound_policy_reach_the_wire() {
         (&[192u8, 0, 2, 0][..], 24)
     );
     assert_eq!(api.ports[0].protocol, "HTTPS");
+    // One IPv4 VIP from 240.240.0.0/16 and one IPv6 from fd00:240:240::/112 per host, at the
+    // same offset.
+    let vips: Vec<(&str, &[u8])> = api
+        .vips
+        .iter()
+        .map(|v| (v.host.as_str(), v.address.as_slice()))
+        .collect();
+    assert_eq!(vips.len(), 2, "{vips:?}");
+    assert!(vips.iter().all(|(h, _)| *h == "api.example.com"));
+    assert_eq!(&vips[0].1[..2], &[240, 240]);
+    assert_eq!(&vips[1].1[..6], &[0xfd, 0x00, 0x02, 0x40, 0x02, 0x40]);
+    assert_eq!(vips[0].1[2..4], vips[1].1[14..16]);
     assert_eq!(api.resolution(), ExternalResolution::None);
     let db = get("demo/db");
+    assert_ne!(
+        db.vips[0].address, api.vips[0].address,
+        "two hosts share a VIP"
+    );
     assert_eq!(db.resolution(), ExternalResolution::Static);
     assert_eq!(
         (db.ports[0].target_port, db.endpoints[0].address.as_str()),

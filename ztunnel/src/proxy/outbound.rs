@@ -9,6 +9,8 @@
 //!   identity the decision expects.
 //! - `External`: a declared ExternalService: plain TCP as for passthrough (to the address
 //!   dialled, or a STATIC endpoint), logged with the service's host.
+//! - `ExternalDns`: an ExternalService of resolution DNS dialled at its VIP: ztunnel resolves
+//!   the host and connects as for `External`.
 //! - `Blocked`: the namespace's outbound policy is REGISTRY_ONLY and the destination is
 //!   unknown: close, log the reason (flag `RBAC`) and count it
 //!   (`ambit_ztunnel_connections_refused{reason="registry_only"}`).
@@ -165,6 +167,41 @@ async fn handle(
                 report.labels.destination_service = host.clone();
                 report.labels.destination_service_namespace = service.namespace.clone();
             }
+            direct(shared, pod, app, report, destination, activity).await;
+        }
+        Outbound::ExternalDns {
+            host,
+            port,
+            service,
+        } => {
+            // Resolved by ztunnel (the pod asked the mesh's DNS and got the VIP); the
+            // first address answers, as a client library would try.
+            let resolved = tokio::time::timeout(
+                shared.settings.connect_timeout,
+                tokio::net::lookup_host((host.to_string(), port)),
+            )
+            .await;
+            let first = match resolved {
+                Ok(Ok(mut addrs)) => addrs.next(),
+                _ => None,
+            };
+            let Some(destination) = first else {
+                base(original, None, None, Protocol::Tcp, None).refused(
+                    shared,
+                    ResponseFlags::NoHealthyUpstream,
+                    Outcome::Error {
+                        error: format!(
+                            "external service {}: {host} did not resolve",
+                            service.key()
+                        ),
+                    },
+                );
+                return;
+            };
+            let mut report = base(destination, None, None, Protocol::Tcp, None);
+            report.service = Some(host.clone());
+            report.labels.destination_service = host;
+            report.labels.destination_service_namespace = service.namespace.clone();
             direct(shared, pod, app, report, destination, activity).await;
         }
         Outbound::Blocked {

@@ -79,6 +79,17 @@ pub struct ExternalService {
     pub ports: Vec<ExternalPort>,
     pub resolution: Resolution,
     pub endpoints: Vec<ExternalEndpoint>,
+    /// The VIPs the mesh allocated to its hosts: what the DNS proxy answers for a host, and
+    /// what a client then dials.
+    #[serde(default)]
+    pub vips: Vec<ExternalVip>,
+}
+
+/// A VIP the controller allocated to one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalVip {
+    pub host: Arc<str>,
+    pub address: IpAddr,
 }
 
 impl ExternalService {
@@ -194,7 +205,16 @@ impl TryFrom<pb::ExternalService> for ExternalService {
                 ports: eports,
             });
         }
+        let mut vips = Vec::with_capacity(x.vips.len());
+        for (i, v) in x.vips.iter().enumerate() {
+            let address = ip_from_bytes(&resource, &|| format!("vips[{i}].address"), &v.address)?;
+            vips.push(ExternalVip {
+                host: v.host.as_str().into(),
+                address,
+            });
+        }
         Ok(ExternalService {
+            vips,
             name: x.name.as_str().into(),
             namespace: x.namespace.as_str().into(),
             hosts: x.hosts.iter().map(|h| h.as_str().into()).collect(),
@@ -230,6 +250,7 @@ mod tests {
                 address: "198.51.100.7".into(),
                 ports: [("https".to_string(), 8443)].into(),
             }],
+            vips: Vec::new(),
         }
     }
 

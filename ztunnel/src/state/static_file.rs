@@ -64,6 +64,7 @@
 //!     ports: [{number: 443, name: https, protocol: HTTPS}]
 //!     resolution: STATIC          # NONE (default), STATIC, DNS
 //!     endpoints: [{address: 198.51.100.7, ports: {https: 8443}}]
+//!     vips: [{host: api.example.com, address: 240.240.1.2}]  # as the controller allocates
 //! ```
 //!
 //! `ztunnel/examples/static-state.yaml` is a complete example.
@@ -194,6 +195,16 @@ struct ExternalDoc {
     resolution: ResolutionDoc,
     #[serde(default)]
     endpoints: Vec<ExternalEndpointDoc>,
+    /// As the controller allocates them.
+    #[serde(default)]
+    vips: Vec<ExternalVipDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ExternalVipDoc {
+    host: String,
+    address: IpAddr,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +264,14 @@ impl From<ExternalDoc> for pb::ExternalService {
                 .map(|e| pb::ExternalEndpoint {
                     address: e.address,
                     ports: e.ports.into_iter().collect(),
+                })
+                .collect(),
+            vips: x
+                .vips
+                .into_iter()
+                .map(|v| pb::ExternalVip {
+                    host: v.host,
+                    address: ip_to_bytes(v.address),
                 })
                 .collect(),
         }

@@ -53,6 +53,9 @@ struct Indexes {
     /// Namespace-wide and selector policies, by their namespace.
     namespace_peer_auth: HashMap<Arc<str>, Vec<Arc<PeerAuthentication>>>,
     waypoint_identities: HashSet<Identity>,
+    /// External services by allocated VIP, and their VIPs by host.
+    external_by_vip: HashMap<IpAddr, Arc<ExternalService>>,
+    external_vips_by_host: HashMap<Arc<str>, Vec<IpAddr>>,
 }
 
 /// One immutable version of the mesh as this proxy knows it. `Serialize` is the admin
@@ -145,6 +148,16 @@ impl State {
     /// declare it; they only differ in name then).
     pub fn external_service_for(&self, dst: SocketAddr) -> Option<&Arc<ExternalService>> {
         self.external_services.values().find(|x| x.matches(dst))
+    }
+
+    /// The external service owning allocated VIP `ip`, whatever the port.
+    pub fn external_service_by_vip(&self, ip: IpAddr) -> Option<&Arc<ExternalService>> {
+        self.idx.external_by_vip.get(&ip.to_canonical())
+    }
+
+    /// The VIPs allocated to external host `host` (lower case, no trailing dot).
+    pub fn external_vips(&self, host: &str) -> Option<&[IpAddr]> {
+        self.idx.external_vips_by_host.get(host).map(Vec::as_slice)
     }
 
     pub fn trust_roots(&self) -> &[Arc<str>] {
@@ -298,6 +311,17 @@ impl State {
                     .entry(p.namespace.clone())
                     .or_default()
                     .push(p.clone()),
+            }
+        }
+        for x in self.external_services.values() {
+            for v in &x.vips {
+                idx.external_by_vip
+                    .entry(v.address)
+                    .or_insert_with(|| x.clone());
+                let vips = idx.external_vips_by_host.entry(v.host.clone()).or_default();
+                if !vips.contains(&v.address) {
+                    vips.push(v.address);
+                }
             }
         }
         self.idx = idx;

@@ -272,7 +272,8 @@ mod tests {
 
     #[test]
     fn bad_wire_fields_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::ExternalService)>, &str)> = vec![
+        type Mutate = Box<dyn Fn(&mut pb::ExternalService)>;
+        let cases: Vec<(Mutate, &str)> = vec![
             (Box::new(|x| x.hosts.clear()), "hosts is empty"),
             (Box::new(|x| x.ports[0].number = 70000), "ports[0].number"),
             (

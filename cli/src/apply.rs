@@ -203,6 +203,31 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_external_service_is_refused_naming_file_document_and_field() {
+        let xs = |spec: &str| {
+            format!("apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: s, namespace: demo}}\n---\napiVersion: networking.ambit.dev/v1\nkind: ExternalService\nmetadata: {{name: x, namespace: demo}}\nspec: {spec}\n")
+        };
+        let host = problems(&xs("{hosts: ['api_example.com'], ports: [{number: 443}]}"));
+        assert_eq!(host.len(), 1, "{host:?}");
+        assert!(
+            host[0].ends_with(".new.yaml: document 2: spec.hosts[0]: \"api_example.com\" is not a DNS name (letters, digits, '-' and '.')"),
+            "{host:?}"
+        );
+        let port = problems(&xs("{hosts: [api.example.com], ports: [{number: 65536}]}"));
+        assert_eq!(port.len(), 1, "{port:?}");
+        assert!(
+            port[0].ends_with(
+                ".new.yaml: document 2: spec.ports[0].number: 65536 is not a port number (1-65535)"
+            ),
+            "{port:?}"
+        );
+        assert!(problems(&xs(
+            "{hosts: [api.example.com], addresses: [203.0.113.0/24], ports: [{number: 443}]}"
+        ))
+        .is_empty());
+    }
+
+    #[test]
     fn a_bad_peer_authentication_is_refused_naming_file_document_and_field() {
         let pa = |spec: &str| {
             format!("apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: s, namespace: demo}}\n---\napiVersion: security.ambit.dev/v1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: demo}}\nspec: {spec}\n")

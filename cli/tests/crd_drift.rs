@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use ambit_controller::crd::{
-    AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficPolicy,
+    AuthorizationPolicy, ExternalService, PeerAuthentication, RequestAuthentication, TrafficPolicy,
 };
 use kube::CustomResourceExt;
 use serde_json::Value;
@@ -134,6 +134,14 @@ fn request_authentication_schema_matches_the_types() {
 }
 
 #[test]
+fn external_service_schema_matches_the_types() {
+    compare(
+        "ExternalService",
+        serde_json::to_value(ExternalService::crd()).unwrap(),
+    );
+}
+
+#[test]
 fn traffic_policy_schema_matches_the_types() {
     compare(
         "TrafficPolicy",
@@ -163,6 +171,13 @@ fn example_policies_read_into_the_types() {
             Some("RequestAuthentication") => {
                 serde_json::from_value::<RequestAuthentication>(value).map(drop)
             }
+            Some("ExternalService") => serde_json::from_value::<ExternalService>(value)
+                .map(|x| {
+                    x.spec
+                        .check()
+                        .map_err(|e| panic!("{}: {e}", path.display()))
+                })
+                .map(drop),
             other => panic!("{}: unexpected kind {other:?}", path.display()),
         };
         ok.unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -125,6 +125,7 @@ fn crds_prints_only_our_crds() {
             "peerauthentications.security.ambit.dev",
             "trafficpolicies.traffic.ambit.dev",
             "requestauthentications.security.ambit.dev",
+            "externalservices.networking.ambit.dev",
         ]
     );
 }

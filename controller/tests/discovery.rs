@@ -151,6 +151,7 @@ fn upserts(push: &Push) -> Vec<String> {
             resource::Kind::RequestAuthentication(a) => {
                 format!("reqauthn {}/{}", a.namespace, a.name)
             }
+            resource::Kind::ExternalService(x) => format!("xs {}/{}", x.namespace, x.name),
         })
         .collect();
     v.sort();

@@ -103,6 +103,13 @@ fn has_authorization(snap: &Snapshot, namespace: &str, name: &str) -> bool {
     })
 }
 
+fn has_external_service(snap: &Snapshot, namespace: &str, name: &str) -> bool {
+    snap.resources.values().any(|e| {
+        matches!(e.resource.kind.as_ref(),
+            Some(resource::Kind::ExternalService(x)) if x.namespace == namespace && x.name == name)
+    })
+}
+
 fn hbone(w: Option<&Workload>) -> bool {
     w.is_some_and(|w| w.tunnel_protocol == TunnelProtocol::Hbone as i32)
 }
@@ -631,6 +638,18 @@ async fn gateway_api_and_ambit_crds_flow_through_watches() -> Result<()> {
         "spec": {"targetRef": {"name": "web"}, "connectionPool": {"maxConnections": 10}},
     }))?;
     server.apply(&authorization_policy("apps", "allow-apps"))?;
+    server.apply(&json!({
+        "apiVersion": "networking.ambit.dev/v1", "kind": "ExternalService",
+        "metadata": {"name": "api", "namespace": "apps"},
+        "spec": {"hosts": ["api.example.com"], "addresses": ["192.0.2.10"], "ports": [{"number": 443}]},
+    }))?;
+    // A bad one (the API server's schema would refuse it; this fake has none) is left out
+    // by the model, naming its field, while the good one serves.
+    server.apply(&json!({
+        "apiVersion": "networking.ambit.dev/v1", "kind": "ExternalService",
+        "metadata": {"name": "bad", "namespace": "apps"},
+        "spec": {"hosts": ["api.example.com"], "ports": [{"number": 70000}]},
+    }))?;
 
     let snap = h
         .eventually("waypoint, routes and policies", |s| {
@@ -639,8 +658,13 @@ async fn gateway_api_and_ambit_crds_flow_through_watches() -> Result<()> {
                 && route(s, "apps", "web-grpc").is_some()
                 && has_traffic_policy(s, "apps", "web-limits")
                 && has_authorization(s, "apps", "allow-apps")
+                && has_external_service(s, "apps", "api")
+                && s.errors.iter().any(|e| {
+                    e.to_string() == "ExternalService apps/bad rejected: field spec.ports[0].number"
+                })
         })
         .await?;
+    assert!(!has_external_service(&snap, "apps", "bad"));
     let http = route(&snap, "apps", "web-http").context("HTTPRoute")?;
     assert_eq!(http.kind, "HTTPRoute");
     assert_eq!(

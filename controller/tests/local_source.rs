@@ -408,3 +408,96 @@ async fn a_bad_peer_authentication_is_refused_naming_file_document_and_field_and
         vec!["apply PeerAuthentication demo/web"]
     );
 }
+
+#[tokio::test]
+async fn a_bad_external_service_is_refused_naming_file_document_and_field_and_the_good_one_stays() {
+    let good = "apiVersion: networking.ambit.dev/v1\nkind: ExternalService\nmetadata: {name: api, namespace: demo}\nspec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443, name: https, protocol: HTTPS}]}\n";
+    let mut h = Harness::start(
+        &[
+            ("ns.yaml", NS),
+            ("xs.yaml", good),
+            ("other.yaml", &pod("c", "x")),
+        ],
+        Duration::from_secs(3600),
+    );
+    assert_eq!(
+        summary(&h.next().await),
+        vec![
+            "apply Namespace demo",
+            "apply Pod demo/c x",
+            "apply ExternalService demo/api",
+            "synced"
+        ]
+    );
+    // The good service is document 1; each bad version keeps it and breaks document 2.
+    let doc2 = |spec: &str| {
+        format!("{good}---\napiVersion: networking.ambit.dev/v1\nkind: ExternalService\nmetadata: {{name: db, namespace: demo}}\nspec:\n{spec}")
+    };
+    let cases: &[(String, &[&str])] = &[
+        (
+            doc2("  hosts: [\"db..example.com\"]\n  ports: [{number: 5432}]\n"),
+            &["xs.yaml: document 2: spec.hosts[0]: \"db..example.com\" is not a DNS name"],
+        ),
+        (
+            doc2("  hosts: [db.example.com]\n  ports: [{number: 70000}]\n"),
+            &["xs.yaml: document 2: spec.ports[0].number: 70000 is not a port number (1-65535)"],
+        ),
+        (
+            doc2("  hosts: [db.example.com]\n  addresses: [10.1.2.300]\n  ports: [{number: 5432}]\n"),
+            &["xs.yaml: document 2: spec.addresses[0]: \"10.1.2.300\" is not an IP address or CIDR"],
+        ),
+        (
+            doc2("  hosts: [db.example.com]\n  ports: [{number: 5432}]\n  resolution: STATIC\n"),
+            &["xs.yaml: document 2: spec.endpoints: resolution STATIC needs at least one endpoint"],
+        ),
+        (
+            doc2("  hosts: [db.example.com]\n  ports: [{number: 5432}]\n  resolution: MAGIC\n"),
+            &["xs.yaml", "document 2", "spec.resolution: unknown variant `MAGIC`"],
+        ),
+        // A misspelt field, which would otherwise be dropped silently.
+        (
+            doc2("  hosts: [db.example.com]\n  port: [{number: 5432}]\n"),
+            &["xs.yaml", "document 2", "unknown field spec.port"],
+        ),
+    ];
+    for (text, wants) in cases {
+        h.write("xs.yaml", text);
+        let errors = h.errors().await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        for want in *wants {
+            assert!(errors[0].contains(want), "{:?} lacks {want:?}", errors[0]);
+        }
+        // The file's last good objects stay: no delete of demo/api, nothing applied.
+        h.quiet().await;
+        h.write("xs.yaml", good);
+        tokio::time::timeout(Duration::from_secs(10), h.errors.wait_for(|e| e.is_empty()))
+            .await
+            .expect("errors clear")
+            .expect("source");
+        h.quiet().await;
+    }
+    // A bad outbound policy label on a namespace is refused the same way.
+    h.write(
+        "ns.yaml",
+        &NS.replace(
+            "ambient}",
+            "ambient, ambit.dev/outbound-policy: REGISTRY_ONY}",
+        ),
+    );
+    let errors = h.errors().await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("ns.yaml: document 1: metadata.labels[ambit.dev/outbound-policy]: \"REGISTRY_ONY\" is not ALLOW_ANY or REGISTRY_ONLY"),
+        "{errors:?}"
+    );
+    h.quiet().await;
+    // A good STATIC one is taken.
+    h.write(
+        "xs.yaml",
+        &doc2("  hosts: [db.example.com]\n  ports: [{number: 5432, name: pg}]\n  resolution: STATIC\n  endpoints: [{address: 192.0.2.20, ports: {pg: 6432}}]\n"),
+    );
+    assert_eq!(
+        summary(&h.next().await),
+        vec!["apply ExternalService demo/db"]
+    );
+}

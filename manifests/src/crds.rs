@@ -1,5 +1,6 @@
 //! Ambit's CustomResourceDefinitions: `AuthorizationPolicy`, `PeerAuthentication` and
-//! `RequestAuthentication` (security.ambit.dev/v1) and `TrafficPolicy` (traffic.ambit.dev/v1), with structural schemas that make the API server refuse
+//! `RequestAuthentication` (security.ambit.dev/v1), `TrafficPolicy` (traffic.ambit.dev/v1) and
+//! `ExternalService` (networking.ambit.dev/v1), with structural schemas that make the API server refuse
 //! bad objects at admission instead of leaving the controller to discover them.
 //!
 //! Written by hand, field for field after the controller's types (`controller/src/crd/`): a schema
@@ -22,6 +23,10 @@
 //!   has an issuer and exactly one of `jwksUri` (http or https) and `jwks`. That both lists
 //!   are there and that `jwks` parses as a key set is the controller's check (the types keep
 //!   them optional, as Istio's do, and CEL cannot parse JSON).
+//! - An ExternalService's hosts are DNS names (a leading `*.` allowed), its addresses IPs or
+//!   CIDRs, its ports 1..65535 with Istio's protocol names, its resolution NONE/STATIC/DNS, and
+//!   STATIC needs endpoints. That hosts and ports are there, unique, and that endpoints fit
+//!   the resolution is the controller's check, naming the field.
 //! - NOT checked: "L7 fields need targetRefs". The root ARCHITECTURE.md gives such a policy a meaning (ztunnel
 //!   fails closed on it), so rejecting it at admission would change the semantics, not enforce them.
 
@@ -565,6 +570,100 @@ pub fn request_authentication() -> Value {
     )
 }
 
+/// A DNS name as RFC 1123 writes one, optionally with a `*.` prefix (a wildcard).
+const DNS_NAME: &str = "^(\\*\\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
+
+/// A port number 1..65535, as an integer.
+fn port_number(description: &str) -> Value {
+    json!({ "type": "integer", "format": "int64", "minimum": 1, "maximum": 65535,
+            "description": description })
+}
+
+/// `externalservices.networking.ambit.dev`, as JSON.
+pub fn external_service() -> Value {
+    let spec = json!({
+        "type": "object",
+        "description": "A destination outside the mesh declared to it (the fields of Istio's \
+                        ServiceEntry): its workloads may reach it even under a namespace's \
+                        REGISTRY_ONLY outbound policy.",
+        "properties": {
+            "hosts": {
+                "type": "array",
+                "description": "DNS names of the service; at least one (the controller \
+                                refuses an object without, naming the field). A leading \
+                                '*.' wildcard is allowed except with resolution DNS.",
+                "minItems": 1,
+                "items": { "type": "string", "maxLength": 253, "pattern": DNS_NAME },
+            },
+            "addresses": {
+                "description": "IP addresses or CIDRs the service answers on.",
+                "type": "array",
+                "items": ip_blocks()["items"].clone(),
+            },
+            "ports": {
+                "type": "array",
+                "description": "The ports the service listens on; at least one.",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["number"],
+                    "properties": {
+                        "number": port_number("The port number clients dial."),
+                        "name": { "type": "string", "maxLength": 63 },
+                        "protocol": {
+                            "type": "string",
+                            "enum": ["HTTP", "HTTPS", "GRPC", "HTTP2", "TLS", "TCP",
+                                     "http", "https", "grpc", "http2", "tls", "tcp"],
+                        },
+                        "targetPort": port_number("The port the instances listen on, when it differs."),
+                    },
+                },
+            },
+            "resolution": {
+                "type": "string",
+                "enum": ["NONE", "STATIC", "DNS"],
+                "default": "NONE",
+                "description": "NONE: the address the client dialled; STATIC: the endpoints; \
+                                DNS: the hosts (or the endpoints' names) resolved.",
+            },
+            "endpoints": {
+                "type": "array",
+                "description": "The service's instances: IP addresses for STATIC, IPs or \
+                                host names for DNS.",
+                "items": {
+                    "type": "object",
+                    "required": ["address"],
+                    "properties": {
+                        "address": { "type": "string", "minLength": 1, "maxLength": 253 },
+                        "ports": {
+                            "type": "object",
+                            "description": "Instance ports by the service port's name.",
+                            "additionalProperties": port_number("An instance port."),
+                        },
+                    },
+                },
+            },
+        },
+        "x-kubernetes-validations": [{
+            "rule": "!has(self.resolution) || self.resolution != 'STATIC' || (has(self.endpoints) && size(self.endpoints) > 0)",
+            "message": "resolution STATIC needs at least one endpoint",
+        }],
+    });
+    let columns = json!([
+        { "name": "Hosts", "type": "string", "jsonPath": ".spec.hosts" },
+        { "name": "Resolution", "type": "string", "jsonPath": ".spec.resolution" },
+        { "name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp" },
+    ]);
+    crd(
+        "networking.ambit.dev",
+        "ExternalService",
+        "externalservices",
+        "xs",
+        columns,
+        spec,
+    )
+}
+
 /// Every CRD as written here, before they pass through the k8s-openapi type. Tests compare these
 /// with their typed round trip: a field the type does not know (a misspelling) would be dropped
 /// silently by `all`, and the comparison catches it.
@@ -574,6 +673,7 @@ pub fn all_values() -> Vec<Value> {
         peer_authentication(),
         traffic_policy(),
         request_authentication(),
+        external_service(),
     ]
 }
 

@@ -66,6 +66,7 @@ pub fn controller_rules() -> Vec<PolicyRule> {
             READ,
         ),
         rule("traffic.ambit.dev", &["trafficpolicies"], READ),
+        rule("networking.ambit.dev", &["externalservices"], READ),
         // Routing (GAMMA) and waypoint declarations. Harmless where the Gateway API CRDs are absent.
         rule(
             "gateway.networking.k8s.io",

@@ -171,6 +171,13 @@ fn cel_mirror(message: &str) -> Option<fn(&Value) -> bool> {
         "set targetRefs or selector, not both" => {
             |spec| !(has(spec, "targetRefs") && has(spec, "selector"))
         }
+        "resolution STATIC needs at least one endpoint" => |spec| {
+            spec.get("resolution").and_then(Value::as_str) != Some("STATIC")
+                || spec
+                    .get("endpoints")
+                    .and_then(Value::as_array)
+                    .is_some_and(|e| !e.is_empty())
+        },
         "give jwksUri or jwks, exactly one" => |spec| {
             spec.get("jwtRules")
                 .and_then(Value::as_array)
@@ -244,7 +251,7 @@ fn every_cel_rule_has_a_mirror_that_matches_the_fixtures() {
     for crd in &crds {
         cel_messages(&serde_json::to_value(&crd.spec).unwrap(), &mut messages);
     }
-    assert_eq!(messages.len(), 7, "{messages:?}");
+    assert_eq!(messages.len(), 8, "{messages:?}");
     for m in &messages {
         assert!(
             cel_mirror(m).is_some(),
@@ -264,7 +271,7 @@ fn every_cel_rule_has_a_mirror_that_matches_the_fixtures() {
     }
     // ...and each CEL fixture passes the JSON schema but breaks exactly the rule it names.
     let files = yaml_files(&examples().join("invalid-cel"));
-    assert_eq!(files.len(), 6);
+    assert_eq!(files.len(), 7);
     for path in files {
         let (object, expect) = load(&path, "cel");
         let expect = expect.unwrap();

@@ -253,6 +253,7 @@ fn allowed() -> BTreeSet<(String, String, String)> {
         read,
     );
     add("traffic.ambit.dev", &["trafficpolicies"], read);
+    add("networking.ambit.dev", &["externalservices"], read);
     add(
         "gateway.networking.k8s.io",
         &["gateways", "httproutes", "grpcroutes", "gatewayclasses"],

@@ -3,7 +3,8 @@
 //! `ztunnel` per node that learns the pods from it, gets their certificates from it
 //! (`CreateCertificate` with the node's bearer token) and carries their traffic over HBONE;
 //! a PeerAuthentication dropped into the folder reaches the ztunnels and turns plaintext
-//! away. Needs root.
+//! away; the namespace's `ambit.dev/outbound-policy=REGISTRY_ONLY` label then refuses an
+//! address outside the mesh until an ExternalService declares it. Needs root.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -17,12 +18,15 @@ async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identit
 ) -> anyhow::Result<()> {
     let Some(topo) = Topology::client_and_server("zt_ctrl")
         .pod("plain", "n1")
+        .pod("outside", "n2")
         .build_or_skip()
     else {
         return Ok(());
     };
     let (client, srv) = (topo.pod("client").clone(), topo.pod("srv").clone());
     let plain = topo.pod("plain").clone();
+    // In no file: an address the mesh does not know.
+    let outside = topo.pod("outside").clone();
     let (controller_bin, ztunnel_bin) = blocking(|| {
         Ok((
             ambit_tests::workspace_bin("ambit-controller"),
@@ -34,18 +38,18 @@ async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identit
     let objects = dir.join("objects");
     let state_dir = dir.join("state");
     std::fs::create_dir_all(&objects)?;
-    std::fs::write(
-        objects.join("mesh.yaml"),
+    let mesh_yaml = |shop_labels: &str| {
         format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    \
-             ambit.dev/dataplane-mode: ambient\n\
+             ambit.dev/dataplane-mode: ambient\n{shop_labels}\
              ---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n{}{}{}",
             pod_yaml(&client, "shop", "client", "n1"),
             pod_yaml(&srv, "shop", "srv", "n2"),
             // Not enrolled: it speaks plaintext to the mesh.
             pod_yaml(&plain, "legacy", "plain", "n1"),
-        ),
-    )?;
+        )
+    };
+    std::fs::write(objects.join("mesh.yaml"), mesh_yaml(""))?;
     let app = ReplyServer::start(&srv, 8080)?;
 
     let grpc = free_port()?;
@@ -176,6 +180,55 @@ async fn controller_and_ztunnels_as_processes_carry_hbone_with_ca_issued_identit
     );
     let seen = round_trip(&client, app.addr(), b"still-hbone").await?;
     assert_eq!(seen.ip(), IpAddr::from(client.ip));
+
+    // Egress: ALLOW_ANY by default; the namespace label turns the unknown address away
+    // (the workload carries the policy), and an ExternalService declaring it lets it out
+    // (the ztunnels' Hello accepts the kind).
+    let ext = ReplyServer::start(&outside, 8080)?;
+    let seen = round_trip(&client, ext.addr(), b"allow-any").await?;
+    assert_eq!(seen.ip(), IpAddr::from(client.ip));
+    std::fs::write(
+        dir.join("objects").join("mesh.yaml"),
+        mesh_yaml("    ambit.dev/outbound-policy: REGISTRY_ONLY\n"),
+    )?;
+    let to_ext = || {
+        let client = client.clone();
+        let dst = ext.addr();
+        blocking(move || {
+            let Ok(mut s) = ambit_tests::connect_from(&client, dst) else {
+                return Ok(false);
+            };
+            Ok(ambit_tests::read_greeting(&mut s).is_ok())
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while to_ext().await? {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the unknown address still reached {WAIT:?} after REGISTRY_ONLY was set"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    std::fs::write(
+        dir.join("objects").join("external.yaml"),
+        format!(
+            "apiVersion: networking.ambit.dev/v1\nkind: ExternalService\n\
+             metadata: {{name: outside, namespace: shop}}\n\
+             spec: {{hosts: [outside.example], addresses: ['{}'], ports: [{{number: 8080}}]}}\n",
+            outside.ip
+        ),
+    )?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !to_ext().await? {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the declared ExternalService still refused {WAIT:?} after it was written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let seen = round_trip(&client, ext.addr(), b"declared").await?;
+    assert_eq!(seen.ip(), IpAddr::from(client.ip));
+    drop(ext);
 
     for (z, _, _) in zs.iter_mut() {
         let status = z.terminate()?;

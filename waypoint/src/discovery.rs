@@ -212,6 +212,10 @@ fn key_of(r: &pb::Resource) -> Option<(i32, String)> {
             pb::ResourceKind::RequestAuthentication as i32,
             format!("{}/{}", a.namespace, a.name),
         ),
+        Kind::ExternalService(x) => (
+            pb::ResourceKind::ExternalService as i32,
+            format!("{}/{}", x.namespace, x.name),
+        ),
     })
 }
 
@@ -250,6 +254,8 @@ impl Resources {
                 Kind::TrafficPolicy(t) => f.traffic_policies.push(t.try_into()?),
                 // ztunnel's business (inbound plaintext); the waypoint does not ask for it.
                 Kind::PeerAuthentication(_) => {}
+                // ztunnel's business (egress); the waypoint does not ask for it.
+                Kind::ExternalService(_) => {}
                 Kind::RequestAuthentication(a) => f.request_authentications.push(a.try_into()?),
             }
         }

@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::state::external::{ExternalService, OutboundPolicy, Resolution};
 use crate::state::policy::{authorize_observed, ConnectionInfo};
 use crate::state::service::{Endpoint, LoadBalancing, Service};
 use crate::state::workload::{GatewayAddress, TunnelProtocol, Workload, HBONE_PORT};
@@ -74,6 +75,27 @@ pub enum Outbound {
         service: Option<Arc<Service>>,
         workload: Option<Arc<Workload>>,
     },
+    /// A declared external service: plain TCP from the pod to `destination` (the address
+    /// dialled, or one of the service's STATIC endpoints when the client dialled one of its
+    /// `addresses`), allowed under either outbound policy.
+    External {
+        destination: SocketAddr,
+        service: Arc<ExternalService>,
+    },
+    /// A declared external service with resolution DNS, dialled at one of its VIPs: resolve
+    /// `host` (ztunnel's own resolver) and connect to `port` there with plain TCP from the pod.
+    ExternalDns {
+        host: Arc<str>,
+        port: u16,
+        service: Arc<ExternalService>,
+    },
+    /// The source's namespace is `REGISTRY_ONLY` and `destination` is neither a mesh
+    /// address nor a declared external service: close the connection, log and count it.
+    Blocked {
+        destination: SocketAddr,
+        /// Why, for the access log.
+        reason: String,
+    },
     /// Close the connection: the destination cannot be served.
     Refuse(String),
     /// Reset the connection at once: it is addressed to one of ztunnel's own listeners in the
@@ -92,6 +114,11 @@ pub struct Candidate<'a> {
 pub trait Chooser {
     /// Index into `candidates`.
     fn choose(&self, service: &Service, candidates: &[Candidate<'_>]) -> usize;
+
+    /// Index among `n` endpoints of an external service (`n` > 0); the first by default.
+    fn choose_external(&self, _n: usize) -> usize {
+        0
+    }
 }
 
 impl<F: Fn(&Service, &[Candidate<'_>]) -> usize> Chooser for F {
@@ -185,6 +212,14 @@ impl Drop for ConnectionGuard {
 }
 
 impl Chooser for Balancer {
+    fn choose_external(&self, n: usize) -> usize {
+        if n <= 1 {
+            0
+        } else {
+            self.random(n)
+        }
+    }
+
     fn choose(&self, service: &Service, candidates: &[Candidate<'_>]) -> usize {
         let n = candidates.len();
         if n <= 1 {
@@ -330,6 +365,87 @@ fn to_workload(
     }
 }
 
+/// The decision for a connection to external service `x`, dialled at `dst`: the dialled
+/// address, unless the service is STATIC and `dst` is one of its `addresses` rather than an
+/// endpoint, in which case an endpoint (on its own port for `dst`'s port, if it has one).
+fn to_external(x: &Arc<ExternalService>, dst: SocketAddr, chooser: &dyn Chooser) -> Outbound {
+    let is_endpoint = x
+        .endpoints
+        .iter()
+        .any(|e| e.address.parse::<IpAddr>().ok() == Some(dst.ip()));
+    let destination = match x.resolution {
+        Resolution::Static if !is_endpoint && !x.endpoints.is_empty() => {
+            let e = &x.endpoints[chooser
+                .choose_external(x.endpoints.len())
+                .min(x.endpoints.len() - 1)];
+            let port = x.ports.iter().find(|p| p.number == dst.port());
+            let target = port
+                .and_then(|p| e.ports.get(&p.name).copied().or(p.target_port))
+                .unwrap_or(dst.port());
+            match e.address.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, target),
+                // The store keeps STATIC endpoints to IP addresses.
+                Err(_) => dst,
+            }
+        }
+        _ => dst,
+    };
+    Outbound::External {
+        destination,
+        service: x.clone(),
+    }
+}
+
+/// The decision for a connection to one of external service `x`'s allocated VIPs: a STATIC
+/// endpoint, or (DNS) the endpoint's or the VIP's host resolved; NONE has nowhere to go.
+fn to_external_vip(x: &Arc<ExternalService>, dst: SocketAddr, chooser: &dyn Chooser) -> Outbound {
+    let Some(port) = x.ports.iter().find(|p| p.number == dst.port()) else {
+        return Outbound::Refuse(format!(
+            "external service {} does not declare port {}",
+            x.key(),
+            dst.port()
+        ));
+    };
+    let target = port.target_port.unwrap_or(port.number);
+    let endpoint = (!x.endpoints.is_empty()).then(|| {
+        let e = &x.endpoints[chooser
+            .choose_external(x.endpoints.len())
+            .min(x.endpoints.len() - 1)];
+        (e, e.ports.get(&port.name).copied().unwrap_or(target))
+    });
+    let host = x
+        .vips
+        .iter()
+        .find(|v| v.address == dst.ip())
+        .map(|v| v.host.clone());
+    match (x.resolution, endpoint, host) {
+        (Resolution::Static | Resolution::Dns, Some((e, p)), _) => {
+            match e.address.parse::<IpAddr>() {
+                Ok(ip) => Outbound::External {
+                    destination: SocketAddr::new(ip, p),
+                    service: x.clone(),
+                },
+                Err(_) => Outbound::ExternalDns {
+                    host: e.address.clone(),
+                    port: p,
+                    service: x.clone(),
+                },
+            }
+        }
+        (Resolution::Dns, None, Some(host)) => Outbound::ExternalDns {
+            host,
+            port: target,
+            service: x.clone(),
+        },
+        _ => Outbound::Refuse(format!(
+            "external service {} has resolution NONE and no endpoint: its VIP {} leads nowhere \
+             (declare addresses, or use resolution STATIC or DNS)",
+            x.key(),
+            dst.ip()
+        )),
+    }
+}
+
 /// True when `dst` is one of ztunnel's listeners in `source`'s own namespace: loopback, the
 /// unspecified address (which connects locally) or one of the pod's addresses.
 fn is_self_dial(source: &Workload, dst: SocketAddr) -> bool {
@@ -398,6 +514,22 @@ pub fn outbound(
     }
     if let Some(w) = state.workload_by_ip(dst.ip()) {
         return to_workload(state, source, w, dst, None, chooser);
+    }
+    if let Some(x) = state.external_service_by_vip(dst.ip()) {
+        return to_external_vip(x, dst, chooser);
+    }
+    if let Some(x) = state.external_service_for(dst) {
+        return to_external(x, dst, chooser);
+    }
+    if source.outbound_policy == OutboundPolicy::RegistryOnly && !dst.ip().is_loopback() {
+        return Outbound::Blocked {
+            destination: dst,
+            reason: format!(
+                "outbound policy REGISTRY_ONLY of namespace {}: {dst} is neither a mesh \
+                 destination nor a declared ExternalService",
+                source.namespace
+            ),
+        };
     }
     if dst.is_ipv6() && !dst.ip().is_loopback() {
         // IPv6 that cannot be meshed is not let out: an address the mesh does not know may

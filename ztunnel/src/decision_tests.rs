@@ -192,6 +192,16 @@ fn summary(o: &Outbound) -> String {
         } => format!("waypoint {peer} {authority} {expected_identity}"),
         Outbound::Refuse(r) => format!("refuse {r}"),
         Outbound::SelfDial { destination } => format!("self-dial {destination}"),
+        Outbound::External {
+            destination,
+            service,
+        } => format!("external {destination} {}", service.key()),
+        Outbound::Blocked { reason, .. } => format!("blocked {reason}"),
+        Outbound::ExternalDns {
+            host,
+            port,
+            service,
+        } => format!("external-dns {host}:{port} {}", service.key()),
     }
 }
 
@@ -814,6 +824,216 @@ fn inbound_plaintext_follows_peer_authentication() {
         assert!(
             matches!(tunnelled, Inbound::Accept { .. }),
             "case {i}: {tunnelled:?}"
+        );
+    }
+}
+
+/// Egress: what a REGISTRY_ONLY and an ALLOW_ANY pod may reach, and where a declared
+/// external service's connections go.
+#[test]
+fn egress_table() {
+    let mut closed = workload("locked", "c", "default", "node-1", "10.0.1.50");
+    closed.outbound_policy = pb::OutboundPolicy::RegistryOnly as i32;
+    let open = workload("open", "o", "default", "node-1", "10.0.1.51");
+    let server = workload("app", "srv", "default", "node-2", "10.0.2.50");
+    let mut outside = workload("legacy", "out", "default", "node-2", "10.0.4.50");
+    outside.tunnel_protocol = pb::TunnelProtocol::None as i32;
+    let external =
+        |name: &str, cidr: Option<&str>, resolution, endpoints: Vec<pb::ExternalEndpoint>| {
+            pb::Resource {
+                kind: Some(pb::resource::Kind::ExternalService(pb::ExternalService {
+                    name: name.into(),
+                    namespace: "ext".into(),
+                    hosts: vec![format!("{name}.example.com")],
+                    addresses: cidr.into_iter().map(block).collect(),
+                    ports: vec![pb::ExternalPort {
+                        number: 443,
+                        name: "https".into(),
+                        protocol: "HTTPS".into(),
+                        target_port: 0,
+                    }],
+                    resolution: resolution as i32,
+                    endpoints,
+                    vips: Vec::new(),
+                })),
+            }
+        };
+    let push = full(
+        1,
+        vec![
+            res_w(closed),
+            res_w(open),
+            res_w(server),
+            res_w(outside),
+            res_s(service("app", "srv", "10.96.0.50", 80, 8080, &["app/srv"])),
+            external(
+                "api",
+                Some("192.0.2.0/24"),
+                pb::ExternalResolution::None,
+                vec![],
+            ),
+            external(
+                "db",
+                Some("203.0.113.10/32"),
+                pb::ExternalResolution::Static,
+                vec![pb::ExternalEndpoint {
+                    address: "198.51.100.7".into(),
+                    ports: [("https".to_string(), 8443)].into(),
+                }],
+            ),
+        ],
+    );
+    let mut store = Store::new(None);
+    store.apply(push).expect("fixture applies");
+    let s = store.snapshot();
+    let closed = s.workload_by_uid("locked/c").unwrap().clone();
+    let open = s.workload_by_uid("open/o").unwrap().clone();
+    let blocked = |dst: &str| {
+        format!("blocked outbound policy REGISTRY_ONLY of namespace locked: {dst} is neither a mesh destination nor a declared ExternalService")
+    };
+    let cases: Vec<(&str, &Arc<Workload>, &str, String)> = vec![
+        (
+            "unknown, ALLOW_ANY",
+            &open,
+            "8.8.8.8:443",
+            "passthrough 8.8.8.8:443".into(),
+        ),
+        (
+            "unknown, REGISTRY_ONLY",
+            &closed,
+            "8.8.8.8:443",
+            blocked("8.8.8.8:443"),
+        ),
+        (
+            "declared network, REGISTRY_ONLY",
+            &closed,
+            "192.0.2.9:443",
+            "external 192.0.2.9:443 ext/api".into(),
+        ),
+        (
+            "declared network, ALLOW_ANY",
+            &open,
+            "192.0.2.9:443",
+            "external 192.0.2.9:443 ext/api".into(),
+        ),
+        (
+            "declared network, undeclared port",
+            &closed,
+            "192.0.2.9:80",
+            blocked("192.0.2.9:80"),
+        ),
+        (
+            "STATIC: its address goes to an endpoint on the endpoint's port",
+            &closed,
+            "203.0.113.10:443",
+            "external 198.51.100.7:8443 ext/db".into(),
+        ),
+        (
+            "STATIC: an endpoint dialled directly",
+            &closed,
+            "198.51.100.7:8443",
+            "external 198.51.100.7:8443 ext/db".into(),
+        ),
+        (
+            "mesh service, REGISTRY_ONLY",
+            &closed,
+            "10.96.0.50:80",
+            "hbone 10.0.2.50:15008 10.0.2.50:8080 spiffe://cluster.local/ns/app/sa/default svc=srv"
+                .into(),
+        ),
+        (
+            "a known pod outside the mesh is in the registry",
+            &closed,
+            "10.0.4.50:22",
+            "passthrough 10.0.4.50:22".into(),
+        ),
+        (
+            "unknown IPv6, REGISTRY_ONLY names the policy",
+            &closed,
+            "[2001:db8::1]:443",
+            blocked("[2001:db8::1]:443"),
+        ),
+    ];
+    for (name, src, dst, want) in cases {
+        let got = summary(&outbound(&s, src, sa(dst), &first));
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+/// A connection to an external host's allocated VIP goes where the service's resolution says.
+#[test]
+fn external_vips_map_back_to_their_service() {
+    let mut client = workload("locked", "c", "default", "node-1", "10.0.1.50");
+    client.outbound_policy = pb::OutboundPolicy::RegistryOnly as i32;
+    let external = |name: &str,
+                    resolution: pb::ExternalResolution,
+                    endpoint: Option<&str>,
+                    vip: [u8; 4]| pb::Resource {
+        kind: Some(pb::resource::Kind::ExternalService(pb::ExternalService {
+            name: name.into(),
+            namespace: "ext".into(),
+            hosts: vec![format!("{name}.example.com")],
+            ports: vec![pb::ExternalPort {
+                number: 80,
+                name: "http".into(),
+                protocol: "HTTP".into(),
+                target_port: 8080,
+            }],
+            resolution: resolution as i32,
+            endpoints: endpoint
+                .map(|a| pb::ExternalEndpoint {
+                    address: a.into(),
+                    ports: Default::default(),
+                })
+                .into_iter()
+                .collect(),
+            vips: vec![pb::ExternalVip {
+                host: format!("{name}.example.com"),
+                address: vip.to_vec(),
+            }],
+            ..Default::default()
+        })),
+    };
+    let mut store = Store::new(None);
+    store
+        .apply(full(
+            1,
+            vec![
+                res_w(client),
+                external(
+                    "st",
+                    pb::ExternalResolution::Static,
+                    Some("198.51.100.9"),
+                    [240, 240, 0, 1],
+                ),
+                external("dns", pb::ExternalResolution::Dns, None, [240, 240, 0, 2]),
+                external(
+                    "dnsep",
+                    pb::ExternalResolution::Dns,
+                    Some("backend.example.net"),
+                    [240, 240, 0, 3],
+                ),
+                external("none", pb::ExternalResolution::None, None, [240, 240, 0, 4]),
+            ],
+        ))
+        .expect("fixture applies");
+    let s = store.snapshot();
+    let client = s.workload_by_uid("locked/c").unwrap().clone();
+    let cases = [
+        ("240.240.0.1:80", "external 198.51.100.9:8080 ext/st"),
+        ("240.240.0.2:80", "external-dns dns.example.com:8080 ext/dns"),
+        ("240.240.0.3:80", "external-dns backend.example.net:8080 ext/dnsep"),
+        ("240.240.0.1:81", "refuse external service ext/st does not declare port 81"),
+        (
+            "240.240.0.4:80",
+            "refuse external service ext/none has resolution NONE and no endpoint: its VIP 240.240.0.4 leads nowhere (declare addresses, or use resolution STATIC or DNS)",
+        ),
+    ];
+    for (dst, want) in cases {
+        assert_eq!(
+            summary(&outbound(&s, &client, sa(dst), &first)),
+            want,
+            "{dst}"
         );
     }
 }

@@ -136,7 +136,10 @@ impl Subscriber for Ztunnel {
             node: self.node.clone(),
             identity: String::new(),
             gateway: String::new(),
-            accepts: vec![pb::ResourceKind::PeerAuthentication as i32],
+            accepts: vec![
+                pb::ResourceKind::PeerAuthentication as i32,
+                pb::ResourceKind::ExternalService as i32,
+            ],
         }
     }
 

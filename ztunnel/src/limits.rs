@@ -152,6 +152,8 @@ pub enum Refused {
     PodHandshakes,
     /// The node has its cap of handshakes in progress.
     NodeHandshakes,
+    /// The source's outbound policy is REGISTRY_ONLY and the destination is unknown.
+    RegistryOnly,
 }
 
 impl Refused {
@@ -163,6 +165,7 @@ impl Refused {
             Refused::NodeConnections => "node_connections",
             Refused::PodHandshakes => "pod_handshakes",
             Refused::NodeHandshakes => "node_handshakes",
+            Refused::RegistryOnly => "registry_only",
         }
     }
 }

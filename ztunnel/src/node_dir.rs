@@ -391,6 +391,10 @@ fn resource_key(r: &pb::Resource) -> Option<(i32, String)> {
             pb::ResourceKind::RequestAuthentication as i32,
             ns(&x.namespace, &x.name),
         ),
+        Kind::ExternalService(x) => (
+            pb::ResourceKind::ExternalService as i32,
+            ns(&x.namespace, &x.name),
+        ),
     })
 }
 

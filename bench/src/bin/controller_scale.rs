@@ -591,6 +591,10 @@ fn apply(
                 ResourceKind::RequestAuthentication as i32,
                 format!("{}/{}", x.namespace, x.name),
             ),
+            Some(resource::Kind::ExternalService(x)) => (
+                ResourceKind::ExternalService as i32,
+                format!("{}/{}", x.namespace, x.name),
+            ),
             None => continue,
         };
         held.insert(key);

@@ -274,6 +274,46 @@ impl Walk<'_> {
                 ));
                 Ok(())
             }
+            Outbound::External {
+                destination,
+                service,
+            } => {
+                self.steps.push(step(
+                    "outbound",
+                    ztunnel,
+                    Outcome::Passthrough,
+                    format!(
+                        "plain TCP to {destination}: declared ExternalService {}",
+                        service.key()
+                    ),
+                ));
+                Ok(())
+            }
+            Outbound::ExternalDns {
+                host,
+                port,
+                service,
+            } => {
+                self.steps.push(step(
+                    "outbound",
+                    ztunnel,
+                    Outcome::Passthrough,
+                    format!(
+                        "plain TCP to {host}:{port} as ztunnel resolves it: declared ExternalService {}",
+                        service.key()
+                    ),
+                ));
+                Ok(())
+            }
+            Outbound::Blocked { reason, .. } => {
+                self.steps.push(step(
+                    "outbound",
+                    ztunnel,
+                    Outcome::Denied,
+                    format!("refused: {reason}"),
+                ));
+                Ok(())
+            }
             Outbound::Passthrough {
                 destination,
                 reason,

@@ -7,12 +7,14 @@
 //! fields are tolerated: an API server prunes them anyway, and a newer manifest must not
 //! break an older controller.
 
+pub mod external;
 pub mod gateway;
 pub mod peer_auth;
 pub mod request_authn;
 pub mod security;
 pub mod traffic;
 
+pub use external::ExternalService;
 pub use gateway::{Gateway, GrpcRoute, HttpRoute};
 pub use peer_auth::PeerAuthentication;
 pub use request_authn::RequestAuthentication;

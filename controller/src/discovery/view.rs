@@ -7,7 +7,8 @@
 //!   namespaces with a pod on the node, and selector ones a local pod references. Never
 //!   routes or traffic policies: it does not parse HTTP. PeerAuthentications (the mesh's, and
 //!   those of namespaces with a pod on the node) only to a ztunnel whose `Hello` accepts
-//!   them: an older one would NACK every push holding one.
+//!   them: an older one would NACK every push holding one. ExternalServices, every one,
+//!   likewise only when its `Hello` accepts them.
 //! - waypoint: every workload and service, the policies targeting its Gateway or a service
 //!   it fronts, and the routes and traffic policies of those services; the
 //!   RequestAuthentications targeting the same, only when its `Hello` accepts them.
@@ -24,11 +25,12 @@ use crate::model::{Entry, Key, Snapshot};
 /// Who is subscribing, checked from its `Hello`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Proxy {
-    /// The node proxy of one node; `peer_authentication`: its `Hello` accepts
-    /// PeerAuthentication resources.
+    /// The node proxy of one node; `peer_authentication`, `external_services`: its `Hello`
+    /// accepts PeerAuthentication, ExternalService resources.
     Ztunnel {
         node: String,
         peer_authentication: bool,
+        external_services: bool,
     },
     /// A waypoint, by its Gateway's `namespace/name`; `request_authentication`: its
     /// `Hello` accepts RequestAuthentication resources.
@@ -59,6 +61,9 @@ impl TryFrom<&Hello> for Proxy {
                 peer_authentication: hello
                     .accepts
                     .contains(&(ResourceKind::PeerAuthentication as i32)),
+                external_services: hello
+                    .accepts
+                    .contains(&(ResourceKind::ExternalService as i32)),
             }),
             ProxyKind::Waypoint => match hello.gateway.split_once('/') {
                 Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
@@ -86,6 +91,7 @@ pub enum Selection {
         namespaces: BTreeSet<String>,
         referenced: BTreeSet<String>,
         peer_authentication: bool,
+        external_services: bool,
     },
     /// A waypoint: what targets its Gateway or one of the services it fronts.
     Waypoint {
@@ -104,6 +110,7 @@ impl Selection {
             Proxy::Ztunnel {
                 node,
                 peer_authentication,
+                external_services,
             } => {
                 let mut namespaces = BTreeSet::new();
                 let mut referenced = BTreeSet::new();
@@ -125,6 +132,7 @@ impl Selection {
                     namespaces,
                     referenced,
                     peer_authentication: *peer_authentication,
+                    external_services: *external_services,
                 }
             }
             Proxy::Waypoint {
@@ -170,6 +178,14 @@ impl Selection {
                 },
                 Some(resource::Kind::PeerAuthentication(p)),
             ) => p.scope() == PolicyScope::Global || namespaces.contains(&p.namespace),
+            // Every one: any pod may dial any external service (as Istio's default export).
+            (
+                Selection::Ztunnel {
+                    external_services: true,
+                    ..
+                },
+                Some(resource::Kind::ExternalService(_)),
+            ) => true,
             // Never routes or traffic policies: ztunnel does not parse HTTP.
             (Selection::Ztunnel { .. }, _) => false,
             (
@@ -385,6 +401,11 @@ apiVersion: security.ambit.dev/v1
 kind: RequestAuthentication
 metadata: {name: elsewhere, namespace: demo}
 spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: 'https://i/keys'}]}
+---
+apiVersion: networking.ambit.dev/v1
+kind: ExternalService
+metadata: {name: api, namespace: demo}
+spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]}
 "#;
 
     fn snapshot() -> Snapshot {
@@ -429,6 +450,7 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
         let ztunnel = |node: &str| Proxy::Ztunnel {
             node: node.into(),
             peer_authentication: true,
+            external_services: true,
         };
         let waypoint = |gw: &str| Proxy::Waypoint {
             gateway: gw.into(),
@@ -444,6 +466,7 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
                     "PeerAuthentication ambit-system/mesh",
                     "PeerAuthentication demo/ns",
                     "PeerAuthentication demo/sel",
+                    "ExternalService demo/api",
                 ],
             ),
             (
@@ -451,6 +474,7 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
                 vec![
                     "Authorization ambit-system/global",
                     "PeerAuthentication ambit-system/mesh",
+                    "ExternalService demo/api",
                 ],
             ),
             // A ztunnel whose Hello does not accept them (an older one) gets none.
@@ -458,6 +482,7 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
                 Proxy::Ztunnel {
                     node: "n1".into(),
                     peer_authentication: false,
+                    external_services: false,
                 },
                 vec![
                     "Authorization ambit-system/global",
@@ -508,6 +533,7 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
         let proxy = Proxy::Ztunnel {
             node: "n1".into(),
             peer_authentication: true,
+            external_services: true,
         };
         // What the proxy was sent: the fixture plus a global policy that is gone since.
         let mut before = snapshot();
@@ -577,18 +603,24 @@ spec: {targetRefs: [{kind: Service, name: b}], jwtRules: [{issuer: i, jwksUri: '
             Proxy::try_from(&hello(ProxyKind::Ztunnel, "n1", "")),
             Ok(Proxy::Ztunnel {
                 node: "n1".into(),
-                peer_authentication: false
+                peer_authentication: false,
+                external_services: false,
             })
         );
         let newer = Hello {
-            accepts: vec![ResourceKind::PeerAuthentication as i32, 99],
+            accepts: vec![
+                ResourceKind::PeerAuthentication as i32,
+                ResourceKind::ExternalService as i32,
+                99,
+            ],
             ..hello(ProxyKind::Ztunnel, "n1", "")
         };
         assert_eq!(
             Proxy::try_from(&newer),
             Ok(Proxy::Ztunnel {
                 node: "n1".into(),
-                peer_authentication: true
+                peer_authentication: true,
+                external_services: true,
             })
         );
         assert!(Proxy::try_from(&hello(ProxyKind::Ztunnel, "", "")).is_err());

@@ -1,6 +1,7 @@
 //! Derivation of the wire resources from the stored objects: workloads from pods,
 //! services with their endpoints, (via [`super::policy`]) authorizations, routes and
-//! traffic policies, and (via [`super::peer_auth`]) peer authentications.
+//! traffic policies, (via [`super::peer_auth`]) peer authentications, and (via
+//! [`super::external`]) external services and the workloads' outbound policy.
 //!
 //! A pure function of the store and the config, so it is tested with fixtures and no
 //! runtime. Problems are collected, not returned early: one bad object must never stop
@@ -10,8 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ambit_proto::discovery::{
-    resource, Endpoint, GatewayAddress, LoadBalancing, Resource, Service as WireService,
-    ServicePort, TunnelProtocol, Workload,
+    resource, Endpoint, GatewayAddress, LoadBalancing, OutboundPolicy, Resource,
+    Service as WireService, ServicePort, TunnelProtocol, Workload,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -77,12 +78,31 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
             Some((n.metadata.name.as_deref()?, zone.clone()))
         })
         .collect();
+    // Outbound policies by namespace, each label checked once (not once per pod).
+    let mut outbound: HashMap<&str, OutboundPolicy> = HashMap::new();
+    for (name, ns) in &namespaces {
+        let policy =
+            super::external::outbound_policy(ns.metadata.labels.as_ref()).unwrap_or_else(|e| {
+                out.errors.push(ModelError::OutboundPolicyInvalid {
+                    namespace: name.to_string(),
+                    field: e.field,
+                    why: e.why,
+                });
+                // Whoever set the label meant to restrict: fail closed.
+                OutboundPolicy::RegistryOnly
+            });
+        outbound.insert(name, policy);
+    }
     for pod in typed!(store, Pod) {
         if let Some((w, waypoint)) =
             workload(pod, config, &ns_labels, &waypoints, &authz, &mut out.errors)
         {
             let mut w = w;
             w.zone = zones.get(w.node.as_str()).cloned().unwrap_or_default();
+            w.outbound_policy = outbound
+                .get(w.namespace.as_str())
+                .copied()
+                .unwrap_or_default() as i32;
             out.push(resource::Kind::Workload(w), waypoint);
         }
     }
@@ -116,6 +136,9 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
     }
     for a in super::authn::request_authentications(store, config, &mut out.errors) {
         out.push(resource::Kind::RequestAuthentication(a), None);
+    }
+    for x in super::external::external_services(store, &mut out.errors) {
+        out.push(resource::Kind::ExternalService(x), None);
     }
     out
 }
@@ -292,6 +315,8 @@ fn workload<'a>(
         canonical_revision,
         zone: String::new(),
         is_waypoint,
+        // Set from the namespace by `derive`.
+        outbound_policy: OutboundPolicy::AllowAny as i32,
         name,
         namespace,
     };

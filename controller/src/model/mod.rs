@@ -13,6 +13,7 @@
 
 mod authn;
 mod derive;
+mod external;
 mod object;
 mod peer_auth;
 mod policy;
@@ -30,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use authn::check_spec as check_request_authentication;
 pub use derive::{derive, Derived, DerivedResource, GATEWAY_NAME_LABEL};
+pub use external::{outbound_policy, OUTBOUND_POLICY_LABEL};
 pub use object::{Kind, Object, ObjectKey, DEFAULT_NAMESPACE};
 pub use store::Store;
 pub(crate) use store::{typed, typed_in};
@@ -132,6 +134,15 @@ pub enum ModelError {
         waypoint: String,
         why: &'static str,
     },
+    /// A namespace's `ambit.dev/outbound-policy` label is neither `ALLOW_ANY` nor
+    /// `REGISTRY_ONLY`; its workloads get `REGISTRY_ONLY` (whoever set it meant to restrict)
+    /// until it is fixed.
+    #[error("Namespace {namespace}: {field}: {why}; REGISTRY_ONLY is enforced until it is fixed")]
+    OutboundPolicyInvalid {
+        namespace: String,
+        field: String,
+        why: String,
+    },
     /// The model worker has stopped, so events can no longer be delivered.
     #[error("the model has stopped")]
     Closed,
@@ -198,6 +209,10 @@ impl Key {
             resource::Kind::PeerAuthentication(p) => (
                 ResourceKind::PeerAuthentication,
                 format!("{}/{}", p.namespace, p.name),
+            ),
+            resource::Kind::ExternalService(x) => (
+                ResourceKind::ExternalService,
+                format!("{}/{}", x.namespace, x.name),
             ),
             resource::Kind::RequestAuthentication(a) => (
                 ResourceKind::RequestAuthentication,

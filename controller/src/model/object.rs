@@ -10,8 +10,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{
-    AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, PeerAuthentication, RequestAuthentication,
-    TrafficPolicy,
+    AuthorizationPolicy, ExternalService, Gateway, GrpcRoute, HttpRoute, PeerAuthentication,
+    RequestAuthentication, TrafficPolicy,
 };
 
 /// The namespace objects land in when their metadata names none, as in Kubernetes.
@@ -110,6 +110,7 @@ objects! {
     TrafficPolicy(TrafficPolicy) = "traffic.ambit.dev/v1", "TrafficPolicy", namespaced: true;
     PeerAuthentication(PeerAuthentication) = "security.ambit.dev/v1", "PeerAuthentication", namespaced: true;
     RequestAuthentication(RequestAuthentication) = "security.ambit.dev/v1", "RequestAuthentication", namespaced: true;
+    ExternalService(ExternalService) = "networking.ambit.dev/v1", "ExternalService", namespaced: true;
 }
 
 impl fmt::Display for Kind {

@@ -795,3 +795,131 @@ fn request_authentications_go_to_waypoints_and_bad_ones_are_rejected() {
         "{msg}"
     );
 }
+
+#[test]
+fn external_services_and_the_outbound_policy_reach_the_wire() {
+    use ambit_proto::discovery::{ExternalResolution, ExternalService, OutboundPolicy};
+    let xs = |name: &str, spec: &str| {
+        format!("---\napiVersion: networking.ambit.dev/v1\nkind: ExternalService\nmetadata: {{name: {name}, namespace: demo}}\nspec: {spec}\n")
+    };
+    let yaml = ns("demo", "ambit.dev/dataplane-mode: ambient, ambit.dev/outbound-policy: REGISTRY_ONLY")
+        + &ns("open", "ambit.dev/dataplane-mode: ambient")
+        + &pod("demo", "a", "app: a", "10.0.0.1", "n1")
+        + &pod("open", "b", "app: b", "10.0.0.2", "n1")
+        + &xs(
+            "api",
+            "{hosts: [API.example.com], addresses: [192.0.2.0/24], ports: [{number: 443, protocol: https}]}",
+        )
+        + &xs(
+            "db",
+            "{hosts: [db.example.com], ports: [{number: 5432, name: pg, targetPort: 6432}], resolution: STATIC, endpoints: [{address: 192.0.2.20}]}",
+        );
+    let d = derived(&yaml);
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    assert_eq!(
+        workload(&d, "demo/a").outbound_policy(),
+        OutboundPolicy::RegistryOnly
+    );
+    assert_eq!(
+        workload(&d, "open/b").outbound_policy(),
+        OutboundPolicy::AllowAny
+    );
+    let get = |key: &str| -> ExternalService {
+        match d
+            .resources
+            .get(&Key {
+                kind: ResourceKind::ExternalService,
+                name: key.into(),
+            })
+            .and_then(|r| r.resource.kind.clone())
+        {
+            Some(resource::Kind::ExternalService(x)) => x,
+            other => panic!("no external service {key}: {other:?}"),
+        }
+    };
+    let api = get("demo/api");
+    assert_eq!(api.hosts, vec!["api.example.com"]);
+    assert_eq!(
+        (
+            api.addresses[0].address.as_slice(),
+            api.addresses[0].prefix_len
+        ),
+        (&[192u8, 0, 2, 0][..], 24)
+    );
+    assert_eq!(api.ports[0].protocol, "HTTPS");
+    // One IPv4 VIP from 240.240.0.0/16 and one IPv6 from fd00:240:240::/112 per host, at the
+    // same offset.
+    let vips: Vec<(&str, &[u8])> = api
+        .vips
+        .iter()
+        .map(|v| (v.host.as_str(), v.address.as_slice()))
+        .collect();
+    assert_eq!(vips.len(), 2, "{vips:?}");
+    assert!(vips.iter().all(|(h, _)| *h == "api.example.com"));
+    assert_eq!(&vips[0].1[..2], &[240, 240]);
+    assert_eq!(&vips[1].1[..6], &[0xfd, 0x00, 0x02, 0x40, 0x02, 0x40]);
+    assert_eq!(vips[0].1[2..4], vips[1].1[14..16]);
+    assert_eq!(api.resolution(), ExternalResolution::None);
+    let db = get("demo/db");
+    assert_ne!(
+        db.vips[0].address, api.vips[0].address,
+        "two hosts share a VIP"
+    );
+    assert_eq!(db.resolution(), ExternalResolution::Static);
+    assert_eq!(
+        (db.ports[0].target_port, db.endpoints[0].address.as_str()),
+        (6432, "192.0.2.20")
+    );
+
+    // From a source without files (Kubernetes), bad input is reported by the model, naming
+    // the object and field, and the rest still derives; a bad label fails closed.
+    let mut objects: Vec<Object> = parse_file(Path::new("f.yaml"), &yaml)
+        .expect("fixture")
+        .into_iter()
+        .map(|l| l.object)
+        .collect();
+    let mut bad = crate::crd::ExternalService::new(
+        "bad",
+        crate::crd::external::ExternalServiceSpec {
+            hosts: vec!["bad host".into()],
+            ports: vec![crate::crd::external::ExternalPort {
+                number: 80,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    bad.metadata.namespace = Some("demo".into());
+    objects.push(Object::ExternalService(bad));
+    for o in &mut objects {
+        if let Object::Namespace(n) = o {
+            if n.metadata.name.as_deref() == Some("open") {
+                n.metadata
+                    .labels
+                    .get_or_insert_default()
+                    .insert(OUTBOUND_POLICY_LABEL.into(), "registry-only".into());
+            }
+        }
+    }
+    let d = derive(&Store::from_objects(objects), &ModelConfig::default());
+    let mut errors: Vec<String> = d.errors.iter().map(|e| error_chain(e)).collect();
+    errors.sort();
+    assert_eq!(
+        errors,
+        vec![
+            "ExternalService demo/bad rejected: field spec.hosts[0]: \"bad host\" is not a DNS name (letters, digits, '-' and '.')",
+            "Namespace open: metadata.labels[ambit.dev/outbound-policy]: \"registry-only\" is not ALLOW_ANY or REGISTRY_ONLY; REGISTRY_ONLY is enforced until it is fixed",
+        ]
+    );
+    assert_eq!(
+        workload(&d, "open/b").outbound_policy(),
+        OutboundPolicy::RegistryOnly
+    );
+    assert_eq!(
+        d.resources
+            .keys()
+            .filter(|k| k.kind == ResourceKind::ExternalService)
+            .count(),
+        2
+    );
+}

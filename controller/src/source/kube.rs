@@ -31,8 +31,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::crd::{
-    AuthorizationPolicy, Gateway, GrpcRoute, HttpRoute, PeerAuthentication, RequestAuthentication,
-    TrafficPolicy,
+    AuthorizationPolicy, ExternalService, Gateway, GrpcRoute, HttpRoute, PeerAuthentication,
+    RequestAuthentication, TrafficPolicy,
 };
 use crate::model::{Kind, ModelError, Object, ObjectKey, SourceEvent, SourceSink};
 
@@ -111,6 +111,8 @@ pub struct Stores {
     pub peer_authentications: Store<PeerAuthentication>,
     /// Request authentications.
     pub request_authentications: Store<RequestAuthentication>,
+    /// External services (destinations outside the mesh).
+    pub external_services: Store<ExternalService>,
 }
 
 /// The write halves of [`Stores`], consumed when the watchers start.
@@ -128,6 +130,7 @@ struct Writers {
     traffic_policies: Writer<TrafficPolicy>,
     peer_authentications: Writer<PeerAuthentication>,
     request_authentications: Writer<RequestAuthentication>,
+    external_services: Writer<ExternalService>,
 }
 
 fn stores() -> (Stores, Writers) {
@@ -144,6 +147,7 @@ fn stores() -> (Stores, Writers) {
     let (traffic_policies, traffic_policies_w) = reflector::store();
     let (peer_authentications, peer_authentications_w) = reflector::store();
     let (request_authentications, request_authentications_w) = reflector::store();
+    let (external_services, external_services_w) = reflector::store();
     let stores = Stores {
         namespaces,
         nodes,
@@ -158,6 +162,7 @@ fn stores() -> (Stores, Writers) {
         traffic_policies,
         peer_authentications,
         request_authentications,
+        external_services,
     };
     let writers = Writers {
         namespaces: namespaces_w,
@@ -173,6 +178,7 @@ fn stores() -> (Stores, Writers) {
         traffic_policies: traffic_policies_w,
         peer_authentications: peer_authentications_w,
         request_authentications: request_authentications_w,
+        external_services: external_services_w,
     };
     (stores, writers)
 }
@@ -274,6 +280,11 @@ impl KubeSource {
             Kind::RequestAuthentication,
             Object::RequestAuthentication,
             w.request_authentications,
+        );
+        s.kind(
+            Kind::ExternalService,
+            Object::ExternalService,
+            w.external_services,
         );
         let mut tasks = s.tasks;
         let first = tasks.join_next().await;

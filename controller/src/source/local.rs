@@ -309,6 +309,10 @@ pub fn parse_file_limited(
 fn check_object(object: &Object) -> Result<(), crate::crd::peer_auth::InvalidField> {
     match object {
         Object::PeerAuthentication(p) => p.spec.check().map(|_| ()),
+        Object::ExternalService(x) => x.spec.check().map(|_| ()),
+        Object::Namespace(n) => {
+            crate::model::outbound_policy(n.metadata.labels.as_ref()).map(|_| ())
+        }
         Object::RequestAuthentication(ra) => crate::model::check_request_authentication(&ra.spec)
             .map_err(|(field, reason)| crate::crd::peer_auth::InvalidField {
                 field,
@@ -328,6 +332,7 @@ fn unknown_policy_field(input: &serde_yaml::Value, object: &Object) -> Option<St
         Object::TrafficPolicy(p) => serde_json::to_value(&p.spec),
         Object::PeerAuthentication(p) => serde_json::to_value(&p.spec),
         Object::RequestAuthentication(p) => serde_json::to_value(&p.spec),
+        Object::ExternalService(p) => serde_json::to_value(&p.spec),
         _ => return None,
     }
     .ok()?;

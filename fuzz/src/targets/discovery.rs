@@ -280,6 +280,19 @@ fn fields(push: &mut pb::Push) -> Fields<'_> {
                     &mut a.spec_json,
                 ]);
             }
+            Some(Kind::ExternalService(x)) => {
+                f.texts.extend([&mut x.name, &mut x.namespace]);
+                f.texts.extend(x.hosts.iter_mut());
+                for b in &mut x.addresses {
+                    ip_block(b, &mut f);
+                }
+                for p in &mut x.ports {
+                    f.ports.extend([&mut p.number, &mut p.target_port]);
+                }
+                for e in &mut x.endpoints {
+                    f.texts.push(&mut e.address);
+                }
+            }
             None => {}
         }
     }

@@ -239,6 +239,13 @@ pub fn ambit_resources() -> Vec<ResourceType> {
             true,
         ),
         ResourceType::custom(
+            "networking.ambit.dev",
+            "v1",
+            "externalservices",
+            "ExternalService",
+            true,
+        ),
+        ResourceType::custom(
             "traffic.ambit.dev",
             "v1",
             "trafficpolicies",

@@ -9,7 +9,9 @@
 //! any namespace, and a bare `<svc>` only for a service in the pod's own namespace.
 //!
 //! A mesh name is a service with at least one VIP (a headless service has none: its name is
-//! left to the cluster's DNS, which answers with the pods). For it:
+//! left to the cluster's DNS, which answers with the pods), or a host of an ExternalService
+//! the controller allocated VIPs to (matched by its exact name; a wildcard host has none).
+//! For it:
 //! - `A` / `AAAA`: the VIPs of that family, authoritative, TTL [`TTL`]; none of that family
 //!   is NODATA (NOERROR, no answer), never NXDOMAIN: the name exists.
 //! - any other type (SRV, TXT...): forwarded, so the cluster's DNS still answers what it
@@ -31,7 +33,7 @@ use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
-use crate::state::{Service, State};
+use crate::state::State;
 
 /// TTL of the answers for mesh names: short enough that a VIP change reaches clients that
 /// cache within half a minute, long enough that a chatty client does not ask per connection.
@@ -137,7 +139,7 @@ pub fn decide(state: &State, asker: &Asker, query: &[u8]) -> Decision {
     };
     let edns = message.edns.is_some();
     let service = if question.query_class() == DNSClass::IN {
-        mesh_service(state, asker, question)
+        mesh_name(state, asker, question)
     } else {
         None
     };
@@ -147,10 +149,10 @@ pub fn decide(state: &State, asker: &Asker, query: &[u8]) -> Decision {
         _ => None,
     };
     match (service, family) {
-        (Some(svc), Some(v6)) => {
+        (Some(vips), Some(v6)) => {
             let mut response = response_to(&header.metadata, question, edns);
             response.metadata.authoritative = true;
-            for vip in svc.vips.iter().map(|ip| ip.to_canonical()) {
+            for vip in vips.iter().map(|ip| ip.to_canonical()) {
                 let rdata = match vip {
                     IpAddr::V4(v4) if !v6 => RData::A(A(v4)),
                     IpAddr::V6(v6addr) if v6 => RData::AAAA(AAAA(v6addr)),
@@ -245,8 +247,9 @@ pub fn servfail(forward: &Forward) -> Option<Vec<u8>> {
     response.to_vec().ok()
 }
 
-/// The service `question` names, if it is a mesh name (see the module docs).
-fn mesh_service<'s>(state: &'s State, asker: &Asker, question: &Query) -> Option<&'s Service> {
+/// The VIPs of the mesh name `question` asks for: a service's (see the module docs), else
+/// an external host's the controller allocated (by its exact name).
+fn mesh_name<'s>(state: &'s State, asker: &Asker, question: &Query) -> Option<&'s [IpAddr]> {
     let mut labels = Vec::with_capacity(8);
     for label in question.name().iter() {
         // Service hostnames are DNS-1123 labels: anything else cannot be one, and
@@ -267,12 +270,13 @@ fn mesh_service<'s>(state: &'s State, asker: &Asker, question: &Query) -> Option
         [svc] => format!("{svc}.{}.svc.{domain}", asker.namespace),
         [svc, ns] => format!("{svc}.{ns}.svc.{domain}"),
         [svc, ns, svc_label] if svc_label == "svc" => format!("{svc}.{ns}.svc.{domain}"),
-        _ => name,
+        _ => name.clone(),
     };
     state
         .service_by_hostname(&candidate)
-        .map(|s| &**s)
         .filter(|s| !s.vips.is_empty())
+        .map(|s| s.vips.as_slice())
+        .or_else(|| state.external_vips(&name))
 }
 
 /// The query's header, when it has one.

@@ -25,6 +25,32 @@ fn state() -> Arc<State> {
                 res_s(service("other", "db", "10.96.1.10", 5432, 5432, &[])),
                 res_s(dual),
                 res_s(headless),
+                ambit_proto::discovery::Resource {
+                    kind: Some(ambit_proto::discovery::resource::Kind::ExternalService(
+                        ambit_proto::discovery::ExternalService {
+                            name: "api".into(),
+                            namespace: "ext".into(),
+                            hosts: vec!["api.example.com".into(), "*.wild.example".into()],
+                            ports: vec![ambit_proto::discovery::ExternalPort {
+                                number: 443,
+                                ..Default::default()
+                            }],
+                            vips: vec![
+                                ambit_proto::discovery::ExternalVip {
+                                    host: "api.example.com".into(),
+                                    address: vec![240, 240, 1, 2],
+                                },
+                                ambit_proto::discovery::ExternalVip {
+                                    host: "api.example.com".into(),
+                                    address: vec![
+                                        0xfd, 0, 2, 0x40, 2, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2,
+                                    ],
+                                },
+                            ],
+                            ..Default::default()
+                        },
+                    )),
+                },
             ],
         ))
         .expect("fixture state applies");
@@ -272,4 +298,41 @@ fn relayed_answers_are_checked_and_mesh_names_never_nxdomain() {
     let m = Message::from_vec(&servfail(&f).unwrap()).unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     assert_eq!((m.metadata.id, m.queries.len()), (f.id, 1));
+}
+
+#[test]
+fn declared_external_hosts_answer_with_their_allocated_vips() {
+    let s = state();
+    for ns in ["demo", "ext"] {
+        let (m, outcome) = reply(decide(
+            &s,
+            &asker(ns),
+            &query("api.example.com.", RecordType::A),
+        ));
+        assert_eq!(
+            (addresses(&m), outcome),
+            (vec!["240.240.1.2".to_string()], Outcome::Answered)
+        );
+        assert!(m.metadata.authoritative);
+        let (m, _) = reply(decide(
+            &s,
+            &asker(ns),
+            &query("API.example.com.", RecordType::AAAA),
+        ));
+        assert_eq!(addresses(&m), vec!["fd00:240:240::102".to_string()]);
+    }
+    // Search-list expansions of it and undeclared names go upstream; a wildcard has no VIP.
+    for name in [
+        "api.example.com.demo.svc.cluster.local.",
+        "other.example.com.",
+        "x.wild.example.",
+    ] {
+        assert!(
+            matches!(
+                decide(&s, &asker("demo"), &query(name, RecordType::A)),
+                Decision::Forward(_)
+            ),
+            "{name}"
+        );
+    }
 }

@@ -8,10 +8,12 @@
 //!   relaying (the acting side, beside the other proxies).
 //! - [`upstream`]: which resolver a pod's forwarded queries go to.
 //!
-//! Not for: resolving names for ztunnel itself, caching upstream answers (the pod's own
-//! resolver and the cluster's DNS cache), or names of external services (the mesh has no
-//! declared external hosts yet; when it does, [`decision`]'s mesh-name lookup is where they
-//! join the services).
+//! Declared external hosts (ExternalService) are mesh names too: [`decision`] answers them
+//! with the VIPs the controller allocated, which ztunnel's outbound proxy maps back to the
+//! service.
+//!
+//! Not for: resolving names for ztunnel itself, or caching upstream answers (the pod's own
+//! resolver and the cluster's DNS cache).
 
 pub mod decision;
 pub mod upstream;

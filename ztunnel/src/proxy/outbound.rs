@@ -7,6 +7,13 @@
 //! - `Hbone` / `Waypoint`: a `CONNECT` stream on the pod's pool (sockets made in the pod, so
 //!   the tunnel leaves from the pod IP), presenting the pod's certificate and requiring the
 //!   identity the decision expects.
+//! - `External`: a declared ExternalService: plain TCP as for passthrough (to the address
+//!   dialled, or a STATIC endpoint), logged with the service's host.
+//! - `ExternalDns`: an ExternalService of resolution DNS dialled at its VIP: ztunnel resolves
+//!   the host and connects as for `External`.
+//! - `Blocked`: the namespace's outbound policy is REGISTRY_ONLY and the destination is
+//!   unknown: close, log the reason (flag `RBAC`) and count it
+//!   (`ambit_ztunnel_connections_refused{reason="registry_only"}`).
 //! - `Refuse`: close the connection and log why.
 //! - `SelfDial`: the connection is addressed to one of ztunnel's own listeners in the pod
 //!   (e.g. `127.0.0.1:15001`, which is not NATed and so reports itself as its original
@@ -201,41 +208,73 @@ async fn set_up(
         } => {
             tracing::debug!(pod = %pod.name, %destination, reason, "passthrough");
             let report = base(destination, None, None, Protocol::Tcp, None);
-            let dial = tokio::time::timeout(
+            direct(shared, pod, app, report, destination, activity).await
+        }
+        Outbound::External {
+            destination,
+            service,
+        } => {
+            tracing::debug!(pod = %pod.name, %destination, service = %service.key(), "external service");
+            let mut report = base(destination, None, None, Protocol::Tcp, None);
+            // The log line and the metrics name the service by its first host, as a mesh
+            // service is named by its hostname.
+            if let Some(host) = service.hosts.first() {
+                report.service = Some(host.clone());
+                report.labels.destination_service = host.clone();
+                report.labels.destination_service_namespace = service.namespace.clone();
+            }
+            direct(shared, pod, app, report, destination, activity).await
+        }
+        Outbound::ExternalDns {
+            host,
+            port,
+            service,
+        } => {
+            // Resolved by ztunnel (the pod asked the mesh's DNS and got the VIP); the
+            // first address answers, as a client library would try.
+            let resolved = tokio::time::timeout(
                 shared.settings.connect_timeout,
-                pod.capture.sockets().connect(destination),
+                tokio::net::lookup_host((host.to_string(), port)),
             )
             .await;
-            match dial {
-                Ok(Ok(upstream)) => Some(Established {
-                    app,
-                    upstream: Upstream::Plain(upstream),
-                    report,
-                    activity,
-                    _tracked: None,
-                }),
-                Ok(Err(e)) => {
-                    report.refused(
-                        shared,
-                        ResponseFlags::UpstreamConnectionFailure,
-                        error_outcome(&ProxyError::Socket(e)),
-                    );
-                    None
-                }
-                Err(_) => {
-                    report.refused(
-                        shared,
-                        ResponseFlags::Timeout,
-                        Outcome::Error {
-                            error: format!(
-                                "connect to {destination} timed out after {:?}",
-                                shared.settings.connect_timeout
-                            ),
-                        },
-                    );
-                    None
-                }
-            }
+            let first = match resolved {
+                Ok(Ok(mut addrs)) => addrs.next(),
+                _ => None,
+            };
+            let Some(destination) = first else {
+                base(original, None, None, Protocol::Tcp, None).refused(
+                    shared,
+                    ResponseFlags::NoHealthyUpstream,
+                    Outcome::Error {
+                        error: format!(
+                            "external service {}: {host} did not resolve",
+                            service.key()
+                        ),
+                    },
+                );
+                return None;
+            };
+            let mut report = base(destination, None, None, Protocol::Tcp, None);
+            report.service = Some(host.clone());
+            report.labels.destination_service = host;
+            report.labels.destination_service_namespace = service.namespace.clone();
+            direct(shared, pod, app, report, destination, activity).await
+        }
+        Outbound::Blocked {
+            destination,
+            reason,
+        } => {
+            shared
+                .metrics
+                .connection_refused(Refused::RegistryOnly.as_str());
+            base(destination, None, None, Protocol::Tcp, None).refused(
+                shared,
+                ResponseFlags::Denied,
+                Outcome::Refused {
+                    reason: reason.into(),
+                },
+            );
+            None
         }
         Outbound::Hbone {
             peer,
@@ -297,6 +336,53 @@ async fn set_up(
                 ResponseFlags::NoHealthyUpstream,
                 Outcome::Refused {
                     reason: reason.into(),
+                },
+            );
+            None
+        }
+    }
+}
+
+/// Plain TCP from inside the pod (a marked socket, so it is not captured again) to
+/// `destination`; on failure reports it and says `None`.
+async fn direct(
+    shared: &Shared,
+    pod: &PodProxy,
+    app: TcpStream,
+    report: Report,
+    destination: SocketAddr,
+    activity: Activity,
+) -> Option<Established> {
+    let dial = tokio::time::timeout(
+        shared.settings.connect_timeout,
+        pod.capture.sockets().connect(destination),
+    )
+    .await;
+    match dial {
+        Ok(Ok(upstream)) => Some(Established {
+            app,
+            upstream: Upstream::Plain(upstream),
+            report,
+            activity,
+            _tracked: None,
+        }),
+        Ok(Err(e)) => {
+            report.refused(
+                shared,
+                ResponseFlags::UpstreamConnectionFailure,
+                error_outcome(&ProxyError::Socket(e)),
+            );
+            None
+        }
+        Err(_) => {
+            report.refused(
+                shared,
+                ResponseFlags::Timeout,
+                Outcome::Error {
+                    error: format!(
+                        "connect to {destination} timed out after {:?}",
+                        shared.settings.connect_timeout
+                    ),
                 },
             );
             None

@@ -8,6 +8,7 @@
 //!
 //! - [`workload`]: pods (and waypoints) with their identity, addresses and tunnel protocol.
 //! - [`service`]: services with their VIPs, ports and endpoints.
+//! - [`external`]: destinations outside the mesh declared to it, and the outbound policy.
 //! - [`policy`]: which authorization policies apply to a connection, evaluated by the
 //!   shared engine ([`ambit_policy`]) at L4.
 //! - [`store`]: the indexed, atomically updated state, one writer and many cheap readers.
@@ -16,6 +17,7 @@
 //! Everything here is `Serialize` so that the admin endpoint can dump the configuration as
 //! ztunnel sees it.
 
+pub mod external;
 #[cfg(test)]
 pub(crate) mod fixtures;
 pub mod policy;
@@ -31,6 +33,7 @@ pub use ambit_policy::{
     parse_ip_net, Action, MtlsMode, PeerAuthentication, Policy as Authorization,
     Scope as PolicyScope, StringMatch,
 };
+pub use external::{ExternalService, OutboundPolicy};
 pub use policy::{ConnectionInfo, Verdict};
 pub use service::{Endpoint, LoadBalancing, Service, ServicePort};
 pub use store::{ApplyOutcome, LocalWorkloads, State, StateReader, Store, StoreError};

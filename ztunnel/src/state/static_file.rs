@@ -22,6 +22,7 @@
 //!     labels: {app: web}
 //!     authorizationPolicies: [default/allow-api]
 //!     zone: zone-a
+//!     outboundPolicy: REGISTRY_ONLY  # ALLOW_ANY (default) or REGISTRY_ONLY
 //!   - name: waypoint-0
 //!     namespace: default
 //!     serviceAccount: waypoint
@@ -55,6 +56,15 @@
 //!     namespace: default
 //!     selector: {app: web}        # scope WORKLOAD_SELECTOR when a selector is given,
 //!     portLevelMtls: {9090: PERMISSIVE}  # else NAMESPACE (or scope: GLOBAL, the mesh)
+//! externalServices:
+//!   - name: api
+//!     namespace: default
+//!     hosts: [api.example.com]
+//!     addresses: [192.0.2.0/24]
+//!     ports: [{number: 443, name: https, protocol: HTTPS}]
+//!     resolution: STATIC          # NONE (default), STATIC, DNS
+//!     endpoints: [{address: 198.51.100.7, ports: {https: 8443}}]
+//!     vips: [{host: api.example.com, address: 240.240.1.2}]  # as the controller allocates
 //! ```
 //!
 //! `ztunnel/examples/static-state.yaml` is a complete example.
@@ -68,6 +78,7 @@ use ambit_proto::discovery as pb;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use super::external::ExternalService;
 use super::service::Service;
 use super::workload::Workload;
 use super::{ip_to_bytes, ConvertError};
@@ -121,6 +132,8 @@ struct Document {
     policies: Vec<PolicyDoc>,
     #[serde(default)]
     peer_authentications: Vec<PeerAuthDoc>,
+    #[serde(default)]
+    external_services: Vec<ExternalDoc>,
     /// PEM root certificates.
     #[serde(default)]
     trust_roots: Vec<String>,
@@ -156,6 +169,113 @@ struct WorkloadDoc {
     zone: String,
     #[serde(default)]
     is_waypoint: bool,
+    #[serde(default)]
+    outbound_policy: OutboundDoc,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum OutboundDoc {
+    #[default]
+    AllowAny,
+    RegistryOnly,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ExternalDoc {
+    name: String,
+    #[serde(deserialize_with = "k8s_name")]
+    namespace: String,
+    hosts: Vec<String>,
+    #[serde(default, deserialize_with = "cidrs")]
+    addresses: Vec<IpNet>,
+    ports: Vec<ExternalPortDoc>,
+    #[serde(default)]
+    resolution: ResolutionDoc,
+    #[serde(default)]
+    endpoints: Vec<ExternalEndpointDoc>,
+    /// As the controller allocates them.
+    #[serde(default)]
+    vips: Vec<ExternalVipDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ExternalVipDoc {
+    host: String,
+    address: IpAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ExternalPortDoc {
+    number: u32,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    target_port: u32,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+enum ResolutionDoc {
+    #[default]
+    None,
+    Static,
+    Dns,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ExternalEndpointDoc {
+    address: String,
+    #[serde(default)]
+    ports: BTreeMap<String, u32>,
+}
+
+impl From<ExternalDoc> for pb::ExternalService {
+    fn from(x: ExternalDoc) -> Self {
+        pb::ExternalService {
+            name: x.name,
+            namespace: x.namespace,
+            hosts: x.hosts,
+            addresses: blocks(&x.addresses),
+            ports: x
+                .ports
+                .into_iter()
+                .map(|p| pb::ExternalPort {
+                    number: p.number,
+                    name: p.name,
+                    protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
+                    target_port: p.target_port,
+                })
+                .collect(),
+            resolution: match x.resolution {
+                ResolutionDoc::None => pb::ExternalResolution::None,
+                ResolutionDoc::Static => pb::ExternalResolution::Static,
+                ResolutionDoc::Dns => pb::ExternalResolution::Dns,
+            } as i32,
+            endpoints: x
+                .endpoints
+                .into_iter()
+                .map(|e| pb::ExternalEndpoint {
+                    address: e.address,
+                    ports: e.ports.into_iter().collect(),
+                })
+                .collect(),
+            vips: x
+                .vips
+                .into_iter()
+                .map(|v| pb::ExternalVip {
+                    host: v.host,
+                    address: ip_to_bytes(v.address),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -458,6 +578,10 @@ impl From<WorkloadDoc> for pb::Workload {
             canonical_revision: w.canonical_revision,
             zone: w.zone,
             is_waypoint: w.is_waypoint,
+            outbound_policy: match w.outbound_policy {
+                OutboundDoc::AllowAny => pb::OutboundPolicy::AllowAny,
+                OutboundDoc::RegistryOnly => pb::OutboundPolicy::RegistryOnly,
+            } as i32,
         }
     }
 }
@@ -695,6 +819,23 @@ pub fn parse(origin: &str, text: &str, version: u64) -> Result<pb::Push, StaticF
         }
         upserts.push(pb::Resource {
             kind: Some(pb::resource::Kind::PeerAuthentication(p)),
+        });
+    }
+    let mut external_keys = HashSet::new();
+    for (i, x) in doc.external_services.into_iter().enumerate() {
+        let x = pb::ExternalService::from(x);
+        let key = ExternalService::try_from(x.clone())
+            .map_err(invalid(format!("externalServices[{i}]")))?
+            .key();
+        if !external_keys.insert(key.clone()) {
+            return Err(duplicate(
+                format!("externalServices[{i}]"),
+                "external service",
+                key,
+            ));
+        }
+        upserts.push(pb::Resource {
+            kind: Some(pb::resource::Kind::ExternalService(x)),
         });
     }
     Ok(pb::Push {

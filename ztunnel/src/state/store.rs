@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::service::{Service, ServicePort};
 use super::workload::Workload;
-use super::{Authorization, ConvertError, PeerAuthentication, PolicyScope};
+use super::{Authorization, ConvertError, ExternalService, PeerAuthentication, PolicyScope};
 
 /// Why a push was refused (the NACK reason is this error's message).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,6 +53,9 @@ struct Indexes {
     /// Namespace-wide and selector policies, by their namespace.
     namespace_peer_auth: HashMap<Arc<str>, Vec<Arc<PeerAuthentication>>>,
     waypoint_identities: HashSet<Identity>,
+    /// External services by allocated VIP, and their VIPs by host.
+    external_by_vip: HashMap<IpAddr, Arc<ExternalService>>,
+    external_vips_by_host: HashMap<Arc<str>, Vec<IpAddr>>,
 }
 
 /// One immutable version of the mesh as this proxy knows it. `Serialize` is the admin
@@ -70,6 +73,9 @@ pub struct State {
     policies: BTreeMap<Arc<str>, Arc<Authorization>>,
     /// By "namespace/name".
     peer_authentications: BTreeMap<Arc<str>, Arc<PeerAuthentication>>,
+    /// By "namespace/name".
+    #[serde(default)]
+    external_services: BTreeMap<Arc<str>, Arc<ExternalService>>,
     /// PEM roots of the mesh's trust bundle.
     trust_roots: Vec<Arc<str>>,
     #[serde(skip)]
@@ -90,6 +96,8 @@ struct Snapshot {
     #[serde(default)]
     peer_authentications: BTreeMap<Arc<str>, Arc<PeerAuthentication>>,
     #[serde(default)]
+    external_services: BTreeMap<Arc<str>, Arc<ExternalService>>,
+    #[serde(default)]
     trust_roots: Vec<Arc<str>>,
 }
 
@@ -101,6 +109,7 @@ impl From<Snapshot> for State {
             services: s.services,
             policies: s.policies,
             peer_authentications: s.peer_authentications,
+            external_services: s.external_services,
             trust_roots: s.trust_roots,
             idx: Indexes::default(),
         };
@@ -129,6 +138,26 @@ impl State {
 
     pub fn peer_authentications(&self) -> impl Iterator<Item = &Arc<PeerAuthentication>> {
         self.peer_authentications.values()
+    }
+
+    pub fn external_services(&self) -> impl Iterator<Item = &Arc<ExternalService>> {
+        self.external_services.values()
+    }
+
+    /// The external service a connection to `dst` is for (the first by key when several
+    /// declare it; they only differ in name then).
+    pub fn external_service_for(&self, dst: SocketAddr) -> Option<&Arc<ExternalService>> {
+        self.external_services.values().find(|x| x.matches(dst))
+    }
+
+    /// The external service owning allocated VIP `ip`, whatever the port.
+    pub fn external_service_by_vip(&self, ip: IpAddr) -> Option<&Arc<ExternalService>> {
+        self.idx.external_by_vip.get(&ip.to_canonical())
+    }
+
+    /// The VIPs allocated to external host `host` (lower case, no trailing dot).
+    pub fn external_vips(&self, host: &str) -> Option<&[IpAddr]> {
+        self.idx.external_vips_by_host.get(host).map(Vec::as_slice)
     }
 
     pub fn trust_roots(&self) -> &[Arc<str>] {
@@ -284,6 +313,17 @@ impl State {
                     .push(p.clone()),
             }
         }
+        for x in self.external_services.values() {
+            for v in &x.vips {
+                idx.external_by_vip
+                    .entry(v.address)
+                    .or_insert_with(|| x.clone());
+                let vips = idx.external_vips_by_host.entry(v.host.clone()).or_default();
+                if !vips.contains(&v.address) {
+                    vips.push(v.address);
+                }
+            }
+        }
         self.idx = idx;
     }
 }
@@ -301,6 +341,7 @@ pub struct ApplyOutcome {
     pub services: usize,
     pub policies: usize,
     pub peer_authentications: usize,
+    pub external_services: usize,
 }
 
 /// A push converted to domain types, before anything is applied.
@@ -310,6 +351,7 @@ struct Converted {
     services: Vec<Service>,
     policies: Vec<Authorization>,
     peer_authentications: Vec<PeerAuthentication>,
+    external_services: Vec<ExternalService>,
     removals: Vec<(pb::ResourceKind, String)>,
     ignored: usize,
 }
@@ -346,6 +388,11 @@ fn convert(push: pb::Push) -> Result<Converted, ConvertError> {
                 let p = PeerAuthentication::try_from(p)?;
                 check_dup("peer authentication", p.key())?;
                 out.peer_authentications.push(p);
+            }
+            Some(Kind::ExternalService(x)) => {
+                let x = ExternalService::try_from(x)?;
+                check_dup("external service", x.key())?;
+                out.external_services.push(x);
             }
             // The waypoint's business; a controller may send them to everyone.
             Some(Kind::Route(_))
@@ -432,6 +479,7 @@ impl Store {
                 services: current.services.clone(),
                 policies: current.policies.clone(),
                 peer_authentications: current.peer_authentications.clone(),
+                external_services: current.external_services.clone(),
                 trust_roots: current.trust_roots.clone(),
                 idx: Indexes::default(),
             }
@@ -447,7 +495,8 @@ impl Store {
             upserts: conv.workloads.len()
                 + conv.services.len()
                 + conv.policies.len()
-                + conv.peer_authentications.len(),
+                + conv.peer_authentications.len()
+                + conv.external_services.len(),
             removals: 0,
             ignored: conv.ignored,
             ..Default::default()
@@ -463,6 +512,9 @@ impl Store {
                     }
                     pb::ResourceKind::PeerAuthentication => {
                         next.peer_authentications.remove(name.as_str()).is_some()
+                    }
+                    pb::ResourceKind::ExternalService => {
+                        next.external_services.remove(name.as_str()).is_some()
                     }
                     _ => {
                         outcome.ignored += 1;
@@ -485,11 +537,15 @@ impl Store {
             next.peer_authentications
                 .insert(p.key().into(), Arc::new(p));
         }
+        for x in conv.external_services {
+            next.external_services.insert(x.key().into(), Arc::new(x));
+        }
         next.reindex();
         outcome.workloads = next.workloads.len();
         outcome.services = next.services.len();
         outcome.policies = next.policies.len();
         outcome.peer_authentications = next.peer_authentications.len();
+        outcome.external_services = next.external_services.len();
         let local = self
             .node
             .as_deref()

@@ -115,6 +115,9 @@ pub struct Workload {
     pub zone: Option<Arc<str>>,
     /// This workload is a waypoint proxy.
     pub is_waypoint: bool,
+    /// What it may reach outside the mesh (absent from older config dumps: ALLOW_ANY).
+    #[serde(default)]
+    pub outbound_policy: super::OutboundPolicy,
 }
 
 impl Workload {
@@ -252,6 +255,18 @@ impl TryFrom<pb::Workload> for Workload {
             canonical_revision,
             zone: (!w.zone.is_empty()).then(|| w.zone.as_str().into()),
             is_waypoint: w.is_waypoint,
+            outbound_policy: match pb::OutboundPolicy::try_from(w.outbound_policy) {
+                Ok(pb::OutboundPolicy::AllowAny) => super::OutboundPolicy::AllowAny,
+                Ok(pb::OutboundPolicy::RegistryOnly) => super::OutboundPolicy::RegistryOnly,
+                Err(_) => {
+                    return Err(ConvertError::Invalid {
+                        resource: resource(),
+                        field: "outbound_policy".into(),
+                        value: w.outbound_policy.to_string(),
+                        why: "not ALLOW_ANY or REGISTRY_ONLY".into(),
+                    })
+                }
+            },
         })
     }
 }

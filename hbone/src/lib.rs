@@ -9,6 +9,7 @@
 //!   connection and stream, the tunnel stream, and a copy loop.
 //! - [`control`]: the proxies' TLS channel to the controller (gRPC), checking its SPIFFE
 //!   identity against the mesh root.
+//! - [`connect_udp`]: the CONNECT-UDP request (RFC 9298): path template and headers.
 //! - [`capsule`]: UDP datagrams as RFC 9297 capsules inside a CONNECT-UDP stream.
 //! - [`throttle`]: per-cause rate limiting of log lines a peer can trigger at line rate.
 //!
@@ -19,6 +20,7 @@ pub mod ca;
 pub mod capsule;
 pub mod cert;
 pub mod client;
+pub mod connect_udp;
 pub mod control;
 pub mod copy;
 pub mod csr;

@@ -33,6 +33,7 @@ pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
 pub mod registry;
+pub mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -244,6 +245,14 @@ pub fn spawn(
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
     let dns = std::mem::take(&mut listeners.dns);
+    if let Some(socket) = listeners.udp.take() {
+        tasks.spawn(udp::serve_outbound(
+            shared.clone(),
+            pod.clone(),
+            socket,
+            drain.clone(),
+        ));
+    }
     if let Some(dns_pod) = &pod.dns {
         dns::spawn(shared, dns_pod.clone(), dns, drain.clone(), &mut tasks);
     }
@@ -413,7 +422,7 @@ impl Report {
                 &src.identity,
                 &dst.identity,
                 service,
-                protocol == Protocol::Hbone,
+                matches!(protocol, Protocol::Hbone | Protocol::ConnectUdp),
                 ResponseFlags::None,
             ),
             src,
@@ -547,6 +556,23 @@ impl Report {
     }
 
     fn log(self, moved: Transferred, flags: ResponseFlags, outcome: Outcome) {
+        self.log_datagrams(moved, None, flags, outcome)
+    }
+
+    /// The labels' `request_protocol` becomes `udp`: the report is of a UDP flow.
+    pub fn udp(mut self) -> Self {
+        self.labels.request_protocol = crate::metrics::RequestProtocol::Udp;
+        self
+    }
+
+    /// Writes the log line, with datagram counts for a UDP flow.
+    pub(crate) fn log_datagrams(
+        self,
+        moved: Transferred,
+        datagrams: Option<(u64, u64)>,
+        flags: ResponseFlags,
+        outcome: Outcome,
+    ) {
         access_log::log(&ConnectionLog {
             src: self.src,
             dst: self.dst,
@@ -558,6 +584,7 @@ impl Report {
             duration: self.started.elapsed(),
             outcome,
             response_flags: flags,
+            datagrams,
         });
     }
 }

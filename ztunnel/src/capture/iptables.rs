@@ -451,6 +451,14 @@ fn render_rules(
         cfg.inbound_port,
         family.unspecified()
     ));
+    // With UDP capture, ztunnel's own UDP keeps its mark: restoring the TPROXY mark on the
+    // datagrams it sends to the app *as the client* (whose flow the connmark above marks)
+    // would steer them into the UDP capture below as if the client's app had sent them.
+    if family == Family::V4 && !cfg.udp_capture.is_empty() {
+        line(format!(
+            "-A {CHAIN_OUTPUT} -p udp -m mark --mark {mark} -j RETURN"
+        ));
+    }
     // Replies of connections marked above get the mark back, and with it the route to `lo`.
     // Only our mask bits are restored, so other tools' mark bits survive.
     line(format!(
@@ -459,12 +467,9 @@ fn render_rules(
     ));
     // UDP capture: the app's datagrams to the captured networks get the TPROXY mark, which
     // routes them to `lo` (table above) and so to the PREROUTING rule. Not ztunnel's own
-    // (marked) sockets, not replies, and not DNS, which nat OUTPUT sends to the DNS proxy
+    // (marked, returned above), not replies, and not DNS, which nat OUTPUT sends to the DNS proxy
     // (it must stay ahead of this).
     if family == Family::V4 && !cfg.udp_capture.is_empty() {
-        line(format!(
-            "-A {CHAIN_OUTPUT} -p udp -m mark --mark {mark} -j RETURN"
-        ));
         if cfg.dns_port.is_some() {
             line(format!(
                 "-A {CHAIN_OUTPUT} -p udp -m udp --dport 53 -j RETURN"
@@ -1294,6 +1299,12 @@ COMMIT
         let tproxy = at("-A AMBIT_PRERT -i lo -p udp -m mark --mark 0x111/0xfff -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x111/0xfff\n");
         let lo_return = at("-A AMBIT_PRERT -i lo -j RETURN\n");
         let own = at("-A AMBIT_OUTPUT -p udp -m mark --mark 0x539/0xfff -j RETURN\n");
+        let restore =
+            at("-A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark");
+        assert!(
+            own < restore,
+            "ztunnel's UDP must keep its own mark:\n{doc}"
+        );
         let dns = at("-A AMBIT_OUTPUT -p udp -m udp --dport 53 -j RETURN\n");
         let mark16 = at("-A AMBIT_OUTPUT -d 10.80.0.0/16 -p udp -m conntrack --ctdir ORIGINAL -j MARK --set-xmark 0x111/0xfff\n");
         let mark12 = at("-A AMBIT_OUTPUT -d 10.96.0.0/12 -p udp -m conntrack --ctdir ORIGINAL -j MARK --set-xmark 0x111/0xfff\n");

@@ -30,10 +30,13 @@ const DATAGRAMS: usize = 50;
 const MAX_LOSS: usize = 5;
 const ANSWER: Ipv4Addr = Ipv4Addr::new(10, 123, 45, 67);
 
+/// What the server received: (source, payload), in order.
+type Received = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
 /// A UDP server in a pod: echoes `re:<payload>` on ECHO_PORT, answers A queries for any
 /// name with ANSWER on DNS_PORT, and records (source, payload) of what it received.
 struct UdpServer {
-    seen: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    seen: Received,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }

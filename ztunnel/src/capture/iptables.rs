@@ -18,8 +18,11 @@
 //!   connmark when they arrive on `lo`; the app's replies take that mark back and are routed to
 //!   `lo` by the same table, instead of out of the pod towards the real client.
 //! - DNS, when `dns_port` is set: UDP and TCP to port 53 (except to loopback and except
-//!   ztunnel's marked sockets) are REDIRECTed to the DNS proxy's port (15053). Other UDP is
-//!   left alone.
+//!   ztunnel's marked sockets) are REDIRECTed to the DNS proxy's port (15053).
+//! - UDP, when `udp_capture` names networks (IPv4): the app's datagrams to them are marked in
+//!   `mangle OUTPUT`, routed back in through `lo` by the TPROXY table, and TPROXYed in
+//!   `mangle PREROUTING` to `127.0.0.1:<udp_port>` with their destination intact. Other UDP
+//!   is left alone.
 //!
 //! IPv6 gets the same capture ([`render_apply_v6`], applied with `ip6tables-restore` beside the
 //! IPv4 rules and removed with them): the same chains, marks and ports in `ip6tables`'

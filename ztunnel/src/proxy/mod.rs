@@ -8,6 +8,8 @@
 //!   [`decision::inbound`](crate::decision::inbound) and dials the app *as the client*.
 //! - [`inbound_plaintext`] (15006): plain TCP from outside the mesh, TPROXYed; decides with
 //!   [`decision::inbound_plaintext`](crate::decision::inbound_plaintext).
+//! - [`udp`] (15001/udp, with UDP capture): the pod's UDP flows, carried over CONNECT-UDP;
+//!   their inbound side is the HBONE server's ([`inbound`]).
 //!
 //! Every connection is decided first (a plain value from a state snapshot), then served; each
 //! ends with its metrics recorded and exactly one access-log line. [`PodProxy`] is what the

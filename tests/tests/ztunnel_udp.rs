@@ -28,6 +28,10 @@ const DNS_PORT: u16 = 5353;
 const DATAGRAMS: usize = 50;
 /// Loopback-speed netns links lose nothing in practice; the bound still says what UDP may do.
 const MAX_LOSS: usize = 5;
+/// The pods' flow cap in this test: above the flows the test opens on purpose, far below
+/// the flood.
+const FLOW_CAP: usize = 8;
+const FLOOD: usize = 40;
 const ANSWER: Ipv4Addr = Ipv4Addr::new(10, 123, 45, 67);
 
 /// What the server received: (source, payload), in order.
@@ -201,6 +205,7 @@ policies:
             config.rules.udp_capture = capture.clone();
             // Flows end (and are logged) soon after the test stops sending.
             config.limits.udp_idle_timeout = Duration::from_secs(2);
+            config.limits.pod_udp_flows = FLOW_CAP;
         },
     )
     .await?;
@@ -319,6 +324,7 @@ policies:
     let inbound = [
         "\"protocol\":\"connect-udp\"",
         "\"direction\":\"inbound\"",
+        "\"outcome\":\"ok\"",
         &format!("\"dst.addr\":\"{echo}\""),
     ];
     eventually("the server side's access-log line", || {
@@ -328,6 +334,17 @@ policies:
     let line = &access_lines(&log, &inbound)[0];
     assert_eq!(
         line["src.identity"], "spiffe://cluster.local/ns/app/sa/client",
+        "{line}"
+    );
+    assert_eq!(line["datagrams_received"], DATAGRAMS as u64, "{line}");
+    // The denied flow's refusal, on the server's side, names the policy.
+    let refused = [
+        "\"direction\":\"inbound\"",
+        "\"src.identity\":\"spiffe://cluster.local/ns/bad/sa/bad\"",
+    ];
+    let line = &access_lines(&log, &refused)[0];
+    assert_eq!(
+        line["reason"], "403: denied by srv/deny-bad (rule 0)",
         "{line}"
     );
     let denied = [
@@ -363,6 +380,53 @@ policies:
     assert!(
         received >= ((DATAGRAMS - MAX_LOSS) * "UDP-SECRET-000".len()) as u64,
         "n2 counted {received} bytes"
+    );
+
+    // A flood of flows (a new source port per datagram) is held to the pod's cap: the
+    // datagrams past it are dropped and counted, and once the flood's flows go idle the pod
+    // opens flows again.
+    let before: std::collections::HashSet<SocketAddr> =
+        srv.seen().iter().map(|(f, _)| *f).collect();
+    {
+        let client = client.clone();
+        blocking(move || {
+            for i in 0..FLOOD {
+                let socket = pod_socket(&client, echo)?;
+                socket.send(format!("FLOOD-{i:03}").as_bytes())?;
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    let refused = || {
+        metric(
+            mesh.app("n1"),
+            "ambit_ztunnel_connections_refused_total",
+            &[("reason", "pod_udp_flows")],
+        )
+    };
+    eventually("flows over the cap refused", || {
+        refused() as usize >= FLOOD - FLOW_CAP
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let flood_flows = srv
+        .seen()
+        .iter()
+        .filter(|(from, p)| p.starts_with(b"FLOOD") && !before.contains(from))
+        .count();
+    assert!(
+        flood_flows <= FLOW_CAP,
+        "{flood_flows} flood flows reached the server past a cap of {FLOW_CAP}"
+    );
+    assert!(flood_flows >= 1, "no flood flow got through at all");
+    // The flood's flows idle out (2 s); a new flow is served again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let replies = send_numbered(client, echo, "AFTER").await?;
+    assert!(
+        replies.len() + MAX_LOSS >= DATAGRAMS,
+        "after the flood: {} replies",
+        replies.len()
     );
 
     drop(srv);

@@ -32,6 +32,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -52,7 +54,7 @@ use crate::access_log::{Direction, Outcome, Peer, Protocol};
 use crate::capture::sockets;
 use crate::decision::{self, Outbound};
 use crate::drain::DrainWatcher;
-use crate::limits::{ConnectionPermit, Refused};
+use crate::limits::{Activity, ConnectionPermit, Refused};
 use crate::metrics::{Metrics, Reporter, ResponseFlags};
 use crate::peer::PeerIdentity;
 
@@ -440,6 +442,10 @@ async fn next_queued(queued: &mut Option<&mut mpsc::Receiver<Bytes>>) -> Bytes {
 /// Relays between a local UDP socket (connected to the app) and a CONNECT-UDP stream until
 /// the flow ends: datagrams from the socket (and from `queued`, the capture socket's share
 /// of the flow) go out as DATAGRAM capsules; capsules from the stream go to the socket.
+///
+/// The two directions run side by side, so a stream whose send window is full (the peer
+/// reads slowly) never stops this side from reading the peer's datagrams: two ztunnels both
+/// waiting to write to each other would otherwise wait forever.
 pub(crate) async fn relay_stream(
     socket: &UdpSocket,
     stream: TunnelStream,
@@ -449,68 +455,92 @@ pub(crate) async fn relay_stream(
     counts: &mut FlowCounts,
 ) -> FlowEnd {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut decoder = Decoder::new();
-    let mut from_socket = vec![0u8; DATAGRAM_BUFFER];
-    let mut from_stream = vec![0u8; DATAGRAM_BUFFER];
-    let mut out = BytesMut::new();
-    tokio::pin!(stop);
-    let deadline = tokio::time::sleep(idle);
-    tokio::pin!(deadline);
-    loop {
-        let up: Option<Bytes> = tokio::select! {
-            end = &mut stop => return end,
-            () = &mut deadline => {
-                let _ = wr.shutdown().await;
-                return FlowEnd::Idle;
+    // The two directions share these (atomics only because the futures must be `Send`;
+    // they run on one task).
+    let activity = Activity::new();
+    let [up_n, up_bytes, down_n, down_bytes, down_dropped] =
+        std::array::from_fn::<_, 5, _>(|_| AtomicU64::new(0));
+    let add = |counter: &AtomicU64, n: u64| counter.fetch_add(n, Relaxed);
+    let up = async {
+        let mut from_socket = vec![0u8; DATAGRAM_BUFFER];
+        let mut out = BytesMut::new();
+        let mut dropped = 0u64;
+        loop {
+            let d: Bytes = tokio::select! {
+                got = socket.recv(&mut from_socket) => match got {
+                    Ok(n) => Bytes::copy_from_slice(&from_socket[..n]),
+                    Err(e) if transient(&e) => {
+                        dropped += 1;
+                        continue;
+                    }
+                    Err(e) => return (FlowEnd::Failed(format!("UDP receive: {e}")), dropped),
+                },
+                d = next_queued(&mut queued) => d,
+            };
+            activity.touch();
+            out.clear();
+            capsule::put_datagram(&d, &mut out);
+            if let Err(e) = wr.write_all(&out).await {
+                return (FlowEnd::Failed(format!("HBONE stream: {e}")), dropped);
             }
-            got = socket.recv(&mut from_socket) => match got {
-                Ok(n) => Some(Bytes::copy_from_slice(&from_socket[..n])),
-                Err(e) if transient(&e) => {
-                    counts.dropped += 1;
-                    None
-                }
-                Err(e) => return FlowEnd::Failed(format!("UDP receive: {e}")),
-            },
-            d = next_queued(&mut queued) => Some(d),
-            read = rd.read(&mut from_stream) => match read {
+            add(&up_n, 1);
+            add(&up_bytes, d.len() as u64);
+        }
+    };
+    let down = async {
+        let mut decoder = Decoder::new();
+        let mut from_stream = vec![0u8; DATAGRAM_BUFFER];
+        loop {
+            let n = match rd.read(&mut from_stream).await {
                 Ok(0) => {
                     return match decoder.finish() {
                         Ok(()) => FlowEnd::Closed,
                         Err(e) => FlowEnd::Failed(e.to_string()),
                     }
                 }
-                Ok(n) => {
-                    decoder.push(&from_stream[..n]);
-                    loop {
-                        match decoder.next_datagram() {
-                            Ok(Some(d)) => match socket.send(&d).await {
-                                Ok(_) => {
-                                    counts.to_socket.0 += 1;
-                                    counts.to_socket.1 += d.len() as u64;
-                                }
-                                Err(e) if transient(&e) => counts.dropped += 1,
-                                Err(e) => return FlowEnd::Failed(format!("UDP send: {e}")),
-                            },
-                            Ok(None) => break,
-                            Err(e) => return FlowEnd::Failed(e.to_string()),
-                        }
-                    }
-                    None
-                }
+                Ok(n) => n,
                 Err(e) => return FlowEnd::Failed(format!("HBONE stream: {e}")),
-            },
-        };
-        if let Some(d) = up {
-            out.clear();
-            capsule::put_datagram(&d, &mut out);
-            if let Err(e) = wr.write_all(&out).await {
-                return FlowEnd::Failed(format!("HBONE stream: {e}"));
+            };
+            activity.touch();
+            decoder.push(&from_stream[..n]);
+            loop {
+                let d = match decoder.next_datagram() {
+                    Ok(Some(d)) => d,
+                    Ok(None) => break,
+                    Err(e) => return FlowEnd::Failed(e.to_string()),
+                };
+                match socket.send(&d).await {
+                    Ok(_) => {
+                        add(&down_n, 1);
+                        add(&down_bytes, d.len() as u64);
+                    }
+                    Err(e) if transient(&e) => {
+                        add(&down_dropped, 1);
+                    }
+                    Err(e) => return FlowEnd::Failed(format!("UDP send: {e}")),
+                }
             }
-            counts.from_socket.0 += 1;
-            counts.from_socket.1 += d.len() as u64;
         }
-        deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+    };
+    let mut up_dropped = 0;
+    let end = tokio::select! {
+        end = stop => end,
+        (end, dropped) = up => {
+            up_dropped = dropped;
+            end
+        }
+        end = down => end,
+        _ = activity.expired(idle, Some(idle)) => FlowEnd::Idle,
+    };
+    if matches!(end, FlowEnd::Idle | FlowEnd::Closed | FlowEnd::Drained) {
+        // A clean end is END_STREAM, which the peer reads as the flow's end; dropping the
+        // stream open would reset it, which says "failed".
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     }
+    counts.from_socket = (up_n.load(Relaxed), up_bytes.load(Relaxed));
+    counts.to_socket = (down_n.load(Relaxed), down_bytes.load(Relaxed));
+    counts.dropped += up_dropped + down_dropped.load(Relaxed);
+    end
 }
 
 /// Relays a passthrough flow between the socket that answers the app (`local`) and the one

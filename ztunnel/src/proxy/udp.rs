@@ -533,9 +533,22 @@ pub(crate) async fn relay_stream(
         _ = activity.expired(idle, Some(idle)) => FlowEnd::Idle,
     };
     if matches!(end, FlowEnd::Idle | FlowEnd::Closed | FlowEnd::Drained) {
-        // A clean end is END_STREAM, which the peer reads as the flow's end; dropping the
-        // stream open would reset it, which says "failed".
-        let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+        // A clean end is END_STREAM both ways, which each side reads as the flow's end:
+        // dropping the stream while a direction is open would reset it, and the peer would
+        // log a failure. So: END_STREAM, then (unless the peer ended first) wait briefly for
+        // the peer's, which it sends when it reads ours; what arrives meanwhile is dropped.
+        let closing = async {
+            let _ = wr.shutdown().await;
+            if !matches!(end, FlowEnd::Closed) {
+                let mut sink = [0u8; 4096];
+                while let Ok(n) = rd.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
     }
     counts.from_socket = (up_n.load(Relaxed), up_bytes.load(Relaxed));
     counts.to_socket = (down_n.load(Relaxed), down_bytes.load(Relaxed));

@@ -19,6 +19,7 @@ use std::time::Duration;
 use ambit_testing::*;
 use ambit_tests::ztunnel::*;
 use ambit_tests::{in_netns, Pod, Topology};
+use ambit_ztunnel::dns::DnsSettings;
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -32,6 +33,8 @@ const MAX_LOSS: usize = 5;
 /// the flood.
 const FLOW_CAP: usize = 8;
 const FLOOD: usize = 40;
+/// The service VIP the DNS proxy answers for `echo.srv.svc.cluster.local`.
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 77, 1);
 const ANSWER: Ipv4Addr = Ipv4Addr::new(10, 123, 45, 67);
 
 /// What the server received: (source, payload), in order.
@@ -183,6 +186,11 @@ async fn udp_between_pods_is_carried_over_connect_udp_and_governed_by_policy() -
     let (client, bad, server) = (topo.pod("client"), topo.pod("bad"), topo.pod("server"));
     let state = format!(
         "workloads:\n{}{}{}\
+services:
+  - name: echo
+    namespace: srv
+    vips: [{VIP}]
+    ports: [{{port: 7000, targetPort: 7000}}]
 policies:
   - name: deny-bad
     namespace: srv
@@ -206,6 +214,8 @@ policies:
             // Flows end (and are logged) soon after the test stops sending.
             config.limits.udp_idle_timeout = Duration::from_secs(2);
             config.limits.pod_udp_flows = FLOW_CAP;
+            // The DNS proxy on, to show that port 53 still reaches it under UDP capture.
+            config.dns = DnsSettings::default();
         },
     )
     .await?;
@@ -290,6 +300,37 @@ policies:
         })
         .collect();
     assert_eq!(addrs, [ANSWER]);
+
+    // DNS to port 53 of a captured address is the DNS proxy's, not a UDP flow (nothing
+    // listens on the server's port 53): ztunnel answers the service's VIP.
+    let answer = {
+        let client = client.clone();
+        let port53 = SocketAddr::new(server.ip.into(), 53);
+        blocking(move || {
+            let socket = pod_socket(&client, port53)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut m = Message::query();
+            m.metadata.id = 5353;
+            m.add_query(Query::query(
+                Name::from_ascii("echo.srv.svc.cluster.local.")?,
+                RecordType::A,
+            ));
+            socket.send(&m.to_vec()?)?;
+            let mut buf = [0u8; 1500];
+            let n = socket.recv(&mut buf)?;
+            Ok(Message::from_vec(&buf[..n])?)
+        })
+        .await?
+    };
+    let addrs: Vec<_> = answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(addrs, [VIP], "{answer:?}");
 
     // DENY by the client's identity: nothing reaches the server, nothing comes back.
     let before = srv.seen().len();

@@ -19,6 +19,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
+use crate::connect_udp::{self, TunnelProtocol};
 use crate::server::{BufferedTcp, H2Settings, TLS_READ_BUFFER};
 use crate::stream::{Guard, TunnelStream};
 use crate::tls::ALPN_H2;
@@ -145,6 +146,10 @@ pub enum ConnectError {
     /// The destination cannot be written as a `CONNECT` authority (e.g. an IPv6 scope id).
     #[error("{authority} cannot be sent as a CONNECT authority")]
     InvalidAuthority { authority: SocketAddr },
+    /// A UDP tunnel was asked of a peer whose SETTINGS do not enable extended `CONNECT`
+    /// (RFC 8441), so it cannot take CONNECT-UDP.
+    #[error("HBONE peer {peer} does not accept CONNECT-UDP (no SETTINGS_ENABLE_CONNECT_PROTOCOL)")]
+    UdpUnsupported { peer: SocketAddr },
     /// A step did not finish in time.
     #[error("{phase} with HBONE peer {peer} timed out after {after:?}")]
     Timeout {
@@ -369,11 +374,13 @@ pub(crate) enum Attempt {
     Fail(ConnectError),
 }
 
-/// Sends the `CONNECT` on a connection and waits for the answer. `mark_dead` is called
-/// when the connection turned out to be unusable; `guard` lives as long as the tunnel.
+/// Sends the `CONNECT` (or, for UDP, the CONNECT-UDP) on a connection and waits for the
+/// answer. `mark_dead` is called when the connection turned out to be unusable; `guard`
+/// lives as long as the tunnel.
 pub(crate) async fn open_stream(
     send: SendRequest<Bytes>,
     target: &ConnectTarget,
+    protocol: TunnelProtocol,
     response_timeout: Duration,
     mark_dead: &(dyn Fn() + Sync),
     guard: Guard,
@@ -403,16 +410,41 @@ pub(crate) async fn open_stream(
 
     let mut request = Request::new(());
     *request.method_mut() = Method::CONNECT;
-    *request.uri_mut() = match http::uri::Authority::try_from(target.authority.to_string()) {
-        Ok(authority) => http::Uri::from(authority),
+    let uri = match protocol {
+        TunnelProtocol::Tcp => http::uri::Authority::try_from(target.authority.to_string())
+            .ok()
+            .map(http::Uri::from),
+        // Extended CONNECT (RFC 8441) carries a scheme and a path; the target is in the path.
+        TunnelProtocol::Udp => http::Uri::builder()
+            .scheme("https")
+            .authority(target.authority.to_string())
+            .path_and_query(connect_udp::path(target.authority))
+            .build()
+            .ok(),
+    };
+    *request.uri_mut() = match uri {
+        Some(uri) => uri,
         // A SocketAddr always prints as a valid authority; kept total rather than unwrapped.
-        Err(_) => {
+        None => {
             return Attempt::Fail(ConnectError::InvalidAuthority {
                 authority: target.authority,
             })
         }
     };
     *request.headers_mut() = target.headers.clone();
+    if protocol == TunnelProtocol::Udp {
+        // The peer's SETTINGS have been applied (see `establish`), so this is its answer.
+        if !send.is_extended_connect_protocol_enabled() {
+            return Attempt::Fail(ConnectError::UdpUnsupported { peer });
+        }
+        request
+            .extensions_mut()
+            .insert(h2::ext::Protocol::from_static(connect_udp::PROTOCOL));
+        request.headers_mut().insert(
+            connect_udp::CAPSULE_PROTOCOL,
+            connect_udp::CAPSULE_PROTOCOL_TRUE,
+        );
+    }
 
     let (response, send_stream) = match send.send_request(request, false) {
         Ok(sent) => sent,

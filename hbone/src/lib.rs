@@ -9,14 +9,18 @@
 //!   connection and stream, the tunnel stream, and a copy loop.
 //! - [`control`]: the proxies' TLS channel to the controller (gRPC), checking its SPIFFE
 //!   identity against the mesh root.
+//! - [`connect_udp`]: the CONNECT-UDP request (RFC 9298): path template and headers.
+//! - [`capsule`]: UDP datagrams as RFC 9297 capsules inside a CONNECT-UDP stream.
 //! - [`throttle`]: per-cause rate limiting of log lines a peer can trigger at line rate.
 //!
 //! This crate knows nothing of Kubernetes, discovery or policy: callers decide who may
 //! talk to whom; this crate proves who is talking and carries the bytes.
 
 pub mod ca;
+pub mod capsule;
 pub mod cert;
 pub mod client;
+pub mod connect_udp;
 pub mod control;
 pub mod copy;
 pub mod csr;

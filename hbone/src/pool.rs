@@ -35,6 +35,7 @@ use crate::client::{
     self, open_stream, Attempt, ClientConnection, ConnectError, ConnectTarget, ConnectionSettings,
     DefaultSocketFactory, Established, SocketFactory,
 };
+use crate::connect_udp::TunnelProtocol;
 use crate::server::{keepalive_failed, H2Settings, Keepalive};
 use crate::stream::TunnelStream;
 use crate::Identity;
@@ -244,13 +245,29 @@ impl Pool {
     /// Opens a tunnel to `target.authority` through `target.peer`, reusing a pooled
     /// connection for the same (source, peer, expected identity) when one has room.
     pub async fn connect(&self, target: ConnectTarget) -> Result<TunnelStream, ConnectError> {
+        self.open(target, TunnelProtocol::Tcp).await
+    }
+
+    /// Opens a CONNECT-UDP tunnel to `target.authority` (RFC 9298), in the same pooled
+    /// connections as TCP tunnels; the stream then carries DATAGRAM capsules
+    /// ([`crate::capsule`]). Fails with [`ConnectError::UdpUnsupported`] when the peer does
+    /// not enable extended `CONNECT`.
+    pub async fn connect_udp(&self, target: ConnectTarget) -> Result<TunnelStream, ConnectError> {
+        self.open(target, TunnelProtocol::Udp).await
+    }
+
+    async fn open(
+        &self,
+        target: ConnectTarget,
+        protocol: TunnelProtocol,
+    ) -> Result<TunnelStream, ConnectError> {
         let key = Key {
             source: target.source.clone(),
             peer: target.peer,
             expected: target.expected_identity.clone(),
         };
         let entry = self.entry(&key);
-        let result = self.connect_with(&key, &entry, &target).await;
+        let result = self.connect_with(&key, &entry, &target, protocol).await;
         if result.is_err() {
             // A key whose every attempt failed has no connection whose driver would ever
             // remove it; do it here so unreachable peers do not accumulate.
@@ -265,6 +282,7 @@ impl Pool {
         key: &Key,
         entry: &Arc<Entry>,
         target: &ConnectTarget,
+        protocol: TunnelProtocol,
     ) -> Result<TunnelStream, ConnectError> {
         let mut retried = false;
         loop {
@@ -273,6 +291,7 @@ impl Pool {
             let attempt = open_stream(
                 conn.send.clone(),
                 target,
+                protocol,
                 self.inner.config.response_timeout,
                 &|| conn.mark_dead(),
                 Box::new(slot),

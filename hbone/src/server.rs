@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::connect_udp::{self, TunnelProtocol};
 use crate::stream::TunnelStream;
 use crate::throttle::LogThrottle;
 use crate::tls::{self, ALPN_H2};
@@ -140,8 +141,11 @@ pub struct ConnectRequest {
     pub peer_addr: SocketAddr,
     /// The local address the connection was accepted on.
     pub local_addr: SocketAddr,
-    /// The tunnel's destination, from `:authority`.
+    /// The tunnel's destination: `:authority` for TCP, the path's target for CONNECT-UDP
+    /// (which must agree with `:authority`).
     pub authority: SocketAddr,
+    /// What the tunnel carries.
+    pub protocol: TunnelProtocol,
     /// The request headers (pseudo-headers excluded).
     pub headers: HeaderMap,
 }
@@ -164,6 +168,9 @@ pub enum Refusal {
     /// The method is not `CONNECT` (405).
     #[error("method not allowed: {0}")]
     MethodNotAllowed(String),
+    /// An extended `CONNECT` for a protocol this server does not carry (501).
+    #[error("not implemented: {0}")]
+    NotImplemented(String),
 }
 
 impl Refusal {
@@ -175,6 +182,7 @@ impl Refusal {
             Refusal::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -186,6 +194,7 @@ impl Refusal {
             Refusal::Unreachable(_) => "connect_503",
             Refusal::BadRequest(_) => "connect_400",
             Refusal::MethodNotAllowed(_) => "connect_405",
+            Refusal::NotImplemented(_) => "connect_501",
         }
     }
 }
@@ -220,6 +229,13 @@ pub trait Handler: Send + Sync + 'static {
         accepted: Self::Accepted,
         stream: TunnelStream,
     ) -> impl Future<Output = ()> + Send;
+
+    /// Whether this handler carries UDP (CONNECT-UDP, [`TunnelProtocol::Udp`]). Only then
+    /// does the server enable extended `CONNECT` (RFC 8441) in its SETTINGS; otherwise a
+    /// CONNECT-UDP gets 501. Default: TCP only.
+    fn carries_udp(&self) -> bool {
+        false
+    }
 
     /// Called for every accepted TCP connection before anything is read from it. `None`
     /// refuses it: the server resets it at once. The handler counts and logs its refusals
@@ -664,6 +680,9 @@ impl<C: ServerConfigSource, H: Handler> Connection<C, H> {
             .max_send_buffer_size(h2.max_send_buffer)
             .max_concurrent_streams(self.settings.max_concurrent_streams)
             .max_local_error_reset_streams(Some(MAX_PEER_STREAM_ERRORS));
+        if self.handler.carries_udp() {
+            builder.enable_connect_protocol();
+        }
         builder
     }
 }
@@ -688,13 +707,26 @@ struct StreamContext<H> {
 impl<H: Handler> StreamContext<H> {
     async fn handle(self, request: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
         let (parts, body) = request.into_parts();
-        let decision = match check_request(&parts.method, &parts.uri) {
-            Ok(authority) => {
+        let checked = check_request(&parts.method, &parts.uri).and_then(|authority| {
+            let protocol = parts.extensions.get::<h2::ext::Protocol>();
+            check_protocol(
+                protocol,
+                &parts.uri,
+                &parts.headers,
+                self.handler.carries_udp(),
+            )
+            .map(|(authority_or_target, protocol)| {
+                (authority_or_target.unwrap_or(authority), protocol)
+            })
+        });
+        let decision = match checked {
+            Ok((authority, protocol)) => {
                 let request = ConnectRequest {
                     peer_identity: self.peer_identity.clone(),
                     peer_addr: self.peer_addr,
                     local_addr: self.local_addr,
                     authority,
+                    protocol,
                     headers: parts.headers,
                 };
                 self.handler.accept(&request).await.map(|a| (a, request))
@@ -720,7 +752,15 @@ impl<H: Handler> StreamContext<H> {
                 return;
             }
         };
-        let send = match respond.send_response(status_response(StatusCode::OK), false) {
+        let mut ok = status_response(StatusCode::OK);
+        if request.protocol == TunnelProtocol::Udp {
+            // RFC 9298 section 3.3: the response announces the capsule protocol too.
+            ok.headers_mut().insert(
+                connect_udp::CAPSULE_PROTOCOL,
+                connect_udp::CAPSULE_PROTOCOL_TRUE,
+            );
+        }
+        let send = match respond.send_response(ok, false) {
             Ok(send) => send,
             Err(err) => {
                 debug!(peer = %self.peer_addr, authority = %request.authority, error = %err, "client went away before the tunnel opened");
@@ -752,11 +792,59 @@ fn check_request(method: &Method, uri: &http::Uri) -> Result<SocketAddr, Refusal
     let authority = uri
         .authority()
         .ok_or_else(|| Refusal::BadRequest("CONNECT without :authority".into()))?;
-    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
-        return Err(Refusal::BadRequest(format!(
-            "CONNECT target {uri} is not in authority form"
+    addr_of(authority)
+}
+
+/// Classic `CONNECT` (no `:protocol`) must be in authority form; an extended `CONNECT`
+/// must be CONNECT-UDP, which this handler carries, with an `https` scheme, a path naming a
+/// literal target that agrees with `:authority`, and `capsule-protocol: ?1`. Gives the
+/// target (when the path names it) and the protocol.
+fn check_protocol(
+    protocol: Option<&h2::ext::Protocol>,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    carries_udp: bool,
+) -> Result<(Option<SocketAddr>, TunnelProtocol), Refusal> {
+    let Some(protocol) = protocol else {
+        if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
+            return Err(Refusal::BadRequest(format!(
+                "CONNECT target {uri} is not in authority form"
+            )));
+        }
+        return Ok((None, TunnelProtocol::Tcp));
+    };
+    if protocol.as_str() != connect_udp::PROTOCOL || !carries_udp {
+        return Err(Refusal::NotImplemented(format!(
+            "extended CONNECT for protocol {:?}",
+            protocol.as_str()
         )));
     }
+    if uri.scheme_str() != Some("https") {
+        return Err(Refusal::BadRequest(format!(
+            "CONNECT-UDP with scheme {:?}, expected https",
+            uri.scheme_str()
+        )));
+    }
+    let target = connect_udp::parse_path(uri.path()).map_err(Refusal::BadRequest)?;
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    if addr_of_str(authority) != Some(target) {
+        return Err(Refusal::BadRequest(format!(
+            "CONNECT-UDP path names {target} but :authority is {authority:?}"
+        )));
+    }
+    if headers.get(connect_udp::CAPSULE_PROTOCOL) != Some(&connect_udp::CAPSULE_PROTOCOL_TRUE) {
+        return Err(Refusal::BadRequest(
+            "CONNECT-UDP without capsule-protocol: ?1".into(),
+        ));
+    }
+    Ok((Some(target), TunnelProtocol::Udp))
+}
+
+fn addr_of_str(authority: &str) -> Option<SocketAddr> {
+    authority.parse().ok()
+}
+
+fn addr_of(authority: &http::uri::Authority) -> Result<SocketAddr, Refusal> {
     let addr: SocketAddr = authority
         .as_str()
         .parse()
@@ -775,7 +863,15 @@ mod tests {
 
     #[test]
     fn authority_must_be_a_literal_ip_and_port() {
-        let ok = |s: &str| check_request(&Method::CONNECT, &s.parse().unwrap());
+        let ok = |s: &str| {
+            let uri: http::Uri = s.parse().unwrap();
+            check_request(&Method::CONNECT, &uri).and_then(|addr| {
+                check_protocol(None, &uri, &HeaderMap::new(), true).map(|(target, protocol)| {
+                    assert_eq!((target, protocol), (None, TunnelProtocol::Tcp));
+                    addr
+                })
+            })
+        };
         // Targets that are not even a valid URI never reach us (h2 rejects the stream), so
         // these are the ones that parse as a URI but are not an ip:port.
         assert_eq!(ok("10.0.0.1:8080"), Ok("10.0.0.1:8080".parse().unwrap()));
@@ -798,6 +894,42 @@ mod tests {
     }
 
     #[test]
+    fn connect_udp_requests_are_checked() {
+        let udp = h2::ext::Protocol::from_static("connect-udp");
+        let mut capsules = HeaderMap::new();
+        capsules.insert(
+            connect_udp::CAPSULE_PROTOCOL,
+            connect_udp::CAPSULE_PROTOCOL_TRUE,
+        );
+        let check = |protocol: &h2::ext::Protocol, uri: &str, headers: &HeaderMap, udp| {
+            check_protocol(Some(protocol), &uri.parse().unwrap(), headers, udp)
+        };
+        let good = "https://10.0.0.1:53/.well-known/masque/udp/10.0.0.1/53/";
+        assert_eq!(
+            check(&udp, good, &capsules, true),
+            Ok((Some("10.0.0.1:53".parse().unwrap()), TunnelProtocol::Udp))
+        );
+        let v6 = "https://[fd00::1]:53/.well-known/masque/udp/fd00%3A%3A1/53/";
+        assert_eq!(
+            check(&udp, v6, &capsules, true),
+            Ok((Some("[fd00::1]:53".parse().unwrap()), TunnelProtocol::Udp))
+        );
+        let status = |r: Result<_, Refusal>| r.unwrap_err().status().as_u16();
+        // A handler that carries only TCP, or another protocol.
+        assert_eq!(status(check(&udp, good, &capsules, false)), 501);
+        let ws = h2::ext::Protocol::from_static("websocket");
+        assert_eq!(status(check(&ws, good, &capsules, true)), 501);
+        // No capsule protocol, a path and authority that disagree, a host name, plain http.
+        assert_eq!(status(check(&udp, good, &HeaderMap::new(), true)), 400);
+        let other = "https://10.0.0.2:53/.well-known/masque/udp/10.0.0.1/53/";
+        assert_eq!(status(check(&udp, other, &capsules, true)), 400);
+        let named = "https://10.0.0.1:53/.well-known/masque/udp/dns.example/53/";
+        assert_eq!(status(check(&udp, named, &capsules, true)), 400);
+        let http = "http://10.0.0.1:53/.well-known/masque/udp/10.0.0.1/53/";
+        assert_eq!(status(check(&udp, http, &capsules, true)), 400);
+    }
+
+    #[test]
     fn only_connect_is_allowed() {
         let refusal = check_request(&Method::GET, &"10.0.0.1:80".parse().unwrap()).unwrap_err();
         assert_eq!(refusal.status(), StatusCode::METHOD_NOT_ALLOWED);
@@ -811,6 +943,7 @@ mod tests {
             (Refusal::Unreachable("x".into()), 503),
             (Refusal::BadRequest("x".into()), 400),
             (Refusal::MethodNotAllowed("x".into()), 405),
+            (Refusal::NotImplemented("x".into()), 501),
         ];
         for (refusal, status) in cases {
             assert_eq!(refusal.status().as_u16(), status, "{refusal}");

@@ -54,6 +54,10 @@ pub enum Protocol {
     Hbone,
     /// Plain TCP (the peer is outside the mesh).
     Tcp,
+    /// A UDP flow through a CONNECT-UDP tunnel (mTLS, HTTP/2 extended CONNECT).
+    ConnectUdp,
+    /// A UDP flow sent in plaintext (the destination is outside the mesh).
+    Udp,
 }
 
 impl Protocol {
@@ -61,6 +65,8 @@ impl Protocol {
         match self {
             Protocol::Hbone => "hbone",
             Protocol::Tcp => "tcp",
+            Protocol::ConnectUdp => "connect-udp",
+            Protocol::Udp => "udp",
         }
     }
 }
@@ -160,6 +166,8 @@ pub struct ConnectionLog {
     pub duration: Duration,
     pub outcome: Outcome,
     pub response_flags: ResponseFlags,
+    /// For a UDP flow: datagrams (sent towards the destination, received from it).
+    pub datagrams: Option<(u64, u64)>,
 }
 
 /// Displays an optional value as `-` when absent, the access-log convention.
@@ -197,6 +205,8 @@ pub fn log(entry: &ConnectionLog) {
                 protocol = entry.protocol.as_str(),
                 bytes_sent = entry.bytes_sent,
                 bytes_received = entry.bytes_received,
+                datagrams_sent = entry.datagrams.map(|d| d.0),
+                datagrams_received = entry.datagrams.map(|d| d.1),
                 duration_ms = entry.duration.as_millis() as u64,
                 outcome = entry.outcome.kind(),
                 reason = entry.outcome.reason(),
@@ -239,6 +249,7 @@ mod tests {
             duration: Duration::from_millis(1500),
             outcome,
             response_flags: flags,
+            datagrams: None,
         }
     }
 

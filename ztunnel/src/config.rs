@@ -72,6 +72,12 @@ pub struct Args {
     /// Where pods' network namespaces are found.
     #[arg(long, default_value = "/var/run/netns", env = "AMBIT_NETNS_DIR")]
     pub netns_dir: PathBuf,
+    /// IPv4 networks (comma-separated CIDRs: typically the pod and service networks) whose
+    /// UDP from enrolled pods is captured and, to destinations in the mesh, carried over
+    /// HBONE (CONNECT-UDP). Empty (the default): pods' UDP is left alone, DNS aside. Node
+    /// mode only.
+    #[arg(long, value_delimiter = ',', env = "AMBIT_UDP_CAPTURE_CIDRS")]
+    pub udp_capture_cidrs: Vec<ipnet::Ipv4Net>,
     /// ztunnel's own mTLS mode is STRICT rather than PERMISSIVE: plaintext inbound to
     /// enrolled pods is refused wherever no PeerAuthentication (mesh, namespace, workload or
     /// port) sets a mode. A mesh-level PeerAuthentication overrides it.
@@ -269,7 +275,10 @@ impl TryFrom<Args> for Config {
                     source,
                 })?;
         let rules = match a.mode {
-            Mode::Node => RuleConfig::default(),
+            Mode::Node => RuleConfig {
+                udp_capture: a.udp_capture_cidrs.clone(),
+                ..RuleConfig::default()
+            },
             Mode::Dedicated => {
                 // ztunnel shares the namespace it captures: its own ports (also when moved
                 // by flags) and its controller must stay reachable.
@@ -376,6 +385,46 @@ mod tests {
         .unwrap();
         assert!(cfg.strict_inbound);
         assert!(matches!(cfg.ca, CaSource::Local { .. }));
+    }
+
+    #[test]
+    fn udp_capture_networks_are_a_node_mode_flag() {
+        let cfg = parse(&[
+            "--static-state",
+            "/s.yaml",
+            "--local-ca-cert",
+            "/c",
+            "--local-ca-key",
+            "/k",
+        ])
+        .unwrap();
+        assert!(cfg.rules.udp_capture.is_empty());
+        assert_eq!(cfg.limits.pod_udp_flows, 1024);
+        assert_eq!(cfg.limits.udp_idle_timeout, Duration::from_secs(60));
+        let cfg = parse(&[
+            "--static-state",
+            "/s.yaml",
+            "--local-ca-cert",
+            "/c",
+            "--local-ca-key",
+            "/k",
+            "--udp-capture-cidrs",
+            "10.80.0.0/16,10.96.0.0/12",
+            "--pod-udp-flow-limit",
+            "7",
+            "--udp-idle-timeout-seconds",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.rules.udp_capture,
+            [
+                "10.80.0.0/16".parse().unwrap(),
+                "10.96.0.0/12".parse::<ipnet::Ipv4Net>().unwrap()
+            ]
+        );
+        assert_eq!(cfg.limits.pod_udp_flows, 7);
+        assert_eq!(cfg.limits.udp_idle_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -446,6 +446,33 @@ fn to_external_vip(x: &Arc<ExternalService>, dst: SocketAddr, chooser: &dyn Choo
     }
 }
 
+/// Decides where a UDP flow (one 5-tuple) from `source` to `original_dst` goes: as
+/// [`outbound`], but a destination guarded by a waypoint is refused, because a waypoint
+/// carries TCP only (its server offers no CONNECT-UDP) and sending the flow straight to the
+/// pod would bypass the waypoint's policy. `Hbone` then means a CONNECT-UDP stream.
+pub fn outbound_udp(
+    state: &State,
+    source: &Workload,
+    original_dst: SocketAddr,
+    chooser: &dyn Chooser,
+) -> Outbound {
+    match outbound(state, source, original_dst, chooser) {
+        Outbound::Waypoint { authority, .. } => Outbound::Refuse(format!(
+            "UDP to {authority} is not carried: its destination is behind a waypoint, which carries TCP only"
+        )),
+        // A declared address goes out as passthrough does; a VIP of a DNS-resolved service
+        // would need ztunnel to resolve per flow, which UDP does not do yet.
+        Outbound::External { destination, .. } => Outbound::Passthrough {
+            destination,
+            reason: "declared external service",
+        },
+        Outbound::ExternalDns { host, .. } => Outbound::Refuse(format!(
+            "UDP to external host {host} is not carried: a service of resolution DNS is reached over TCP only"
+        )),
+        other => other,
+    }
+}
+
 /// True when `dst` is one of ztunnel's listeners in `source`'s own namespace: loopback, the
 /// unspecified address (which connects locally) or one of the pod's addresses.
 fn is_self_dial(source: &Workload, dst: SocketAddr) -> bool {

@@ -442,6 +442,42 @@ fn outbound_table() {
 }
 
 #[test]
+fn udp_flows_decide_as_tcp_but_never_through_a_waypoint() {
+    let s = mesh();
+    let client = s.workload_by_uid("client/c").unwrap().clone();
+    let first = |_: &Service, _: &[Candidate<'_>]| 0;
+    let cases = [
+        (
+            "meshed pod",
+            "10.0.2.20:5353",
+            "hbone 10.0.2.20:15008 10.0.2.20:5353 spiffe://cluster.local/ns/app/sa/s2 svc=-",
+        ),
+        (
+            "pod behind a waypoint",
+            "10.0.6.1:8080",
+            "refuse UDP to 10.0.6.1:8080 is not carried: its destination is behind a waypoint, which carries TCP only",
+        ),
+        (
+            "service behind a waypoint",
+            "10.96.0.5:80",
+            "refuse UDP to 10.96.0.5:80 is not carried: its destination is behind a waypoint, which carries TCP only",
+        ),
+        ("pod outside the mesh", "10.0.4.1:53", "passthrough 10.0.4.1:53"),
+    ];
+    for (name, dst, want) in cases {
+        assert_eq!(
+            summary(&outbound_udp(&s, &client, sa(dst), &first)),
+            want,
+            "{name}"
+        );
+        // Everything but the waypoint is the TCP decision.
+        if !want.starts_with("refuse") {
+            assert_eq!(summary(&outbound(&s, &client, sa(dst), &first)), want);
+        }
+    }
+}
+
+#[test]
 fn balancer_modes() {
     let s = mesh();
     let svc = s.service_by_vip(ip("10.96.0.1")).unwrap();

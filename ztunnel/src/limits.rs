@@ -67,6 +67,10 @@ pub struct Limits {
     pub descriptor_reserve: u64,
     /// At most one log line per cause of refusal or failure per this interval.
     pub log_interval: Duration,
+    /// Open outbound UDP flows (one per 5-tuple) per pod.
+    pub pod_udp_flows: usize,
+    /// A UDP flow without a datagram either way for this long is closed.
+    pub udp_idle_timeout: Duration,
 }
 
 // The defaults; their reasons are in ARCHITECTURE.md ("Limits").
@@ -77,6 +81,8 @@ const DEFAULT_NODE_HANDSHAKES: usize = 512;
 const DEFAULT_FIRST_BYTE_SECONDS: u64 = 30;
 const DEFAULT_PLAINTEXT_IDLE_SECONDS: u64 = 3600;
 const DEFAULT_DESCRIPTOR_RESERVE: u64 = 1024;
+const DEFAULT_POD_UDP_FLOWS: usize = 1024;
+const DEFAULT_UDP_IDLE_SECONDS: u64 = 60;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -89,6 +95,8 @@ impl Default for Limits {
             plaintext_idle_timeout: Duration::from_secs(DEFAULT_PLAINTEXT_IDLE_SECONDS),
             descriptor_reserve: DEFAULT_DESCRIPTOR_RESERVE,
             log_interval: ambit_hbone::throttle::DEFAULT_INTERVAL,
+            pod_udp_flows: DEFAULT_POD_UDP_FLOWS,
+            udp_idle_timeout: Duration::from_secs(DEFAULT_UDP_IDLE_SECONDS),
         }
     }
 }
@@ -122,6 +130,13 @@ pub struct LimitArgs {
     /// Seconds between two log lines of the same refusal or failure cause.
     #[arg(long, default_value_t = ambit_hbone::throttle::DEFAULT_INTERVAL.as_secs(), env = "AMBIT_LOG_THROTTLE_SECONDS")]
     pub log_throttle_seconds: u64,
+    /// Open outbound UDP flows (5-tuples) per pod; a datagram that would open one more is
+    /// dropped.
+    #[arg(long, default_value_t = DEFAULT_POD_UDP_FLOWS, env = "AMBIT_POD_UDP_FLOW_LIMIT")]
+    pub pod_udp_flow_limit: usize,
+    /// Seconds a UDP flow may carry no datagram either way before it is closed.
+    #[arg(long, default_value_t = DEFAULT_UDP_IDLE_SECONDS, env = "AMBIT_UDP_IDLE_TIMEOUT_SECONDS")]
+    pub udp_idle_timeout_seconds: u64,
 }
 
 impl From<LimitArgs> for Limits {
@@ -135,6 +150,8 @@ impl From<LimitArgs> for Limits {
             plaintext_idle_timeout: Duration::from_secs(a.plaintext_idle_timeout_seconds),
             descriptor_reserve: a.descriptor_reserve,
             log_interval: Duration::from_secs(a.log_throttle_seconds),
+            pod_udp_flows: a.pod_udp_flow_limit,
+            udp_idle_timeout: Duration::from_secs(a.udp_idle_timeout_seconds.max(1)),
         }
     }
 }
@@ -154,6 +171,8 @@ pub enum Refused {
     NodeHandshakes,
     /// The source's outbound policy is REGISTRY_ONLY and the destination is unknown.
     RegistryOnly,
+    /// The pod has its cap of open outbound UDP flows.
+    PodUdpFlows,
 }
 
 impl Refused {
@@ -166,6 +185,7 @@ impl Refused {
             Refused::PodHandshakes => "pod_handshakes",
             Refused::NodeHandshakes => "node_handshakes",
             Refused::RegistryOnly => "registry_only",
+            Refused::PodUdpFlows => "pod_udp_flows",
         }
     }
 }
@@ -220,6 +240,7 @@ impl NodeLimits {
             outbound: Arc::new(Semaphore::new(per_pod)),
             inbound: Arc::new(Semaphore::new(per_pod)),
             handshakes: Arc::new(Semaphore::new(self.limits.pod_handshakes.max(1))),
+            udp_flows: Arc::new(Semaphore::new(self.limits.pod_udp_flows.max(1))),
         }
     }
 
@@ -274,6 +295,8 @@ pub struct PodLimits {
     pub inbound: Arc<Semaphore>,
     /// Handshakes in progress on the pod's 15008.
     pub handshakes: Arc<Semaphore>,
+    /// UDP flows the pod's app opened (its captured UDP).
+    pub udp_flows: Arc<Semaphore>,
 }
 
 /// The descriptor limit after [`raise_nofile`].

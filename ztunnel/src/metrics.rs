@@ -56,6 +56,9 @@ pub enum Reporter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestProtocol {
     Tcp,
+    /// A UDP flow (one 5-tuple), carried by CONNECT-UDP; its series are `istio_tcp_*` with
+    /// `request_protocol="udp"` (bytes are UDP payload bytes).
+    Udp,
 }
 
 /// Whether the hop was protected by mutual TLS.
@@ -109,6 +112,7 @@ impl RequestProtocol {
     pub fn as_str(&self) -> &'static str {
         match self {
             RequestProtocol::Tcp => "tcp",
+            RequestProtocol::Udp => "udp",
         }
     }
 }

@@ -6,6 +6,10 @@
 //! - ping-pong: `--pings` round trips of 64 bytes on one connection (p50/p99 µs);
 //! - connect: `--connects` sequential new connections, each with a 1-byte round trip so the
 //!   tunnel is really up (connections/s);
+//! - UDP (the ztunnels capture the server's address, `--udp-capture-cidrs`, so the mesh
+//!   carries it over CONNECT-UDP): ping-pong of `--udp-pings` 64-byte datagrams (p50/p99 µs),
+//!   and echo throughput: `--udp-mib` MiB in `--udp-size`-byte datagrams with
+//!   `--udp-window` in flight (MB/s one way, and the datagrams lost);
 //! - ztunnel CPU (`/proc/<pid>/stat` of both processes) during bulk and ping-pong, and RSS
 //!   (`/proc/<pid>/status`) idle and with `--idle` open idle connections (RSS per connection,
 //!   each side's ztunnel separately). `--idle 100000` is the memory-per-connection figure: the
@@ -18,7 +22,7 @@
 //! `cargo build --release -p ambit-ztunnel --bin ztunnel && cargo run --release -p ambit-bench --bin ztunnel_pods`.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,6 +49,18 @@ struct Args {
     /// Idle connections held open for the memory measurement.
     #[arg(long, default_value_t = 1_000)]
     idle: usize,
+    /// 64-byte UDP round trips in the UDP latency test (after 500 warm-up ones).
+    #[arg(long, default_value_t = 10_000)]
+    udp_pings: usize,
+    /// MiB echoed in the UDP throughput test.
+    #[arg(long, default_value_t = 64)]
+    udp_mib: u64,
+    /// Payload bytes per datagram in the UDP throughput test.
+    #[arg(long, default_value_t = 1200)]
+    udp_size: usize,
+    /// Datagrams in flight in the UDP throughput test.
+    #[arg(long, default_value_t = 32)]
+    udp_window: usize,
     /// The ztunnel binary (default: beside this one).
     #[arg(long)]
     ztunnel: Option<PathBuf>,
@@ -129,6 +145,7 @@ fn raise_nofile(idle: usize) -> anyhow::Result<u64> {
     }
     Ok(got)
 }
+const UDP_ECHO_PORT: u16 = 9002;
 
 /// Echo and sink servers listening inside `pod` (threads; sockets stay in the pod).
 fn start_servers(pod: &Pod) -> anyhow::Result<()> {
@@ -149,6 +166,15 @@ fn start_servers(pod: &Pod) -> anyhow::Result<()> {
                     }
                 }
             });
+        }
+    });
+    let udp = in_netns(&pod.netns, || {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, UDP_ECHO_PORT))
+    })??;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], from);
         }
     });
     std::thread::spawn(move || {
@@ -208,6 +234,82 @@ fn ping_pong(dst: SocketAddr, n: usize) -> anyhow::Result<Samples> {
     Ok(samples)
 }
 
+fn udp_socket(dst: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect(dst)?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok(s)
+}
+
+/// 64-byte datagram round trips; a lost one is sent again (and its time not recorded).
+fn udp_ping_pong(dst: SocketAddr, n: usize) -> anyhow::Result<Samples> {
+    let s = udp_socket(dst)?;
+    let msg = [7u8; 64];
+    let mut back = [0u8; 128];
+    let mut samples = Samples::with_capacity(n);
+    let mut done = 0;
+    while done < n + 500 {
+        let t = Instant::now();
+        s.send(&msg)?;
+        match s.recv(&mut back) {
+            Ok(_) => {
+                if done >= 500 {
+                    samples.record(t.elapsed());
+                }
+                done += 1;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(samples)
+}
+
+/// What the UDP echo throughput test measured.
+struct UdpBulk {
+    elapsed: Duration,
+    echoed: u64,
+    lost: u64,
+}
+
+/// Echoes `bytes` in `size`-byte datagrams with up to `window` in flight; a read timeout
+/// counts what is in flight as lost and refills the window.
+fn udp_bulk(dst: SocketAddr, bytes: u64, size: usize, window: usize) -> anyhow::Result<UdpBulk> {
+    let s = udp_socket(dst)?;
+    let total = (bytes / size as u64).max(1);
+    let payload = vec![0x5au8; size];
+    let mut buf = vec![0u8; 65536];
+    let (mut sent, mut echoed, mut lost) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    while echoed + lost < total {
+        while sent < total && sent - echoed - lost < window as u64 {
+            s.send(&payload)?;
+            sent += 1;
+        }
+        match s.recv(&mut buf) {
+            Ok(_) => echoed += 1,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                lost = sent - echoed;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(UdpBulk {
+        elapsed: start.elapsed(),
+        echoed,
+        lost,
+    })
+}
+
 fn connects(dst: SocketAddr, n: usize) -> anyhow::Result<Duration> {
     let start = Instant::now();
     for _ in 0..n {
@@ -254,6 +356,7 @@ impl Ztunnel {
         dir: &Path,
         netns_dir: &Path,
         idle: usize,
+        udp_capture: &str,
     ) -> anyhow::Result<Self> {
         // The default caps (4,096 per pod, 32,768 per node) are attack limits; the memory
         // figure needs room for every idle connection.
@@ -275,6 +378,7 @@ impl Ztunnel {
             .args(["--metrics-addr", &port(base + 20)])
             .args(["--readiness-addr", &port(base + 21)])
             .args(["--admin-addr", &port(base)])
+            .args(["--udp-capture-cidrs", udp_capture])
             .args(["--log-level", "warn"])
             .args([
                 "--pod-connection-limit",
@@ -371,6 +475,8 @@ struct PathResult {
     bulk: Duration,
     pings: Samples,
     connects: Duration,
+    udp_pings: Samples,
+    udp_bulk: UdpBulk,
 }
 
 fn measure(client: &Pod, srv: &Pod, args: &Args) -> anyhow::Result<PathResult> {
@@ -380,10 +486,15 @@ fn measure(client: &Pod, srv: &Pod, args: &Args) -> anyhow::Result<PathResult> {
     );
     let bytes = args.bulk_mib * 1024 * 1024;
     let (pings, n_conn) = (args.pings, args.connects);
+    let udp = SocketAddr::new(srv.ip.into(), UDP_ECHO_PORT);
+    let (udp_pings, udp_bytes) = (args.udp_pings, args.udp_mib * 1024 * 1024);
+    let (size, window) = (args.udp_size, args.udp_window);
     Ok(PathResult {
         bulk: in_pod(client, move || bulk(sink, bytes))?,
         pings: in_pod(client, move || ping_pong(echo, pings))?,
         connects: in_pod(client, move || connects(echo, n_conn))?,
+        udp_pings: in_pod(client, move || udp_ping_pong(udp, udp_pings))?,
+        udp_bulk: in_pod(client, move || udp_bulk(udp, udp_bytes, size, window))?,
     })
 }
 
@@ -416,8 +527,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(dir.join("ca.pem"), &pem.cert_pem)?;
     std::fs::write(dir.join("ca-key.pem"), &pem.key_pem)?;
     std::fs::write(dir.join("state.yaml"), state(&client, &srv, false))?;
-    let z1 = Ztunnel::spawn(&bin, "n1", &dir, topo.netns_dir(), args.idle)?;
-    let z2 = Ztunnel::spawn(&bin, "n2", &dir, topo.netns_dir(), args.idle)?;
+    let udp_capture = format!("{}/32", srv.ip);
+    let z1 = Ztunnel::spawn(&bin, "n1", &dir, topo.netns_dir(), args.idle, &udp_capture)?;
+    let z2 = Ztunnel::spawn(&bin, "n2", &dir, topo.netns_dir(), args.idle, &udp_capture)?;
     let both = [&z1, &z2];
     std::thread::sleep(Duration::from_millis(500));
 
@@ -457,6 +569,14 @@ fn main() -> anyhow::Result<()> {
     let n_conn = args.connects;
     let mesh_connects = in_pod(&client, move || connects(echo, n_conn))?;
     let cpu3 = cpu_total(&both)?;
+    println!("measuring UDP through two ztunnels (CONNECT-UDP)");
+    let udp = SocketAddr::new(srv.ip.into(), UDP_ECHO_PORT);
+    let udp_pings = args.udp_pings;
+    let mut mesh_udp_pings = in_pod(&client, move || udp_ping_pong(udp, udp_pings))?;
+    let cpu4 = cpu_total(&both)?;
+    let (udp_bytes, size, window) = (args.udp_mib * 1024 * 1024, args.udp_size, args.udp_window);
+    let mesh_udp_bulk = in_pod(&client, move || udp_bulk(udp, udp_bytes, size, window))?;
+    let cpu5 = cpu_total(&both)?;
 
     let n_idle = args.idle;
     let before = [rss_kib(z1.pid())?, rss_kib(z2.pid())?];
@@ -500,6 +620,30 @@ fn main() -> anyhow::Result<()> {
             direct: args.connects as f64 / direct.connects.as_secs_f64(),
             measured: args.connects as f64 / mesh_connects.as_secs_f64(),
         },
+        Row {
+            metric: "UDP ping-pong p50 µs".into(),
+            direct: micros(direct.udp_pings.percentile(50.0)),
+            measured: micros(mesh_udp_pings.percentile(50.0)),
+        },
+        Row {
+            metric: "UDP ping-pong p99 µs".into(),
+            direct: micros(direct.udp_pings.percentile(99.0)),
+            measured: micros(mesh_udp_pings.percentile(99.0)),
+        },
+        Row {
+            metric: format!(
+                "UDP echo MB/s ({} B, {} in flight)",
+                args.udp_size, args.udp_window
+            ),
+            direct: mb_per_s(
+                direct.udp_bulk.echoed * args.udp_size as u64,
+                direct.udp_bulk.elapsed,
+            ),
+            measured: mb_per_s(
+                mesh_udp_bulk.echoed * args.udp_size as u64,
+                mesh_udp_bulk.elapsed,
+            ),
+        },
     ];
     print_table(
         "pod -> pod across nodes: direct vs two ztunnels (HBONE)",
@@ -525,6 +669,19 @@ fn main() -> anyhow::Result<()> {
         cpu3 - cpu2,
         args.connects,
         (cpu3 - cpu2) * 1e6 / args.connects as f64
+    );
+    println!(
+        "  CPU during UDP ping-pong: {:>7.2} s ({:.1} CPU-µs per round trip); UDP echo: {:.2} s",
+        cpu4 - cpu3,
+        (cpu4 - cpu3) * 1e6 / (args.udp_pings + 500) as f64,
+        cpu5 - cpu4
+    );
+    println!(
+        "  UDP datagrams lost: direct {} of {}, mesh {} of {}",
+        direct.udp_bulk.lost,
+        direct.udp_bulk.echoed + direct.udp_bulk.lost,
+        mesh_udp_bulk.lost,
+        mesh_udp_bulk.echoed + mesh_udp_bulk.lost
     );
     println!("  RSS idle (pods enrolled): {:>8.1} MiB", rss_idle / 1024.0);
     println!(

@@ -1,5 +1,6 @@
 //! The fuzz targets, one module each (see the crate documentation for how they run).
 
+mod capsule;
 mod csr;
 mod discovery;
 mod dns;

@@ -112,6 +112,10 @@ pub struct PodListeners {
     /// The DNS listeners (UDP and TCP on 127.0.0.1:15053, and [::1]:15053 when the pod's
     /// IPv6 is captured) when DNS is captured; empty otherwise.
     pub dns: Vec<crate::dns::DnsListeners>,
+    /// 127.0.0.1:15001/udp, IP_TRANSPARENT, when the pod's UDP is captured (the rules'
+    /// `udp_capture` is not empty): the app's first datagram of each flow, TPROXYed, read
+    /// with [`sockets::recv_original_dst`].
+    pub udp: Option<tokio::net::UdpSocket>,
 }
 
 /// A pod's IPv6 capture listeners.
@@ -259,6 +263,8 @@ impl CapturedPod {
             .count();
         let capture_v6 = rules.ipv6;
         let dns_port = rules.dns_port;
+        let udp_capture = (!rules.udp_capture.is_empty())
+            .then(|| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), rules.udp_port));
         let opened = worker
             .run(move || {
                 // A successor that could not take these binds beside them (SO_REUSEPORT);
@@ -266,6 +272,9 @@ impl CapturedPod {
                 crate::handover::migrate_queued_connections();
                 let v4 = open_or_inherit(specs_v4, inherited_v4)?;
                 let dns4 = open_dns(dns_port, false)?;
+                let udp4 = udp_capture
+                    .map(|addr| sockets::bind_udp_capture(addr).map_err(|e| (addr, e)))
+                    .transpose()?;
                 // A pod's IPv6 is captured only when the kernel has IPv6 and its listeners
                 // open; otherwise it is closed by the rules below (never left open).
                 let v6 = match capture_v6 {
@@ -285,7 +294,7 @@ impl CapturedPod {
                     }
                     _ => None,
                 };
-                Ok::<_, (SocketAddr, std::io::Error)>((v4, dns4, v6))
+                Ok::<_, (SocketAddr, std::io::Error)>((v4, (dns4, udp4), v6))
             })
             .await
             .map_err(|source| InpodError::Worker {
@@ -298,7 +307,7 @@ impl CapturedPod {
                 netns: path.clone(),
                 source,
             })?;
-        let (opened, dns4, opened6) = opened;
+        let (opened, (dns4, udp4), opened6) = opened;
         let (opened6, dns6) = match opened6 {
             Some((l, dns)) => (Some(l), dns),
             None => (None, None),
@@ -369,6 +378,16 @@ impl CapturedPod {
             });
         }
 
+        let udp = match udp4 {
+            Some(socket) => {
+                let addr = socket
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0));
+                Some(tokio::net::UdpSocket::from_std(socket).map_err(|e| listen_error((addr, e)))?)
+            }
+            None => None,
+        };
+
         let cfg = rules.clone();
         // A failed apply is not cleaned up: restore commits whole or not at all, so rules a
         // previous ztunnel left stay intact (the pod stays refused, never opened), and a lone
@@ -408,6 +427,7 @@ impl CapturedPod {
                 hbone,
                 ipv6,
                 dns,
+                udp,
             })),
             closed: watch::Sender::new(false),
             registered: Mutex::new(registered),

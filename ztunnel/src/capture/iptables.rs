@@ -18,8 +18,11 @@
 //!   connmark when they arrive on `lo`; the app's replies take that mark back and are routed to
 //!   `lo` by the same table, instead of out of the pod towards the real client.
 //! - DNS, when `dns_port` is set: UDP and TCP to port 53 (except to loopback and except
-//!   ztunnel's marked sockets) are REDIRECTed to the DNS proxy's port (15053). Other UDP is
-//!   left alone.
+//!   ztunnel's marked sockets) are REDIRECTed to the DNS proxy's port (15053).
+//! - UDP, when `udp_capture` names networks (IPv4): the app's datagrams to them are marked in
+//!   `mangle OUTPUT`, routed back in through `lo` by the TPROXY table, and TPROXYed in
+//!   `mangle PREROUTING` to `127.0.0.1:<udp_port>` with their destination intact. Other UDP
+//!   is left alone.
 //!
 //! IPv6 gets the same capture ([`render_apply_v6`], applied with `ip6tables-restore` beside the
 //! IPv4 rules and removed with them): the same chains, marks and ports in `ip6tables`'
@@ -173,6 +176,12 @@ pub struct RuleConfig {
     /// DNS capture port (REDIRECT target of UDP and TCP to port 53), when the DNS proxy is
     /// on; `None` leaves the pod's DNS alone.
     pub dns_port: Option<u16>,
+    /// IPv4 networks whose UDP the pod sends is captured (TPROXYed to `udp_port` on
+    /// loopback) and carried over CONNECT-UDP when the destination is in the mesh; empty
+    /// leaves the pod's UDP alone (DNS aside).
+    pub udp_capture: Vec<ipnet::Ipv4Net>,
+    /// The UDP capture port (TPROXY target on 127.0.0.1).
+    pub udp_port: u16,
 }
 
 impl Default for RuleConfig {
@@ -192,6 +201,8 @@ impl Default for RuleConfig {
             backend: Backend::Default,
             ipv6: Ipv6Capture::default(),
             dns_port: None,
+            udp_capture: Vec::new(),
+            udp_port: 15001,
         }
     }
 }
@@ -404,6 +415,18 @@ fn render_rules(
     line(format!(
         "-A {CHAIN_PREROUTING} -i lo -m mark --mark {mark} -j CONNMARK --set-xmark {tproxy}"
     ));
+    // The app's UDP to the captured networks, marked in mangle OUTPUT (below) and so routed
+    // back in through `lo` by the TPROXY table: handed to the UDP capture listener with its
+    // destination untouched (IP_RECVORIGDSTADDR tells it). Only the flow's original
+    // direction: the app's *replies* to ztunnel's transparent sends carry the restored mark
+    // too, and must reach the socket they answer. TPROXY gives a datagram of a flow ztunnel
+    // already answers to that flow's connected socket before the listener.
+    if family == Family::V4 && !cfg.udp_capture.is_empty() {
+        line(format!(
+            "-A {CHAIN_PREROUTING} -i lo -p udp -m mark --mark {tproxy} -m conntrack --ctdir ORIGINAL -j TPROXY --on-port {} --on-ip 127.0.0.1 --tproxy-mark {tproxy}",
+            cfg.udp_port
+        ));
+    }
     // Anything else on loopback is the pod talking to itself, or outbound traffic already
     // REDIRECTed to 127.0.0.1:15001 (or [::1]:15001): not inbound traffic.
     line(format!("-A {CHAIN_PREROUTING} -i lo -j RETURN"));
@@ -431,12 +454,36 @@ fn render_rules(
         cfg.inbound_port,
         family.unspecified()
     ));
+    // With UDP capture, ztunnel's own UDP keeps its mark: restoring the TPROXY mark on the
+    // datagrams it sends to the app *as the client* (whose flow the connmark above marks)
+    // would steer them into the UDP capture below as if the client's app had sent them.
+    if family == Family::V4 && !cfg.udp_capture.is_empty() {
+        line(format!(
+            "-A {CHAIN_OUTPUT} -p udp -m mark --mark {mark} -j RETURN"
+        ));
+    }
     // Replies of connections marked above get the mark back, and with it the route to `lo`.
     // Only our mask bits are restored, so other tools' mark bits survive.
     line(format!(
         "-A {CHAIN_OUTPUT} -m connmark --mark {tproxy} -j CONNMARK --restore-mark --nfmask {mask:#x} --ctmask {mask:#x}",
         mask = cfg.mask
     ));
+    // UDP capture: the app's datagrams to the captured networks get the TPROXY mark, which
+    // routes them to `lo` (table above) and so to the PREROUTING rule. Not ztunnel's own
+    // (marked, returned above), not replies, and not DNS, which nat OUTPUT sends to the DNS proxy
+    // (it must stay ahead of this).
+    if family == Family::V4 && !cfg.udp_capture.is_empty() {
+        if cfg.dns_port.is_some() {
+            line(format!(
+                "-A {CHAIN_OUTPUT} -p udp -m udp --dport 53 -j RETURN"
+            ));
+        }
+        for net in &cfg.udp_capture {
+            line(format!(
+                "-A {CHAIN_OUTPUT} -d {net} -p udp -m conntrack --ctdir ORIGINAL -j MARK --set-xmark {tproxy}"
+            ));
+        }
+    }
     for (table, hook, chain) in JUMPS.iter().filter(|(t, _, _)| *t == "mangle") {
         if existing.jump_count(table, hook, chain) == 0 {
             line(format!("-A {hook} -j {chain}"));
@@ -1226,6 +1273,56 @@ COMMIT
         }
         // The filter jumps exist already: not added again, not deleted.
         assert!(!doc.contains("INPUT -j AMBIT_INPUT"), "{doc}");
+    }
+
+    #[test]
+    fn udp_capture_marks_the_apps_udp_to_captured_networks_and_tproxies_it_on_lo() {
+        let cfg = RuleConfig {
+            dns_port: Some(15053),
+            udp_capture: vec![
+                "10.80.0.0/16".parse().unwrap(),
+                "10.96.0.0/12".parse().unwrap(),
+            ],
+            ..RuleConfig::default()
+        };
+        assert_ne!(
+            marker_chain(&cfg),
+            marker_chain(&RuleConfig {
+                udp_capture: Vec::new(),
+                ..cfg.clone()
+            })
+        );
+        let doc = render_apply(&cfg, &Existing::default());
+        let mangle = &doc[..doc.find("*nat").unwrap()];
+        let at = |rule: &str| {
+            mangle
+                .find(rule)
+                .unwrap_or_else(|| panic!("{rule}:\n{doc}"))
+        };
+        let tproxy = at("-A AMBIT_PRERT -i lo -p udp -m mark --mark 0x111/0xfff -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x111/0xfff\n");
+        let lo_return = at("-A AMBIT_PRERT -i lo -j RETURN\n");
+        let own = at("-A AMBIT_OUTPUT -p udp -m mark --mark 0x539/0xfff -j RETURN\n");
+        let restore =
+            at("-A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark");
+        assert!(
+            own < restore,
+            "ztunnel's UDP must keep its own mark:\n{doc}"
+        );
+        let dns = at("-A AMBIT_OUTPUT -p udp -m udp --dport 53 -j RETURN\n");
+        let mark16 = at("-A AMBIT_OUTPUT -d 10.80.0.0/16 -p udp -m conntrack --ctdir ORIGINAL -j MARK --set-xmark 0x111/0xfff\n");
+        let mark12 = at("-A AMBIT_OUTPUT -d 10.96.0.0/12 -p udp -m conntrack --ctdir ORIGINAL -j MARK --set-xmark 0x111/0xfff\n");
+        // TPROXY before loopback's RETURN; ztunnel's own datagrams and DNS before the mark.
+        assert!(tproxy < lo_return, "{doc}");
+        assert!(own < dns && dns < mark16 && mark16 < mark12, "{doc}");
+        // DNS is still redirected to its proxy.
+        assert!(doc.contains("-p udp -m udp --dport 53 -j REDIRECT --to-ports 15053"));
+        // IPv6 UDP is not captured (it stays dropped by the IPv6 filter).
+        let v6 = render_apply_v6(&cfg, &Existing::default());
+        assert!(!v6.contains("--on-port 15001 --on-ip"), "{v6}");
+        assert!(!v6.contains("-j MARK"), "{v6}");
+        // Without networks, no UDP rule at all: the rules of a node without UDP capture.
+        let off = render_apply(&RuleConfig::default(), &Existing::default());
+        assert!(!off.contains("-p udp"), "{off}");
     }
 
     #[test]

@@ -117,6 +117,112 @@ pub fn marked_udp_socket(dst: SocketAddr, mark: u32) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Binds the UDP capture listener at `addr` (on loopback: the capture rules TPROXY the app's
+/// UDP to meshed destinations there) in the calling thread's namespace. IP_TRANSPARENT lets
+/// TPROXY hand it datagrams addressed elsewhere; IP_RECVORIGDSTADDR makes each one carry its
+/// original destination ([`recv_original_dst`]). SO_REUSEPORT as for [`bind_dns`].
+pub fn bind_udp_capture(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    match addr {
+        SocketAddr::V4(_) => {
+            socket.set_ip_transparent_v4(true)?;
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::Ipv4OrigDstAddr,
+                &true,
+            )?;
+        }
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_ip_transparent_v6(true)?;
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::Ipv6OrigDstAddr,
+                &true,
+            )?;
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// One datagram from a [`bind_udp_capture`] socket: its length, its source (the app's
+/// socket) and the destination the app sent it to (`None` if the kernel attached none, i.e.
+/// it was not TPROXYed).
+pub fn recv_original_dst(
+    socket: &impl AsFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    let fd = socket.as_fd();
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!(nix::libc::sockaddr_in6);
+    let msg = recvmsg::<SockaddrStorage>(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT,
+    )?;
+    let src = msg
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|a| SocketAddr::from((a.ip(), a.port())))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|a| SocketAddr::from((a.ip(), a.port())))
+                })
+        })
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "datagram without an IP source")
+        })?;
+    let mut dst = None;
+    for cmsg in msg.cmsgs()? {
+        match cmsg {
+            ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+                let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                dst = Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)));
+            }
+            ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+                let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                dst = Some(SocketAddr::new(ip.into(), u16::from_be(a.sin6_port)));
+            }
+            _ => {}
+        }
+    }
+    Ok((msg.bytes, src, dst))
+}
+
+/// A marked UDP socket bound to `local`, which need not be a local address (IP_TRANSPARENT),
+/// and connected to `peer`, in the calling thread's namespace. Outbound, it answers the app
+/// *as* the destination it sent to (and, being connected, receives the flow's next
+/// datagrams, which TPROXY hands to the connected socket before the listener); inbound, it
+/// sends to the app *as* the original client. SO_REUSEADDR: several flows share one `local`
+/// (many app sockets sending to one destination), told apart by their `peer`.
+pub fn transparent_udp_socket(
+    local: SocketAddr,
+    peer: SocketAddr,
+    mark: u32,
+) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_mark(mark)?;
+    socket.set_reuse_address(true)?;
+    match local {
+        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_ip_transparent_v6(true)?
+        }
+    }
+    socket.bind(&local.into())?;
+    socket.connect(&peer.into())?;
+    Ok(socket)
+}
+
 /// A marked, unbound, non-blocking socket for `dst`'s family, in the calling thread's namespace.
 pub fn marked_socket(dst: SocketAddr, mark: u32) -> io::Result<Socket> {
     let socket = tcp_socket(dst)?;
@@ -240,6 +346,27 @@ impl SocketFactory {
             .await
             .map_err(|source| SocketError::Connect { dst, source })?;
         Ok(socket)
+    }
+
+    /// A marked IP_TRANSPARENT UDP socket in the pod, bound to `local` and connected to
+    /// `peer` ([`transparent_udp_socket`]).
+    pub async fn transparent_udp(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<UdpSocket, SocketError> {
+        let mark = self.mark;
+        let socket = self
+            .worker
+            .run(move || transparent_udp_socket(local, peer, mark))
+            .await
+            .map_err(SocketError::Worker)?
+            .map_err(|source| SocketError::Create {
+                what: format!("udp from {local} to {peer}"),
+                netns: self.netns(),
+                source,
+            })?;
+        UdpSocket::from_std(socket.into()).map_err(SocketError::Register)
     }
 
     /// Connects from inside the pod, past the capture rules.

@@ -21,11 +21,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ambit_hbone::connect_udp::TunnelProtocol;
 use ambit_hbone::server::{
     Admission, ConnectRequest, Handler, Refusal, Server, ServerError, ServerSettings,
 };
 use ambit_hbone::stream::TunnelStream;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::registry::{Fingerprint, OpenConnection, Registration, Via};
 use super::{error_outcome, refused_count, PodProxy, ProxyError, Report, Shared, Timeouts};
@@ -71,9 +72,17 @@ pub struct InboundHandler {
     pod: Arc<PodProxy>,
 }
 
+/// The app side of an accepted tunnel.
+enum Upstream {
+    /// A TCP `CONNECT`: the connection to the app.
+    Tcp(TcpStream),
+    /// A CONNECT-UDP: a socket connected to the app, bound to the client's IP.
+    Udp(UdpSocket),
+}
+
 /// What `accept` hands to `serve`.
 pub struct Accepted {
-    upstream: TcpStream,
+    upstream: Upstream,
     report: Report,
     activity: Activity,
     _permit: ConnectionPermit,
@@ -120,6 +129,10 @@ impl Handler for InboundHandler {
         }
     }
 
+    fn carries_udp(&self) -> bool {
+        true
+    }
+
     fn handshake_failed(&self, error: &ServerError) {
         self.shared.metrics.handshake_failed(error.cause());
     }
@@ -128,6 +141,14 @@ impl Handler for InboundHandler {
         let started = Instant::now();
         let activity = Activity::new();
         let (shared, pod) = (&self.shared, &self.pod);
+        if request.protocol == TunnelProtocol::Udp && request.authority.is_ipv6() {
+            // A captured pod's IPv6 UDP is dropped by its rules (only TCP and DNS pass), so
+            // the app's replies could not come back: refused rather than half carried.
+            return Err(Refusal::NotImplemented(format!(
+                "UDP to {} is not carried: ztunnel carries IPv4 UDP only",
+                request.authority
+            )));
+        }
         let permit = match shared.limits.connection(Some(&pod.limits.inbound)) {
             Ok(permit) => permit,
             Err(why) => {
@@ -168,9 +189,16 @@ impl Handler for InboundHandler {
             },
             None,
             Direction::Inbound,
-            Protocol::Hbone,
+            match request.protocol {
+                TunnelProtocol::Tcp => Protocol::Hbone,
+                TunnelProtocol::Udp => Protocol::ConnectUdp,
+            },
             started,
         );
+        let report = match request.protocol {
+            TunnelProtocol::Tcp => report,
+            TunnelProtocol::Udp => report.udp(),
+        };
         let Some(dst) = dst else {
             let reason = format!("pod {} is no longer in the state", pod.name);
             report.refused(
@@ -211,7 +239,21 @@ impl Handler for InboundHandler {
                 destination
             }
         };
-        match dial_as_client(shared, pod, client, destination).await {
+        let upstream = match request.protocol {
+            TunnelProtocol::Tcp => dial_as_client(shared, pod, client, destination)
+                .await
+                .map(Upstream::Tcp),
+            // The app sees the client's IP; the port is ours (HBONE does not carry the
+            // client's), as for TCP.
+            TunnelProtocol::Udp => pod
+                .capture
+                .sockets()
+                .transparent_udp(SocketAddr::new(client.ip(), 0), destination)
+                .await
+                .map(Upstream::Udp)
+                .map_err(ProxyError::Socket),
+        };
+        match upstream {
             Ok(upstream) => Ok(Accepted {
                 upstream,
                 report,
@@ -231,12 +273,32 @@ impl Handler for InboundHandler {
 
     async fn serve(&self, accepted: Accepted, mut stream: TunnelStream) {
         let Accepted {
-            mut upstream,
+            upstream,
             report,
             activity,
             _permit,
-            registration,
+            mut registration,
         } = accepted;
+        let mut upstream = match upstream {
+            Upstream::Tcp(upstream) => upstream,
+            Upstream::Udp(socket) => {
+                let metrics = &self.shared.metrics;
+                let conn = metrics.connection_opened(&report.labels);
+                let mut counts = super::udp::FlowCounts::default();
+                let stop = async {
+                    tokio::select! {
+                        by = registration.revoked() => super::udp::FlowEnd::Revoked(by),
+                        _ = self.pod.capture.closed() => super::udp::FlowEnd::Drained,
+                    }
+                };
+                let idle = self.shared.limits.limits().udp_idle_timeout;
+                let end =
+                    super::udp::relay_stream(&socket, stream, None, idle, stop, &mut counts).await;
+                super::udp::finish(report, metrics, conn, counts, end, false);
+                drop(activity);
+                return;
+            }
+        };
         report
             .copy_registered(
                 &self.shared.metrics,

@@ -8,6 +8,8 @@
 //!   [`decision::inbound`](crate::decision::inbound) and dials the app *as the client*.
 //! - [`inbound_plaintext`] (15006): plain TCP from outside the mesh, TPROXYed; decides with
 //!   [`decision::inbound_plaintext`](crate::decision::inbound_plaintext).
+//! - [`udp`] (15001/udp, with UDP capture): the pod's UDP flows, carried over CONNECT-UDP;
+//!   their inbound side is the HBONE server's ([`inbound`]).
 //!
 //! Every connection is decided first (a plain value from a state snapshot), then served; each
 //! ends with its metrics recorded and exactly one access-log line. [`PodProxy`] is what the
@@ -33,6 +35,7 @@ pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
 pub mod registry;
+pub mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -244,6 +247,14 @@ pub fn spawn(
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
     let dns = std::mem::take(&mut listeners.dns);
+    if let Some(socket) = listeners.udp.take() {
+        tasks.spawn(udp::serve_outbound(
+            shared.clone(),
+            pod.clone(),
+            socket,
+            drain.clone(),
+        ));
+    }
     if let Some(dns_pod) = &pod.dns {
         dns::spawn(shared, dns_pod.clone(), dns, drain.clone(), &mut tasks);
     }
@@ -413,7 +424,7 @@ impl Report {
                 &src.identity,
                 &dst.identity,
                 service,
-                protocol == Protocol::Hbone,
+                matches!(protocol, Protocol::Hbone | Protocol::ConnectUdp),
                 ResponseFlags::None,
             ),
             src,
@@ -547,6 +558,23 @@ impl Report {
     }
 
     fn log(self, moved: Transferred, flags: ResponseFlags, outcome: Outcome) {
+        self.log_datagrams(moved, None, flags, outcome)
+    }
+
+    /// The labels' `request_protocol` becomes `udp`: the report is of a UDP flow.
+    pub fn udp(mut self) -> Self {
+        self.labels.request_protocol = crate::metrics::RequestProtocol::Udp;
+        self
+    }
+
+    /// Writes the log line, with datagram counts for a UDP flow.
+    pub(crate) fn log_datagrams(
+        self,
+        moved: Transferred,
+        datagrams: Option<(u64, u64)>,
+        flags: ResponseFlags,
+        outcome: Outcome,
+    ) {
         access_log::log(&ConnectionLog {
             src: self.src,
             dst: self.dst,
@@ -558,6 +586,7 @@ impl Report {
             duration: self.started.elapsed(),
             outcome,
             response_flags: flags,
+            datagrams,
         });
     }
 }

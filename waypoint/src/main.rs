@@ -215,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
             identity: identity.clone(),
             gateway: gateway.clone(),
             credential_file: args.control.credential_file.clone(),
+            metrics_port: Some(args.ops.metrics_addr.port()),
         };
         let (status, _) = tokio::sync::watch::channel(Default::default());
         tokio::spawn(discovery::run(

@@ -389,3 +389,38 @@ impl Pusher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_address_is_the_peer_with_the_announced_port_only() {
+        let peer = Some(std::net::SocketAddr::from(([10, 77, 0, 11], 40112)));
+        let with = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert(
+                ambit_runtime::discovery::METRICS_PORT_HEADER,
+                v.parse().expect("ascii"),
+            );
+            m
+        };
+        assert_eq!(
+            announced_metrics_addr(peer, &with("15020")),
+            Some(([10, 77, 0, 11], 15020).into())
+        );
+        // A host in the value is not a port: nothing is scraped rather than another host.
+        for bad in ["10.0.0.1:15020", "0", "70000", ""] {
+            assert_eq!(announced_metrics_addr(peer, &with(bad)), None, "{bad:?}");
+        }
+        let none = tonic::metadata::MetadataMap::new();
+        assert_eq!(announced_metrics_addr(peer, &none), None);
+        assert_eq!(announced_metrics_addr(None, &with("15020")), None);
+        // An IPv4 peer seen on a dual-stack socket is scraped at its IPv4 address.
+        let mapped = "[::ffff:10.77.0.12]:5000".parse().ok();
+        assert_eq!(
+            announced_metrics_addr(mapped, &with("15020")),
+            Some(([10, 77, 0, 12], 15020).into())
+        );
+    }
+}

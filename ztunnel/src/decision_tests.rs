@@ -682,7 +682,7 @@ fn inbound_plaintext() {
     );
     assert!(
         matches!(plain, Inbound::Refuse { status: 403, ref reason, ref denied_by }
-            if reason.contains("legacy/principals-only") && denied_by.as_deref() == Some("legacy/principals-only")),
+            if reason.contains("legacy/principals-only") && denied_by.as_deref() == Some("no ALLOW policy matched (legacy/principals-only)")),
         "{plain:?}"
     );
     let id: Identity = "spiffe://cluster.local/ns/client/sa/curl".parse().unwrap();

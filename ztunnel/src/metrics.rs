@@ -197,8 +197,7 @@ struct DenialLabels {
     source_workload_namespace: Arc<str>,
     destination_workload: Arc<str>,
     destination_workload_namespace: Arc<str>,
-    /// `namespace/name` of the DENY policy, or the ALLOW policies none of which matched
-    /// (joined by `,`).
+    /// `namespace/name` of the DENY policy, or `no ALLOW policy matched (...)`.
     policy: String,
 }
 

@@ -424,11 +424,17 @@ impl DenialLog {
             if inc <= 0.0 {
                 continue;
             }
+            // A request a waypoint denied may have no destination workload yet (it is
+            // refused before an endpoint is picked): name the service it asked for.
+            let destination = match (workload(s, "destination"), s.label("destination_service")) {
+                (w, svc) if w == UNKNOWN && !svc.is_empty() && svc != UNKNOWN => svc.to_owned(),
+                (w, _) => w,
+            };
             let key = (
                 proxy.to_owned(),
                 s.label("policy").to_owned(),
                 workload(s, "source"),
-                workload(s, "destination"),
+                destination,
             );
             let entry = self.entries.entry(key).or_insert((0.0, at));
             entry.0 += inc;

@@ -184,6 +184,39 @@ fn denials_are_listed_by_policy_when_they_grow_and_forgotten_later() {
 }
 
 #[test]
+fn a_request_denied_before_an_endpoint_was_picked_names_the_service() {
+    let line = |n: u64| {
+        format!(
+            "ambit_policy_denials_total{{source_workload=\"client-0\",source_workload_namespace=\"shop\",\
+             destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",\
+             destination_service=\"api.shop.svc.cluster.local\",policy=\"shop/no-delete\"}} {n}\n"
+        )
+    };
+    let mut log = DenialLog::default();
+    log.update(
+        "waypoint gateway=shop/waypoint",
+        &parse(&line(1)),
+        &parse(&line(4)),
+        5.0,
+    );
+    let d = &log.recent()[0];
+    assert_eq!(
+        (
+            d.policy.as_str(),
+            d.source.as_str(),
+            d.destination.as_str(),
+            d.count
+        ),
+        (
+            "shop/no-delete",
+            "shop/client-0",
+            "api.shop.svc.cluster.local",
+            3.0
+        )
+    );
+}
+
+#[test]
 fn health_says_what_is_wrong() {
     let mut p = proxy(
         "ztunnel node=node1",

@@ -12,6 +12,8 @@ system_deps
 apt_install buildah
 # The smoke run of the side-by-side ztunnel harness (bench/tests/ztunnel_peer.rs) drives these.
 apt_install iperf3 sockperf wrk nginx
+# The dashboard's browser test (tests/tests/dashboard.rs) drives chromium through chromedriver.
+apt_install chromium chromium-driver
 rust_toolchain
 
 echo "== cargo fmt --check" >&2

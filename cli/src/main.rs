@@ -3,12 +3,13 @@
 //! A clap dispatcher with one module per subcommand; each module owns its `Args` and its `run`.
 //! `install` (alias `render`) and `crds` only print manifests and never talk to a cluster. The
 //! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `explain`, `apply`,
-//! `upgrade`, `pod`, and the hidden
+//! `upgrade`, `pod`, `dashboard`, and the hidden
 //! `sample` app) run a mesh on this machine; their shared parts are the library's
 //! `ambitctl::local`.
 
 mod apply;
 mod crds;
+mod dashboard;
 mod down;
 mod explain;
 mod install;
@@ -54,6 +55,9 @@ enum Command {
     /// Why a connection or request from a pod to a destination is allowed or denied: runs
     /// the proxies' own decisions on their live state and names the deciding rule.
     Explain(explain::Args),
+    /// Open the controller's dashboard: forwards it to this machine's loopback and prints
+    /// the URL (local mesh; on Kubernetes, prints the port-forward to run).
+    Dashboard(dashboard::Args),
     /// Check a YAML file and add it to the local mesh's objects folder (live).
     Apply(apply::Args),
     /// Create or delete one pod of the local mesh, as its node would (CNI ADD/DEL).
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Upgrade(args) => upgrade::run(&args),
         Command::ProxyConfig(args) => proxy_config::run(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::Dashboard(args) => dashboard::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,13 +7,14 @@
 //! snapshot per proxy and pushes only what changed. The [`ca`] signs workload certificates
 //! for authenticated callers, authorized against the same model; both run in one TLS
 //! [`server`], whose requests know their peer through [`conn`]; [`ops`] serves metrics and
-//! readiness; [`waypoints`] deploys a waypoint per `ambit-waypoint` Gateway (Kubernetes).
+//! readiness, and the [`dashboard`] built from the proxies' metrics; [`waypoints`] deploys a waypoint per `ambit-waypoint` Gateway (Kubernetes).
 //! This crate does not talk to proxies' data paths and holds no per-connection state beyond
 //! discovery subscriptions.
 
 pub mod ca;
 pub mod conn;
 pub mod crd;
+pub mod dashboard;
 pub mod discovery;
 pub mod model;
 pub mod ops;

@@ -5,7 +5,8 @@
 //! [`Sources`] seam), the model worker (the only writer of the model), one task per
 //! discovery subscriber, the gRPC server on `--listen` (15012: discovery and the CA, over
 //! TLS with the controller's own certificate from its CA), and the operations endpoint on
-//! `--ops-listen` (15014: metrics, readiness). The one exception is the local source's
+//! `--ops-listen` (15014: metrics, readiness, the dashboard) with the dashboard's
+//! scraper of the proxies' metrics. The one exception is the local source's
 //! reading and parsing of its folder: that runs on a thread of its own, because its cost
 //! depends on what someone put in the folder and must never stall the serving tasks; each
 //! file is also held to `--local-max-file-bytes` and `--local-max-yaml-depth` before it is
@@ -28,6 +29,7 @@ use std::time::Duration;
 use ambit_controller::ca::kube_store;
 use ambit_controller::ca::store::CaFiles;
 use ambit_controller::ca::{AuthConfig, Security, SecurityConfig};
+use ambit_controller::dashboard::{Dashboard, DashboardOptions};
 use ambit_controller::discovery::{DiscoveryOptions, DiscoveryService};
 use ambit_controller::model::{ModelBuilder, ModelConfig};
 use ambit_controller::ops::{Ops, Readiness};
@@ -128,6 +130,10 @@ struct Args {
     /// `https://ambit-controller.<namespace>.svc:15012`).
     #[arg(long)]
     controller_address: Option<String>,
+    /// Time between two scrapes of the proxies' metrics for the dashboard (`/dashboard`
+    /// on the operations port), in milliseconds; rates are over the last six scrapes.
+    #[arg(long, env = "AMBIT_DASHBOARD_SCRAPE_INTERVAL_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
+    dashboard_scrape_interval_ms: u64,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -344,6 +350,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(errors) = local_errors {
         ops = ops.with_source_errors(errors);
     }
+    let dashboard = Dashboard::spawn(
+        discovery.registry(),
+        DashboardOptions {
+            interval: Duration::from_millis(args.dashboard_scrape_interval_ms),
+            ..DashboardOptions::default()
+        },
+    );
+    ops = ops.with_dashboard(dashboard);
     let mut server = GrpcServer::new(discovery).with_tls(security.tls.clone());
     server
         .routes_mut()

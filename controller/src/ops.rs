@@ -10,6 +10,7 @@
 //!   has synced, the CA is loaded and the gRPC server listens; otherwise 503 naming what is
 //!   missing, so `kubectl describe` says why the pod is not ready.
 //! - `GET /healthz/live`: 200 while the process serves HTTP at all.
+//! - `GET /dashboard`, `GET /dashboard/data`: the built-in dashboard ([`crate::dashboard`]).
 //!
 //! Gauges of connected proxies are computed from the discovery registry at scrape time,
 //! so they can never drift from the streams that actually exist.
@@ -25,6 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::ca::CaMetrics;
+use crate::dashboard::Dashboard;
 use crate::discovery;
 use crate::model::Model;
 use crate::source::local::LocalError;
@@ -89,6 +91,7 @@ pub struct Ops {
     readiness: Readiness,
     source_errors: Gauge,
     local_errors: Option<tokio::sync::watch::Receiver<Arc<Vec<LocalError>>>>,
+    dashboard: Option<Dashboard>,
 }
 
 impl Ops {
@@ -116,6 +119,7 @@ impl Ops {
             readiness,
             source_errors,
             local_errors: None,
+            dashboard: None,
         }
     }
 
@@ -125,6 +129,12 @@ impl Ops {
         errors: tokio::sync::watch::Receiver<Arc<Vec<LocalError>>>,
     ) -> Self {
         self.local_errors = Some(errors);
+        self
+    }
+
+    /// Serves the dashboard (`/dashboard`, `/dashboard/data`).
+    pub fn with_dashboard(mut self, dashboard: Dashboard) -> Self {
+        self.dashboard = Some(dashboard);
         self
     }
 
@@ -173,7 +183,11 @@ impl Ops {
                 }
             }
             "/healthz/live" => text(StatusCode::OK, "live\n"),
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            path => self
+                .dashboard
+                .as_ref()
+                .and_then(|d| d.respond(path))
+                .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n")),
         }
     }
 

@@ -158,7 +158,16 @@ pub struct ClientConfig {
     /// File holding the bearer token the controller authenticates subscriptions by (the
     /// same credential as the CA's); re-read per stream so a rotated token is picked up.
     pub credential_file: Option<PathBuf>,
+    /// The port this proxy serves Prometheus metrics on, announced to the controller in the
+    /// [`METRICS_PORT_HEADER`] request metadata so its dashboard can scrape the proxy at the
+    /// address the stream comes from (`None`: not announced, never scraped).
+    pub metrics_port: Option<u16>,
 }
+
+/// The subscription's metadata key announcing the proxy's metrics port (a decimal number).
+/// Metadata rather than a `Hello` field: it says where to reach the process, not what the
+/// proxy is, and an older controller simply ignores it.
+pub const METRICS_PORT_HEADER: &str = "ambit-metrics-port";
 
 /// Runs the client forever (until the task is dropped): one stream at a time, reconnecting
 /// with back-off, reporting on `status`.
@@ -233,6 +242,12 @@ async fn session<S: Subscriber>(
         if let Some(value) = bearer(path).await {
             request.metadata_mut().insert("authorization", value);
         }
+    }
+    if let Some(port) = config.metrics_port.filter(|p| *p != 0) {
+        request.metadata_mut().insert(
+            METRICS_PORT_HEADER,
+            tonic::metadata::MetadataValue::from(port),
+        );
     }
     let mut stream = match client.subscribe(request).await {
         Ok(r) => r.into_inner(),

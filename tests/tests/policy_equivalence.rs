@@ -265,7 +265,7 @@ fn one_policy_one_verdict_at_every_hop() {
                     assert_eq!(reason, engine_l4.to_string(), "{what}");
                     assert_eq!(audit, !engine_l4.audited.is_empty(), "{what}");
                 }
-                Inbound::Refuse { status, reason } => {
+                Inbound::Refuse { status, reason, .. } => {
                     assert!(!engine_l4.allowed(), "{what}: ztunnel refused ({reason})");
                     assert_eq!((status, reason), (403, engine_l4.to_string()), "{what}");
                 }

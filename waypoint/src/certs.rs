@@ -11,8 +11,48 @@ use ambit_hbone::tls::RotatingCert;
 use ambit_hbone::{csr, Identity};
 use ambit_proto::ca::certificate_service_client::CertificateServiceClient;
 use ambit_proto::ca::CreateCertificateRequest;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use rand::Rng as _;
 use tonic::transport::Channel;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+/// `ambit_certificates_expiry_seconds{identity}`: the unix time at which the waypoint's
+/// current certificate expires, under the name and label ztunnel uses for its own, so the
+/// controller's dashboard (and alerts) read both alike. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct ExpiryMetric(Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>);
+
+impl ExpiryMetric {
+    /// Registers the gauge in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "ambit_certificates_expiry_seconds",
+            "Unix time (seconds) at which the current certificate of each local identity expires",
+            self.0.clone(),
+        );
+    }
+
+    /// Publishes `cert`'s expiry.
+    pub fn set(&self, cert: &WorkloadCertificate) {
+        let secs = cert
+            .not_after()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.0
+            .get_or_create(&IdentityLabels {
+                identity: cert.identity().to_string(),
+            })
+            .set(secs);
+    }
+}
 
 /// Why a certificate could not be obtained.
 #[derive(Debug, thiserror::Error)]
@@ -89,9 +129,16 @@ pub async fn fetch(config: &CaConfig) -> Result<WorkloadCertificate, CertsError>
     Ok(signed)
 }
 
-/// Replaces `rotating`'s certificate at each half-life, forever; failures are retried with
-/// jittered back-off while the current certificate stays in use.
-pub async fn rotate(config: CaConfig, rotating: RotatingCert, mut current: WorkloadCertificate) {
+/// Replaces `rotating`'s certificate at each half-life, forever, publishing each one's
+/// expiry in `expiry`; failures are retried with jittered back-off while the current
+/// certificate stays in use.
+pub async fn rotate(
+    config: CaConfig,
+    rotating: RotatingCert,
+    mut current: WorkloadCertificate,
+    expiry: ExpiryMetric,
+) {
+    expiry.set(&current);
     loop {
         let wait = current
             .refresh_at()
@@ -103,6 +150,7 @@ pub async fn rotate(config: CaConfig, rotating: RotatingCert, mut current: Workl
             match fetch(&config).await {
                 Ok(next) => {
                     rotating.set(&next);
+                    expiry.set(&next);
                     tracing::info!(identity = %config.identity, not_after = ?next.not_after(), "certificate rotated");
                     current = next;
                     break;

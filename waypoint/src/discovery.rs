@@ -272,6 +272,8 @@ pub struct DiscoveryConfig {
     /// File holding the bearer token (a projected service account token, or the local-mode
     /// credential), re-read for every stream.
     pub credential_file: Option<PathBuf>,
+    /// The metrics port announced to the controller (its dashboard scrapes it).
+    pub metrics_port: Option<u16>,
 }
 
 /// The waypoint's reconnection back-off: from half a second up to 30 s.
@@ -300,6 +302,7 @@ pub async fn run(
     let client = ClientConfig {
         backoff: BACKOFF,
         credential_file: config.credential_file,
+        metrics_port: config.metrics_port,
     };
     stream::run(connector, subscriber, client, status).await
 }

@@ -198,8 +198,15 @@ async fn main() -> anyhow::Result<()> {
     let bundle =
         TrustBundle::from_pem(identity.trust_domain(), &roots_pem).context("trust roots")?;
     let rotating = RotatingCert::new(&cert);
+    let expiry = certs::ExpiryMetric::default();
+    expiry.set(&cert);
     if let Some(config) = ca {
-        tokio::spawn(certs::rotate(config, rotating.clone(), cert.clone()));
+        tokio::spawn(certs::rotate(
+            config,
+            rotating.clone(),
+            cert.clone(),
+            expiry.clone(),
+        ));
     }
 
     let state = StateHandle::default();
@@ -215,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
             identity: identity.clone(),
             gateway: gateway.clone(),
             credential_file: args.control.credential_file.clone(),
+            metrics_port: Some(args.ops.metrics_addr.port()),
         };
         let (status, _) = tokio::sync::watch::channel(Default::default());
         tokio::spawn(discovery::run(
@@ -230,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    expiry.register(&mut registry);
     let upstreams = Upstreams::new(
         Pool::new(PoolConfig::default()),
         identity.clone(),

@@ -34,6 +34,18 @@ fn new_bytes_histogram() -> Histogram {
 
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
+/// The labels of `ambit_policy_denials_total`: who, whom, and the policy that denied (a
+/// name from the state, never from the request, so the series stay bounded).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct DenialLabels {
+    source_workload: String,
+    source_workload_namespace: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_service: String,
+    policy: String,
+}
+
 /// The request metrics.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -41,6 +53,7 @@ pub struct Metrics {
     duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
+    denials: Family<DenialLabels, Counter>,
 }
 
 impl Metrics {
@@ -51,7 +64,13 @@ impl Metrics {
             duration: Family::new_with_constructor(new_duration_histogram),
             request_bytes: Family::new_with_constructor(new_bytes_histogram),
             response_bytes: Family::new_with_constructor(new_bytes_histogram),
+            denials: Family::default(),
         };
+        registry.register(
+            "ambit_policy_denials",
+            "Requests refused by an authorization policy, by the policy that denied",
+            m.denials.clone(),
+        );
         registry.register("istio_requests", "Requests handled", m.requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
@@ -104,6 +123,32 @@ impl Recorder {
             hold: Vec::new(),
             span: None,
         }
+    }
+}
+
+impl Recorder {
+    /// Counts this request as denied by `policy` (a [`crate::refusal::Refusal::Denied`]'s
+    /// `by`), in `ambit_policy_denials_total`.
+    pub fn count_denial(&self, policy: &str) {
+        let known = |s: &str| {
+            if s.is_empty() {
+                "unknown".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
+        let l = &self.labels;
+        self.metrics
+            .denials
+            .get_or_create(&DenialLabels {
+                source_workload: known(&l.source_workload),
+                source_workload_namespace: known(&l.source_workload_namespace),
+                destination_workload: known(&l.destination_workload),
+                destination_workload_namespace: known(&l.destination_workload_namespace),
+                destination_service: known(&l.destination_service),
+                policy: policy.to_owned(),
+            })
+            .inc();
     }
 }
 
@@ -271,5 +316,36 @@ impl HttpBody for Recorded {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_denial_is_counted_with_the_policy_and_unknown_for_what_is_not_known() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let mut rec = Recorder::new(metrics, Instant::now());
+        rec.labels.source_workload = "client-0".into();
+        rec.labels.source_workload_namespace = "shop".into();
+        rec.labels.destination_service = "api.shop.svc.cluster.local".into();
+        rec.count_denial("shop/no-delete");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("ambit_policy_denials_total{"))
+            .unwrap_or_else(|| panic!("no denial series:\n{text}"));
+        assert!(line.ends_with(" 1"), "{line}");
+        for want in [
+            "source_workload=\"client-0\"",
+            "destination_workload=\"unknown\"",
+            "destination_service=\"api.shop.svc.cluster.local\"",
+            "policy=\"shop/no-delete\"",
+        ] {
+            assert!(line.contains(want), "{want} in {line}");
+        }
     }
 }

@@ -462,6 +462,9 @@ pub(crate) async fn splice_upgraded(
 }
 
 fn refuse(refusal: &Refusal, rec: Recorder) -> Response<Body> {
+    if let Refusal::Denied { by } = refusal {
+        rec.count_denial(by);
+    }
     finish(refusal.response(), rec, refusal.flag(), refusal.to_string())
 }
 

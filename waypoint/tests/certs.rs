@@ -100,7 +100,18 @@ async fn fetches_and_rotates() {
     let rotating = RotatingCert::new(&first);
     let leaf = |r: &RotatingCert| r.current().cert[0].as_ref().to_vec();
     let original = leaf(&rotating);
-    tokio::spawn(certs::rotate(config, rotating.clone(), first));
+    let expiry = certs::ExpiryMetric::default();
+    let first_expiry = first
+        .not_after()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    tokio::spawn(certs::rotate(
+        config,
+        rotating.clone(),
+        first,
+        expiry.clone(),
+    ));
     let mut rotated = false;
     for _ in 0..100 {
         if leaf(&rotating) != original {
@@ -112,6 +123,20 @@ async fn fetches_and_rotates() {
     assert!(
         rotated,
         "certificate not rotated within 10 s of a 2 s lifetime"
+    );
+    // The expiry gauge follows the certificate in use, as ztunnel's does.
+    let mut registry = prometheus_client::registry::Registry::default();
+    expiry.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("ambit_certificates_expiry_seconds{identity=\"spiffe://"))
+        .unwrap_or_else(|| panic!("no expiry gauge:\n{text}"));
+    let published: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        published >= first_expiry,
+        "{line} (first expired at {first_expiry})"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -142,6 +142,7 @@ async fn acks_nacks_keeps_last_good_state_and_reconnects() {
             .unwrap(),
         gateway: "demo/waypoint".into(),
         credential_file: None,
+        metrics_port: None,
     };
     // The binary's own channel, in its plaintext form for a controller on loopback.
     let channel = ambit_runtime::control::channel(

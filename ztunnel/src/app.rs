@@ -291,6 +291,7 @@ impl App {
                         backoff: Backoff::default(),
                         credential_file: config.credential_file.clone(),
                         node_dir: node_dir.clone(),
+                        metrics_port: Some(config.metrics_addr.port()),
                     },
                 );
                 let (waiter, m) = (client.clone(), metrics.clone());

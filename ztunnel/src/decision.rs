@@ -585,7 +585,13 @@ pub enum Inbound {
         reason: String,
     },
     /// Refuse with `status` (the `CONNECT` response; for plaintext, the access-log code).
-    Refuse { status: u16, reason: String },
+    Refuse {
+        status: u16,
+        reason: String,
+        /// The policy that denied (see [`crate::state::policy::Verdict::denied_by`]);
+        /// `None` when no policy did (an unknown destination, mTLS required...).
+        denied_by: Option<String>,
+    },
 }
 
 impl Inbound {
@@ -593,6 +599,7 @@ impl Inbound {
         Inbound::Refuse {
             status,
             reason: reason.into(),
+            denied_by: None,
         }
     }
 }
@@ -639,7 +646,11 @@ fn policy(
             reason: verdict.reason,
         }
     } else {
-        Inbound::refuse(403, verdict.reason)
+        Inbound::Refuse {
+            status: 403,
+            reason: verdict.reason,
+            denied_by: verdict.denied_by,
+        }
     }
 }
 

@@ -628,6 +628,7 @@ fn inbound_table() {
                 Inbound::Refuse {
                     status: st,
                     reason: r,
+                    ..
                 },
             ) => {
                 assert_eq!(*st, status, "{name}: {got:?}");
@@ -653,7 +654,8 @@ fn inbound_ipv6() {
     // A DENY with an IPv6 ipBlock stops clients inside it, of either transport.
     let denied = decide("fd00:bad::7", "[fd00::2:20]:8080");
     assert!(
-        matches!(denied, Inbound::Refuse { status: 403, ref reason } if reason.contains("app/deny-v6-block")),
+        matches!(denied, Inbound::Refuse { status: 403, ref reason, ref denied_by }
+            if reason.contains("app/deny-v6-block") && denied_by.as_deref() == Some("app/deny-v6-block")),
         "{denied:?}"
     );
     let plain = super::inbound_plaintext(
@@ -697,7 +699,7 @@ fn inbound_plaintext() {
     let from = ip("10.0.9.9");
     let strict = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:8080"), MtlsMode::Strict);
     assert!(
-        matches!(strict, Inbound::Refuse { status: 401, ref reason } if reason == "plaintext refused: mTLS STRICT by the proxy's default"),
+        matches!(strict, Inbound::Refuse { status: 401, ref reason, denied_by: None } if reason == "plaintext refused: mTLS STRICT by the proxy's default"),
         "{strict:?}"
     );
     let ok = super::inbound_plaintext(&s, s1, from, sa("10.0.1.20:8080"), MtlsMode::Permissive);
@@ -725,7 +727,8 @@ fn inbound_plaintext() {
         MtlsMode::Permissive,
     );
     assert!(
-        matches!(plain, Inbound::Refuse { status: 403, ref reason } if reason.contains("legacy/principals-only")),
+        matches!(plain, Inbound::Refuse { status: 403, ref reason, ref denied_by }
+            if reason.contains("legacy/principals-only") && denied_by.as_deref() == Some("no ALLOW policy matched (legacy/principals-only)")),
         "{plain:?}"
     );
     let id: Identity = "spiffe://cluster.local/ns/client/sa/curl".parse().unwrap();
@@ -850,6 +853,7 @@ fn inbound_plaintext_follows_peer_authentication() {
                 Inbound::Refuse {
                     status: 401,
                     reason,
+                    ..
                 },
             ) if reason.contains(why) => {}
             _ => panic!("case {i} ({dst}): want {want:?}, got {got:?}"),

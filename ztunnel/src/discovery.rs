@@ -45,6 +45,8 @@ pub struct DiscoveryConfig {
     pub credential_file: Option<std::path::PathBuf>,
     /// Where the last ACKed state is kept (`None`: nowhere).
     pub node_dir: Option<NodeDir>,
+    /// The metrics port announced to the controller (its dashboard scrapes it).
+    pub metrics_port: Option<u16>,
 }
 
 /// Aborts the worker when the last handle goes.
@@ -82,6 +84,7 @@ impl DiscoveryClient {
         let client = ClientConfig {
             backoff: config.backoff,
             credential_file: config.credential_file,
+            metrics_port: config.metrics_port,
         };
         let task = tokio::spawn(stream::run(connector, subscriber, client, status_tx));
         DiscoveryClient {

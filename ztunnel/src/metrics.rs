@@ -192,6 +192,19 @@ struct RevokedLabels {
     connection_security_policy: SecurityPolicy,
 }
 
+/// The labels of `ambit_policy_denials_total`: who was refused, whom it wanted, and the
+/// policy that denied. Every value comes from the state (workloads and policies the
+/// controller pushed), never from what a peer sent, so the series stay bounded.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DenialLabels {
+    source_workload: Arc<str>,
+    source_workload_namespace: Arc<str>,
+    destination_workload: Arc<str>,
+    destination_workload_namespace: Arc<str>,
+    /// `namespace/name` of the DENY policy, or `no ALLOW policy matched (...)`.
+    policy: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct IdentityLabels {
     identity: String,
@@ -224,6 +237,7 @@ pub struct Metrics {
     sent: ConnectionFamily,
     received: ConnectionFamily,
     revoked: Family<RevokedLabels, Counter>,
+    denials: Family<DenialLabels, Counter>,
     cert_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     xds_state: Gauge,
     refused: Family<ReasonLabels, Counter>,
@@ -247,6 +261,12 @@ impl Metrics {
         let revoked = Family::default();
         let cert_expiry = Family::default();
         let xds_state = Gauge::default();
+        let denials = Family::default();
+        registry.register(
+            "ambit_policy_denials",
+            "Inbound connections refused by an authorization policy, by the policy that denied",
+            denials.clone(),
+        );
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "istio_tcp_connections_opened",
@@ -309,6 +329,7 @@ impl Metrics {
             sent,
             received,
             revoked,
+            denials,
             cert_expiry,
             xds_state,
             refused,
@@ -360,6 +381,20 @@ impl Metrics {
                 destination_workload: labels.destination_workload.clone(),
                 destination_workload_namespace: labels.destination_workload_namespace.clone(),
                 connection_security_policy: labels.connection_security_policy,
+            })
+            .inc();
+    }
+
+    /// Counts an inbound connection (labelled `labels`) refused by `policy` (the
+    /// decision's `denied_by`).
+    pub fn policy_denied(&self, labels: &ConnectionLabels, policy: &str) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                source_workload: labels.source_workload.clone(),
+                source_workload_namespace: labels.source_workload_namespace.clone(),
+                destination_workload: labels.destination_workload.clone(),
+                destination_workload_namespace: labels.destination_workload_namespace.clone(),
+                policy: policy.to_owned(),
             })
             .inc();
     }
@@ -635,6 +670,27 @@ mod tests {
             .drain_and_wait(std::time::Duration::from_secs(5))
             .await;
         serving.await.expect("server task");
+    }
+
+    #[test]
+    fn denials_are_counted_by_the_policy_that_denied() {
+        let m = Metrics::new();
+        let mut l = ConnectionLabels::unknown(Reporter::Destination);
+        l.source_workload = Arc::from("client");
+        l.source_workload_namespace = Arc::from("demo");
+        l.destination_workload = Arc::from("echo");
+        l.destination_workload_namespace = Arc::from("demo");
+        m.policy_denied(&l, "demo/deny-client");
+        m.policy_denied(&l, "demo/deny-client");
+        let body = m.encode().expect("encode");
+        let (_, labels, value) = parse(&body)
+            .into_iter()
+            .find(|(name, _, _)| name == "ambit_policy_denials_total")
+            .unwrap_or_else(|| panic!("no denial series:\n{body}"));
+        assert_eq!(value, 2.0);
+        assert_eq!(labels["policy"], "demo/deny-client");
+        assert_eq!(labels["source_workload"], "client");
+        assert_eq!(labels["destination_workload_namespace"], "demo");
     }
 
     #[test]

@@ -202,6 +202,7 @@ async fn applies_acks_nacks_and_survives_a_controller_restart() -> Result<()> {
                 max: Duration::from_millis(200),
             },
             credential_file: None,
+            metrics_port: None,
         },
     );
     let mut ready = client.ready();
@@ -306,6 +307,7 @@ async fn stays_unready_without_a_controller_and_stops_with_its_handles() -> Resu
                 max: Duration::from_millis(50),
             },
             credential_file: None,
+            metrics_port: None,
         },
     );
     let mut status = client.status();

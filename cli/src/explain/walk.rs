@@ -478,7 +478,7 @@ impl Walk<'_> {
                     ),
                 )
             },
-            Inbound::Refuse { status, reason } => {
+            Inbound::Refuse { status, reason, .. } => {
                 let denied = status == 403 || status == 401;
                 Step {
                     status: Some(status),

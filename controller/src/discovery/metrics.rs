@@ -22,6 +22,9 @@ pub struct SubscriberStats {
     pub id: u64,
     /// `ztunnel node=...` or `waypoint gateway=...`.
     pub proxy: String,
+    /// Where the proxy serves Prometheus metrics: the stream's peer address with the port
+    /// it announced (`ambit-metrics-port`); `None` when it announced none.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Pushes queued for the proxy (full and incremental).
     pub pushes: u64,
     pub acks: u64,
@@ -173,12 +176,18 @@ impl Registry {
         self.lock().values().map(|m| m.stats()).collect()
     }
 
-    pub(crate) fn register(&self, id: u64, proxy: String) -> Registration {
+    pub(crate) fn register(
+        &self,
+        id: u64,
+        proxy: String,
+        metrics_addr: Option<std::net::SocketAddr>,
+    ) -> Registration {
         let metrics = Arc::new(SubscriberMetrics {
             state: Mutex::new(State {
                 stats: SubscriberStats {
                     id,
                     proxy,
+                    metrics_addr,
                     ..SubscriberStats::default()
                 },
                 pending: VecDeque::new(),

@@ -196,6 +196,7 @@ impl Discovery for DiscoveryService {
             ),
             None => None,
         };
+        let metrics_addr = announced_metrics_addr(peer, request.metadata());
         let mut inbound = request.into_inner();
         let proxy = read_hello(&mut inbound).await?;
         if let Some(caller) = &caller {
@@ -203,7 +204,7 @@ impl Discovery for DiscoveryService {
                 .inspect_err(|e| tracing::warn!(?peer, error = %e, "subscription refused"))?;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let registration = Arc::new(self.registry.register(id, proxy.to_string()));
+        let registration = Arc::new(self.registry.register(id, proxy.to_string(), metrics_addr));
         tracing::info!(id, %proxy, ?peer, "proxy subscribed");
 
         let (tx, rx) = mpsc::channel(self.options.queue_depth.max(1));
@@ -231,6 +232,23 @@ impl Discovery for DiscoveryService {
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// Where a subscriber serves its metrics: the address its stream comes from, with the port
+/// it announced. Only the port is taken from the proxy, so an authenticated proxy cannot
+/// point the controller's scraper at another host.
+fn announced_metrics_addr(
+    peer: Option<std::net::SocketAddr>,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Option<std::net::SocketAddr> {
+    let port = metadata
+        .get(ambit_runtime::discovery::METRICS_PORT_HEADER)?
+        .to_str()
+        .ok()?
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)?;
+    Some(std::net::SocketAddr::new(peer?.ip().to_canonical(), port))
 }
 
 /// Whether an authenticated `caller` may subscribe as `proxy`.
@@ -369,5 +387,40 @@ impl Pusher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_address_is_the_peer_with_the_announced_port_only() {
+        let peer = Some(std::net::SocketAddr::from(([10, 77, 0, 11], 40112)));
+        let with = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert(
+                ambit_runtime::discovery::METRICS_PORT_HEADER,
+                v.parse().expect("ascii"),
+            );
+            m
+        };
+        assert_eq!(
+            announced_metrics_addr(peer, &with("15020")),
+            Some(([10, 77, 0, 11], 15020).into())
+        );
+        // A host in the value is not a port: nothing is scraped rather than another host.
+        for bad in ["10.0.0.1:15020", "0", "70000", ""] {
+            assert_eq!(announced_metrics_addr(peer, &with(bad)), None, "{bad:?}");
+        }
+        let none = tonic::metadata::MetadataMap::new();
+        assert_eq!(announced_metrics_addr(peer, &none), None);
+        assert_eq!(announced_metrics_addr(None, &with("15020")), None);
+        // An IPv4 peer seen on a dual-stack socket is scraped at its IPv4 address.
+        let mapped = "[::ffff:10.77.0.12]:5000".parse().ok();
+        assert_eq!(
+            announced_metrics_addr(mapped, &with("15020")),
+            Some(([10, 77, 0, 12], 15020).into())
+        );
     }
 }

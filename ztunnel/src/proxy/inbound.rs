@@ -220,7 +220,14 @@ impl Handler for InboundHandler {
         registration.decided_on(Fingerprint::of(&state, &dst));
         drop(state);
         let destination = match decided {
-            Inbound::Refuse { status, reason } => {
+            Inbound::Refuse {
+                status,
+                reason,
+                denied_by,
+            } => {
+                if let Some(policy) = &denied_by {
+                    shared.metrics.policy_denied(&report.labels, policy);
+                }
                 report.refused(
                     shared,
                     flags_for(status),

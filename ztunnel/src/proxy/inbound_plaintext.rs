@@ -129,7 +129,14 @@ async fn handle(
     registration.decided_on(Fingerprint::of(&state, &dst));
     drop(state);
     match decided {
-        Inbound::Refuse { status, reason } => {
+        Inbound::Refuse {
+            status,
+            reason,
+            denied_by,
+        } => {
+            if let Some(policy) = &denied_by {
+                shared.metrics.policy_denied(&report.labels, policy);
+            }
             let flags = match status {
                 401 | 403 => ResponseFlags::Denied,
                 _ => ResponseFlags::NoHealthyUpstream,

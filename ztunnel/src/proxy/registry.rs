@@ -99,6 +99,7 @@ pub fn recheck(
         Inbound::Refuse {
             status: status @ (401 | 403),
             reason,
+            ..
         } => Some(Revocation { status, reason }),
         Inbound::Refuse { .. } | Inbound::Accept { .. } => None,
     }

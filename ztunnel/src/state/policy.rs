@@ -35,6 +35,11 @@ pub struct Verdict {
     pub audit: bool,
     /// "denied by default/deny-port (rule 0)", "no ALLOW policy matched (checked: a/x)"...
     pub reason: String,
+    /// When denied, the policy that denied: the DENY policy's `namespace/name`, or
+    /// `no ALLOW policy matched (a/x, b/y)` naming the ALLOW policies (the waypoint's words
+    /// for the same). Always names from the state (never from the peer), so it is a bounded
+    /// metric label.
+    pub denied_by: Option<String>,
 }
 
 /// Evaluates `policies` (those applying to the destination) against a connection.
@@ -61,10 +66,18 @@ pub fn evaluate_observed<'p>(
         http: None,
     };
     let v = ambit_policy::evaluate_observed(policies, &attrs, observer);
+    let denied_by = match &v.decision {
+        ambit_policy::Decision::DeniedBy(r) => Some(r.policy.clone()),
+        ambit_policy::Decision::NoAllowMatched(keys) => {
+            Some(format!("no ALLOW policy matched ({})", keys.join(", ")))
+        }
+        ambit_policy::Decision::AllowedBy(_) | ambit_policy::Decision::NoAllowPolicy => None,
+    };
     Verdict {
         allowed: v.allowed(),
         audit: !v.audited.is_empty(),
         reason: v.to_string(),
+        denied_by,
     }
 }
 

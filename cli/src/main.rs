@@ -5,9 +5,11 @@
 //! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `explain`, `apply`,
 //! `upgrade`, `pod`, and the hidden
 //! `sample` app) run a mesh on this machine; their shared parts are the library's
-//! `ambitctl::local`.
+//! `ambitctl::local`. `check` looks at a node before install, or at an installed mesh: the
+//! local one, or a cluster through its API server.
 
 mod apply;
+mod check;
 mod crds;
 mod down;
 mod explain;
@@ -54,6 +56,9 @@ enum Command {
     /// Why a connection or request from a pod to a destination is allowed or denied: runs
     /// the proxies' own decisions on their live state and names the deciding rule.
     Explain(explain::Args),
+    /// Check a node before install (`--pre`), or an installed mesh (local, or `--kubernetes`):
+    /// each failure says what is wrong and what to do; exits non-zero if any check failed.
+    Check(check::Args),
     /// Check a YAML file and add it to the local mesh's objects folder (live).
     Apply(apply::Args),
     /// Create or delete one pod of the local mesh, as its node would (CNI ADD/DEL).
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Command::Upgrade(args) => upgrade::run(&args),
         Command::ProxyConfig(args) => proxy_config::run(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::Check(args) => check::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -521,6 +521,67 @@ fn a_waypoint_in_the_folder_is_started_and_applies_l7_policy() {
     );
     assert_eq!(status["waypoints"][0]["ready"], true, "{status:#}");
 
+    // `ambitctl check` on this healthy mesh (with its waypoint): every check passes.
+    let check = || {
+        let out = ambitctl(&["check", "--state-dir", &sd]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, text, stderr) = check();
+    assert!(ok, "{text}\n{stderr}");
+    for line in [
+        "ok      objects folder",
+        "ok      controller",
+        "ok      ztunnel on node1",
+        "ok      ztunnel on node2",
+        "ok      ztunnel on node2 -> controller",
+        "ok      certificate spiffe://cluster.local/ns/shop/sa/",
+        "ok      waypoint shop/waypoint",
+    ] {
+        assert!(text.contains(line), "{line:?} missing:\n{text}");
+    }
+    assert!(text.contains(", 0 failed"), "{text}");
+
+    // A ztunnel stopped: check names it, says how to start one, and fails.
+    let node2 = mesh.state().node("node2").expect("node2").clone();
+    let z2 = node2.ztunnel.clone().expect("node2's ztunnel");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(z2.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_for(
+        10,
+        "node2's ztunnel to exit",
+        || !procs::alive(z2.pid),
+        String::new,
+    );
+    let (ok, text, stderr) = check();
+    assert!(!ok, "{text}");
+    assert!(stderr.contains("1 of "), "{stderr}");
+    let fail = format!(
+        "FAIL ztunnel on node2: not running (pid {} is gone): pods on node2 are refused, not let through\n  fix: start a new one: `ambitctl upgrade node2 --state-dir {sd}`",
+        z2.pid
+    );
+    assert!(text.contains(&fail), "{fail:?} missing:\n{text}");
+    assert!(text.contains("ok      ztunnel on node1"), "{text}");
+
+    // The fix it names works: after it, every check passes again.
+    let out = ambitctl(&["upgrade", "node2", "--state-dir", &sd]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        30,
+        "check to pass after the named fix",
+        || check().0,
+        || check().1,
+    );
+
     let out = mesh.down();
     assert!(
         out.status.success(),

@@ -18,7 +18,7 @@ use kube::Client;
 use serde_json::Value;
 
 use super::certs::{self, Health};
-use super::{Check, Report};
+use super::report::{Check, Report};
 
 const CONTROLLER: &str = "ambit-controller";
 const ZTUNNEL: &str = "ambit-ztunnel";

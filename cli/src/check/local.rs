@@ -20,7 +20,7 @@ use anyhow::Context;
 use serde_json::Value;
 
 use super::certs::{self, Health};
-use super::{Check, Report};
+use super::report::{Check, Report};
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -313,10 +313,14 @@ mod tests {
             })
         };
         let fresh = certificate("node1", &entry(20 * 3600));
-        assert_eq!(fresh.outcome, super::super::Outcome::Ok, "{fresh:?}");
+        assert_eq!(
+            fresh.outcome,
+            super::super::report::Outcome::Ok,
+            "{fresh:?}"
+        );
         assert_eq!(fresh.detail, "expires in 20h00m of a 1d00h lifetime");
         let old = certificate("node1", &entry(5 * 3600));
-        assert_eq!(old.outcome, super::super::Outcome::Fail);
+        assert_eq!(old.outcome, super::super::report::Outcome::Fail);
         assert!(old
             .name
             .contains("spiffe://cluster.local/ns/demo/sa/echo on node1"));
@@ -329,7 +333,7 @@ mod tests {
             "node2",
             &json!({"identity": "spiffe://x/ns/a/sa/b", "state": "pending", "last_error": "CA unreachable"}),
         );
-        assert_eq!(pending.outcome, super::super::Outcome::Fail);
+        assert_eq!(pending.outcome, super::super::report::Outcome::Fail);
         assert!(pending.detail.contains("CA unreachable"), "{pending:?}");
     }
 }

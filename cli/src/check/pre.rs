@@ -14,7 +14,7 @@ use ambit_ztunnel::capture::iptables;
 use ambitctl::local::net;
 use ambitctl::local::objects::error_chain;
 
-use super::{Check, Report};
+use super::report::{Check, Report};
 
 /// The directories the node's install uses.
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@
 
 mod apply;
 mod check;
+mod cluster;
 mod crds;
 mod down;
 mod explain;
@@ -49,9 +50,10 @@ enum Command {
     Down(down::Args),
     /// Replace one node's ztunnel in the local mesh live, without resetting a connection.
     Upgrade(upgrade::Args),
-    /// Health of the local mesh: controller and each node's ztunnel.
+    /// Health of the mesh (local, or `--kubernetes`): controller and each node's ztunnel.
     Status(status::Args),
-    /// What one node's ztunnel holds: workloads, services, policies, certificates.
+    /// What one node's ztunnel holds: workloads, services, policies, certificates (local, or
+    /// `--kubernetes`).
     ProxyConfig(proxy_config::Args),
     /// Why a connection or request from a pod to a destination is allowed or denied: runs
     /// the proxies' own decisions on their live state and names the deciding rule.

@@ -26,31 +26,11 @@ const GATEWAY_API: &str = "gateway.networking.k8s.io/v1";
 const CRDS_FIX: &str = "apply the CRDs: `kubectl apply -f manifests/install/01-crds.yaml` (or `ambitctl crds | kubectl apply -f -`; `ambitctl install | kubectl apply -f -` installs them with the rest)";
 
 pub fn run(kubeconfig: Option<&Path>, namespace: &str) -> anyhow::Result<Report> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting a runtime")?;
-    rt.block_on(check(kubeconfig, namespace))
-}
-
-async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig (set KUBECONFIG or pass --kubeconfig) and not in a cluster")?,
-    };
-    Client::try_from(config).context("building a Kubernetes client")
+    crate::cluster::runtime()?.block_on(check(kubeconfig, namespace))
 }
 
 async fn check(kubeconfig: Option<&Path>, ns: &str) -> anyhow::Result<Report> {
-    let client = client(kubeconfig).await?;
+    let client = crate::cluster::client(kubeconfig).await?;
     let version = client.apiserver_version().await.context(
         "asking the API server for its version (is the kubeconfig's cluster reachable?)",
     )?;

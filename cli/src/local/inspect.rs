@@ -44,21 +44,7 @@ pub fn controller(state: &ClusterState) -> Value {
     let running = pid.is_some_and(super::procs::alive);
     let addr = SocketAddr::from((net::FABRIC_IP, CONTROLLER_OPS_PORT));
     let metrics = match admin::get(&state.fabric, addr, "/metrics") {
-        Ok((200, body)) => {
-            let mut m = serde_json::Map::new();
-            for (name, value) in samples(&body) {
-                if !name.contains("_bucket") && name.starts_with("ambit_") {
-                    // Counters read as integers, not "2.0".
-                    let v = if value.fract() == 0.0 && value.abs() < 9.0e15 {
-                        json!(value as i64)
-                    } else {
-                        json!(value)
-                    };
-                    m.insert(name, v);
-                }
-            }
-            Value::Object(m)
-        }
+        Ok((200, body)) => controller_metrics(&body),
         Ok((status, _)) => json!({"error": format!("/metrics: HTTP {status}")}),
         Err(e) => json!({"error": super::objects::error_chain(&e)}),
     };
@@ -68,6 +54,23 @@ pub fn controller(state: &ClusterState) -> Value {
         "metrics": metrics, "objects": objects,
         "objects_dir": state.objects_dir,
     })
+}
+
+/// The controller's own series (`ambit_*`, histograms' buckets left out) out of its `/metrics`,
+/// by name with labels; counters read as integers, not "2.0".
+pub fn controller_metrics(body: &str) -> Value {
+    let mut m = serde_json::Map::new();
+    for (name, value) in samples(body) {
+        if !name.contains("_bucket") && name.starts_with("ambit_") {
+            let v = if value.fract() == 0.0 && value.abs() < 9.0e15 {
+                json!(value as i64)
+            } else {
+                json!(value)
+            };
+            m.insert(name, v);
+        }
+    }
+    Value::Object(m)
 }
 
 /// Objects in the folder by kind, as the controller's parser reads them.

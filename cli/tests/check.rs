@@ -2,14 +2,22 @@
 //! kube-rs): a healthy install passes every check and exits 0; a missing CRD, a node whose
 //! ztunnel is not ready and a trust root near its expiry are each named with what to do, and
 //! the command exits non-zero. The cluster's objects (Deployments' and pods' statuses) are
-//! written by the test, as kubelet and the controllers of a real cluster would.
+//! written by the test, as kubelet and the controllers of a real cluster would; each ztunnel
+//! pod's admin port is ztunnel's own admin server with a certificate manager holding a real
+//! workload certificate, reached through the API server's port-forward.
 
 // Test helpers panic on unexpected output, as the tests themselves do.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use ambit_testing::apiserver::FakeApiServer;
+use ambit_ztunnel::admin::{Admin, AdminServer};
+use ambit_ztunnel::certs::local::InProcessCa;
+use ambit_ztunnel::certs::{CertConfig, CertManager, TokioClock};
 use serde_json::{json, Value};
 
 const NS: &str = "ambit-system";
@@ -54,8 +62,38 @@ fn deployment(ns: &str, name: &str, ready: i32) -> Value {
     })
 }
 
+/// ztunnel's admin server holding one workload certificate, signed by a CA of its own; the
+/// drain trigger keeps it serving.
+async fn ztunnel_admin() -> (SocketAddr, ambit_ztunnel::drain::DrainTrigger) {
+    let ca = ambit_hbone::ca::CertificateAuthority::generate(
+        "cluster.local",
+        Duration::from_secs(3600 * 24 * 365),
+    )
+    .unwrap();
+    let clock = TokioClock::new();
+    let certs = CertManager::new(
+        InProcessCa::new(Arc::new(ca), clock),
+        clock,
+        CertConfig::default(),
+        None,
+    );
+    let id: ambit_hbone::Identity = "spiffe://cluster.local/ns/demo/sa/echo".parse().unwrap();
+    certs.ensure(&id);
+    certs.wait_ready(&id).await.unwrap();
+    let server = AdminServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Admin::new().with_certs(certs),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let (trigger, watcher) = ambit_ztunnel::drain::channel();
+    tokio::spawn(server.serve(watcher));
+    (addr, trigger)
+}
+
 /// An installed, healthy cluster: CRDs applied through the API as `kubectl apply` would.
-async fn healthy_cluster() -> FakeApiServer {
+async fn healthy_cluster() -> (FakeApiServer, Vec<ambit_ztunnel::drain::DrainTrigger>) {
     let server = FakeApiServer::builder()
         .without_group("security.ambit.dev")
         .without_group("traffic.ambit.dev")
@@ -81,8 +119,23 @@ async fn healthy_cluster() -> FakeApiServer {
                  "template": {"metadata": {"labels": {"app.kubernetes.io/name": "ambit-ztunnel"}},
                               "spec": {"containers": [{"name": "ztunnel", "image": "ambit/ztunnel:test"}]}}},
     }));
-    apply(ztunnel_pod("ambit-ztunnel-aaaaa", "node1", true));
-    apply(ztunnel_pod("ambit-ztunnel-bbbbb", "node2", true));
+    let mut admins = Vec::new();
+    for (pod, node) in [
+        ("ambit-ztunnel-aaaaa", "node1"),
+        ("ambit-ztunnel-bbbbb", "node2"),
+    ] {
+        apply(ztunnel_pod(pod, node, true));
+        let (addr, trigger) = ztunnel_admin().await;
+        admins.push(trigger);
+        server.forward_pod(
+            NS,
+            pod,
+            Arc::new(move |port| {
+                assert_eq!(port, 15000, "only the admin port is read");
+                std::net::TcpStream::connect(addr)
+            }),
+        );
+    }
     apply(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": "waypoint", "namespace": "shop"},
@@ -94,7 +147,7 @@ async fn healthy_cluster() -> FakeApiServer {
         "metadata": {"name": "ambit-root-cert", "namespace": NS},
         "data": {"root-cert.pem": root_pem(2020, 2120)},
     }));
-    server
+    (server, admins)
 }
 
 struct Run {
@@ -130,7 +183,7 @@ fn named<'a>(report: &'a Value, name: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_cluster_passes_and_each_broken_piece_is_named_with_its_fix() {
-    let server = healthy_cluster().await;
+    let (server, _admins) = healthy_cluster().await;
     let dir = tempfile::tempdir().unwrap();
     let kc = kubeconfig(dir.path(), &server);
 
@@ -142,6 +195,8 @@ async fn a_healthy_cluster_passes_and_each_broken_piece_is_named_with_its_fix() 
         "ok      controller",
         "ok      ztunnel on node1",
         "ok      ztunnel on node2",
+        "ok      certificate spiffe://cluster.local/ns/demo/sa/echo on node1",
+        "ok      certificate spiffe://cluster.local/ns/demo/sa/echo on node2",
         "ok      waypoint shop/waypoint",
         "ok      trust root (ambit-system/ambit-root-cert)",
     ] {
@@ -172,7 +227,7 @@ async fn a_healthy_cluster_passes_and_each_broken_piece_is_named_with_its_fix() 
     let run = check(&kc, false).await;
     assert!(!run.ok, "{}", run.text);
     assert!(
-        run.stderr.contains("3 of 10 checks failed"),
+        run.stderr.contains("3 of 11 checks failed"),
         "{}\n{}",
         run.stderr,
         run.text

@@ -1,7 +1,8 @@
 //! `ambitctl check --kubernetes`: an installed cluster, read through its API server with the
 //! operator's kubeconfig. What the API server knows is checked here: the CRDs are served
 //! (discovery lists them, as `kubectl` and the controller's watches need), the controller's
-//! Deployment has ready replicas, every node runs a ready ztunnel pod, each Gateway of class
+//! Deployment has ready replicas, every node runs a ready ztunnel pod whose workload
+//! certificates (its admin `/certs`, through a port-forward) are far from expiry, each Gateway of class
 //! `ambit-waypoint` has a ready waypoint Deployment and no `Programmed=False` condition, and
 //! the trust root the controller publishes (ConfigMap `ambit-root-cert`) has more than a
 //! quarter of its lifetime left.
@@ -10,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ambit_manifests::{ROOT_CERT_CONFIGMAP, WAYPOINT_CLASS};
+use ambitctl::local::cluster::ZTUNNEL_ADMIN_PORT;
 use anyhow::Context;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
@@ -234,24 +236,59 @@ async fn ztunnels(client: &Client, ns: &str) -> Vec<Check> {
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&node_name))
             .collect();
         let pod_name = |p: &Pod| p.metadata.name.clone().unwrap_or_default();
-        out.push(match on_node.iter().find(|p| pod_ready(p)) {
-            Some(p) => Check::ok(name, format!("pod {ns}/{} ready", pod_name(p))),
-            None if on_node.is_empty() => Check::fail(
+        let ready = on_node.iter().find(|p| pod_ready(p));
+        if let Some(p) = ready {
+            out.push(Check::ok(name, format!("pod {ns}/{} ready", pod_name(p))));
+            out.extend(certificates(client, ns, &node_name, &pod_name(p)).await);
+            continue;
+        }
+        out.push(if on_node.is_empty() {
+            Check::fail(
                 name,
                 format!("no ztunnel pod on {node_name}: its enrolled pods are refused"),
                 format!("`kubectl -n {ns} describe daemonset {ZTUNNEL}`: the node's taints need a toleration, or the pod cannot be created"),
-            ),
-            None => {
+            )
+        } else {
                 let names: Vec<String> = on_node.iter().map(|p| pod_name(p)).collect();
                 Check::fail(
                     name,
                     format!("pod {ns}/{} not ready", names.join(", ")),
                     format!("`kubectl -n {ns} logs {} -c ztunnel` (readiness on 15021 says what it waits for); `kubectl -n {ns} describe pod {}`", names[0], names[0]),
                 )
-            }
         });
     }
     out
+}
+
+/// The workload certificates a ztunnel pod holds, read from its admin port (15000, on the
+/// pod's loopback) through a port-forward, against the quarter-of-lifetime rule.
+async fn certificates(client: &Client, ns: &str, node: &str, pod: &str) -> Vec<Check> {
+    let name = format!("certificates on {node}");
+    let fix = format!("the pods/portforward permission is needed to read ztunnel's admin port; `kubectl -n {ns} port-forward pod/{pod} 15000` then `curl localhost:15000/certs` shows what it holds");
+    let body = match crate::cluster::get(client, ns, pod, ZTUNNEL_ADMIN_PORT, "/certs").await {
+        Ok((200, body)) => body,
+        Ok((status, body)) => {
+            return vec![Check::fail(
+                name,
+                format!("/certs of {ns}/{pod}: HTTP {status}: {}", body.trim()),
+                fix,
+            )]
+        }
+        Err(e) => {
+            return vec![Check::fail(
+                name,
+                format!("cannot read /certs of {ns}/{pod}: {e:#}"),
+                fix,
+            )]
+        }
+    };
+    let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    json["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| certs::certificate(node, c))
+        .collect()
 }
 
 /// Each Gateway of class `ambit-waypoint` has a ready waypoint.

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use ambitctl::local::admin;
 use ambitctl::local::cluster::{
@@ -19,7 +18,7 @@ use ambitctl::local::state::{ClusterState, NodeState, PodState};
 use anyhow::Context;
 use serde_json::Value;
 
-use super::certs::{self, Health};
+use super::certs;
 use super::report::{Check, Report};
 
 fn loopback(port: u16) -> SocketAddr {
@@ -189,10 +188,6 @@ fn discovery(node: &NodeState, controller: &str) -> Option<Check> {
     })
 }
 
-fn rfc3339(v: &Value) -> Option<time::OffsetDateTime> {
-    time::OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339).ok()
-}
-
 /// One check per workload certificate the node's ztunnel holds.
 fn certificates(node: &NodeState) -> Vec<Check> {
     let alive = node.ztunnel.as_ref().is_some_and(|z| procs::alive(z.pid));
@@ -218,46 +213,9 @@ fn certificates(node: &NodeState) -> Vec<Check> {
     };
     let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     let list = json["certificates"].as_array().cloned().unwrap_or_default();
-    list.iter().map(|c| certificate(&node.name, c)).collect()
-}
-
-/// One `/certs` entry against the quarter-of-lifetime rule.
-pub fn certificate(node: &str, c: &Value) -> Check {
-    let identity = c["identity"].as_str().unwrap_or("?");
-    let name = format!("certificate {identity} on {node}");
-    let fix_ca = "ztunnel renews at half-life, so renewal is failing: check the controller (its CA) and the ztunnel's log";
-    let last_error = c["last_error"]
-        .as_str()
-        .map(|e| format!("; last renewal error: {e}"))
-        .unwrap_or_default();
-    let (Some(nb), Some(na), Some(left)) = (
-        rfc3339(&c["not_before"]),
-        rfc3339(&c["not_after"]),
-        c["expires_in_seconds"].as_u64(),
-    ) else {
-        return Check::fail(
-            name,
-            format!(
-                "no certificate yet (state {}){last_error}",
-                c["state"].as_str().unwrap_or("?")
-            ),
-            fix_ca,
-        );
-    };
-    let lifetime = Duration::try_from(na - nb).unwrap_or_default();
-    let left = Duration::from_secs(left);
-    let detail = format!(
-        "expires in {} of a {} lifetime{last_error}",
-        certs::human(left),
-        certs::human(lifetime)
-    );
-    match certs::health(left, lifetime) {
-        Health::Fresh => Check::ok(name, detail),
-        Health::Expiring => {
-            Check::fail(name, format!("{detail}: less than a quarter left"), fix_ca)
-        }
-        Health::Expired => Check::fail(name, format!("expired{last_error}"), fix_ca),
-    }
+    list.iter()
+        .map(|c| certs::certificate(&node.name, c))
+        .collect()
 }
 
 fn waypoint(pod: &PodState, gateway: &str, sd: &str) -> Check {
@@ -295,45 +253,5 @@ fn waypoint(pod: &PodState, gateway: &str, sd: &str) -> Check {
             format!("runs but is not ready: {why}"),
             format!("read {}: it logs what it waits for", proc.log.display()),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn certificates_are_judged_on_the_quarter_rule() {
-        let entry = |left: u64| {
-            json!({
-                "identity": "spiffe://cluster.local/ns/demo/sa/echo", "state": "ready",
-                "not_before": "2030-01-01T00:00:00Z", "not_after": "2030-01-02T00:00:00Z",
-                "expires_in_seconds": left,
-            })
-        };
-        let fresh = certificate("node1", &entry(20 * 3600));
-        assert_eq!(
-            fresh.outcome,
-            super::super::report::Outcome::Ok,
-            "{fresh:?}"
-        );
-        assert_eq!(fresh.detail, "expires in 20h00m of a 1d00h lifetime");
-        let old = certificate("node1", &entry(5 * 3600));
-        assert_eq!(old.outcome, super::super::report::Outcome::Fail);
-        assert!(old
-            .name
-            .contains("spiffe://cluster.local/ns/demo/sa/echo on node1"));
-        assert!(old
-            .fix
-            .as_deref()
-            .unwrap_or_default()
-            .contains("renewal is failing"));
-        let pending = certificate(
-            "node2",
-            &json!({"identity": "spiffe://x/ns/a/sa/b", "state": "pending", "last_error": "CA unreachable"}),
-        );
-        assert_eq!(pending.outcome, super::super::report::Outcome::Fail);
-        assert!(pending.detail.contains("CA unreachable"), "{pending:?}");
     }
 }

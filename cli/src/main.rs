@@ -6,7 +6,9 @@
 //! `upgrade`, `pod`, and the hidden
 //! `sample` app) run a mesh on this machine; their shared parts are the library's
 //! `ambitctl::local`. `check` looks at a node before install, or at an installed mesh: the
-//! local one, or a cluster through its API server.
+//! local one, or a cluster through its API server. `status`, `proxy-config` and `check` read
+//! a cluster with `--kubernetes`, through the API server's port-forward to the pods' ops
+//! ports (`cluster`).
 
 mod apply;
 mod check;

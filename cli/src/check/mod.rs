@@ -19,6 +19,7 @@ mod report;
 
 use std::path::PathBuf;
 
+use crate::cluster::ClusterArgs;
 use crate::status::Output;
 use ambitctl::local::inspect::render_table;
 use ambitctl::local::state::DEFAULT_STATE_DIR;
@@ -35,16 +36,8 @@ pub struct Args {
     /// ip6tables, the netns and CNI directories (needs root: it probes in a scratch namespace).
     #[arg(long, conflicts_with = "kubernetes")]
     pre: bool,
-    /// Check the cluster of the current kubeconfig context (or --kubeconfig) instead of the
-    /// local mesh.
-    #[arg(long)]
-    kubernetes: bool,
-    /// The kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
-    #[arg(long, value_name = "FILE", requires = "kubernetes")]
-    kubeconfig: Option<PathBuf>,
-    /// Namespace Ambit was installed in (with --kubernetes).
-    #[arg(long, default_value = ambit_manifests::DEFAULT_NAMESPACE)]
-    namespace: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// The local mesh's state directory.
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -71,8 +64,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             cni_conf: args.cni_conf_dir.clone(),
             cni_bin: args.cni_bin_dir.clone(),
         })?
-    } else if args.kubernetes {
-        kube::run(args.kubeconfig.as_deref(), &args.namespace)?
+    } else if args.cluster.kubernetes {
+        kube::run(args.cluster.kubeconfig.as_deref(), &args.cluster.namespace)?
     } else {
         local::run(&args.state_dir)?
     };

@@ -5,9 +5,14 @@
 //! local-mode subcommands (`up`, `down`, `status`, `proxy-config`, `explain`, `apply`,
 //! `upgrade`, `pod`, `dashboard`, and the hidden
 //! `sample` app) run a mesh on this machine; their shared parts are the library's
-//! `ambitctl::local`.
+//! `ambitctl::local`. `check` looks at a node before install, or at an installed mesh: the
+//! local one, or a cluster through its API server. `status`, `proxy-config` and `check` read
+//! a cluster with `--kubernetes`, through the API server's port-forward to the pods' ops
+//! ports (`cluster`).
 
 mod apply;
+mod check;
+mod cluster;
 mod crds;
 mod dashboard;
 mod down;
@@ -48,9 +53,10 @@ enum Command {
     Down(down::Args),
     /// Replace one node's ztunnel in the local mesh live, without resetting a connection.
     Upgrade(upgrade::Args),
-    /// Health of the local mesh: controller and each node's ztunnel.
+    /// Health of the mesh (local, or `--kubernetes`): controller and each node's ztunnel.
     Status(status::Args),
-    /// What one node's ztunnel holds: workloads, services, policies, certificates.
+    /// What one node's ztunnel holds: workloads, services, policies, certificates (local, or
+    /// `--kubernetes`).
     ProxyConfig(proxy_config::Args),
     /// Why a connection or request from a pod to a destination is allowed or denied: runs
     /// the proxies' own decisions on their live state and names the deciding rule.
@@ -58,6 +64,9 @@ enum Command {
     /// Open the controller's dashboard: forwards it to this machine's loopback and prints
     /// the URL (local mesh; on Kubernetes, prints the port-forward to run).
     Dashboard(dashboard::Args),
+    /// Check a node before install (`--pre`), or an installed mesh (local, or `--kubernetes`):
+    /// each failure says what is wrong and what to do; exits non-zero if any check failed.
+    Check(check::Args),
     /// Check a YAML file and add it to the local mesh's objects folder (live).
     Apply(apply::Args),
     /// Create or delete one pod of the local mesh, as its node would (CNI ADD/DEL).
@@ -82,6 +91,7 @@ fn main() -> ExitCode {
         Command::ProxyConfig(args) => proxy_config::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Dashboard(args) => dashboard::run(&args),
+        Command::Check(args) => check::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! `ambitctl proxy-config <node>`: what one node's ztunnel holds (workloads, services,
-//! policies, certificates with expiry), read from its admin API on 127.0.0.1:15000 inside the
-//! node's namespace. Tables by default, `-o json` for the raw `/config_dump` and `/certs`.
+//! policies, certificates with expiry), read from its admin API on 127.0.0.1:15000: inside the
+//! node's namespace in the local mesh, through a port-forward to the node's ztunnel pod with
+//! `--kubernetes`. Tables by default, `-o json` for the raw `/config_dump` and `/certs`.
 
 use std::path::PathBuf;
 
@@ -9,6 +10,7 @@ use ambitctl::local::state::{ClusterState, DEFAULT_STATE_DIR};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+use crate::cluster::{self, ClusterArgs};
 use crate::status::Output;
 
 /// Options of `ambitctl proxy-config`.
@@ -18,6 +20,8 @@ pub struct Args {
     node: String,
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// `table` or `json`.
     #[arg(short = 'o', long, default_value = "table")]
     output: Output,
@@ -32,6 +36,16 @@ fn rows<'a>(v: &'a Value, f: impl Fn(&'a Value) -> Vec<String>) -> Vec<Vec<Strin
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    if args.cluster.kubernetes {
+        let ns = &args.cluster.namespace;
+        let v = cluster::runtime()?.block_on(async {
+            let client = cluster::client(args.cluster.kubeconfig.as_deref()).await?;
+            let pod = cluster::ztunnel_on(&client, ns, &args.node).await?;
+            anyhow::Ok(cluster::ztunnel(&client, ns, &pod).await)
+        })?;
+        let place = cell(&v["pod"]);
+        return print(args, &place, &v);
+    }
     let state = ClusterState::load(&args.state_dir).context("ambitctl proxy-config")?;
     let Some(node) = state.node(&args.node) else {
         let names: Vec<&str> = state.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -42,8 +56,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
     };
     let v = inspect::node(node);
+    print(args, &node.netns, &v)
+}
+
+/// The tables (or JSON) of one ztunnel's `v` (the shape of `inspect::node`); `place` says
+/// where it runs (its namespace, or its pod).
+fn print(args: &Args, place: &str, v: &Value) -> anyhow::Result<()> {
     if matches!(args.output, Output::Json) {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(v)?);
         return Ok(());
     }
     for what in ["config_dump", "certs"] {
@@ -56,7 +76,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     println!(
         "ztunnel on {} ({}), state version {}\n",
         args.node,
-        node.netns,
+        place,
         cell(&st["version"])
     );
     println!("WORKLOADS");

@@ -1,6 +1,8 @@
-//! `ambitctl status`: is the local mesh healthy? The controller (running, connected proxies,
-//! pushes, certificates signed, objects in its folder and any errors in them) and each node's
-//! ztunnel (ready, workloads known, local pods enrolled, certificates). Tables by default,
+//! `ambitctl status`: is the mesh healthy? The controller (running, connected proxies,
+//! pushes, certificates signed, and in the local mesh the objects in its folder and any errors
+//! in them) and each node's ztunnel (ready, workloads known, local pods enrolled,
+//! certificates). The local mesh by default; `--kubernetes` reads a cluster through its API
+//! server (the same ops ports, port-forwarded) and prints the same tables. Tables by default,
 //! `-o json` for scripts.
 
 use std::path::PathBuf;
@@ -11,11 +13,15 @@ use ambitctl::local::state::{ClusterState, DEFAULT_STATE_DIR};
 use anyhow::Context;
 use serde_json::{json, Value};
 
+use crate::cluster::{self, ClusterArgs};
+
 /// Options of `ambitctl status`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// `table` or `json`.
     #[arg(short = 'o', long, default_value = "table")]
     output: Output,
@@ -29,6 +35,9 @@ pub enum Output {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    if args.cluster.kubernetes {
+        return run_kubernetes(args);
+    }
     let state = ClusterState::load(&args.state_dir).context("ambitctl status")?;
     let controller = inspect::controller(&state);
     let nodes: Vec<Value> = state.nodes.iter().map(inspect::node).collect();
@@ -45,7 +54,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
-    let m = &controller["metrics"];
     println!(
         "controller  {}  {}  pid {}",
         state.controller_url,
@@ -56,17 +64,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         },
         cell(&controller["pid"])
     );
-    if let Some(err) = m.get("error") {
-        println!("  metrics unavailable: {}", cell(err));
-    } else {
-        println!(
-            "  connected ztunnels {}, pushes {}, nacks {}, certificates signed {}",
-            cell(&m["ambit_connected_proxies{kind=\"ztunnel\"}"]),
-            cell(&m["ambit_pushes_total"]),
-            cell(&m["ambit_nacks_total"]),
-            cell(&m["ambit_certificates_signed_total"]),
-        );
-    }
+    print_counters(&controller);
     let by_kind = controller["objects"]["by_kind"]
         .as_object()
         .map(|o| {
@@ -85,6 +83,60 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         println!("  ERROR {}", cell(e));
     }
     println!();
+    print_proxies(&nodes, &waypoints);
+    Ok(())
+}
+
+/// The same report for a cluster: the controller's pod, each ztunnel pod and waypoint pod,
+/// through port-forwards to their ops ports.
+fn run_kubernetes(args: &Args) -> anyhow::Result<()> {
+    let ns = &args.cluster.namespace;
+    let (controller, nodes, waypoints) = cluster::runtime()?.block_on(async {
+        let client = cluster::client(args.cluster.kubeconfig.as_deref()).await?;
+        let (_, controller) = cluster::controller(&client, ns).await?;
+        let nodes = cluster::ztunnels(&client, ns).await?;
+        let waypoints = cluster::waypoints(&client).await;
+        anyhow::Ok((controller, nodes, waypoints))
+    })?;
+    if matches!(args.output, Output::Json) {
+        let all = json!({"controller": controller, "nodes": nodes, "waypoints": waypoints});
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    println!(
+        "controller  {}  {}  pod {}",
+        cell(&controller["url"]),
+        if controller["running"] == true {
+            "running"
+        } else {
+            "NOT RUNNING"
+        },
+        cell(&controller["pod"])
+    );
+    print_counters(&controller);
+    println!();
+    print_proxies(&nodes, &waypoints);
+    Ok(())
+}
+
+/// The controller's counters line.
+fn print_counters(controller: &Value) {
+    let m = &controller["metrics"];
+    if let Some(err) = m.get("error") {
+        println!("  metrics unavailable: {}", cell(err));
+    } else {
+        println!(
+            "  connected ztunnels {}, pushes {}, nacks {}, certificates signed {}",
+            cell(&m["ambit_connected_proxies{kind=\"ztunnel\"}"]),
+            cell(&m["ambit_pushes_total"]),
+            cell(&m["ambit_nacks_total"]),
+            cell(&m["ambit_certificates_signed_total"]),
+        );
+    }
+}
+
+/// The ztunnel and waypoint tables, and what could not be read.
+fn print_proxies(nodes: &[Value], waypoints: &[Value]) {
     let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|n| {
@@ -165,12 +217,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .collect();
         table(&["WAYPOINT", "POD", "IP", "READY"], &rows);
     }
-    for n in &nodes {
+    for n in nodes {
         for what in ["config_dump", "certs"] {
             if let Some(e) = n[what].get("error") {
                 println!("{}: {what}: {}", cell(&n["node"]), cell(e));
             }
         }
     }
-    Ok(())
 }

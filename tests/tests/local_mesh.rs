@@ -521,6 +521,72 @@ fn a_waypoint_in_the_folder_is_started_and_applies_l7_policy() {
     );
     assert_eq!(status["waypoints"][0]["ready"], true, "{status:#}");
 
+    // `ambitctl check` on this healthy mesh (with its waypoint): every check passes.
+    let check = || {
+        let out = ambitctl(&["check", "--state-dir", &sd]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, text, stderr) = check();
+    assert!(ok, "{text}\n{stderr}");
+    for line in [
+        "ok      objects folder",
+        "ok      controller",
+        "ok      ztunnel on node1",
+        "ok      ztunnel on node2",
+        "ok      ztunnel on node2 -> controller",
+        "ok      certificate spiffe://cluster.local/ns/shop/sa/",
+        "ok      waypoint shop/waypoint",
+    ] {
+        assert!(text.contains(line), "{line:?} missing:\n{text}");
+    }
+    assert!(text.contains(", 0 failed"), "{text}");
+
+    // `status` and `proxy-config --kubernetes` read the same ztunnels, controller and waypoint
+    // through an API server's port-forward (the fake one, forwarding into the namespaces as a
+    // kubelet forwards into pods) and print what the local commands print.
+    same_output_through_the_api_server(&mesh);
+
+    // A ztunnel stopped: check names it, says how to start one, and fails.
+    let node2 = mesh.state().node("node2").expect("node2").clone();
+    let z2 = node2.ztunnel.clone().expect("node2's ztunnel");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(z2.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_for(
+        10,
+        "node2's ztunnel to exit",
+        || !procs::alive(z2.pid),
+        String::new,
+    );
+    let (ok, text, stderr) = check();
+    assert!(!ok, "{text}");
+    assert!(stderr.contains("1 of "), "{stderr}");
+    let fail = format!(
+        "FAIL ztunnel on node2: not running (pid {} is gone): pods on node2 are refused, not let through\n  fix: start a new one: `ambitctl upgrade node2 --state-dir {sd}`",
+        z2.pid
+    );
+    assert!(text.contains(&fail), "{fail:?} missing:\n{text}");
+    assert!(text.contains("ok      ztunnel on node1"), "{text}");
+
+    // The fix it names works: after it, every check passes again.
+    let out = ambitctl(&["upgrade", "node2", "--state-dir", &sd]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        30,
+        "check to pass after the named fix",
+        || check().0,
+        || check().1,
+    );
+
     let out = mesh.down();
     assert!(
         out.status.success(),
@@ -715,4 +781,173 @@ fn pods_are_made_through_the_cni_chain_captured_before_their_app_runs_and_delete
             "{said}"
         );
     }
+}
+
+/// The words of each line of `text` from the first line starting with `from`, with durations
+/// like `23h59m` (which tick between two reads) masked.
+fn comparable(text: &str, from: &str) -> Vec<String> {
+    let is_duration = |w: &str| {
+        w.strip_suffix('m')
+            .and_then(|w| w.split_once('h'))
+            .is_some_and(|(h, m)| {
+                !h.is_empty() && h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())
+            })
+    };
+    text.lines()
+        .skip_while(|l| !l.starts_with(from))
+        .map(|l| {
+            l.split_whitespace()
+                .map(|w| if is_duration(w) { "*" } else { w })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// A dial into `netns` to `ip:port`, as the fake API server's port-forward makes it.
+fn dial_into(netns: String, ip: std::net::IpAddr) -> ambit_testing::apiserver::PodDialer {
+    std::sync::Arc::new(move |port| {
+        let addr = SocketAddr::new(ip, port);
+        net::in_netns(&netns, move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })
+        .map_err(std::io::Error::other)?
+    })
+}
+
+fn same_output_through_the_api_server(mesh: &Mesh) {
+    use ambit_testing::apiserver::FakeApiServer;
+    use serde_json::json;
+
+    let state = mesh.state();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let server = rt
+        .block_on(FakeApiServer::start())
+        .expect("fake API server");
+    let apply = |v: serde_json::Value| {
+        server.apply(&v).expect("write to the fake API server");
+    };
+    let pod = |ns: &str, name: &str, labels: serde_json::Value, node: &str, ip: String| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "hostIP": ip, "podIP": ip},
+        })
+    };
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    for ns in ["ambit-system", "shop"] {
+        apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
+    }
+    apply(pod(
+        "ambit-system",
+        "ambit-controller-0",
+        json!({"app.kubernetes.io/name": "ambit-controller"}),
+        "node1",
+        net::FABRIC_IP.to_string(),
+    ));
+    server.forward_pod(
+        "ambit-system",
+        "ambit-controller-0",
+        dial_into(state.fabric.clone(), net::FABRIC_IP.into()),
+    );
+    for node in &state.nodes {
+        apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}}));
+        let name = format!("ambit-ztunnel-{}", node.name);
+        apply(pod(
+            "ambit-system",
+            &name,
+            json!({"app.kubernetes.io/name": "ambit-ztunnel"}),
+            &node.name,
+            node.ip.to_string(),
+        ));
+        server.forward_pod(
+            "ambit-system",
+            &name,
+            dial_into(node.netns.clone(), loopback),
+        );
+    }
+    let [wp] = mesh.pods(["waypoint-0"]);
+    apply(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": "shop"},
+        "spec": {"gatewayClassName": "ambit-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    }));
+    apply(pod(
+        "shop",
+        "waypoint-0",
+        json!({"gateway.networking.k8s.io/gateway-name": "waypoint"}),
+        &wp.node,
+        wp.ip.to_string(),
+    ));
+    server.forward_pod("shop", "waypoint-0", dial_into(wp.netns.clone(), loopback));
+
+    let kubeconfig = mesh.state_dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\ncurrent-context: fake\n",
+            server.url()
+        ),
+    )
+    .expect("kubeconfig");
+    let kc = kubeconfig.display().to_string();
+    let sd = mesh.state_dir.display().to_string();
+    let run = |args: &[&str]| {
+        let out = ambitctl(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ambitctl {args:?}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let local = run(&["status", "--state-dir", &sd]);
+    let kube = run(&["status", "--kubernetes", "--kubeconfig", &kc]);
+    assert!(kube.contains("connected ztunnels 2,"), "{kube}");
+    assert!(
+        kube.contains("pod ambit-system/ambit-controller-0"),
+        "{kube}"
+    );
+    let tables = comparable(&kube, "NODE");
+    assert_eq!(
+        tables,
+        comparable(&local, "NODE"),
+        "local:\n{local}\nkubernetes:\n{kube}"
+    );
+    assert!(
+        tables
+            .iter()
+            .any(|l| l.starts_with("shop/waypoint waypoint-0")
+                || l.starts_with("shop/waypoint shop/waypoint-0")),
+        "{kube}"
+    );
+    assert!(tables.iter().any(|l| l.starts_with("node2 ")), "{kube}");
+
+    let local = run(&["proxy-config", "node1", "--state-dir", &sd]);
+    let kube = run(&["proxy-config", "node1", "--kubernetes", "--kubeconfig", &kc]);
+    assert!(
+        kube.starts_with("ztunnel on node1 (ambit-system/ambit-ztunnel-node1)"),
+        "{kube}"
+    );
+    let body = comparable(&kube, "WORKLOADS");
+    assert!(body.iter().any(|l| l.starts_with("shop api-0 ")), "{kube}");
+    assert_eq!(
+        body,
+        comparable(&local, "WORKLOADS"),
+        "local:\n{local}\nkubernetes:\n{kube}"
+    );
+
+    // A pod whose port cannot be reached is reported, not hung on.
+    let out = ambitctl(&["proxy-config", "node3", "--kubernetes", "--kubeconfig", &kc]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no ztunnel pod on node \"node3\""), "{err}");
+    drop(server);
+    rt.shutdown_background();
 }

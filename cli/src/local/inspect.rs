@@ -44,21 +44,7 @@ pub fn controller(state: &ClusterState) -> Value {
     let running = pid.is_some_and(super::procs::alive);
     let addr = SocketAddr::from((net::FABRIC_IP, CONTROLLER_OPS_PORT));
     let metrics = match admin::get(&state.fabric, addr, "/metrics") {
-        Ok((200, body)) => {
-            let mut m = serde_json::Map::new();
-            for (name, value) in samples(&body) {
-                if !name.contains("_bucket") && name.starts_with("ambit_") {
-                    // Counters read as integers, not "2.0".
-                    let v = if value.fract() == 0.0 && value.abs() < 9.0e15 {
-                        json!(value as i64)
-                    } else {
-                        json!(value)
-                    };
-                    m.insert(name, v);
-                }
-            }
-            Value::Object(m)
-        }
+        Ok((200, body)) => controller_metrics(&body),
         Ok((status, _)) => json!({"error": format!("/metrics: HTTP {status}")}),
         Err(e) => json!({"error": super::objects::error_chain(&e)}),
     };
@@ -68,6 +54,23 @@ pub fn controller(state: &ClusterState) -> Value {
         "metrics": metrics, "objects": objects,
         "objects_dir": state.objects_dir,
     })
+}
+
+/// The controller's own series (`ambit_*`, histograms' buckets left out) out of its `/metrics`,
+/// by name with labels; counters read as integers, not "2.0".
+pub fn controller_metrics(body: &str) -> Value {
+    let mut m = serde_json::Map::new();
+    for (name, value) in samples(body) {
+        if !name.contains("_bucket") && name.starts_with("ambit_") {
+            let v = if value.fract() == 0.0 && value.abs() < 9.0e15 {
+                json!(value as i64)
+            } else {
+                json!(value)
+            };
+            m.insert(name, v);
+        }
+    }
+    Value::Object(m)
 }
 
 /// Objects in the folder by kind, as the controller's parser reads them.
@@ -124,6 +127,11 @@ pub fn waypoint(pod: &super::state::PodState, gateway: &str) -> Value {
 
 /// Prints rows as aligned columns under a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    print!("{}", render_table(header, rows));
+}
+
+/// Rows as aligned columns under a header, one line each.
+pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -132,18 +140,21 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
             }
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
     };
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+    out
 }
 
 /// A JSON value as a short cell.

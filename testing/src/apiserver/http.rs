@@ -59,8 +59,13 @@ pub(crate) async fn handle(
         verb,
         bearer,
     });
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result = match (route, fault) {
         (_, Some(fault)) => Err(fault),
+        (_, None) if super::portforward::matches(&segs).is_some() => {
+            let (ns, pod) = super::portforward::matches(&segs).unwrap_or_default();
+            super::portforward::serve(&shared, req, ns, pod, &query)
+        }
         (Ok(route), None) => dispatch(&shared, req, route, verb, &query).await,
         (Err(e), None) => Err(e),
     };

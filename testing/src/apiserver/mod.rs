@@ -9,7 +9,9 @@
 //! - discovery (`/api`, `/apis`, APIResourceLists) lists only what is installed, so a CRD that
 //!   is not installed is a 404 like on a real cluster;
 //! - `Status` errors with real codes and reasons; managedFields stamped on every write;
-//! - TokenReview answers from tokens the test registers.
+//! - TokenReview answers from tokens the test registers;
+//! - `pods/<name>/portforward` upgrades to a WebSocket with the `v4.channel.k8s.io` framing,
+//!   connected to whatever the test registered for that pod.
 //!
 //! Tests drive it through [`FakeApiServer`]: write objects directly, compact the history, close
 //! or pause watches (a partition), install CRDs late, and inspect the requests clients made.
@@ -18,6 +20,7 @@
 
 mod crd;
 mod http;
+mod portforward;
 mod resource;
 mod response;
 mod selector;
@@ -33,6 +36,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 
+pub use portforward::PodDialer;
 pub use resource::ResourceType;
 use store::State;
 pub use store::{ApiError, TokenUser};
@@ -133,6 +137,8 @@ pub(crate) struct Shared {
     addr: SocketAddr,
     /// The only bearer token accepted, if the server checks.
     bearer: Option<String>,
+    /// How to reach each pod's ports for `portforward`, by (namespace, name).
+    dialers: Mutex<std::collections::HashMap<(String, String), PodDialer>>,
 }
 
 impl Shared {
@@ -357,6 +363,7 @@ impl Builder {
             expired_sent: AtomicU64::new(0),
             addr,
             bearer: self.bearer,
+            dialers: Mutex::default(),
         });
         tokio::spawn(accept(listener, shared.clone()));
         Ok(FakeApiServer { shared })
@@ -384,6 +391,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
+                .with_upgrades()
                 .await
             {
                 tracing::debug!(error = %e, "fake API server: connection ended");
@@ -518,6 +526,17 @@ impl FakeApiServer {
             .bookmark_interval
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = interval;
+    }
+
+    /// Serves `pods/<name>/portforward` for the pod `namespace/name`: each forwarded
+    /// connection is made by `dial` (given the port), as the kubelet would connect inside the
+    /// pod. Without one, portforward answers 404 like for a pod that does not exist.
+    pub fn forward_pod(&self, namespace: &str, name: &str, dial: PodDialer) {
+        self.shared
+            .dialers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.to_owned(), name.to_owned()), dial);
     }
 
     /// Registers a token for TokenReview.

@@ -354,3 +354,73 @@ async fn bearer_token_required_when_configured() {
         "default and kube-system"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portforward_carries_bytes_both_ways_through_kube() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = server().await;
+    server.apply(&pod("a", "web-0", "web")).expect("pod");
+    // The pod's port: an echo server that upper-cases, then closes after one line.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        use std::io::{BufRead as _, Write as _};
+        for conn in listener.incoming().flatten() {
+            let mut line = String::new();
+            let mut reader = std::io::BufReader::new(&conn);
+            if reader.read_line(&mut line).is_ok() {
+                let _ = (&conn).write_all(line.to_uppercase().as_bytes());
+            }
+        }
+    });
+    let dialed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = dialed.clone();
+    server.forward_pod(
+        "a",
+        "web-0",
+        Arc::new(move |port| {
+            seen.lock().unwrap_or_else(|e| e.into_inner()).push(port);
+            std::net::TcpStream::connect(addr)
+        }),
+    );
+    let pods: Api<Pod> = Api::namespaced(server.client().expect("client"), "a");
+    let mut forward = pods
+        .portforward("web-0", &[15000])
+        .await
+        .expect("portforward");
+    let mut stream = forward.take_stream(15000).expect("stream");
+    stream.write_all(b"hello pod\n").await.expect("write");
+    let mut back = String::new();
+    // The pod closes after its answer: the forward ends and the read sees the end.
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut back))
+        .await
+        .expect("the forward ends when the pod closes")
+        .expect("read");
+    assert_eq!(back, "HELLO POD\n");
+    assert_eq!(*dialed.lock().unwrap_or_else(|e| e.into_inner()), [15000]);
+
+    // A pod nobody forwards for is a 404, as for a pod that does not exist.
+    let err = pods.portforward("db-0", &[15000]).await.err().expect("404");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 404),
+        "{err:?}"
+    );
+
+    // A port the pod does not listen on: the dial error arrives on the error channel.
+    server.forward_pod(
+        "a",
+        "web-0",
+        Arc::new(|_| Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))),
+    );
+    let mut forward = pods
+        .portforward("web-0", &[15001])
+        .await
+        .expect("portforward");
+    let error = forward.take_error(15001).expect("error channel");
+    let message = tokio::time::timeout(Duration::from_secs(5), error)
+        .await
+        .expect("an error in time")
+        .expect("an error message");
+    assert!(message.contains("error forwarding port 15001"), "{message}");
+}

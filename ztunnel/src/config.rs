@@ -215,8 +215,13 @@ impl Config {
 
 pub use ambit_runtime::control::default_controller_identity;
 
+/// Every URL of `value` (one, or several controller replicas separated by commas) is
+/// `http://` or `https://`.
 fn check_url(flag: &'static str, value: &str) -> Result<(), ConfigError> {
-    if value.starts_with("http://") || value.starts_with("https://") {
+    let mut urls = ambit_hbone::control::split_addresses(value).peekable();
+    let ok = urls.peek().is_some()
+        && urls.all(|u| u.starts_with("http://") || u.starts_with("https://"));
+    if ok {
         Ok(())
     } else {
         Err(ConfigError::Url {

@@ -164,28 +164,34 @@ impl Leadership {
 }
 
 /// Runs `task()` while `leadership` holds: started each time leadership is acquired,
-/// aborted the moment it is lost (an in-flight write is dropped with it). Runs until the
-/// returned future is dropped.
+/// aborted the moment it is lost (an in-flight write is dropped with it), and aborted too
+/// when the returned future is dropped. Runs until then.
 pub async fn while_leader<F, Fut>(leadership: Leadership, what: &'static str, task: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    /// Aborts the term's task when dropped: at the end of a term, or with this future.
+    struct Term(tokio::task::JoinHandle<()>);
+    impl Drop for Term {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
     loop {
         leadership.acquired().await;
         tracing::info!(%what, "leading: starting");
-        let handle = tokio::spawn(task());
-        let abort = handle.abort_handle();
+        let mut term = Term(tokio::spawn(task()));
         tokio::select! {
             () = leadership.lost() => {
-                abort.abort();
                 tracing::warn!(%what, "leadership lost: stopped");
             }
-            _ = handle => {
+            _ = &mut term.0 => {
                 // Finished on its own: wait for the next term before running it again.
                 leadership.lost().await;
             }
         }
+        drop(term);
     }
 }
 
@@ -487,24 +493,28 @@ mod tests {
     #[tokio::test]
     async fn while_leader_runs_the_task_only_during_a_term() {
         let (tx, leadership) = Leadership::channel();
+        // Each run hands the test a receiver that fails when the run is dropped (aborted).
         let (runs_tx, mut runs) = tokio::sync::mpsc::unbounded_channel();
         let runner = tokio::spawn(while_leader(leadership.clone(), "test", move || {
             let runs_tx = runs_tx.clone();
             async move {
-                let _alive = runs_tx.clone();
-                let _ = runs_tx.send(());
+                let (alive, watched) = tokio::sync::oneshot::channel::<()>();
+                let _ = runs_tx.send(watched);
                 std::future::pending::<()>().await;
+                drop(alive);
             }
         }));
         tokio::task::yield_now().await;
         assert!(runs.try_recv().is_err(), "ran without leadership");
         leadership.set(&tx, true);
-        runs.recv().await.unwrap();
+        let first = runs.recv().await.unwrap();
         leadership.set(&tx, false);
-        // The aborted task drops its sender clone; the next term starts a new one.
+        assert!(first.await.is_err(), "the run outlived its term");
         leadership.set(&tx, true);
-        runs.recv().await.unwrap();
+        let second = runs.recv().await.unwrap();
         runner.abort();
+        let _ = runner.await;
+        assert!(second.await.is_err());
     }
 
     #[test]

@@ -350,6 +350,18 @@ mod tests {
     }
 
     #[test]
+    fn the_controller_may_be_several_replicas_each_a_url() {
+        let both = "https://10.77.0.1:15012,https://10.77.0.1:15112";
+        let cfg = parse(&["--controller", both, "--ca-root-file", "/r.pem"]).unwrap();
+        assert!(matches!(&cfg.state, StateSource::Controller(u) if u == both));
+        assert!(matches!(&cfg.ca, CaSource::Grpc(u) if u == both));
+        for bad in ["https://10.77.0.1:15012,10.77.0.1:15112", " , "] {
+            let err = parse(&["--controller", bad, "--ca-root-file", "/r.pem"]).unwrap_err();
+            assert!(matches!(err, ConfigError::Url { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn an_upgrade_keeps_connections_an_hour_and_takes_the_listeners_by_default() {
         let base = ["--static-state", "/s.yaml", "--ca-address", "http://ca:1"];
         let cfg = parse(&base).unwrap();

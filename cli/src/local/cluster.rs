@@ -691,6 +691,9 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
         "examples",
         "ztunnel",
         "cni",
+        // The controllers' leader election (lock file and leader record).
+        ambit_controller::leader::LOCK_FILE,
+        ambit_controller::leader::RECORD_FILE,
     ];
     if objects_ours {
         entries.push("objects");

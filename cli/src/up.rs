@@ -35,6 +35,12 @@ pub struct Args {
     /// Prefix of the network namespaces' names (tests use their own).
     #[arg(long, default_value = DEFAULT_PREFIX, hide = true)]
     netns_prefix: String,
+    /// Controller replicas to run (1 to 5), each serving discovery and the CA on the
+    /// fabric's address (replica i on ports 15012+100i and 15014+100i); they elect a leader
+    /// with a lock file in the state dir, and the ztunnels and waypoints are given all of
+    /// them, so killing one leaves the mesh with the others.
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=cluster::MAX_CONTROLLERS as u64))]
+    controllers: usize,
     /// Start the cluster and return; `ambitctl down` stops it.
     #[arg(long)]
     detach: bool,
@@ -57,6 +63,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             pods_per_node: args.pods_per_node,
             enroll: args.enroll.clone(),
         },
+        controllers: args.controllers,
     };
     eprintln!(
         "ambitctl: building {} node(s) under {} ...",
@@ -126,6 +133,15 @@ fn print_summary(state: &ClusterState) {
         ambitctl::local::cluster::CONTROLLER_OPS_PORT,
         state.objects_dir.display()
     );
+    for c in &state.more_controllers {
+        println!(
+            "  {}  {} (another replica: discovery and CA), metrics http://{}/metrics; the leader is named in {}/leader",
+            c.name,
+            c.url,
+            c.ops,
+            state.state_dir.display()
+        );
+    }
     for n in &state.nodes {
         println!(
             "  {:<10}  {} netns {}  ztunnel metrics http://{}:15020/metrics, readiness :15021, admin 127.0.0.1:15000",
@@ -226,11 +242,15 @@ impl Signals {
     }
 }
 
-/// Prints what happens until Ctrl-C or SIGTERM (or until the controller dies).
+/// Prints what happens until Ctrl-C or SIGTERM (or until every controller replica died).
 fn follow(state: &ClusterState, signals: &mut Signals) -> anyhow::Result<()> {
     let mut tail = Tail::of_cluster(state);
     let mut pretty = Pretty::default();
-    let controller = state.controller.as_ref().map(|c| c.pid);
+    let controllers: Vec<i32> = state
+        .controller_procs()
+        .iter()
+        .map(|(_, p)| p.pid)
+        .collect();
     let Signals {
         rt,
         interrupt,
@@ -243,9 +263,13 @@ fn follow(state: &ClusterState, signals: &mut Signals) -> anyhow::Result<()> {
                     println!("{out}");
                 }
             }
-            if controller.is_some_and(|pid| !ambitctl::local::procs::alive(pid)) {
+            if !controllers.is_empty()
+                && controllers
+                    .iter()
+                    .all(|pid| !ambitctl::local::procs::alive(*pid))
+            {
                 bail!(
-                    "the controller exited; see {}/logs/controller.log",
+                    "the controller exited; see {}/logs/controller*.log",
                     state.state_dir.display()
                 );
             }

@@ -7,7 +7,9 @@
 //! snapshot per proxy and pushes only what changed. The [`ca`] signs workload certificates
 //! for authenticated callers, authorized against the same model; both run in one TLS
 //! [`server`], whose requests know their peer through [`conn`]; [`ops`] serves metrics and
-//! readiness, and the [`dashboard`] built from the proxies' metrics; [`waypoints`] deploys a waypoint per `ambit-waypoint` Gateway (Kubernetes).
+//! readiness, and the [`dashboard`] built from the proxies' metrics; [`waypoints`] deploys a
+//! waypoint per `ambit-waypoint` Gateway (Kubernetes); [`leader`] elects the one replica of
+//! several that does the writes.
 //! This crate does not talk to proxies' data paths and holds no per-connection state beyond
 //! discovery subscriptions.
 
@@ -16,6 +18,7 @@ pub mod conn;
 pub mod crd;
 pub mod dashboard;
 pub mod discovery;
+pub mod leader;
 pub mod model;
 pub mod ops;
 pub mod server;

@@ -14,6 +14,13 @@
 //! discovery stream cleanly and exit 0 (after at most [`DRAIN_DEADLINE`]); a source
 //! failing for good stops the process with its error.
 //!
+//! High availability: several replicas may run side by side. Every replica serves
+//! discovery and the CA; one, the leader ([`leader`]: a Lease on Kubernetes, a lock file in
+//! `--state-dir` in local mode), does the writes: on Kubernetes the CA Secret (followers
+//! wait for it and load it), the trust-root ConfigMap and the waypoint objects; in local
+//! mode the generated root and the node credentials at start (followers load them) and the
+//! leader record `<state-dir>/leader`. Leadership lost stops the writes at once.
+//!
 //! Callers authenticate with bearer tokens: in local mode, node credentials issued at
 //! start under `<state-dir>/credentials/` (one per `--nodes` entry); in Kubernetes mode,
 //! projected service-account tokens checked with TokenReview. Proxies verify the
@@ -31,6 +38,7 @@ use ambit_controller::ca::store::CaFiles;
 use ambit_controller::ca::{AuthConfig, Security, SecurityConfig};
 use ambit_controller::dashboard::{Dashboard, DashboardOptions};
 use ambit_controller::discovery::{DiscoveryOptions, DiscoveryService};
+use ambit_controller::leader::{self, ElectionConfig, FileElector, Leadership, LeaseElector};
 use ambit_controller::model::{ModelBuilder, ModelConfig};
 use ambit_controller::ops::{Ops, Readiness};
 use ambit_controller::server::GrpcServer;
@@ -134,8 +142,55 @@ struct Args {
     /// on the operations port), in milliseconds; rates are over the last six scrapes.
     #[arg(long, env = "AMBIT_DASHBOARD_SCRAPE_INTERVAL_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
     dashboard_scrape_interval_ms: u64,
+    /// This replica's name in the leader election (the Lease's holder, the local leader
+    /// record); default: `$POD_NAME`, else the host name and process id.
+    #[arg(long, env = "POD_NAME")]
+    leader_identity: Option<String>,
+    /// Kubernetes mode: how long followers wait after the Lease last changed before taking
+    /// it over, in seconds.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    lease_duration_seconds: u64,
+    /// Kubernetes mode: how long the leader keeps leading without renewing the Lease, in
+    /// seconds (shorter than `--lease-duration-seconds`).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    renew_deadline_seconds: u64,
+    /// Kubernetes mode: how often each replica tries to acquire or renew the Lease, in
+    /// seconds (shorter than `--renew-deadline-seconds`).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    retry_period_seconds: u64,
     #[command(flatten)]
     log: LogArgs,
+}
+
+impl Args {
+    /// The Lease election's timing, checked so that a leader always stops before a
+    /// follower may start.
+    fn election(&self) -> anyhow::Result<ElectionConfig> {
+        if self.renew_deadline_seconds >= self.lease_duration_seconds
+            || self.retry_period_seconds >= self.renew_deadline_seconds
+        {
+            bail!(
+                "leader election needs --retry-period-seconds ({}) < --renew-deadline-seconds ({}) < --lease-duration-seconds ({})",
+                self.retry_period_seconds,
+                self.renew_deadline_seconds,
+                self.lease_duration_seconds
+            );
+        }
+        let identity = self.leader_identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "ambit-controller".to_string());
+            format!("{host}-{}", std::process::id())
+        });
+        Ok(ElectionConfig {
+            identity,
+            lease_duration: Duration::from_secs(self.lease_duration_seconds),
+            renew_deadline: Duration::from_secs(self.renew_deadline_seconds),
+            retry_period: Duration::from_secs(self.retry_period_seconds),
+        })
+    }
 }
 
 /// Splits a PEM bundle into its certificates, each as its own PEM string.
@@ -188,6 +243,59 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Local mode: sets up the CA as the leader (generating the root and issuing the node
+/// credentials) or, while another live controller leads over the same state directory, as
+/// a follower that loads what that leader wrote once its record says it is done.
+async fn local_security(
+    config: SecurityConfig,
+    leadership: &Leadership,
+) -> Result<Security, ambit_controller::ca::setup::SetupError> {
+    let mut waited = false;
+    loop {
+        if leadership.is_leader() {
+            return Security::start(config);
+        }
+        if FileElector::current(&config.state_dir).is_some_and(|(_, pid)| pid != std::process::id())
+        {
+            return Security::start_following(config);
+        }
+        if !waited {
+            tracing::info!(
+                "following: waiting for the leading controller to issue the credentials"
+            );
+            waited = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = leadership.acquired() => {}
+        }
+    }
+}
+
+/// Kubernetes mode: what the leader writes during its term. The trust-root ConfigMap is
+/// applied (retried until it is), then waypoints are deployed for Gateways until the term
+/// ends (the task is aborted then).
+async fn leader_writes(
+    client: kube::Client,
+    namespace: String,
+    roots_pem: String,
+    waypoints: Option<WaypointDeployer>,
+) {
+    loop {
+        match kube_store::publish_roots(client.clone(), &namespace, &roots_pem).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "publishing the trust root; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+    match waypoints {
+        Some(deployer) => deployer.run().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -279,6 +387,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         AuthConfig::Kubernetes { client, .. } => Some(client.clone()),
         AuthConfig::Local { .. } => None,
     };
+    let election = args.election()?;
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let security_config = SecurityConfig {
         state_dir: args.state_dir.clone(),
         trust_domain: args.mesh.trust_domain.clone(),
@@ -287,42 +397,79 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cert_validity: Duration::from_secs(args.cert_validity_seconds),
         auth,
     };
-    // Kubernetes mode without a plugged-in CA: the root lives in the `ambit-ca` Secret,
-    // since the pod's state directory does not survive a restart.
+    // Elect first: what this replica may write at start depends on it.
+    let (leadership, elector) = match &kube_client {
+        Some(client) => {
+            let (leadership, task) =
+                LeaseElector::new(client.clone(), &args.root_namespace, election.clone())
+                    .spawn(closing.clone());
+            (leadership, Some(task))
+        }
+        None => (
+            FileElector::new(&args.state_dir, &election.identity)
+                .spawn()
+                .context("leader election")?,
+            None,
+        ),
+    };
     let security = match (&kube_client, &security_config.ca_files) {
+        // Kubernetes mode without a plugged-in CA: the root lives in the `ambit-ca` Secret,
+        // since the pod's state directory does not survive a restart; the leader stores it.
         (Some(client), None) => {
-            let (ca, origin) = kube_store::load_or_generate(
+            let (ca, origin) = kube_store::load_when_led(
                 client.clone(),
                 &args.root_namespace,
                 &args.mesh.trust_domain,
+                &leadership,
+                election.retry_period,
             )
             .await
             .context("loading the CA from its Secret")?;
             Security::from_ca(security_config, ca, origin)
         }
-        _ => Security::start(security_config),
+        (Some(_), Some(_)) => Security::start(security_config),
+        (None, _) => local_security(security_config, &leadership).await,
     }
     .context("setting up the CA")?;
-    if let Some(client) = &kube_client {
-        kube_store::publish_roots(
-            client.clone(),
-            &args.root_namespace,
-            &security.roots_pem().concat(),
-        )
-        .await
-        .context("publishing the trust root")?;
-    }
-    // Dropped (and so stopped) when `run` returns.
-    let _waypoints = match (&kube_client, &args.waypoint_image) {
-        (Some(client), Some(image)) => {
-            let address = args.controller_address.clone().unwrap_or_else(|| {
-                format!("https://ambit-controller.{}.svc:15012", args.root_namespace)
+    // The leader's writes, started with each term and stopped the moment it ends.
+    let _writes = match &kube_client {
+        Some(client) => {
+            let waypoints = args.waypoint_image.as_ref().map(|image| {
+                let address = args.controller_address.clone().unwrap_or_else(|| {
+                    format!("https://ambit-controller.{}.svc:15012", args.root_namespace)
+                });
+                WaypointDeployer::new(client.clone(), image, &args.mesh.trust_domain, &address)
             });
-            let deployer =
-                WaypointDeployer::new(client.clone(), image, &args.mesh.trust_domain, &address);
-            Some(AbortOnDrop(tokio::spawn(deployer.run())))
+            let (client, namespace) = (client.clone(), args.root_namespace.clone());
+            let roots = security.roots_pem().concat();
+            AbortOnDrop(tokio::spawn(leader::while_leader(
+                leadership.clone(),
+                "writes",
+                move || {
+                    leader_writes(
+                        client.clone(),
+                        namespace.clone(),
+                        roots.clone(),
+                        waypoints.clone(),
+                    )
+                },
+            )))
         }
-        _ => None,
+        None => {
+            let (state_dir, identity) = (args.state_dir.clone(), election.identity.clone());
+            AbortOnDrop(tokio::spawn(leader::while_leader(
+                leadership.clone(),
+                "leader record",
+                move || {
+                    let (state_dir, identity) = (state_dir.clone(), identity.clone());
+                    async move {
+                        if let Err(e) = FileElector::write_record(&state_dir, &identity) {
+                            tracing::warn!(error = %error_chain(&e), "leader record");
+                        }
+                    }
+                },
+            )))
+        }
     };
     tracing::info!(origin = ?security.origin, identity = %security.identity, roots = %args.state_dir.join(ambit_controller::ca::store::ROOT_CERT_FILE).display(), "CA ready");
     let mut trust_roots = security.roots_pem();
@@ -341,12 +488,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let readiness = Readiness::new(model.clone());
     readiness.set_ca_loaded();
-    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let (_roots_tx, roots_rx) = tokio::sync::watch::channel(Arc::new(trust_roots));
     let discovery = DiscoveryService::new(model.clone(), roots_rx, DiscoveryOptions::default())
         .with_authenticator(security.authenticator.clone())
         .with_shutdown(closing.clone());
-    let mut ops = Ops::new(discovery.registry(), &security.metrics, readiness.clone());
+    let mut ops = Ops::new(discovery.registry(), &security.metrics, readiness.clone())
+        .with_leadership(&leadership);
     if let Some(errors) = local_errors {
         ops = ops.with_source_errors(errors);
     }
@@ -395,6 +542,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
         let _ = server.await;
         let _ = ops.await;
+        // The elector releases the Lease on `closing`, so the next leader need not wait.
+        if let Some(elector) = elector {
+            let _ = elector.await;
+        }
     })
     .await;
     if drained.is_err() {

@@ -123,6 +123,15 @@ impl Ops {
         }
     }
 
+    /// Exposes `ambit_controller_leader`, whether this replica leads.
+    pub fn with_leadership(mut self, leadership: &crate::leader::Leadership) -> Self {
+        // Only before the first clone, which is when the binary calls it.
+        if let Some(registry) = Arc::get_mut(&mut self.registry) {
+            leadership.register(registry);
+        }
+        self
+    }
+
     /// Reports the local source's problems (its [`crate::source::local::LocalSource::errors`]).
     pub fn with_source_errors(
         mut self,

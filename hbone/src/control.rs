@@ -12,9 +12,18 @@
 //! The channel connects lazily and reconnects on its own; HTTP/2 keep-alive pings make a
 //! controller that went silent (a dead node, a dropped route) show up as a failed stream
 //! within seconds rather than after TCP's retransmission timeout of many minutes.
+//!
+//! High availability: the address may be a comma-separated list of controller replicas
+//! (`https://10.77.0.1:15012,https://10.77.0.1:15112`). Every replica serves discovery and
+//! the CA, so each new connection dials the replica that answered last and, when it does not
+//! answer, the next ones in turn ([`Dialer`]): a proxy whose replica went away is connected
+//! to another one by its next reconnect, without waiting for the dead one's timeout more than
+//! [`FAILOVER_DIAL_TIMEOUT`]. On Kubernetes one address (the Service) is enough: its next
+//! connection lands on a live replica.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,6 +43,9 @@ use crate::tls::{self, TlsError, TrustBundle};
 pub const DEFAULT_PORT: u16 = 15012;
 /// How long dialing and the TLS handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one replica of a list may take to accept TCP before the next is tried: a
+/// replica on a dead host never answers, and the proxies must move on within seconds.
+pub const FAILOVER_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often an HTTP/2 ping checks that the controller is still there.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// How long a ping may go unanswered before the connection is declared dead.
@@ -60,6 +72,15 @@ pub enum ControlError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// An address without a host to dial.
+    #[error("{addr:?} names no host to dial")]
+    NoHost {
+        /// The address as given.
+        addr: String,
+    },
+    /// An empty list of addresses.
+    #[error("no controller address given")]
+    NoAddress,
     /// A plaintext URL was given to a function that only speaks TLS.
     #[error("{addr:?}: the controller connection is always TLS; use https:// or host:port")]
     Plaintext {
@@ -95,19 +116,46 @@ pub fn channel(addr: &str, roots_pem: &str, expected: &Identity) -> Result<Chann
     channel_with_config(addr, config)
 }
 
-/// [`channel`] with a prepared client configuration.
+/// [`channel`] with a prepared client configuration; `addr` may list several replicas,
+/// separated by commas.
 pub fn channel_with_config(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, ControlError> {
-    let url = if addr.contains("://") {
-        if !addr.starts_with("https://") {
-            return Err(ControlError::Plaintext {
-                addr: addr.to_string(),
-            });
-        }
-        addr.to_string()
-    } else {
-        format!("https://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url)
+    let mut urls = Vec::new();
+    for one in split_addresses(addr) {
+        let url = if one.contains("://") {
+            if !one.starts_with("https://") {
+                return Err(ControlError::Plaintext {
+                    addr: one.to_string(),
+                });
+            }
+            one.to_string()
+        } else {
+            format!("https://{one}")
+        };
+        urls.push(url);
+    }
+    let dialer = Dialer::new(&urls)?;
+    Ok(endpoint(&urls[0], addr)?.connect_with_connector_lazy(Connector { config, dialer }))
+}
+
+/// A lazily connecting plaintext channel to `addr` (`http://host:port`, possibly several
+/// separated by commas), failing over as [`channel`] does: for a controller on loopback
+/// in tests.
+pub fn plaintext_channel(addr: &str) -> Result<Channel, ControlError> {
+    let urls: Vec<String> = split_addresses(addr).map(str::to_string).collect();
+    let dialer = Dialer::new(&urls)?;
+    let first = urls.first().ok_or(ControlError::NoAddress)?;
+    Ok(endpoint(first, addr)?.connect_with_connector_lazy(PlainConnector { dialer }))
+}
+
+/// The addresses of a comma-separated list, trimmed, empty entries skipped.
+pub fn split_addresses(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|a| !a.is_empty())
+}
+
+/// The endpoint settings every controller channel shares. Its URI only names the HTTP/2
+/// `:authority`; which replica is dialed is the [`Dialer`]'s choice.
+fn endpoint(url: &str, addr: &str) -> Result<Endpoint, ControlError> {
+    Ok(Endpoint::from_shared(url.to_string())
         .map_err(|source| ControlError::Address {
             addr: addr.to_string(),
             source,
@@ -117,14 +165,82 @@ pub fn channel_with_config(addr: &str, config: Arc<ClientConfig>) -> Result<Chan
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         // Discovery streams are long-lived and may be quiet for hours; ping them too.
         .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_with_connector_lazy(Connector { config }))
+        .tcp_nodelay(true))
 }
 
-/// Dials TCP and runs the TLS handshake for each new controller connection.
+/// Dials one of the controller replicas: the one that answered last first, then the others
+/// in list order. Cheap to clone (clones share the last good choice).
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    targets: Arc<[(String, u16)]>,
+    /// Index of the replica that accepted the last connection.
+    last_good: Arc<AtomicUsize>,
+}
+
+impl Dialer {
+    /// A dialer over `urls` (`scheme://host:port`, the port defaulting to
+    /// [`DEFAULT_PORT`]).
+    pub fn new(urls: &[String]) -> Result<Self, ControlError> {
+        let mut targets = Vec::new();
+        for url in urls {
+            let uri: Uri = url
+                .parse()
+                .map_err(|_| ControlError::NoHost { addr: url.clone() })?;
+            let host = uri
+                .host()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| ControlError::NoHost { addr: url.clone() })?
+                .trim_matches(['[', ']']);
+            targets.push((host.to_string(), uri.port_u16().unwrap_or(DEFAULT_PORT)));
+        }
+        if targets.is_empty() {
+            return Err(ControlError::NoAddress);
+        }
+        Ok(Dialer {
+            targets: targets.into(),
+            last_good: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// A TCP connection to the first replica that accepts one; the error of the last one
+    /// tried when none does.
+    pub async fn dial(&self) -> std::io::Result<TcpStream> {
+        let n = self.targets.len();
+        let start = self.last_good.load(Ordering::Relaxed) % n;
+        let mut last_err = None;
+        for i in 0..n {
+            let index = (start + i) % n;
+            let (host, port) = &self.targets[index];
+            // A single replica gets the whole connect timeout; in a list, a silent one
+            // must not hold the others back.
+            let limit = if n == 1 {
+                CONNECT_TIMEOUT
+            } else {
+                FAILOVER_DIAL_TIMEOUT
+            };
+            match tokio::time::timeout(limit, TcpStream::connect((host.as_str(), *port))).await {
+                Ok(Ok(tcp)) => {
+                    self.last_good.store(index, Ordering::Relaxed);
+                    return Ok(tcp);
+                }
+                Ok(Err(e)) => last_err = Some(e),
+                Err(_) => {
+                    last_err = Some(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("controller {host}:{port} did not answer within {limit:?}"),
+                    ))
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| std::io::Error::other("no controller address")))
+    }
+}
+
+/// Dials a replica and runs the TLS handshake for each new controller connection.
 #[derive(Clone)]
 struct Connector {
     config: Arc<ClientConfig>,
+    dialer: Dialer,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -138,12 +254,11 @@ impl tonic::codegen::Service<Uri> for Connector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
+    fn call(&mut self, _uri: Uri) -> Self::Future {
         let config = self.config.clone();
+        let dialer = self.dialer.clone();
         Box::pin(async move {
-            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
-            let port = uri.port_u16().unwrap_or(DEFAULT_PORT);
-            let tcp = TcpStream::connect((host, port)).await?;
+            let tcp = dialer.dial().await?;
             tcp.set_nodelay(true)?;
             // The TLS server name is a placeholder: the verifier checks the SPIFFE
             // identity, not a host name (see `tls::server_name`).
@@ -151,6 +266,31 @@ impl tonic::codegen::Service<Uri> for Connector {
                 .connect(tls::server_name(), tcp)
                 .await?;
             Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+/// Dials a replica in plaintext (tests with a controller on loopback).
+#[derive(Clone)]
+struct PlainConnector {
+    dialer: Dialer,
+}
+
+impl tonic::codegen::Service<Uri> for PlainConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let dialer = self.dialer.clone();
+        Box::pin(async move {
+            let tcp = dialer.dial().await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(tcp))
         })
     }
 }
@@ -170,6 +310,53 @@ mod tests {
         assert!(matches!(
             channel("127.0.0.1:15012", "not pem", &id),
             Err(ControlError::Bundle(_) | ControlError::Roots(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_dialer_moves_to_the_next_replica_and_stays_there() {
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        // Closed: connecting to it is refused at once, as to a killed replica.
+        drop(dead);
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let dialer = Dialer::new(&[
+            format!("https://{dead_addr}"),
+            format!("https://{live_addr}"),
+        ])
+        .unwrap();
+        for _ in 0..2 {
+            let tcp = dialer.dial().await.unwrap();
+            assert_eq!(tcp.peer_addr().unwrap(), live_addr);
+            live.accept().await.unwrap();
+        }
+        assert_eq!(
+            dialer.last_good.load(Ordering::Relaxed),
+            1,
+            "remembers the live one"
+        );
+        drop(live);
+        let err = dialer.dial().await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+
+    #[test]
+    fn address_lists_are_split_and_checked_one_by_one() {
+        let pki = TestPki::new("cluster.local");
+        let id = Identity::new("cluster.local", "ambit-system", "ambit-controller").unwrap();
+        let roots = cert::chain_to_pem(pki.bundle().roots());
+        assert_eq!(
+            split_addresses(" https://a:1, ,https://b:2 ").collect::<Vec<_>>(),
+            ["https://a:1", "https://b:2"]
+        );
+        assert!(matches!(
+            channel("https://127.0.0.1:1,http://127.0.0.1:2", &roots, &id),
+            Err(ControlError::Plaintext { .. })
+        ));
+        assert!(matches!(
+            channel(" , ", &roots, &id),
+            Err(ControlError::NoAddress)
         ));
     }
 }

@@ -1,8 +1,13 @@
-//! The controller's namespace, Deployment and Service, and the Secret/ConfigMap of a plugged-in root.
+//! The controller's namespace, Deployment, Service and PodDisruptionBudget, and the
+//! Secret/ConfigMap of a plugged-in root.
 //!
-//! One replica and no leader election: the controller is the CA, and two of them generating a root
-//! at once would race to store it in the `ambit-ca` Secret; proxies keep serving from their last
-//! good state while the controller restarts, so a single replica is available enough.
+//! [`REPLICAS`] replicas, spread over nodes when the cluster has several: every replica serves
+//! discovery and the CA behind the one Service, so a proxy whose replica goes away reconnects
+//! through the Service to another. One of them, elected with the `ambit-controller` Lease (its
+//! pod name is its identity in it), does the writes: it generates and stores the root in the
+//! `ambit-ca` Secret (the others wait for it and load it), publishes the trust root and deploys
+//! waypoints. The PodDisruptionBudget keeps one replica up through voluntary disruptions
+//! (node drains).
 //!
 //! Configuration reaches the controller as its command-line flags; a plugged-in root is mounted
 //! at [`CA_DIR`] (`ca.crt`, `ca.key`) for the CA to load.
@@ -11,10 +16,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, EmptyDirVolumeSource, Namespace, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMap, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    Namespace, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
@@ -28,6 +35,10 @@ pub const NAME: &str = "ambit-controller";
 pub const CA_SECRET: &str = "ambit-ca";
 /// Where the controller finds the CA Secret's files.
 pub const CA_DIR: &str = "/etc/ambit/ca";
+/// The Lease the replicas elect their leader with.
+pub const LEASE: &str = "ambit-controller";
+/// How many controller replicas run.
+pub const REPLICAS: i32 = 2;
 /// The UID/GID the controller runs as: any non-root id works; 65532 is the distroless "nonroot".
 const NONROOT: i64 = 65532;
 
@@ -76,7 +87,24 @@ pub fn objects(opts: &InstallOptions) -> Vec<Object> {
     }
     objects.push(Object::Deployment(deployment(opts)));
     objects.push(Object::Service(service(opts)));
+    objects.push(Object::PodDisruptionBudget(disruption_budget(opts)));
     objects
+}
+
+/// At most one replica down at a time for voluntary disruptions: the other keeps serving.
+pub fn disruption_budget(opts: &InstallOptions) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta::namespaced_meta(NAME, &opts.namespace, NAME),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(meta::selector_labels(NAME)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
 }
 
 /// The controller Deployment.
@@ -131,7 +159,21 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
         // namespace: policies placed there apply mesh-wide.
         args: Some(args),
         // Read by the waypoint deployer (the image it fills into the waypoint template).
-        env: Some(vec![env("AMBIT_WAYPOINT_IMAGE", opts.image("waypoint"))]),
+        // The pod's name is its identity in the leader election's Lease.
+        env: Some(vec![
+            env("AMBIT_WAYPOINT_IMAGE", opts.image("waypoint")),
+            EnvVar {
+                name: "POD_NAME".to_owned(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".to_owned(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+        ]),
         ports: Some(vec![
             port("grpc", ports::DISCOVERY),
             port("http-monitoring", ports::CONTROLLER_HTTP),
@@ -180,12 +222,32 @@ pub fn deployment(opts: &InstallOptions) -> Deployment {
             "linux".to_owned(),
         )])),
         volumes: Some(volumes),
+        // Replicas on different nodes where possible, so one node's loss leaves one serving.
+        affinity: Some(Affinity {
+            pod_anti_affinity: Some(PodAntiAffinity {
+                preferred_during_scheduling_ignored_during_execution: Some(vec![
+                    WeightedPodAffinityTerm {
+                        weight: 100,
+                        pod_affinity_term: PodAffinityTerm {
+                            label_selector: Some(LabelSelector {
+                                match_labels: Some(meta::selector_labels(NAME)),
+                                ..LabelSelector::default()
+                            }),
+                            topology_key: "kubernetes.io/hostname".to_owned(),
+                            ..PodAffinityTerm::default()
+                        },
+                    },
+                ]),
+                ..PodAntiAffinity::default()
+            }),
+            ..Affinity::default()
+        }),
         ..PodSpec::default()
     };
     Deployment {
         metadata: meta::namespaced_meta(NAME, &opts.namespace, NAME),
         spec: DeploymentSpec {
-            replicas: Some(1),
+            replicas: Some(REPLICAS),
             selector: LabelSelector {
                 match_labels: Some(meta::selector_labels(NAME)),
                 ..LabelSelector::default()

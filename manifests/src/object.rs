@@ -4,6 +4,7 @@
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -41,6 +42,8 @@ pub enum Object {
     Deployment(Deployment),
     /// `apps/v1/DaemonSet`
     DaemonSet(DaemonSet),
+    /// `policy/v1/PodDisruptionBudget`
+    PodDisruptionBudget(PodDisruptionBudget),
     /// `apiextensions.k8s.io/v1/CustomResourceDefinition`
     CustomResourceDefinition(CustomResourceDefinition),
     /// `gateway.networking.k8s.io/v1/GatewayClass`
@@ -106,6 +109,9 @@ impl Object {
             _ if k == key::<ClusterRoleBinding>() => Self::ClusterRoleBinding(typed(value, &kind)?),
             _ if k == key::<Deployment>() => Self::Deployment(typed(value, &kind)?),
             _ if k == key::<DaemonSet>() => Self::DaemonSet(typed(value, &kind)?),
+            _ if k == key::<PodDisruptionBudget>() => {
+                Self::PodDisruptionBudget(typed(value, &kind)?)
+            }
             _ if k == key::<CustomResourceDefinition>() => {
                 Self::CustomResourceDefinition(typed(value, &kind)?)
             }
@@ -130,6 +136,7 @@ impl Object {
             Self::ClusterRoleBinding(o) => o.metadata(),
             Self::Deployment(o) => o.metadata(),
             Self::DaemonSet(o) => o.metadata(),
+            Self::PodDisruptionBudget(o) => o.metadata(),
             Self::CustomResourceDefinition(o) => o.metadata(),
             Self::GatewayClass(o) => &o.metadata,
         }
@@ -149,6 +156,7 @@ impl Object {
             Self::ClusterRoleBinding(_) => ClusterRoleBinding::KIND,
             Self::Deployment(_) => Deployment::KIND,
             Self::DaemonSet(_) => DaemonSet::KIND,
+            Self::PodDisruptionBudget(_) => PodDisruptionBudget::KIND,
             Self::CustomResourceDefinition(_) => CustomResourceDefinition::KIND,
             Self::GatewayClass(_) => GatewayClass::KIND,
         }
@@ -166,6 +174,7 @@ impl Object {
                 | Self::RoleBinding(_)
                 | Self::Deployment(_)
                 | Self::DaemonSet(_)
+                | Self::PodDisruptionBudget(_)
         )
     }
 

@@ -17,7 +17,8 @@
 //!   granted in this namespace, which holds nothing else.
 //! - ztunnel has no permission at all: it only talks to the controller, and its token is not even
 //!   mounted; it gets a projected token for the `ambit-ca` audience instead (see [`crate::ztunnel`]).
-//! - no Leases: the controller runs one replica and elects no leader (see [`crate::controller`]).
+//! - in the same namespace, the replicas elect their leader with the `ambit-controller` Lease:
+//!   `get`/`update` on that name only, and `create` (the first replica creates it).
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{
@@ -78,7 +79,8 @@ pub fn controller_rules() -> Vec<PolicyRule> {
     ]
 }
 
-/// The controller's rules in its own namespace: the CA Secret and the trust-root ConfigMap.
+/// The controller's rules in its own namespace: the CA Secret, the trust-root ConfigMap and
+/// the leader election's Lease.
 pub fn ca_rules() -> Vec<PolicyRule> {
     let named = |resource: &str, name: &str, verbs: &[&str]| PolicyRule {
         resource_names: Some(vec![name.to_owned()]),
@@ -91,6 +93,13 @@ pub fn ca_rules() -> Vec<PolicyRule> {
         // Written with server-side apply: CREATE the first time, PATCH after.
         rule("", &["configmaps"], &["create"]),
         named("configmaps", crate::ROOT_CERT_CONFIGMAP, &["get", "patch"]),
+        // Leader election among the replicas: created by the first, then read and renewed
+        // (a replace guarded by its resourceVersion).
+        rule("coordination.k8s.io", &["leases"], &["create"]),
+        PolicyRule {
+            resource_names: Some(vec![controller::LEASE.to_owned()]),
+            ..rule("coordination.k8s.io", &["leases"], &["get", "update"])
+        },
     ]
 }
 

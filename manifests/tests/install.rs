@@ -318,7 +318,7 @@ fn cluster_roles_grant_nothing_beyond_the_design() {
 }
 
 #[test]
-fn the_namespaced_role_reaches_only_the_ca_secret_and_root_configmap() {
+fn the_namespaced_role_reaches_only_the_ca_secret_root_configmap_and_lease() {
     let opts = full_options();
     let roles: Vec<_> = objects(&opts)
         .into_iter()
@@ -331,8 +331,16 @@ fn the_namespaced_role_reaches_only_the_ca_secret_and_root_configmap() {
     assert_eq!(roles[0].metadata.namespace.as_deref(), Some("mesh"));
     let mut grants = BTreeSet::new();
     for rule in roles[0].rules.clone().unwrap() {
-        assert_eq!(rule.api_groups.as_deref(), Some(&["".to_owned()][..]));
+        let group = rule.api_groups.clone().unwrap();
+        assert_eq!(group.len(), 1);
         for r in rule.resources.unwrap() {
+            // Core objects, except the leader election's Lease.
+            let expected_group = if r == "leases" {
+                "coordination.k8s.io"
+            } else {
+                ""
+            };
+            assert_eq!(group[0], expected_group, "{r}");
             for v in &rule.verbs {
                 grants.insert((r.clone(), v.clone(), rule.resource_names.clone()));
             }
@@ -352,6 +360,17 @@ fn the_namespaced_role_reaches_only_the_ca_secret_and_root_configmap() {
             "configmaps".to_owned(),
             "patch".to_owned(),
             named("ambit-root-cert"),
+        ),
+        ("leases".to_owned(), "create".to_owned(), None),
+        (
+            "leases".to_owned(),
+            "get".to_owned(),
+            named("ambit-controller"),
+        ),
+        (
+            "leases".to_owned(),
+            "update".to_owned(),
+            named("ambit-controller"),
         ),
     ]);
     assert_eq!(grants, expected);
@@ -646,6 +665,60 @@ fn controller_is_hardened_and_exposes_15012_and_15014() {
         .map(|p| p.port)
         .collect();
     assert_eq!(ports, BTreeSet::from([15012, 15014]));
+}
+
+#[test]
+fn the_controller_runs_two_replicas_that_elect_a_leader_and_survive_a_drain() {
+    let objects = objects(&InstallOptions::default());
+    let deployment = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Deployment(d) => Some(d.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(deployment.spec.replicas, Some(2));
+    let selector = deployment.spec.selector.clone();
+    let pod = deployment.spec.template.spec.unwrap();
+    // Its pod name is its identity in the Lease.
+    let env = pod.containers[0].env.clone().unwrap();
+    let pod_name = env.iter().find(|e| e.name == "POD_NAME").unwrap();
+    assert_eq!(
+        pod_name
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("metadata.name")
+    );
+    // Spread over nodes, so losing one node leaves a replica.
+    let spread = pod
+        .affinity
+        .and_then(|a| a.pod_anti_affinity)
+        .and_then(|a| a.preferred_during_scheduling_ignored_during_execution)
+        .unwrap();
+    assert_eq!(
+        spread[0].pod_affinity_term.topology_key,
+        "kubernetes.io/hostname"
+    );
+    // A drain takes at most one replica at a time.
+    let pdb = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::PodDisruptionBudget(p) => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let spec = pdb.spec.unwrap();
+    assert_eq!(
+        spec.min_available,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    assert_eq!(
+        spec.selector.unwrap().match_labels,
+        selector.match_labels,
+        "the budget covers exactly the controller's pods"
+    );
 }
 
 // ---- plugged-in root -------------------------------------------------------------------------

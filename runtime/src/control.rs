@@ -5,6 +5,11 @@
 //! `spiffe://<trust-domain>/ns/ambit-system/sa/ambit-controller`). `http://` connects in
 //! plaintext, for a controller on loopback in tests. Both proxies use it for discovery and
 //! for their CA client.
+//!
+//! The URL may list several controller replicas separated by commas (all `https://` or all
+//! `http://`): each new connection goes to the replica that answered last, else the next
+//! that answers, so a proxy whose replica went away reconnects to another one
+//! ([`ambit_hbone::control::Dialer`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,8 +48,9 @@ pub enum ControlError {
     },
 }
 
-/// A lazily connecting channel to `url`; for https, verified against the PEM roots in
-/// `root` and required to prove `expected`.
+/// A lazily connecting channel to `url` (one URL, or several replicas' separated by
+/// commas); for https, verified against the PEM roots in `root` and required to prove
+/// `expected`.
 pub fn channel(
     url: &str,
     root: Option<&Path>,
@@ -59,6 +65,14 @@ pub fn channel(
             source,
         })?;
         return ambit_hbone::control::channel(url, &pem, expected).map_err(|source| {
+            ControlError::Channel {
+                url: url.to_string(),
+                source: Box::new(source),
+            }
+        });
+    }
+    if ambit_hbone::control::split_addresses(url).nth(1).is_some() {
+        return ambit_hbone::control::plaintext_channel(url).map_err(|source| {
             ControlError::Channel {
                 url: url.to_string(),
                 source: Box::new(source),

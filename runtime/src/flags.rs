@@ -36,7 +36,9 @@ pub struct MeshArgs {
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct ControlPlaneArgs {
     /// The controller (discovery, and the CA unless --ca-address), e.g.
-    /// https://10.77.0.1:15012.
+    /// https://10.77.0.1:15012; several replicas separated by commas
+    /// (https://10.77.0.1:15012,https://10.77.0.1:15112): a new connection tries the one
+    /// that answered last, then the others.
     #[arg(long, env = "AMBIT_CONTROLLER")]
     pub controller: Option<String>,
     /// Read the mesh state from this file instead of a controller.

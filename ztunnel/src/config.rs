@@ -221,8 +221,13 @@ impl Config {
 
 pub use ambit_runtime::control::default_controller_identity;
 
+/// Every URL of `value` (one, or several controller replicas separated by commas) is
+/// `http://` or `https://`.
 fn check_url(flag: &'static str, value: &str) -> Result<(), ConfigError> {
-    if value.starts_with("http://") || value.starts_with("https://") {
+    let mut urls = ambit_hbone::control::split_addresses(value).peekable();
+    let ok = urls.peek().is_some()
+        && urls.all(|u| u.starts_with("http://") || u.starts_with("https://"));
+    if ok {
         Ok(())
     } else {
         Err(ConfigError::Url {
@@ -351,6 +356,18 @@ mod tests {
             cfg.data_dir.as_deref(),
             Some(std::path::Path::new("/var/lib/ambit/ztunnel"))
         );
+    }
+
+    #[test]
+    fn the_controller_may_be_several_replicas_each_a_url() {
+        let both = "https://10.77.0.1:15012,https://10.77.0.1:15112";
+        let cfg = parse(&["--controller", both, "--ca-root-file", "/r.pem"]).unwrap();
+        assert!(matches!(&cfg.state, StateSource::Controller(u) if u == both));
+        assert!(matches!(&cfg.ca, CaSource::Grpc(u) if u == both));
+        for bad in ["https://10.77.0.1:15012,10.77.0.1:15112", " , "] {
+            let err = parse(&["--controller", bad, "--ca-root-file", "/r.pem"]).unwrap_err();
+            assert!(matches!(err, ConfigError::Url { .. }), "{bad}: {err}");
+        }
     }
 
     #[test]

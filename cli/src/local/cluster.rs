@@ -20,7 +20,7 @@ use super::net::{self, NetError};
 use super::objects::{self, Layout, ObjectsError, Sample, SampleSpec};
 use super::pods::{self, AppKind, PodError};
 use super::procs::{self, ProcError};
-use super::state::{ClusterState, NodeState, StateError};
+use super::state::{ClusterState, ControllerReplica, NodeState, StateError};
 
 /// The controller's discovery/CA port.
 pub const CONTROLLER_PORT: u16 = ports::DISCOVERY;
@@ -33,6 +33,11 @@ pub const ZTUNNEL_ADMIN_PORT: u16 = ports::ADMIN;
 pub use super::pods::WAYPOINT_HBONE_PORT;
 /// The controller's metrics and readiness port.
 pub const CONTROLLER_OPS_PORT: u16 = ports::CONTROLLER_OPS;
+/// How far apart the ports of successive controller replicas are (replica `i` serves on
+/// `15012 + 100 i` and `15014 + 100 i`), all on the fabric's address.
+pub const CONTROLLER_PORT_STEP: u16 = 100;
+/// Most controller replicas `up` runs.
+pub const MAX_CONTROLLERS: usize = 5;
 
 /// Why the cluster could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +120,9 @@ pub struct UpOptions {
     /// A user's folder of objects; `None` writes the sample under the state dir.
     pub objects: Option<PathBuf>,
     pub sample: SampleSpec,
+    /// Controller replicas (1 to [`MAX_CONTROLLERS`]): each serves discovery and the CA,
+    /// one of them (elected with a lock file in the state dir) does the writes.
+    pub controllers: usize,
 }
 
 /// A cluster this process started (children to reap in the foreground).
@@ -192,6 +200,7 @@ pub fn up(
         fabric: format!("{}-fabric", opts.prefix),
         controller_url: format!("https://{}:{CONTROLLER_PORT}", net::FABRIC_IP),
         controller: None,
+        more_controllers: Vec::new(),
         nodes: Vec::new(),
         pods: Vec::new(),
         root_cert: root_cert.clone(),
@@ -202,7 +211,7 @@ pub fn up(
         children: Vec::new(),
     });
     build_network(&mut run.state, &layout)?;
-    start_processes(run, bins, &layout)?;
+    start_processes(run, bins, &layout, opts.controllers)?;
     Ok(())
 }
 
@@ -253,44 +262,67 @@ fn start_processes(
     run: &mut Running,
     bins: &Binaries,
     layout: &Layout,
+    controllers: usize,
 ) -> Result<(), ClusterError> {
     let state = &mut run.state;
     let logs = state.state_dir.join("logs");
-    let listen = SocketAddr::from((net::FABRIC_IP, CONTROLLER_PORT));
-    let log = logs.join("controller.log");
-    let (child, proc) = procs::spawn_in(
-        &state.state_dir,
-        "controller",
-        &state.fabric,
-        &bins.controller,
-        &[
-            "--local-dir".into(),
-            state.objects_dir.display().to_string(),
-            "--listen".into(),
-            listen.to_string(),
-            "--ops-listen".into(),
-            SocketAddr::from((net::FABRIC_IP, CONTROLLER_OPS_PORT)).to_string(),
-            "--state-dir".into(),
-            state.state_dir.display().to_string(),
-            "--nodes".into(),
-            state
-                .nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            "--log-format".into(),
-            "json".into(),
-        ]
-        .into_iter()
-        .chain(waypoint_credentials(layout))
-        .collect::<Vec<_>>(),
-        &log,
-    )?;
-    run.children.push(child);
-    state.controller = Some(proc.clone());
-    state.save()?;
-    pods::wait_listening(&state.fabric, listen, &proc, "the controller")?;
+    // The first replica starts alone: it takes the leader lock and generates the root and
+    // the node credentials; the others start as followers and load them.
+    for i in 0..controllers.max(1) {
+        let offset = CONTROLLER_PORT_STEP * u16::try_from(i).unwrap_or(0);
+        let listen = SocketAddr::from((net::FABRIC_IP, CONTROLLER_PORT + offset));
+        let ops = SocketAddr::from((net::FABRIC_IP, CONTROLLER_OPS_PORT + offset));
+        let name = format!("controller-{i}");
+        let (log, label) = if i == 0 {
+            (logs.join("controller.log"), "controller".to_owned())
+        } else {
+            (logs.join(format!("{name}.log")), name.clone())
+        };
+        let (child, proc) = procs::spawn_in(
+            &state.state_dir,
+            &label,
+            &state.fabric,
+            &bins.controller,
+            &[
+                "--local-dir".into(),
+                state.objects_dir.display().to_string(),
+                "--listen".into(),
+                listen.to_string(),
+                "--ops-listen".into(),
+                ops.to_string(),
+                "--state-dir".into(),
+                state.state_dir.display().to_string(),
+                "--leader-identity".into(),
+                name.clone(),
+                "--nodes".into(),
+                state
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                "--log-format".into(),
+                "json".into(),
+            ]
+            .into_iter()
+            .chain(waypoint_credentials(layout))
+            .collect::<Vec<_>>(),
+            &log,
+        )?;
+        run.children.push(child);
+        if i == 0 {
+            state.controller = Some(proc.clone());
+        } else {
+            state.more_controllers.push(ControllerReplica {
+                name,
+                url: format!("https://{listen}"),
+                ops,
+                process: Some(proc.clone()),
+            });
+        }
+        state.save()?;
+        pods::wait_listening(&state.fabric, listen, &proc, "the controller")?;
+    }
 
     for i in 0..state.nodes.len() {
         let node = state.nodes[i].clone();
@@ -367,8 +399,9 @@ fn ztunnel_args(state: &ClusterState, node: &str) -> Vec<String> {
     vec![
         "--node".into(),
         node.to_owned(),
+        // Every replica: a ztunnel whose replica goes away resumes with another.
         "--controller".into(),
-        state.controller_url.clone(),
+        state.controller_urls(),
         "--ca-root-file".into(),
         state.root_cert.display().to_string(),
         "--credential-file".into(),
@@ -594,9 +627,8 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
     let mut pids: Vec<(String, i32)> = Vec::new();
     if let Some(s) = &state {
         let recorded = s
-            .controller
-            .iter()
-            .map(|p| ("controller".to_owned(), p))
+            .controller_procs()
+            .into_iter()
             .chain(s.nodes.iter().filter_map(|n| {
                 n.ztunnel
                     .as_ref()
@@ -659,6 +691,9 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
         "examples",
         "ztunnel",
         "cni",
+        // The controllers' leader election (lock file and leader record).
+        ambit_controller::leader::LOCK_FILE,
+        ambit_controller::leader::RECORD_FILE,
     ];
     if objects_ours {
         entries.push("objects");

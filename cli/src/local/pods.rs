@@ -370,7 +370,7 @@ fn waypoint_args(state: &ClusterState, pod: &PodState, gateway: &str) -> (Vec<St
         "--gateway".into(),
         gateway.to_owned(),
         "--controller".into(),
-        state.controller_url.clone(),
+        state.controller_urls(),
         "--ca-root-file".into(),
         state.root_cert.display().to_string(),
         "--credential-file".into(),

@@ -43,6 +43,18 @@ pub struct Proc {
     pub log: PathBuf,
 }
 
+/// A controller replica beyond the first.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ControllerReplica {
+    /// Its name in the leader election (`controller-<i>`).
+    pub name: String,
+    /// `https://ip:port` of its discovery and CA.
+    pub url: String,
+    /// Its metrics and readiness address.
+    pub ops: std::net::SocketAddr,
+    pub process: Option<Proc>,
+}
+
 /// One node: a namespace with a ztunnel.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NodeState {
@@ -93,6 +105,10 @@ pub struct ClusterState {
     /// `http(s)://ip:port` of the controller, as the ztunnels reach it.
     pub controller_url: String,
     pub controller: Option<Proc>,
+    /// Further controller replicas (`up --controllers N`), beside `controller` over the same
+    /// state dir: each serves discovery and the CA, one of them leads.
+    #[serde(default)]
+    pub more_controllers: Vec<ControllerReplica>,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
     /// PEM root of the mesh.
@@ -127,6 +143,28 @@ impl ClusterState {
         })?;
         ambit_runtime::fs::write_atomic(&path, text.as_bytes(), 0o644)
             .map_err(|source| StateError::Io { path, source })
+    }
+
+    /// Every controller replica's URL, comma-separated, as the proxies' `--controller` takes
+    /// them: the first replica first.
+    pub fn controller_urls(&self) -> String {
+        std::iter::once(self.controller_url.as_str())
+            .chain(self.more_controllers.iter().map(|c| c.url.as_str()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every controller replica's process: `(name, process)`, the first replica first.
+    pub fn controller_procs(&self) -> Vec<(String, &Proc)> {
+        self.controller
+            .iter()
+            .map(|p| ("controller-0".to_owned(), p))
+            .chain(
+                self.more_controllers
+                    .iter()
+                    .filter_map(|c| c.process.as_ref().map(|p| (c.name.clone(), p))),
+            )
+            .collect()
     }
 
     /// The node called `name`.

@@ -125,12 +125,21 @@ impl AuthError {
     }
 }
 
-/// Why local credentials could not be issued.
+/// Why local credentials could not be issued or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     /// A node name that is not a DNS-1123 subdomain, so not a safe file name either.
     #[error("{0:?} is not a valid node name")]
     NodeName(String),
+    /// Reading a credential another replica issued failed.
+    #[error("cannot read credential {path} (issued by the leading controller)")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing a credential file failed.
     #[error("cannot write credential {path}")]
     Write {
@@ -212,6 +221,42 @@ impl LocalCredentials {
             write_secret(&path, &token)?;
             entries.push((
                 token,
+                Caller::Workload {
+                    identity: identity.clone(),
+                    pod: None,
+                },
+            ));
+        }
+        Ok(LocalCredentials {
+            entries: Arc::new(entries),
+        })
+    }
+
+    /// Loads the credentials another replica (the leader) issued with [`Self::issue`] in
+    /// the same directory, so that every replica accepts the same tokens.
+    pub fn load(
+        dir: &Path,
+        nodes: &[String],
+        workloads: &[Identity],
+    ) -> Result<Self, CredentialError> {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path)
+                .map(|t| t.trim().to_string())
+                .map_err(|source| CredentialError::Read { path, source })
+        };
+        let mut entries = Vec::new();
+        for node in nodes {
+            if !is_dns_subdomain(node) {
+                return Err(CredentialError::NodeName(node.clone()));
+            }
+            entries.push((
+                read(Self::node_path(dir, node))?,
+                Caller::Node { node: node.clone() },
+            ));
+        }
+        for identity in workloads {
+            entries.push((
+                read(Self::workload_path(dir, identity))?,
                 Caller::Workload {
                     identity: identity.clone(),
                     pod: None,

@@ -8,6 +8,9 @@
 //! ConfigMap is what ztunnel and waypoint pods mount as their `--ca-root-file`; it is
 //! written with server-side apply under the field manager `ambit-controller`.
 //!
+//! With several replicas only the leader creates the Secret ([`load_when_led`]); the others
+//! wait for it and sign with the same root.
+//!
 //! RBAC: `get`/`create` on `secrets` and `get`/`patch` on `configmaps` in the controller's
 //! namespace.
 
@@ -129,6 +132,50 @@ pub async fn load_or_generate(
             ))
         }
         Err(e) => Err(api_err("creating Secret")(e)),
+    }
+}
+
+/// Loads the CA a leader stored: while this replica follows, waits (polling every `poll`)
+/// for the Secret and loads it; as soon as it leads (or if it does from the start), loads or
+/// generates it as [`load_or_generate`] does. Followers never generate, so every replica
+/// signs with the leader's root.
+pub async fn load_when_led(
+    client: kube::Client,
+    namespace: &str,
+    trust_domain: &str,
+    leadership: &crate::leader::Leadership,
+    poll: std::time::Duration,
+) -> Result<(CertificateAuthority, CaOrigin), KubeStoreError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    loop {
+        if leadership.is_leader() {
+            return load_or_generate(client, namespace, trust_domain).await;
+        }
+        match api.get_opt(CA_SECRET).await {
+            Ok(Some(secret)) => {
+                return Ok((
+                    from_secret(&secret, namespace, trust_domain)?,
+                    CaOrigin::Reloaded,
+                ))
+            }
+            Ok(None) => {
+                tracing::info!(secret = %format!("{namespace}/{CA_SECRET}"), "following: waiting for the leader to store the CA")
+            }
+            // Transient (the API server restarting...): try again at the next poll.
+            Err(source) => {
+                let e = KubeStoreError::Api {
+                    what: "reading Secret",
+                    namespace: namespace.to_string(),
+                    name: CA_SECRET,
+                    source,
+                };
+                tracing::warn!(error = %crate::model::error_chain(&e), "waiting for the CA");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(poll) => {}
+            () = leadership.acquired() => {}
+        }
     }
 }
 

@@ -106,6 +106,20 @@ impl Security {
         Self::from_ca(config, ca, origin)
     }
 
+    /// [`Self::start`] for a replica that follows a leader over the same state directory:
+    /// the root is reloaded (never generated: the leader did) and the node credentials the
+    /// leader issued are loaded instead of issuing new ones, so either replica accepts
+    /// every proxy.
+    pub fn start_following(config: SecurityConfig) -> Result<Self, SetupError> {
+        let (ca, origin) = store::load_or_generate(
+            &config.state_dir,
+            &config.trust_domain,
+            config.ca_files.as_ref(),
+        )
+        .map_err(SetupError::Store)?;
+        Self::build(config, ca, origin, true)
+    }
+
     /// [`Self::start`] with a CA obtained elsewhere (Kubernetes mode: the `ambit-ca`
     /// Secret, see [`super::kube_store`]); `config.ca_files` is ignored.
     pub fn from_ca(
@@ -113,12 +127,26 @@ impl Security {
         ca: CertificateAuthority,
         origin: CaOrigin,
     ) -> Result<Self, SetupError> {
+        Self::build(config, ca, origin, false)
+    }
+
+    fn build(
+        config: SecurityConfig,
+        ca: CertificateAuthority,
+        origin: CaOrigin,
+        following: bool,
+    ) -> Result<Self, SetupError> {
         let ca = Arc::new(ca);
         let authenticator = match config.auth {
-            AuthConfig::Local { nodes, workloads } => Authenticator::Local(
-                LocalCredentials::issue(&credentials_dir(&config.state_dir), &nodes, &workloads)
-                    .map_err(SetupError::Credentials)?,
-            ),
+            AuthConfig::Local { nodes, workloads } => {
+                let dir = credentials_dir(&config.state_dir);
+                let credentials = if following {
+                    LocalCredentials::load(&dir, &nodes, &workloads)
+                } else {
+                    LocalCredentials::issue(&dir, &nodes, &workloads)
+                };
+                Authenticator::Local(credentials.map_err(SetupError::Credentials)?)
+            }
             AuthConfig::Kubernetes {
                 client,
                 audience,

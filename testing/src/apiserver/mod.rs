@@ -203,6 +203,9 @@ pub fn builtin_resources() -> Vec<ResourceType> {
         ),
         ResourceType::new("apps", "v1", "deployments", "Deployment", true),
         ResourceType::new("apps", "v1", "daemonsets", "DaemonSet", true),
+        // The controller's leader election: get, create, and replace guarded by the
+        // resourceVersion (a stale one is a 409 Conflict, as on a real server).
+        ResourceType::new("coordination.k8s.io", "v1", "leases", "Lease", true),
         ResourceType::new(
             "authentication.k8s.io",
             "v1",

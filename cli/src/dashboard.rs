@@ -7,8 +7,9 @@
 //! made from inside the fabric namespace ([`net::in_netns`]), and bytes are copied both ways
 //! until Ctrl-C. It prints the URL to open.
 //!
-//! Kubernetes: not forwarded automatically yet; the command says so and prints the
-//! `kubectl port-forward` line that does it, rather than pretend.
+//! Kubernetes (`--kubernetes`): the same loopback port, each accepted connection matched by a
+//! port-forward through the API server to port 15014 of a running controller pod (any
+//! replica serves the dashboard), as `kubectl port-forward` does; nothing is exposed.
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -19,6 +20,8 @@ use ambitctl::local::cluster::CONTROLLER_OPS_PORT;
 use ambitctl::local::net;
 use ambitctl::local::state::{ClusterState, DEFAULT_STATE_DIR};
 use anyhow::{bail, Context};
+
+use crate::cluster;
 
 /// Options of `ambitctl dashboard`.
 #[derive(Debug, clap::Args)]
@@ -31,31 +34,23 @@ pub struct Args {
     /// Local address to listen on (loopback by default: the dashboard has no login).
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     address: IpAddr,
-    /// The mesh runs on Kubernetes (the current kubeconfig's cluster).
-    #[arg(long)]
-    kubernetes: bool,
-    /// Namespace of the controller on Kubernetes.
-    #[arg(long, default_value = "ambit-system")]
-    namespace: String,
-}
-
-fn kubernetes_hint(namespace: &str, port: u16) -> String {
-    format!(
-        "forwarding to a controller on Kubernetes is not implemented by ambitctl yet; \
-         forward it with kubectl instead:\n  kubectl -n {namespace} port-forward deploy/ambit-controller {port}:{CONTROLLER_OPS_PORT}\n\
-         then open http://127.0.0.1:{port}/dashboard"
-    )
+    #[command(flatten)]
+    cluster: cluster::ClusterArgs,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    if args.kubernetes {
-        bail!("{}", kubernetes_hint(&args.namespace, args.port));
+    let listen = SocketAddr::new(args.address, args.port);
+    if args.cluster.kubernetes {
+        let runtime = cluster::runtime()?;
+        return runtime.block_on(async {
+            let client = cluster::client(args.cluster.kubeconfig.as_deref()).await?;
+            forward_to_cluster(listen, client, &args.cluster.namespace).await
+        });
     }
     let state = ClusterState::load(&args.state_dir).with_context(|| {
         format!(
-            "no local mesh at {} (start one with `ambitctl up`). For a mesh on Kubernetes: {}",
+            "no local mesh at {} (start one with `ambitctl up`; for a mesh on Kubernetes, add --kubernetes)",
             args.state_dir.display(),
-            kubernetes_hint(&args.namespace, args.port)
         )
     })?;
     let upstream = SocketAddr::from((net::FABRIC_IP, CONTROLLER_OPS_PORT));
@@ -63,11 +58,77 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting a runtime for the port forward")?;
-    runtime.block_on(forward(
-        SocketAddr::new(args.address, args.port),
-        state.fabric,
-        upstream,
-    ))
+    runtime.block_on(forward(listen, state.fabric, upstream))
+}
+
+/// Serves `listen`, each connection port-forwarded to a running controller pod's 15014.
+async fn forward_to_cluster(
+    listen: SocketAddr,
+    client: kube::Client,
+    namespace: &str,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen} (another port: --port)"))?;
+    let local = listener
+        .local_addr()
+        .context("the forward's local address")?;
+    println!("http://{local}/dashboard");
+    std::io::stdout().flush().context("writing to stdout")?;
+    eprintln!(
+        "forwarding {local} to port {CONTROLLER_OPS_PORT} of a controller pod in {namespace} through the API server; Ctrl-C stops"
+    );
+    loop {
+        let (conn, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("ambitctl: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let (client, namespace) = (client.clone(), namespace.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = pipe_to_cluster(conn, &client, &namespace).await {
+                eprintln!("ambitctl: forwarding for {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+/// Port-forwards to the first running controller pod and copies between it and `conn`.
+async fn pipe_to_cluster(
+    mut conn: tokio::net::TcpStream,
+    client: &kube::Client,
+    namespace: &str,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let selector = format!("{}={}", cluster::NAME_LABEL, cluster::CONTROLLER);
+    let pods = cluster::pods(client, namespace, &selector).await?;
+    let Some(pod) = pods.iter().find_map(|p| {
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        if running {
+            p.metadata.name.clone()
+        } else {
+            None
+        }
+    }) else {
+        bail!("no running controller pod ({selector}) in namespace {namespace}");
+    };
+    let mut forward = kube::Api::<Pod>::namespaced(client.clone(), namespace)
+        .portforward(&pod, &[CONTROLLER_OPS_PORT])
+        .await
+        .with_context(|| format!("port-forwarding to {namespace}/{pod}:{CONTROLLER_OPS_PORT}"))?;
+    let Some(mut upstream) = forward.take_stream(CONTROLLER_OPS_PORT) else {
+        bail!("port-forward to {namespace}/{pod} gave no stream");
+    };
+    tokio::io::copy_bidirectional(&mut conn, &mut upstream)
+        .await
+        .context("copying")?;
+    Ok(())
 }
 
 async fn forward(listen: SocketAddr, fabric: String, upstream: SocketAddr) -> anyhow::Result<()> {

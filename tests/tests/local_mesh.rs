@@ -943,6 +943,68 @@ fn same_output_through_the_api_server(mesh: &Mesh) {
         "local:\n{local}\nkubernetes:\n{kube}"
     );
 
+    // `explain` on the cluster: the same proxies' config dumps through port-forward and their
+    // access-log events from the pods' logs (the fake API server serves the proxies' real log
+    // files as a kubelet serves container logs) give the same walk as the local mesh.
+    for node in &state.nodes {
+        let log = mesh
+            .state_dir
+            .join("logs")
+            .join(format!("ztunnel-{}.log", node.name));
+        server.pod_log(
+            "ambit-system",
+            &format!("ambit-ztunnel-{}", node.name),
+            std::sync::Arc::new(move || std::fs::read_to_string(&log)),
+        );
+    }
+    let wp_log = mesh
+        .state_dir
+        .join("logs")
+        .join("waypoint-shop-waypoint.log");
+    server.pod_log(
+        "shop",
+        "waypoint-0",
+        std::sync::Arc::new(move || std::fs::read_to_string(&wp_log)),
+    );
+    let query = [
+        "explain",
+        "shop/client-0",
+        "api.shop",
+        "--port",
+        "80",
+        "--method",
+        "DELETE",
+    ];
+    let local = run(&[&query[..], &["--state-dir", sd.as_str()][..]].concat());
+    let kube = run(&[
+        &query[..],
+        &["--kubernetes", "--kubeconfig", kc.as_str()][..],
+    ]
+    .concat());
+    let walk = |t: &str| {
+        t.split("\nlast access-log events")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(walk(&kube).contains("DENIED"), "{kube}");
+    assert!(walk(&kube).contains("shop/no-delete"), "{kube}");
+    assert_eq!(
+        walk(&kube),
+        walk(&local),
+        "local:\n{local}\nkubernetes:\n{kube}"
+    );
+    // The DELETE this test sent is among the waypoint's events, read from its pod's log.
+    let events = kube
+        .split("last access-log events of waypoint shop/waypoint")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        events.contains("method=DELETE") && events.contains("status=403"),
+        "{kube}"
+    );
+    assert!(!kube.contains("(unreadable"), "{kube}");
+
     // A pod whose port cannot be reached is reported, not hung on.
     let out = ambitctl(&["proxy-config", "node3", "--kubernetes", "--kubeconfig", &kc]);
     assert!(!out.status.success());

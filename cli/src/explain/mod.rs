@@ -5,7 +5,8 @@
 //! waypoint's L7 policy and route, the destination ztunnel's L4 policy. Each step
 //! ([`report`]) names the policy and rule that decided and the fields that did or did not
 //! match, as recorded by the policy engine's own evaluation; the last access-log events of
-//! the proxies on the way follow. Text by default, `-o json` for scripts.
+//! the proxies on the way follow. Text by default, `-o json` for scripts. `--kubernetes`
+//! reads a cluster's proxies instead of the local mesh's, through the API server.
 
 mod report;
 mod resolve;
@@ -19,7 +20,7 @@ use anyhow::Context;
 
 use crate::status::Output;
 use report::{Explanation, Outcome, Step};
-use source::LocalMesh;
+use source::{KubeMesh, LocalMesh, MeshSource};
 use walk::Query;
 
 /// Options of `ambitctl explain`.
@@ -49,6 +50,8 @@ pub struct Args {
     /// `table` (text) or `json`.
     #[arg(short = 'o', long, default_value = "table")]
     output: Output,
+    #[command(flatten)]
+    cluster: crate::cluster::ClusterArgs,
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -58,8 +61,15 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let state = ClusterState::load(&args.state_dir).context("ambitctl explain")?;
-    let mesh = LocalMesh { state };
+    let mesh: Box<dyn MeshSource> = if args.cluster.kubernetes {
+        Box::new(KubeMesh::connect(
+            args.cluster.kubeconfig.as_deref(),
+            &args.cluster.namespace,
+        )?)
+    } else {
+        let state = ClusterState::load(&args.state_dir).context("ambitctl explain")?;
+        Box::new(LocalMesh { state })
+    };
     let query = Query {
         source: args.source.clone(),
         destination: args.destination.clone(),
@@ -68,7 +78,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         path: args.path.clone(),
         headers: args.headers.clone(),
     };
-    let e = walk::explain(&mesh, &query)?;
+    let e = walk::explain(mesh.as_ref(), &query)?;
     if matches!(args.output, Output::Json) {
         println!("{}", serde_json::to_string_pretty(&e)?);
     } else {

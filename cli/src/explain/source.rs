@@ -2,8 +2,8 @@
 //! snapshots the proxies serve: each node's ztunnel `/config_dump` (its state and local
 //! pods) and each waypoint's `/config_dump`, plus their access logs. A [`MeshSource`] says
 //! how to reach them; [`LocalMesh`] reads a local mesh (admin ports inside the namespaces,
-//! log files under the state dir). A Kubernetes source would port-forward to the same
-//! admin ports through the API server and read pod logs.
+//! log files under the state dir), [`KubeMesh`] a cluster (the same admin ports through the
+//! API server's port-forward, and the pods' logs).
 
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::net::{IpAddr, SocketAddr};
@@ -79,12 +79,8 @@ fn access_events(path: &Path) -> anyhow::Result<Vec<Value>> {
         })
         .with_context(|| format!("reading {}", path.display()))
         .map(|raw| {
-            let text = String::from_utf8_lossy(&raw);
             // A tail may start in the middle of a line: that line is not JSON and is skipped.
-            text.lines()
-                .filter(|l| l.contains("\"target\":\"access\""))
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
+            access_lines(&String::from_utf8_lossy(&raw))
         })
 }
 
@@ -134,4 +130,174 @@ fn admin_json(netns: &str, addr: SocketAddr) -> anyhow::Result<Value> {
         (200, body) => serde_json::from_str(&body).context("/config_dump is not JSON"),
         (status, body) => bail!("/config_dump: HTTP {status}: {}", body.trim()),
     }
+}
+
+/// A mesh on Kubernetes, read through its API server: ztunnel pods by their name label and
+/// node, waypoint pods by their Gateway label and IP, each one's admin port (15000) through
+/// port-forward, and access-log events from the tail of its pod's log.
+pub struct KubeMesh {
+    runtime: tokio::runtime::Runtime,
+    client: kube::Client,
+    /// Where Ambit is installed (its ztunnels).
+    namespace: String,
+}
+
+/// A waypoint pod found through the API server.
+struct WaypointPod {
+    /// Its Gateway, `namespace/name`.
+    gateway: String,
+    namespace: String,
+    pod: String,
+    ip: Option<String>,
+}
+
+/// Lines of a proxy's pod log read for its access-log events.
+const LOG_TAIL_LINES: i64 = 5_000;
+
+impl KubeMesh {
+    pub fn connect(kubeconfig: Option<&Path>, namespace: &str) -> anyhow::Result<Self> {
+        let runtime = crate::cluster::runtime()?;
+        let client = runtime.block_on(crate::cluster::client(kubeconfig))?;
+        Ok(KubeMesh {
+            runtime,
+            client,
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    fn admin_json(&self, namespace: &str, pod: &str) -> anyhow::Result<Value> {
+        let got = self.runtime.block_on(crate::cluster::get(
+            &self.client,
+            namespace,
+            pod,
+            ZTUNNEL_ADMIN_PORT,
+            "/config_dump",
+        ))?;
+        match got {
+            (200, body) => serde_json::from_str(&body)
+                .with_context(|| format!("/config_dump of {namespace}/{pod} is not JSON")),
+            (status, body) => bail!(
+                "/config_dump of {namespace}/{pod}: HTTP {status}: {}",
+                body.trim()
+            ),
+        }
+    }
+
+    /// The waypoint pods of every Gateway.
+    fn waypoint_pods(&self) -> anyhow::Result<Vec<WaypointPod>> {
+        use k8s_openapi::api::core::v1::Pod;
+        let label = ambit_manifests::waypoint::GATEWAY_NAME_LABEL;
+        let pods = self.runtime.block_on(
+            kube::Api::<Pod>::all(self.client.clone())
+                .list(&kube::api::ListParams::default().labels(label)),
+        )?;
+        Ok(pods
+            .items
+            .into_iter()
+            .filter_map(|p| {
+                let ns = p.metadata.namespace.clone()?;
+                let gateway = p.metadata.labels.as_ref()?.get(label)?.clone();
+                let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+                Some(WaypointPod {
+                    gateway: format!("{ns}/{gateway}"),
+                    namespace: ns,
+                    pod: p.metadata.name?,
+                    ip,
+                })
+            })
+            .collect())
+    }
+}
+
+impl MeshSource for KubeMesh {
+    fn nodes(&self) -> Vec<String> {
+        let selector = format!("{}={}", crate::cluster::NAME_LABEL, crate::cluster::ZTUNNEL);
+        let pods = self
+            .runtime
+            .block_on(crate::cluster::pods(
+                &self.client,
+                &self.namespace,
+                &selector,
+            ))
+            .unwrap_or_default();
+        let mut nodes: Vec<String> = pods
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    fn ztunnel_dump(&self, node: &str) -> anyhow::Result<Value> {
+        let pod = self.runtime.block_on(crate::cluster::ztunnel_on(
+            &self.client,
+            &self.namespace,
+            node,
+        ))?;
+        let name = pod.metadata.name.unwrap_or_default();
+        self.admin_json(&self.namespace, &name)
+            .with_context(|| format!("ztunnel on {node}"))
+    }
+
+    fn waypoint_dump(&self, ip: IpAddr) -> anyhow::Result<WaypointDump> {
+        let want = ip.to_string();
+        let Some(wp) = self
+            .waypoint_pods()?
+            .into_iter()
+            .find(|wp| wp.ip.as_deref() == Some(want.as_str()))
+        else {
+            bail!("no waypoint pod at {ip} in the cluster");
+        };
+        let dump = self
+            .admin_json(&wp.namespace, &wp.pod)
+            .with_context(|| format!("waypoint {}", wp.gateway))?;
+        Ok(WaypointDump {
+            gateway: wp.gateway,
+            dump,
+        })
+    }
+
+    fn access_log(&self, proxy: &Proxy) -> anyhow::Result<Vec<Value>> {
+        use k8s_openapi::api::core::v1::Pod;
+        let (ns, pod) = match proxy {
+            Proxy::Ztunnel { node } => {
+                let pod = self.runtime.block_on(crate::cluster::ztunnel_on(
+                    &self.client,
+                    &self.namespace,
+                    node,
+                ))?;
+                (
+                    self.namespace.clone(),
+                    pod.metadata.name.unwrap_or_default(),
+                )
+            }
+            Proxy::Waypoint { gateway } => {
+                let Some(wp) = self
+                    .waypoint_pods()?
+                    .into_iter()
+                    .find(|wp| &wp.gateway == gateway)
+                else {
+                    bail!("no pod of waypoint {gateway} in the cluster");
+                };
+                (wp.namespace, wp.pod)
+            }
+        };
+        let params = kube::api::LogParams {
+            tail_lines: Some(LOG_TAIL_LINES),
+            ..Default::default()
+        };
+        let text = self
+            .runtime
+            .block_on(kube::Api::<Pod>::namespaced(self.client.clone(), &ns).logs(&pod, &params))
+            .with_context(|| format!("reading the log of pod {ns}/{pod}"))?;
+        Ok(access_lines(&text))
+    }
+}
+
+/// The JSON access-log events among a log's lines.
+fn access_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }

@@ -66,6 +66,10 @@ pub(crate) async fn handle(
             let (ns, pod) = super::portforward::matches(&segs).unwrap_or_default();
             super::portforward::serve(&shared, req, ns, pod, &query)
         }
+        (_, None) if super::logs::matches(&segs).is_some() => {
+            let (ns, pod) = super::logs::matches(&segs).unwrap_or_default();
+            super::logs::serve(&shared, ns, pod, &query)
+        }
         (Ok(route), None) => dispatch(&shared, req, route, verb, &query).await,
         (Err(e), None) => Err(e),
     };

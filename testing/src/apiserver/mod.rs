@@ -20,6 +20,7 @@
 
 mod crd;
 mod http;
+mod logs;
 mod portforward;
 mod resource;
 mod response;
@@ -36,6 +37,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 
+pub use logs::PodLog;
 pub use portforward::PodDialer;
 pub use resource::ResourceType;
 use store::State;
@@ -139,6 +141,8 @@ pub(crate) struct Shared {
     bearer: Option<String>,
     /// How to reach each pod's ports for `portforward`, by (namespace, name).
     dialers: Mutex<std::collections::HashMap<(String, String), PodDialer>>,
+    /// Each pod's log for `pods/<name>/log`, by (namespace, name).
+    logs: Mutex<std::collections::HashMap<(String, String), PodLog>>,
 }
 
 impl Shared {
@@ -367,6 +371,7 @@ impl Builder {
             addr,
             bearer: self.bearer,
             dialers: Mutex::default(),
+            logs: Mutex::default(),
         });
         tokio::spawn(accept(listener, shared.clone()));
         Ok(FakeApiServer { shared })
@@ -540,6 +545,16 @@ impl FakeApiServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert((namespace.to_owned(), name.to_owned()), dial);
+    }
+
+    /// Serves `pods/<name>/log` for the pod `namespace/name` from `log` (read at each request).
+    /// Without one, the log answers 404 like for a pod that does not exist.
+    pub fn pod_log(&self, namespace: &str, name: &str, log: PodLog) {
+        self.shared
+            .logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.to_owned(), name.to_owned()), log);
     }
 
     /// Registers a token for TokenReview.

@@ -18,7 +18,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, Authorizations};
-use super::{selects, typed, typed_in, FieldError, Key, Kind, ModelConfig, ModelError, Store};
+use super::{
+    ip_bytes, selects, typed, typed_in, FieldError, Key, Kind, ModelConfig, ModelError, Store,
+};
 use crate::crd::gateway::WAYPOINT_CLASS;
 
 /// Namespace label that enrolls its pods (`ambient`); on a pod, `none` opts it out.
@@ -392,13 +394,6 @@ fn owner_workload_name(pod: &Pod) -> Option<String> {
         }
     }
     Some(owner.name.clone())
-}
-
-pub(super) fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    }
 }
 
 fn service<'a>(

@@ -12,8 +12,7 @@ use ambit_proto::discovery::{
     OutboundPolicy,
 };
 
-use super::derive::ip_bytes;
-use super::{typed, FieldError, Kind, ModelError, Store};
+use super::{ip_bytes, typed, FieldError, Kind, ModelError, Store};
 use crate::crd::external::{ExternalServiceSpec, Resolution};
 use crate::crd::peer_auth::InvalidField;
 

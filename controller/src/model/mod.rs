@@ -64,6 +64,15 @@ pub(crate) fn selects(
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// An address in its wire form (4 or 16 bytes), shared by the derivation of workloads and
+/// services and that of external services.
+pub(crate) fn ip_bytes(ip: std::net::IpAddr) -> Vec<u8> {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {

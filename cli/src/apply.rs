@@ -115,7 +115,11 @@ fn check(
     let name = file
         .file_name()
         .with_context(|| format!("{} names no file", file.display()))?;
-    let scratch = std::env::temp_dir().join(format!("ambitctl-apply-{}", std::process::id()));
+    // One scratch folder per check, not per process: checks may run side by side (the tests
+    // do), and one's clean-up must not delete another's copy.
+    static CHECKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let scratch = std::env::temp_dir().join(format!("ambitctl-apply-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let result = (|| -> anyhow::Result<Vec<String>> {

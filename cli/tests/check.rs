@@ -227,7 +227,7 @@ async fn a_healthy_cluster_passes_and_each_broken_piece_is_named_with_its_fix() 
     let run = check(&kc, false).await;
     assert!(!run.ok, "{}", run.text);
     assert!(
-        run.stderr.contains("3 of 11 checks failed"),
+        run.stderr.contains("3 of 12 checks failed"),
         "{}\n{}",
         run.stderr,
         run.text

@@ -814,11 +814,17 @@ fn install_routing(cfg: &RuleConfig, family: Family) -> Result<(), IptablesError
     )?;
     if !has_policy_rule(cfg, &run("ip", &[family.ip_flag(), "rule", "show"], None)?) {
         let args = policy_rule_args(cfg, family, "add");
-        run(
+        match run(
             "ip",
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
             None,
-        )?;
+        ) {
+            Ok(_) => {}
+            // Another applier (the CNI plugin and ztunnel adopting the same new pod) added
+            // it between our look and our add: the rule we want is there.
+            Err(IptablesError::Failed { stderr, .. }) if stderr.contains("File exists") => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

@@ -99,13 +99,6 @@ fn refusal(status: u16, reason: String) -> Refusal {
     }
 }
 
-fn flags_for(status: u16) -> ResponseFlags {
-    match status {
-        401 | 403 => ResponseFlags::Denied,
-        _ => ResponseFlags::NoHealthyUpstream,
-    }
-}
-
 impl Handler for InboundHandler {
     type Accepted = Accepted;
 
@@ -225,16 +218,7 @@ impl Handler for InboundHandler {
                 reason,
                 denied_by,
             } => {
-                if let Some(policy) = &denied_by {
-                    shared.metrics.policy_denied(&report.labels, policy);
-                }
-                report.refused(
-                    shared,
-                    flags_for(status),
-                    Outcome::Refused {
-                        reason: format!("{status}: {reason}").into(),
-                    },
-                );
+                report.refused_inbound(shared, status, &reason, denied_by.as_deref());
                 return Err(refusal(status, reason));
             }
             Inbound::Accept {

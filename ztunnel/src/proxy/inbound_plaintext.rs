@@ -134,20 +134,7 @@ async fn handle(
             reason,
             denied_by,
         } => {
-            if let Some(policy) = &denied_by {
-                shared.metrics.policy_denied(&report.labels, policy);
-            }
-            let flags = match status {
-                401 | 403 => ResponseFlags::Denied,
-                _ => ResponseFlags::NoHealthyUpstream,
-            };
-            report.refused(
-                shared,
-                flags,
-                Outcome::Refused {
-                    reason: format!("{status}: {reason}").into(),
-                },
-            );
+            report.refused_inbound(shared, status, &reason, denied_by.as_deref());
         }
         Inbound::Accept { destination, .. } => {
             match dial_as_client(shared, pod, client, destination).await {

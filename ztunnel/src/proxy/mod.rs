@@ -41,9 +41,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_hbone::client::ConnectError;
+use ambit_hbone::client::{ConnectError, ConnectTarget};
+use ambit_hbone::connect_udp::TunnelProtocol;
 use ambit_hbone::copy::{Copied, CopyError, Transferred};
 use ambit_hbone::pool::{Pool, PoolConfig};
+use ambit_hbone::stream::TunnelStream;
 use ambit_hbone::throttle::LogThrottle;
 use ambit_hbone::Identity;
 use tokio::net::TcpStream;
@@ -464,6 +466,31 @@ impl Report {
         }
     }
 
+    /// Records an inbound connection the destination's decision refused with `status`:
+    /// counted against the policy that denied it, if one did, then as [`Report::refused`].
+    pub fn refused_inbound(
+        self,
+        shared: &Shared,
+        status: u16,
+        reason: &str,
+        denied_by: Option<&str>,
+    ) {
+        if let Some(policy) = denied_by {
+            shared.metrics.policy_denied(&self.labels, policy);
+        }
+        let flags = match status {
+            401 | 403 => ResponseFlags::Denied,
+            _ => ResponseFlags::NoHealthyUpstream,
+        };
+        self.refused(
+            shared,
+            flags,
+            Outcome::Refused {
+                reason: format!("{status}: {reason}").into(),
+            },
+        );
+    }
+
     /// Copies between the two sides until both close or the connection stays silent past
     /// `timeouts`, then records bytes and writes the log line. `a` is the client side, `b`
     /// the destination side; `activity` started at accept.
@@ -608,6 +635,68 @@ fn refusal_cause(direction: Direction, flags: ResponseFlags) -> &'static str {
 }
 
 /// An error as an access-log outcome, with its causes.
+/// Opens a tunnel as `pod` to `authority` through `peer`, requiring `expected` of it: the
+/// pod's certificate, then a stream of `protocol` on its pool. A failure is reported on
+/// `report` and gives `None`.
+pub(crate) async fn open_tunnel(
+    shared: &Shared,
+    pod: &PodProxy,
+    report: Report,
+    (peer, authority, expected): (SocketAddr, SocketAddr, Identity),
+    protocol: TunnelProtocol,
+) -> Option<(TunnelStream, Report)> {
+    let tls = match pod.credentials.client_config(&expected).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            report.destination_unproven().refused(
+                shared,
+                ResponseFlags::UpstreamConnectionFailure,
+                error_outcome(&e),
+            );
+            return None;
+        }
+    };
+    let target = ConnectTarget {
+        source: pod.identity.clone(),
+        tls,
+        peer,
+        expected_identity: expected,
+        authority,
+        headers: hyper::HeaderMap::new(),
+    };
+    let opened = match protocol {
+        TunnelProtocol::Tcp => pod.pool.connect(target).await,
+        TunnelProtocol::Udp => pod.pool.connect_udp(target).await,
+    };
+    match opened {
+        Ok(stream) => Some((stream, report)),
+        Err(e) => {
+            // Without a status the handshake may not have completed: the destination did not
+            // prove anything. With one, it did, and 401/403 is its policy speaking: a
+            // refusal, not a failure.
+            let report = if e.status().is_some() {
+                report
+            } else {
+                report.destination_unproven()
+            };
+            let (flags, outcome) = match e.status().map(|s| s.as_u16()) {
+                Some(401 | 403) => (
+                    ResponseFlags::Denied,
+                    Outcome::Refused {
+                        reason: crate::telemetry::error_chain(&e).into(),
+                    },
+                ),
+                _ => (
+                    ResponseFlags::UpstreamConnectionFailure,
+                    error_outcome(&ProxyError::Tunnel(e)),
+                ),
+            };
+            report.refused(shared, flags, outcome);
+            None
+        }
+    }
+}
+
 pub(crate) fn error_outcome(e: &ProxyError) -> Outcome {
     Outcome::Error {
         error: crate::telemetry::error_chain(e),

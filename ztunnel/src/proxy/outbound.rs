@@ -26,12 +26,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ambit_hbone::client::ConnectTarget;
+use ambit_hbone::connect_udp::TunnelProtocol;
 use ambit_hbone::stream::TunnelStream;
-use hyper::HeaderMap;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{error_outcome, refuse_new, PodProxy, ProxyError, Report, Shared, Timeouts};
+use super::{
+    error_outcome, open_tunnel, refuse_new, PodProxy, ProxyError, Report, Shared, Timeouts,
+};
 use crate::access_log::{Direction, Outcome, Peer, Protocol};
 use crate::capture::original_dst;
 use crate::decision::{self, ConnectionGuard, Outbound};
@@ -39,7 +40,7 @@ use crate::drain::DrainWatcher;
 use crate::limits::{Activity, ConnectionPermit, Refused};
 use crate::metrics::{Reporter, ResponseFlags};
 use crate::peer::PeerIdentity;
-use crate::state::{Service, Workload};
+use crate::state::{ExternalService, Service, Workload};
 
 /// Accepts the pod's outbound connections until drain.
 pub async fn serve(shared: Shared, pod: Arc<PodProxy>, listener: TcpListener, drain: DrainWatcher) {
@@ -216,12 +217,8 @@ async fn set_up(
         } => {
             tracing::debug!(pod = %pod.name, %destination, service = %service.key(), "external service");
             let mut report = base(destination, None, None, Protocol::Tcp, None);
-            // The log line and the metrics name the service by its first host, as a mesh
-            // service is named by its hostname.
             if let Some(host) = service.hosts.first() {
-                report.service = Some(host.clone());
-                report.labels.destination_service = host.clone();
-                report.labels.destination_service_namespace = service.namespace.clone();
+                name_by_host(&mut report, host.clone(), &service);
             }
             direct(shared, pod, app, report, destination, activity).await
         }
@@ -255,9 +252,7 @@ async fn set_up(
                 return None;
             };
             let mut report = base(destination, None, None, Protocol::Tcp, None);
-            report.service = Some(host.clone());
-            report.labels.destination_service = host;
-            report.labels.destination_service_namespace = service.namespace.clone();
+            name_by_host(&mut report, host, &service);
             direct(shared, pod, app, report, destination, activity).await
         }
         Outbound::Blocked {
@@ -292,7 +287,14 @@ async fn set_up(
                 Protocol::Hbone,
                 Some(&expected_identity),
             );
-            let stream = tunnel(shared, pod, report, (peer, authority, expected_identity)).await?;
+            let stream = open_tunnel(
+                shared,
+                pod,
+                report,
+                (peer, authority, expected_identity),
+                TunnelProtocol::Tcp,
+            )
+            .await?;
             Some(Established {
                 app,
                 upstream: Upstream::Tunnel(stream.0),
@@ -315,7 +317,14 @@ async fn set_up(
                 Protocol::Hbone,
                 Some(&expected_identity),
             );
-            let stream = tunnel(shared, pod, report, (peer, authority, expected_identity)).await?;
+            let stream = open_tunnel(
+                shared,
+                pod,
+                report,
+                (peer, authority, expected_identity),
+                TunnelProtocol::Tcp,
+            )
+            .await?;
             Some(Established {
                 app,
                 upstream: Upstream::Tunnel(stream.0),
@@ -341,6 +350,14 @@ async fn set_up(
             None
         }
     }
+}
+
+/// Names an external service's connection by `host` in its log line and metrics, as a mesh
+/// service is named by its hostname.
+fn name_by_host(report: &mut Report, host: Arc<str>, service: &ExternalService) {
+    report.service = Some(host.clone());
+    report.labels.destination_service = host;
+    report.labels.destination_service_namespace = service.namespace.clone();
 }
 
 /// Plain TCP from inside the pod (a marked socket, so it is not captured again) to
@@ -385,61 +402,6 @@ async fn direct(
                     ),
                 },
             );
-            None
-        }
-    }
-}
-
-/// Opens the tunnel as the pod; on failure reports it and says `None`.
-async fn tunnel(
-    shared: &Shared,
-    pod: &PodProxy,
-    report: Report,
-    (peer, authority, expected): (SocketAddr, SocketAddr, ambit_hbone::Identity),
-) -> Option<(TunnelStream, Report)> {
-    let tls = match pod.credentials.client_config(&expected).await {
-        Ok(tls) => tls,
-        Err(e) => {
-            report.destination_unproven().refused(
-                shared,
-                ResponseFlags::UpstreamConnectionFailure,
-                error_outcome(&e),
-            );
-            return None;
-        }
-    };
-    let target = ConnectTarget {
-        source: pod.identity.clone(),
-        tls,
-        peer,
-        expected_identity: expected,
-        authority,
-        headers: HeaderMap::new(),
-    };
-    match pod.pool.connect(target).await {
-        Ok(stream) => Some((stream, report)),
-        Err(e) => {
-            // Without a status the handshake may not have completed: the destination did not
-            // prove anything. With one, it did, and 401/403 is its policy speaking: a
-            // refusal, not a failure.
-            let report = if e.status().is_some() {
-                report
-            } else {
-                report.destination_unproven()
-            };
-            let (flags, outcome) = match e.status().map(|s| s.as_u16()) {
-                Some(401 | 403) => (
-                    ResponseFlags::Denied,
-                    Outcome::Refused {
-                        reason: crate::telemetry::error_chain(&e).into(),
-                    },
-                ),
-                _ => (
-                    ResponseFlags::UpstreamConnectionFailure,
-                    error_outcome(&ProxyError::Tunnel(e)),
-                ),
-            };
-            report.refused(shared, flags, outcome);
             None
         }
     }

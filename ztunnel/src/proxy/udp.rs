@@ -38,18 +38,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ambit_hbone::capsule::{self, Decoder};
-use ambit_hbone::client::ConnectTarget;
+use ambit_hbone::connect_udp::TunnelProtocol;
 use ambit_hbone::copy::Transferred;
 use ambit_hbone::stream::TunnelStream;
 use bytes::{Bytes, BytesMut};
-use hyper::HeaderMap;
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::registry::Revocation;
-use super::{error_outcome, refused_count, PodProxy, ProxyError, Report, Shared};
+use super::{error_outcome, open_tunnel, refused_count, PodProxy, ProxyError, Report, Shared};
 use crate::access_log::{Direction, Outcome, Peer, Protocol};
 use crate::capture::sockets;
 use crate::decision::{self, Outbound};
@@ -251,50 +250,16 @@ async fn outbound_flow(
                 },
             };
             let report = report(dst, service.as_deref(), Protocol::ConnectUdp);
-            let tls = match pod.credentials.client_config(&expected_identity).await {
-                Ok(tls) => tls,
-                Err(e) => {
-                    report.destination_unproven().refused(
-                        shared,
-                        ResponseFlags::UpstreamConnectionFailure,
-                        error_outcome(&e),
-                    );
-                    return drop_until_idle(&mut queued, idle).await;
-                }
-            };
-            let target = ConnectTarget {
-                source: pod.identity.clone(),
-                tls,
-                peer,
-                expected_identity,
-                authority,
-                headers: HeaderMap::new(),
-            };
-            let stream = match pod.pool.connect_udp(target).await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    let denied = matches!(e.status().map(|s| s.as_u16()), Some(401 | 403));
-                    let report = if e.status().is_some() {
-                        report
-                    } else {
-                        report.destination_unproven()
-                    };
-                    let (flags, outcome) = if denied {
-                        (
-                            ResponseFlags::Denied,
-                            Outcome::Refused {
-                                reason: crate::telemetry::error_chain(&e).into(),
-                            },
-                        )
-                    } else {
-                        (
-                            ResponseFlags::UpstreamConnectionFailure,
-                            error_outcome(&ProxyError::Tunnel(e)),
-                        )
-                    };
-                    report.refused(shared, flags, outcome);
-                    return drop_until_idle(&mut queued, idle).await;
-                }
+            let Some((stream, report)) = open_tunnel(
+                shared,
+                pod,
+                report,
+                (peer, authority, expected_identity),
+                TunnelProtocol::Udp,
+            )
+            .await
+            else {
+                return drop_until_idle(&mut queued, idle).await;
             };
             let socket = match pod.capture.sockets().transparent_udp(original, app).await {
                 Ok(socket) => socket,

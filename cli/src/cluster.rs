@@ -124,7 +124,8 @@ fn name(p: &Pod) -> String {
     p.metadata.name.clone().unwrap_or_default()
 }
 
-fn running(p: &Pod) -> bool {
+/// Whether the pod's phase is Running.
+pub fn running(p: &Pod) -> bool {
     p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 

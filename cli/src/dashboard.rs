@@ -40,11 +40,12 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let listen = SocketAddr::new(args.address, args.port);
+    let runtime = cluster::runtime()?;
     if args.cluster.kubernetes {
-        let runtime = cluster::runtime()?;
         return runtime.block_on(async {
             let client = cluster::client(args.cluster.kubeconfig.as_deref()).await?;
-            forward_to_cluster(listen, client, &args.cluster.namespace).await
+            let namespace = args.cluster.namespace.clone();
+            forward(listen, Upstream::Cluster { client, namespace }).await
         });
     }
     let state = ClusterState::load(&args.state_dir).with_context(|| {
@@ -53,31 +54,81 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             args.state_dir.display(),
         )
     })?;
-    let upstream = SocketAddr::from((net::FABRIC_IP, CONTROLLER_OPS_PORT));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting a runtime for the port forward")?;
-    runtime.block_on(forward(listen, state.fabric, upstream))
+    let upstream = Upstream::Fabric {
+        netns: state.fabric,
+        addr: SocketAddr::from((net::FABRIC_IP, CONTROLLER_OPS_PORT)),
+    };
+    runtime.block_on(forward(listen, upstream))
 }
 
-/// Serves `listen`, each connection port-forwarded to a running controller pod's 15014.
-async fn forward_to_cluster(
-    listen: SocketAddr,
-    client: kube::Client,
-    namespace: &str,
-) -> anyhow::Result<()> {
+/// Where each forwarded connection goes.
+enum Upstream {
+    /// The local mesh's controller, dialled from inside the fabric namespace `netns`.
+    Fabric { netns: String, addr: SocketAddr },
+    /// A running controller pod's operations port, through the API server's port-forward.
+    Cluster {
+        client: kube::Client,
+        namespace: String,
+    },
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upstream::Fabric { netns, addr } => {
+                write!(f, "the controller's {addr} in network namespace {netns}")
+            }
+            Upstream::Cluster { namespace, .. } => write!(
+                f,
+                "port {CONTROLLER_OPS_PORT} of a controller pod in {namespace} through the API server"
+            ),
+        }
+    }
+}
+
+impl Upstream {
+    /// Opens a connection to the controller and copies between it and `conn` until both end.
+    async fn pipe(&self, mut conn: tokio::net::TcpStream) -> anyhow::Result<()> {
+        match self {
+            Upstream::Fabric { netns, addr } => {
+                let mut server = dial_in_netns(netns, *addr).await?;
+                tokio::io::copy_bidirectional(&mut conn, &mut server).await
+            }
+            Upstream::Cluster { client, namespace } => {
+                let pod = running_controller(client, namespace).await?;
+                let mut forward = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
+                    client.clone(),
+                    namespace,
+                )
+                .portforward(&pod, &[CONTROLLER_OPS_PORT])
+                .await
+                .with_context(|| {
+                    format!("port-forwarding to {namespace}/{pod}:{CONTROLLER_OPS_PORT}")
+                })?;
+                let Some(mut server) = forward.take_stream(CONTROLLER_OPS_PORT) else {
+                    bail!("port-forward to {namespace}/{pod} gave no stream");
+                };
+                tokio::io::copy_bidirectional(&mut conn, &mut server).await
+            }
+        }
+        .context("copying")?;
+        Ok(())
+    }
+}
+
+/// Serves `listen` until Ctrl-C, each accepted connection piped to `upstream`.
+async fn forward(listen: SocketAddr, upstream: Upstream) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen} (another port: --port)"))?;
     let local = listener
         .local_addr()
         .context("the forward's local address")?;
+    // stdout is the URL alone, so scripts (and tests) can read it; the rest is for people.
     println!("http://{local}/dashboard");
     std::io::stdout().flush().context("writing to stdout")?;
-    eprintln!(
-        "forwarding {local} to port {CONTROLLER_OPS_PORT} of a controller pod in {namespace} through the API server; Ctrl-C stops"
-    );
+    eprintln!("forwarding {local} to {upstream}; Ctrl-C stops");
+    let upstream = std::sync::Arc::new(upstream);
     loop {
         let (conn, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -90,104 +141,39 @@ async fn forward_to_cluster(
             },
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        let (client, namespace) = (client.clone(), namespace.to_owned());
+        let upstream = upstream.clone();
         tokio::spawn(async move {
-            if let Err(e) = pipe_to_cluster(conn, &client, &namespace).await {
+            if let Err(e) = upstream.pipe(conn).await {
                 eprintln!("ambitctl: forwarding for {peer}: {e:#}");
             }
         });
     }
 }
 
-/// Port-forwards to the first running controller pod and copies between it and `conn`.
-async fn pipe_to_cluster(
-    mut conn: tokio::net::TcpStream,
-    client: &kube::Client,
-    namespace: &str,
-) -> anyhow::Result<()> {
-    use k8s_openapi::api::core::v1::Pod;
+/// The name of the first running controller pod in `namespace`.
+async fn running_controller(client: &kube::Client, namespace: &str) -> anyhow::Result<String> {
     let selector = format!("{}={}", cluster::NAME_LABEL, cluster::CONTROLLER);
     let pods = cluster::pods(client, namespace, &selector).await?;
-    let Some(pod) = pods.iter().find_map(|p| {
-        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-        if running {
-            p.metadata.name.clone()
-        } else {
-            None
-        }
-    }) else {
-        bail!("no running controller pod ({selector}) in namespace {namespace}");
-    };
-    let mut forward = kube::Api::<Pod>::namespaced(client.clone(), namespace)
-        .portforward(&pod, &[CONTROLLER_OPS_PORT])
-        .await
-        .with_context(|| format!("port-forwarding to {namespace}/{pod}:{CONTROLLER_OPS_PORT}"))?;
-    let Some(mut upstream) = forward.take_stream(CONTROLLER_OPS_PORT) else {
-        bail!("port-forward to {namespace}/{pod} gave no stream");
-    };
-    tokio::io::copy_bidirectional(&mut conn, &mut upstream)
-        .await
-        .context("copying")?;
-    Ok(())
+    pods.iter()
+        .find(|p| cluster::running(p))
+        .and_then(|p| p.metadata.name.clone())
+        .with_context(|| format!("no running controller pod ({selector}) in namespace {namespace}"))
 }
 
-async fn forward(listen: SocketAddr, fabric: String, upstream: SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen} (another port: --port)"))?;
-    let local = listener
-        .local_addr()
-        .context("the forward's local address")?;
-    // stdout is the URL alone, so scripts (and tests) can read it; the rest is for people.
-    println!("http://{local}/dashboard");
-    std::io::stdout().flush().context("writing to stdout")?;
-    eprintln!(
-        "forwarding {local} to the controller's {upstream} in network namespace {fabric}; Ctrl-C stops"
-    );
-    loop {
-        let (client, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("ambitctl: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        };
-        let fabric = fabric.clone();
-        tokio::spawn(async move {
-            if let Err(e) = pipe(client, &fabric, upstream).await {
-                eprintln!("ambitctl: forwarding for {peer}: {e:#}");
-            }
-        });
-    }
-}
-
-/// Connects to `upstream` from inside `fabric` and copies between it and `client`.
-async fn pipe(
-    mut client: tokio::net::TcpStream,
-    fabric: &str,
-    upstream: SocketAddr,
-) -> anyhow::Result<()> {
-    let ns = fabric.to_owned();
+/// Connects to `addr` from inside network namespace `netns`.
+async fn dial_in_netns(netns: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+    let ns = netns.to_owned();
     let connected = tokio::task::spawn_blocking(move || {
         net::in_netns(&ns, move || {
-            std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(3))
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         })
     })
     .await
     .context("the connecting thread")?
-    .with_context(|| format!("entering network namespace {fabric} (needs root)"))?
-    .with_context(|| format!("connecting to the controller at {upstream} in {fabric}"))?;
+    .with_context(|| format!("entering network namespace {netns} (needs root)"))?
+    .with_context(|| format!("connecting to the controller at {addr} in {netns}"))?;
     connected
         .set_nonblocking(true)
         .context("making the controller connection non-blocking")?;
-    let mut server =
-        tokio::net::TcpStream::from_std(connected).context("registering the connection")?;
-    tokio::io::copy_bidirectional(&mut client, &mut server)
-        .await
-        .context("copying")?;
-    Ok(())
+    tokio::net::TcpStream::from_std(connected).context("registering the connection")
 }

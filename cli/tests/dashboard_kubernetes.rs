@@ -17,13 +17,10 @@ use serde_json::json;
 
 const NS: &str = "ambit-system";
 
+/// A kubeconfig pointing at `server`.
 fn kubeconfig(dir: &Path, server: &FakeApiServer) -> std::path::PathBuf {
     let path = dir.join("kubeconfig");
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\ncurrent-context: fake\n",
-        server.url()
-    );
-    std::fs::write(&path, text).unwrap();
+    server.write_kubeconfig(&path, None).unwrap();
     path
 }
 

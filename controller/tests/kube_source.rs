@@ -725,16 +725,7 @@ async fn the_binary_watches_the_cluster_named_by_kubeconfig() -> Result<()> {
     server.apply(&namespace("ambit-system", false))?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n\
-             users:\n- name: tester\n  user:\n    token: kubeconfig-token\n",
-            server.url()
-        ),
-    )?;
+    server.write_kubeconfig(&kubeconfig, Some("kubeconfig-token"))?;
     // The controller's log goes to a file, shown only if the test fails.
     let log = dir.path().join("controller.log");
     let _child = Proc::adopt(

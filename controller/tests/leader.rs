@@ -116,16 +116,7 @@ async fn one_replica_leads_and_the_survivor_takes_over_the_writes() -> Result<()
     server.apply(&gateway("0"))?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n\
-             users:\n- name: tester\n  user:\n    token: t\n",
-            server.url()
-        ),
-    )?;
+    server.write_kubeconfig(&kubeconfig, Some("t"))?;
 
     // Two replicas start together: exactly one leads, both come up (the follower with the
     // leader's root), and the leader deploys the waypoint.
@@ -242,16 +233,7 @@ async fn a_replica_stopped_cleanly_releases_the_lease() -> Result<()> {
     )?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n\
-             users:\n- name: tester\n  user:\n    token: t\n",
-            server.url()
-        ),
-    )?;
+    server.write_kubeconfig(&kubeconfig, Some("t"))?;
     let mut a = start("replica-a", &kubeconfig, dir.path())?;
     // Serving (its signal handler installed), and leading.
     wait_for("the Lease", &[&a], || {

@@ -89,6 +89,30 @@ impl Harness {
         .clone();
         errs.iter().map(|e| error_chain(e)).collect()
     }
+
+    /// Writes a broken `text` into `name` and expects exactly one error, naming each of `wants`.
+    async fn expect_error(&mut self, name: &str, text: &str, wants: &[&str]) {
+        self.write(name, text);
+        let errors = self.errors().await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        for want in wants {
+            assert!(errors[0].contains(want), "{:?} lacks {want:?}", errors[0]);
+        }
+    }
+
+    /// Writes `good` back into `name`, so the next case starts from the same last good state:
+    /// the errors clear and nothing else moves.
+    async fn restore(&mut self, name: &str, good: &str) {
+        self.write(name, good);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.errors.wait_for(|e| e.is_empty()),
+        )
+        .await
+        .expect("errors clear")
+        .expect("source");
+        self.quiet().await;
+    }
 }
 
 impl Drop for Harness {
@@ -209,12 +233,7 @@ async fn a_broken_file_keeps_its_last_good_objects() {
     for (text, wants) in cases {
         // The first document changes too, so a partial apply would show up as an event.
         let text = text.replace("{pod_a}", &pod("a", "changed"));
-        h.write("pods.yaml", &text);
-        let errors = h.errors().await;
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        for want in *wants {
-            assert!(errors[0].contains(want), "{:?} lacks {want:?}", errors[0]);
-        }
+        h.expect_error("pods.yaml", &text, wants).await;
         // Other files still update while this one is broken.
         h.write(
             "other.yaml",
@@ -223,13 +242,7 @@ async fn a_broken_file_keeps_its_last_good_objects() {
         let events = summary(&h.next().await);
         assert_eq!(events.len(), 1, "{events:?}");
         assert!(events[0].starts_with("apply Pod demo/c"), "{events:?}");
-        // Restore, so each case starts from the same last good state.
-        h.write("pods.yaml", &pods);
-        tokio::time::timeout(Duration::from_secs(10), h.errors.wait_for(|e| e.is_empty()))
-            .await
-            .expect("errors clear")
-            .expect("source");
-        h.quiet().await;
+        h.restore("pods.yaml", &pods).await;
     }
 }
 
@@ -378,12 +391,7 @@ async fn a_bad_peer_authentication_is_refused_naming_file_document_and_field_and
         ),
     ];
     for (text, wants) in cases {
-        h.write("pa.yaml", text);
-        let errors = h.errors().await;
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        for want in *wants {
-            assert!(errors[0].contains(want), "{:?} lacks {want:?}", errors[0]);
-        }
+        h.expect_error("pa.yaml", text, wants).await;
         // The file's last good objects stay: no delete of demo/strict, nothing applied.
         h.quiet().await;
         // Other files still update meanwhile.
@@ -391,12 +399,7 @@ async fn a_bad_peer_authentication_is_refused_naming_file_document_and_field_and
         let events = summary(&h.next().await);
         assert_eq!(events.len(), 1, "{events:?}");
         assert!(events[0].starts_with("apply Pod demo/c"), "{events:?}");
-        h.write("pa.yaml", good);
-        tokio::time::timeout(Duration::from_secs(10), h.errors.wait_for(|e| e.is_empty()))
-            .await
-            .expect("errors clear")
-            .expect("source");
-        h.quiet().await;
+        h.restore("pa.yaml", good).await;
     }
     // A good port-level policy is taken.
     h.write(
@@ -461,20 +464,10 @@ async fn a_bad_external_service_is_refused_naming_file_document_and_field_and_th
         ),
     ];
     for (text, wants) in cases {
-        h.write("xs.yaml", text);
-        let errors = h.errors().await;
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        for want in *wants {
-            assert!(errors[0].contains(want), "{:?} lacks {want:?}", errors[0]);
-        }
+        h.expect_error("xs.yaml", text, wants).await;
         // The file's last good objects stay: no delete of demo/api, nothing applied.
         h.quiet().await;
-        h.write("xs.yaml", good);
-        tokio::time::timeout(Duration::from_secs(10), h.errors.wait_for(|e| e.is_empty()))
-            .await
-            .expect("errors clear")
-            .expect("source");
-        h.quiet().await;
+        h.restore("xs.yaml", good).await;
     }
     // A bad outbound policy label on a namespace is refused the same way.
     h.write(

@@ -260,6 +260,23 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await?
 }
 
+/// Connects from `pod` to `dst` and expects the connection to be closed without the app's
+/// greeting (ztunnel refused it).
+pub async fn refused(pod: &Pod, dst: SocketAddr) -> anyhow::Result<()> {
+    let pod = pod.clone();
+    blocking(move || {
+        // The capture accepts the TCP connection locally, so the refusal shows as a close.
+        let Ok(mut s) = crate::connect_from(&pod, dst) else {
+            return Ok(());
+        };
+        match crate::read_greeting(&mut s) {
+            Ok(seen) => bail!("{dst} answered {seen:?}: not refused"),
+            Err(_) => Ok(()),
+        }
+    })
+    .await
+}
+
 /// Connects from `pod` to `dst`, reads the reply server's greeting and echoes `payload`;
 /// returns the client address the server saw.
 pub async fn round_trip(pod: &Pod, dst: SocketAddr, payload: &[u8]) -> anyhow::Result<SocketAddr> {

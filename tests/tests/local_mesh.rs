@@ -887,14 +887,9 @@ fn same_output_through_the_api_server(mesh: &Mesh) {
     server.forward_pod("shop", "waypoint-0", dial_into(wp.netns.clone(), loopback));
 
     let kubeconfig = mesh.state_dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\ncurrent-context: fake\n",
-            server.url()
-        ),
-    )
-    .expect("kubeconfig");
+    server
+        .write_kubeconfig(&kubeconfig, None)
+        .expect("kubeconfig");
     let kc = kubeconfig.display().to_string();
     let sd = mesh.state_dir.display().to_string();
     let run = |args: &[&str]| {

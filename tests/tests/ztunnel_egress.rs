@@ -13,23 +13,6 @@ use ambit_tests::{Pod, ReplyServer, Topology};
 
 const REFUSED: &str = "ambit_ztunnel_connections_refused_total";
 
-/// Connects from `pod` to `dst` and expects the connection to be closed without the app's
-/// greeting (ztunnel refused it).
-async fn refused(pod: &Pod, dst: SocketAddr) -> anyhow::Result<()> {
-    let pod = pod.clone();
-    blocking(move || {
-        // The capture accepts the TCP connection locally, so the refusal shows as a close.
-        let Ok(mut s) = ambit_tests::connect_from(&pod, dst) else {
-            return Ok(());
-        };
-        match ambit_tests::read_greeting(&mut s) {
-            Ok(seen) => anyhow::bail!("{dst} answered {seen:?}: not refused"),
-            Err(_) => Ok(()),
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_only_refuses_unknown_destinations_and_allows_declared_external_services(
 ) -> anyhow::Result<()> {

@@ -19,23 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 
-/// Connects from `pod` to `dst` and expects the connection to be closed without the app's
-/// greeting (ztunnel refused it).
-async fn refused(pod: &Pod, dst: SocketAddr) -> anyhow::Result<()> {
-    let pod = pod.clone();
-    blocking(move || {
-        // The capture accepts the TCP connection locally, so the refusal shows as a close.
-        let Ok(mut s) = ambit_tests::connect_from(&pod, dst) else {
-            return Ok(());
-        };
-        match ambit_tests::read_greeting(&mut s) {
-            Ok(seen) => anyhow::bail!("{dst} answered {seen:?}: not refused"),
-            Err(_) => Ok(()),
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_allows_denies_by_principal_and_port_and_strict_mode_refuses_plaintext(
 ) -> anyhow::Result<()> {

@@ -442,6 +442,25 @@ impl FakeApiServer {
         format!("http://{}", self.shared.addr)
     }
 
+    /// Writes a kubeconfig file at `path` whose current context is this server, presenting
+    /// `token` as its bearer token if given, for commands that take `--kubeconfig` (as an
+    /// operator's `ambitctl ... --kubernetes` or the controller binary would).
+    pub fn write_kubeconfig(
+        &self,
+        path: &std::path::Path,
+        token: Option<&str>,
+    ) -> std::io::Result<()> {
+        let user = match token {
+            Some(t) => format!("{{token: \"{t}\"}}"),
+            None => "{}".to_owned(),
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: test\n  user: {user}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: test}}\ncurrent-context: fake\n",
+            self.url()
+        );
+        std::fs::write(path, text)
+    }
+
     /// A kube client configuration pointing at this server.
     pub fn kube_config(&self) -> Result<kube::Config, ApiServerError> {
         let uri = self.url().parse().map_err(ApiServerError::Url)?;

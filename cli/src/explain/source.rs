@@ -134,12 +134,16 @@ fn admin_json(netns: &str, addr: SocketAddr) -> anyhow::Result<Value> {
 
 /// A mesh on Kubernetes, read through its API server: ztunnel pods by their name label and
 /// node, waypoint pods by their Gateway label and IP, each one's admin port (15000) through
-/// port-forward, and access-log events from the tail of its pod's log.
+/// port-forward, and access-log events from the tail of its pod's log. The pods are listed
+/// once, at [`KubeMesh::connect`]: one explanation reads one view of the cluster.
 pub struct KubeMesh {
     runtime: tokio::runtime::Runtime,
     client: kube::Client,
     /// Where Ambit is installed (its ztunnels).
     namespace: String,
+    /// Each node's ztunnel pod, by node.
+    ztunnels: std::collections::BTreeMap<String, String>,
+    waypoints: Vec<WaypointPod>,
 }
 
 /// A waypoint pod found through the API server.
@@ -156,13 +160,56 @@ const LOG_TAIL_LINES: i64 = 5_000;
 
 impl KubeMesh {
     pub fn connect(kubeconfig: Option<&Path>, namespace: &str) -> anyhow::Result<Self> {
+        use k8s_openapi::api::core::v1::Pod;
         let runtime = crate::cluster::runtime()?;
         let client = runtime.block_on(crate::cluster::client(kubeconfig))?;
+        let selector = format!("{}={}", crate::cluster::NAME_LABEL, crate::cluster::ZTUNNEL);
+        let ztunnels = runtime
+            .block_on(crate::cluster::pods(&client, namespace, &selector))?
+            .into_iter()
+            .filter_map(|p| Some((p.spec?.node_name?, p.metadata.name?)))
+            .collect();
+        let label = ambit_manifests::waypoint::GATEWAY_NAME_LABEL;
+        let waypoints = runtime
+            .block_on(
+                kube::Api::<Pod>::all(client.clone())
+                    .list(&kube::api::ListParams::default().labels(label)),
+            )
+            .with_context(|| format!("listing waypoint pods ({label})"))?
+            .items
+            .into_iter()
+            .filter_map(|p| {
+                let ns = p.metadata.namespace.clone()?;
+                let gateway = p.metadata.labels.as_ref()?.get(label)?.clone();
+                let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+                Some(WaypointPod {
+                    gateway: format!("{ns}/{gateway}"),
+                    namespace: ns,
+                    pod: p.metadata.name?,
+                    ip,
+                })
+            })
+            .collect();
         Ok(KubeMesh {
             runtime,
             client,
             namespace: namespace.to_owned(),
+            ztunnels,
+            waypoints,
         })
+    }
+
+    fn ztunnel_pod(&self, node: &str) -> anyhow::Result<&str> {
+        self.ztunnels
+            .get(node)
+            .map(String::as_str)
+            .with_context(|| {
+                format!(
+                    "no ztunnel pod on node {node:?} in {} (ztunnels run on: {})",
+                    self.namespace,
+                    self.ztunnels.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })
     }
 
     fn admin_json(&self, namespace: &str, pod: &str) -> anyhow::Result<Value> {
@@ -182,68 +229,24 @@ impl KubeMesh {
             ),
         }
     }
-
-    /// The waypoint pods of every Gateway.
-    fn waypoint_pods(&self) -> anyhow::Result<Vec<WaypointPod>> {
-        use k8s_openapi::api::core::v1::Pod;
-        let label = ambit_manifests::waypoint::GATEWAY_NAME_LABEL;
-        let pods = self.runtime.block_on(
-            kube::Api::<Pod>::all(self.client.clone())
-                .list(&kube::api::ListParams::default().labels(label)),
-        )?;
-        Ok(pods
-            .items
-            .into_iter()
-            .filter_map(|p| {
-                let ns = p.metadata.namespace.clone()?;
-                let gateway = p.metadata.labels.as_ref()?.get(label)?.clone();
-                let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
-                Some(WaypointPod {
-                    gateway: format!("{ns}/{gateway}"),
-                    namespace: ns,
-                    pod: p.metadata.name?,
-                    ip,
-                })
-            })
-            .collect())
-    }
 }
 
 impl MeshSource for KubeMesh {
     fn nodes(&self) -> Vec<String> {
-        let selector = format!("{}={}", crate::cluster::NAME_LABEL, crate::cluster::ZTUNNEL);
-        let pods = self
-            .runtime
-            .block_on(crate::cluster::pods(
-                &self.client,
-                &self.namespace,
-                &selector,
-            ))
-            .unwrap_or_default();
-        let mut nodes: Vec<String> = pods
-            .iter()
-            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
-            .collect();
-        nodes.sort();
-        nodes
+        self.ztunnels.keys().cloned().collect()
     }
 
     fn ztunnel_dump(&self, node: &str) -> anyhow::Result<Value> {
-        let pod = self.runtime.block_on(crate::cluster::ztunnel_on(
-            &self.client,
-            &self.namespace,
-            node,
-        ))?;
-        let name = pod.metadata.name.unwrap_or_default();
-        self.admin_json(&self.namespace, &name)
+        let pod = self.ztunnel_pod(node)?;
+        self.admin_json(&self.namespace, pod)
             .with_context(|| format!("ztunnel on {node}"))
     }
 
     fn waypoint_dump(&self, ip: IpAddr) -> anyhow::Result<WaypointDump> {
         let want = ip.to_string();
         let Some(wp) = self
-            .waypoint_pods()?
-            .into_iter()
+            .waypoints
+            .iter()
             .find(|wp| wp.ip.as_deref() == Some(want.as_str()))
         else {
             bail!("no waypoint pod at {ip} in the cluster");
@@ -252,7 +255,7 @@ impl MeshSource for KubeMesh {
             .admin_json(&wp.namespace, &wp.pod)
             .with_context(|| format!("waypoint {}", wp.gateway))?;
         Ok(WaypointDump {
-            gateway: wp.gateway,
+            gateway: wp.gateway.clone(),
             dump,
         })
     }
@@ -260,26 +263,12 @@ impl MeshSource for KubeMesh {
     fn access_log(&self, proxy: &Proxy) -> anyhow::Result<Vec<Value>> {
         use k8s_openapi::api::core::v1::Pod;
         let (ns, pod) = match proxy {
-            Proxy::Ztunnel { node } => {
-                let pod = self.runtime.block_on(crate::cluster::ztunnel_on(
-                    &self.client,
-                    &self.namespace,
-                    node,
-                ))?;
-                (
-                    self.namespace.clone(),
-                    pod.metadata.name.unwrap_or_default(),
-                )
-            }
+            Proxy::Ztunnel { node } => (self.namespace.as_str(), self.ztunnel_pod(node)?),
             Proxy::Waypoint { gateway } => {
-                let Some(wp) = self
-                    .waypoint_pods()?
-                    .into_iter()
-                    .find(|wp| &wp.gateway == gateway)
-                else {
+                let Some(wp) = self.waypoints.iter().find(|wp| &wp.gateway == gateway) else {
                     bail!("no pod of waypoint {gateway} in the cluster");
                 };
-                (wp.namespace, wp.pod)
+                (wp.namespace.as_str(), wp.pod.as_str())
             }
         };
         let params = kube::api::LogParams {
@@ -288,7 +277,7 @@ impl MeshSource for KubeMesh {
         };
         let text = self
             .runtime
-            .block_on(kube::Api::<Pod>::namespaced(self.client.clone(), &ns).logs(&pod, &params))
+            .block_on(kube::Api::<Pod>::namespaced(self.client.clone(), ns).logs(pod, &params))
             .with_context(|| format!("reading the log of pod {ns}/{pod}"))?;
         Ok(access_lines(&text))
     }

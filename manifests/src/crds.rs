@@ -13,8 +13,8 @@
 //! - `action` is one of ALLOW/DENY/AUDIT, ports are decimal 1..65535, ipBlocks are IPv4
 //!   or IPv6 addresses or CIDRs with a valid prefix length, principals and namespaces have at most
 //!   one leading or trailing `*` (the Istio matching rules), paths start with `/` or `*`.
-//! - `targetRefs` name a `Service` (core group) or a `Gateway` (gateway.networking.k8s.io), and
-//!   cannot be combined with `selector` (they pick the enforcement point in exclusive ways).
+//! - `targetRefs` name a `Service` (core group), a `Gateway` (gateway.networking.k8s.io) or an
+//!   `ExternalService` (networking.ambit.dev, egress through its waypoint), and cannot be combined with `selector` (they pick the enforcement point in exclusive ways).
 //! - A TrafficPolicy must target a Service; percentages are 0..100, abort statuses 200..599,
 //!   durations are Go-style (`250ms`, `1m30s`), counts fit the controller's `u32`.
 //! - A PeerAuthentication's modes are UNSET/DISABLE/PERMISSIVE/STRICT, its `portLevelMtls` keys
@@ -189,7 +189,7 @@ pub fn authorization_policy() -> Value {
             "targetRefs": {
                 "type": "array",
                 "description": "Bind the policy to a waypoint (Gateway) or to the waypoint of a \
-                                Service; without targetRefs or selector it applies to the whole \
+                                Service or ExternalService; without targetRefs or selector it applies to the whole \
                                 namespace, enforced by ztunnel.",
                 "maxItems": 16,
                 "items": {
@@ -197,12 +197,12 @@ pub fn authorization_policy() -> Value {
                     "required": ["kind", "name"],
                     "properties": {
                         "group": { "type": "string", "maxLength": 253 },
-                        "kind": { "type": "string", "enum": ["Gateway", "Service"] },
+                        "kind": { "type": "string", "enum": ["Gateway", "Service", "ExternalService"] },
                         "name": { "type": "string", "minLength": 1, "maxLength": 253 },
                     },
                     "x-kubernetes-validations": [{
-                        "rule": "self.kind == 'Gateway' ? (has(self.group) && self.group == 'gateway.networking.k8s.io') : (!has(self.group) || self.group == '')",
-                        "message": "a Gateway is in group gateway.networking.k8s.io, a Service in the core group (\"\")",
+                        "rule": "self.kind == 'Gateway' ? (has(self.group) && self.group == 'gateway.networking.k8s.io') : self.kind == 'ExternalService' ? (has(self.group) && self.group == 'networking.ambit.dev') : (!has(self.group) || self.group == '')",
+                        "message": "a Gateway is in group gateway.networking.k8s.io, an ExternalService in networking.ambit.dev, a Service in the core group (\"\")",
                     }],
                 },
             },
@@ -483,12 +483,12 @@ pub fn request_authentication() -> Value {
                     "required": ["kind", "name"],
                     "properties": {
                         "group": { "type": "string", "maxLength": 253 },
-                        "kind": { "type": "string", "enum": ["Gateway", "Service"] },
+                        "kind": { "type": "string", "enum": ["Gateway", "Service", "ExternalService"] },
                         "name": { "type": "string", "minLength": 1, "maxLength": 253 },
                     },
                     "x-kubernetes-validations": [{
-                        "rule": "self.kind == 'Gateway' ? (has(self.group) && self.group == 'gateway.networking.k8s.io') : (!has(self.group) || self.group == '')",
-                        "message": "a Gateway is in group gateway.networking.k8s.io, a Service in the core group (\"\")",
+                        "rule": "self.kind == 'Gateway' ? (has(self.group) && self.group == 'gateway.networking.k8s.io') : self.kind == 'ExternalService' ? (has(self.group) && self.group == 'networking.ambit.dev') : (!has(self.group) || self.group == '')",
+                        "message": "a Gateway is in group gateway.networking.k8s.io, an ExternalService in networking.ambit.dev, a Service in the core group (\"\")",
                     }],
                 },
             },
@@ -616,6 +616,24 @@ pub fn external_service() -> Value {
                                      "http", "https", "grpc", "http2", "tls", "tcp"],
                         },
                         "targetPort": port_number("The port the instances listen on, when it differs."),
+                        "tls": {
+                            "type": "object",
+                            "description": "TLS origination: the waypoint the service is bound to \
+                                            opens TLS to the instances on this port (the client \
+                                            speaks plain HTTP to the mesh).",
+                            "properties": {
+                                "sni": {
+                                    "type": "string", "maxLength": 253, "pattern": DNS_NAME,
+                                    "description": "Server name sent and verified; by default \
+                                                    the host the client asked for.",
+                                },
+                                "caCertificates": {
+                                    "type": "string", "maxLength": 65536,
+                                    "description": "PEM roots that verify the destination; by \
+                                                    default the web's public roots.",
+                                },
+                            },
+                        },
                     },
                 },
             },

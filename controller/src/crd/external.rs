@@ -70,6 +70,25 @@ pub struct ExternalPort {
     /// The port the instances listen on, when it differs from `number`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u32>,
+    /// TLS origination: the waypoint the service is bound to (`ambit.dev/use-waypoint`)
+    /// opens TLS to the instances on this port, so the client speaks plain HTTP to the mesh
+    /// (which applies L7 policy to it) and the destination still gets HTTPS. Not in Istio's
+    /// ServiceEntry (Istio puts it in a DestinationRule); it needs a waypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ExternalTls>,
+}
+
+/// How a waypoint originates TLS to an external service's port.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalTls {
+    /// The server name sent (SNI) and verified in the destination's certificate; by default
+    /// the host the client asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// PEM certificates that verify the destination; by default the web's public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
 }
 
 /// Istio's resolutions.
@@ -146,6 +165,39 @@ fn port_number(n: u32, field: String) -> Result<u16, InvalidField> {
     }
 }
 
+/// An origination setting's server name is a DNS name and its roots are PEM certificates.
+fn check_tls(tls: &ExternalTls, at: &str) -> Result<(), InvalidField> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+    if let Some(sni) = &tls.sni {
+        if !valid_host(sni, false) {
+            return Err(invalid(
+                format!("{at}.sni"),
+                format!("{sni:?} is not a DNS name"),
+            ));
+        }
+    }
+    if let Some(pem) = &tls.ca_certificates {
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(format!("{at}.caCertificates"), format!("not PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(invalid(
+                format!("{at}.caCertificates"),
+                "holds no PEM CERTIFICATE block",
+            ));
+        }
+        for (i, der) in certs.iter().enumerate() {
+            webpki::anchor_from_trusted_cert(der).map_err(|e| {
+                invalid(
+                    format!("{at}.caCertificates"),
+                    format!("certificate {i} is not a usable root: {e}"),
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 impl ExternalServiceSpec {
     /// The spec's parsed addresses, or the first field that is wrong.
     pub fn check(&self) -> Result<Checked, InvalidField> {
@@ -203,6 +255,9 @@ impl ExternalServiceSpec {
             }
             if let Some(t) = p.target_port {
                 port_number(t, at("targetPort"))?;
+            }
+            if let Some(tls) = &p.tls {
+                check_tls(tls, &at("tls"))?;
             }
         }
         let mut endpoint_ips = Vec::new();
@@ -310,6 +365,18 @@ mod tests {
             (
                 "{hosts: [a.b], ports: [{number: 80, name: h}], resolution: STATIC, endpoints: [{address: 10.0.0.1, ports: {h: 99999}}]}",
                 "spec.endpoints[0].ports[h]",
+            ),
+            (
+                "{hosts: [a.b], ports: [{number: 80, tls: {sni: 'not a host'}}]}",
+                "spec.ports[0].tls.sni",
+            ),
+            (
+                "{hosts: [a.b], ports: [{number: 80, tls: {caCertificates: 'hello'}}]}",
+                "spec.ports[0].tls.caCertificates",
+            ),
+            (
+                "{hosts: [a.b], ports: [{number: 80, tls: {caCertificates: \"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\\n\"}}]}",
+                "spec.ports[0].tls.caCertificates",
             ),
         ];
         for (yaml, field) in cases {

@@ -32,12 +32,14 @@ pub enum Proxy {
         peer_authentication: bool,
         external_services: bool,
     },
-    /// A waypoint, by its Gateway's `namespace/name`; `request_authentication`: its
-    /// `Hello` accepts RequestAuthentication resources.
+    /// A waypoint, by its Gateway's `namespace/name`; `request_authentication`,
+    /// `external_services`: its `Hello` accepts RequestAuthentication, ExternalService
+    /// resources.
     Waypoint {
         gateway: String,
         identity: String,
         request_authentication: bool,
+        external_services: bool,
     },
 }
 
@@ -73,6 +75,9 @@ impl TryFrom<&Hello> for Proxy {
                         request_authentication: hello
                             .accepts
                             .contains(&(ResourceKind::RequestAuthentication as i32)),
+                        external_services: hello
+                            .accepts
+                            .contains(&(ResourceKind::ExternalService as i32)),
                     })
                 }
                 _ => Err("a waypoint must name its Gateway as namespace/name"),
@@ -96,7 +101,8 @@ pub enum Selection {
     /// A waypoint: what targets its Gateway or one of the services it fronts.
     Waypoint {
         gateway: String,
-        /// The services it fronts, by key (`namespace/hostname`).
+        /// The services it fronts, by key (`namespace/hostname`), and the external services
+        /// bound to it (`namespace/name`) when it accepts them.
         services: BTreeSet<String>,
         /// It accepts RequestAuthentications.
         request_authentication: bool,
@@ -138,15 +144,24 @@ impl Selection {
             Proxy::Waypoint {
                 gateway,
                 request_authentication,
+                external_services,
                 ..
-            } => Selection::Waypoint {
-                gateway: gateway.clone(),
-                request_authentication: *request_authentication,
-                services: of_kind(snapshot, ResourceKind::Service)
-                    .filter(|(_, e)| e.waypoint.as_deref() == Some(gateway.as_str()))
-                    .map(|(k, _)| k.name.clone())
-                    .collect(),
-            },
+            } => {
+                let bound = |kind| {
+                    of_kind(snapshot, kind)
+                        .filter(|(_, e)| e.waypoint.as_deref() == Some(gateway.as_str()))
+                        .map(|(k, _)| k.name.clone())
+                };
+                let mut services: BTreeSet<String> = bound(ResourceKind::Service).collect();
+                if *external_services {
+                    services.extend(bound(ResourceKind::ExternalService));
+                }
+                Selection::Waypoint {
+                    gateway: gateway.clone(),
+                    request_authentication: *request_authentication,
+                    services,
+                }
+            }
         }
     }
 
@@ -207,6 +222,8 @@ impl Selection {
                     *request_authentication
                         && (&a.target_gateway == gateway || services.contains(&a.target_service))
                 }
+                // Those bound to it (only listed when it accepts the kind): it dials them.
+                resource::Kind::ExternalService(_) => services.contains(&key.name),
                 _ => false,
             },
             (Selection::Waypoint { .. }, None) => false,
@@ -406,6 +423,16 @@ apiVersion: networking.ambit.dev/v1
 kind: ExternalService
 metadata: {name: api, namespace: demo}
 spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]}
+---
+apiVersion: networking.ambit.dev/v1
+kind: ExternalService
+metadata: {name: egress, namespace: demo, labels: {ambit.dev/use-waypoint: wp}}
+spec: {hosts: [pay.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS}
+---
+apiVersion: security.ambit.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: on-egress, namespace: demo}
+spec: {targetRefs: [{group: networking.ambit.dev, kind: ExternalService, name: egress}], action: DENY, rules: [{to: [{operation: {paths: ["/admin/*"]}}]}]}
 "#;
 
     fn snapshot() -> Snapshot {
@@ -447,6 +474,20 @@ spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]
     #[test]
     fn each_proxy_sees_what_it_needs() {
         let snap = snapshot();
+        // The label bound `egress` to the Gateway: ztunnels learn where to tunnel it.
+        let bound = snap
+            .resources
+            .iter()
+            .find_map(|(k, e)| match &e.resource.kind {
+                Some(resource::Kind::ExternalService(x)) if k.name == "demo/egress" => Some(x),
+                _ => None,
+            });
+        assert_eq!(
+            bound
+                .and_then(|x| x.waypoint.as_ref())
+                .map(|w| w.identity.as_str()),
+            Some("spiffe://cluster.local/ns/demo/sa/wp")
+        );
         let ztunnel = |node: &str| Proxy::Ztunnel {
             node: node.into(),
             peer_authentication: true,
@@ -456,6 +497,7 @@ spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]
             gateway: gw.into(),
             identity: String::new(),
             request_authentication: true,
+            external_services: true,
         };
         let cases: Vec<(Proxy, Vec<&str>)> = vec![
             (
@@ -467,6 +509,7 @@ spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]
                     "PeerAuthentication demo/ns",
                     "PeerAuthentication demo/sel",
                     "ExternalService demo/api",
+                    "ExternalService demo/egress",
                 ],
             ),
             (
@@ -475,6 +518,7 @@ spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]
                     "Authorization ambit-system/global",
                     "PeerAuthentication ambit-system/mesh",
                     "ExternalService demo/api",
+                    "ExternalService demo/egress",
                 ],
             ),
             // A ztunnel whose Hello does not accept them (an older one) gets none.
@@ -492,10 +536,13 @@ spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]
             (
                 waypoint("demo/wp"),
                 vec![
+                    "Authorization demo/on-egress",
                     "Authorization demo/on-svc",
                     "Route demo/r",
                     "RequestAuthentication demo/on-svc",
                     "RequestAuthentication demo/on-wp",
+                    // Bound to it; `api` goes straight out from ztunnel.
+                    "ExternalService demo/egress",
                 ],
             ),
             (waypoint("demo/other"), vec![]),
@@ -505,6 +552,7 @@ spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]
                     gateway: "demo/wp".into(),
                     identity: String::new(),
                     request_authentication: false,
+                    external_services: false,
                 },
                 vec!["Authorization demo/on-svc", "Route demo/r"],
             ),
@@ -630,10 +678,14 @@ spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]
                 gateway: "demo/wp".into(),
                 identity: String::new(),
                 request_authentication: false,
+                external_services: false,
             })
         );
         let newer_waypoint = Hello {
-            accepts: vec![ResourceKind::RequestAuthentication as i32],
+            accepts: vec![
+                ResourceKind::RequestAuthentication as i32,
+                ResourceKind::ExternalService as i32,
+            ],
             ..hello(ProxyKind::Waypoint, "", "demo/wp")
         };
         assert_eq!(
@@ -642,6 +694,7 @@ spec: {hosts: [api.example.com], addresses: [192.0.2.10], ports: [{number: 443}]
                 gateway: "demo/wp".into(),
                 identity: String::new(),
                 request_authentication: true,
+                external_services: true,
             })
         );
         for bad in ["", "wp", "/wp", "demo/", "a/b/c"] {

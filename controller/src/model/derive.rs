@@ -139,8 +139,17 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
     for a in super::authn::request_authentications(store, config, &mut out.errors) {
         out.push(resource::Kind::RequestAuthentication(a), None);
     }
-    for x in super::external::external_services(store, &mut out.errors) {
-        out.push(resource::Kind::ExternalService(x), None);
+    for (mut x, labels) in super::external::external_services(store, &mut out.errors) {
+        let waypoint = waypoints.resolve(
+            Kind::ExternalService,
+            &x.namespace,
+            &x.name,
+            labels,
+            ns_labels(&x.namespace),
+            &mut out.errors,
+        );
+        x.waypoint = waypoint.as_ref().map(|(_, a)| a.clone());
+        out.push(resource::Kind::ExternalService(x), waypoint.map(|(k, _)| k));
     }
     out
 }

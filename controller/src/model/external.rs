@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use ambit_proto::discovery::{
-    ExternalEndpoint, ExternalPort, ExternalResolution, ExternalService as Wire, IpBlock,
-    OutboundPolicy,
+    ExternalEndpoint, ExternalPort, ExternalResolution, ExternalService as Wire, ExternalTls,
+    IpBlock, OutboundPolicy,
 };
 
 use super::{ip_bytes, typed, FieldError, Kind, ModelError, Store};
@@ -67,6 +67,10 @@ pub(super) fn convert(
                 name: p.name.clone(),
                 protocol: p.protocol.as_deref().unwrap_or("TCP").to_ascii_uppercase(),
                 target_port: p.target_port.unwrap_or(0),
+                tls: p.tls.as_ref().map(|t| ExternalTls {
+                    sni: t.sni.clone().unwrap_or_default().to_ascii_lowercase(),
+                    ca_certificates: t.ca_certificates.clone().unwrap_or_default(),
+                }),
             })
             .collect(),
         resolution: match spec.resolution {
@@ -84,13 +88,20 @@ pub(super) fn convert(
             .collect(),
         // Allocated over every service at once, by `allocate_vips`.
         vips: Vec::new(),
+        // Resolved with the other objects' waypoints, by the caller.
+        waypoint: None,
     })
 }
 
-/// Converts every `ExternalService`; invalid ones are reported and left out (a source that
-/// reads files refuses them earlier, keeping the file's last good objects).
-pub(super) fn external_services(store: &Store, errors: &mut Vec<ModelError>) -> Vec<Wire> {
+/// Converts every `ExternalService`, each with its labels (which may bind it to a
+/// waypoint); invalid ones are reported and left out (a source that reads files refuses
+/// them earlier, keeping the file's last good objects).
+pub(super) fn external_services<'a>(
+    store: &'a Store,
+    errors: &mut Vec<ModelError>,
+) -> Vec<(Wire, Option<&'a BTreeMap<String, String>>)> {
     let mut out = Vec::new();
+    let mut labels = Vec::new();
     for x in typed!(store, ExternalService) {
         let Some(name) = x.metadata.name.clone() else {
             continue;
@@ -101,7 +112,10 @@ pub(super) fn external_services(store: &Store, errors: &mut Vec<ModelError>) -> 
             .clone()
             .unwrap_or_else(|| super::DEFAULT_NAMESPACE.into());
         match convert(&x.spec, &namespace, &name) {
-            Ok(w) => out.push(w),
+            Ok(w) => {
+                out.push(w);
+                labels.push(x.metadata.labels.as_ref());
+            }
             Err((field, reason)) => errors.push(ModelError::Rejected {
                 kind: Kind::ExternalService,
                 namespace,
@@ -112,7 +126,7 @@ pub(super) fn external_services(store: &Store, errors: &mut Vec<ModelError>) -> 
         }
     }
     allocate_vips(&mut out);
-    out
+    out.into_iter().zip(labels).collect()
 }
 
 /// The network external hosts' IPv4 VIPs come from (reserved for future use by RFC 1112,

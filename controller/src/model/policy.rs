@@ -155,11 +155,17 @@ fn convert_authorization(
                     config.service_hostname(&t.name, namespace)
                 ),
             ),
+            // Egress through a waypoint: the waypoint keys an external service by its
+            // namespace and name (it has no one hostname).
+            ("networking.ambit.dev", "ExternalService") => {
+                (&mut target_service, format!("{namespace}/{}", t.name))
+            }
             (g, k) => {
                 return Err((
                     field,
                     FieldError::Invalid(format!(
-                        "cannot target {k} in group {g:?}; only Gateway and Service"
+                        "cannot target {k} in group {g:?}; only Gateway, Service and \
+                         ExternalService (networking.ambit.dev)"
                     )),
                 ))
             }

@@ -67,8 +67,8 @@ pub enum Outbound {
     Waypoint {
         /// The waypoint's HBONE address (a waypoint pod on 15008).
         peer: SocketAddr,
-        /// `CONNECT` authority: the original VIP:port, or the pod IP:port for a workload
-        /// waypoint.
+        /// `CONNECT` authority: the original VIP:port, the pod IP:port for a workload
+        /// waypoint, or what the client dialled of an external service bound to it.
         authority: SocketAddr,
         /// Identity the waypoint must present.
         expected_identity: Identity,
@@ -365,6 +365,20 @@ fn to_workload(
     }
 }
 
+/// An external service bound to a waypoint is reached through it (authority: what the
+/// client dialled, which the waypoint resolves as ztunnel would), unless the source is that
+/// waypoint dialling out.
+fn through_waypoint(
+    state: &State,
+    source: &Workload,
+    x: &ExternalService,
+    dst: SocketAddr,
+    chooser: &dyn Chooser,
+) -> Option<Outbound> {
+    let wp = x.waypoint.as_ref()?;
+    (!is_waypoint(source, wp)).then(|| to_waypoint(state, source, wp, dst, None, None, chooser))
+}
+
 /// The decision for a connection to external service `x`, dialled at `dst`: the dialled
 /// address, unless the service is STATIC and `dst` is one of its `addresses` rather than an
 /// endpoint, in which case an endpoint (on its own port for `dst`'s port, if it has one).
@@ -543,9 +557,22 @@ pub fn outbound(
         return to_workload(state, source, w, dst, None, chooser);
     }
     if let Some(x) = state.external_service_by_vip(dst.ip()) {
+        if !x.ports.iter().any(|p| p.number == dst.port()) {
+            return Outbound::Refuse(format!(
+                "external service {} does not declare port {}",
+                x.key(),
+                dst.port()
+            ));
+        }
+        if let Some(out) = through_waypoint(state, source, x, dst, chooser) {
+            return out;
+        }
         return to_external_vip(x, dst, chooser);
     }
     if let Some(x) = state.external_service_for(dst) {
+        if let Some(out) = through_waypoint(state, source, x, dst, chooser) {
+            return out;
+        }
         return to_external(x, dst, chooser);
     }
     if source.outbound_policy == OutboundPolicy::RegistryOnly && !dst.ip().is_loopback() {

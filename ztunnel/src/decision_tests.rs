@@ -891,13 +891,30 @@ fn egress_table() {
                         name: "https".into(),
                         protocol: "HTTPS".into(),
                         target_port: 0,
+                        tls: None,
                     }],
                     resolution: resolution as i32,
                     endpoints,
                     vips: Vec::new(),
+                    waypoint: None,
                 })),
             }
         };
+    // Bound to a waypoint: its connections go there, except the waypoint's own.
+    let mut pay = external(
+        "pay",
+        Some("198.18.0.0/24"),
+        pb::ExternalResolution::None,
+        vec![],
+    );
+    if let Some(pb::resource::Kind::ExternalService(x)) = &mut pay.kind {
+        x.waypoint = Some(gateway(
+            "10.0.3.9",
+            "spiffe://cluster.local/ns/ext/sa/egress",
+        ));
+    }
+    let mut wp = workload("ext", "egress", "egress", "node-1", "10.0.3.9");
+    wp.is_waypoint = true;
     let push = full(
         1,
         vec![
@@ -905,6 +922,8 @@ fn egress_table() {
             res_w(open),
             res_w(server),
             res_w(outside),
+            res_w(wp),
+            pay,
             res_s(service("app", "srv", "10.96.0.50", 80, 8080, &["app/srv"])),
             external(
                 "api",
@@ -928,6 +947,7 @@ fn egress_table() {
     let s = store.snapshot();
     let closed = s.workload_by_uid("locked/c").unwrap().clone();
     let open = s.workload_by_uid("open/o").unwrap().clone();
+    let wp = s.workload_by_uid("ext/egress").unwrap().clone();
     let blocked = |dst: &str| {
         format!("blocked outbound policy REGISTRY_ONLY of namespace locked: {dst} is neither a mesh destination nor a declared ExternalService")
     };
@@ -988,6 +1008,24 @@ fn egress_table() {
             "passthrough 10.0.4.50:22".into(),
         ),
         (
+            "bound to a waypoint: tunnelled to it, the dialled address as authority",
+            &closed,
+            "198.18.0.5:443",
+            "waypoint 10.0.3.9:15008 198.18.0.5:443 spiffe://cluster.local/ns/ext/sa/egress".into(),
+        ),
+        (
+            "bound to a waypoint, undeclared port: not the service's",
+            &closed,
+            "198.18.0.5:80",
+            blocked("198.18.0.5:80"),
+        ),
+        (
+            "the waypoint itself dials the destination",
+            &wp,
+            "198.18.0.5:443",
+            "external 198.18.0.5:443 ext/pay".into(),
+        ),
+        (
             "unknown IPv6, REGISTRY_ONLY names the policy",
             &closed,
             "[2001:db8::1]:443",
@@ -1018,6 +1056,7 @@ fn external_vips_map_back_to_their_service() {
                 name: "http".into(),
                 protocol: "HTTP".into(),
                 target_port: 8080,
+                tls: None,
             }],
             resolution: resolution as i32,
             endpoints: endpoint
@@ -1054,6 +1093,17 @@ fn external_vips_map_back_to_their_service() {
                     [240, 240, 0, 3],
                 ),
                 external("none", pb::ExternalResolution::None, None, [240, 240, 0, 4]),
+                {
+                    let mut bound =
+                        external("bound", pb::ExternalResolution::Dns, None, [240, 240, 0, 5]);
+                    if let Some(pb::resource::Kind::ExternalService(x)) = &mut bound.kind {
+                        x.waypoint = Some(gateway(
+                            "10.0.3.9",
+                            "spiffe://cluster.local/ns/ext/sa/egress",
+                        ));
+                    }
+                    bound
+                },
             ],
         ))
         .expect("fixture applies");
@@ -1064,6 +1114,12 @@ fn external_vips_map_back_to_their_service() {
         ("240.240.0.2:80", "external-dns dns.example.com:8080 ext/dns"),
         ("240.240.0.3:80", "external-dns backend.example.net:8080 ext/dnsep"),
         ("240.240.0.1:81", "refuse external service ext/st does not declare port 81"),
+        // The waypoint resolves the VIP's host itself; ztunnel only carries the tunnel.
+        (
+            "240.240.0.5:80",
+            "waypoint 10.0.3.9:15008 240.240.0.5:80 spiffe://cluster.local/ns/ext/sa/egress",
+        ),
+        ("240.240.0.5:81", "refuse external service ext/bound does not declare port 81"),
         (
             "240.240.0.4:80",
             "refuse external service ext/none has resolution NONE and no endpoint: its VIP 240.240.0.4 leads nowhere (declare addresses, or use resolution STATIC or DNS)",

@@ -14,6 +14,7 @@ use ambit_proto::discovery as pb;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::workload::GatewayAddress;
 use super::{ip_from_bytes, port_from_u32, ConvertError};
 
 /// What a workload may reach outside the mesh (its namespace's choice).
@@ -83,6 +84,10 @@ pub struct ExternalService {
     /// what a client then dials.
     #[serde(default)]
     pub vips: Vec<ExternalVip>,
+    /// The waypoint the service is bound to: its connections are tunnelled there (where L7
+    /// policy applies and the real destination is dialled), never sent out from the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
 }
 
 /// A VIP the controller allocated to one host.
@@ -213,8 +218,13 @@ impl TryFrom<pb::ExternalService> for ExternalService {
                 address,
             });
         }
+        let waypoint = match x.waypoint.clone() {
+            Some(gw) => Some(GatewayAddress::from_proto(&resource, "waypoint", gw)?),
+            None => None,
+        };
         Ok(ExternalService {
             vips,
+            waypoint,
             name: x.name.as_str().into(),
             namespace: x.namespace.as_str().into(),
             hosts: x.hosts.iter().map(|h| h.as_str().into()).collect(),
@@ -244,6 +254,7 @@ mod tests {
                 name: "https".into(),
                 protocol: "HTTPS".into(),
                 target_port: 0,
+                tls: None,
             }],
             resolution: pb::ExternalResolution::Static as i32,
             endpoints: vec![pb::ExternalEndpoint {
@@ -251,6 +262,7 @@ mod tests {
                 ports: [("https".to_string(), 8443)].into(),
             }],
             vips: Vec::new(),
+            waypoint: None,
         }
     }
 

@@ -65,6 +65,7 @@
 //!     resolution: STATIC          # NONE (default), STATIC, DNS
 //!     endpoints: [{address: 198.51.100.7, ports: {https: 8443}}]
 //!     vips: [{host: api.example.com, address: 240.240.1.2}]  # as the controller allocates
+//!     waypoint: {address: 10.0.2.9, identity: "spiffe://cluster.local/ns/default/sa/waypoint"}  # optional
 //! ```
 //!
 //! `ztunnel/examples/static-state.yaml` is a complete example.
@@ -198,6 +199,7 @@ struct ExternalDoc {
     /// As the controller allocates them.
     #[serde(default)]
     vips: Vec<ExternalVipDoc>,
+    waypoint: Option<GatewayDoc>,
 }
 
 #[derive(Deserialize)]
@@ -251,6 +253,8 @@ impl From<ExternalDoc> for pb::ExternalService {
                     name: p.name,
                     protocol: p.protocol.unwrap_or_else(|| "TCP".into()),
                     target_port: p.target_port,
+                    // The waypoint originates TLS; ztunnel never does.
+                    tls: None,
                 })
                 .collect(),
             resolution: match x.resolution {
@@ -274,6 +278,7 @@ impl From<ExternalDoc> for pb::ExternalService {
                     address: ip_to_bytes(v.address),
                 })
                 .collect(),
+            waypoint: x.waypoint.map(gateway),
         }
     }
 }

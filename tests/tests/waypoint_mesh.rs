@@ -7,10 +7,14 @@
 //! The waypoint also validates JWTs there (RequestAuthentication): a valid token meets a
 //! rule on `requestPrincipals`, an expired one gets 401, a missing one 403.
 //! A second test sends HTTP/2 and gRPC the same way, with a weighted route and an L7 deny
-//! by method. Needs root; see `ambit_tests::require_root`.
+//! by method. A third sends egress through the waypoint: a pod of a REGISTRY_ONLY namespace
+//! reaches ExternalServices bound to the waypoint, which applies L7 policy and dials them
+//! itself (one in plain HTTP, one with TLS originated by the waypoint). Needs root; see
+//! `ambit_tests::require_root`.
 
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ambit_hbone::pool::{Pool, PoolConfig};
@@ -36,12 +40,23 @@ use hyper_util::server::conn::auto;
 
 /// A blocking HTTP/1.1 server inside `pod` answering with the request head it received.
 fn http_server(pod: &ambit_tests::Pod, port: u16) -> anyhow::Result<SocketAddr> {
+    Ok(http_server_logged(pod, port)?.0)
+}
+
+/// [`http_server`], also keeping each request head it received.
+fn http_server_logged(
+    pod: &ambit_tests::Pod,
+    port: u16,
+) -> anyhow::Result<(SocketAddr, Arc<Mutex<Vec<String>>>)> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
     let addr = SocketAddr::new(pod.ip.into(), port);
     let ns = pod.netns.clone();
     let listener = ambit_tests::in_netns(&ns, move || std::net::TcpListener::bind(addr))??;
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
+            let log = log.clone();
             std::thread::spawn(move || {
                 let mut head = Vec::new();
                 let mut b = [0u8; 1];
@@ -53,6 +68,9 @@ fn http_server(pod: &ambit_tests::Pod, port: u16) -> anyhow::Result<SocketAddr> 
                 }
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 let body = format!("peer={peer}\n{}", String::from_utf8_lossy(&head));
+                if let Ok(mut seen) = log.lock() {
+                    seen.push(body.clone());
+                }
                 let _ = write!(
                     conn,
                     "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -61,7 +79,7 @@ fn http_server(pod: &ambit_tests::Pod, port: u16) -> anyhow::Result<SocketAddr> 
             });
         }
     });
-    Ok(addr)
+    Ok((addr, seen))
 }
 
 /// Sends one HTTP/1.1 request from `pod` to `dst` and returns the whole response.
@@ -590,6 +608,198 @@ policies:
             "no istio_requests_total with {parts:?}:\n{text}"
         );
     }
+
+    waypoint.stop()?;
+    mesh.shutdown().await;
+    Ok(())
+}
+
+/// An HTTPS server inside `pod` with a certificate for `name` from a CA of its own (the
+/// CA's PEM is returned): each answer says it came over TLS, with the server name the
+/// client sent and the request's path and host.
+fn https_server(pod: &ambit_tests::Pod, port: u16, name: &str) -> anyhow::Result<String> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let leaf = CertificateParams::new(vec![name.to_string()])?.signed_by(&key, &issuer)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = listener_in(pod, port)?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let host = req
+                        .headers()
+                        .get(http::header::HOST)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string();
+                    let body = format!("tls sni={sni} path={} host={host}\n", req.uri().path());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(ca_pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_through_the_waypoint_gets_l7_policy_and_tls_origination() -> anyhow::Result<()> {
+    let Some(topo) = Topology::builder("wp_egress")
+        .node("n1")
+        .node("n2")
+        .pod("client", "n1")
+        .pod("waypoint", "n1")
+        .pod("ext", "n2")
+        .build_or_skip()
+    else {
+        return Ok(());
+    };
+    let (client, wp, ext) = (topo.pod("client"), topo.pod("waypoint"), topo.pod("ext"));
+    let wp_id = Identity::new("cluster.local", "eg", "waypoint")?;
+    let bound = format!(
+        "    waypoint: {{address: {}, identity: \"{wp_id}\"}}\n",
+        wp.ip
+    );
+    // `ext` is outside the mesh (the state does not know it); the client's namespace may
+    // only reach what is declared, and what is declared here goes through the waypoint.
+    let state = format!(
+        "workloads:\n{}    outboundPolicy: REGISTRY_ONLY\n{}externalServices:\n  - name: api\n    namespace: eg\n    hosts: [api.ext.example]\n    addresses: [{ip}/32]\n    ports: [{{number: 8080, name: http, protocol: HTTP}}]\n{bound}  - name: secure\n    namespace: eg\n    hosts: [secure.ext.example]\n    ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]\n    resolution: STATIC\n    endpoints: [{{address: {ip}}}]\n    vips: [{{host: secure.ext.example, address: 240.240.9.9}}]\n{bound}",
+        workload(client, "eg", "client", "n1", true),
+        workload(wp, "eg", "waypoint", "n1", false)
+            .replace("    protocol: TCP\n", "    protocol: TCP\n    isWaypoint: true\n"),
+        ip = ext.ip,
+    );
+    let ca = TestCa::new(Duration::from_secs(3600));
+    let mesh = Mesh::start(&topo, &["n1", "n2"], &state, ca.clone(), |_, _| {}).await?;
+    mesh.wait_enrolled("n1", &uid("eg", client), true).await?;
+    let (plain, seen) = http_server_logged(ext, 8080)?;
+    let ca_pem = https_server(ext, 8443, "secure.ext.example")?;
+
+    // The waypoint knows the same services, the TLS origination of `secure`, and two
+    // policies: one on every request through it (its Gateway, `app/waypoint` as
+    // `RunningWaypoint` serves it), one bound to `api` alone.
+    let waypoint_state = format!(
+        r#"
+workloads:
+  - {{uid: client, name: client, namespace: eg, serviceAccount: client, addresses: [{client}]}}
+policies:
+  - name: no-admin
+    namespace: eg
+    action: DENY
+    targetGateway: app/waypoint
+    rules: [{{to: [{{paths: ["/admin/*"]}}]}}]
+  - name: api-private
+    namespace: eg
+    action: DENY
+    targetService: eg/api
+    rules: [{{to: [{{paths: ["/private"]}}]}}]
+externalServices:
+  - name: api
+    namespace: eg
+    hosts: [api.ext.example]
+    addresses: [{ip}/32]
+    ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  - name: secure
+    namespace: eg
+    hosts: [secure.ext.example]
+    ports:
+      - number: 80
+        name: http
+        protocol: HTTP
+        targetPort: 8443
+        tls: {{sni: secure.ext.example, caCertificates: {pem}}}
+    resolution: STATIC
+    endpoints: [{{address: {ip}}}]
+    vips: [{{host: secure.ext.example, address: 240.240.9.9}}]
+"#,
+        client = client.ip,
+        ip = ext.ip,
+        pem = serde_json::to_string(&ca_pem)?,
+    );
+    let waypoint = RunningWaypoint::start(wp, &wp_id, &ca, &waypoint_state)?;
+    mesh.wait_certs("n1").await?;
+
+    // Allowed: it reaches the server from the waypoint, never from the client, and carries
+    // none of the mesh's identities or addresses out.
+    let ok = http_from(client, plain, "GET", "api.ext.example", "/hello")
+        .await
+        .context("allowed egress")?;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains(&format!("peer={}:", wp.ip)), "{ok}");
+    assert!(!ok.contains("x-ambit-peer-identity"), "{ok}");
+    assert!(!ok.contains(&client.ip.to_string()), "{ok}");
+
+    // Denied by path, by the waypoint-wide policy and by the one bound to `api`; neither
+    // request reaches the server.
+    let before = seen.lock().map(|s| s.len()).unwrap_or(0);
+    let denied = http_from(client, plain, "GET", "api.ext.example", "/admin/users")
+        .await
+        .context("denied egress")?;
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    assert!(
+        denied.ends_with("RBAC: access denied by eg/no-admin\n"),
+        "{denied}"
+    );
+    let private = http_from(client, plain, "GET", "api.ext.example", "/private")
+        .await
+        .context("denied egress")?;
+    assert!(private.starts_with("HTTP/1.1 403"), "{private}");
+    assert!(
+        private.ends_with("RBAC: access denied by eg/api-private\n"),
+        "{private}"
+    );
+    let heads = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    assert_eq!(heads.len(), before, "a denied request arrived: {heads:?}");
+
+    // TLS origination: plain HTTP to the host's VIP, HTTPS with the right server name at
+    // the destination, verified against the roots the service names.
+    let secure = SocketAddr::from(([240, 240, 9, 9], 80));
+    let tls = http_from(client, secure, "GET", "secure.ext.example", "/pay")
+        .await
+        .context("egress with TLS origination")?;
+    assert!(tls.starts_with("HTTP/1.1 200"), "{tls}");
+    assert!(
+        tls.ends_with("tls sni=secure.ext.example path=/pay host=secure.ext.example\n"),
+        "{tls}"
+    );
+    let denied = http_from(client, secure, "GET", "secure.ext.example", "/admin/x")
+        .await
+        .context("denied egress with TLS origination")?;
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+
+    // The waypoint counted them under the external host.
+    let text = waypoint.metrics()?;
+    assert!(
+        text.lines().any(|l| l.starts_with("istio_requests_total")
+            && l.contains("destination_service=\"secure.ext.example\"")
+            && l.contains("response_code=\"200\"")),
+        "{text}"
+    );
 
     waypoint.stop()?;
     mesh.shutdown().await;

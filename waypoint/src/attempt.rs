@@ -20,7 +20,7 @@ use crate::refusal::{Refusal, NO_FLAG, RETRIED};
 use crate::resilience::{lb, outlier};
 use crate::route::retry::{self, RetryPolicy};
 use crate::runtime::{lock, ServiceRuntime};
-use crate::state::Upstream;
+use crate::state::{Peer, Upstream};
 use crate::upstream::{UpstreamError, Upstreams, Version};
 use crate::Body;
 
@@ -58,10 +58,12 @@ impl Attempts<'_> {
         let mut _retry_slot: Option<retry::RetryGuard> = None;
         loop {
             let up = self.pick(&self.parts.headers);
-            rec.log.upstream = up.addr.to_string();
-            rec.labels.destination_workload = up.workload.metrics_name().to_string();
-            rec.labels.destination_workload_namespace = up.workload.namespace.clone();
-            rec.labels.destination_principal = up.identity.to_string();
+            rec.log.upstream = up.describe();
+            if let Peer::Mesh { identity, workload } = &up.peer {
+                rec.labels.destination_workload = workload.metrics_name().to_string();
+                rec.labels.destination_workload_namespace = workload.namespace.clone();
+                rec.labels.destination_principal = identity.to_string();
+            }
             let body = match (&buffered, streaming.take()) {
                 (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed_unsync(),
                 (None, Some(s)) => s,
@@ -114,7 +116,7 @@ impl Attempts<'_> {
         max_uses: Option<u32>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let req = build_request(self.parts, body, up, self.grpc);
-        let version = version_of(self.grpc, &req);
+        let version = version_of(&req);
         // A guard, not a decrement after the await: the route timeout may drop this future
         // mid-attempt, and the endpoint must not stay counted as busy.
         let _active = InFlight::new(self.runtime, up.addr);
@@ -220,8 +222,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
-pub(crate) fn version_of(grpc: bool, req: &Request<Body>) -> Version {
-    if grpc || req.version() == http::Version::HTTP_2 {
+/// The version [`build_request`] chose.
+pub(crate) fn version_of(req: &Request<Body>) -> Version {
+    if req.version() == http::Version::HTTP_2 {
         Version::Http2
     } else {
         Version::Http1
@@ -238,7 +241,12 @@ pub(crate) fn build_request(
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.headers_mut() = parts.headers.clone();
-    let h2 = grpc || parts.version == http::Version::HTTP_2;
+    // An instance outside the mesh speaks what its port declares; a mesh endpoint, what
+    // the client spoke.
+    let h2 = match &up.peer {
+        Peer::External(d) => d.h2,
+        Peer::Mesh { .. } => grpc || parts.version == http::Version::HTTP_2,
+    };
     let pq = parts
         .uri
         .path_and_query()
@@ -302,10 +310,12 @@ mod tests {
     fn picks_skip_ejected_endpoints_and_count_requests_in_flight() {
         let identity = ambit_hbone::Identity::new("cluster.local", "demo", "web").expect("id");
         let endpoints: Vec<Upstream> = (1..=3)
-            .map(|i| Upstream {
-                addr: SocketAddr::from(([10, 0, 1, i], 8080)),
-                identity: identity.clone(),
-                workload: Arc::default(),
+            .map(|i| {
+                Upstream::mesh(
+                    SocketAddr::from(([10, 0, 1, i], 8080)),
+                    identity.clone(),
+                    Arc::default(),
+                )
             })
             .collect();
         let active = std::sync::Mutex::new(HashMap::from([(endpoints[0].addr, 5)]));

@@ -7,7 +7,7 @@
 //!
 //! | step | refusal ([`Refusal`]: status, flag) |
 //! | --- | --- |
-//! | destination: the tunnel's `:authority` as a service VIP or a workload address | 503 `NR` |
+//! | destination: the tunnel's `:authority` as a service VIP, a workload address, or an external service bound to this waypoint (its VIP or address) | 503 `NR` |
 //! | request authentication: the token, if any, against the RequestAuthentications bound to the Gateway or the service ([`crate::authn`]) | 401 `-` |
 //! | L7 authorization (policies bound to the Gateway or the service), with the token's principal and claims | 403 `RBAC` |
 //! | local rate limit of the service (the one piece of runtime state read, through [`RateLimits`]) | 429 `RL` |
@@ -15,7 +15,8 @@
 //! | route: rule match, redirect, rewrite, weighted backend | 404 / 500 `NR` |
 //!
 //! A workload address skips routing (routes attach to services); a service without routes
-//! goes to its own endpoints.
+//! goes to its own endpoints; an external service goes to where it resolves
+//! ([`crate::external`]), dialled directly.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -279,15 +280,19 @@ impl Input<'_> {
             limits,
             authn,
         } = *self;
-        let service = match &target {
-            Target::Service { service, .. } => Some(service),
-            Target::Workload { service, .. } => service.as_ref(),
+        // The key policies and runtime state are bound by (empty for a pod that is no
+        // service's endpoint), and the `destination_service` label.
+        let (key, destination) = match &target {
+            Target::Service { service, .. }
+            | Target::Workload {
+                service: Some(service),
+                ..
+            } => (service.key(), service.hostname.clone()),
+            Target::Workload { service: None, .. } => (String::new(), caller.authority.to_string()),
+            Target::External { service, host, .. } => (service.key().to_string(), host.clone()),
         };
-        let key = service.map(|s| s.key()).unwrap_or_default();
-        d.destination = service
-            .map(|s| s.hostname.clone())
-            .unwrap_or_else(|| caller.authority.to_string());
-        let service_key = service.map(|_| key.as_str());
+        d.destination = destination;
+        let service_key = (!key.is_empty()).then_some(key.as_str());
         let rules = state.jwt_rules_for(gateway, service_key);
         if !rules.is_empty() {
             d.authn = authenticate(&rules, req.headers, req.uri.query(), authn.keys, authn.now)
@@ -310,6 +315,8 @@ impl Input<'_> {
                 Ok(Action::Forward(Forward::to(key, Arc::from([upstream]))))
             }
             Target::Service { service, port } => route(state, &service, &key, port, req, draws, d),
+            // Routes attach to Services; an external service goes where it resolves.
+            Target::External { upstreams, .. } => Ok(Action::Forward(Forward::to(key, upstreams))),
         }
     }
 }
@@ -335,15 +342,18 @@ pub fn decide_tcp(
     caller: &Caller,
     observer: &mut dyn Observer,
 ) -> TcpDecision {
-    let (service, upstreams) = match state.resolve(caller.authority) {
+    let (key, upstreams) = match state.resolve(caller.authority) {
         None => return TcpDecision::UnknownDestination,
         Some(Target::Service { service, port }) => {
-            let ups = state.upstreams(&service, port);
-            (Some(service), ups)
+            (Some(service.key()), state.upstreams(&service, port))
         }
-        Some(Target::Workload { upstream, service }) => (service, Arc::from([upstream])),
+        Some(Target::Workload { upstream, service }) => {
+            (service.map(|s| s.key()), Arc::from([upstream]))
+        }
+        Some(Target::External {
+            service, upstreams, ..
+        }) => (Some(service.key().to_string()), upstreams),
     };
-    let key = service.as_ref().map(|s| s.key());
     let policies = state.policies_for(gateway, key.as_deref());
     let attrs = Attributes {
         principal: Some(&caller.principal),
@@ -408,6 +418,13 @@ fn rate_limit(
 }
 
 impl Forward {
+    /// True when the request goes outside the mesh (an external service's instances).
+    pub fn leaves_mesh(&self) -> bool {
+        self.endpoints
+            .first()
+            .is_some_and(|u| matches!(u.peer, crate::state::Peer::External(_)))
+    }
+
     /// Straight to `endpoints` of service `service`, as no route shapes it.
     fn to(service: String, endpoints: Arc<[Upstream]>) -> Self {
         Forward {

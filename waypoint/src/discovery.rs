@@ -19,9 +19,13 @@ use ambit_proto::discovery as pb;
 use ambit_runtime::discovery::{
     self as stream, Backoff, ClientConfig, Connect, Status, Subscriber,
 };
+use ipnet::IpNet;
 use tokio::sync::watch;
 
 use crate::authn::RequestAuthenticationResource;
+use crate::external::{
+    ExternalEndpoint, ExternalPort, ExternalService, ExternalTls, ExternalVip, Resolution,
+};
 use crate::resilience::TrafficPolicyResource;
 use crate::route::RouteResource;
 use crate::state::{
@@ -47,6 +51,12 @@ pub enum DiscoveryError {
         #[source]
         source: serde_json::Error,
     },
+    /// A network's prefix is longer than its address.
+    #[error("{resource}: prefix length {prefix_len} is longer than the address")]
+    Prefix { resource: String, prefix_len: u32 },
+    /// An external service's resolution is none the waypoint knows.
+    #[error("{resource}: resolution {value} is not NONE, STATIC or DNS")]
+    Resolution { resource: String, value: i32 },
     /// A resource with no kind set.
     #[error("resource without a kind")]
     EmptyResource,
@@ -183,6 +193,88 @@ impl TryFrom<pb::RequestAuthentication> for RequestAuthenticationResource {
     }
 }
 
+impl TryFrom<pb::ExternalService> for ExternalService {
+    type Error = DiscoveryError;
+    fn try_from(x: pb::ExternalService) -> Result<Self, DiscoveryError> {
+        let name = format!("external service {}/{}", x.namespace, x.name);
+        let addresses = x
+            .addresses
+            .iter()
+            .map(|b| {
+                let ip = ip(&name, &b.address)?;
+                u8::try_from(b.prefix_len)
+                    .ok()
+                    .and_then(|len| IpNet::new(ip, len).ok())
+                    .ok_or(DiscoveryError::Prefix {
+                        resource: name.clone(),
+                        prefix_len: b.prefix_len,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let ports = x
+            .ports
+            .iter()
+            .map(|p| {
+                Ok(ExternalPort {
+                    number: port(&name, p.number)?,
+                    name: p.name.clone(),
+                    protocol: p.protocol.clone(),
+                    target_port: port(&name, p.target_port)?,
+                    tls: p.tls.as_ref().map(|t| ExternalTls {
+                        sni: t.sni.clone(),
+                        ca_certificates: t.ca_certificates.clone(),
+                    }),
+                })
+            })
+            .collect::<Result<_, DiscoveryError>>()?;
+        let endpoints = x
+            .endpoints
+            .iter()
+            .map(|e| {
+                let ports = e
+                    .ports
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), port(&name, *v)?)))
+                    .collect::<Result<BTreeMap<_, _>, DiscoveryError>>()?;
+                Ok(ExternalEndpoint {
+                    address: e.address.clone(),
+                    ports,
+                })
+            })
+            .collect::<Result<_, DiscoveryError>>()?;
+        let vips = x
+            .vips
+            .iter()
+            .map(|v| {
+                Ok(ExternalVip {
+                    host: v.host.clone(),
+                    address: ip(&name, &v.address)?,
+                })
+            })
+            .collect::<Result<_, DiscoveryError>>()?;
+        Ok(ExternalService {
+            resolution: match pb::ExternalResolution::try_from(x.resolution) {
+                Ok(pb::ExternalResolution::Static) => Resolution::Static,
+                Ok(pb::ExternalResolution::Dns) => Resolution::Dns,
+                Ok(pb::ExternalResolution::None) => Resolution::None,
+                Err(_) => {
+                    return Err(DiscoveryError::Resolution {
+                        resource: name,
+                        value: x.resolution,
+                    })
+                }
+            },
+            name: x.name,
+            namespace: x.namespace,
+            hosts: x.hosts,
+            addresses,
+            ports,
+            endpoints,
+            vips,
+        })
+    }
+}
+
 /// The key a resource is stored under (the proto's `ResourceKey`).
 fn key_of(r: &pb::Resource) -> Option<(i32, String)> {
     use pb::resource::Kind;
@@ -254,8 +346,8 @@ impl Resources {
                 Kind::TrafficPolicy(t) => f.traffic_policies.push(t.try_into()?),
                 // ztunnel's business (inbound plaintext); the waypoint does not ask for it.
                 Kind::PeerAuthentication(_) => {}
-                // ztunnel's business (egress); the waypoint does not ask for it.
-                Kind::ExternalService(_) => {}
+                // Only those bound to this waypoint are sent: it dials them.
+                Kind::ExternalService(x) => f.external_services.push(x.try_into()?),
                 Kind::RequestAuthentication(a) => f.request_authentications.push(a.try_into()?),
             }
         }
@@ -327,7 +419,10 @@ impl Subscriber for Waypoint {
             identity: self.identity.to_string(),
             gateway: self.gateway.clone(),
             // Kinds beyond the first five it decodes (it never receives PeerAuthentications).
-            accepts: vec![pb::ResourceKind::RequestAuthentication as i32],
+            accepts: vec![
+                pb::ResourceKind::RequestAuthentication as i32,
+                pb::ResourceKind::ExternalService as i32,
+            ],
         }
     }
 

@@ -1,7 +1,9 @@
 //! Ambit's L7 proxy (the waypoint): terminates HBONE for the namespaces or services that opt
 //! in, applies L7 authorization, routing (Gateway API HTTPRoute/GRPCRoute) and resilience
 //! (TrafficPolicy), and forwards over HBONE to the chosen endpoint's ztunnel. It never speaks
-//! plaintext to workloads and does not capture traffic: ztunnel does both.
+//! plaintext to workloads and does not capture traffic: ztunnel does both. The exception is
+//! egress: an ExternalService bound to it ([`external`]) is dialled directly, with TLS
+//! originated when its port says so.
 //!
 //! Map: [`server`] (HBONE in, protocol detection, hyper) → [`proxy`], which asks
 //! [`decision`] what to do with a request (a pure function of the [`state`] snapshot, using
@@ -18,6 +20,7 @@ pub mod certs;
 pub mod decision;
 pub mod discovery;
 pub mod duration;
+pub mod external;
 pub mod labels;
 pub mod metrics;
 pub mod otlp;

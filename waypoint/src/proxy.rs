@@ -227,7 +227,13 @@ impl Proxy {
         rewrite(&mut parts, &f.rewrite);
         let upgrading =
             parts.version == http::Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
-        towards_destination(&mut parts.headers, x.caller, &x.traceparent, upgrading);
+        towards_destination(
+            &mut parts.headers,
+            x.caller,
+            &x.traceparent,
+            upgrading,
+            f.leaves_mesh(),
+        );
         if let Some(a) = &x.decision.authn {
             token_towards_destination(&mut parts.headers, a);
         }
@@ -282,7 +288,7 @@ impl Proxy {
             let ups = self.upstreams.clone();
             let up = up.clone();
             tokio::spawn(async move {
-                let _ = ups.send(&up, version_of(grpc, &req), req, None).await;
+                let _ = ups.send(&up, version_of(&req), req, None).await;
             });
         }
     }
@@ -302,23 +308,31 @@ fn rewrite(parts: &mut Parts, rewrite: &Rewrite) {
     }
 }
 
-/// Hop-by-hop headers out; the caller's identity, address and the trace in.
+/// Hop-by-hop headers out; the caller's identity, address and the trace in. A destination
+/// outside the mesh (`external`) gets the trace only: the mesh's identities and pod
+/// addresses are not its business.
 fn towards_destination(
     headers: &mut HeaderMap,
     caller: &Caller,
     traceparent: &str,
     upgrading: bool,
+    external: bool,
 ) {
     strip_hop_by_hop(headers, upgrading);
-    if let Ok(v) = HeaderValue::from_str(&caller.principal) {
+    if external {
+        headers.remove(PEER_IDENTITY_HEADER);
+    } else if let Ok(v) = HeaderValue::from_str(&caller.principal) {
         headers.insert(PEER_IDENTITY_HEADER, v);
     }
     let for_value = match caller.addr.ip() {
+        _ if external => String::new(),
         std::net::IpAddr::V4(ip) => format!("for={ip}"),
         std::net::IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
     };
-    if let Ok(v) = HeaderValue::from_str(&for_value) {
-        headers.append(header::FORWARDED, v);
+    if !for_value.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&for_value) {
+            headers.append(header::FORWARDED, v);
+        }
     }
     if let Ok(v) = HeaderValue::from_str(traceparent) {
         headers.insert("traceparent", v);

@@ -180,11 +180,11 @@ impl Waypoint {
             TcpDecision::Forward { upstreams } => upstreams,
         };
         for up in upstreams.iter() {
-            match self.proxy.upstreams.tunnel(up).await {
+            match self.proxy.upstreams.connect(up).await {
                 Ok(mut tunnel) => {
                     let result =
                         ambit_hbone::copy::copy_bidirectional(&mut down, &mut tunnel).await;
-                    tracing::info!(target: "access", principal = %caller.principal, upstream = %up.addr, ok = result.is_ok(), "tcp");
+                    tracing::info!(target: "access", principal = %caller.principal, upstream = %up.describe(), ok = result.is_ok(), "tcp");
                     return;
                 }
                 Err(e) => {

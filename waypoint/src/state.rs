@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::authn::{
     AuthnConfigError, JwtRule, Keys, RequestAuthentication, RequestAuthenticationResource,
 };
+use crate::external::{Compiled, ExternalError, ExternalService};
 use crate::policy::{self, Policy, PolicyError};
 use crate::resilience::{ResilienceError, Settings, TrafficPolicyResource};
 use crate::route::{RouteError, RouteResource, Rule};
@@ -58,6 +59,9 @@ pub enum StateError {
     /// A RequestAuthentication does not compile.
     #[error(transparent)]
     Authn(#[from] AuthnConfigError),
+    /// An external service does not compile.
+    #[error(transparent)]
+    External(#[from] ExternalError),
 }
 
 /// A pod.
@@ -160,6 +164,8 @@ pub struct StateFile {
     pub routes: Vec<RouteResource>,
     pub traffic_policies: Vec<TrafficPolicyResource>,
     pub request_authentications: Vec<RequestAuthenticationResource>,
+    /// The ExternalServices bound to this waypoint (egress through it).
+    pub external_services: Vec<ExternalService>,
 }
 
 impl StateFile {
@@ -179,10 +185,66 @@ impl StateFile {
 /// An endpoint ready to dial.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// Pod ip and target port (the tunnel's `:authority`).
+    /// A pod's ip and target port (the tunnel's `:authority`), or an external instance's
+    /// address (for one resolved by name when dialled, an unspecified ip and the port).
     pub addr: SocketAddr,
-    pub identity: Identity,
-    pub workload: Arc<Workload>,
+    pub peer: Peer,
+}
+
+/// How an endpoint is reached.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A mesh pod: HBONE to its ztunnel, which must present the pod's identity.
+    Mesh {
+        identity: Identity,
+        workload: Arc<Workload>,
+    },
+    /// Outside the mesh (an external service bound to this waypoint): TCP straight to it.
+    External(Arc<Direct>),
+}
+
+/// How the waypoint dials an external instance.
+#[derive(Debug)]
+pub struct Direct {
+    /// `namespace/name` of the ExternalService.
+    pub service: String,
+    /// A host name to resolve when dialling (resolution DNS); the upstream's port applies.
+    pub host: Option<String>,
+    /// TLS origination, when the port asks for it.
+    pub tls: Option<Originate>,
+    /// HTTP/2 to the instance (port protocol HTTP2 or GRPC), else HTTP/1.1.
+    pub h2: bool,
+}
+
+/// TLS the waypoint opens to an external instance.
+#[derive(Debug)]
+pub struct Originate {
+    pub server_name: rustls_pki_types::ServerName<'static>,
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl Upstream {
+    /// A mesh endpoint.
+    pub fn mesh(addr: SocketAddr, identity: Identity, workload: Arc<Workload>) -> Self {
+        Upstream {
+            addr,
+            peer: Peer::Mesh { identity, workload },
+        }
+    }
+
+    /// How logs name it: the address, or `host:port` for one resolved when dialled.
+    pub fn describe(&self) -> String {
+        match &self.peer {
+            Peer::External(d) if d.host.is_some() => {
+                format!(
+                    "{}:{}",
+                    d.host.as_deref().unwrap_or_default(),
+                    self.addr.port()
+                )
+            }
+            _ => self.addr.to_string(),
+        }
+    }
 }
 
 /// What a tunnel's `:authority` names.
@@ -194,6 +256,13 @@ pub enum Target {
     Workload {
         upstream: Upstream,
         service: Option<Arc<Service>>,
+    },
+    /// An external service bound to this waypoint, dialled at one of its VIPs (`host`: the
+    /// VIP's) or addresses; `upstreams`: where it goes, in order.
+    External {
+        service: Arc<Compiled>,
+        host: String,
+        upstreams: Arc<[Upstream]>,
     },
 }
 
@@ -223,6 +292,10 @@ pub struct State {
     settings: HashMap<String, Arc<Settings>>,
     /// In `namespace/name` order.
     authns: Vec<RequestAuthentication>,
+    /// External services bound to this waypoint, in the file's order.
+    externals: Vec<Arc<Compiled>>,
+    /// The external service and host each allocated VIP stands for.
+    external_by_vip: HashMap<IpAddr, (usize, String)>,
 }
 
 impl State {
@@ -288,6 +361,13 @@ impl State {
             .collect::<Result<Vec<_>, _>>()?;
         authns.sort_by(|a, b| a.key.cmp(&b.key));
         s.authns = authns;
+        for x in &file.external_services {
+            for v in &x.vips {
+                s.external_by_vip
+                    .insert(v.address, (s.externals.len(), v.host.clone()));
+            }
+            s.externals.push(Arc::new(Compiled::new(x.clone())?));
+        }
         s.source = file;
         Ok(s)
     }
@@ -335,7 +415,25 @@ impl State {
                 port: authority.port(),
             });
         }
-        let workload = self.workload_by_ip(authority.ip())?.clone();
+        if let Some((i, host)) = self.external_by_vip.get(&authority.ip()) {
+            let x = self.externals.get(*i)?;
+            return Some(Target::External {
+                upstreams: x.upstreams(authority, Some(host)).into(),
+                host: host.clone(),
+                service: x.clone(),
+            });
+        }
+        let Some(workload) = self.workload_by_ip(authority.ip()).cloned() else {
+            let x = self
+                .externals
+                .iter()
+                .find(|x| x.service.matches(authority))?;
+            return Some(Target::External {
+                upstreams: x.upstreams(authority, None).into(),
+                host: x.service.hosts.first().cloned().unwrap_or_default(),
+                service: x.clone(),
+            });
+        };
         let identity = self.identities.get(&workload.uid)?.clone();
         let service = self
             .service_by_workload
@@ -343,11 +441,7 @@ impl State {
             .and_then(|k| self.services.get(k))
             .cloned();
         Some(Target::Workload {
-            upstream: Upstream {
-                addr: authority,
-                identity,
-                workload,
-            },
+            upstream: Upstream::mesh(authority, identity, workload),
             service,
         })
     }
@@ -385,11 +479,11 @@ impl State {
                 let identity = self.identities.get(&e.workload_uid)?;
                 let ip = *workload.addresses.first()?;
                 let target = e.ports.get(&port).copied().unwrap_or(default_target);
-                Some(Upstream {
-                    addr: SocketAddr::new(ip, target),
-                    identity: identity.clone(),
-                    workload: workload.clone(),
-                })
+                Some(Upstream::mesh(
+                    SocketAddr::new(ip, target),
+                    identity.clone(),
+                    workload.clone(),
+                ))
             })
             .collect()
     }

@@ -1,6 +1,8 @@
 //! Sending requests to endpoints: an HBONE tunnel to the endpoint's ztunnel (`pod ip:15008`,
 //! `:authority` = `pod ip:target port`, the waypoint's own certificate, the endpoint's identity
-//! expected), with hyper's HTTP/1.1 or HTTP/2 client on top, pooled per endpoint.
+//! expected), or for an external service's instance a TCP connection straight to it (its
+//! name resolved first, for resolution DNS) with TLS on top when the port originates it;
+//! then hyper's HTTP/1.1 or HTTP/2 client, pooled per endpoint.
 //!
 //! HTTP/2 (and gRPC) share one hyper connection per endpoint (multiplexed, reopened when it
 //! closes). HTTP/1.1 keeps idle connections per endpoint for reuse; a connection goes back to
@@ -13,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use ambit_hbone::client::{ConnectError, ConnectTarget};
+use ambit_hbone::copy::{Pipe, Plain};
 use ambit_hbone::pool::Pool;
 use ambit_hbone::tls::{self, RotatingCert, TrustBundle};
 use ambit_hbone::Identity;
@@ -21,7 +24,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::state::Upstream;
+use crate::state::{Direct, Peer, Upstream};
 use crate::Body;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -59,6 +62,27 @@ pub enum UpstreamError {
         addr: SocketAddr,
         after: std::time::Duration,
     },
+    /// An external instance's name did not resolve (flag `UF`).
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No connection to an external instance (flag `UF`).
+    #[error("connecting to {dest}: {source}")]
+    Dial {
+        dest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake originated to an external instance failed (flag `UF`).
+    #[error("TLS to {dest}: {source}")]
+    OriginateTls {
+        dest: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The request failed after the connection was up (flag `UC`: reset or closed).
     #[error("request to {addr} failed: {source}")]
     Request {
@@ -76,6 +100,9 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
                 | UpstreamError::Tls { .. }
                 | UpstreamError::Handshake { .. }
+                | UpstreamError::Resolve { .. }
+                | UpstreamError::Dial { .. }
+                | UpstreamError::OriginateTls { .. }
         )
     }
 }
@@ -85,6 +112,25 @@ impl UpstreamError {
 pub enum Version {
     Http1,
     Http2,
+}
+
+/// A connection to an endpoint, of whichever kind (a tunnel keeps its own zero-copy
+/// [`Pipe`] for the opaque TCP copy).
+pub trait Io: Pipe + Send {}
+impl<T: Pipe + Send> Io for T {}
+
+/// How long dialling an external instance may take (each resolved address).
+const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Pooled connections are per endpoint: its address, and its name when it is resolved
+/// when dialled (such endpoints share an unspecified address).
+type ConnKey = (SocketAddr, Option<String>);
+
+fn conn_key(up: &Upstream) -> ConnKey {
+    match &up.peer {
+        Peer::External(d) => (up.addr, d.host.clone()),
+        Peer::Mesh { .. } => (up.addr, None),
+    }
 }
 
 #[derive(Default)]
@@ -105,7 +151,7 @@ pub struct Upstreams {
     bundle: TrustBundle,
     hbone_port: u16,
     tls: Arc<Mutex<HashMap<Identity, Arc<rustls::ClientConfig>>>>,
-    conns: Arc<Mutex<HashMap<SocketAddr, Conns>>>,
+    conns: Arc<Mutex<HashMap<ConnKey, Conns>>>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -144,22 +190,31 @@ impl Upstreams {
         }
     }
 
-    /// A tunnel to `up`, for raw TCP or for a new HTTP connection.
-    pub async fn tunnel(
+    /// A connection to `up`, for raw TCP or for a new HTTP connection: an HBONE tunnel to
+    /// a mesh endpoint, TCP (and TLS when originating) to an external one.
+    pub async fn connect(&self, up: &Upstream) -> Result<Box<dyn Io>, UpstreamError> {
+        match &up.peer {
+            Peer::Mesh { identity, .. } => Ok(Box::new(self.tunnel(up.addr, identity).await?)),
+            Peer::External(d) => self.dial(up, d).await,
+        }
+    }
+
+    async fn tunnel(
         &self,
-        up: &Upstream,
+        addr: SocketAddr,
+        identity: &Identity,
     ) -> Result<ambit_hbone::stream::TunnelStream, UpstreamError> {
         let tls = {
             let mut cache = lock(&self.tls);
-            match cache.get(&up.identity) {
+            match cache.get(identity) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = tls::client_config_rotating(&self.cert, &self.bundle, &up.identity)
+                    let c = tls::client_config_rotating(&self.cert, &self.bundle, identity)
                         .map_err(|source| UpstreamError::Tls {
-                            identity: up.identity.clone(),
+                            identity: identity.clone(),
                             source,
                         })?;
-                    cache.insert(up.identity.clone(), c.clone());
+                    cache.insert(identity.clone(), c.clone());
                     c
                 }
             }
@@ -167,18 +222,56 @@ impl Upstreams {
         let target = ConnectTarget {
             source: self.source.clone(),
             tls,
-            peer: SocketAddr::new(up.addr.ip(), self.hbone_port),
-            expected_identity: up.identity.clone(),
-            authority: up.addr,
+            peer: SocketAddr::new(addr.ip(), self.hbone_port),
+            expected_identity: identity.clone(),
+            authority: addr,
             headers: http::HeaderMap::new(),
         };
         self.pool
             .connect(target)
             .await
-            .map_err(|source| UpstreamError::Connect {
-                addr: up.addr,
-                source,
-            })
+            .map_err(|source| UpstreamError::Connect { addr, source })
+    }
+
+    /// TCP to an external instance (each address its name resolves to, in order, until
+    /// one answers), then TLS if the port originates it.
+    async fn dial(&self, up: &Upstream, d: &Direct) -> Result<Box<dyn Io>, UpstreamError> {
+        let dest = up.describe();
+        let addrs: Vec<SocketAddr> = match &d.host {
+            Some(host) => tokio::net::lookup_host((host.as_str(), up.addr.port()))
+                .await
+                .map_err(|source| UpstreamError::Resolve {
+                    host: host.clone(),
+                    source,
+                })?
+                .collect(),
+            None => vec![up.addr],
+        };
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+        let mut tcp = None;
+        for addr in addrs {
+            match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            }
+        }
+        let tcp = tcp.ok_or(UpstreamError::Dial {
+            dest: dest.clone(),
+            source: last,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &d.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+            .connect(tls.server_name.clone(), tcp)
+            .await
+            .map_err(|source| UpstreamError::OriginateTls { dest, source })?;
+        Ok(Box::new(Plain(stream)))
     }
 
     /// Sends `req` to `up` over `version`; `max_uses` retires HTTP/1.1 connections.
@@ -202,10 +295,11 @@ impl Upstreams {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let addr = up.addr;
+        let key = conn_key(up);
         let req_err = |source| UpstreamError::Request { addr, source };
-        let current = |conns: &Mutex<HashMap<SocketAddr, Conns>>| {
+        let current = |conns: &Mutex<HashMap<ConnKey, Conns>>| {
             lock(conns)
-                .get(&addr)
+                .get(&key)
                 .and_then(|c| c.h2.clone())
                 .filter(|s| !s.is_closed())
         };
@@ -213,7 +307,7 @@ impl Upstreams {
             Some(s) => s,
             None => {
                 let opening = lock(&self.conns)
-                    .entry(addr)
+                    .entry(key.clone())
                     .or_default()
                     .h2_opening
                     .clone();
@@ -222,7 +316,7 @@ impl Upstreams {
                     // Another request opened it while we waited.
                     Some(s) => s,
                     None => {
-                        let io = TokioIo::new(self.tunnel(up).await?);
+                        let io = TokioIo::new(self.connect(up).await?);
                         let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                             .await
                             .map_err(|source| UpstreamError::Handshake { addr, source })?;
@@ -231,7 +325,7 @@ impl Upstreams {
                                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                             }
                         });
-                        lock(&self.conns).entry(addr).or_default().h2 = Some(sender.clone());
+                        lock(&self.conns).entry(key.clone()).or_default().h2 = Some(sender.clone());
                         sender
                     }
                 }
@@ -249,6 +343,7 @@ impl Upstreams {
         max_uses: Option<u32>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let addr = up.addr;
+        let key = conn_key(up);
         let req_err = |source| UpstreamError::Request { addr, source };
         let reused = {
             let mut map = lock(&self.conns);
@@ -258,7 +353,7 @@ impl Upstreams {
                     !c.h1.is_empty() || c.h2.as_ref().is_some_and(|s| !s.is_closed())
                 });
             }
-            let conns = map.entry(addr).or_default();
+            let conns = map.entry(key.clone()).or_default();
             conns.h1.retain(|(s, _)| !s.is_closed());
             conns
                 .h1
@@ -296,7 +391,7 @@ impl Upstreams {
         let keep = !upgrading && max_uses.is_none_or(|m| uses < m);
         if keep && !sender.is_closed() {
             let mut map = lock(&self.conns);
-            let conns = map.entry(addr).or_default();
+            let conns = map.entry(key).or_default();
             if conns.h1.len() < MAX_IDLE_H1 {
                 conns.h1.push((sender, uses));
             }
@@ -306,7 +401,7 @@ impl Upstreams {
     }
 
     async fn new_h1(&self, up: &Upstream) -> Result<http1::SendRequest<Body>, UpstreamError> {
-        let io = TokioIo::new(self.tunnel(up).await?);
+        let io = TokioIo::new(self.connect(up).await?);
         let (sender, conn) =
             http1::handshake(io)
                 .await

@@ -72,6 +72,11 @@ policies:
     action: DENY
     targetGateway: other/waypoint
     rules: [{}]
+  - name: legacy-writes
+    namespace: demo
+    action: DENY
+    targetService: demo/legacy
+    rules: [{to: [{methods: [POST]}]}]
 routes:
   - name: web
     namespace: demo
@@ -101,6 +106,23 @@ routes:
           filters:
             - {type: RequestMirror, requestMirror: {backendRef: {name: shadow}, percent: 50}}
             - {type: RequestMirror, requestMirror: {backendRef: {name: nowhere}}}
+externalServices:
+  - name: pay
+    namespace: demo
+    hosts: [pay.example.com]
+    ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443, tls: {}}]
+    resolution: DNS
+    vips: [{host: pay.example.com, address: 240.240.0.7}]
+  - name: legacy
+    namespace: demo
+    hosts: [legacy.example.com]
+    addresses: [192.0.2.0/24]
+    ports: [{number: 8080, name: http}]
+  - name: none-vip
+    namespace: demo
+    hosts: [nowhere.example.com]
+    ports: [{number: 80}]
+    vips: [{host: nowhere.example.com, address: 240.240.0.8}]
 trafficPolicies:
   - name: limit
     namespace: demo
@@ -239,7 +261,7 @@ fn summary(d: &Decision) -> String {
     }
     let addrs = |ups: &[Upstream]| {
         ups.iter()
-            .map(|u| u.addr.to_string())
+            .map(Upstream::describe)
             .collect::<Vec<_>>()
             .join(",")
     };
@@ -358,6 +380,18 @@ fn decisions() {
             "dst=web.demo.svc.cluster.local route=demo/web | 500 NR route backend demo/nowhere is not a known service".into()),
         ("mirror drawn (an unknown mirror service is skipped)", "10.96.0.10:80", "PUT /mirror", vec![], draw(99.9, 99.9, 0, 49),
             format!("dst=web.demo.svc.cluster.local route=demo/web | forward {web} [10.0.1.1:8080,10.0.1.2:8080] buffer mirror=[10.0.4.1:9090]")),
+        ("external VIP: its host, resolved when dialled, TLS originated", "240.240.0.7:80", "GET /charge", vec![], QUIET,
+            "dst=pay.example.com | forward demo/pay [pay.example.com:443]".into()),
+        ("external VIP: the waypoint's policies apply", "240.240.0.7:80", "GET /admin/x", vec![], QUIET,
+            "dst=pay.example.com | 403 RBAC RBAC: access denied by demo/no-admin".into()),
+        ("external VIP, undeclared port: unknown", "240.240.0.7:81", "GET /", vec![], QUIET,
+            "dst= | 503 NR no service or workload known at 240.240.0.7:81".into()),
+        ("external address: the address dialled, no routing", "192.0.2.9:8080", "GET /", vec![], QUIET,
+            "dst=legacy.example.com | forward demo/legacy [192.0.2.9:8080]".into()),
+        ("external address: a policy bound to the ExternalService", "192.0.2.9:8080", "POST /", vec![], QUIET,
+            "dst=legacy.example.com | 403 RBAC RBAC: access denied by demo/legacy-writes".into()),
+        ("external VIP of a NONE service leads nowhere: the attempt says 503 UH", "240.240.0.8:80", "GET /", vec![], QUIET,
+            "dst=nowhere.example.com | forward demo/none-vip []".into()),
         ("mirror not drawn: the body is buffered all the same", "10.96.0.10:80", "PUT /mirror", vec![], draw(99.9, 99.9, 0, 50),
             format!("dst=web.demo.svc.cluster.local route=demo/web | forward {web} [10.0.1.1:8080,10.0.1.2:8080] buffer")),
     ];

@@ -417,6 +417,11 @@ impl State {
         }
         if let Some((i, host)) = self.external_by_vip.get(&authority.ip()) {
             let x = self.externals.get(*i)?;
+            // A port it does not declare is not the service's.
+            x.service
+                .ports
+                .iter()
+                .find(|p| p.number == authority.port())?;
             return Some(Target::External {
                 upstreams: x.upstreams(authority, Some(host)).into(),
                 host: host.clone(),

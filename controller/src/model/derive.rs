@@ -140,6 +140,11 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
         out.push(resource::Kind::RequestAuthentication(a), None);
     }
     for (mut x, labels) in super::external::external_services(store, &mut out.errors) {
+        let asked = [labels, ns_labels(&x.namespace)]
+            .into_iter()
+            .flatten()
+            .find_map(|l| l.get(USE_WAYPOINT_LABEL))
+            .is_some_and(|gw| !gw.is_empty() && gw != "none");
         let waypoint = waypoints.resolve(
             Kind::ExternalService,
             &x.namespace,
@@ -148,6 +153,12 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
             ns_labels(&x.namespace),
             &mut out.errors,
         );
+        // Its L7 policy lives in the waypoint it asked for: until that waypoint resolves
+        // (the error above says why), the service is withheld, so a REGISTRY_ONLY pod is
+        // refused rather than sent straight out past that policy.
+        if asked && waypoint.is_none() {
+            continue;
+        }
         x.waypoint = waypoint.as_ref().map(|(_, a)| a.clone());
         out.push(resource::Kind::ExternalService(x), waypoint.map(|(k, _)| k));
     }

@@ -134,7 +134,8 @@ pub enum ModelError {
         enforced: &'static str,
     },
     /// An `ambit.dev/use-waypoint` label names a waypoint that does not exist or has no
-    /// address; the object is served without a waypoint.
+    /// address; the object is served without a waypoint, except an ExternalService, which
+    /// is withheld (its egress must not skip the policy it asked for).
     #[error("{kind} {namespace}/{name}: waypoint {waypoint:?} {why}")]
     WaypointUnresolved {
         kind: Kind,

@@ -871,6 +871,19 @@ fn external_services_and_the_outbound_policy_reach_the_wire() {
         (6432, "192.0.2.20")
     );
 
+    // Bound to a waypoint that does not exist: withheld (fail closed) and reported.
+    let unbound = yaml.clone()
+        + "---\napiVersion: networking.ambit.dev/v1\nkind: ExternalService\nmetadata: {name: pay, namespace: demo, labels: {ambit.dev/use-waypoint: egress}}\nspec: {hosts: [pay.example.com], ports: [{number: 80}], resolution: DNS}\n";
+    let d2 = derived(&unbound);
+    assert!(!d2.resources.contains_key(&Key {
+        kind: ResourceKind::ExternalService,
+        name: "demo/pay".into(),
+    }));
+    assert_eq!(
+        d2.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        ["ExternalService demo/pay: waypoint \"demo/egress\" is not a Gateway of class ambit-waypoint"]
+    );
+
     // From a source without files (Kubernetes), bad input is reported by the model, naming
     // the object and field, and the rest still derives; a bad label fails closed.
     let mut objects: Vec<Object> = parse_file(Path::new("f.yaml"), &yaml)

@@ -56,6 +56,11 @@ struct Indexes {
     /// External services by allocated VIP, and their VIPs by host.
     external_by_vip: HashMap<IpAddr, Arc<ExternalService>>,
     external_vips_by_host: HashMap<Arc<str>, Vec<IpAddr>>,
+    /// External services by each single address they declare (a /32 or /128 network, or
+    /// an endpoint's IP), in key order; and those declaring a wider network, in key order.
+    /// A connection outside the mesh looks up its address instead of scanning them all.
+    external_by_ip: HashMap<IpAddr, Vec<Arc<ExternalService>>>,
+    external_wide: Vec<Arc<ExternalService>>,
 }
 
 /// One immutable version of the mesh as this proxy knows it. `Serialize` is the admin
@@ -147,7 +152,16 @@ impl State {
     /// The external service a connection to `dst` is for (the first by key when several
     /// declare it; they only differ in name then).
     pub fn external_service_for(&self, dst: SocketAddr) -> Option<&Arc<ExternalService>> {
-        self.external_services.values().find(|x| x.matches(dst))
+        let exact = self
+            .idx
+            .external_by_ip
+            .get(&dst.ip().to_canonical())
+            .into_iter()
+            .flatten();
+        exact
+            .chain(&self.idx.external_wide)
+            .filter(|x| x.matches(dst))
+            .min_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
     }
 
     /// The external service owning allocated VIP `ip`, whatever the port.
@@ -314,6 +328,29 @@ impl State {
             }
         }
         for x in self.external_services.values() {
+            let mut singles: Vec<IpAddr> = x
+                .addresses
+                .iter()
+                .filter(|n| n.prefix_len() == n.max_prefix_len())
+                .map(|n| n.addr())
+                .chain(
+                    x.endpoints
+                        .iter()
+                        .filter_map(|e| e.address.parse::<IpAddr>().ok()),
+                )
+                .map(|ip| ip.to_canonical())
+                .collect();
+            singles.sort();
+            singles.dedup();
+            for ip in singles {
+                idx.external_by_ip.entry(ip).or_default().push(x.clone());
+            }
+            if x.addresses
+                .iter()
+                .any(|n| n.prefix_len() < n.max_prefix_len())
+            {
+                idx.external_wide.push(x.clone());
+            }
             for v in &x.vips {
                 idx.external_by_vip
                     .entry(v.address)

@@ -299,3 +299,63 @@ fn a_config_dump_reads_back_as_the_same_state() {
         ["root/global", "default/ns", "default/select-b"]
     );
 }
+
+/// The address index finds the same service a scan would: exact addresses and endpoints by
+/// lookup, wider networks by scan, the first by key when several declare a destination.
+#[test]
+fn external_services_are_found_by_address_as_a_scan_would() {
+    let x = |name: &str, nets: &[&str], endpoint: Option<&str>| pb::Resource {
+        kind: Some(pb::resource::Kind::ExternalService(pb::ExternalService {
+            name: name.into(),
+            namespace: "ext".into(),
+            hosts: vec![format!("{name}.example")],
+            addresses: nets.iter().map(|n| block(n)).collect(),
+            ports: vec![pb::ExternalPort {
+                number: 443,
+                name: "https".into(),
+                ..Default::default()
+            }],
+            resolution: if endpoint.is_some() {
+                pb::ExternalResolution::Static as i32
+            } else {
+                0
+            },
+            endpoints: endpoint
+                .map(|a| pb::ExternalEndpoint {
+                    address: a.into(),
+                    ports: [("https".to_string(), 8443)].into(),
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        })),
+    };
+    let mut store = Store::new(None);
+    store
+        .apply(full(
+            1,
+            vec![
+                x("b-exact", &["192.0.2.9/32"], None),
+                x("a-wide", &["192.0.2.0/24"], None),
+                x("c-one", &["198.51.100.1/32"], Some("203.0.113.5")),
+                x("d-v6", &["2001:db8::7/128"], None),
+            ],
+        ))
+        .expect("fixture applies");
+    let s = store.snapshot();
+    let found = |dst: &str| {
+        s.external_service_for(dst.parse().expect("addr"))
+            .map(|x| x.name.to_string())
+    };
+    // Declared by both: the first by key, though one declares it exactly.
+    assert_eq!(found("192.0.2.9:443").as_deref(), Some("a-wide"));
+    assert_eq!(found("192.0.2.10:443").as_deref(), Some("a-wide"));
+    assert_eq!(found("198.51.100.1:443").as_deref(), Some("c-one"));
+    // An endpoint on the service port, or on its own port.
+    assert_eq!(found("203.0.113.5:443").as_deref(), Some("c-one"));
+    assert_eq!(found("203.0.113.5:8443").as_deref(), Some("c-one"));
+    assert_eq!(found("[2001:db8::7]:443").as_deref(), Some("d-v6"));
+    assert_eq!(found("[::ffff:198.51.100.1]:443").as_deref(), Some("c-one"));
+    assert_eq!(found("198.51.100.2:443"), None);
+    assert_eq!(found("198.51.100.1:80"), None);
+}

@@ -12,9 +12,10 @@
 //!   bytes and datagrams each way, when it goes idle;
 //! - IPv6, with an IPv6 network listed: the same exchange between dual-stack pods over their
 //!   IPv6 addresses (TLS only on the fabric, in order, from the client's IPv6 address, DENY
-//!   stops it), DNS to port 53 still reaches the DNS proxy, and IPv6 UDP to a network not
-//!   listed is dropped in the client's pod (a victim outside the mesh sees nothing of it,
-//!   while a pod outside the mesh reaches it).
+//!   stops it), DNS to port 53 still reaches the DNS proxy, a listed address outside the mesh
+//!   is reached in passthrough, and IPv6 UDP to a network not listed is dropped in the
+//!   client's pod (a victim outside the mesh sees nothing of it, while a pod outside the
+//!   mesh reaches it).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -562,17 +563,25 @@ policies:
         dual_stack(victim, "legacy", "default", "n2", false),
     );
     let log = access_log();
-    // The server's IPv6 address only: IPv6 alone is listed, so IPv4 UDP is left alone.
-    let capture: Vec<ipnet::IpNet> = vec![format!("{}/128", server.ip6).parse()?];
+    // IPv6 addresses only (the server's, and that of a pod outside the mesh), so IPv4 UDP is
+    // left alone.
+    let capture: Vec<ipnet::IpNet> = vec![
+        format!("{}/128", server.ip6).parse()?,
+        format!("{}/128", plain.ip6).parse()?,
+    ];
     let mesh = Mesh::start(
         &topo,
         &["n1", "n2"],
         &state,
         TestCa::new(Duration::from_secs(3600)),
-        |_, config| {
+        |node, config| {
             config.rules.udp_capture = capture.clone();
             config.limits.udp_idle_timeout = Duration::from_secs(2);
-            config.dns = DnsSettings::default();
+            // The DNS proxy on node 2 only: on node 1 the filter then lets out no marked
+            // UDP but to the listed networks, which the passthrough below needs.
+            if node == "n2" {
+                config.dns = DnsSettings::default();
+            }
         },
     )
     .await?;
@@ -632,9 +641,9 @@ policies:
     );
 
     // Port 53 over IPv6 is still the DNS proxy's, also to a listed address.
-    let port53 = SocketAddr::new(server.ip6.into(), 53);
+    let port53 = SocketAddr::new(plain.ip6.into(), 53);
     assert_eq!(
-        resolve_a(client, port53, "echo.srv.svc.cluster.local.").await?,
+        resolve_a(server, port53, "echo.srv.svc.cluster.local.").await?,
         [VIP]
     );
 
@@ -647,6 +656,19 @@ policies:
         "a denied pod's datagram reached the server"
     );
     assert_eq!(srv.seen().len(), before);
+
+    // A listed address outside the mesh: the flow passes through in plaintext from a socket
+    // ztunnel marks in the client's pod (the filter lets those out to the listed networks
+    // only), from the client's address, and the answers come back.
+    let outside = UdpServer::start(plain, Ipv6Addr::UNSPECIFIED.into())?;
+    let passthrough = SocketAddr::new(plain.ip6.into(), ECHO_PORT);
+    let replies = send_numbered(client, passthrough, "PASS6").await?;
+    assert!(
+        replies.len() + MAX_LOSS >= DATAGRAMS && replies.iter().all(|r| r.starts_with("re:PASS6-")),
+        "{} passthrough replies came back: {replies:?}",
+        replies.len()
+    );
+    assert!(payloads_from(&outside, client.ip6.into()).len() + MAX_LOSS >= DATAGRAMS);
 
     // A network not listed: the client's datagrams to the victim die in the client's pod
     // (the fabric carries none).
@@ -707,7 +729,7 @@ policies:
     );
     assert!(opened >= 1, "n2 counted no UDP flows");
 
-    drop((srv, sink));
+    drop((srv, sink, outside));
     mesh.shutdown().await;
     Ok(())
 }

@@ -44,6 +44,11 @@ pub struct Args {
     /// Start the cluster and return; `ambitctl down` stops it.
     #[arg(long)]
     detach: bool,
+    /// Whether the ztunnels capture the pods' UDP to the pod networks (10.77.k.0/24 and
+    /// fd77:k::/64 of every node) and carry it over CONNECT-UDP between enrolled pods;
+    /// `false` leaves the pods' IPv4 UDP alone and their IPv6 UDP dropped, DNS aside.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    udp_capture: bool,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -64,6 +69,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             enroll: args.enroll.clone(),
         },
         controllers: args.controllers,
+        udp_capture: args.udp_capture,
     };
     eprintln!(
         "ambitctl: building {} node(s) under {} ...",

@@ -105,6 +105,15 @@ pub fn workload(pod: &Pod, namespace: &str, sa: &str, node: &str, enrolled: bool
     )
 }
 
+/// One workload of the state file, known to the mesh by both of its addresses (so its IPv6
+/// is captured and meshed).
+pub fn dual_stack(pod: &Pod, namespace: &str, sa: &str, node: &str, enrolled: bool) -> String {
+    workload(pod, namespace, sa, node, enrolled).replace(
+        &format!("addresses: [{}]", pod.ip),
+        &format!("addresses: [{}, '{}']", pod.ip, pod.ip6),
+    )
+}
+
 /// Whether ztunnel's capture rules are in `pod`'s namespace (its outbound chain exists; the
 /// rules are applied in one transaction, so one chain stands for all).
 pub fn captured(pod: &Pod) -> bool {

@@ -193,6 +193,67 @@ fn sample_traffic_goes_over_hbone_a_deny_policy_is_enforced_and_down_removes_eve
         "calls failed during the upgrade: {during:?}"
     );
 
+    // UDP between the sample pods is meshed too (`up` captures the pod networks' UDP, and the
+    // upgraded ztunnel was given the same networks): a datagram from the client to the echo
+    // pod over each family comes back, the echo pod sees the client's own addresses, and
+    // node 1's ztunnel counts the flows it received over CONNECT-UDP from the client.
+    let udp_echo = net::in_netns(&echo.netns, || std::net::UdpSocket::bind("[::]:9090"))
+        .expect("enter the echo pod")
+        .expect("bind UDP in the echo pod");
+    udp_echo
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("UDP read timeout");
+    let udp_server = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1500];
+        while seen.len() < 2 {
+            let Ok((n, from)) = udp_echo.recv_from(&mut buf) else {
+                break;
+            };
+            let _ = udp_echo.send_to(&[b"re:", &buf[..n]].concat(), from);
+            seen.push(from.ip().to_canonical());
+        }
+        seen
+    });
+    for dst in [
+        SocketAddr::new(echo.ip.into(), 9090),
+        SocketAddr::new(echo6.into(), 9090),
+    ] {
+        let reply = net::in_netns(&client.netns, move || -> std::io::Result<Vec<u8>> {
+            let any = if dst.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+            let socket = std::net::UdpSocket::bind(any)?;
+            socket.connect(dst)?;
+            socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+            socket.send(b"udp through the mesh")?;
+            let mut buf = [0u8; 1500];
+            let n = socket.recv(&mut buf)?;
+            Ok(buf[..n].to_vec())
+        })
+        .expect("enter the client pod");
+        assert!(
+            matches!(&reply, Ok(r) if r == b"re:udp through the mesh"),
+            "UDP to {dst}: {reply:?}"
+        );
+    }
+    let seen = udp_server.join().expect("the UDP echo thread");
+    assert_eq!(
+        seen,
+        [std::net::IpAddr::from(client.ip), client6.into()],
+        "the echo pod saw other sources"
+    );
+    let body = metrics();
+    let udp_flows = body
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("request_protocol=\"udp\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+        .unwrap_or_else(|| panic!("no UDP flow counted on node 1:\n{body}"));
+    assert!(udp_flows.ends_with(" 2"), "{udp_flows}");
+
     // A deny policy dropped into the watched folder takes effect live.
     std::fs::write(
         state.objects_dir.join("deny.yaml"),

@@ -22,14 +22,6 @@ use ambit_tests::{in_netns, Pod, ReplyServer, Topology};
 /// this, which keeps the test cheap.
 const SHORT: Duration = Duration::from_secs(1);
 
-/// One workload of the state file, known to the mesh by both of its addresses.
-fn dual_stack(pod: &Pod, namespace: &str, sa: &str, node: &str, enrolled: bool) -> String {
-    workload(pod, namespace, sa, node, enrolled).replace(
-        &format!("addresses: [{}]", pod.ip),
-        &format!("addresses: [{}, '{}']", pod.ip, pod.ip6),
-    )
-}
-
 /// Tries a TCP connection from `pod` to `dst`; `Ok` is a connection that was let through.
 async fn try_connect(pod: &Pod, dst: SocketAddr) -> anyhow::Result<std::io::Result<TcpStream>> {
     let netns = pod.netns.clone();

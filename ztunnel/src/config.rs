@@ -72,12 +72,14 @@ pub struct Args {
     /// Where pods' network namespaces are found.
     #[arg(long, default_value = "/var/run/netns", env = "AMBIT_NETNS_DIR")]
     pub netns_dir: PathBuf,
-    /// IPv4 networks (comma-separated CIDRs: typically the pod and service networks) whose
-    /// UDP from enrolled pods is captured and, to destinations in the mesh, carried over
-    /// HBONE (CONNECT-UDP). Empty (the default): pods' UDP is left alone, DNS aside. Node
-    /// mode only.
+    /// Networks, IPv4 or IPv6 (comma-separated CIDRs: typically the pod and service
+    /// networks of each family, e.g. `10.244.0.0/16,fd00::/8`), whose UDP from enrolled pods
+    /// is captured and, to destinations in the mesh, carried over HBONE (CONNECT-UDP). IPv4
+    /// UDP to other networks is left alone; IPv6 UDP to other networks is dropped, as all
+    /// IPv6 that cannot be meshed. Empty (the default): IPv4 UDP is left alone and IPv6 UDP
+    /// dropped, DNS aside. Node mode only.
     #[arg(long, value_delimiter = ',', env = "AMBIT_UDP_CAPTURE_CIDRS")]
-    pub udp_capture_cidrs: Vec<ipnet::Ipv4Net>,
+    pub udp_capture_cidrs: Vec<ipnet::IpNet>,
     /// ztunnel's own mTLS mode is STRICT rather than PERMISSIVE: plaintext inbound to
     /// enrolled pods is refused wherever no PeerAuthentication (mesh, namespace, workload or
     /// port) sets a mode. A mesh-level PeerAuthentication overrides it.
@@ -426,7 +428,7 @@ mod tests {
             "--local-ca-key",
             "/k",
             "--udp-capture-cidrs",
-            "10.80.0.0/16,10.96.0.0/12",
+            "10.80.0.0/16,fd00:80::/64,10.96.0.0/12",
             "--pod-udp-flow-limit",
             "7",
             "--udp-idle-timeout-seconds",
@@ -437,7 +439,8 @@ mod tests {
             cfg.rules.udp_capture,
             [
                 "10.80.0.0/16".parse().unwrap(),
-                "10.96.0.0/12".parse::<ipnet::Ipv4Net>().unwrap()
+                "fd00:80::/64".parse().unwrap(),
+                "10.96.0.0/12".parse::<ipnet::IpNet>().unwrap()
             ]
         );
         assert_eq!(cfg.limits.pod_udp_flows, 7);

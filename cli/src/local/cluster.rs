@@ -123,6 +123,8 @@ pub struct UpOptions {
     /// Controller replicas (1 to [`MAX_CONTROLLERS`]): each serves discovery and the CA,
     /// one of them (elected with a lock file in the state dir) does the writes.
     pub controllers: usize,
+    /// Whether the ztunnels capture the pods' UDP to the pod networks ([`udp_networks`]).
+    pub udp_capture: bool,
 }
 
 /// A cluster this process started (children to reap in the foreground).
@@ -204,6 +206,11 @@ pub fn up(
         nodes: Vec::new(),
         pods: Vec::new(),
         root_cert: root_cert.clone(),
+        udp_capture: if opts.udp_capture {
+            udp_networks(layout.nodes.len())?
+        } else {
+            Vec::new()
+        },
     };
     state.save()?;
     let run = running.insert(Running {
@@ -387,6 +394,18 @@ fn ztunnel_data_dir(state: &ClusterState, node: &str) -> PathBuf {
     state.state_dir.join("ztunnel").join(node)
 }
 
+/// The networks whose UDP the ztunnels capture: every node's pod subnets, both families
+/// (10.77.k.0/24 and fd77:k::/64), so UDP between pods of the mesh is carried over
+/// CONNECT-UDP like their TCP. Service VIPs are left out: the sample's services are TCP.
+fn udp_networks(nodes: usize) -> Result<Vec<String>, NetError> {
+    let mut networks = Vec::with_capacity(2 * nodes);
+    for k in 1..=nodes {
+        networks.push(net::pod_subnet(k)?);
+        networks.push(net::pod_subnet6(k)?);
+    }
+    Ok(networks)
+}
+
 /// The flags of `node`'s ztunnel: the same for every process of the node, so a successor
 /// finds its predecessor's hand-over socket and ports.
 fn ztunnel_args(state: &ClusterState, node: &str) -> Vec<String> {
@@ -396,7 +415,7 @@ fn ztunnel_args(state: &ClusterState, node: &str) -> Vec<String> {
         .state_dir
         .join("credentials")
         .join(format!("{node}.token"));
-    vec![
+    let mut args = vec![
         "--node".into(),
         node.to_owned(),
         // Every replica: a ztunnel whose replica goes away resumes with another.
@@ -414,7 +433,12 @@ fn ztunnel_args(state: &ClusterState, node: &str) -> Vec<String> {
         "json".into(),
         "--drain-seconds".into(),
         "1".into(),
-    ]
+    ];
+    if !state.udp_capture.is_empty() {
+        args.push("--udp-capture-cidrs".into());
+        args.push(state.udp_capture.join(","));
+    }
+    args
 }
 
 /// Why `ambitctl upgrade` failed.
@@ -723,6 +747,35 @@ pub fn down(state_dir: &Path, prefix: &str) -> DownReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ztunnels_capture_the_udp_of_every_nodes_pod_subnets_in_both_families() {
+        let nets = udp_networks(2).unwrap();
+        assert_eq!(
+            nets,
+            ["10.77.1.0/24", "fd77:1::/64", "10.77.2.0/24", "fd77:2::/64"]
+        );
+        // A record written before UDP capture existed: its ztunnels (and successors) get no
+        // flag, so an upgrade keeps the rules they run with.
+        let old = serde_json::json!({
+            "prefix": "t", "state_dir": "/s", "objects_dir": "/o", "objects_are_ours": true,
+            "netns_dir": "/n", "namespaces": [], "fabric": "t-fabric",
+            "controller_url": "https://10.77.0.1:15012", "controller": null,
+            "nodes": [], "pods": [], "root_cert": "/s/ca/root-cert.pem",
+        });
+        let mut state: ClusterState = serde_json::from_value(old).unwrap();
+        assert!(!ztunnel_args(&state, "node1").contains(&"--udp-capture-cidrs".to_owned()));
+        state.udp_capture = nets;
+        let args = ztunnel_args(&state, "node1");
+        let at = args
+            .iter()
+            .position(|a| a == "--udp-capture-cidrs")
+            .unwrap();
+        assert_eq!(
+            args[at + 1],
+            "10.77.1.0/24,fd77:1::/64,10.77.2.0/24,fd77:2::/64"
+        );
+    }
 
     #[test]
     fn a_missing_binary_names_its_path_and_the_build_command() {

@@ -113,6 +113,11 @@ pub struct ClusterState {
     pub pods: Vec<PodState>,
     /// PEM root of the mesh.
     pub root_cert: PathBuf,
+    /// The networks whose UDP every ztunnel captures (`--udp-capture-cidrs`): fixed at `up`,
+    /// so a ztunnel started by `upgrade` captures the same (and adopts the rules). Empty in a
+    /// record written before there was UDP capture, or with `up --udp-capture false`.
+    #[serde(default)]
+    pub udp_capture: Vec<String>,
 }
 
 /// `<state-dir>/cluster.json`.

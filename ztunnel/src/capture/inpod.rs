@@ -112,10 +112,12 @@ pub struct PodListeners {
     /// The DNS listeners (UDP and TCP on 127.0.0.1:15053, and [::1]:15053 when the pod's
     /// IPv6 is captured) when DNS is captured; empty otherwise.
     pub dns: Vec<crate::dns::DnsListeners>,
-    /// 127.0.0.1:15001/udp, IP_TRANSPARENT, when the pod's UDP is captured (the rules'
-    /// `udp_capture` is not empty): the app's first datagram of each flow, TPROXYed, read
-    /// with [`sockets::recv_original_dst`].
-    pub udp: Option<tokio::net::UdpSocket>,
+    /// The UDP capture sockets: 127.0.0.1:15001/udp when the rules capture IPv4 UDP
+    /// ([`RuleConfig::captures_udp_v4`]), [::1]:15001/udp (IPV6_V6ONLY) when they capture
+    /// IPv6 UDP and the pod's IPv6 is captured; IP_TRANSPARENT, each the app's first
+    /// datagram of each flow of its family, TPROXYed, read with
+    /// [`sockets::recv_original_dst`].
+    pub udp: Vec<tokio::net::UdpSocket>,
 }
 
 /// A pod's IPv6 capture listeners.
@@ -263,8 +265,12 @@ impl CapturedPod {
             .count();
         let capture_v6 = rules.ipv6;
         let dns_port = rules.dns_port;
-        let udp_capture = (!rules.udp_capture.is_empty())
+        let udp_capture = rules
+            .captures_udp_v4()
             .then(|| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), rules.udp_port));
+        let udp_capture_v6 = rules
+            .captures_udp_v6()
+            .then(|| SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), rules.udp_port));
         let opened = worker
             .run(move || {
                 // A successor that could not take these binds beside them (SO_REUSEPORT);
@@ -272,15 +278,18 @@ impl CapturedPod {
                 crate::handover::migrate_queued_connections();
                 let v4 = open_or_inherit(specs_v4, inherited_v4)?;
                 let dns4 = open_dns(dns_port, false)?;
-                let udp4 = udp_capture
-                    .map(|addr| sockets::bind_udp_capture(addr).map_err(|e| (addr, e)))
-                    .transpose()?;
+                let open_udp = |addr: Option<SocketAddr>| {
+                    addr.map(|addr| sockets::bind_udp_capture(addr).map_err(|e| (addr, e)))
+                        .transpose()
+                };
+                let udp4 = open_udp(udp_capture)?;
                 // A pod's IPv6 is captured only when the kernel has IPv6 and its listeners
                 // open; otherwise it is closed by the rules below (never left open).
                 let v6 = match capture_v6 {
                     Ipv6Capture::Captured if iptables::ipv6_present() => {
-                        let opened = open_or_inherit(specs_v6, inherited_v6)
-                            .and_then(|l| Ok((l, open_dns(dns_port, true)?)));
+                        let opened = open_or_inherit(specs_v6, inherited_v6).and_then(|l| {
+                            Ok((l, open_dns(dns_port, true)?, open_udp(udp_capture_v6)?))
+                        });
                         match opened {
                             Ok(v6) => Some(v6),
                             Err((addr, error)) => {
@@ -308,9 +317,9 @@ impl CapturedPod {
                 source,
             })?;
         let (opened, (dns4, udp4), opened6) = opened;
-        let (opened6, dns6) = match opened6 {
-            Some((l, dns)) => (Some(l), dns),
-            None => (None, None),
+        let (opened6, dns6, udp6) = match opened6 {
+            Some((l, dns, udp)) => (Some(l), dns, udp),
+            None => (None, None, None),
         };
         let mut rules = rules;
         if opened6.is_none() {
@@ -378,15 +387,13 @@ impl CapturedPod {
             });
         }
 
-        let udp = match udp4 {
-            Some(socket) => {
-                let addr = socket
-                    .local_addr()
-                    .unwrap_or_else(|_| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0));
-                Some(tokio::net::UdpSocket::from_std(socket).map_err(|e| listen_error((addr, e)))?)
-            }
-            None => None,
-        };
+        let mut udp = Vec::with_capacity(2);
+        for socket in udp4.into_iter().chain(udp6) {
+            let addr = socket
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0));
+            udp.push(tokio::net::UdpSocket::from_std(socket).map_err(|e| listen_error((addr, e)))?);
+        }
 
         let cfg = rules.clone();
         // A failed apply is not cleaned up: restore commits whole or not at all, so rules a

@@ -19,17 +19,19 @@
 //!   `lo` by the same table, instead of out of the pod towards the real client.
 //! - DNS, when `dns_port` is set: UDP and TCP to port 53 (except to loopback and except
 //!   ztunnel's marked sockets) are REDIRECTed to the DNS proxy's port (15053).
-//! - UDP, when `udp_capture` names networks (IPv4): the app's datagrams to them are marked in
-//!   `mangle OUTPUT`, routed back in through `lo` by the TPROXY table, and TPROXYed in
-//!   `mangle PREROUTING` to `127.0.0.1:<udp_port>` with their destination intact. Other UDP
-//!   is left alone.
+//! - UDP, when `udp_capture` names networks of the family: the app's datagrams to them are
+//!   marked in `mangle OUTPUT`, routed back in through `lo` by the TPROXY table, and TPROXYed
+//!   in `mangle PREROUTING` to `127.0.0.1:<udp_port>` (`[::1]` for IPv6) with their
+//!   destination intact. Other IPv4 UDP is left alone; other IPv6 UDP is dropped (below).
 //!
 //! IPv6 gets the same capture ([`render_apply_v6`], applied with `ip6tables-restore` beside the
 //! IPv4 rules and removed with them): the same chains, marks and ports in `ip6tables`'
 //! `mangle` and `nat`, REDIRECT to `[::1]:15001`, TPROXY to `[::]:15006`, and
 //! `ip -6 rule/route` for the TPROXY table. What cannot be meshed is dropped, never let
 //! through: in the IPv6 `filter` table only loopback, link-level ICMPv6 and TCP (which the
-//! rules above steer to ztunnel) pass, so IPv6 UDP and the rest are closed; and a pod whose
+//! rules above steer to ztunnel) pass, and of UDP only what ztunnel handles (the captured
+//! networks' datagrams, which leave by `lo`; DNS; ztunnel's own), so other IPv6 UDP and the
+//! rest are closed; and a pod whose
 //! IPv6 the mesh does not know ([`Ipv6Capture::Closed`]) gets only the closing `filter` rules,
 //! as does a kernel without IPv6 capture support.
 //!
@@ -176,11 +178,12 @@ pub struct RuleConfig {
     /// DNS capture port (REDIRECT target of UDP and TCP to port 53), when the DNS proxy is
     /// on; `None` leaves the pod's DNS alone.
     pub dns_port: Option<u16>,
-    /// IPv4 networks whose UDP the pod sends is captured (TPROXYed to `udp_port` on
-    /// loopback) and carried over CONNECT-UDP when the destination is in the mesh; empty
-    /// leaves the pod's UDP alone (DNS aside).
-    pub udp_capture: Vec<ipnet::Ipv4Net>,
-    /// The UDP capture port (TPROXY target on 127.0.0.1).
+    /// Networks whose UDP the pod sends is captured (TPROXYed to `udp_port` on the
+    /// family's loopback) and carried over CONNECT-UDP when the destination is in the mesh.
+    /// No IPv4 network leaves the pod's IPv4 UDP alone (DNS aside); no IPv6 network leaves
+    /// its IPv6 UDP dropped (DNS aside), as is all IPv6 UDP to networks not listed.
+    pub udp_capture: Vec<ipnet::IpNet>,
+    /// The UDP capture port (TPROXY target on 127.0.0.1 and [::1]).
     pub udp_port: u16,
 }
 
@@ -221,6 +224,29 @@ impl RuleConfig {
 
     fn fwmark(&self) -> String {
         format!("{:#x}/{:#x}", self.tproxy_mark, self.mask)
+    }
+
+    /// Whether the pod's IPv4 UDP to some network is captured (the IPv4 capture socket is
+    /// needed).
+    pub fn captures_udp_v4(&self) -> bool {
+        !self.udp_networks(Family::V4).is_empty()
+    }
+
+    /// Whether the pod's IPv6 UDP to some network is captured: networks are listed and the
+    /// pod's IPv6 is captured (the IPv6 capture socket is needed).
+    pub fn captures_udp_v6(&self) -> bool {
+        self.ipv6 == Ipv6Capture::Captured && !self.udp_networks(Family::V6).is_empty()
+    }
+
+    /// The captured UDP networks of one family.
+    fn udp_networks(&self, family: Family) -> Vec<&ipnet::IpNet> {
+        self.udp_capture
+            .iter()
+            .filter(|net| match family {
+                Family::V4 => matches!(net, ipnet::IpNet::V4(_)),
+                Family::V6 => matches!(net, ipnet::IpNet::V6(_)),
+            })
+            .collect()
     }
 }
 
@@ -374,6 +400,14 @@ impl Family {
         }
     }
 
+    /// The loopback address the UDP capture socket listens on.
+    fn localhost(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1",
+            Family::V6 => "::1",
+        }
+    }
+
     /// `ip`'s family flag.
     fn ip_flag(self) -> &'static str {
         match self {
@@ -401,6 +435,7 @@ fn render_rules(
 ) -> String {
     let mark = format!("{:#x}/{:#x}", cfg.mark, cfg.mask);
     let tproxy = cfg.fwmark();
+    let udp_nets = cfg.udp_networks(family);
     let mut doc = String::new();
     let mut line = |s: String| {
         doc.push_str(&s);
@@ -421,10 +456,11 @@ fn render_rules(
     // direction: the app's *replies* to ztunnel's transparent sends carry the restored mark
     // too, and must reach the socket they answer. TPROXY gives a datagram of a flow ztunnel
     // already answers to that flow's connected socket before the listener.
-    if family == Family::V4 && !cfg.udp_capture.is_empty() {
+    if !udp_nets.is_empty() {
         line(format!(
-            "-A {CHAIN_PREROUTING} -i lo -p udp -m mark --mark {tproxy} -m conntrack --ctdir ORIGINAL -j TPROXY --on-port {} --on-ip 127.0.0.1 --tproxy-mark {tproxy}",
-            cfg.udp_port
+            "-A {CHAIN_PREROUTING} -i lo -p udp -m mark --mark {tproxy} -m conntrack --ctdir ORIGINAL -j TPROXY --on-port {} --on-ip {} --tproxy-mark {tproxy}",
+            cfg.udp_port,
+            family.localhost()
         ));
     }
     // Anything else on loopback is the pod talking to itself, or outbound traffic already
@@ -457,7 +493,7 @@ fn render_rules(
     // With UDP capture, ztunnel's own UDP keeps its mark: restoring the TPROXY mark on the
     // datagrams it sends to the app *as the client* (whose flow the connmark above marks)
     // would steer them into the UDP capture below as if the client's app had sent them.
-    if family == Family::V4 && !cfg.udp_capture.is_empty() {
+    if !udp_nets.is_empty() {
         line(format!(
             "-A {CHAIN_OUTPUT} -p udp -m mark --mark {mark} -j RETURN"
         ));
@@ -472,13 +508,13 @@ fn render_rules(
     // routes them to `lo` (table above) and so to the PREROUTING rule. Not ztunnel's own
     // (marked, returned above), not replies, and not DNS, which nat OUTPUT sends to the DNS proxy
     // (it must stay ahead of this).
-    if family == Family::V4 && !cfg.udp_capture.is_empty() {
+    if !udp_nets.is_empty() {
         if cfg.dns_port.is_some() {
             line(format!(
                 "-A {CHAIN_OUTPUT} -p udp -m udp --dport 53 -j RETURN"
             ));
         }
-        for net in &cfg.udp_capture {
+        for net in &udp_nets {
             line(format!(
                 "-A {CHAIN_OUTPUT} -d {net} -p udp -m conntrack --ctdir ORIGINAL -j MARK --set-xmark {tproxy}"
             ));
@@ -551,9 +587,13 @@ fn render_rules(
 /// (REDIRECT to `[::1]:<outbound>`, TPROXY to `[::]:<inbound>`, the same marks), and a
 /// `filter` that lets through only what that capture handles: TCP, loopback, the link-level
 /// ICMPv6 of [`ICMPV6_LINK_ND`] and [`ICMPV6_LINK_MLD`], and ICMPv6 errors about connections
-/// conntrack knows (`RELATED`: packet too big keeps path MTU discovery working). ztunnel
-/// carries TCP only, so IPv6 UDP (and any other protocol) is dropped instead of leaving the
-/// pod in plaintext.
+/// conntrack knows (`RELATED`: packet too big keeps path MTU discovery working). Of UDP, only
+/// what ztunnel handles passes: what carries the TPROXY mark (routed to `lo`: the app's
+/// datagrams to the captured IPv6 networks, its replies to CONNECT-UDP flows ztunnel
+/// delivers), DNS to the proxy, ztunnel's own
+/// marked datagrams (to the upstream resolver with DNS capture; else, to the captured
+/// networks only: a flow's passthrough) and replies to those. Other IPv6 UDP (and any other
+/// protocol) is dropped instead of leaving the pod in plaintext.
 ///
 /// [`Ipv6Capture::Closed`]: only the `filter` rules, which let through loopback and the
 /// link-level ICMPv6; everything else is refused: on the way out with an ICMPv6
@@ -632,17 +672,38 @@ fn render_filter_v6(cfg: &RuleConfig, existing: &Existing) -> String {
                     "-A {chain} -p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN"
                 ));
             }
+            // UDP carrying the TPROXY mark is routed to `lo` by the TPROXY table, so it
+            // cannot leave the pod: the app's datagrams to the captured networks (marked in
+            // `mangle OUTPUT`) and its replies to ztunnel's transparent sends (the connmark
+            // restored), which CONNECT-UDP delivers whatever this node captures. `-o lo`
+            // does not pass them: this hook still sees the route they had before `mangle`
+            // re-routed them.
+            line(format!(
+                "-A {CHAIN_OUTPUT} -p udp -m mark --mark {} -j RETURN",
+                cfg.fwmark()
+            ));
             // DNS capture carries UDP: the pod's queries REDIRECTed to ztunnel's [::1]
             // listener, ztunnel's own (marked) queries to the upstream, and the answers to
-            // both. Only flows let through here can have a reply direction.
+            // both. UDP capture: ztunnel's marked datagrams to the captured networks (a
+            // passthrough flow), and their answers. Only flows let through here can have a
+            // reply direction.
+            let udp_nets = cfg.udp_networks(Family::V6);
+            let mark = format!("{:#x}/{:#x}", cfg.mark, cfg.mask);
             if let Some(dns) = cfg.dns_port {
-                let mark = format!("{:#x}/{:#x}", cfg.mark, cfg.mask);
                 line(format!(
                     "-A {CHAIN_OUTPUT} -d ::1/128 -p udp -m udp --dport {dns} -j RETURN"
                 ));
                 line(format!(
                     "-A {CHAIN_OUTPUT} -p udp -m mark --mark {mark} -j RETURN"
                 ));
+            } else {
+                for net in &udp_nets {
+                    line(format!(
+                        "-A {CHAIN_OUTPUT} -d {net} -p udp -m mark --mark {mark} -j RETURN"
+                    ));
+                }
+            }
+            if cfg.dns_port.is_some() || !udp_nets.is_empty() {
                 for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
                     line(format!(
                         "-A {chain} -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN"
@@ -1246,7 +1307,13 @@ COMMIT
                 "{rule} missing:\n{doc}"
             );
         }
-        assert!(!filter.contains("udp"), "{filter}");
+        // Of UDP, only what the TPROXY mark routes to `lo`: replies to CONNECT-UDP flows.
+        let udp: Vec<&str> = filter.lines().filter(|l| l.contains("udp")).collect();
+        assert_eq!(
+            udp,
+            ["-A AMBIT_OUTPUT -p udp -m mark --mark 0x111/0xfff -j RETURN"],
+            "{filter}"
+        );
         assert!(filter.find("-p tcp").unwrap() < filter.find("-j DROP").unwrap());
     }
 
@@ -1322,13 +1389,93 @@ COMMIT
         assert!(own < dns && dns < mark16 && mark16 < mark12, "{doc}");
         // DNS is still redirected to its proxy.
         assert!(doc.contains("-p udp -m udp --dport 53 -j REDIRECT --to-ports 15053"));
-        // IPv6 UDP is not captured (it stays dropped by the IPv6 filter).
+        // No IPv6 network listed: IPv6 UDP is not captured (it stays dropped by the filter).
         let v6 = render_apply_v6(&cfg, &Existing::default());
         assert!(!v6.contains("--on-port 15001 --on-ip"), "{v6}");
         assert!(!v6.contains("-j MARK"), "{v6}");
+        assert!(cfg.captures_udp_v4() && !cfg.captures_udp_v6());
         // Without networks, no UDP rule at all: the rules of a node without UDP capture.
         let off = render_apply(&RuleConfig::default(), &Existing::default());
         assert!(!off.contains("-p udp"), "{off}");
+    }
+
+    #[test]
+    fn ipv6_udp_capture_tproxies_the_listed_networks_and_drops_the_rest() {
+        let cfg = RuleConfig {
+            udp_capture: vec![
+                "10.80.0.0/16".parse().unwrap(),
+                "fd00:80::/64".parse().unwrap(),
+                "fd96::/108".parse().unwrap(),
+            ],
+            ..RuleConfig::default()
+        };
+        assert!(cfg.captures_udp_v4() && cfg.captures_udp_v6());
+        let v6 = render_apply_v6(&cfg, &Existing::default());
+        let filter_end = v6.find("COMMIT\n").unwrap();
+        let (filter, capture) = v6.split_at(filter_end);
+        let mangle = &capture[..capture.find("*nat").unwrap()];
+        let at = |rule: &str| {
+            mangle
+                .find(&format!("{rule}\n"))
+                .unwrap_or_else(|| panic!("{rule}:\n{v6}"))
+        };
+        // The IPv4 rules' IPv6 twins: TPROXY to [::1] on lo, ahead of loopback's RETURN;
+        // ztunnel's own datagrams keep their mark; one MARK per IPv6 network, none for IPv4.
+        let tproxy = at("-A AMBIT_PRERT -i lo -p udp -m mark --mark 0x111/0xfff -m conntrack --ctdir ORIGINAL -j TPROXY --on-port 15001 --on-ip ::1 --tproxy-mark 0x111/0xfff");
+        let lo_return = at("-A AMBIT_PRERT -i lo -j RETURN");
+        let own = at("-A AMBIT_OUTPUT -p udp -m mark --mark 0x539/0xfff -j RETURN");
+        let restore = at("-A AMBIT_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xfff --ctmask 0xfff");
+        let mark64 = at("-A AMBIT_OUTPUT -d fd00:80::/64 -p udp -m conntrack --ctdir ORIGINAL -j MARK --set-xmark 0x111/0xfff");
+        let mark108 = at("-A AMBIT_OUTPUT -d fd96::/108 -p udp -m conntrack --ctdir ORIGINAL -j MARK --set-xmark 0x111/0xfff");
+        assert!(tproxy < lo_return && own < restore && restore < mark64 && mark64 < mark108);
+        assert!(
+            !v6.contains("10.80.0.0"),
+            "an IPv4 network in ip6tables:\n{v6}"
+        );
+        assert!(
+            !mangle.contains("--dport 53"),
+            "no DNS capture, no DNS rule:\n{v6}"
+        );
+        // The IPv4 document has its own network only, and its loopback.
+        let v4 = render_apply(&cfg, &Existing::default());
+        assert!(v4.contains("--on-ip 127.0.0.1 "), "{v4}");
+        assert!(
+            v4.contains("-A AMBIT_OUTPUT -d 10.80.0.0/16 -p udp"),
+            "{v4}"
+        );
+        assert!(!v4.contains("fd00") && !v4.contains("fd96"), "{v4}");
+        // The filter: the captured datagrams carry the TPROXY mark, which routes them to
+        // `lo`; of ztunnel's own UDP only that to the listed networks (a passthrough flow)
+        // leaves, and replies to those come back. No other UDP passes before the verdicts.
+        let udp: Vec<&str> = filter.lines().filter(|l| l.contains("udp")).collect();
+        assert_eq!(
+            udp,
+            [
+                "-A AMBIT_OUTPUT -p udp -m mark --mark 0x111/0xfff -j RETURN",
+                "-A AMBIT_OUTPUT -d fd00:80::/64 -p udp -m mark --mark 0x539/0xfff -j RETURN",
+                "-A AMBIT_OUTPUT -d fd96::/108 -p udp -m mark --mark 0x539/0xfff -j RETURN",
+                "-A AMBIT_INPUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
+                "-A AMBIT_OUTPUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
+            ],
+            "{filter}"
+        );
+        assert!(filter.find("udp").unwrap() < filter.find("-j DROP").unwrap());
+        // With the DNS proxy: port 53 stays ahead of the MARK (nat sends it to 15053).
+        let dns = RuleConfig {
+            dns_port: Some(15053),
+            ..cfg.clone()
+        };
+        let v6 = render_apply_v6(&dns, &Existing::default());
+        let mangle = &v6[v6.find("*mangle").unwrap()..v6.find("*nat").unwrap()];
+        let port53 = mangle
+            .find("-A AMBIT_OUTPUT -p udp -m udp --dport 53 -j RETURN\n")
+            .expect(&v6);
+        assert!(port53 < mangle.find("-j MARK").unwrap(), "{v6}");
+        // A pod whose IPv6 is closed captures nothing of it, listed networks or not.
+        let shut = closed(cfg);
+        assert!(!shut.captures_udp_v6());
+        let v6 = render_apply_v6(&shut, &Existing::default());
+        assert!(!v6.contains("udp") && !v6.contains("TPROXY"), "{v6}");
     }
 
     #[test]

@@ -134,14 +134,6 @@ impl Handler for InboundHandler {
         let started = Instant::now();
         let activity = Activity::new();
         let (shared, pod) = (&self.shared, &self.pod);
-        if request.protocol == TunnelProtocol::Udp && request.authority.is_ipv6() {
-            // A captured pod's IPv6 UDP is dropped by its rules (only TCP and DNS pass), so
-            // the app's replies could not come back: refused rather than half carried.
-            return Err(Refusal::NotImplemented(format!(
-                "UDP to {} is not carried: ztunnel carries IPv4 UDP only",
-                request.authority
-            )));
-        }
         let permit = match shared.limits.connection(Some(&pod.limits.inbound)) {
             Ok(permit) => permit,
             Err(why) => {

@@ -249,7 +249,7 @@ pub fn spawn(
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
     let dns = std::mem::take(&mut listeners.dns);
-    if let Some(socket) = listeners.udp.take() {
+    for socket in std::mem::take(&mut listeners.udp) {
         tasks.spawn(udp::serve_outbound(
             shared.clone(),
             pod.clone(),

@@ -3,8 +3,8 @@
 //!
 //! A flow is one 5-tuple: (the app's socket, the destination it sent to). Outbound
 //! ([`serve_outbound`]): the capture rules TPROXY the app's first datagram of a flow to the
-//! pod's UDP capture socket (127.0.0.1:15001/udp), whose control message names the original
-//! destination. The first datagram of an unknown 5-tuple opens a flow (under the pod's flow
+//! pod's UDP capture socket of its family (127.0.0.1:15001/udp or [::1]:15001/udp, one loop
+//! each), whose control message names the original destination. The first datagram of an unknown 5-tuple opens a flow (under the pod's flow
 //! cap and the node's connection cap, else it is dropped and counted); its task decides
 //! ([`decision::outbound_udp`] on a state snapshot), then:
 //!

@@ -54,6 +54,17 @@ pub enum EnrollError {
     ListenersTaken,
 }
 
+/// Misses of a pod's network namespace logged at debug level before they warn: with the
+/// default back-off (500 ms, doubling) the first four span 7.5 s.
+const SANDBOX_GRACE_ATTEMPTS: u32 = 4;
+
+impl EnrollError {
+    /// True when the pod's network namespace was not found (yet).
+    fn is_sandbox_not_yet_there(&self) -> bool {
+        matches!(self, EnrollError::Capture(InpodError::Netns { .. }))
+    }
+}
+
 /// How pods are captured.
 #[derive(Debug, Clone)]
 pub enum CaptureMode {
@@ -324,15 +335,16 @@ impl Worker {
                     let exp = attempts.saturating_sub(1).min(16);
                     let delay = (self.retry.initial * 2u32.pow(exp)).min(self.retry.max);
                     let reason = error_chain(&e);
-                    tracing::warn!(
-                        pod = %format!("{}/{}", w.namespace, w.name),
-                        uid = %uid,
-                        %ip,
-                        reason = %reason,
-                        attempts,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "cannot enroll pod; will retry"
-                    );
+                    let pod = format!("{}/{}", w.namespace, w.name);
+                    let retry_in_ms = delay.as_millis() as u64;
+                    // The state often names a pod before its sandbox exists on the node (the
+                    // controller sees the pod before the runtime has made its namespace):
+                    // the first few misses are expected, not worth a warning.
+                    if e.is_sandbox_not_yet_there() && attempts <= SANDBOX_GRACE_ATTEMPTS {
+                        tracing::debug!(%pod, uid = %uid, %ip, reason = %reason, attempts, retry_in_ms, "pod's network namespace not there yet; will retry");
+                    } else {
+                        tracing::warn!(%pod, uid = %uid, %ip, reason = %reason, attempts, retry_in_ms, "cannot enroll pod; will retry");
+                    }
                     self.failed.insert(
                         uid.clone(),
                         Failed {

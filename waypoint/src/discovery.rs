@@ -570,4 +570,66 @@ mod tests {
             "{err}"
         );
     }
+    #[test]
+    fn external_services_convert_or_are_refused_naming_the_field() {
+        let xs = |prefix_len: u32, ca: &str| pb::Resource {
+            kind: Some(pb::resource::Kind::ExternalService(pb::ExternalService {
+                name: "pay".into(),
+                namespace: "demo".into(),
+                hosts: vec!["pay.example.com".into()],
+                addresses: vec![pb::IpBlock {
+                    address: vec![192, 0, 2, 0],
+                    prefix_len,
+                }],
+                ports: vec![pb::ExternalPort {
+                    number: 80,
+                    name: "http".into(),
+                    protocol: "HTTP".into(),
+                    target_port: 443,
+                    tls: Some(pb::ExternalTls {
+                        sni: String::new(),
+                        ca_certificates: ca.into(),
+                    }),
+                }],
+                resolution: pb::ExternalResolution::Dns as i32,
+                vips: vec![pb::ExternalVip {
+                    host: "pay.example.com".into(),
+                    address: vec![240, 240, 0, 7],
+                }],
+                ..Default::default()
+            })),
+        };
+        let push = |nonce: &str, r: pb::Resource| pb::Push {
+            nonce: nonce.into(),
+            upserts: vec![r],
+            ..Default::default()
+        };
+        let (held, state) = Resources::default()
+            .apply(&push("1", xs(24, "")))
+            .expect("good push");
+        match state.resolve("240.240.0.7:80".parse().expect("addr")) {
+            Some(crate::state::Target::External {
+                host, upstreams, ..
+            }) => {
+                assert_eq!(host, "pay.example.com");
+                assert_eq!(upstreams[0].describe(), "pay.example.com:443");
+            }
+            other => panic!("not the external service: {other:?}"),
+        }
+        assert!(state
+            .resolve("192.0.2.9:80".parse().expect("addr"))
+            .is_some());
+        let err = held.apply(&push("2", xs(33, ""))).expect_err("bad prefix");
+        assert_eq!(
+            err.to_string(),
+            "external service demo/pay: prefix length 33 is longer than the address"
+        );
+        let err = held
+            .apply(&push("3", xs(24, "not pem")))
+            .expect_err("bad roots");
+        assert_eq!(
+            err.to_string(),
+            "external service demo/pay: port 80: tls: caCertificates holds no certificate"
+        );
+    }
 }

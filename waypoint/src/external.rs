@@ -4,20 +4,18 @@
 //! the waypoint applies its L7 policy, then dials the real destination itself, outside the
 //! mesh: plain TCP, or TLS when the port originates it.
 //!
-//! Where a connection goes is worked out here as a pure function of the service and the
-//! authority, as ztunnel does for the same service: a STATIC endpoint (on its own port for
-//! the service port, if it names one), a host name resolved when dialling (DNS), or the
-//! dialled address itself (NONE). The TLS settings of each port are compiled once per state.
+//! This module holds the service as received and compiles each port's TLS settings once per
+//! state; [`crate::state`] (above it) works out where a connection goes, as a pure function
+//! of the service and the authority, as ztunnel does for the same service: a STATIC
+//! endpoint (on its own port for the service port, if it names one), a host name resolved
+//! when dialling (DNS), or the dialled address itself (NONE).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
-
-use crate::state::{Direct, Originate, Peer, Upstream};
 
 /// Why an external service does not compile.
 #[derive(Debug, thiserror::Error)]
@@ -161,101 +159,14 @@ impl Compiled {
         &self.key
     }
 
-    /// Where a connection dialled at `authority` goes, and the host it named (`vip_host`:
-    /// the host of the VIP dialled, if it was one): the instances to try, in order. Empty
-    /// when the port is not declared or nothing is declared to go to.
-    pub fn upstreams(&self, authority: SocketAddr, vip_host: Option<&str>) -> Vec<Upstream> {
-        let x = &self.service;
-        let port = x.ports.iter().find(|p| p.number == authority.port());
-        // The host the client meant: the VIP's, else the first declared.
-        let host = vip_host
-            .or_else(|| x.hosts.first().map(String::as_str))
-            .unwrap_or_default();
-        let target = port.map(|p| {
-            if p.target_port == 0 {
-                p.number
-            } else {
-                p.target_port
-            }
-        });
-        let direct = |dns: Option<&str>, port_number: Option<u16>| {
-            let p = port_number.and_then(|n| x.ports.iter().find(|p| p.number == n));
-            let tls = p.and_then(|p| {
-                let config = self.tls.get(&p.number)?.clone();
-                let sni = match &p.tls {
-                    Some(t) if !t.sni.is_empty() => t.sni.clone(),
-                    _ => host.to_string(),
-                };
-                Some(Originate {
-                    server_name: ServerName::try_from(sni).ok()?,
-                    config,
-                })
-            });
-            Peer::External(Arc::new(Direct {
-                service: self.key.clone(),
-                host: dns.map(str::to_string),
-                tls,
-                h2: p.is_some_and(|p| is_h2(&p.protocol)),
-            }))
-        };
-        let dialled_endpoint = x
-            .endpoints
-            .iter()
-            .any(|e| e.address.parse::<IpAddr>().ok() == Some(authority.ip()));
-        // An endpoint dialled on its own port: that instance, as dialled.
-        if port.is_none() {
-            return if dialled_endpoint && x.matches(authority) {
-                vec![Upstream {
-                    addr: authority,
-                    peer: direct(None, None),
-                }]
-            } else {
-                Vec::new()
-            };
-        }
-        let (Some(port), Some(target)) = (port, target) else {
-            return Vec::new();
-        };
-        let on_endpoints = || {
-            x.endpoints
-                .iter()
-                .map(|e| {
-                    let p = e.ports.get(&port.name).copied().unwrap_or(target);
-                    match e.address.parse::<IpAddr>() {
-                        Ok(ip) => Upstream {
-                            addr: SocketAddr::new(ip, p),
-                            peer: direct(None, Some(port.number)),
-                        },
-                        // Resolution DNS: the name is resolved when dialling.
-                        Err(_) => Upstream {
-                            addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), p),
-                            peer: direct(Some(&e.address), Some(port.number)),
-                        },
-                    }
-                })
-                .collect::<Vec<_>>()
-        };
-        match x.resolution {
-            Resolution::Static | Resolution::Dns if dialled_endpoint => vec![Upstream {
-                addr: authority,
-                peer: direct(None, Some(port.number)),
-            }],
-            Resolution::Static | Resolution::Dns if !x.endpoints.is_empty() => on_endpoints(),
-            Resolution::Dns if !host.is_empty() && !host.starts_with('*') => vec![Upstream {
-                addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), target),
-                peer: direct(Some(host), Some(port.number)),
-            }],
-            // NONE: the address dialled, unless it was a VIP (which leads nowhere).
-            Resolution::None if vip_host.is_none() => vec![Upstream {
-                addr: SocketAddr::new(authority.ip(), target),
-                peer: direct(None, Some(port.number)),
-            }],
-            _ => Vec::new(),
-        }
+    /// The TLS client settings of port `number`, when it originates TLS.
+    pub fn tls(&self, number: u16) -> Option<&Arc<rustls::ClientConfig>> {
+        self.tls.get(&number)
     }
 }
 
-fn is_h2(protocol: &str) -> bool {
+/// HTTP/2 to the instances of a port of this protocol, else HTTP/1.1.
+pub fn is_h2(protocol: &str) -> bool {
     matches!(protocol, "HTTP2" | "GRPC")
 }
 
@@ -294,73 +205,6 @@ fn client_config(t: &ExternalTls, h2: bool) -> Result<rustls::ClientConfig, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn service(yaml: &str) -> Compiled {
-        Compiled::new(serde_yaml::from_str(yaml).expect("fixture")).expect("compiles")
-    }
-
-    fn dests(ups: &[Upstream]) -> Vec<String> {
-        ups.iter()
-            .map(|u| match &u.peer {
-                Peer::External(d) => format!(
-                    "{}{}{}",
-                    d.host
-                        .as_deref()
-                        .map(|h| format!("{h}@"))
-                        .unwrap_or_default(),
-                    u.addr,
-                    d.tls
-                        .as_ref()
-                        .map(|t| format!(" tls={}", t.server_name.to_str()))
-                        .unwrap_or_default()
-                ),
-                Peer::Mesh { .. } => "mesh".into(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn where_each_resolution_goes() {
-        let at = |s: &str| s.parse::<SocketAddr>().expect("addr");
-        let none = service(
-            "{name: a, namespace: x, hosts: [a.example], addresses: [192.0.2.0/24], \
-             ports: [{number: 80, name: http, targetPort: 8080}]}",
-        );
-        assert_eq!(
-            dests(&none.upstreams(at("192.0.2.7:80"), None)),
-            ["192.0.2.7:8080"]
-        );
-        assert!(none.upstreams(at("192.0.2.7:81"), None).is_empty());
-        // NONE has nowhere to send a VIP.
-        assert!(none
-            .upstreams(at("240.240.0.1:80"), Some("a.example"))
-            .is_empty());
-
-        let fixed = service(
-            "{name: s, namespace: x, hosts: [s.example], addresses: [203.0.113.1/32], \
-             ports: [{number: 80, name: http}], resolution: STATIC, \
-             endpoints: [{address: 198.51.100.7, ports: {http: 9090}}, {address: 198.51.100.8}]}",
-        );
-        assert_eq!(
-            dests(&fixed.upstreams(at("203.0.113.1:80"), None)),
-            ["198.51.100.7:9090", "198.51.100.8:80"]
-        );
-        // An endpoint dialled on its own port is that endpoint.
-        assert_eq!(
-            dests(&fixed.upstreams(at("198.51.100.7:9090"), None)),
-            ["198.51.100.7:9090"]
-        );
-
-        let dns = service(
-            "{name: d, namespace: x, hosts: [pay.example.com], \
-             ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443, \
-             tls: {caCertificates: ''}}], resolution: DNS}",
-        );
-        assert_eq!(
-            dests(&dns.upstreams(at("240.240.0.9:80"), Some("pay.example.com"))),
-            ["pay.example.com@0.0.0.0:443 tls=pay.example.com"]
-        );
-    }
 
     #[test]
     fn bad_roots_are_refused_naming_the_port() {

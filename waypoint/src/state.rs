@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::authn::{
     AuthnConfigError, JwtRule, Keys, RequestAuthentication, RequestAuthenticationResource,
 };
-use crate::external::{Compiled, ExternalError, ExternalService};
+use crate::external::{is_h2, Compiled, ExternalError, ExternalService, Resolution};
 use crate::policy::{self, Policy, PolicyError};
 use crate::resilience::{ResilienceError, Settings, TrafficPolicyResource};
 use crate::route::{RouteError, RouteResource, Rule};
@@ -423,7 +423,7 @@ impl State {
                 .iter()
                 .find(|p| p.number == authority.port())?;
             return Some(Target::External {
-                upstreams: x.upstreams(authority, Some(host)).into(),
+                upstreams: external_upstreams(x, authority, Some(host)).into(),
                 host: host.clone(),
                 service: x.clone(),
             });
@@ -434,7 +434,7 @@ impl State {
                 .iter()
                 .find(|x| x.service.matches(authority))?;
             return Some(Target::External {
-                upstreams: x.upstreams(authority, None).into(),
+                upstreams: external_upstreams(x, authority, None).into(),
                 host: x.service.hosts.first().cloned().unwrap_or_default(),
                 service: x.clone(),
             });
@@ -540,6 +540,103 @@ impl State {
     }
 }
 
+/// Where a connection to external service `c` dialled at `authority` goes, and the host it named (`vip_host`:
+/// the host of the VIP dialled, if it was one): the instances to try, in order. Empty
+/// when the port is not declared or nothing is declared to go to.
+fn external_upstreams(
+    c: &Compiled,
+    authority: SocketAddr,
+    vip_host: Option<&str>,
+) -> Vec<Upstream> {
+    let x = &c.service;
+    let port = x.ports.iter().find(|p| p.number == authority.port());
+    // The host the client meant: the VIP's, else the first declared.
+    let host = vip_host
+        .or_else(|| x.hosts.first().map(String::as_str))
+        .unwrap_or_default();
+    let target = port.map(|p| {
+        if p.target_port == 0 {
+            p.number
+        } else {
+            p.target_port
+        }
+    });
+    let direct = |dns: Option<&str>, port_number: Option<u16>| {
+        let p = port_number.and_then(|n| x.ports.iter().find(|p| p.number == n));
+        let tls = p.and_then(|p| {
+            let config = c.tls(p.number)?.clone();
+            let sni = match &p.tls {
+                Some(t) if !t.sni.is_empty() => t.sni.clone(),
+                _ => host.to_string(),
+            };
+            Some(Originate {
+                server_name: rustls_pki_types::ServerName::try_from(sni).ok()?,
+                config,
+            })
+        });
+        Peer::External(Arc::new(Direct {
+            service: c.key().to_string(),
+            host: dns.map(str::to_string),
+            tls,
+            h2: p.is_some_and(|p| is_h2(&p.protocol)),
+        }))
+    };
+    let dialled_endpoint = x
+        .endpoints
+        .iter()
+        .any(|e| e.address.parse::<IpAddr>().ok() == Some(authority.ip()));
+    // An endpoint dialled on its own port: that instance, as dialled.
+    if port.is_none() {
+        return if dialled_endpoint && x.matches(authority) {
+            vec![Upstream {
+                addr: authority,
+                peer: direct(None, None),
+            }]
+        } else {
+            Vec::new()
+        };
+    }
+    let (Some(port), Some(target)) = (port, target) else {
+        return Vec::new();
+    };
+    let on_endpoints = || {
+        x.endpoints
+            .iter()
+            .map(|e| {
+                let p = e.ports.get(&port.name).copied().unwrap_or(target);
+                match e.address.parse::<IpAddr>() {
+                    Ok(ip) => Upstream {
+                        addr: SocketAddr::new(ip, p),
+                        peer: direct(None, Some(port.number)),
+                    },
+                    // Resolution DNS: the name is resolved when dialling.
+                    Err(_) => Upstream {
+                        addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), p),
+                        peer: direct(Some(&e.address), Some(port.number)),
+                    },
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    match x.resolution {
+        Resolution::Static | Resolution::Dns if dialled_endpoint => vec![Upstream {
+            addr: authority,
+            peer: direct(None, Some(port.number)),
+        }],
+        Resolution::Static | Resolution::Dns if !x.endpoints.is_empty() => on_endpoints(),
+        Resolution::Dns if !host.is_empty() && !host.starts_with('*') => vec![Upstream {
+            addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), target),
+            peer: direct(Some(host), Some(port.number)),
+        }],
+        // NONE: the address dialled, unless it was a VIP (which leads nowhere).
+        Resolution::None if vip_host.is_none() => vec![Upstream {
+            addr: SocketAddr::new(authority.ip(), target),
+            peer: direct(None, Some(port.number)),
+        }],
+        _ => Vec::new(),
+    }
+}
+
 /// The current state: one writer replaces it whole, readers take snapshots; background
 /// work that follows the state (key-set fetching) watches [`StateHandle::changes`].
 #[derive(Debug, Clone)]
@@ -619,5 +716,69 @@ mod tests {
         // The certificate says shop/client; the address belongs to someone else.
         assert!(state.workload_proving(ip("10.0.0.2"), &client).is_none());
         assert!(state.workload_proving(ip("10.0.0.9"), &client).is_none());
+    }
+
+    fn external(yaml: &str) -> Compiled {
+        Compiled::new(serde_yaml::from_str(yaml).expect("fixture")).expect("compiles")
+    }
+
+    /// Where `c` sends a connection dialled at `authority`, one line per instance.
+    fn dests(c: &Compiled, authority: &str, vip_host: Option<&str>) -> Vec<String> {
+        let authority = authority.parse().expect("addr");
+        external_upstreams(c, authority, vip_host)
+            .iter()
+            .map(|u| match &u.peer {
+                Peer::External(d) => format!(
+                    "{}{}{}",
+                    d.host
+                        .as_deref()
+                        .map(|h| format!("{h}@"))
+                        .unwrap_or_default(),
+                    u.addr,
+                    d.tls
+                        .as_ref()
+                        .map(|t| format!(" tls={}", t.server_name.to_str()))
+                        .unwrap_or_default()
+                ),
+                Peer::Mesh { .. } => "mesh".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn external_services_go_where_their_resolution_says() {
+        let none = external(
+            "{name: a, namespace: x, hosts: [a.example], addresses: [192.0.2.0/24], \
+             ports: [{number: 80, name: http, targetPort: 8080}]}",
+        );
+        assert_eq!(dests(&none, "192.0.2.7:80", None), ["192.0.2.7:8080"]);
+        assert!(dests(&none, "192.0.2.7:81", None).is_empty());
+        // NONE has nowhere to send a VIP.
+        assert!(dests(&none, "240.240.0.1:80", Some("a.example")).is_empty());
+
+        let fixed = external(
+            "{name: s, namespace: x, hosts: [s.example], addresses: [203.0.113.1/32], \
+             ports: [{number: 80, name: http}], resolution: STATIC, \
+             endpoints: [{address: 198.51.100.7, ports: {http: 9090}}, {address: 198.51.100.8}]}",
+        );
+        assert_eq!(
+            dests(&fixed, "203.0.113.1:80", None),
+            ["198.51.100.7:9090", "198.51.100.8:80"]
+        );
+        // An endpoint dialled on its own port is that endpoint.
+        assert_eq!(
+            dests(&fixed, "198.51.100.7:9090", None),
+            ["198.51.100.7:9090"]
+        );
+
+        let dns = external(
+            "{name: d, namespace: x, hosts: [pay.example.com], \
+             ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443, \
+             tls: {caCertificates: ''}}], resolution: DNS}",
+        );
+        assert_eq!(
+            dests(&dns, "240.240.0.9:80", Some("pay.example.com")),
+            ["pay.example.com@0.0.0.0:443 tls=pay.example.com"]
+        );
     }
 }

@@ -14,7 +14,7 @@ use ambit_proto::discovery as pb;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::workload::GatewayAddress;
+use super::gateway::GatewayAddress;
 use super::{ip_from_bytes, port_from_u32, ConvertError};
 
 /// What a workload may reach outside the mesh (its namespace's choice).

@@ -20,6 +20,7 @@
 pub mod external;
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub mod gateway;
 pub mod policy;
 pub mod service;
 pub mod static_file;

@@ -4,17 +4,16 @@
 //! present or expect, and whether it is in the mesh (reached over HBONE) or not (plain TCP).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ambit_hbone::identity::{Identity, DEFAULT_TRUST_DOMAIN};
 use ambit_proto::discovery as pb;
 use serde::{Deserialize, Serialize};
 
-use super::{ip_from_bytes, port_from_u32, ConvertError};
+use super::{ip_from_bytes, ConvertError};
 
-/// Port on which ztunnels and waypoints accept HBONE (the root ARCHITECTURE.md, "Ports").
-pub const HBONE_PORT: u16 = ambit_proto::ports::HBONE;
+pub use super::gateway::{GatewayAddress, HBONE_PORT};
 
 /// How a workload is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -24,65 +23,6 @@ pub enum TunnelProtocol {
     Tcp,
     /// Enrolled: traffic to it travels in an HBONE tunnel and its ztunnel enforces policy.
     Hbone,
-}
-
-/// A waypoint that traffic must traverse: where to send the tunnel and whom to expect there.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct GatewayAddress {
-    /// The waypoint's address (its Service VIP or its pod IP).
-    pub address: IpAddr,
-    /// Port accepting HBONE (15008 unless the controller says otherwise).
-    pub hbone_port: u16,
-    /// Identity the waypoint must present in its certificate.
-    pub identity: Identity,
-}
-
-impl GatewayAddress {
-    /// Where the HBONE connection to this waypoint goes.
-    pub fn hbone_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.address, self.hbone_port)
-    }
-
-    /// Converts the protobuf form; `resource` and `field` name the owner for errors.
-    pub(crate) fn from_proto(
-        resource: &dyn Fn() -> String,
-        field: &str,
-        gw: pb::GatewayAddress,
-    ) -> Result<Self, ConvertError> {
-        let address = ip_from_bytes(resource, &|| format!("{field}.address"), &gw.address)?;
-        let hbone_port = match port_from_u32(
-            resource,
-            &|| format!("{field}.hbone_port"),
-            gw.hbone_port,
-            true,
-        )? {
-            // Unset means the well-known port.
-            0 => HBONE_PORT,
-            p => p,
-        };
-        if gw.identity.is_empty() {
-            return Err(ConvertError::Invalid {
-                resource: resource(),
-                field: format!("{field}.identity"),
-                value: String::new(),
-                why: "a waypoint must have an identity to verify".into(),
-            });
-        }
-        let identity = gw
-            .identity
-            .parse::<Identity>()
-            .map_err(|e| ConvertError::Invalid {
-                resource: resource(),
-                field: format!("{field}.identity"),
-                value: gw.identity.clone(),
-                why: e.to_string(),
-            })?;
-        Ok(GatewayAddress {
-            address,
-            hbone_port,
-            identity,
-        })
-    }
 }
 
 /// A pod (or a waypoint's pod): the unit of identity and of policy.

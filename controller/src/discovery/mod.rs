@@ -16,6 +16,7 @@
 //! ztunnel cannot read another node's view.
 
 pub mod metrics;
+pub mod route;
 pub mod view;
 
 use std::pin::Pin;
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_proto::discovery::discovery_server::{Discovery, DiscoveryServer};
+use ambit_proto::discovery::discovery_server::Discovery;
 use ambit_proto::discovery::{subscribe_request, Push, SubscribeRequest};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
@@ -150,10 +151,11 @@ impl DiscoveryService {
         self.registry.clone()
     }
 
-    /// The tonic service to mount on a server.
-    pub fn into_server(self) -> DiscoveryServer<Self> {
-        // Full-state pushes of a large mesh exceed tonic's 4 MiB default.
-        DiscoveryServer::new(self).max_encoding_message_size(usize::MAX)
+    /// The route to mount on a server: this service behind its own encoding of pushes,
+    /// which frees each push once it is written (see [`route`]). Pushes have no size
+    /// limit: a full state of a large mesh exceeds tonic's 4 MiB default.
+    pub fn into_server(self) -> route::DiscoveryRoute {
+        route::DiscoveryRoute::new(self)
     }
 }
 

@@ -8,7 +8,10 @@
 //! latest view against what it last queued (the snapshot it last pushed, not a log),
 //! so a slow proxy receives one push with the net difference. Every push has a nonce; ACKs
 //! and NACKs are recorded in [`metrics`] (a NACK is logged with the proxy's reason, and
-//! the model moves on regardless: the proxy keeps its last good state).
+//! the model moves on regardless: the proxy keeps its last good state). The diff against
+//! the last push walks both selections in key order but skips, by pointer, every entry
+//! the two snapshots share; each push is encoded into an allocation of its own size by
+//! this service's [`route`], so a subscriber holds no buffer between pushes.
 //!
 //! With an authenticator ([`DiscoveryService::with_authenticator`], always set in
 //! production) a subscriber must prove, by its bearer token, that it is the proxy its

@@ -2,9 +2,10 @@
 //! and signs workload certificates.
 //!
 //! The flow is one-way: sources ([`source`]) turn Kubernetes-format objects into
-//! [`model::SourceEvent`]s; the [`model`] keeps the objects, derives the wire resources
-//! proxies need and publishes versioned snapshots; the [`discovery`] service filters a
-//! snapshot per proxy and pushes only what changed. The [`ca`] signs workload certificates
+//! [`model::SourceEvent`]s; the [`model`] keeps the objects (shared with the source, not
+//! copied), derives the wire resources proxies need and publishes versioned snapshots
+//! that share unchanged entries; the [`discovery`] service filters a snapshot per proxy
+//! and pushes only what changed, each push encoded on its own and freed once written. The [`ca`] signs workload certificates
 //! for authenticated callers, authorized against the same model; both run in one TLS
 //! [`server`], whose requests know their peer through [`conn`]; [`ops`] serves metrics and
 //! readiness, and the [`dashboard`] built from the proxies' metrics; [`waypoints`] deploys a

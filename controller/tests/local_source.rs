@@ -128,7 +128,7 @@ fn summary(events: &[SourceEvent]) -> Vec<String> {
         .map(|e| match e {
             SourceEvent::Apply(o) => {
                 let key = o.key().expect("key");
-                let app = match o {
+                let app = match &**o {
                     Object::Pod(p) => p
                         .metadata
                         .labels

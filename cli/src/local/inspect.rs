@@ -79,7 +79,7 @@ fn count_objects(state: &ClusterState) -> Value {
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for event in &scan.events {
         let objects: &[ambit_controller::model::Object] = match event {
-            ambit_controller::model::SourceEvent::Apply(o) => std::slice::from_ref(o),
+            ambit_controller::model::SourceEvent::Apply(o) => std::slice::from_ref(&**o),
             ambit_controller::model::SourceEvent::Replace { objects, .. } => objects,
             _ => &[],
         };

@@ -381,7 +381,7 @@ pub fn read_layout(dir: &Path) -> Result<Layout, ObjectsError> {
 
 fn event_objects(event: &SourceEvent) -> &[Object] {
     match event {
-        SourceEvent::Apply(o) => std::slice::from_ref(o),
+        SourceEvent::Apply(o) => std::slice::from_ref(&**o),
         SourceEvent::Replace { objects, .. } => objects,
         _ => &[],
     }

@@ -8,7 +8,10 @@
 //! latest view against what it last queued (the snapshot it last pushed, not a log),
 //! so a slow proxy receives one push with the net difference. Every push has a nonce; ACKs
 //! and NACKs are recorded in [`metrics`] (a NACK is logged with the proxy's reason, and
-//! the model moves on regardless: the proxy keeps its last good state).
+//! the model moves on regardless: the proxy keeps its last good state). The diff against
+//! the last push walks both selections in key order but skips, by pointer, every entry
+//! the two snapshots share; each push is encoded into an allocation of its own size by
+//! this service's [`route`], so a subscriber holds no buffer between pushes.
 //!
 //! With an authenticator ([`DiscoveryService::with_authenticator`], always set in
 //! production) a subscriber must prove, by its bearer token, that it is the proxy its
@@ -16,6 +19,7 @@
 //! ztunnel cannot read another node's view.
 
 pub mod metrics;
+pub mod route;
 pub mod view;
 
 use std::pin::Pin;
@@ -23,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_proto::discovery::discovery_server::{Discovery, DiscoveryServer};
+use ambit_proto::discovery::discovery_server::Discovery;
 use ambit_proto::discovery::{subscribe_request, Push, SubscribeRequest};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
@@ -150,10 +154,11 @@ impl DiscoveryService {
         self.registry.clone()
     }
 
-    /// The tonic service to mount on a server.
-    pub fn into_server(self) -> DiscoveryServer<Self> {
-        // Full-state pushes of a large mesh exceed tonic's 4 MiB default.
-        DiscoveryServer::new(self).max_encoding_message_size(usize::MAX)
+    /// The route to mount on a server: this service behind its own encoding of pushes,
+    /// which frees each push once it is written (see [`route`]). Pushes have no size
+    /// limit: a full state of a large mesh exceeds tonic's 4 MiB default.
+    pub fn into_server(self) -> route::DiscoveryRoute {
+        route::DiscoveryRoute::new(self)
     }
 }
 

@@ -9,7 +9,11 @@
 //! service can push only what differs from what a proxy already has. Deriving everything
 //! on each batch keeps the logic obviously consistent (no incremental dependency
 //! tracking between pods, services, namespaces and policies); bursts are coalesced into
-//! one derivation.
+//! one derivation. What keeps that affordable at 10,000 pods: objects are `Arc`s shared
+//! with the source that sent them (the store holds pointers, not copies); a derived
+//! resource equal to the previous one keeps its entry, so unchanged entries are the same
+//! allocation from snapshot to snapshot; and each snapshot indexes, once, what every
+//! node's workloads need ([`Snapshot::node_scopes`]) for the discovery service.
 
 mod authn;
 mod derive;
@@ -87,8 +91,10 @@ impl Default for ModelConfig {
 #[allow(clippy::large_enum_variant)] // as `Object`: boxing buys nothing at this rate
 #[derive(Clone, Debug)]
 pub enum SourceEvent {
-    /// An object was created or changed (the whole new object).
-    Apply(Object),
+    /// An object was created or changed (the whole new object). Shared: the local source
+    /// keeps each file's parse to compare the next scan with, and the store holds the
+    /// same allocation rather than a copy of every object.
+    Apply(Arc<Object>),
     /// An object is gone.
     Delete(ObjectKey),
     /// The source's complete view of these kinds: objects of these kinds that are not
@@ -266,6 +272,61 @@ pub struct Snapshot {
     pub resources: BTreeMap<Key, Arc<Entry>>,
     /// Objects rejected or only partly applied by the last derivation.
     pub errors: Arc<Vec<ModelError>>,
+    /// What each node's workloads need, computed from `resources` on first use: every
+    /// ztunnel's subscription reads it, so one pass over the workloads serves them all
+    /// instead of one pass per subscriber.
+    pub node_scopes: std::sync::OnceLock<Arc<NodeScopes>>,
+}
+
+/// Per node: the namespaces its workloads are in and the selector policies they reference.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeScope {
+    pub namespaces: std::collections::BTreeSet<String>,
+    pub referenced: std::collections::BTreeSet<String>,
+}
+
+/// [`NodeScope`] by node name.
+pub type NodeScopes = std::collections::HashMap<String, Arc<NodeScope>>;
+
+impl Snapshot {
+    /// The scope of every node with a workload in this snapshot.
+    pub fn node_scopes(&self) -> &NodeScopes {
+        self.node_scopes.get_or_init(|| {
+            let mut scopes: std::collections::HashMap<String, NodeScope> =
+                std::collections::HashMap::new();
+            let start = Key {
+                kind: ResourceKind::Workload,
+                name: String::new(),
+            };
+            let workloads = self
+                .resources
+                .range(start..)
+                .take_while(|(k, _)| k.kind == ResourceKind::Workload);
+            for (_, e) in workloads {
+                let Some(resource::Kind::Workload(w)) = &e.resource.kind else {
+                    continue;
+                };
+                let scope = match scopes.get_mut(&w.node) {
+                    Some(s) => s,
+                    None => scopes.entry(w.node.clone()).or_default(),
+                };
+                if !scope.namespaces.contains(&w.namespace) {
+                    scope.namespaces.insert(w.namespace.clone());
+                }
+                for p in &w.authorization_policies {
+                    if !scope.referenced.contains(p) {
+                        scope.referenced.insert(p.clone());
+                    }
+                }
+            }
+            Arc::new(
+                scopes
+                    .into_iter()
+                    .map(|(node, scope)| (node, Arc::new(scope)))
+                    .collect(),
+            )
+        })
+    }
 }
 
 /// A content hash that does not depend on map iteration order (prost maps are
@@ -479,14 +540,18 @@ impl Worker {
         let mut changed = ready != previous.ready;
         let mut resources = BTreeMap::new();
         for (key, d) in derived.resources {
-            let hash = content_hash(&d.resource);
+            // Equal content keeps the previous entry (and its version). Comparing the
+            // messages is cheaper than hashing them (a hash clones and encodes), and
+            // prost's map fields compare regardless of order; only new content is hashed.
             let entry = match previous.resources.get(&key) {
-                Some(old) if old.hash == hash && old.waypoint == d.waypoint => old.clone(),
+                Some(old) if old.resource == d.resource && old.waypoint == d.waypoint => {
+                    old.clone()
+                }
                 _ => {
                     changed = true;
                     Arc::new(Entry {
+                        hash: content_hash(&d.resource),
                         resource: d.resource,
-                        hash,
                         version,
                         waypoint: d.waypoint,
                     })
@@ -515,6 +580,7 @@ impl Worker {
             ready,
             resources,
             errors: Arc::new(derived.errors),
+            node_scopes: Default::default(),
         }));
     }
 }

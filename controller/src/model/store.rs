@@ -2,14 +2,17 @@
 //! them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::object::{Kind, Object, ObjectKey};
 use super::SourceEvent;
 
-/// Every object the sources have reported, by kind then (namespace, name).
+/// Every object the sources have reported, by kind then (namespace, name). Objects are
+/// shared with the source that sent them (and between the model's copies of the store),
+/// so the store costs a pointer per object.
 #[derive(Clone, Debug, Default)]
 pub struct Store {
-    objects: BTreeMap<Kind, BTreeMap<(String, String), Object>>,
+    objects: BTreeMap<Kind, BTreeMap<(String, String), Arc<Object>>>,
 }
 
 impl Store {
@@ -20,7 +23,7 @@ impl Store {
 
     /// A store holding these objects (later duplicates win); objects without a name are
     /// skipped. Handy for fixtures.
-    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
+    pub fn from_objects(objects: impl IntoIterator<Item = impl Into<Arc<Object>>>) -> Self {
         let mut store = Store::new();
         for o in objects {
             store.insert(o);
@@ -29,7 +32,8 @@ impl Store {
     }
 
     /// Adds or replaces an object. Returns false when it has no name.
-    pub fn insert(&mut self, object: Object) -> bool {
+    pub fn insert(&mut self, object: impl Into<Arc<Object>>) -> bool {
+        let object = object.into();
         let Some(key) = object.key() else {
             return false;
         };
@@ -76,11 +80,15 @@ impl Store {
         self.objects
             .get(&key.kind)?
             .get(&(key.namespace.clone(), key.name.clone()))
+            .map(|o| &**o)
     }
 
     /// Every object of a kind, ordered by namespace then name.
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Object> + '_ {
-        self.objects.get(&kind).into_iter().flat_map(|m| m.values())
+        self.objects
+            .get(&kind)
+            .into_iter()
+            .flat_map(|m| m.values().map(|o| &**o))
     }
 
     /// Every object of a kind in one namespace, ordered by name; a range lookup, so
@@ -93,7 +101,7 @@ impl Store {
         self.objects.get(&kind).into_iter().flat_map(move |m| {
             m.range((namespace.to_string(), String::new())..)
                 .take_while(move |((ns, _), _)| ns == namespace)
-                .map(|(_, o)| o)
+                .map(|(_, o)| &**o)
         })
     }
 

@@ -723,7 +723,7 @@ fn peer_authentications_are_placed_by_root_namespace_and_selector() {
     let mut objects: Vec<Object> = parse_file(Path::new("f.yaml"), &yaml)
         .expect("fixture")
         .into_iter()
-        .map(|l| l.object)
+        .map(|l| Arc::unwrap_or_clone(l.object))
         .collect();
     objects.push(Object::PeerAuthentication(bad));
     let d = derive(&Store::from_objects(objects), &ModelConfig::default());
@@ -748,7 +748,7 @@ fn request_authentications_go_to_waypoints_and_bad_ones_are_rejected() {
     let mut objects: Vec<Object> = parse_file(Path::new("fixture.yaml"), &good)
         .expect("fixture")
         .into_iter()
-        .map(|l| l.object)
+        .map(|l| Arc::unwrap_or_clone(l.object))
         .collect();
     // What the Kubernetes source may hand over: the API server checked the schema, not
     // whether the inline key set parses.
@@ -889,7 +889,7 @@ fn external_services_and_the_outbound_policy_reach_the_wire() {
     let mut objects: Vec<Object> = parse_file(Path::new("f.yaml"), &yaml)
         .expect("fixture")
         .into_iter()
-        .map(|l| l.object)
+        .map(|l| Arc::unwrap_or_clone(l.object))
         .collect();
     let mut bad = crate::crd::ExternalService::new(
         "bad",

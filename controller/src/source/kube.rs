@@ -424,7 +424,7 @@ where
                     )
                 }
                 Ok(watcher::Event::Apply(obj)) => {
-                    (vec![SourceEvent::Apply((self.wrap)(obj))], false)
+                    (vec![SourceEvent::Apply(Arc::new((self.wrap)(obj)))], false)
                 }
                 Ok(watcher::Event::Delete(obj)) => {
                     (vec![SourceEvent::Delete(key_of(kind, &obj))], false)

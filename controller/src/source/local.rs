@@ -162,7 +162,8 @@ fn at(line: Option<usize>, column: Option<usize>) -> String {
 /// One object read from a file, with where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Located {
-    pub object: Object,
+    /// Shared with the model once sent (see [`SourceEvent::Apply`]).
+    pub object: Arc<Object>,
     /// 1-based index of the document in its file.
     pub document: usize,
 }
@@ -291,7 +292,10 @@ pub fn parse_file_limited(
                     });
                     continue;
                 }
-                out.push(Located { object, document });
+                out.push(Located {
+                    object: Arc::new(object),
+                    document,
+                });
             }
             Err(source) => errors.push(parse_error(path, document, source)),
         }
@@ -443,8 +447,38 @@ pub struct ScanResult {
     pub errors: Vec<LocalError>,
 }
 
-/// One file's objects as parsed, shared between scans while its text is unchanged.
-type Parsed = Arc<Vec<Located>>;
+/// One file's objects as parsed, with what every scan needs of them computed once: a scan
+/// after one file changed then costs a lookup per object of the other files, not a fresh
+/// key (three strings) per object.
+#[derive(Debug)]
+struct ParsedFile {
+    located: Vec<Located>,
+    /// Each object's key, by the same index.
+    keys: Vec<Option<ObjectKey>>,
+    /// The namespaces the file defines.
+    namespaces: Vec<String>,
+}
+
+impl ParsedFile {
+    fn new(located: Vec<Located>) -> Self {
+        let keys = located.iter().map(|l| l.object.key()).collect();
+        let namespaces = located
+            .iter()
+            .filter_map(|l| match &*l.object {
+                Object::Namespace(ns) => ns.metadata.name.clone(),
+                _ => None,
+            })
+            .collect();
+        ParsedFile {
+            located,
+            keys,
+            namespaces,
+        }
+    }
+}
+
+/// A file's parse, shared between scans while its text is unchanged.
+type Parsed = Arc<ParsedFile>;
 
 /// An object the model has from us: the parse it came from and its place there. Objects
 /// of a file whose text did not change are the same parse, so comparing them with what
@@ -456,8 +490,8 @@ struct Served {
 }
 
 impl Served {
-    fn object(&self) -> &Object {
-        &self.file[self.index].object
+    fn object(&self) -> &Arc<Object> {
+        &self.file.located[self.index].object
     }
 
     fn same_as(&self, other: &Served) -> bool {
@@ -534,7 +568,7 @@ impl Scanner {
             }
             match parse_file_limited(path, &text, &self.limits) {
                 Ok(objects) => {
-                    let objects = Arc::new(objects);
+                    let objects = Arc::new(ParsedFile::new(objects));
                     self.parsed.insert(path.clone(), (hash, objects.clone()));
                     fresh.insert(path.clone(), objects);
                 }
@@ -553,24 +587,22 @@ impl Scanner {
         // nothing changes (each round fails at least one more file, so it terminates).
         loop {
             let in_force = |p: &PathBuf| fresh.get(p).or_else(|| self.last_good.get(p));
-            let mut namespaces: BTreeSet<String> = BTreeSet::from([DEFAULT_NAMESPACE.to_string()]);
+            let mut namespaces: BTreeSet<&str> = BTreeSet::from([DEFAULT_NAMESPACE]);
             for path in &files {
-                for l in in_force(path).into_iter().flat_map(|f| f.iter()) {
-                    if let Object::Namespace(ns) = &l.object {
-                        namespaces.extend(ns.metadata.name.clone());
-                    }
+                if let Some(f) = in_force(path) {
+                    namespaces.extend(f.namespaces.iter().map(String::as_str));
                 }
             }
             let mut failed = Vec::new();
             for (path, objects) in &fresh {
-                for l in objects.iter() {
-                    let Some(key) = l.object.key() else { continue };
-                    if key.kind.namespaced() && !namespaces.contains(&key.namespace) {
+                for (l, key) in objects.located.iter().zip(&objects.keys) {
+                    let Some(key) = key else { continue };
+                    if key.kind.namespaced() && !namespaces.contains(key.namespace.as_str()) {
                         errors.push(LocalError::UnknownNamespace {
                             path: path.clone(),
                             document: l.document,
                             namespace: key.namespace.clone(),
-                            key,
+                            key: key.clone(),
                         });
                         failed.push(path.clone());
                     }
@@ -588,24 +620,24 @@ impl Scanner {
         }
 
         let mut desired: BTreeMap<ObjectKey, Served> = BTreeMap::new();
-        let mut defined_in: BTreeMap<ObjectKey, &PathBuf> = BTreeMap::new();
+        let mut defined_in: BTreeMap<&ObjectKey, &PathBuf> = BTreeMap::new();
         for (path, objects) in &self.last_good {
-            for (index, l) in objects.iter().enumerate() {
-                let Some(key) = l.object.key() else { continue };
+            for (index, (l, key)) in objects.located.iter().zip(&objects.keys).enumerate() {
+                let Some(key) = key else { continue };
                 // The first definition (in path order) wins, so which copy is served
                 // does not depend on edit order; the other is reported.
-                if let Some(first) = defined_in.get(&key) {
+                if let Some(first) = defined_in.get(key) {
                     errors.push(LocalError::Duplicate {
                         path: path.clone(),
                         document: l.document,
                         first: (*first).clone(),
-                        key,
+                        key: key.clone(),
                     });
                     continue;
                 }
-                defined_in.insert(key.clone(), path);
+                defined_in.insert(key, path);
                 desired.insert(
-                    key,
+                    key.clone(),
                     Served {
                         file: objects.clone(),
                         index,

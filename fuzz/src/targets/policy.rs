@@ -180,7 +180,7 @@ fn served_objects(text: &str) -> Result<Vec<Object>, TestCaseError> {
         .events
         .into_iter()
         .filter_map(|e| match e {
-            SourceEvent::Apply(o) => Some(o),
+            SourceEvent::Apply(o) => Some(std::sync::Arc::unwrap_or_clone(o)),
             _ => None,
         })
         .collect())

@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::state::external::{ExternalService, OutboundPolicy, Resolution};
+use crate::state::external::{ExternalPort, ExternalService, OutboundPolicy, Resolution};
 use crate::state::policy::{authorize_observed, ConnectionInfo};
 use crate::state::service::{Endpoint, LoadBalancing, Service};
 use crate::state::workload::{GatewayAddress, TunnelProtocol, Workload, HBONE_PORT};
@@ -411,15 +411,14 @@ fn to_external(x: &Arc<ExternalService>, dst: SocketAddr, chooser: &dyn Chooser)
 }
 
 /// The decision for a connection to one of external service `x`'s allocated VIPs: a STATIC
-/// endpoint, or (DNS) the endpoint's or the VIP's host resolved; NONE has nowhere to go.
-fn to_external_vip(x: &Arc<ExternalService>, dst: SocketAddr, chooser: &dyn Chooser) -> Outbound {
-    let Some(port) = x.ports.iter().find(|p| p.number == dst.port()) else {
-        return Outbound::Refuse(format!(
-            "external service {} does not declare port {}",
-            x.key(),
-            dst.port()
-        ));
-    };
+/// endpoint, or (DNS) the endpoint's or the VIP's host resolved; NONE has nowhere to go. `port` is
+/// the declared port `dst` is on (the caller refused an undeclared one).
+fn to_external_vip(
+    x: &Arc<ExternalService>,
+    port: &ExternalPort,
+    dst: SocketAddr,
+    chooser: &dyn Chooser,
+) -> Outbound {
     let target = port.target_port.unwrap_or(port.number);
     let endpoint = (!x.endpoints.is_empty()).then(|| {
         let e = &x.endpoints[chooser
@@ -557,17 +556,17 @@ pub fn outbound(
         return to_workload(state, source, w, dst, None, chooser);
     }
     if let Some(x) = state.external_service_by_vip(dst.ip()) {
-        if !x.ports.iter().any(|p| p.number == dst.port()) {
+        let Some(port) = x.ports.iter().find(|p| p.number == dst.port()) else {
             return Outbound::Refuse(format!(
                 "external service {} does not declare port {}",
                 x.key(),
                 dst.port()
             ));
-        }
+        };
         if let Some(out) = through_waypoint(state, source, x, dst, chooser) {
             return out;
         }
-        return to_external_vip(x, dst, chooser);
+        return to_external_vip(x, port, dst, chooser);
     }
     if let Some(x) = state.external_service_for(dst) {
         if let Some(out) = through_waypoint(state, source, x, dst, chooser) {

@@ -287,21 +287,8 @@ async fn set_up(
                 Protocol::Hbone,
                 Some(&expected_identity),
             );
-            let stream = open_tunnel(
-                shared,
-                pod,
-                report,
-                (peer, authority, expected_identity),
-                TunnelProtocol::Tcp,
-            )
-            .await?;
-            Some(Established {
-                app,
-                upstream: Upstream::Tunnel(stream.0),
-                report: stream.1,
-                activity,
-                _tracked: Some(tracked),
-            })
+            let hop = (peer, authority, expected_identity);
+            tunnelled(shared, pod, app, report, hop, activity, Some(tracked)).await
         }
         Outbound::Waypoint {
             peer,
@@ -317,21 +304,8 @@ async fn set_up(
                 Protocol::Hbone,
                 Some(&expected_identity),
             );
-            let stream = open_tunnel(
-                shared,
-                pod,
-                report,
-                (peer, authority, expected_identity),
-                TunnelProtocol::Tcp,
-            )
-            .await?;
-            Some(Established {
-                app,
-                upstream: Upstream::Tunnel(stream.0),
-                report: stream.1,
-                activity,
-                _tracked: None,
-            })
+            let hop = (peer, authority, expected_identity);
+            tunnelled(shared, pod, app, report, hop, activity, None).await
         }
         Outbound::SelfDial { destination } => {
             tracing::debug!(pod = %pod.name, %destination, "self-dial refused");
@@ -358,6 +332,27 @@ fn name_by_host(report: &mut Report, host: Arc<str>, service: &ExternalService) 
     report.service = Some(host.clone());
     report.labels.destination_service = host;
     report.labels.destination_service_namespace = service.namespace.clone();
+}
+
+/// An HBONE stream to `peer` (a destination's node or its waypoint), `:authority` and the
+/// identity it must present as in `hop`; `tracked` counts it for least-connections.
+async fn tunnelled(
+    shared: &Shared,
+    pod: &PodProxy,
+    app: TcpStream,
+    report: Report,
+    hop: (SocketAddr, SocketAddr, ambit_hbone::Identity),
+    activity: Activity,
+    tracked: Option<ConnectionGuard>,
+) -> Option<Established> {
+    let (stream, report) = open_tunnel(shared, pod, report, hop, TunnelProtocol::Tcp).await?;
+    Some(Established {
+        app,
+        upstream: Upstream::Tunnel(stream),
+        report,
+        activity,
+        _tracked: tracked,
+    })
 }
 
 /// Plain TCP from inside the pod (a marked socket, so it is not captured again) to

@@ -12,6 +12,7 @@
 pub mod apiserver;
 pub mod imports;
 pub mod net;
+pub mod pki;
 pub mod process;
 pub mod wait;
 

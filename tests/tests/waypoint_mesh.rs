@@ -618,21 +618,15 @@ policies:
 /// CA's PEM is returned): each answer says it came over TLS, with the server name the
 /// client sent and the request's path and host.
 fn https_server(pod: &ambit_tests::Pod, port: u16, name: &str) -> anyhow::Result<String> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_pem = ca_params.self_signed(&ca_key)?.pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate()?;
-    let leaf = CertificateParams::new(vec![name.to_string()])?.signed_by(&key, &issuer)?;
+    let ca = ambit_testing::pki::WebCa::new()?;
+    let leaf = ca.leaf(name)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            vec![leaf.cert.into()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(leaf.key).into(),
         )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = listener_in(pod, port)?;
@@ -664,7 +658,7 @@ fn https_server(pod: &ambit_tests::Pod, port: u16, name: &str) -> anyhow::Result
             });
         }
     });
-    Ok(ca_pem)
+    Ok(ca.pem)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

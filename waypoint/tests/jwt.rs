@@ -304,28 +304,20 @@ requestAuthentications:
 #[tokio::test]
 async fn key_sets_over_https_are_checked_against_the_roots_given() {
     use ambit_waypoint::authn::jwks::{fetch, FetchConfig};
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
     // A CA of our own (standing in for the mesh's root) and a server certificate for
     // `localhost` that it signed.
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let ca = ambit_testing::pki::WebCa::new().unwrap();
+    let ca_pem = ca.pem.clone();
+    let leaf = ca.leaf("localhost").unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server_tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            vec![leaf.cert.into()],
+            rustls_pki_types::PrivatePkcs8KeyDer::from(leaf.key).into(),
         )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));

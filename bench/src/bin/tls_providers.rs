@@ -42,20 +42,14 @@ struct Pki {
 }
 
 fn pki() -> anyhow::Result<Pki> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key)?;
+    let ca = ambit_testing::pki::WebCa::new()?;
     let mut roots = RootCertStore::empty();
-    roots.add(ca.der().clone())?;
-    let issuer = Issuer::new(ca_params, ca_key);
+    roots.add(CertificateDer::from(ca.der.clone()))?;
     let leaf = |name: &str| -> anyhow::Result<_> {
-        let key = KeyPair::generate()?;
-        let cert = CertificateParams::new(vec![name.to_string()])?.signed_by(&key, &issuer)?;
+        let leaf = ca.leaf(name)?;
         Ok((
-            vec![cert.der().clone()],
-            PrivatePkcs8KeyDer::from(key.serialize_der()),
+            vec![CertificateDer::from(leaf.cert)],
+            PrivatePkcs8KeyDer::from(leaf.key),
         ))
     };
     Ok(Pki {

@@ -65,6 +65,17 @@ struct Args {
     /// Also write every figure of every round here, as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Record both proxies with `perf record` during each 1-stream iperf3 run, into
+    /// `<dir>/<path>-round<N>.data` (read with `perf report -i`), and count their syscalls,
+    /// context switches and page faults with `perf stat` into `<path>-round<N>.stat`, so the
+    /// profiles of Ambit and the peer come from the same run and the same load.
+    #[arg(long)]
+    perf_dir: Option<PathBuf>,
+    /// How `--perf-dir` records call graphs: `fp` (frame pointers, cheap; Rust release
+    /// builds have none, so stacks stop at the first Rust frame) or `dwarf` (whole stacks,
+    /// heavier: keep `--seconds` short).
+    #[arg(long, default_value = "fp")]
+    perf_call_graph: String,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -337,8 +348,67 @@ fn wait_path(pair: &NetnsPair) -> anyhow::Result<()> {
     }
 }
 
+/// `perf record` and `perf stat` attached to both proxies of a pair until dropped.
+struct Recording(Vec<std::process::Child>);
+
+/// What `perf stat` counts beside the profile: the syscalls that move bytes, wake-ups and
+/// page faults, to set against the bytes moved.
+const STAT_EVENTS: &str = "task-clock,context-switches,cpu-migrations,page-faults,\
+    raw_syscalls:sys_enter,syscalls:sys_enter_read,syscalls:sys_enter_write,\
+    syscalls:sys_enter_readv,syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom,\
+    syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg,syscalls:sys_enter_epoll_wait,\
+    syscalls:sys_enter_futex";
+
+impl Recording {
+    fn start(proxies: &ZtunnelPair, out: &Path, call_graph: &str) -> anyhow::Result<Recording> {
+        let pids = format!("{},{}", proxies.client.pid(), proxies.server.pid());
+        let spawn = |cmd: &mut Command| {
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("running perf (Debian's linux-perf)")
+        };
+        let record = spawn(
+            Command::new("perf")
+                .args([
+                    "record",
+                    "--call-graph",
+                    call_graph,
+                    "-F",
+                    "999",
+                    "-p",
+                    &pids,
+                    "-o",
+                ])
+                .arg(out),
+        )?;
+        let stat = spawn(
+            Command::new("perf")
+                .args(["stat", "-e", STAT_EVENTS, "-p", &pids, "-o"])
+                .arg(out.with_extension("stat")),
+        )?;
+        // perf attaches after it starts; a short wait keeps the first second in the profile.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Recording(vec![record, stat]))
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        // SIGINT makes perf write what it has and exit cleanly.
+        for child in &mut self.0 {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        }
+        for child in &mut self.0 {
+            let _ = child.wait();
+        }
+    }
+}
+
 fn measure(
     path: Path3,
+    round: usize,
     pair: &NetnsPair,
     args: &Args,
     flavors: &[(Path3, Flavor)],
@@ -351,7 +421,16 @@ fn measure(
     wait_path(pair)?;
     let rss_before = proxies.as_ref().map(rss).transpose()?;
     let c0 = cpu(&proxies)?;
+    let recording = match (&args.perf_dir, &proxies) {
+        (Some(dir), Some(p)) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let out = dir.join(format!("{}-round{}.data", path.name(), round + 1));
+            Some(Recording::start(p, &out, &args.perf_call_graph)?)
+        }
+        _ => None,
+    };
     let one_stream = iperf(pair, args, 1)?;
+    drop(recording);
     let four_streams = iperf(pair, args, 4)?;
     let c1 = cpu(&proxies)?;
     let ping = sockperf(pair, args)?;
@@ -713,7 +792,7 @@ fn main() -> anyhow::Result<()> {
         );
         let mut runs = Vec::new();
         for path in order {
-            let run = measure(path, &pair, &args, &flavors, &settings)
+            let run = measure(path, round, &pair, &args, &flavors, &settings)
                 .with_context(|| format!("round {}, {}", round + 1, path.name()))?;
             eprintln!(
                 "  {:<6} {:>6.2} Gb/s  {:>6.2} Gb/s x4  rtt {:>6.1} µs  {:>8.0} conn/s  {:>8.0} req/s",

@@ -30,6 +30,19 @@ pub const INITIAL_BUFFER: usize = 16 * 1024;
 /// a bulk flow, and stays in the allocator's segments rather than going to `mmap`.
 pub const MAX_BUFFER: usize = 256 * 1024;
 
+/// Where in its cache line each read from a socket starts. The next copy of those bytes is
+/// usually rustls's, into a TLS record whose payload starts 5 bytes (after an HTTP/2 frame
+/// header, 14) into a line-aligned buffer. glibc's memcpy uses `rep movsb` at these sizes,
+/// and on AMD EPYC (this project's benchmark machine) that runs at a third of its speed when
+/// the destination lies 1 to 15 bytes past the source modulo 64, which is exactly where a
+/// read into a fresh, aligned buffer put it: 16 KiB copies of uncached data measured 2.7
+/// GB/s against 6.8 GB/s, and in a profile of the bulk benchmark rustls's copy into its
+/// records fell from 356 to 53 samples per GB with reads moved to mid-line. Mid-line keeps
+/// the distance at 37 or 46 bytes for both record layouts. It costs under 64 bytes of room
+/// per read.
+const READ_OFFSET: usize = 32;
+const CACHE_LINE: usize = 64;
+
 /// A byte stream the copy moves chunks through. The provided methods read into the copy's
 /// buffer and write from a chunk's bytes, which suits a socket; a stream that holds its
 /// bytes in buffers of its own (an HBONE tunnel's frames) overrides them to hand those
@@ -44,8 +57,15 @@ pub trait Pipe: AsyncRead + AsyncWrite + Unpin {
         buf: &mut BytesMut,
         want: usize,
     ) -> Poll<io::Result<Bytes>> {
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
+        // Room for the read and for moving its start to READ_OFFSET in its cache line.
+        if buf.capacity() - buf.len() < want + CACHE_LINE {
+            buf.reserve(want + CACHE_LINE);
+        }
+        if buf.is_empty() {
+            let start = buf.as_ptr() as usize;
+            let pad = READ_OFFSET.wrapping_sub(start) % CACHE_LINE;
+            buf.put_bytes(0, pad);
+            buf.advance(pad);
         }
         let mut room = (&mut *buf).limit(want);
         ready!(tokio_util::io::poll_read_buf(
@@ -357,6 +377,40 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn reads_start_mid_cache_line_and_keep_every_byte() {
+        // A fresh buffer from the allocator is line-aligned; each chunk must start at
+        // READ_OFFSET within its line whatever the size of the read before it, and the bytes
+        // must be exactly those sent.
+        let (mut writer, mut reader) = tokio::io::duplex(1024 * 1024);
+        let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        writer.write_all(&sent).await.unwrap();
+        drop(writer);
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for want in [16 * 1024, 1000, 7, 64 * 1024, 33, 256 * 1024]
+            .into_iter()
+            .cycle()
+        {
+            let chunk = poll_fn(|cx| reader.poll_read_chunk(cx, &mut buf, want))
+                .await
+                .unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            assert!(chunk.len() <= want);
+            assert_eq!(
+                chunk.as_ptr() as usize % CACHE_LINE,
+                READ_OFFSET,
+                "a read of {} bytes after {} bytes",
+                chunk.len(),
+                got.len()
+            );
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, sent);
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_passes_half_close_on() {

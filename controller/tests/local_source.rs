@@ -25,6 +25,7 @@ struct Harness {
     dir: tempfile::TempDir,
     rx: mpsc::Receiver<SourceBatch>,
     errors: watch::Receiver<Arc<Vec<LocalError>>>,
+    scans: watch::Receiver<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -44,6 +45,7 @@ impl Harness {
             },
         );
         let errors = source.errors();
+        let scans = source.scans();
         let task = tokio::spawn(async move {
             let _ = source.run(sink).await;
         });
@@ -51,6 +53,7 @@ impl Harness {
             dir,
             rx,
             errors,
+            scans,
             task,
         }
     }
@@ -493,4 +496,186 @@ async fn a_bad_external_service_is_refused_naming_file_document_and_field_and_th
         summary(&h.next().await),
         vec!["apply ExternalService demo/db"]
     );
+}
+
+/// A scan of only the paths a watcher reported must end where a full scan of the folder
+/// does: the same events from the same state, the same errors.
+#[test]
+fn a_scan_of_the_changed_paths_agrees_with_a_full_scan() {
+    use ambit_controller::source::local::Scanner;
+    use std::collections::BTreeSet;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outside = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    let at = |name: &str| root.join(name);
+    let write = |name: &str, text: &str| std::fs::write(at(name), text).expect("write");
+    write("ns.yaml", NS);
+    write("a.yaml", &pod("a", "web"));
+    write("b.yaml", &pod("bb", "db"));
+    let mut partial = Scanner::new(&root);
+    let mut full = Scanner::new(&root);
+    let errors = |e: &[LocalError]| e.iter().map(|e| error_chain(e)).collect::<Vec<_>>();
+    let first = full.scan();
+    assert_eq!(summary(&first.events).len(), 3);
+    let none = BTreeSet::new();
+    assert_eq!(
+        summary(&partial.scan_paths(&none).events),
+        summary(&first.events),
+        "a first scan reads everything"
+    );
+
+    // Each step changes the folder, then names the paths inotify reports for it.
+    type Step<'a> = (&'a str, Box<dyn Fn() + 'a>, Vec<&'a str>);
+    let steps: Vec<Step> = vec![
+        (
+            "modify",
+            Box::new(|| write("a.yaml", &pod("a", "web2"))),
+            vec!["a.yaml"],
+        ),
+        (
+            "create",
+            Box::new(|| write("c.yml", &pod("ccc", "x"))),
+            vec!["c.yml"],
+        ),
+        (
+            "write then rename",
+            Box::new(|| {
+                write(".b.yaml.tmp", &pod("bb", "db2"));
+                std::fs::rename(at(".b.yaml.tmp"), at("b.yaml")).expect("rename");
+            }),
+            vec![".b.yaml.tmp", "b.yaml"],
+        ),
+        (
+            "rename",
+            Box::new(|| std::fs::rename(at("c.yml"), at("d.json")).expect("rename")),
+            vec!["c.yml", "d.json"],
+        ),
+        (
+            "remove",
+            Box::new(|| std::fs::remove_file(at("b.yaml")).expect("rm")),
+            vec!["b.yaml"],
+        ),
+        (
+            "ignored names",
+            Box::new(|| {
+                write(".a.yaml.swp", "junk: [");
+                write("README.txt", "notes");
+            }),
+            vec![".a.yaml.swp", "README.txt"],
+        ),
+        (
+            "a new directory",
+            Box::new(|| {
+                std::fs::create_dir(at("sub")).expect("mkdir");
+                write("sub/e.yaml", &pod("eeeee", "e"));
+            }),
+            vec!["sub"],
+        ),
+        (
+            "a renamed directory",
+            Box::new(|| std::fs::rename(at("sub"), at("sub2")).expect("rename")),
+            vec!["sub", "sub2"],
+        ),
+        (
+            "a broken file",
+            Box::new(|| write("a.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: [\n")),
+            vec!["a.yaml"],
+        ),
+        (
+            "another file changes while one is broken",
+            Box::new(|| write("d.json", &pod("ccc", "y"))),
+            vec!["d.json"],
+        ),
+        (
+            "a namespace goes",
+            Box::new(|| std::fs::remove_file(at("ns.yaml")).expect("rm")),
+            vec!["ns.yaml"],
+        ),
+        (
+            "it comes back and the broken file is fixed",
+            Box::new(|| {
+                write("ns.yaml", NS);
+                write("a.yaml", &pod("a", "web3"));
+            }),
+            vec!["ns.yaml", "a.yaml"],
+        ),
+        (
+            "a directory moved out of the folder",
+            Box::new(|| std::fs::rename(at("sub2"), outside.path().join("sub2")).expect("mv")),
+            vec!["sub2"],
+        ),
+        (
+            "a directory moved in",
+            Box::new(|| std::fs::rename(outside.path().join("sub2"), at("sub3")).expect("mv")),
+            vec!["sub3"],
+        ),
+        (
+            "a removed directory",
+            Box::new(|| std::fs::remove_dir_all(at("sub3")).expect("rm -r")),
+            vec!["sub3/e.yaml", "sub3"],
+        ),
+    ];
+    for (what, change, paths) in steps {
+        change();
+        let paths: BTreeSet<_> = paths.iter().map(|p| at(p)).collect();
+        let (p, f) = (partial.scan_paths(&paths), full.scan());
+        assert_eq!(summary(&p.events), summary(&f.events), "{what}: events");
+        assert_eq!(errors(&p.errors), errors(&f.errors), "{what}: errors");
+        // The steps are chosen so that each one is seen (a rename moves an object
+        // between files: a scan that missed the old name would report a duplicate).
+        assert!(
+            !f.events.is_empty()
+                || !f.errors.is_empty()
+                || ["ignored names", "rename", "a renamed directory"].contains(&what),
+            "{what}: the step changed nothing"
+        );
+    }
+}
+
+#[tokio::test]
+async fn directories_created_renamed_and_removed_while_watched_are_followed() {
+    let mut h = Harness::start(&[("ns.yaml", NS)], Duration::from_secs(3600));
+    assert_eq!(
+        summary(&h.next().await),
+        vec!["apply Namespace demo", "synced"]
+    );
+    // A file written into a new directory at once, before any watch on it can exist.
+    let sub = h.dir.path().join("sub");
+    std::fs::create_dir(&sub).expect("mkdir");
+    std::fs::write(sub.join("p.yaml"), pod("a", "web")).expect("write");
+    assert_eq!(summary(&h.next().await), vec!["apply Pod demo/a web"]);
+    // Renamed: the same objects, nothing to send; then a change under the new name.
+    std::fs::rename(&sub, h.dir.path().join("moved")).expect("rename");
+    h.quiet().await;
+    std::fs::write(h.dir.path().join("moved/p.yaml"), pod("a", "web2")).expect("write");
+    assert_eq!(summary(&h.next().await), vec!["apply Pod demo/a web2"]);
+    std::fs::remove_dir_all(h.dir.path().join("moved")).expect("rm -r");
+    assert_eq!(summary(&h.next().await), vec!["delete Pod demo/a"]);
+    assert!(h.errors.borrow().is_empty());
+}
+
+#[tokio::test]
+async fn reading_the_folder_does_not_start_another_scan() {
+    // The scans open every file they read, and the watcher sees those opens: were they
+    // taken for changes, each scan would start the next and a quiet folder would be read
+    // over and over.
+    let files: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("p{i}.yaml"), pod(&format!("p{i}"), "web")))
+        .chain([("ns.yaml".to_string(), NS.to_string())])
+        .collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let mut h = Harness::start(&files, Duration::from_secs(3600));
+    assert_eq!(summary(&h.next().await).len(), 22);
+    h.quiet().await;
+    assert_eq!(*h.scans.borrow(), 1, "a quiet folder was scanned again");
+    // One write is one scan (two, should the watcher split the write-then-rename across
+    // the debounce), and its file is read without the other twenty starting more.
+    h.write("p3.yaml", &pod("p3", "db"));
+    assert_eq!(summary(&h.next().await), vec!["apply Pod demo/p3 db"]);
+    h.quiet().await;
+    let scans = *h.scans.borrow();
+    assert!((2..=3).contains(&scans), "{scans} scans");
 }

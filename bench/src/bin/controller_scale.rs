@@ -17,7 +17,7 @@
 //!   tools do). Each change carries a marker (a label value, a policy principal, or the
 //!   removed pod's uid); the latency of a change is from the rename that put it on disk to
 //!   the ACK of the *last* subscriber that had to receive it: p50/p99/max over changes.
-//!   It includes the local source's debounce (100 ms) and full rescan.
+//!   It includes the local source's debounce (10 ms) and its reading of the changed file.
 //! - controller CPU over the churn period (utime+stime from `/proc/<pid>/stat` → cores),
 //!   RSS at rest (after the full state, before churn) and peak (sampled VmRSS, and VmHWM),
 //!   pushes per second and protobuf bytes pushed (summed over subscribers; TLS and HTTP/2
@@ -75,10 +75,10 @@ struct Args {
     /// `--policy-every-seconds`).
     #[arg(long)]
     changes_per_second: Option<f64>,
-    /// File writes per second the changes are grouped into. The local source waits for
-    /// 100 ms of quiet before it rescans, and restarts that wait on every write: at more
-    /// than ~10 writes/s it does not rescan until the writes stop (see `--writes-per-second
-    /// 20`), so the default stays below that to measure propagation rather than the wait.
+    /// File writes per second the changes are grouped into. The local source reads the
+    /// files a burst of writes touched once it has been quiet for 10 ms (at most 1 s after
+    /// the burst began), so at more than ~100 writes/s changes wait for that cap; the
+    /// default is the rate the figures in the controller's ARCHITECTURE.md were taken at.
     #[arg(long, default_value_t = 4.0)]
     writes_per_second: f64,
     /// Seconds between policy changes.

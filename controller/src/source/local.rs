@@ -3,9 +3,10 @@
 //! Local mode has no API server, so this source plays its part: it parses every
 //! `.yaml`/`.yml`/`.json` file (many `---` documents each), checks each document against
 //! the typed objects, and sends the model the difference from what it sent before.
-//! Files change under us (editors write, rename and truncate), so every change triggers
-//! a full rescan after a short debounce, and a periodic rescan catches anything the
-//! file-system watcher missed.
+//! Files change under us (editors write, rename and truncate): after a short debounce the
+//! source reads again just the files the watcher's events name (a change to a directory
+//! rereads the tree), so a write reaches the model in milliseconds however large the
+//! folder; a periodic full rescan catches anything the file-system watcher missed.
 //!
 //! A file that fails (bad YAML, unknown kind, missing or mistyped field, an object in a
 //! namespace that does not exist) is reported with its path, the document's 1-based index
@@ -419,19 +420,12 @@ fn list_files(dir: &Path) -> Result<Vec<PathBuf>, LocalError> {
         })?;
         for entry in entries.flatten() {
             let path = entry.path();
-            let hidden = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_none_or(|n| n.starts_with('.'));
-            if hidden {
-                continue; // editors' swap and lock files
+            if path.file_name().is_none_or(hidden) {
+                continue;
             }
             if path.is_dir() {
                 stack.push(path);
-            } else if matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
+            } else if is_object_file(&path) {
                 out.push(path);
             }
         }
@@ -457,11 +451,14 @@ struct ParsedFile {
     keys: Vec<Option<ObjectKey>>,
     /// The namespaces the file defines.
     namespaces: Vec<String>,
+    /// The namespaces its namespaced objects are in, each once: checking a file against
+    /// the namespaces in force is then a few lookups, not one per object.
+    uses: BTreeSet<String>,
 }
 
 impl ParsedFile {
     fn new(located: Vec<Located>) -> Self {
-        let keys = located.iter().map(|l| l.object.key()).collect();
+        let keys: Vec<Option<ObjectKey>> = located.iter().map(|l| l.object.key()).collect();
         let namespaces = located
             .iter()
             .filter_map(|l| match &*l.object {
@@ -469,10 +466,17 @@ impl ParsedFile {
                 _ => None,
             })
             .collect();
+        let mut uses = BTreeSet::new();
+        for key in keys.iter().flatten() {
+            if key.kind.namespaced() && !uses.contains(&key.namespace) {
+                uses.insert(key.namespace.clone());
+            }
+        }
         ParsedFile {
             located,
             keys,
             namespaces,
+            uses,
         }
     }
 }
@@ -506,9 +510,12 @@ impl Served {
 pub struct Scanner {
     dir: PathBuf,
     limits: InputLimits,
+    /// The files as of the latest scan, in path order.
+    files: BTreeSet<PathBuf>,
     last_good: BTreeMap<PathBuf, Parsed>,
     /// By file: a hash of the text and its successful parse. A large folder where one file
-    /// changes is then parsed one file at a time, not whole on every rescan.
+    /// changes is then parsed one file at a time, not whole on every rescan. A file that
+    /// failed to read or parse has no entry, so a partial scan reads it again.
     parsed: HashMap<PathBuf, (u64, Parsed)>,
     sent: BTreeMap<ObjectKey, Served>,
 }
@@ -517,6 +524,20 @@ fn text_hash(text: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     h.finish()
+}
+
+/// Hidden names (editors' swap, lock and temporary files; `.git`), at any depth, are not
+/// part of the folder; nor are names that are not UTF-8.
+fn hidden(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_none_or(|n| n.starts_with('.'))
+}
+
+/// The extensions the source reads.
+fn is_object_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
 }
 
 impl Scanner {
@@ -535,9 +556,9 @@ impl Scanner {
         }
     }
 
-    /// Reads the folder and returns the events that bring the model up to date.
+    /// Lists and reads the whole folder and returns the events that bring the model up to
+    /// date (a file whose text is unchanged is not parsed again).
     pub fn scan(&mut self) -> ScanResult {
-        let mut errors = Vec::new();
         let files = match list_files(&self.dir) {
             Ok(f) => f,
             Err(e) => {
@@ -549,33 +570,99 @@ impl Scanner {
                 };
             }
         };
-        let mut fresh: BTreeMap<PathBuf, Parsed> = BTreeMap::new();
+        self.files = files.into_iter().collect();
+        let read: Vec<PathBuf> = self.files.iter().cloned().collect();
+        self.update(&read)
+    }
+
+    /// Like [`Scanner::scan`], but reads only `changed` (paths the file-system watcher
+    /// reported) and the files that failed last time; every other file keeps its parse.
+    /// A change it cannot place on one file (a directory created, removed or renamed, a
+    /// path outside the folder) makes it a full [`Scanner::scan`]; so does a first scan.
+    pub fn scan_paths(&mut self, changed: &BTreeSet<PathBuf>) -> ScanResult {
+        if self.files.is_empty() && self.parsed.is_empty() && self.sent.is_empty() {
+            return self.scan();
+        }
+        let mut read = Vec::new();
+        for path in changed {
+            let Ok(relative) = path.strip_prefix(&self.dir) else {
+                return self.scan();
+            };
+            if relative.as_os_str().is_empty() {
+                return self.scan();
+            }
+            if relative.components().any(|c| hidden(c.as_os_str())) {
+                continue;
+            }
+            // A directory, or one that was (files we know lie under it): rescan the tree.
+            let was_dir = self
+                .files
+                .range(path.clone()..)
+                .find(|f| *f != path)
+                .is_some_and(|f| f.starts_with(path));
+            if was_dir || path.is_dir() {
+                return self.scan();
+            }
+            if !is_object_file(path) {
+                continue;
+            }
+            // As a listing would: any entry that is not a directory, so a dangling link or
+            // a FIFO is reported by the read rather than skipped.
+            if std::fs::symlink_metadata(path).is_ok() {
+                self.files.insert(path.clone());
+                read.push(path.clone());
+            } else {
+                self.files.remove(path);
+            }
+        }
+        // Files that failed last time are read again: their errors are reported by every
+        // scan until they are fixed, as a full scan would.
+        read.extend(
+            self.files
+                .iter()
+                .filter(|p| !self.parsed.contains_key(*p))
+                .cloned(),
+        );
+        read.sort();
+        read.dedup();
+        self.update(&read)
+    }
+
+    /// Reads `read` (files of `self.files`), takes every other file's parse from the
+    /// cache, and computes the events and errors of the whole folder.
+    fn update(&mut self, read: &[PathBuf]) -> ScanResult {
+        let mut errors = Vec::new();
+        let files = &self.files;
         self.parsed.retain(|p, _| files.contains(p));
-        for path in &files {
+        for path in read {
             let text = match read_file(path, &self.limits) {
                 Ok(t) => t,
                 Err(e) => {
+                    self.parsed.remove(path);
                     errors.push(e);
                     continue;
                 }
             };
             let hash = text_hash(&text);
-            if let Some((h, objects)) = self.parsed.get(path) {
-                if *h == hash {
-                    fresh.insert(path.clone(), objects.clone());
-                    continue;
-                }
+            if self.parsed.get(path).is_some_and(|(h, _)| *h == hash) {
+                continue;
             }
             match parse_file_limited(path, &text, &self.limits) {
                 Ok(objects) => {
                     let objects = Arc::new(ParsedFile::new(objects));
-                    self.parsed.insert(path.clone(), (hash, objects.clone()));
-                    fresh.insert(path.clone(), objects);
+                    self.parsed.insert(path.clone(), (hash, objects));
                 }
                 Err(e) => {
                     self.parsed.remove(path);
                     errors.extend(e);
                 }
+            }
+        }
+        // The parse of every file whose current text parsed, read now or before.
+        let mut fresh: BTreeMap<&PathBuf, &Parsed> = BTreeMap::new();
+        for path in files {
+            if let Some((_, objects)) = self.parsed.get(path) {
+                fresh.insert(path, objects);
             }
         }
         // Files that are gone take their objects with them.
@@ -586,37 +673,50 @@ impl Scanner {
         // falls back to its last good state, which may remove namespaces, so repeat until
         // nothing changes (each round fails at least one more file, so it terminates).
         loop {
-            let in_force = |p: &PathBuf| fresh.get(p).or_else(|| self.last_good.get(p));
+            let in_force = |p: &PathBuf| fresh.get(p).copied().or_else(|| self.last_good.get(p));
             let mut namespaces: BTreeSet<&str> = BTreeSet::from([DEFAULT_NAMESPACE]);
-            for path in &files {
+            for path in files {
                 if let Some(f) = in_force(path) {
                     namespaces.extend(f.namespaces.iter().map(String::as_str));
                 }
             }
             let mut failed = Vec::new();
             for (path, objects) in &fresh {
+                if objects
+                    .uses
+                    .iter()
+                    .all(|ns| namespaces.contains(ns.as_str()))
+                {
+                    continue;
+                }
                 for (l, key) in objects.located.iter().zip(&objects.keys) {
                     let Some(key) = key else { continue };
                     if key.kind.namespaced() && !namespaces.contains(key.namespace.as_str()) {
                         errors.push(LocalError::UnknownNamespace {
-                            path: path.clone(),
+                            path: (*path).clone(),
                             document: l.document,
                             namespace: key.namespace.clone(),
                             key: key.clone(),
                         });
-                        failed.push(path.clone());
                     }
                 }
+                failed.push(*path);
             }
             if failed.is_empty() {
                 break;
             }
             for p in failed {
-                fresh.remove(&p);
+                fresh.remove(p);
             }
         }
         for (path, objects) in fresh {
-            self.last_good.insert(path, objects);
+            if !self
+                .last_good
+                .get(path)
+                .is_some_and(|g| Arc::ptr_eq(g, objects))
+            {
+                self.last_good.insert(path.clone(), objects.clone());
+            }
         }
 
         let mut desired: BTreeMap<ObjectKey, Served> = BTreeMap::new();
@@ -668,9 +768,10 @@ const MAX_SETTLE: Duration = Duration::from_secs(1);
 /// Timing of the watch loop.
 #[derive(Clone, Copy, Debug)]
 pub struct LocalOptions {
-    /// Quiet time after a change before rescanning, so a burst of writes is one scan.
+    /// Quiet time after a change before reading it, so the writes of one save (or of a
+    /// tool writing several files) are one scan.
     pub debounce: Duration,
-    /// Rescan this often even without notifications.
+    /// Rescan the whole folder this often even without notifications.
     pub rescan: Duration,
     /// What a file may be before it is parsed.
     pub limits: InputLimits,
@@ -679,11 +780,31 @@ pub struct LocalOptions {
 impl Default for LocalOptions {
     fn default() -> Self {
         LocalOptions {
-            debounce: Duration::from_millis(100),
+            // Short: a change waits this long before it is read, and every proxy waits
+            // for it. Enough for a write-then-rename or a `cp` of several files to settle.
+            debounce: Duration::from_millis(10),
             rescan: Duration::from_secs(10),
             limits: InputLimits::default(),
         }
     }
+}
+
+/// What the file-system watcher reported since the last scan.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The paths named by its events.
+    paths: BTreeSet<PathBuf>,
+    /// It failed or lost events (its queue overflowed): only a full scan is sure.
+    full: bool,
+}
+
+/// What one scan reads.
+#[derive(Debug)]
+enum ScanRequest {
+    /// List and read the whole folder.
+    Full,
+    /// Read these paths (and the files that failed before).
+    Paths(BTreeSet<PathBuf>),
 }
 
 /// The [`Scanner`] on a thread of its own. Reading and parsing are blocking, CPU-bound
@@ -692,19 +813,23 @@ impl Default for LocalOptions {
 /// A dedicated thread rather than `spawn_blocking`: the scanner's state (the parse cache)
 /// lives there between scans, and the runtime never waits for a scan at shutdown.
 struct ScanThread {
-    requests: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<ScanResult>>,
+    requests: std::sync::mpsc::Sender<(ScanRequest, tokio::sync::oneshot::Sender<ScanResult>)>,
 }
 
 impl ScanThread {
     fn spawn(mut scanner: Scanner) -> Result<Self, LocalError> {
         let (requests, incoming) =
-            std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<ScanResult>>();
+            std::sync::mpsc::channel::<(ScanRequest, tokio::sync::oneshot::Sender<ScanResult>)>();
         std::thread::Builder::new()
             .name("local-source-scan".into())
             .spawn(move || {
                 // Ends when the source (the only sender) is dropped.
-                while let Ok(reply) = incoming.recv() {
-                    let _ = reply.send(scanner.scan());
+                while let Ok((request, reply)) = incoming.recv() {
+                    let result = match request {
+                        ScanRequest::Full => scanner.scan(),
+                        ScanRequest::Paths(paths) => scanner.scan_paths(&paths),
+                    };
+                    let _ = reply.send(result);
                 }
             })
             .map_err(LocalError::ScanThread)?;
@@ -712,10 +837,10 @@ impl ScanThread {
     }
 
     /// One scan, awaited without holding a runtime thread.
-    async fn scan(&self) -> Result<ScanResult, LocalError> {
+    async fn scan(&self, request: ScanRequest) -> Result<ScanResult, LocalError> {
         let gone = || LocalError::ScanThread(std::io::Error::other("the scanning thread stopped"));
         let (reply, result) = tokio::sync::oneshot::channel();
-        self.requests.send(reply).map_err(|_| gone())?;
+        self.requests.send((request, reply)).map_err(|_| gone())?;
         result.await.map_err(|_| gone())
     }
 }
@@ -725,6 +850,7 @@ pub struct LocalSource {
     dir: PathBuf,
     options: LocalOptions,
     errors: watch::Sender<Arc<Vec<LocalError>>>,
+    scans: Arc<watch::Sender<u64>>,
 }
 
 impl LocalSource {
@@ -734,7 +860,14 @@ impl LocalSource {
             dir: dir.into(),
             options,
             errors: watch::Sender::new(Arc::new(Vec::new())),
+            scans: Arc::new(watch::Sender::new(0)),
         }
+    }
+
+    /// How many scans (full or of changed files) the source has done: a quiet folder
+    /// costs none beyond the periodic rescan.
+    pub fn scans(&self) -> watch::Receiver<u64> {
+        self.scans.subscribe()
     }
 
     /// The problems found by the latest scan (empty when every file is good).
@@ -744,12 +877,42 @@ impl LocalSource {
 
     /// Scans, sends, and keeps watching until the model stops. Fails only when the
     /// folder cannot be watched at all.
+    ///
+    /// After the first (full) scan, each burst of notifications is one scan of the files
+    /// they name, once the folder has been quiet for the debounce (at most
+    /// [`MAX_SETTLE`] after the burst began); every `rescan` the whole folder is read
+    /// again, in case the watcher missed something.
     pub async fn run(self, sink: SourceSink) -> Result<(), LocalError> {
         let changed = Arc::new(Notify::new());
-        let notify_changed = changed.clone();
+        let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
+        let (notify_changed, notify_pending) = (changed.clone(), pending.clone());
+        let scans = self.scans.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Err(e) = &res {
-                tracing::warn!(error = %e, "file watcher");
+            // Opening and reading a file changes nothing, and the scans themselves open
+            // every file they read: taken as changes, each scan would start the next.
+            if let Ok(notify::Event {
+                kind: notify::EventKind::Access(access),
+                ..
+            }) = &res
+            {
+                if !matches!(
+                    access,
+                    notify::event::AccessKind::Close(notify::event::AccessMode::Write)
+                ) {
+                    return;
+                }
+            }
+            if let Ok(mut p) = notify_pending.lock() {
+                match res {
+                    Ok(event) if !event.need_rescan() && !event.paths.is_empty() => {
+                        p.paths.extend(event.paths);
+                    }
+                    Ok(_) => p.full = true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "file watcher; rescanning the folder");
+                        p.full = true;
+                    }
+                }
             }
             notify_changed.notify_one();
         })
@@ -768,8 +931,11 @@ impl LocalSource {
         let scanner = ScanThread::spawn(Scanner::with_limits(&self.dir, self.options.limits))?;
         let mut first = true;
         let mut last_report = String::new();
+        let mut request = ScanRequest::Full;
+        let mut next_full = tokio::time::Instant::now() + self.options.rescan;
         loop {
-            let ScanResult { mut events, errors } = scanner.scan().await?;
+            let ScanResult { mut events, errors } = scanner.scan(request).await?;
+            scans.send_modify(|n| *n += 1);
             let report: String = errors
                 .iter()
                 .map(|e| crate::model::error_chain(e) + "\n")
@@ -808,8 +974,24 @@ impl LocalSource {
                         }
                     }
                 }
-                () = tokio::time::sleep(self.options.rescan) => {}
+                () = tokio::time::sleep_until(next_full) => {}
             }
+            // Taken after the wait: a notification that comes while the scan below runs
+            // leaves its permit in `changed`, so its paths are read by the next scan.
+            let taken = pending
+                .lock()
+                .map(|mut p| std::mem::take(&mut *p))
+                .unwrap_or_else(|_| Pending {
+                    full: true,
+                    ..Pending::default()
+                });
+            let now = tokio::time::Instant::now();
+            request = if taken.full || now >= next_full {
+                next_full = now + self.options.rescan;
+                ScanRequest::Full
+            } else {
+                ScanRequest::Paths(taken.paths)
+            };
         }
     }
 }

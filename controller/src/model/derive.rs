@@ -14,7 +14,7 @@ use ambit_proto::discovery::{
     resource, Endpoint, GatewayAddress, LoadBalancing, OutboundPolicy, Resource,
     Service as WireService, ServicePort, TunnelProtocol, Workload,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, Authorizations};
@@ -66,63 +66,26 @@ impl Derived {
 /// Derives every resource proxies may need from the store.
 pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
     let mut out = Derived::default();
-    let waypoints = Waypoints::collect(store, config);
-    let authz = policy::authorizations(store, config, &mut out.errors);
-    let namespaces: HashMap<&str, &Namespace> = typed!(store, Namespace)
-        .filter_map(|n| Some((n.metadata.name.as_deref()?, n)))
-        .collect();
-    let ns_labels = |ns: &str| namespaces.get(ns).and_then(|n| n.metadata.labels.as_ref());
-
-    // Zones come from the nodes, as Kubernetes' topology labels put them there.
-    let zones: HashMap<&str, String> = typed!(store, Node)
-        .filter_map(|n| {
-            let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL)?;
-            Some((n.metadata.name.as_deref()?, zone.clone()))
-        })
-        .collect();
-    // Outbound policies by namespace, each label checked once (not once per pod).
-    let mut outbound: HashMap<&str, OutboundPolicy> = HashMap::new();
-    for (name, ns) in &namespaces {
-        let policy =
-            super::external::outbound_policy(ns.metadata.labels.as_ref()).unwrap_or_else(|e| {
-                out.errors.push(ModelError::OutboundPolicyInvalid {
-                    namespace: name.to_string(),
-                    field: e.field,
-                    why: e.why,
-                });
-                // Whoever set the label meant to restrict: fail closed.
-                OutboundPolicy::RegistryOnly
-            });
-        outbound.insert(name, policy);
-    }
+    let context = Context::new(store, config, &mut out.errors);
     for pod in typed!(store, Pod) {
-        if let Some((w, waypoint)) =
-            workload(pod, config, &ns_labels, &waypoints, &authz, &mut out.errors)
-        {
-            let mut w = w;
-            w.zone = zones.get(w.node.as_str()).cloned().unwrap_or_default();
-            w.outbound_policy = outbound
-                .get(w.namespace.as_str())
-                .copied()
-                .unwrap_or_default() as i32;
+        if let Some((w, waypoint)) = workload(pod, config, &context, &mut out.errors) {
             out.push(resource::Kind::Workload(w), waypoint);
         }
     }
-    let lb = policy::load_balancing(store);
     for svc in typed!(store, Service) {
-        if let Some((s, waypoint)) = service(
-            svc,
-            store,
-            config,
-            &ns_labels,
-            &waypoints,
-            &lb,
-            &mut out.errors,
-        ) {
+        if let Some((s, waypoint)) = service(svc, store, config, &context, &mut out.errors) {
             out.push(resource::Kind::Service(s), waypoint);
         }
     }
-    for a in authz.policies {
+    policies(store, config, &context, &mut out);
+    out
+}
+
+/// Everything but workloads and services: authorizations, routes, traffic policies, peer
+/// and request authentications, external services. Few objects, each derived on its own,
+/// so they are derived whole on every change (see [`super::incremental`]).
+pub(super) fn policies(store: &Store, config: &ModelConfig, context: &Context, out: &mut Derived) {
+    for a in &context.authz.policies {
         let wire = ambit_proto::discovery::Authorization::from(&a.policy);
         out.push(resource::Kind::Authorization(wire), None);
     }
@@ -139,8 +102,10 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
     for a in super::authn::request_authentications(store, config, &mut out.errors) {
         out.push(resource::Kind::RequestAuthentication(a), None);
     }
+    let waypoints = &context.waypoints;
     for (mut x, labels) in super::external::external_services(store, &mut out.errors) {
-        let asked = [labels, ns_labels(&x.namespace)]
+        let ns_labels = context.ns_labels(&x.namespace);
+        let asked = [labels, ns_labels]
             .into_iter()
             .flatten()
             .find_map(|l| l.get(USE_WAYPOINT_LABEL))
@@ -150,7 +115,7 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
             &x.namespace,
             &x.name,
             labels,
-            ns_labels(&x.namespace),
+            ns_labels,
             &mut out.errors,
         );
         // Its L7 policy lives in the waypoint it asked for: until that waypoint resolves
@@ -162,11 +127,73 @@ pub fn derive(store: &Store, config: &ModelConfig) -> Derived {
         x.waypoint = waypoint.as_ref().map(|(_, a)| a.clone());
         out.push(resource::Kind::ExternalService(x), waypoint.map(|(k, _)| k));
     }
-    out
+}
+
+/// What the derivation of a workload or a service reads besides its own object (and, for
+/// a service, the pods and endpoint slices of its namespace): small, so it is computed
+/// whole on every change, and comparing it with the previous one tells which workloads
+/// and services a change of a namespace, gateway, node or policy touches.
+pub(super) struct Context {
+    pub waypoints: Waypoints,
+    pub authz: Authorizations,
+    /// Each namespace's labels (`None`: it has none).
+    pub namespaces: HashMap<String, Option<Labels>>,
+    /// Each namespace's outbound policy, its label checked once rather than once per pod.
+    pub outbound: HashMap<String, OutboundPolicy>,
+    /// Each node's zone.
+    pub zones: HashMap<String, String>,
+    /// Each service's load-balancing algorithm, by (namespace, name).
+    pub lb: HashMap<(String, String), LoadBalancing>,
+}
+
+impl Context {
+    /// Computes the context from the store; problems with policies and namespace labels
+    /// go to `errors`.
+    pub fn new(store: &Store, config: &ModelConfig, errors: &mut Vec<ModelError>) -> Context {
+        let waypoints = Waypoints::collect(store, config);
+        let authz = policy::authorizations(store, config, errors);
+        let namespaces: HashMap<String, Option<Labels>> = typed!(store, Namespace)
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone())))
+            .collect();
+        // Zones come from the nodes, as Kubernetes' topology labels put them there.
+        let zones = typed!(store, Node)
+            .filter_map(|n| {
+                let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL)?;
+                Some((n.metadata.name.clone()?, zone.clone()))
+            })
+            .collect();
+        let mut outbound = HashMap::new();
+        for (name, labels) in &namespaces {
+            let policy = super::external::outbound_policy(labels.as_ref()).unwrap_or_else(|e| {
+                errors.push(ModelError::OutboundPolicyInvalid {
+                    namespace: name.to_string(),
+                    field: e.field,
+                    why: e.why,
+                });
+                // Whoever set the label meant to restrict: fail closed.
+                OutboundPolicy::RegistryOnly
+            });
+            outbound.insert(name.clone(), policy);
+        }
+        Context {
+            waypoints,
+            authz,
+            namespaces,
+            outbound,
+            zones,
+            lb: policy::load_balancing(store),
+        }
+    }
+
+    /// A namespace's labels, if it exists and has some.
+    pub fn ns_labels(&self, namespace: &str) -> Option<&Labels> {
+        self.namespaces.get(namespace)?.as_ref()
+    }
 }
 
 /// The waypoints (Gateways of class `ambit-waypoint`), by `namespace/name`.
-struct Waypoints(HashMap<String, Result<GatewayAddress, &'static str>>);
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Waypoints(HashMap<String, Result<GatewayAddress, &'static str>>);
 
 impl Waypoints {
     fn collect(store: &Store, config: &ModelConfig) -> Self {
@@ -250,16 +277,16 @@ impl Waypoints {
     }
 }
 
-type Labels = BTreeMap<String, String>;
+pub(super) type Labels = BTreeMap<String, String>;
 
-fn workload<'a>(
+/// The workload of one pod, if it has one.
+pub(super) fn workload(
     pod: &Pod,
     config: &ModelConfig,
-    ns_labels: &impl Fn(&str) -> Option<&'a Labels>,
-    waypoints: &Waypoints,
-    authz: &Authorizations,
+    context: &Context,
     errors: &mut Vec<ModelError>,
 ) -> Option<(Workload, Option<String>)> {
+    let waypoints = &context.waypoints;
     let meta = &pod.metadata;
     let name = meta.name.clone()?;
     let namespace = meta
@@ -271,7 +298,7 @@ fn workload<'a>(
     }
     let empty = Labels::new();
     let labels = meta.labels.as_ref().unwrap_or(&empty);
-    let nsl = ns_labels(&namespace);
+    let nsl = context.ns_labels(&namespace);
     let enrolled = nsl
         .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
         .map(String::as_str)
@@ -330,15 +357,22 @@ fn workload<'a>(
             TunnelProtocol::None
         } as i32,
         waypoint: waypoint.as_ref().map(|(_, a)| a.clone()),
-        authorization_policies: authz.selecting(&namespace, labels),
+        authorization_policies: context.authz.selecting(&namespace, labels),
         labels: labels.clone().into_iter().collect(),
         workload_name,
         canonical_name,
         canonical_revision,
-        zone: String::new(),
+        zone: spec
+            .and_then(|s| s.node_name.as_deref())
+            .and_then(|n| context.zones.get(n))
+            .cloned()
+            .unwrap_or_default(),
         is_waypoint,
-        // Set from the namespace by `derive`.
-        outbound_policy: OutboundPolicy::AllowAny as i32,
+        outbound_policy: context
+            .outbound
+            .get(namespace.as_str())
+            .copied()
+            .unwrap_or_default() as i32,
         name,
         namespace,
     };
@@ -416,15 +450,16 @@ fn owner_workload_name(pod: &Pod) -> Option<String> {
     Some(owner.name.clone())
 }
 
-fn service<'a>(
+/// One service with its endpoints (from its namespace's endpoint slices, else its
+/// selector over the namespace's pods).
+pub(super) fn service(
     svc: &Service,
     store: &Store,
     config: &ModelConfig,
-    ns_labels: &impl Fn(&str) -> Option<&'a Labels>,
-    waypoints: &Waypoints,
-    lb: &HashMap<(String, String), LoadBalancing>,
+    context: &Context,
     errors: &mut Vec<ModelError>,
 ) -> Option<(WireService, Option<String>)> {
+    let (waypoints, lb) = (&context.waypoints, &context.lb);
     let meta = &svc.metadata;
     let name = meta.name.clone()?;
     let namespace = meta
@@ -579,7 +614,7 @@ fn service<'a>(
         &namespace,
         &name,
         Some(meta.labels.as_ref().unwrap_or(&empty)),
-        ns_labels(&namespace),
+        context.ns_labels(&namespace),
         errors,
     );
     let s = WireService {

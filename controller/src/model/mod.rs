@@ -2,15 +2,15 @@
 //! derived from them.
 //!
 //! Sources send batches of [`SourceEvent`]s through a [`SourceSink`]; a single worker
-//! task (the only writer) applies them to a [`Store`], re-derives every proxy resource
-//! ([`derive::derive`]), and publishes an immutable [`Snapshot`] on a `watch` channel.
-//! Each snapshot carries a model version that grows with every change, and each resource
-//! carries a content hash and the version at which it last changed, so the discovery
-//! service can push only what differs from what a proxy already has. Deriving everything
-//! on each batch keeps the logic obviously consistent (no incremental dependency
-//! tracking between pods, services, namespaces and policies); bursts are coalesced into
-//! one derivation. What keeps that affordable at 10,000 pods: objects are `Arc`s shared
-//! with the source that sent them (the store holds pointers, not copies); a derived
+//! task (the only writer) applies them to a [`Store`], derives the proxy resources again
+//! where the batch can have changed them ([`Incremental`]; the whole derivation is
+//! [`derive::derive`], which it equals), and publishes an immutable [`Snapshot`] on a
+//! `watch` channel. Each snapshot carries a model version that grows with every change,
+//! and each resource carries a content hash and the version at which it last changed, so
+//! the discovery service can push only what differs from what a proxy already has.
+//! Bursts are coalesced into one derivation. What keeps a change cheap at 10,000 pods:
+//! objects are `Arc`s shared with the source that sent them (the store holds pointers,
+//! not copies); a change derives only the workloads and services it touches; a derived
 //! resource equal to the previous one keeps its entry, so unchanged entries are the same
 //! allocation from snapshot to snapshot; and each snapshot indexes, once, what every
 //! node's workloads need ([`Snapshot::node_scopes`]) for the discovery service.
@@ -18,6 +18,7 @@
 mod authn;
 mod derive;
 mod external;
+mod incremental;
 mod object;
 mod peer_auth;
 mod policy;
@@ -36,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 pub use authn::check_spec as check_request_authentication;
 pub use derive::{derive, Derived, DerivedResource, GATEWAY_NAME_LABEL};
 pub use external::{outbound_policy, OUTBOUND_POLICY_LABEL};
+pub use incremental::{Changes, Incremental};
 pub use object::{Kind, Object, ObjectKey, DEFAULT_NAMESPACE};
 pub use store::Store;
 pub(crate) use store::{typed, typed_in};
@@ -109,8 +111,9 @@ pub enum SourceEvent {
     Synced,
 }
 
-/// Why something in the model failed.
-#[derive(Debug, thiserror::Error)]
+/// Why something in the model failed. `Clone`: the model keeps each object's problems
+/// between changes and reports them with every snapshot.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ModelError {
     /// An object could not be converted; it was rejected and the rest still applies.
     #[error("{kind} {namespace}/{name} rejected: field {field}")]
@@ -165,7 +168,7 @@ pub enum ModelError {
 }
 
 /// What is wrong with one field.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum FieldError {
     /// Not an IP address or CIDR.
     #[error("{value:?} is not an IP address or CIDR")]
@@ -443,8 +446,10 @@ impl ModelBuilder {
         }));
         drop(self.tx);
         let worker = Worker {
+            incremental: Some(Incremental::new(self.config.clone())),
             config: self.config,
             store: Arc::new(Store::new()),
+            changes: Changes::default(),
             pending: vec![true; self.names.len()],
             names: self.names,
             snapshot: snap_tx,
@@ -490,6 +495,11 @@ struct Worker {
     /// Shared with the derivation thread while it runs, unique otherwise, so applying
     /// events never copies it.
     store: Arc<Store>,
+    /// What the events applied since the last derivation changed.
+    changes: Changes,
+    /// The derivation kept between changes; `None` while it runs (and after it panicked,
+    /// until the next change derives everything again).
+    incremental: Option<Incremental>,
     names: Vec<Arc<str>>,
     /// Sources that have not sent `Synced` yet.
     pending: Vec<bool>,
@@ -519,54 +529,43 @@ impl Worker {
                     *p = false;
                 }
             }
+            self.changes.record(&event);
             Arc::make_mut(&mut self.store).apply(event);
         }
     }
 
     async fn publish(&mut self) {
         let previous = self.snapshot.borrow().clone();
-        // Deriving a large mesh takes a while; keep it off the runtime's worker threads so
-        // discovery streams stay responsive meanwhile.
-        let (store, config) = (self.store.clone(), self.config.clone());
-        let derived = match tokio::task::spawn_blocking(move || derive(&store, &config)).await {
+        let version = previous.version + 1;
+        // Deriving takes a while (all of it at start, or after a relist); keep it off the
+        // runtime's worker threads so discovery streams stay responsive meanwhile.
+        let store = self.store.clone();
+        let changes = std::mem::take(&mut self.changes);
+        let mut incremental = self
+            .incremental
+            .take()
+            .unwrap_or_else(|| Incremental::new(self.config.clone()));
+        let derived = tokio::task::spawn_blocking(move || {
+            let outcome = incremental.update(&store, &changes, version);
+            let resources = outcome.changed.then(|| incremental.resources().clone());
+            (incremental, outcome, resources)
+        })
+        .await;
+        let (incremental, outcome, resources) = match derived {
             Ok(d) => d,
             Err(e) => {
+                // Its state is lost with it: the next change derives everything again.
                 tracing::error!(error = %e, "model derivation panicked; keeping the previous snapshot");
                 return;
             }
         };
+        self.incremental = Some(incremental);
         let ready = !self.pending.iter().any(|p| *p);
-        let version = previous.version + 1;
-        let mut changed = ready != previous.ready;
-        let mut resources = BTreeMap::new();
-        for (key, d) in derived.resources {
-            // Equal content keeps the previous entry (and its version). Comparing the
-            // messages is cheaper than hashing them (a hash clones and encodes), and
-            // prost's map fields compare regardless of order; only new content is hashed.
-            let entry = match previous.resources.get(&key) {
-                Some(old) if old.resource == d.resource && old.waypoint == d.waypoint => {
-                    old.clone()
-                }
-                _ => {
-                    changed = true;
-                    Arc::new(Entry {
-                        hash: content_hash(&d.resource),
-                        resource: d.resource,
-                        version,
-                        waypoint: d.waypoint,
-                    })
-                }
-            };
-            resources.insert(key, entry);
-        }
-        changed |= previous
-            .resources
-            .keys()
-            .any(|k| !resources.contains_key(k));
+        let mut changed = ready != previous.ready || resources.is_some();
         // Report each problem once, when it appears, rather than on every change.
         let old: std::collections::HashSet<String> =
             previous.errors.iter().map(|e| error_chain(e)).collect();
-        let new: Vec<String> = derived.errors.iter().map(|e| error_chain(e)).collect();
+        let new: Vec<String> = outcome.errors.iter().map(|e| error_chain(e)).collect();
         for e in new.iter().filter(|e| !old.contains(*e)) {
             tracing::warn!(error = %e, "model");
         }
@@ -574,12 +573,13 @@ impl Worker {
         if !changed {
             return;
         }
+        let resources = resources.unwrap_or_else(|| previous.resources.clone());
         tracing::debug!(version, resources = resources.len(), "model changed");
         self.snapshot.send_replace(Arc::new(Snapshot {
             version,
             ready,
             resources,
-            errors: Arc::new(derived.errors),
+            errors: Arc::new(outcome.errors),
             node_scopes: Default::default(),
         }));
     }

@@ -53,6 +53,31 @@ impl Authorizations {
     }
 }
 
+/// A selector-scoped policy's key and selector.
+pub(super) type SelectorPolicy = (String, BTreeMap<String, String>);
+
+impl Authorizations {
+    /// The selector-scoped policies of each namespace, in the order [`Self::selecting`]
+    /// meets them: all a workload's `authorization_policies` depend on (with the root
+    /// namespace's, which select in every namespace).
+    pub fn selectors(&self) -> BTreeMap<String, Vec<SelectorPolicy>> {
+        let mut out: BTreeMap<String, Vec<SelectorPolicy>> = BTreeMap::new();
+        for p in &self.policies {
+            if let Some(selector) = &p.selector {
+                out.entry(p.policy.namespace.to_string())
+                    .or_default()
+                    .push((p.policy.key(), selector.clone()));
+            }
+        }
+        out
+    }
+
+    /// The namespace whose selector policies select in every namespace.
+    pub fn root_namespace(&self) -> &str {
+        &self.root_namespace
+    }
+}
+
 /// Name and namespace of an object, or `None` when it has no name.
 fn names(meta: &ObjectMeta) -> Option<(String, String)> {
     let name = meta.name.clone()?;

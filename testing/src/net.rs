@@ -11,13 +11,60 @@ use anyhow::Context;
 const CONNECT: Duration = Duration::from_secs(2);
 const READ: Duration = Duration::from_secs(5);
 
-/// A free loopback port (bound, read, released) for a process the test starts. Another
-/// process could take it in between; tests accept that rare race for the simplicity.
+/// Lowest port [`free_port`] hands out.
+const PICK_FLOOR: u16 = 20_000;
+/// The fewest ports below the ephemeral range worth picking from; with fewer, [`free_port`]
+/// falls back to the kernel's choice.
+const PICK_MIN_POOL: u16 = 1_000;
+
+/// A free loopback TCP port (checked by binding it, then released) for a process the test
+/// starts, taken from below the kernel's ephemeral range when there is room there.
+///
+/// A port from `bind(0)` comes from the ephemeral range, where every outgoing connection
+/// also takes its local port: between the pick and the child's bind (or its bind again
+/// after a restart, on the same port), any loopback connection of any test, a probe or a
+/// ztunnel's stream to its controller, may be holding that port, and the child dies with
+/// "Address already in use". The restart tests lost about one run in twenty-five that way.
+/// Below the range only another pick can take it, and picks never repeat within a process
+/// (they walk the range from a random start); concurrent test processes start apart.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .context("binding a loopback port")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+
+    let ceiling = ephemeral_floor().unwrap_or(32_768);
+    let pool = ceiling.saturating_sub(PICK_FLOOR);
+    if pool < PICK_MIN_POOL {
+        return Ok(TcpListener::bind("127.0.0.1:0")
+            .context("binding a loopback port")?
+            .local_addr()?
+            .port());
+    }
+    let start = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        (h.finish() % u64::from(pool)) as u32
+    };
+    // The first pick of the process chooses where its walk starts.
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..pool {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % u32::from(pool);
+        let port = PICK_FLOOR + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in {PICK_FLOOR}..{ceiling}")
+}
+
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+fn ephemeral_floor() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `GET path` over HTTP/1.1 with `Connection: close`, blocking; returns the status code and
@@ -93,6 +140,25 @@ mod tests {
             .join()
             .map_err(|_| anyhow::anyhow!("server panicked"))??;
         assert!(asked.starts_with("GET /ready HTTP/1.1\r\n"), "{asked:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn picked_ports_are_bindable_distinct_and_outside_the_ephemeral_range() -> anyhow::Result<()> {
+        let floor = ephemeral_floor().context("the ephemeral range")?;
+        let picks: Vec<u16> = (0..200).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let mut distinct = picks.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), picks.len(), "a port was handed out twice");
+        if floor - PICK_FLOOR >= PICK_MIN_POOL {
+            assert!(
+                picks.iter().all(|p| (PICK_FLOOR..floor).contains(p)),
+                "{picks:?} strays into the ephemeral range from {floor}"
+            );
+        }
+        // Free, for the child: a listener on a picked port binds.
+        TcpListener::bind(("127.0.0.1", picks[0]))?;
         Ok(())
     }
 

@@ -48,14 +48,6 @@ fn require_browser() -> bool {
     false
 }
 
-/// A free port on loopback (bound, then released for chromedriver to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on loopback")
-}
-
 /// `ambitctl dashboard` on a free loopback port; returns it and the URL it printed.
 fn start_forward(state_dir: &Path) -> (Killed, String) {
     let mut child = Command::new(bin_dir().join("ambitctl"))
@@ -155,7 +147,7 @@ async fn the_dashboard_shows_the_sample_mesh_and_a_denial_naming_its_policy() {
         || mesh.client_log(),
     );
     let (_forward, url) = start_forward(&mesh.state_dir);
-    let port = free_port();
+    let port = ambit_testing::net::free_port().expect("a free port on loopback");
     let _driver = start_chromedriver(port);
     let mut caps = serde_json::Map::new();
     caps.insert(

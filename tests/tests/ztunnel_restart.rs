@@ -161,7 +161,6 @@ struct Cluster {
     state_dir: PathBuf,
     netns_dir: PathBuf,
     grpc: u16,
-    ops: u16,
     controller: Option<Proc>,
     ztunnels: Vec<(String, Option<Proc>, SocketAddr)>,
 }
@@ -178,7 +177,6 @@ impl Cluster {
             objects,
             netns_dir: topo.netns_dir().to_path_buf(),
             grpc: free_port()?,
-            ops: free_port()?,
             controller: None,
             ztunnels: Vec::new(),
             dir,
@@ -202,7 +200,8 @@ impl Cluster {
                 "--listen".into(),
                 format!("127.0.0.1:{}", self.grpc),
                 "--ops-listen".into(),
-                format!("127.0.0.1:{}", self.ops),
+                // Nothing here reads it: a fresh port at each start.
+                format!("127.0.0.1:{}", free_port()?),
                 "--state-dir".into(),
                 self.state_dir.display().to_string(),
                 "--nodes".into(),

@@ -309,8 +309,15 @@ impl Cluster {
     /// Every log, for failure messages.
     fn logs(&self) -> String {
         let mut out = String::new();
-        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            let path = entry.path();
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        // The controller's first: a failure report cut short still shows why it went away.
+        paths.sort_by_key(|p| (!p.ends_with("controller.log"), p.clone()));
+        for path in paths {
             if path.extension().is_some_and(|e| e == "log") {
                 out.push_str(&format!(
                     "--- {}\n{}\n",

@@ -88,8 +88,9 @@ impl TryFrom<&Hello> for Proxy {
 }
 
 /// Which resources of one snapshot one proxy gets: the per-proxy facts the rules need,
-/// computed once per snapshot so that selecting is a cheap test per resource.
-#[derive(Clone, Debug)]
+/// computed once per snapshot so that selecting is a cheap test per resource. Two equal
+/// selections want the same resources of any snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selection {
     /// A node's ztunnel: policies scoped to the namespaces of its pods, or referenced by them.
     Ztunnel {
@@ -276,7 +277,9 @@ pub fn diff(
     )
 }
 
-/// Merges the sorted selections of now and of what was sent.
+/// The changes from `sent` to `snapshot`'s `selection`: from the snapshot's delta when it
+/// follows the one sent and the proxy's selection is the same, else by merging both sorted
+/// selections.
 fn changes(
     snapshot: &Snapshot,
     selection: &Selection,
@@ -287,6 +290,37 @@ fn changes(
     let mut now = selection.select(snapshot).peekable();
     match sent {
         None => upserts.extend(now.map(|(_, e)| e.resource.clone())),
+        Some(sent)
+            if sent.selection == *selection
+                && snapshot
+                    .delta
+                    .as_ref()
+                    .is_some_and(|d| d.since == sent.snapshot.version) =>
+        {
+            let keys = snapshot.delta.iter().flat_map(|d| &d.keys);
+            for key in keys {
+                let wanted = |s: &Selection, snapshot: &Snapshot| {
+                    snapshot
+                        .resources
+                        .get_key_value(key)
+                        .filter(|(k, e)| s.wants(k, e))
+                        .map(|(_, e)| e.clone())
+                };
+                match (
+                    wanted(selection, snapshot),
+                    wanted(&sent.selection, &sent.snapshot),
+                ) {
+                    (Some(e), Some(old_e)) => {
+                        if e.hash != old_e.hash {
+                            upserts.push(e.resource.clone());
+                        }
+                    }
+                    (Some(e), None) => upserts.push(e.resource.clone()),
+                    (None, Some(_)) => removals.push(key.to_proto()),
+                    (None, None) => {}
+                }
+            }
+        }
         Some(sent) => {
             let mut before = sent.selection.select(&sent.snapshot).peekable();
             loop {
@@ -331,7 +365,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::model::{content_hash, derive, ModelConfig, Store};
+    use crate::model::{content_hash, derive, Delta, ModelConfig, Store};
     use crate::source::local::parse_file;
 
     const MESH: &str = r#"
@@ -452,6 +486,7 @@ spec: {targetRefs: [{group: networking.ambit.dev, kind: ExternalService, name: e
             resources,
             errors: Arc::default(),
             node_scopes: Default::default(),
+            delta: None,
         }
     }
 
@@ -627,6 +662,127 @@ spec: {targetRefs: [{group: networking.ambit.dev, kind: ExternalService, name: e
         );
         let (none, removals, _) = diff(&Arc::new(with_route), &proxy, Some(&next));
         assert!(none.is_empty() && removals.is_empty());
+    }
+
+    #[test]
+    fn a_diff_from_the_delta_equals_the_whole_merge() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let proxies = [
+            Proxy::Ztunnel {
+                node: "n1".into(),
+                peer_authentication: true,
+                external_services: true,
+            },
+            Proxy::Ztunnel {
+                node: "n2".into(),
+                peer_authentication: false,
+                external_services: true,
+            },
+            Proxy::Waypoint {
+                gateway: "demo/wp".into(),
+                identity: String::new(),
+                request_authentication: true,
+                external_services: true,
+            },
+        ];
+        let mut prev = Arc::new(snapshot());
+        let mut sent: Vec<Sent> = proxies.iter().map(|p| diff(&prev, p, None).2).collect();
+        let (mut from_delta, mut moved) = (0, 0);
+        for round in 0..300u64 {
+            let mut next = (*prev).clone();
+            next.version += 1;
+            next.node_scopes = Default::default();
+            for _ in 0..rng.random_range(0..4) {
+                let keys: Vec<Key> = next.resources.keys().cloned().collect();
+                let key = keys[rng.random_range(0..keys.len())].clone();
+                let mut entry = (*next.resources[&key]).clone();
+                match rng.random_range(0..5) {
+                    0 => {
+                        next.resources.remove(&key);
+                    }
+                    // The same content in a new allocation: nothing to send.
+                    1 => {
+                        next.resources.insert(key, Arc::new(entry));
+                    }
+                    2 => {
+                        entry.hash = rng.random();
+                        next.resources.insert(key, Arc::new(entry));
+                    }
+                    3 => {
+                        let copy = Key {
+                            kind: key.kind,
+                            name: format!("{}-{round}", key.name),
+                        };
+                        next.resources.insert(copy, Arc::new(entry));
+                    }
+                    // A pod moves node: the ztunnels' selections change.
+                    _ => {
+                        if let Some(resource::Kind::Workload(w)) = &mut entry.resource.kind {
+                            w.node = if w.node == "n1" { "n2" } else { "n1" }.into();
+                            entry.hash = rng.random();
+                            moved += 1;
+                        }
+                        next.resources.insert(key, Arc::new(entry));
+                    }
+                }
+            }
+            next.delta = Some(Arc::new(Delta::between(
+                prev.version,
+                &prev.resources,
+                &next.resources,
+            )));
+            let next = Arc::new(next);
+            let merged = Arc::new(Snapshot {
+                delta: None,
+                node_scopes: Default::default(),
+                ..(*next).clone()
+            });
+            for (proxy, sent) in proxies.iter().zip(sent.iter_mut()) {
+                let (upserts, removals, after) = diff(&next, proxy, Some(sent));
+                if after.selection == sent.selection {
+                    from_delta += 1;
+                }
+                assert_eq!(
+                    (upserts, removals),
+                    {
+                        let (u, r, _) = diff(&merged, proxy, Some(sent));
+                        (u, r)
+                    },
+                    "round {round}, {proxy}"
+                );
+                *sent = after;
+            }
+            prev = next;
+        }
+        // Both ways were taken.
+        assert!(from_delta > 600 && moved > 10, "{from_delta} {moved}");
+    }
+
+    #[test]
+    fn a_delta_names_what_was_added_removed_or_replaced() {
+        let before = snapshot().resources;
+        let mut after = before.clone();
+        let keys: Vec<Key> = before.keys().cloned().collect();
+        after.remove(&keys[0]);
+        let replaced = (*after[&keys[2]]).clone();
+        after.insert(keys[2].clone(), Arc::new(replaced));
+        let added = Key {
+            kind: keys[1].kind,
+            name: "zz/new".into(),
+        };
+        after.insert(added.clone(), after[&keys[1]].clone());
+        let delta = Delta::between(4, &before, &after);
+        let mut want = vec![keys[0].clone(), keys[2].clone(), added];
+        want.sort();
+        assert_eq!(
+            delta,
+            Delta {
+                since: 4,
+                keys: want
+            }
+        );
+        assert!(Delta::between(4, &before, &before).keys.is_empty());
     }
 
     #[test]

@@ -279,6 +279,58 @@ pub struct Snapshot {
     /// ztunnel's subscription reads it, so one pass over the workloads serves them all
     /// instead of one pass per subscriber.
     pub node_scopes: std::sync::OnceLock<Arc<NodeScopes>>,
+    /// What differs from the snapshot before this one, when there was one.
+    pub delta: Option<Arc<Delta>>,
+}
+
+/// The keys whose entry one snapshot added, removed or replaced since the one before it
+/// (`since`, its version), in key order. A subscriber that holds that snapshot diffs only
+/// these keys: a change to one pod reaches 100 subscribers without each of them walking
+/// its whole selection again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub since: u64,
+    pub keys: Vec<Key>,
+}
+
+impl Delta {
+    /// The keys whose entry is not the same allocation in `before` and `after` (derivation
+    /// keeps the `Arc` of every entry it did not change, so that is the change).
+    pub fn between(
+        since: u64,
+        before: &BTreeMap<Key, Arc<Entry>>,
+        after: &BTreeMap<Key, Arc<Entry>>,
+    ) -> Self {
+        let mut keys = Vec::new();
+        let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+        loop {
+            match (b.peek(), a.peek()) {
+                (None, None) => break,
+                (Some((_, old)), Some((_, new))) if Arc::ptr_eq(old, new) => {
+                    b.next();
+                    a.next();
+                }
+                (Some((old_k, _)), Some((new_k, _))) if old_k == new_k => {
+                    keys.push((*new_k).clone());
+                    b.next();
+                    a.next();
+                }
+                (Some((old_k, _)), Some((new_k, _))) if new_k < old_k => {
+                    keys.push((*new_k).clone());
+                    a.next();
+                }
+                (None, Some((new_k, _))) => {
+                    keys.push((*new_k).clone());
+                    a.next();
+                }
+                (Some((old_k, _)), _) => {
+                    keys.push((*old_k).clone());
+                    b.next();
+                }
+            }
+        }
+        Delta { since, keys }
+    }
 }
 
 /// Per node: the namespaces its workloads are in and the selector policies they reference.
@@ -545,10 +597,14 @@ impl Worker {
             .incremental
             .take()
             .unwrap_or_else(|| Incremental::new(self.config.clone()));
+        let before = previous.clone();
         let derived = tokio::task::spawn_blocking(move || {
             let outcome = incremental.update(&store, &changes, version);
             let resources = outcome.changed.then(|| incremental.resources().clone());
-            (incremental, outcome, resources)
+            let delta = resources
+                .as_ref()
+                .map(|after| Arc::new(Delta::between(before.version, &before.resources, after)));
+            (incremental, outcome, resources.zip(delta))
         })
         .await;
         let (incremental, outcome, resources) = match derived {
@@ -573,14 +629,28 @@ impl Worker {
         if !changed {
             return;
         }
-        let resources = resources.unwrap_or_else(|| previous.resources.clone());
-        tracing::debug!(version, resources = resources.len(), "model changed");
+        let (resources, delta) = resources.unwrap_or_else(|| {
+            (
+                previous.resources.clone(),
+                Arc::new(Delta {
+                    since: previous.version,
+                    keys: Vec::new(),
+                }),
+            )
+        });
+        tracing::debug!(
+            version,
+            resources = resources.len(),
+            changed = delta.keys.len(),
+            "model changed"
+        );
         self.snapshot.send_replace(Arc::new(Snapshot {
             version,
             ready,
             resources,
             errors: Arc::new(outcome.errors),
             node_scopes: Default::default(),
+            delta: Some(delta),
         }));
     }
 }

@@ -679,3 +679,76 @@ async fn reading_the_folder_does_not_start_another_scan() {
     let scans = *h.scans.borrow();
     assert!((2..=3).contains(&scans), "{scans} scans");
 }
+
+/// What the served objects are after a scanner's events, kept across scans as the model
+/// keeps them, compared with what a fresh scanner serves from the same folder: the
+/// definitions the scanner keeps between scans must end where reading everything again
+/// does, with the same duplicates reported, whatever the order of the edits.
+#[test]
+fn definitions_kept_between_scans_agree_with_a_fresh_scan() {
+    use ambit_controller::source::local::Scanner;
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    std::fs::write(root.join("ns.yaml"), NS).expect("write");
+    let files = ["a.yaml", "b.yaml", "c.yaml", "d.yaml", "sub/e.yaml"];
+    std::fs::create_dir(root.join("sub")).expect("mkdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut kept = Scanner::new(&root);
+    let mut model: BTreeMap<ObjectKey, String> = BTreeMap::new();
+    let apply = |model: &mut BTreeMap<ObjectKey, String>, events: &[SourceEvent]| {
+        for e in events {
+            match e {
+                SourceEvent::Apply(o) => {
+                    model.insert(o.key().expect("key"), format!("{o:?}"));
+                }
+                SourceEvent::Delete(k) => {
+                    model.remove(k);
+                }
+                _ => {}
+            }
+        }
+    };
+    let errors = |e: &[LocalError]| e.iter().map(|e| error_chain(e)).collect::<Vec<_>>();
+    apply(&mut model, &kept.scan().events);
+    let mut duplicates = 0;
+    for step in 0..150 {
+        let mut changed = BTreeSet::new();
+        for _ in 0..rng.random_range(1..3) {
+            let name = files[rng.random_range(0..files.len())];
+            let path = root.join(name);
+            if rng.random_range(0..5) == 0 {
+                let _ = std::fs::remove_file(&path);
+            } else {
+                // A few pods from a small pool, so files often define the same one, and
+                // a file sometimes defines one twice.
+                let text: Vec<String> = (0..rng.random_range(0..4))
+                    .map(|_| {
+                        let n = rng.random_range(0..6);
+                        pod(&format!("p{n}"), &format!("v{}", rng.random_range(0..3)))
+                    })
+                    .collect();
+                std::fs::write(&path, text.join("---\n")).expect("write");
+            }
+            changed.insert(path);
+        }
+        let scan = kept.scan_paths(&changed);
+        apply(&mut model, &scan.events);
+        let fresh = Scanner::new(&root).scan();
+        let mut want = BTreeMap::new();
+        apply(&mut want, &fresh.events);
+        assert_eq!(model, want, "step {step}: served objects");
+        assert_eq!(
+            errors(&scan.errors),
+            errors(&fresh.errors),
+            "step {step}: errors"
+        );
+        duplicates += fresh.errors.len();
+    }
+    assert!(
+        duplicates > 50,
+        "the steps made too few duplicates: {duplicates}"
+    );
+}

@@ -629,7 +629,8 @@ pub struct Scanner {
     definitions: HashMap<ObjectKey, Vec<Definition>>,
     /// The keys with more than one definition.
     duplicated: BTreeSet<ObjectKey>,
-    /// Keys the hashes of documents' texts.
+    /// The hasher of documents' texts, keyed at random for each process (see
+    /// [`parse_with_documents`]).
     hashes: std::collections::hash_map::RandomState,
     sent: BTreeMap<ObjectKey, Served>,
 }

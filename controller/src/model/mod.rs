@@ -301,36 +301,49 @@ impl Delta {
         before: &BTreeMap<Key, Arc<Entry>>,
         after: &BTreeMap<Key, Arc<Entry>>,
     ) -> Self {
-        let mut keys = Vec::new();
-        let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
-        loop {
-            match (b.peek(), a.peek()) {
-                (None, None) => break,
-                (Some((_, old)), Some((_, new))) if Arc::ptr_eq(old, new) => {
-                    b.next();
-                    a.next();
-                }
-                (Some((old_k, _)), Some((new_k, _))) if old_k == new_k => {
-                    keys.push((*new_k).clone());
-                    b.next();
-                    a.next();
-                }
-                (Some((old_k, _)), Some((new_k, _))) if new_k < old_k => {
-                    keys.push((*new_k).clone());
-                    a.next();
-                }
-                (None, Some((new_k, _))) => {
-                    keys.push((*new_k).clone());
-                    a.next();
-                }
-                (Some((old_k, _)), _) => {
-                    keys.push((*old_k).clone());
-                    b.next();
-                }
-            }
-        }
+        let keys = changed_entries(before.iter(), after.iter())
+            .map(|(key, _, _)| key.clone())
+            .collect();
         Delta { since, keys }
     }
+}
+
+/// The entries of two key-ordered sequences that differ, in key order, as `(key, before,
+/// after)`: a key on one side only, or under the same key another allocation. Unchanged
+/// entries are the same allocation across snapshots, and an entry lives under one key
+/// only, so the common case costs no key comparison (comparing 10,000 keys per subscriber
+/// per change was once the controller's hottest loop).
+pub fn changed_entries<'a>(
+    before: impl Iterator<Item = (&'a Key, &'a Arc<Entry>)>,
+    after: impl Iterator<Item = (&'a Key, &'a Arc<Entry>)>,
+) -> impl Iterator<Item = (&'a Key, Option<&'a Arc<Entry>>, Option<&'a Arc<Entry>>)> {
+    let (mut before, mut after) = (before.peekable(), after.peekable());
+    std::iter::from_fn(move || loop {
+        match (before.peek().copied(), after.peek().copied()) {
+            (None, None) => return None,
+            (Some((_, old)), Some((_, new))) if Arc::ptr_eq(old, new) => {
+                before.next();
+                after.next();
+            }
+            (Some((old_k, old)), Some((new_k, new))) if old_k == new_k => {
+                before.next();
+                after.next();
+                return Some((new_k, Some(old), Some(new)));
+            }
+            (Some((old_k, _)), Some((new_k, new))) if new_k < old_k => {
+                after.next();
+                return Some((new_k, None, Some(new)));
+            }
+            (None, Some((new_k, new))) => {
+                after.next();
+                return Some((new_k, None, Some(new)));
+            }
+            (Some((old_k, old)), _) => {
+                before.next();
+                return Some((old_k, Some(old), None));
+            }
+        }
+    })
 }
 
 /// Per node: the namespaces its workloads are in and the selector policies they reference.

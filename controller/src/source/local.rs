@@ -20,7 +20,7 @@
 //! discovery, the CA and metrics.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{Hash as _, Hasher as _};
+use std::hash::BuildHasher as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -538,10 +538,10 @@ fn split_documents(text: &str) -> Option<Vec<&str>> {
 /// [`parse_file_limited`], parsing only the documents whose text `previous` (the file's
 /// last parse) has not seen: a tool that rewrites a file of 200 Pods to change one has
 /// one document parsed, not 200 (parsing was most of the controller's CPU under the
-/// scale bench's churn). A document that does not parse alone, or a file that cannot be
-/// split, is parsed whole, so errors name documents, lines and columns as a whole parse
-/// does. Document hashes are keyed by `state`, so no file can be written to collide with
-/// another's.
+/// scale bench's churn). A file without a previous parse, a document that does not parse
+/// alone, or a file that cannot be split, is parsed whole, so errors name documents, lines
+/// and columns as a whole parse does. Document hashes are keyed by `state`, so no file can
+/// be written to collide with another's.
 fn parse_with_documents(
     path: &Path,
     text: &str,
@@ -549,16 +549,31 @@ fn parse_with_documents(
     previous: Option<&ParsedFile>,
     state: &std::collections::hash_map::RandomState,
 ) -> Result<ParsedFile, Vec<LocalError>> {
-    use std::hash::BuildHasher as _;
     let whole = || parse_file_limited(path, text, limits).map(ParsedFile::new);
     let Some(split) = split_documents(text) else {
         return whole();
+    };
+    let Some(previous) = previous else {
+        // Nothing to reuse (a new file, or one that failed last time): one parse of the
+        // whole text, its objects remembered by their documents' texts. Parsing each
+        // document alone first would parse a broken file twice on every scan.
+        let located = parse_file_limited(path, text, limits)?;
+        let mut by_document: HashMap<usize, Arc<Object>> = located
+            .iter()
+            .map(|l| (l.document, l.object.clone()))
+            .collect();
+        let documents = split
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (state.hash_one(d), by_document.remove(&(i + 1))))
+            .collect();
+        return Ok(ParsedFile::with_documents(located, documents));
     };
     let mut located = Vec::new();
     let mut documents = Documents::with_capacity(split.len());
     for (i, document) in split.into_iter().enumerate() {
         let hash = state.hash_one(document);
-        let object = match previous.and_then(|p| p.documents.get(&hash)) {
+        let object = match previous.documents.get(&hash) {
             Some(object) => object.clone(),
             None => match parse_file_limited(path, document, limits) {
                 Ok(mut alone) if alone.len() <= 1 => alone.pop().map(|l| l.object),
@@ -597,15 +612,26 @@ impl Served {
         (Arc::ptr_eq(&self.file, &other.file) && self.index == other.index)
             || self.object() == other.object()
     }
+
+    /// The 1-based index of its document in its file.
+    fn document(&self) -> usize {
+        self.file.located[self.index].document
+    }
 }
 
-/// One definition of an object: the file (by path, then its parse) and the object's
-/// place in it.
+/// One definition of an object: the path of its file, and the object as it is served when
+/// this definition is the first.
 #[derive(Clone, Debug)]
 struct Definition {
     path: Arc<Path>,
-    file: Parsed,
-    index: usize,
+    served: Served,
+}
+
+impl Definition {
+    /// Where it stands among a key's definitions: path order, then file order.
+    fn place(&self) -> (&Path, usize) {
+        (&self.path, self.served.index)
+    }
 }
 
 /// The folder's state across scans: each file's last good objects, the parse of each
@@ -629,16 +655,10 @@ pub struct Scanner {
     definitions: HashMap<ObjectKey, Vec<Definition>>,
     /// The keys with more than one definition.
     duplicated: BTreeSet<ObjectKey>,
-    /// The hasher of documents' texts, keyed at random for each process (see
-    /// [`parse_with_documents`]).
+    /// The hasher of files' and documents' texts, keyed at random for each process, so no
+    /// file can be written to collide with another's (see [`parse_with_documents`]).
     hashes: std::collections::hash_map::RandomState,
     sent: BTreeMap<ObjectKey, Served>,
-}
-
-fn text_hash(text: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
 }
 
 /// Hidden names (editors' swap, lock and temporary files; `.git`), at any depth, are not
@@ -758,7 +778,7 @@ impl Scanner {
                     continue;
                 }
             };
-            let hash = text_hash(&text);
+            let hash = self.hashes.hash_one(&text);
             if self.parsed.get(path).is_some_and(|(h, _)| *h == hash) {
                 continue;
             }
@@ -864,7 +884,9 @@ impl Scanner {
                             self.definitions.remove(key);
                         }
                     }
-                    touched.insert(key.clone());
+                    if !touched.contains(key) {
+                        touched.insert(key.clone());
+                    }
                 }
             }
             let Some(new) = self.last_good.get(&path) else {
@@ -875,11 +897,13 @@ impl Scanner {
                 let Some(key) = key else { continue };
                 let definition = Definition {
                     path: at.clone(),
-                    file: new.clone(),
-                    index,
+                    served: Served {
+                        file: new.clone(),
+                        index,
+                    },
                 };
                 let defs = self.definitions.entry(key.clone()).or_default();
-                let place = defs.partition_point(|d| (&*d.path, d.index) < (&*at, index));
+                let place = defs.partition_point(|d| d.place() < definition.place());
                 defs.insert(place, definition);
                 if !touched.contains(key) {
                     touched.insert(key.clone());
@@ -901,10 +925,7 @@ impl Scanner {
                     }
                 }
                 Some(first) => {
-                    let served = Served {
-                        file: first.file.clone(),
-                        index: first.index,
-                    };
+                    let served = first.served.clone();
                     if !self.sent.get(&key).is_some_and(|s| s.same_as(&served)) {
                         applies.push(SourceEvent::Apply(served.object().clone()));
                     }
@@ -926,12 +947,12 @@ impl Scanner {
             };
             copies.extend(rest.iter().map(|d| (d, &*first.path, key)));
         }
-        copies.sort_by(|(a, _, _), (b, _, _)| (&*a.path, a.index).cmp(&(&*b.path, b.index)));
+        copies.sort_by(|(a, _, _), (b, _, _)| a.place().cmp(&b.place()));
         copies
             .into_iter()
             .map(|(copy, first, key)| LocalError::Duplicate {
                 path: copy.path.to_path_buf(),
-                document: copy.file.located[copy.index].document,
+                document: copy.served.document(),
                 first: first.to_path_buf(),
                 key: key.clone(),
             })

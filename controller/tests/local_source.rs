@@ -90,7 +90,7 @@ impl Harness {
         .expect("no error reported within 10s")
         .expect("source stopped")
         .clone();
-        errs.iter().map(|e| error_chain(e)).collect()
+        lines(&errs)
     }
 
     /// Writes a broken `text` into `name` and expects exactly one error, naming each of `wants`.
@@ -122,6 +122,11 @@ impl Drop for Harness {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Errors as an operator reads them, one line each.
+fn lines(errors: &[LocalError]) -> Vec<String> {
+    errors.iter().map(|e| error_chain(e)).collect()
 }
 
 /// Events as short strings: `apply Pod demo/a app=x`, `delete Pod demo/a`, `synced`.
@@ -514,7 +519,6 @@ fn a_scan_of_the_changed_paths_agrees_with_a_full_scan() {
     write("b.yaml", &pod("bb", "db"));
     let mut partial = Scanner::new(&root);
     let mut full = Scanner::new(&root);
-    let errors = |e: &[LocalError]| e.iter().map(|e| error_chain(e)).collect::<Vec<_>>();
     let first = full.scan();
     assert_eq!(summary(&first.events).len(), 3);
     let none = BTreeSet::new();
@@ -620,7 +624,7 @@ fn a_scan_of_the_changed_paths_agrees_with_a_full_scan() {
         let paths: BTreeSet<_> = paths.iter().map(|p| at(p)).collect();
         let (p, f) = (partial.scan_paths(&paths), full.scan());
         assert_eq!(summary(&p.events), summary(&f.events), "{what}: events");
-        assert_eq!(errors(&p.errors), errors(&f.errors), "{what}: errors");
+        assert_eq!(lines(&p.errors), lines(&f.errors), "{what}: errors");
         // The steps are chosen so that each one is seen (a rename moves an object
         // between files: a scan that missed the old name would report a duplicate).
         assert!(
@@ -711,7 +715,6 @@ fn definitions_kept_between_scans_agree_with_a_fresh_scan() {
             }
         }
     };
-    let errors = |e: &[LocalError]| e.iter().map(|e| error_chain(e)).collect::<Vec<_>>();
     apply(&mut model, &kept.scan().events);
     let mut duplicates = 0;
     for step in 0..150 {
@@ -741,8 +744,8 @@ fn definitions_kept_between_scans_agree_with_a_fresh_scan() {
         apply(&mut want, &fresh.events);
         assert_eq!(model, want, "step {step}: served objects");
         assert_eq!(
-            errors(&scan.errors),
-            errors(&fresh.errors),
+            lines(&scan.errors),
+            lines(&fresh.errors),
             "step {step}: errors"
         );
         duplicates += fresh.errors.len();

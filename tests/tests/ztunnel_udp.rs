@@ -162,23 +162,40 @@ async fn send_numbered(
     .await
 }
 
-/// UDP datagrams (IPv4, or IPv6 without extension headers) on the fabric to or from `port`.
-fn udp_on_wire(frames: &[Vec<u8>], port: u16) -> usize {
+/// UDP datagrams (IPv4, or IPv6 without extension headers) on the fabric to or from `end`.
+/// Only that address and port count: other pods' plain UDP (the checks' own control
+/// traffic to pods outside the mesh) may be in flight while the sniffer runs.
+fn udp_on_wire(frames: &[Vec<u8>], end: SocketAddr) -> usize {
     frames
         .iter()
         .filter(|f| {
             let Some(ip) = f.get(14..) else { return false };
-            // Where the UDP header starts, if this is UDP.
-            let udp = match f.get(12..14) {
-                Some([0x08, 0x00]) if ip.get(9) == Some(&17) => usize::from(ip[0] & 0x0f) * 4,
-                Some([0x86, 0xdd]) if ip.get(6) == Some(&17) => 40,
+            // Where the UDP header starts, and the source and destination addresses.
+            let (udp, src, dst): (usize, Option<IpAddr>, Option<IpAddr>) = match f.get(12..14) {
+                Some([0x08, 0x00]) if ip.get(9) == Some(&17) => {
+                    let v4 = |at: usize| {
+                        let b: [u8; 4] = ip.get(at..at + 4)?.try_into().ok()?;
+                        Some(IpAddr::from(b))
+                    };
+                    (usize::from(ip[0] & 0x0f) * 4, v4(12), v4(16))
+                }
+                Some([0x86, 0xdd]) if ip.get(6) == Some(&17) => {
+                    let v6 = |at: usize| {
+                        let b: [u8; 16] = ip.get(at..at + 16)?.try_into().ok()?;
+                        Some(IpAddr::from(b))
+                    };
+                    (40, v6(8), v6(24))
+                }
                 _ => return false,
             };
             let port_at = |at: usize| {
                 ip.get(udp + at..udp + at + 2)
                     .map(|b| u16::from_be_bytes([b[0], b[1]]))
             };
-            port_at(0) == Some(port) || port_at(2) == Some(port)
+            let is_end = |addr: Option<IpAddr>, port: Option<u16>| {
+                addr == Some(end.ip()) && port == Some(end.port())
+            };
+            is_end(src, port_at(0)) || is_end(dst, port_at(2))
         })
         .count()
 }
@@ -342,7 +359,7 @@ policies:
         "datagram payload crossed the fabric in plaintext"
     );
     assert_eq!(
-        udp_on_wire(&frames, ECHO_PORT),
+        udp_on_wire(&frames, echo),
         0,
         "UDP to the server's port crossed the fabric"
     );
@@ -635,7 +652,7 @@ policies:
         "datagram payload crossed the fabric in plaintext"
     );
     assert_eq!(
-        udp_on_wire(&frames, ECHO_PORT),
+        udp_on_wire(&frames, echo),
         0,
         "UDP to the server's port crossed the fabric"
     );
@@ -686,8 +703,13 @@ policies:
         })
         .await?;
     }
-    // Sent after the client's: had those been let out, they would be there by now.
+    // Sent after the client's: had those been let out, the sniffer would have them once it
+    // has these. Seeing these also shows the checks below had eyes.
     answers(plain, target).await?;
+    eventually("the sniffer to see plain UDP to the victim", || {
+        udp_on_wire(&sniffer.frames(), target) > 0
+    })
+    .await?;
     let frames = sniffer.frames();
     drop(sniffer);
     assert!(

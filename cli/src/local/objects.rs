@@ -282,20 +282,15 @@ pub fn read_layout(dir: &Path) -> Result<Layout, ObjectsError> {
             meta.namespace.as_deref().unwrap_or("default"),
             meta.name.as_deref().unwrap_or("?")
         );
-        let node = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .ok_or_else(|| {
-                pod_error(
-                    &key,
-                    "spec.nodeName is missing (local mode has no scheduler)",
-                )
-            })?;
+        let node = pod.node_name.clone().ok_or_else(|| {
+            pod_error(
+                &key,
+                "spec.nodeName is missing (local mode has no scheduler)",
+            )
+        })?;
         let ip: Ipv4Addr = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_deref())
+            .pod_ip
+            .as_deref()
             .ok_or_else(|| pod_error(&key, "status.podIP is missing (local mode has no kubelet)"))?
             .parse()
             .map_err(|_| pod_error(&key, "status.podIP is not an IPv4 address"))?;
@@ -307,17 +302,13 @@ pub fn read_layout(dir: &Path) -> Result<Layout, ObjectsError> {
             .and_then(|l| l.get(GATEWAY_NAME_LABEL))
             .filter(|gw| waypoints.contains(&format!("{namespace}/{gw}")));
         let sample = if let Some(gw) = gateway {
-            let sa = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.as_deref())
-                .unwrap_or("default");
+            let sa = pod.service_account_name.as_deref().unwrap_or("default");
             // The controller names a waypoint's identity after its Gateway.
             if sa != gw {
                 return Err(pod_error(
                     &key,
                     &format!(
-                        "runs waypoint {namespace}/{gw}, so spec.serviceAccountName must be {gw:?}                          (a waypoint's identity is its Gateway's name), not {sa:?}"
+                        "runs waypoint {namespace}/{gw}, so spec.serviceAccountName must be {gw:?} (a waypoint's identity is its Gateway's name), not {sa:?}"
                     ),
                 ));
             }

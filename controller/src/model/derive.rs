@@ -14,12 +14,13 @@ use ambit_proto::discovery::{
     resource, Endpoint, GatewayAddress, LoadBalancing, OutboundPolicy, Resource,
     Service as WireService, ServicePort, TunnelProtocol, Workload,
 };
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, Authorizations};
 use super::{
-    ip_bytes, selects, typed, typed_in, FieldError, Key, Kind, ModelConfig, ModelError, Store,
+    ip_bytes, selects, typed, typed_in, FieldError, Key, Kind, MeshPod, ModelConfig, ModelError,
+    Store,
 };
 use crate::crd::gateway::WAYPOINT_CLASS;
 
@@ -281,7 +282,7 @@ pub(super) type Labels = BTreeMap<String, String>;
 
 /// The workload of one pod, if it has one.
 pub(super) fn workload(
-    pod: &Pod,
+    pod: &MeshPod,
     config: &ModelConfig,
     context: &Context,
     errors: &mut Vec<ModelError>,
@@ -304,7 +305,6 @@ pub(super) fn workload(
         .map(String::as_str)
         == Some("ambient")
         && labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) != Some("none");
-    let spec = pod.spec.as_ref();
     let addresses = pod_ips(pod, &namespace, &name, errors);
     let gateway_of_pod = labels
         .get(GATEWAY_NAME_LABEL)
@@ -342,12 +342,13 @@ pub(super) fn workload(
             .uid
             .clone()
             .unwrap_or_else(|| format!("{namespace}/{name}")),
-        service_account: spec
-            .and_then(|s| s.service_account_name.clone())
+        service_account: pod
+            .service_account_name
+            .clone()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_string()),
         trust_domain: config.trust_domain.clone(),
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        node: pod.node_name.clone().unwrap_or_default(),
         addresses: addresses.into_iter().map(ip_bytes).collect(),
         // A waypoint speaks HBONE itself (it binds 15008 in its own pod): capturing it
         // would put ztunnel's listeners in its way and tunnel its tunnels again.
@@ -362,8 +363,9 @@ pub(super) fn workload(
         workload_name,
         canonical_name,
         canonical_revision,
-        zone: spec
-            .and_then(|s| s.node_name.as_deref())
+        zone: pod
+            .node_name
+            .as_deref()
             .and_then(|n| context.zones.get(n))
             .cloned()
             .unwrap_or_default(),
@@ -379,21 +381,23 @@ pub(super) fn workload(
     Some((w, waypoint.map(|(k, _)| k)))
 }
 
-fn pod_phase(pod: &Pod) -> Option<&str> {
-    pod.status.as_ref()?.phase.as_deref()
+fn pod_phase(pod: &MeshPod) -> Option<&str> {
+    pod.phase.as_deref()
 }
 
 /// The pod's IPs: `status.podIPs`, else `status.podIP`. Unparseable ones are reported.
-fn pod_ips(pod: &Pod, namespace: &str, name: &str, errors: &mut Vec<ModelError>) -> Vec<IpAddr> {
-    let Some(status) = pod.status.as_ref() else {
-        return Vec::new();
-    };
+fn pod_ips(
+    pod: &MeshPod,
+    namespace: &str,
+    name: &str,
+    errors: &mut Vec<ModelError>,
+) -> Vec<IpAddr> {
     let mut raw: Vec<(String, &str)> = Vec::new();
-    for (i, p) in status.pod_ips.iter().flatten().enumerate() {
-        raw.push((format!("status.podIPs[{i}].ip"), p.ip.as_str()));
+    for (i, ip) in pod.pod_ips.iter().enumerate() {
+        raw.push((format!("status.podIPs[{i}].ip"), ip.as_str()));
     }
     if raw.is_empty() {
-        if let Some(ip) = status.pod_ip.as_deref() {
+        if let Some(ip) = pod.pod_ip.as_deref() {
             raw.push(("status.podIP".to_string(), ip));
         }
     }
@@ -419,23 +423,14 @@ fn pod_ips(pod: &Pod, namespace: &str, name: &str, errors: &mut Vec<ModelError>)
 
 /// Ready per the `Ready` condition; a pod without conditions (local mode has no kubelet)
 /// is ready once it has an address.
-fn pod_ready(pod: &Pod) -> bool {
-    let Some(status) = pod.status.as_ref() else {
-        return false;
-    };
-    match status
-        .conditions
-        .as_ref()
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-    {
-        Some(c) => c.status == "True",
-        None => status.pod_ip.is_some() || status.pod_ips.as_ref().is_some_and(|v| !v.is_empty()),
-    }
+fn pod_ready(pod: &MeshPod) -> bool {
+    pod.ready_condition
+        .unwrap_or_else(|| pod.pod_ip.is_some() || !pod.pod_ips.is_empty())
 }
 
 /// The owning workload's name, as metrics know it: a Deployment's pods belong to a
 /// ReplicaSet `<deployment>-<hash>`, whose hash we strip.
-fn owner_workload_name(pod: &Pod) -> Option<String> {
+fn owner_workload_name(pod: &MeshPod) -> Option<String> {
     let owner = pod
         .metadata
         .owner_references
@@ -527,10 +522,10 @@ pub(super) fn service(
                 == Some(&name)
         })
         .collect();
-    let pods_in_ns: Vec<&Pod> = typed_in!(store, Pod, &namespace)
+    let pods_in_ns: Vec<&MeshPod> = typed_in!(store, Pod, &namespace)
         .filter(|p| !matches!(pod_phase(p), Some("Succeeded" | "Failed")))
         .collect();
-    let uid_of = |p: &Pod| {
+    let uid_of = |p: &MeshPod| {
         p.metadata.uid.clone().unwrap_or_else(|| {
             format!(
                 "{namespace}/{}",
@@ -543,7 +538,7 @@ pub(super) fn service(
     if !slices.is_empty() {
         // Given slices are the truth (Kubernetes computed them); we only map their
         // addresses back to workloads.
-        let by_ip: HashMap<IpAddr, &Pod> = pods_in_ns
+        let by_ip: HashMap<IpAddr, &MeshPod> = pods_in_ns
             .iter()
             .flat_map(|p| {
                 pod_ips(p, "", "", &mut Vec::new())
@@ -633,13 +628,9 @@ pub(super) fn service(
     Some((s, waypoint.map(|(k, _)| k)))
 }
 
-fn container_port(pod: &Pod, port_name: &str) -> Option<u32> {
-    let spec = pod.spec.as_ref()?;
-    spec.containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| p.name.as_deref() == Some(port_name))
-        .and_then(|p| u32::try_from(p.container_port).ok())
+fn container_port(pod: &MeshPod, port_name: &str) -> Option<u32> {
+    pod.named_port(port_name)
+        .and_then(|p| u32::try_from(p).ok())
 }
 
 /// `appProtocol` if given, else Istio's port-name convention (`http-web`, `grpc`, ...).

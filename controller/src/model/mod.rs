@@ -21,6 +21,7 @@ mod external;
 mod incremental;
 mod object;
 mod peer_auth;
+mod pod;
 mod policy;
 mod store;
 #[cfg(test)]
@@ -39,6 +40,7 @@ pub use derive::{derive, Derived, DerivedResource, GATEWAY_NAME_LABEL};
 pub use external::{outbound_policy, OUTBOUND_POLICY_LABEL};
 pub use incremental::{Changes, Incremental};
 pub use object::{Kind, Object, ObjectKey, DEFAULT_NAMESPACE};
+pub use pod::MeshPod;
 pub use store::Store;
 pub(crate) use store::{typed, typed_in};
 

@@ -5,10 +5,11 @@
 
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use super::pod::MeshPod;
 use crate::crd::{
     AuthorizationPolicy, ExternalService, Gateway, GrpcRoute, HttpRoute, PeerAuthentication,
     RequestAuthentication, TrafficPolicy,
@@ -29,9 +30,10 @@ macro_rules! objects {
         }
 
         /// One Kubernetes object of a kind the model understands.
-        // Unboxed on purpose: objects move a handful of times per event, and plain
-        // variants let sources write `Object::Pod` as a constructor.
-        #[allow(clippy::large_enum_variant)]
+        // Every object of the model is as large as the largest variant, so a kind much
+        // larger than the others is boxed (a `Node`, 1.5 KB of status), and a pod is kept
+        // as the fields the mesh reads (see `MeshPod`). The rest stay unboxed, so sources
+        // write `Object::Service` as a constructor.
         #[derive(Clone, Debug, PartialEq)]
         pub enum Object {
             $(
@@ -98,9 +100,9 @@ macro_rules! objects {
 
 objects! {
     Namespace(Namespace) = "v1", "Namespace", namespaced: false;
-    Node(Node) = "v1", "Node", namespaced: false;
+    Node(Box<Node>) = "v1", "Node", namespaced: false;
     ServiceAccount(ServiceAccount) = "v1", "ServiceAccount", namespaced: true;
-    Pod(Pod) = "v1", "Pod", namespaced: true;
+    Pod(MeshPod) = "v1", "Pod", namespaced: true;
     Service(Service) = "v1", "Service", namespaced: true;
     EndpointSlice(EndpointSlice) = "discovery.k8s.io/v1", "EndpointSlice", namespaced: true;
     Gateway(Gateway) = "gateway.networking.k8s.io/v1", "Gateway", namespaced: true;

@@ -244,13 +244,13 @@ impl KubeSource {
             tasks: JoinSet::new(),
         };
         s.kind(Kind::Namespace, Object::Namespace, w.namespaces);
-        s.kind(Kind::Node, Object::Node, w.nodes);
+        s.kind(Kind::Node, |n| Object::Node(Box::new(n)), w.nodes);
         s.kind(
             Kind::ServiceAccount,
             Object::ServiceAccount,
             w.service_accounts,
         );
-        s.kind(Kind::Pod, Object::Pod, w.pods);
+        s.kind(Kind::Pod, |p| Object::Pod(p.into()), w.pods);
         s.kind(Kind::Service, Object::Service, w.services);
         s.kind(
             Kind::EndpointSlice,

@@ -7,6 +7,7 @@
 //! | [`MeshArgs`] | `--trust-domain` (`AMBIT_TRUST_DOMAIN`) |
 //! | [`ControlPlaneArgs`] | `--controller`, `--static-state`, `--ca-address`, `--ca-root-file`, `--controller-identity`, `--credential-file`, `--cert-validity-seconds` |
 //! | [`ProxyOpsArgs`] | `--metrics-addr`, `--readiness-addr`, `--admin-addr` |
+//! | [`RuntimeArgs`] | `--worker-threads` (`AMBIT_WORKER_THREADS`) |
 //! | [`crate::logging::LogArgs`] | `--log-format`, `--log-level` |
 //!
 //! Each binary keeps the flags only it has (ztunnel's `--netns-dir`, the waypoint's
@@ -14,6 +15,7 @@
 //! in `-seconds`, addresses to listen on in `-addr` or `listen`.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
 use ambit_hbone::identity::IdentityError;
@@ -89,6 +91,29 @@ pub struct ProxyOpsArgs {
     pub admin_addr: SocketAddr,
 }
 
+/// The threads a proxy's connections run on.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct RuntimeArgs {
+    /// Threads that run the connections (default: one per CPU). One costs less CPU per
+    /// request under light load: with several, a thread that wakes for work wakes another to
+    /// share it, which mostly finds none; more serve more requests at once.
+    #[arg(long, env = "AMBIT_WORKER_THREADS")]
+    pub worker_threads: Option<NonZeroUsize>,
+}
+
+impl RuntimeArgs {
+    /// A multi-thread runtime builder with I/O and timers, its threads named `name` and
+    /// as many as `--worker-threads` says.
+    pub fn builder(&self, name: &str) -> tokio::runtime::Builder {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all().thread_name(name);
+        if let Some(n) = self.worker_threads {
+            builder.worker_threads(n.get());
+        }
+        builder
+    }
+}
+
 /// `0.0.0.0:<port>`: a port served on every address.
 pub fn any_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
@@ -112,6 +137,8 @@ mod tests {
         control: ControlPlaneArgs,
         #[command(flatten)]
         ops: ProxyOpsArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     }
 
     #[test]
@@ -178,5 +205,17 @@ mod tests {
         for old in ["--roots", "--token-file", "--ca ", "--metrics ", "--admin "] {
             assert!(!help.contains(old), "{old} shown in\n{help}");
         }
+    }
+
+    #[test]
+    fn worker_threads_size_the_runtime() {
+        let one = Cli::try_parse_from(["proxy", "--worker-threads", "1"]).expect("parse");
+        let rt = one.runtime.builder("test").build().expect("runtime");
+        assert_eq!(rt.metrics().num_workers(), 1);
+        let three = Cli::try_parse_from(["proxy", "--worker-threads=3"]).expect("parse");
+        let rt = three.runtime.builder("test").build().expect("runtime");
+        assert_eq!(rt.metrics().num_workers(), 3);
+        let err = Cli::try_parse_from(["proxy", "--worker-threads", "0"]).expect_err("zero");
+        assert!(err.to_string().contains("--worker-threads"), "{err}");
     }
 }

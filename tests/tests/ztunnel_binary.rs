@@ -41,6 +41,11 @@ impl Ztunnel {
             .args(["--readiness-addr", &format!("127.0.0.1:{r}")])
             .args(["--admin-addr", &format!("127.0.0.1:{a}")])
             .args(["--drain-seconds", "2", "--log-format", "json"]);
+        if node == "n1" {
+            // One runtime thread on one side: nothing in ztunnel may need a second one to
+            // make progress (the other side runs the default, one per CPU).
+            command.args(["--worker-threads", "1"]);
+        }
         Ok(Ztunnel {
             proc: Proc::start(command, dir.join(format!("{node}.log")))?,
             metrics: SocketAddr::from(([127, 0, 0, 1], m)),

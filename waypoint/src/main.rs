@@ -35,7 +35,7 @@ use ambit_hbone::tls::{self, RotatingCert, TrustBundle};
 use ambit_hbone::Identity;
 use ambit_proto::ports;
 use ambit_runtime::control;
-use ambit_runtime::flags::{any_addr, ControlPlaneArgs, MeshArgs, ProxyOpsArgs};
+use ambit_runtime::flags::{any_addr, ControlPlaneArgs, MeshArgs, ProxyOpsArgs, RuntimeArgs};
 use ambit_runtime::http::Listener;
 use ambit_runtime::logging::{error_chain, LogArgs};
 use ambit_waypoint::admin::{Admin, Port};
@@ -92,6 +92,8 @@ struct Args {
     listen: SocketAddr,
     #[command(flatten)]
     ops: ProxyOpsArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// HBONE port of destination ztunnels.
     #[arg(long, default_value_t = ports::HBONE)]
     hbone_port: u16,
@@ -145,9 +147,17 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let runtime = args
+        .runtime
+        .builder("waypoint")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     args.log
         .init()
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;

@@ -119,6 +119,8 @@ async fn binary_serves_reports_and_drains() {
         .env("SERVICE_ACCOUNT", "waypoint")
         .env("AMBIT_WAYPOINT_NAME", "waypoint")
         .env("AMBIT_LOG_FORMAT", "json")
+        // One runtime thread: nothing the waypoint does may need a second to make progress.
+        .env("AMBIT_WORKER_THREADS", "1")
         .arg("--static-state")
         .arg(dir.join("state.yaml"))
         .arg("--cert")

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_hbone::Identity;
-use ambit_runtime::flags::{ControlPlaneArgs, MeshArgs, ProxyOpsArgs};
+use ambit_runtime::flags::{ControlPlaneArgs, MeshArgs, ProxyOpsArgs, RuntimeArgs};
 
 use crate::capture::RuleConfig;
 use crate::dns::{DnsArgs, DnsSettings};
@@ -117,6 +117,8 @@ pub struct Args {
     pub dns: DnsArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// How a starting ztunnel takes over from the one running on its node (see

@@ -83,8 +83,7 @@ fn main() -> ExitCode {
         Ok(nofile) => tracing::info!(was = nofile.was, now = nofile.now, "descriptor limit"),
         Err(e) => tracing::warn!(error = %error_chain(&e), "descriptor limit not raised"),
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("ztunnel");
+    let mut builder = args.runtime.builder("ztunnel");
     #[cfg(feature = "mimalloc")]
     builder.on_thread_park(allocator::on_park);
     let runtime = match builder.build() {

@@ -56,6 +56,9 @@ struct Args {
     /// The waypoint binary.
     #[arg(long)]
     waypoint_bin: Option<PathBuf>,
+    /// The waypoint's `--worker-threads` (default: its own, one per CPU).
+    #[arg(long)]
+    worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 /// 1 KB answers to everything (after reading the request body).
@@ -291,6 +294,11 @@ async fn main() -> anyhow::Result<()> {
         .args(["--readiness-addr", &format!("127.0.0.1:{}", free_port()?)])
         .args(["--admin-addr", &format!("127.0.0.1:{}", free_port()?)])
         .args(["--hbone-port", &hbone_port.to_string()])
+        .args(
+            args.worker_threads
+                .iter()
+                .flat_map(|n| ["--worker-threads".to_string(), n.to_string()]),
+        )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -381,7 +389,11 @@ async fn main() -> anyhow::Result<()> {
         println!();
     }
     println!(
-        "waypoint process at {:.0} req/s of 1 KB for {:.1} s: CPU {:.1}% of one core, RSS {:.1} MiB",
+        "waypoint process ({}) at {:.0} req/s of 1 KB for {:.1} s: CPU {:.1}% of one core, RSS {:.1} MiB",
+        args.worker_threads.map_or_else(
+            || "worker threads: one per CPU".to_string(),
+            |n| format!("--worker-threads {n}")
+        ),
         served as f64 / elapsed,
         elapsed,
         (cpu1 - cpu0) / elapsed * 100.0,

@@ -1,8 +1,10 @@
-//! The Kubernetes source: one kube-rs watcher per kind the model understands, each feeding a
-//! reflector store and the model, producing the same [`SourceEvent`]s as the local source.
+//! The Kubernetes source: one kube-rs watcher per kind the model understands, each feeding
+//! the model, producing the same [`SourceEvent`]s as the local source.
 //!
 //! Per kind, a watcher lists then watches cluster-wide with kube-rs' default back-off; managed
-//! fields are stripped before anything is cached. Each completed (re)list becomes one
+//! fields are stripped before anything reaches the model. The model is the only cache: no
+//! reflector store keeps a second, whole copy of each object (of each Pod, 5 KB before its
+//! strings, where the model keeps the fields the mesh reads). Each completed (re)list becomes one
 //! [`SourceEvent::Replace`] for that kind, so objects deleted while the watch was away (a `410
 //! Gone` forces a relist) disappear from the model; later changes are `Apply`/`Delete`. Once
 //! every kind has completed its first list the source sends [`SourceEvent::Synced`], so the
@@ -21,19 +23,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, store::Writer, Store};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::crd::{
-    AuthorizationPolicy, ExternalService, Gateway, GrpcRoute, HttpRoute, PeerAuthentication,
-    RequestAuthentication, TrafficPolicy,
-};
 use crate::model::{Kind, ModelError, Object, ObjectKey, SourceEvent, SourceSink};
 
 /// Why the Kubernetes source could not start or stopped.
@@ -79,128 +75,19 @@ pub async fn client_config(kubeconfig: Option<&Path>) -> Result<kube::Config, Ku
     }
 }
 
-/// The reflector stores the source keeps, readable while it runs (e.g. by the CA, to check
-/// which node a pod runs on). Objects in them have no managed fields. Each store is ready
-/// (`Store::wait_until_ready`) after its kind's first list; the store of a kind the cluster
-/// does not serve stays unready, so wait on [`KubeSource::ready`] instead to cover that case.
-#[derive(Clone)]
-pub struct Stores {
-    /// Namespaces.
-    pub namespaces: Store<Namespace>,
-    /// Nodes.
-    pub nodes: Store<Node>,
-    /// Service accounts.
-    pub service_accounts: Store<ServiceAccount>,
-    /// Pods.
-    pub pods: Store<Pod>,
-    /// Services.
-    pub services: Store<Service>,
-    /// Endpoint slices.
-    pub endpoint_slices: Store<EndpointSlice>,
-    /// Gateways (waypoints among them).
-    pub gateways: Store<Gateway>,
-    /// HTTP routes.
-    pub http_routes: Store<HttpRoute>,
-    /// gRPC routes.
-    pub grpc_routes: Store<GrpcRoute>,
-    /// Authorization policies.
-    pub authorization_policies: Store<AuthorizationPolicy>,
-    /// Traffic policies.
-    pub traffic_policies: Store<TrafficPolicy>,
-    /// Peer authentications (mTLS modes).
-    pub peer_authentications: Store<PeerAuthentication>,
-    /// Request authentications.
-    pub request_authentications: Store<RequestAuthentication>,
-    /// External services (destinations outside the mesh).
-    pub external_services: Store<ExternalService>,
-}
-
-/// The write halves of [`Stores`], consumed when the watchers start.
-struct Writers {
-    namespaces: Writer<Namespace>,
-    nodes: Writer<Node>,
-    service_accounts: Writer<ServiceAccount>,
-    pods: Writer<Pod>,
-    services: Writer<Service>,
-    endpoint_slices: Writer<EndpointSlice>,
-    gateways: Writer<Gateway>,
-    http_routes: Writer<HttpRoute>,
-    grpc_routes: Writer<GrpcRoute>,
-    authorization_policies: Writer<AuthorizationPolicy>,
-    traffic_policies: Writer<TrafficPolicy>,
-    peer_authentications: Writer<PeerAuthentication>,
-    request_authentications: Writer<RequestAuthentication>,
-    external_services: Writer<ExternalService>,
-}
-
-fn stores() -> (Stores, Writers) {
-    let (namespaces, namespaces_w) = reflector::store();
-    let (nodes, nodes_w) = reflector::store();
-    let (service_accounts, service_accounts_w) = reflector::store();
-    let (pods, pods_w) = reflector::store();
-    let (services, services_w) = reflector::store();
-    let (endpoint_slices, endpoint_slices_w) = reflector::store();
-    let (gateways, gateways_w) = reflector::store();
-    let (http_routes, http_routes_w) = reflector::store();
-    let (grpc_routes, grpc_routes_w) = reflector::store();
-    let (authorization_policies, authorization_policies_w) = reflector::store();
-    let (traffic_policies, traffic_policies_w) = reflector::store();
-    let (peer_authentications, peer_authentications_w) = reflector::store();
-    let (request_authentications, request_authentications_w) = reflector::store();
-    let (external_services, external_services_w) = reflector::store();
-    let stores = Stores {
-        namespaces,
-        nodes,
-        service_accounts,
-        pods,
-        services,
-        endpoint_slices,
-        gateways,
-        http_routes,
-        grpc_routes,
-        authorization_policies,
-        traffic_policies,
-        peer_authentications,
-        request_authentications,
-        external_services,
-    };
-    let writers = Writers {
-        namespaces: namespaces_w,
-        nodes: nodes_w,
-        service_accounts: service_accounts_w,
-        pods: pods_w,
-        services: services_w,
-        endpoint_slices: endpoint_slices_w,
-        gateways: gateways_w,
-        http_routes: http_routes_w,
-        grpc_routes: grpc_routes_w,
-        authorization_policies: authorization_policies_w,
-        traffic_policies: traffic_policies_w,
-        peer_authentications: peer_authentications_w,
-        request_authentications: request_authentications_w,
-        external_services: external_services_w,
-    };
-    (stores, writers)
-}
-
-/// The Kubernetes source. Its stores and readiness can be handed out before it runs.
+/// The Kubernetes source. Its readiness can be handed out before it runs.
 pub struct KubeSource {
     client: Client,
     config: watcher::Config,
-    stores: Stores,
-    writers: Writers,
     ready_tx: watch::Sender<bool>,
 }
 
 impl KubeSource {
     /// A source with kube-rs' default watcher settings.
     pub fn new(client: Client) -> Self {
-        let (stores, writers) = stores();
         Self {
             client,
             config: watcher::Config::default(),
-            stores,
-            writers,
             ready_tx: watch::channel(false).0,
         }
     }
@@ -219,11 +106,6 @@ impl KubeSource {
         self
     }
 
-    /// The reflector stores, filled while the source runs.
-    pub fn stores(&self) -> Stores {
-        self.stores.clone()
-    }
-
     /// True once every kind completed its first list (or is not served by the cluster).
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready_tx.subscribe()
@@ -235,7 +117,6 @@ impl KubeSource {
             pending: Mutex::new(Kind::ALL.iter().copied().collect()),
             ready: self.ready_tx,
         });
-        let w = self.writers;
         let mut s = Spawner {
             client: self.client,
             sink,
@@ -243,49 +124,20 @@ impl KubeSource {
             sync,
             tasks: JoinSet::new(),
         };
-        s.kind(Kind::Namespace, Object::Namespace, w.namespaces);
-        s.kind(Kind::Node, |n| Object::Node(Box::new(n)), w.nodes);
-        s.kind(
-            Kind::ServiceAccount,
-            Object::ServiceAccount,
-            w.service_accounts,
-        );
-        s.kind(Kind::Pod, |p| Object::Pod(p.into()), w.pods);
-        s.kind(Kind::Service, Object::Service, w.services);
-        s.kind(
-            Kind::EndpointSlice,
-            Object::EndpointSlice,
-            w.endpoint_slices,
-        );
-        s.kind(Kind::Gateway, Object::Gateway, w.gateways);
-        s.kind(Kind::HttpRoute, Object::HttpRoute, w.http_routes);
-        s.kind(Kind::GrpcRoute, Object::GrpcRoute, w.grpc_routes);
-        let policies = w.authorization_policies;
-        s.kind(
-            Kind::AuthorizationPolicy,
-            Object::AuthorizationPolicy,
-            policies,
-        );
-        s.kind(
-            Kind::TrafficPolicy,
-            Object::TrafficPolicy,
-            w.traffic_policies,
-        );
-        s.kind(
-            Kind::PeerAuthentication,
-            Object::PeerAuthentication,
-            w.peer_authentications,
-        );
-        s.kind(
-            Kind::RequestAuthentication,
-            Object::RequestAuthentication,
-            w.request_authentications,
-        );
-        s.kind(
-            Kind::ExternalService,
-            Object::ExternalService,
-            w.external_services,
-        );
+        s.kind(Kind::Namespace, Object::Namespace);
+        s.kind::<Node>(Kind::Node, |n| Object::Node(Box::new(n)));
+        s.kind(Kind::ServiceAccount, Object::ServiceAccount);
+        s.kind::<Pod>(Kind::Pod, |p| Object::Pod(p.into()));
+        s.kind(Kind::Service, Object::Service);
+        s.kind(Kind::EndpointSlice, Object::EndpointSlice);
+        s.kind(Kind::Gateway, Object::Gateway);
+        s.kind(Kind::HttpRoute, Object::HttpRoute);
+        s.kind(Kind::GrpcRoute, Object::GrpcRoute);
+        s.kind(Kind::AuthorizationPolicy, Object::AuthorizationPolicy);
+        s.kind(Kind::TrafficPolicy, Object::TrafficPolicy);
+        s.kind(Kind::PeerAuthentication, Object::PeerAuthentication);
+        s.kind(Kind::RequestAuthentication, Object::RequestAuthentication);
+        s.kind(Kind::ExternalService, Object::ExternalService);
         let mut tasks = s.tasks;
         let first = tasks.join_next().await;
         tasks.abort_all();
@@ -339,7 +191,7 @@ struct Spawner {
 }
 
 impl Spawner {
-    fn kind<K>(&mut self, kind: Kind, wrap: fn(K) -> Object, writer: Writer<K>)
+    fn kind<K>(&mut self, kind: Kind, wrap: fn(K) -> Object)
     where
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
@@ -347,9 +199,9 @@ impl Spawner {
         let api: Api<K> = Api::all(self.client.clone());
         let stream = watcher(api, self.config.clone())
             .default_backoff()
-            // Managed fields are large and nobody reads them: drop them before caching.
+            // Managed fields are large and nobody reads them: drop them before the model
+            // keeps the object.
             .modify(|obj: &mut K| obj.managed_fields_mut().clear())
-            .reflect(writer)
             .boxed();
         let task = KindWatch {
             kind,

@@ -50,11 +50,7 @@ fn start_with(server: &FakeApiServer, config: watcher::Config) -> Result<Harness
             eprintln!("kubernetes source stopped: {e:?}");
         }
     });
-    Ok(Harness {
-        model,
-        ready,
-        task,
-    })
+    Ok(Harness { model, ready, task })
 }
 
 impl Harness {

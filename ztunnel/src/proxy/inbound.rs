@@ -260,24 +260,16 @@ impl Handler for InboundHandler {
             report,
             activity,
             _permit,
-            mut registration,
+            registration,
         } = accepted;
         let mut upstream = match upstream {
             Upstream::Tcp(upstream) => upstream,
             Upstream::Udp(socket) => {
-                let metrics = &self.shared.metrics;
-                let conn = metrics.connection_opened(&report.labels);
-                let mut counts = super::udp::FlowCounts::default();
-                let stop = async {
-                    tokio::select! {
-                        by = registration.revoked() => super::udp::FlowEnd::Revoked(by),
-                        _ = self.pod.capture.closed() => super::udp::FlowEnd::Drained,
-                    }
-                };
-                let idle = self.shared.limits.limits().udp_idle_timeout;
-                let end =
-                    super::udp::relay_stream(&socket, stream, None, idle, stop, &mut counts).await;
-                super::udp::finish(report, metrics, conn, counts, end, false);
+                // Boxed: a UDP relay's state is three times a TCP copy's (6.3 KB of this
+                // future against 2.1), and inline it would size the task of every inbound
+                // TCP connection, idle ones included.
+                let relay = self.relay_udp(socket, stream, report, registration);
+                Box::pin(relay).await;
                 drop(activity);
                 return;
             }
@@ -292,6 +284,30 @@ impl Handler for InboundHandler {
                 registration,
             )
             .await;
+    }
+}
+
+impl InboundHandler {
+    /// Relays one CONNECT-UDP flow until it goes idle, is revoked or the pod drains.
+    async fn relay_udp(
+        &self,
+        socket: UdpSocket,
+        stream: TunnelStream,
+        report: Report,
+        mut registration: Registration,
+    ) {
+        let metrics = &self.shared.metrics;
+        let conn = metrics.connection_opened(&report.labels);
+        let mut counts = super::udp::FlowCounts::default();
+        let stop = async {
+            tokio::select! {
+                by = registration.revoked() => super::udp::FlowEnd::Revoked(by),
+                _ = self.pod.capture.closed() => super::udp::FlowEnd::Drained,
+            }
+        };
+        let idle = self.shared.limits.limits().udp_idle_timeout;
+        let end = super::udp::relay_stream(&socket, stream, None, idle, stop, &mut counts).await;
+        super::udp::finish(report, metrics, conn, counts, end, false);
     }
 }
 

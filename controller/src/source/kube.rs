@@ -18,7 +18,6 @@
 
 use std::collections::HashSet;
 use std::fmt::Debug;
-use std::hash::Hash;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -193,8 +192,8 @@ struct Spawner {
 impl Spawner {
     fn kind<K>(&mut self, kind: Kind, wrap: fn(K) -> Object)
     where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-        K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+        K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+        K::DynamicType: Default,
     {
         let api: Api<K> = Api::all(self.client.clone());
         let stream = watcher(api, self.config.clone())

@@ -311,11 +311,13 @@ impl H2Settings {
 
 impl Default for H2Settings {
     fn default() -> Self {
+        let stream_window = 4 * 1024 * 1024;
         H2Settings {
-            stream_window: 4 * 1024 * 1024,
-            connection_window: 16 * 1024 * 1024,
+            stream_window,
+            connection_window: 4 * stream_window,
             max_frame_size: 64 * 1024,
-            max_send_buffer: 4 * 1024 * 1024,
+            // Sized by the window, not beside it: see the type's documentation.
+            max_send_buffer: stream_window as usize,
         }
     }
 }

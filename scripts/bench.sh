@@ -13,8 +13,9 @@
 #     Ambit's ztunnel side by side with another ztunnel binary (e.g. Istio's, built from its
 #     source with `cargo build --release --features testing`): installs iperf3, sockperf, wrk
 #     and nginx, builds release binaries and runs target/release/ztunnel_peer, which measures
-#     direct, Ambit and the peer on two namespaces joined by a veth pair, in alternating order
-#     for several rounds, and prints medians, spreads and ratios with the machine's load.
+#     direct, a byte relay that bounds any proxy (the floor), Ambit and the peer on two
+#     namespaces joined by a veth pair, in alternating order for several rounds, and prints
+#     medians, spreads and ratios with the machine's load.
 #
 # Other arguments are passed on to the benchmark.
 here=$(cd "$(dirname "$0")" && pwd)
@@ -37,7 +38,7 @@ if $side_by_side; then
   apt_install iperf3 sockperf wrk nginx
   rust_toolchain
   echo "ambit: building (release)" >&2
-  cargo build --release --locked -p ambit-ztunnel -p ambit-bench --bin ztunnel --bin ztunnel_peer
+  cargo build --release --locked -p ambit-ztunnel -p ambit-bench --bin ztunnel --bin ztunnel_peer --bin floor_relay
   echo "ambit: load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
   exec target/release/ztunnel_peer "$@"
 fi

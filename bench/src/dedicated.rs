@@ -16,7 +16,13 @@
 //!   proxy's packet mark), which leaves the peer's packets a far shorter path through the
 //!   kernel than the Ambit side's. Inbound HBONE is addressed to 15008 directly.
 //!
-//! Both get the same worker-thread count and log level; nothing else is tuned.
+//! A third flavor, [`Flavor::Floor`], is no ztunnel: `floor_relay` only moves bytes (over
+//! plain TCP, or with [`FloorTunnel::Tls`] over mutual TLS, but never HTTP/2) under the same
+//! capture rules as Ambit's, on the same ports, so its figures are the most any proxy pair
+//! could reach on this path.
+//!
+//! Every flavor gets the same worker-thread count; the ztunnels the same log level; nothing
+//! else is tuned.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -43,6 +49,25 @@ pub enum Flavor {
     Ambit(PathBuf),
     /// A ztunnel that understands Istio's settings, at this path.
     Peer(PathBuf),
+    /// The byte relay (`floor_relay`) at this path: the floor no proxy pair can beat.
+    Floor(PathBuf, FloorTunnel),
+}
+
+/// How the floor's relays carry the bytes between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FloorTunnel {
+    /// Plain TCP: the least any proxy pair on this path does.
+    Plain,
+    /// TLS 1.3 with mutual SPIFFE certificates, one handshake per connection, as HBONE's
+    /// (rustls with ring): the least a pair that keeps the mesh's promise does.
+    Tls,
+}
+
+/// Which side of the pair a floor relay runs on (its certificate and the one it expects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FloorSide {
+    Client,
+    Server,
 }
 
 /// The capture rules the harness installs for a peer, which installs none of its own.
@@ -93,6 +118,16 @@ impl Flavor {
                     PeerRules::Redirect => "outbound redirected to 15001 by one nat OUTPUT rule of the harness (no other capture rules)",
                 }
             ),
+            Flavor::Floor(bin, tunnel) => format!(
+                "{}: byte relay, {}, no HTTP/2, 256 KiB copy buffers, TOKIO_WORKER_THREADS={}; capture rules installed by the harness, the same as Ambit's",
+                bin.display(),
+                match tunnel {
+                    FloorTunnel::Plain => "plain TCP between the relays",
+                    FloorTunnel::Tls =>
+                        "TLS 1.3 mTLS between the relays (HBONE's rustls settings, a handshake per connection)",
+                },
+                s.worker_threads
+            ),
         }
     }
 }
@@ -106,8 +141,9 @@ pub struct ZtunnelPair {
     pub server: Daemon,
     /// Namespaces holding the harness's redirect for the peer.
     rules_in: Vec<String>,
-    /// Namespaces Ambit's ztunnel captured: its rules outlive the process (a stopped ztunnel
-    /// fails closed), so the harness un-enrolls them as an operator would.
+    /// Namespaces holding Ambit's capture rules (its ztunnel's own, or the harness's for
+    /// another flavor): they outlive the process (a stopped ztunnel fails closed), so the
+    /// harness un-enrolls them as an operator would.
     ambit_rules_in: Vec<String>,
 }
 
@@ -210,6 +246,32 @@ impl ZtunnelPair {
                         ns,
                         bin,
                         &[],
+                        &env,
+                        log,
+                    )?);
+                }
+            }
+            Flavor::Floor(bin, tunnel) => {
+                let mut args = Vec::new();
+                if *tunnel == FloorTunnel::Tls {
+                    write_floor_pki(&s.dir)?;
+                    args.extend(["--tls-dir".to_owned(), path(&s.dir)]);
+                }
+                for (side, ns) in sides {
+                    install_ambit_rules(ns)?;
+                    ambit_rules_in.push(ns.clone());
+                    let mut args = args.clone();
+                    args.extend(["--side".to_owned(), side.to_owned()]);
+                    let env = vec![(
+                        "TOKIO_WORKER_THREADS".to_owned(),
+                        s.worker_threads.to_string(),
+                    )];
+                    let log = s.dir.join(format!("floor-{side}.log"));
+                    daemons.push(Daemon::spawn(
+                        &format!("floor relay ({side})"),
+                        ns,
+                        bin,
+                        &args,
                         &env,
                         log,
                     )?);
@@ -326,6 +388,24 @@ fn unenroll_ambit(ns: &str) -> anyhow::Result<()> {
         )
     })?
     .with_context(|| format!("removing Ambit's capture rules in {ns}"))
+}
+
+/// Certificates for the TLS floor: `client.pem`, `server.pem` (chains), their keys and
+/// `ca.pem`, for `spiffe://cluster.local/ns/bench/sa/<side>`.
+fn write_floor_pki(dir: &Path) -> anyhow::Result<()> {
+    let pki = ambit_hbone::testing::TestPki::new("cluster.local");
+    let pem = |ders: &[rustls_pki_types::CertificateDer<'_>]| -> String {
+        ders.iter().map(|d| ambit_hbone::cert::to_pem(d)).collect()
+    };
+    for side in ["client", "server"] {
+        let cert = pki.issue_for("bench", side);
+        std::fs::write(dir.join(format!("{side}.pem")), pem(cert.chain()))?;
+        std::fs::write(dir.join(format!("{side}-key.pem")), cert.private_key_pem())?;
+        if side == "client" {
+            std::fs::write(dir.join("ca.pem"), pem(cert.roots()))?;
+        }
+    }
+    Ok(())
 }
 
 fn path(p: &Path) -> String {

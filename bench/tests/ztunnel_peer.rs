@@ -1,8 +1,9 @@
-//! Smoke run of the side-by-side harness (`ztunnel_peer --quick`, one round, no peer): direct
-//! and Ambit's ztunnel pair in dedicated mode on a veth pair. Asserts that every tool
-//! delivered bytes or requests on both paths, that the Ambit path really went through the
-//! server side's ztunnel (its own connection and byte counters), that the peer was skipped
-//! and said so, and that nothing is left behind. No figure is checked against a bound.
+//! Smoke run of the side-by-side harness (`ztunnel_peer --quick`, one round, no peer): direct,
+//! the floor relay pair and Ambit's ztunnel pair in dedicated mode on a veth pair. Asserts
+//! that every tool delivered bytes or requests on every path, that the floor and Ambit paths
+//! really went through the server side's proxy (its own connection and byte counters), that
+//! the peer was skipped and said so, and that nothing is left behind. No figure is checked
+//! against a bound.
 
 use std::process::Command;
 
@@ -41,7 +42,14 @@ fn harness_measures_direct_and_ambit_through_the_proxies() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let json_path = dir.path().join("figures.json");
     let out = Command::new(env!("CARGO_BIN_EXE_ztunnel_peer"))
-        .args(["--quick", "--rounds", "1", "--ztunnel"])
+        .args([
+            "--quick",
+            "--rounds",
+            "1",
+            "--floor-tunnel",
+            "tls",
+            "--ztunnel",
+        ])
         .arg(&ztunnel)
         .arg("--json")
         .arg(&json_path)
@@ -67,7 +75,7 @@ fn harness_measures_direct_and_ambit_through_the_proxies() -> anyhow::Result<()>
         .expect("runs of round 1")
         .clone();
     let paths: Vec<&str> = runs.iter().filter_map(|r| r["path"].as_str()).collect();
-    assert_eq!(paths, ["direct", "ambit"]);
+    assert_eq!(paths, ["direct", "floor", "ambit"]);
     let count = |run: &serde_json::Value, ptr: &str| {
         run.pointer(ptr)
             .and_then(serde_json::Value::as_f64)
@@ -86,23 +94,27 @@ fn harness_measures_direct_and_ambit_through_the_proxies() -> anyhow::Result<()>
     }
     let direct = &runs[0];
     assert!(direct["proxy"].is_null(), "{direct}");
-    let ambit = &runs[1];
-    // The tools' connections were counted by the server side's ztunnel: the harness measured
-    // the mesh, not the direct path twice.
-    let proxied = count(ambit, "/proxy/server_side_connections");
-    let tool_connections = count(ambit, "/connection_close/requests");
-    assert!(
-        proxied >= tool_connections,
-        "{proxied} connections through the server side's ztunnel, fewer than wrk's {tool_connections}: {ambit}"
-    );
-    let bytes = count(ambit, "/proxy/server_side_bytes");
-    assert!(
-        bytes
-            >= count(ambit, "/throughput_1_stream/bytes")
-                + count(ambit, "/throughput_4_streams/bytes"),
-        "{bytes} bytes counted by the server side's ztunnel: {ambit}"
-    );
-    assert!(count(ambit, "/proxy/rss_kib_after/0") > 0.0, "{ambit}");
+    for proxied_run in &runs[1..] {
+        // The tools' connections were counted by the server side's proxy: the harness
+        // measured the proxies, not the direct path again.
+        let proxied = count(proxied_run, "/proxy/server_side_connections");
+        let tool_connections = count(proxied_run, "/connection_close/requests");
+        assert!(
+            proxied >= tool_connections,
+            "{proxied} connections through the server side's proxy, fewer than wrk's {tool_connections}: {proxied_run}"
+        );
+        let bytes = count(proxied_run, "/proxy/server_side_bytes");
+        assert!(
+            bytes
+                >= count(proxied_run, "/throughput_1_stream/bytes")
+                    + count(proxied_run, "/throughput_4_streams/bytes"),
+            "{bytes} bytes counted by the server side's proxy: {proxied_run}"
+        );
+        assert!(
+            count(proxied_run, "/proxy/rss_kib_after/0") > 0.0,
+            "{proxied_run}"
+        );
+    }
 
     // The namespaces it made are gone.
     let client_ns = stdout

@@ -4,6 +4,10 @@
 //! standard tools through three paths:
 //!
 //! - direct: no proxy;
+//! - floor: two `floor_relay`s, which only move bytes (no TLS, no HTTP/2) under the same
+//!   capture rules: the most any proxy pair could reach on this path and these cores, so
+//!   `floor/peer` bounds what a ztunnel could reach against the peer (`--floor-tunnel tls`
+//!   puts mutual TLS between them; `--no-floor` skips it);
 //! - Ambit: two Ambit ztunnels (HBONE over TLS 1.3 mTLS);
 //! - peer: two peer ztunnels (same HBONE wire format), when `--peer-ztunnel` is given.
 //!
@@ -21,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ambit_bench::dedicated::{http_get, Flavor, PeerRules, Settings, ZtunnelPair};
+use ambit_bench::dedicated::{http_get, Flavor, FloorTunnel, PeerRules, Settings, ZtunnelPair};
 use ambit_bench::pair::{NetnsPair, SERVER_IP};
 use ambit_bench::tools::{parse_iperf3, parse_sockperf, parse_wrk, Daemon, Iperf, PingPong, Wrk};
 use ambit_bench::{median_spread, proc_cpu_seconds, proc_status_kib};
@@ -40,6 +44,17 @@ struct Args {
     /// Ambit's ztunnel (default: `ztunnel` beside this binary).
     #[arg(long)]
     ztunnel: Option<PathBuf>,
+    /// The floor path's relay (default: `floor_relay` beside this binary).
+    #[arg(long)]
+    floor_relay: Option<PathBuf>,
+    /// How the floor's relays carry bytes between them: `plain` TCP (the least any proxy
+    /// pair does) or `tls`, mutual TLS as HBONE's with a handshake per connection (the least a
+    /// pair that encrypts does).
+    #[arg(long, value_enum, default_value_t = FloorTunnel::Plain)]
+    floor_tunnel: FloorTunnel,
+    /// Skip the floor path.
+    #[arg(long)]
+    no_floor: bool,
     /// Rounds; each runs every path once, in the opposite order of the round before.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -65,17 +80,31 @@ struct Args {
     /// Also write every figure of every round here, as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Record both proxies with `perf record` during each 1-stream iperf3 run, into
+    /// Record both proxies with `perf record` during each 1-stream iperf3 run (or what
+    /// `--perf-phase` names), into
     /// `<dir>/<path>-round<N>.data` (read with `perf report -i`), and count their syscalls,
     /// context switches and page faults with `perf stat` into `<path>-round<N>.stat`, so the
     /// profiles of Ambit and the peer come from the same run and the same load.
     #[arg(long)]
     perf_dir: Option<PathBuf>,
+    /// Which measurement `--perf-dir` records: the 1-stream iperf3 run (`bulk`), the sockperf
+    /// ping-pong (`ping-pong`, where the cost is per round trip, not per byte) or wrk with
+    /// `Connection: close` (`new-connections`).
+    #[arg(long, value_enum, default_value_t = PerfPhase::Bulk)]
+    perf_phase: PerfPhase,
     /// How `--perf-dir` records call graphs: `fp` (frame pointers, cheap; Rust release
     /// builds have none, so stacks stop at the first Rust frame) or `dwarf` (whole stacks,
     /// heavier: keep `--seconds` short).
     #[arg(long, default_value = "fp")]
     perf_call_graph: String,
+}
+
+/// The measurement `--perf-dir` records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PerfPhase {
+    Bulk,
+    PingPong,
+    NewConnections,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -84,18 +113,20 @@ const HTTP_PORT: u16 = 8080;
 
 /// One of the measured paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path3 {
+enum PathKind {
     Direct,
+    Floor,
     Ambit,
     Peer,
 }
 
-impl Path3 {
+impl PathKind {
     fn name(self) -> &'static str {
         match self {
-            Path3::Direct => "direct",
-            Path3::Ambit => "ambit",
-            Path3::Peer => "peer",
+            PathKind::Direct => "direct",
+            PathKind::Floor => "floor",
+            PathKind::Ambit => "ambit",
+            PathKind::Peer => "peer",
         }
     }
 }
@@ -407,11 +438,11 @@ impl Drop for Recording {
 }
 
 fn measure(
-    path: Path3,
+    path: PathKind,
     round: usize,
     pair: &NetnsPair,
     args: &Args,
-    flavors: &[(Path3, Flavor)],
+    flavors: &[(PathKind, Flavor)],
     settings: &Settings,
 ) -> anyhow::Result<Run> {
     let proxies = match flavors.iter().find(|(p, _)| *p == path) {
@@ -421,21 +452,29 @@ fn measure(
     wait_path(pair)?;
     let rss_before = proxies.as_ref().map(rss).transpose()?;
     let c0 = cpu(&proxies)?;
-    let recording = match (&args.perf_dir, &proxies) {
-        (Some(dir), Some(p)) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            let out = dir.join(format!("{}-round{}.data", path.name(), round + 1));
-            Some(Recording::start(p, &out, &args.perf_call_graph)?)
+    let record = |phase: PerfPhase| -> anyhow::Result<Option<Recording>> {
+        match (&args.perf_dir, &proxies) {
+            (Some(dir), Some(p)) if args.perf_phase == phase => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let out = dir.join(format!("{}-round{}.data", path.name(), round + 1));
+                Ok(Some(Recording::start(p, &out, &args.perf_call_graph)?))
+            }
+            _ => Ok(None),
         }
-        _ => None,
     };
+    let recording = record(PerfPhase::Bulk)?;
     let one_stream = iperf(pair, args, 1)?;
     drop(recording);
     let four_streams = iperf(pair, args, 4)?;
     let c1 = cpu(&proxies)?;
+    let recording = record(PerfPhase::PingPong)?;
     let ping = sockperf(pair, args)?;
+    drop(recording);
     let c2 = cpu(&proxies)?;
+    let recording = record(PerfPhase::NewConnections)?;
     let close = wrk(pair, args, true)?;
+    drop(recording);
     let c3 = cpu(&proxies)?;
     let keepalive = wrk(pair, args, false)?;
     let proxy = match proxies {
@@ -484,6 +523,10 @@ struct Figure {
     get: fn(&Run) -> Option<f64>,
     /// Mesh paths only (proxy costs): no direct column or mesh/direct ratio.
     mesh_only: bool,
+    /// Whether the floor bounds it: per byte and per round trip on an open connection it does,
+    /// but it opens a TCP connection between the relays for each new connection where HBONE
+    /// reuses its pooled one, and its idle memory is a runtime with nothing else in it.
+    floor_bounds: bool,
 }
 
 fn figures() -> Vec<Figure> {
@@ -492,36 +535,43 @@ fn figures() -> Vec<Figure> {
             name: "throughput, 1 stream (Gb/s)",
             get: |r| Some(r.one_stream.gbps()),
             mesh_only: false,
+            floor_bounds: true,
         },
         Figure {
             name: "throughput, 4 streams (Gb/s)",
             get: |r| Some(r.four_streams.gbps()),
             mesh_only: false,
+            floor_bounds: true,
         },
         Figure {
             name: "ping-pong 64 B avg RTT (µs)",
             get: |r| Some(r.ping.avg_us),
             mesh_only: false,
+            floor_bounds: true,
         },
         Figure {
             name: "ping-pong 64 B p50 RTT (µs)",
             get: |r| Some(r.ping.p50_us),
             mesh_only: false,
+            floor_bounds: true,
         },
         Figure {
             name: "ping-pong 64 B p99 RTT (µs)",
             get: |r| Some(r.ping.p99_us),
             mesh_only: false,
+            floor_bounds: true,
         },
         Figure {
             name: "new connections/s (Connection: close)",
             get: |r| Some(r.close.per_second),
             mesh_only: false,
+            floor_bounds: false,
         },
         Figure {
             name: "keep-alive requests/s",
             get: |r| Some(r.keepalive.per_second),
             mesh_only: false,
+            floor_bounds: true,
         },
         Figure {
             name: "CPU-s per GB (iperf3, both sides)",
@@ -531,6 +581,7 @@ fn figures() -> Vec<Figure> {
                 })
             },
             mesh_only: true,
+            floor_bounds: true,
         },
         Figure {
             name: "CPU-µs per connection (both sides)",
@@ -540,36 +591,41 @@ fn figures() -> Vec<Figure> {
                     .map(|p| p.cpu_close * 1e6 / r.close.requests.max(1) as f64)
             },
             mesh_only: true,
+            floor_bounds: false,
         },
         Figure {
             name: "RSS idle before runs, client (MB)",
             get: |r| r.proxy.as_ref().map(|p| p.rss_before[0] as f64 / 1024.0),
             mesh_only: true,
+            floor_bounds: false,
         },
         Figure {
             name: "RSS idle before runs, server (MB)",
             get: |r| r.proxy.as_ref().map(|p| p.rss_before[1] as f64 / 1024.0),
             mesh_only: true,
+            floor_bounds: false,
         },
         Figure {
             name: "RSS idle after runs, client (MB)",
             get: |r| r.proxy.as_ref().map(|p| p.rss_after[0] as f64 / 1024.0),
             mesh_only: true,
+            floor_bounds: false,
         },
         Figure {
             name: "RSS idle after runs, server (MB)",
             get: |r| r.proxy.as_ref().map(|p| p.rss_after[1] as f64 / 1024.0),
             mesh_only: true,
+            floor_bounds: false,
         },
     ]
 }
 
 /// Latency the mesh adds: mesh minus direct of the same round.
-fn added(rounds: &[Vec<(Path3, Run)>], path: Path3, get: fn(&PingPong) -> f64) -> Vec<f64> {
+fn added(rounds: &[Vec<(PathKind, Run)>], path: PathKind, get: fn(&PingPong) -> f64) -> Vec<f64> {
     rounds
         .iter()
         .filter_map(|r| {
-            let direct = r.iter().find(|(p, _)| *p == Path3::Direct)?;
+            let direct = r.iter().find(|(p, _)| *p == PathKind::Direct)?;
             let mesh = r.iter().find(|(p, _)| *p == path)?;
             Some(get(&mesh.1.ping) - get(&direct.1.ping))
         })
@@ -606,8 +662,11 @@ fn ratio(a: &[f64], b: &[f64]) -> String {
     }
 }
 
-fn print_report(rounds: &[Vec<(Path3, Run)>], has_peer: bool) {
-    let values = |path: Path3, get: fn(&Run) -> Option<f64>| -> Vec<f64> {
+/// Prints one row per figure: a cell per path that ran (median and spread over rounds), then
+/// the ratios. `floor/peer` is the most any proxy pair could reach against the peer, on the
+/// figures the floor bounds.
+fn print_report(rounds: &[Vec<(PathKind, Run)>], has_peer: bool, has_floor: bool) {
+    let values = |path: PathKind, get: fn(&Run) -> Option<f64>| -> Vec<f64> {
         rounds
             .iter()
             .flat_map(|r| {
@@ -617,38 +676,66 @@ fn print_report(rounds: &[Vec<(Path3, Run)>], has_peer: bool) {
             })
             .collect()
     };
+    let skipped = |ran: bool, values: &[f64]| {
+        if ran {
+            cell(values)
+        } else {
+            "skipped".into()
+        }
+    };
     let w = 40;
-    println!(
-        "{:<w$} {:>22} {:>22} {:>22} {:>10} {:>12} {:>11}",
+    let row = |cells: [&str; 9]| {
+        println!(
+            "{:<w$} {:>20} {:>20} {:>20} {:>20} {:>10} {:>10} {:>12} {:>11}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8]
+        );
+    };
+    row([
         "figure (median (min..max))",
         "direct",
+        "floor",
         "Ambit",
         "peer",
         "Ambit/peer",
+        "floor/peer",
         "Ambit/direct",
-        "peer/direct"
-    );
+        "peer/direct",
+    ]);
     for f in figures() {
-        let (d, a, p) = (
-            values(Path3::Direct, f.get),
-            values(Path3::Ambit, f.get),
-            values(Path3::Peer, f.get),
+        let (d, fl, a, p) = (
+            values(PathKind::Direct, f.get),
+            values(PathKind::Floor, f.get),
+            values(PathKind::Ambit, f.get),
+            values(PathKind::Peer, f.get),
         );
         let (d_cell, ad, pd) = if f.mesh_only {
             ("-".to_owned(), "-".to_owned(), "-".to_owned())
         } else {
             (cell(&d), ratio(&a, &d), ratio(&p, &d))
         };
-        println!(
-            "{:<w$} {:>22} {:>22} {:>22} {:>10} {:>12} {:>11}",
+        row([
             f.name,
-            d_cell,
-            cell(&a),
-            if has_peer { cell(&p) } else { "skipped".into() },
-            ratio(&a, &p),
-            ad,
-            pd
-        );
+            &d_cell,
+            &skipped(has_floor, &fl),
+            &cell(&a),
+            &skipped(has_peer, &p),
+            &ratio(&a, &p),
+            &if f.floor_bounds {
+                ratio(&fl, &p)
+            } else {
+                "-".to_owned()
+            },
+            &ad,
+            &pd,
+        ]);
     }
     type Get = fn(&PingPong) -> f64;
     let added_rows: [(&str, Get); 3] = [
@@ -657,24 +744,26 @@ fn print_report(rounds: &[Vec<(Path3, Run)>], has_peer: bool) {
         ("added p99 RTT, mesh - direct (µs)", |p| p.p99_us),
     ];
     for (name, get) in added_rows {
-        let (a, p) = (
-            added(rounds, Path3::Ambit, get),
-            added(rounds, Path3::Peer, get),
+        let (fl, a, p) = (
+            added(rounds, PathKind::Floor, get),
+            added(rounds, PathKind::Ambit, get),
+            added(rounds, PathKind::Peer, get),
         );
-        println!(
-            "{:<w$} {:>22} {:>22} {:>22} {:>10} {:>12} {:>11}",
+        row([
             name,
             "-",
-            cell(&a),
-            if has_peer { cell(&p) } else { "skipped".into() },
-            ratio(&a, &p),
+            &skipped(has_floor, &fl),
+            &cell(&a),
+            &skipped(has_peer, &p),
+            &ratio(&a, &p),
+            &ratio(&fl, &p),
             "-",
-            "-"
-        );
+            "-",
+        ]);
     }
 }
 
-fn run_json(path: Path3, r: &Run) -> serde_json::Value {
+fn run_json(path: PathKind, r: &Run) -> serde_json::Value {
     json!({
         "path": path.name(),
         "throughput_1_stream": {"bytes": r.one_stream.bytes, "seconds": r.one_stream.seconds, "gbps": r.one_stream.gbps()},
@@ -700,10 +789,7 @@ fn main() -> anyhow::Result<()> {
     }
     let ours = match &args.ztunnel {
         Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory for this binary")?
-            .join("ztunnel"),
+        None => beside_this("ztunnel")?,
     };
     if !ours.is_file() {
         bail!(
@@ -711,11 +797,24 @@ fn main() -> anyhow::Result<()> {
             ours.display()
         );
     }
-    let mut flavors = vec![(Path3::Ambit, Flavor::Ambit(ours))];
+    let mut flavors = vec![(PathKind::Ambit, Flavor::Ambit(ours))];
     match &args.peer_ztunnel {
         Some(p) if !p.is_file() => bail!("--peer-ztunnel {}: no such file", p.display()),
-        Some(p) => flavors.push((Path3::Peer, Flavor::Peer(p.clone()))),
+        Some(p) => flavors.push((PathKind::Peer, Flavor::Peer(p.clone()))),
         None => {}
+    }
+    if !args.no_floor {
+        let relay = match &args.floor_relay {
+            Some(p) => p.clone(),
+            None => beside_this("floor_relay")?,
+        };
+        if !relay.is_file() {
+            bail!(
+                "{} not found: build it first (cargo build --release -p ambit-bench --bin floor_relay), pass --floor-relay, or skip the floor with --no-floor",
+                relay.display()
+            );
+        }
+        flavors.push((PathKind::Floor, Flavor::Floor(relay, args.floor_tunnel)));
     }
     for tool in ["iperf3", "sockperf", "wrk", "nginx", "iptables"] {
         if which(tool).is_none() {
@@ -725,7 +824,8 @@ fn main() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("needs root: network namespaces and iptables");
     }
-    let has_peer = flavors.len() == 2;
+    let has_peer = flavors.iter().any(|(p, _)| *p == PathKind::Peer);
+    let has_floor = flavors.iter().any(|(p, _)| *p == PathKind::Floor);
 
     let pair = NetnsPair::build("zp")?;
     let dir = std::env::temp_dir().join(format!(
@@ -758,26 +858,33 @@ fn main() -> anyhow::Result<()> {
         args.connections,
         if args.quick { 1 } else { args.seconds },
     );
-    println!("proxies: dedicated mode on both sides, HBONE (HTTP/2 CONNECT) over TLS 1.3 mTLS with ECDSA P-256 SPIFFE certificates, {} worker threads, log level {}", args.worker_threads, args.log_level);
+    println!("ztunnels: dedicated mode on both sides, HBONE (HTTP/2 CONNECT) over TLS 1.3 mTLS with ECDSA P-256 SPIFFE certificates, {} worker threads, log level {}", args.worker_threads, args.log_level);
     for (path, flavor) in &flavors {
         println!("  {}: {}", path.name(), flavor.describe(&settings));
     }
     if !has_peer {
         println!("  peer: skipped (no --peer-ztunnel given)");
     }
+    if !has_floor {
+        println!("  floor: skipped (--no-floor)");
+    }
     println!(
         "machine: {} CPUs, load average before: {load_before}",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    let mut paths = vec![Path3::Direct, Path3::Ambit];
-    if has_peer {
-        paths.push(Path3::Peer);
+    let mut paths = vec![PathKind::Direct];
+    if has_floor {
+        paths.push(PathKind::Floor);
     }
-    let mut rounds: Vec<Vec<(Path3, Run)>> = Vec::new();
+    paths.push(PathKind::Ambit);
+    if has_peer {
+        paths.push(PathKind::Peer);
+    }
+    let mut rounds: Vec<Vec<(PathKind, Run)>> = Vec::new();
     let mut round_json = Vec::new();
     for round in 0..args.rounds {
-        let order: Vec<Path3> = if round % 2 == 0 {
+        let order: Vec<PathKind> = if round % 2 == 0 {
             paths.clone()
         } else {
             paths.iter().rev().copied().collect()
@@ -815,7 +922,7 @@ fn main() -> anyhow::Result<()> {
     }
     let load_after = loadavg();
     println!();
-    print_report(&rounds, has_peer);
+    print_report(&rounds, has_peer, has_floor);
     println!(
         "load average: before {load_before}, after {load_after} (1, 5, 15 min; {} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -824,6 +931,7 @@ fn main() -> anyhow::Result<()> {
         let doc = json!({
             "peer": args.peer_ztunnel.as_ref().map(|p| p.display().to_string()),
             "peer_skipped": !has_peer,
+            "floor_skipped": !has_floor,
             "worker_threads": args.worker_threads,
             "load_before": load_before,
             "load_after": load_after,
@@ -835,6 +943,14 @@ fn main() -> anyhow::Result<()> {
     drop(_servers);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `name` in the directory of this binary (where cargo puts the workspace's binaries).
+fn beside_this(name: &str) -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?
+        .parent()
+        .context("no directory for this binary")?
+        .join(name))
 }
 
 fn which(program: &str) -> Option<PathBuf> {

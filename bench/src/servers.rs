@@ -1,7 +1,10 @@
 //! The far ends every benchmark needs: a sink that counts what it receives, an echo server,
-//! and the HBONE destination side of a node proxy without policy (connect, then copy).
+//! the HBONE destination side of a node proxy without policy (connect, then copy), and an
+//! HBONE hop that only relays (terminate, then open the next tunnel and copy).
 
+use ambit_hbone::client::ConnectTarget;
 use ambit_hbone::copy::copy_bidirectional;
+use ambit_hbone::pool::Pool;
 use ambit_hbone::server::{ConnectRequest, Handler, Refusal};
 use ambit_hbone::stream::TunnelStream;
 use std::time::{Duration, Instant};
@@ -86,6 +89,31 @@ impl Handler for Forward {
     }
 
     async fn serve(&self, mut upstream: TcpStream, mut stream: TunnelStream) {
+        let _ = copy_bidirectional(&mut stream, &mut upstream).await;
+    }
+}
+
+/// A middle HBONE hop at layer 4: terminates each tunnel and opens one to the same authority
+/// through `next` (its `authority` replaced), then copies. What a waypoint's two hops cost
+/// without anything it does with HTTP.
+pub struct Relay {
+    pub pool: Pool,
+    pub next: ConnectTarget,
+}
+
+impl Handler for Relay {
+    type Accepted = TunnelStream;
+
+    async fn accept(&self, request: &ConnectRequest) -> Result<TunnelStream, Refusal> {
+        let mut next = self.next.clone();
+        next.authority = request.authority;
+        self.pool
+            .connect(next)
+            .await
+            .map_err(|e| Refusal::Unreachable(e.to_string()))
+    }
+
+    async fn serve(&self, mut upstream: TunnelStream, mut stream: TunnelStream) {
         let _ = copy_bidirectional(&mut stream, &mut upstream).await;
     }
 }

@@ -1,8 +1,13 @@
 //! Waypoint benchmark: HTTP/1.1 requests with 1 KB bodies each way, to the same backend over
-//! three paths measured in one run:
+//! four paths measured in one run:
 //!
 //! - direct: keep-alive TCP to the backend;
 //! - hbone: one HBONE hop (client pool → mTLS CONNECT → destination-ztunnel stand-in → TCP);
+//! - two hops: client → HBONE → a layer-4 relay in this process (terminates the tunnel, opens
+//!   the next one to the same authority, copies) → HBONE → the same destination stand-in →
+//!   TCP: a waypoint's two hops without anything done with HTTP, so `waypoint/two hops` is
+//!   the cost of the waypoint's L7 work and `two hops/hbone` the most any waypoint could reach
+//!   against one hop;
 //! - waypoint: client → HBONE → the real `waypoint` binary (a child process, static state)
 //!   → HBONE → the same destination stand-in → TCP.
 //!
@@ -20,7 +25,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ambit_bench::servers::Forward;
+use ambit_bench::servers::{Forward, Relay};
 use ambit_bench::{micros, print_table, Row, Samples};
 use ambit_hbone::client::ConnectTarget;
 use ambit_hbone::pool::{Pool, PoolConfig};
@@ -341,11 +346,46 @@ async fn main() -> anyhow::Result<()> {
         }),
     };
 
+    // The layer-4 middle hop: the waypoint's identity and a pool of its own, as a waypoint
+    // has.
+    let relay_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let relay_addr = relay_listener.local_addr()?;
+    let waypoint_cert = pki.issue(&waypoint_id);
+    let relay = Server::new(
+        relay_listener,
+        tls::server_config(&waypoint_cert, &bundle)?,
+        Relay {
+            pool: Pool::new(PoolConfig::default()),
+            next: ConnectTarget {
+                source: waypoint_id.clone(),
+                tls: tls::client_config(&waypoint_cert, &bundle, &pod_id)?,
+                peer: SocketAddr::from(([127, 0, 0, 1], hbone_port)),
+                expected_identity: pod_id.clone(),
+                authority: backend,
+                headers: http::HeaderMap::new(),
+            },
+        },
+        ServerSettings::default(),
+    );
+    tokio::spawn(relay.run(std::future::pending()));
+    let two_hops = Path::Tunnel {
+        pool: pool.clone(),
+        target: Box::new(ConnectTarget {
+            source: client_id.clone(),
+            tls: tls::client_config(&client_cert, &bundle, &waypoint_id)?,
+            peer: relay_addr,
+            expected_identity: waypoint_id.clone(),
+            authority: backend,
+            headers: http::HeaderMap::new(),
+        }),
+    };
+
     let mut lat = Vec::new();
     let mut rps = Vec::new();
     for (name, path) in [
         ("direct", &direct),
         ("hbone", &hbone),
+        ("two hops", &two_hops),
         ("waypoint", &waypoint),
     ] {
         lat.push(
@@ -373,7 +413,7 @@ async fn main() -> anyhow::Result<()> {
         measured: m,
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (i, name) in [(1, "hbone"), (2, "waypoint")] {
+    for (i, name) in [(1, "hbone"), (2, "two hops"), (3, "waypoint")] {
         print_table(
             &format!(
                 "HTTP/1.1, 1 KB request and response bodies, loopback, {cores} cores: {name} vs direct ({} sequential requests; {} connections x {} requests)",
@@ -388,6 +428,18 @@ async fn main() -> anyhow::Result<()> {
         );
         println!();
     }
+    let p50s: Vec<f64> = lat.iter_mut().map(|l| micros(l.percentile(50.0))).collect();
+    println!(
+        "requests/s against one hop: two hops {:.2}, waypoint {:.2} (waypoint/two hops {:.2})",
+        rps[2] / rps[1],
+        rps[3] / rps[1],
+        rps[3] / rps[2]
+    );
+    println!(
+        "latency p50 added to one hop's: two hops {:.0} µs, waypoint {:.0} µs",
+        p50s[2] - p50s[1],
+        p50s[3] - p50s[1]
+    );
     println!(
         "waypoint process ({}) at {:.0} req/s of 1 KB for {:.1} s: CPU {:.1}% of one core, RSS {:.1} MiB",
         args.worker_threads.map_or_else(

@@ -6,8 +6,9 @@
 //! destination (`SO_ORIGINAL_DST`), connects to that address's 15008 and sends the destination
 //! ahead of the bytes (4 bytes of IPv4 address and 2 of port); on the server side it accepts
 //! on 15008, reads those 6 bytes and connects to the destination. Both copy with tokio's
-//! `copy_bidirectional_with_sizes` and 256 KiB buffers (ztunnel's largest read). Its own
-//! sockets carry the proxies' packet mark, so the rules let them through.
+//! `copy_bidirectional_with_sizes` and 256 KiB buffers (ztunnel's largest read). It reads the
+//! destination and dials with ztunnel's own socket code, so its sockets carry the proxies'
+//! packet mark and the rules let them through.
 //!
 //! No proxy pair that encrypts and frames can beat this one on the same path and cores: its
 //! figures are the most a ztunnel could reach there, which tells how much of a gap between two
@@ -24,7 +25,6 @@
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,12 +35,13 @@ use ambit_bench::dedicated::{FloorSide, PACKET_MARK};
 use ambit_hbone::cert::WorkloadCertificate;
 use ambit_hbone::tls::{self, TrustBundle};
 use ambit_hbone::Identity;
-use anyhow::Context as _;
+use ambit_ztunnel::capture::original_dst;
+use ambit_ztunnel::capture::sockets::marked_socket;
+use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -196,12 +197,11 @@ where
 
 /// A connection the capture rules redirected: tunnel it to its destination's 15008.
 async fn serve_outbound(mut tcp: TcpStream, tunnel: Tunnel) -> anyhow::Result<()> {
-    let dst = getsockopt(&tcp.as_fd(), sockopt::OriginalDst)
+    let dst = original_dst(&tcp)
         .context("reading the original destination of a redirected connection")?;
-    let dst = SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(dst.sin_addr.s_addr)),
-        u16::from_be(dst.sin_port),
-    );
+    let SocketAddr::V4(dst) = dst else {
+        bail!("{dst}: the floor carries IPv4 only");
+    };
     let mut tunnel = tunnel
         .connect(SocketAddrV4::new(*dst.ip(), TUNNEL_PORT))
         .await?;
@@ -279,16 +279,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-/// Connects with the proxies' packet mark, which the capture rules let through.
+/// Connects from ztunnel's own kind of socket: the proxies' packet mark, which the capture
+/// rules let through, and no Nagle delay.
 async fn connect_marked(addr: SocketAddrV4) -> anyhow::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    setsockopt(&socket, sockopt::Mark, &PACKET_MARK).context("setting SO_MARK")?;
-    let tcp = socket
+    let socket = marked_socket(SocketAddr::V4(addr), PACKET_MARK).context("a marked socket")?;
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    socket
         .connect(SocketAddr::V4(addr))
         .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    tcp.set_nodelay(true)?;
-    Ok(tcp)
+        .with_context(|| format!("connecting to {addr}"))
 }
 
 /// Answers every request on `listener` with 200 and `body()`.

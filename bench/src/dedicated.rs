@@ -190,10 +190,7 @@ impl ZtunnelPair {
                         path(&s.dir.join(format!("ambit-{side}-data"))),
                     ];
                     ambit_rules_in.push(ns.clone());
-                    let env = vec![(
-                        "TOKIO_WORKER_THREADS".to_owned(),
-                        s.worker_threads.to_string(),
-                    )];
+                    let env = tokio_workers(s);
                     let log = s.dir.join(format!("ambit-{side}.log"));
                     daemons.push(Daemon::spawn(
                         &format!("Ambit's ztunnel ({side})"),
@@ -262,10 +259,7 @@ impl ZtunnelPair {
                     ambit_rules_in.push(ns.clone());
                     let mut args = args.clone();
                     args.extend(["--side".to_owned(), side.to_owned()]);
-                    let env = vec![(
-                        "TOKIO_WORKER_THREADS".to_owned(),
-                        s.worker_threads.to_string(),
-                    )];
+                    let env = tokio_workers(s);
                     let log = s.dir.join(format!("floor-{side}.log"));
                     daemons.push(Daemon::spawn(
                         &format!("floor relay ({side})"),
@@ -388,6 +382,15 @@ fn unenroll_ambit(ns: &str) -> anyhow::Result<()> {
         )
     })?
     .with_context(|| format!("removing Ambit's capture rules in {ns}"))
+}
+
+/// The worker-thread count for our own binaries, which size their runtime from tokio's
+/// variable (the peer reads its own, `ZTUNNEL_WORKER_THREADS`).
+fn tokio_workers(s: &Settings) -> Vec<(String, String)> {
+    vec![(
+        "TOKIO_WORKER_THREADS".to_owned(),
+        s.worker_threads.to_string(),
+    )]
 }
 
 /// Certificates for the TLS floor: `client.pem`, `server.pem` (chains), their keys and

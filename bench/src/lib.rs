@@ -7,12 +7,44 @@
 //!   iperf3, sockperf and wrk through them.
 //! - [`servers`]: the sink, echo and HBONE forwarding ends the other benchmarks measure against.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use anyhow::{bail, Context as _};
 
 pub mod dedicated;
 pub mod pair;
 pub mod servers;
 pub mod tools;
+
+/// A binary a benchmark drives: the one its option `flag` names (`given`), else `name` beside
+/// the benchmark's own binary, where cargo builds the workspace's binaries in the same
+/// profile. Fails when there is none, saying how to build it (`build`, a cargo command).
+pub fn binary(
+    flag: &str,
+    given: Option<&Path>,
+    name: &str,
+    build: &str,
+) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        if !p.is_file() {
+            bail!("{flag} {}: no such file", p.display());
+        }
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("locating this benchmark's binary")?;
+    let bin = exe
+        .parent()
+        .context("no directory for this benchmark's binary")?
+        .join(name);
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it in the same profile first ({build}), or pass {flag}",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
 
 /// Latency samples of one path.
 #[derive(Debug, Default, Clone)]

@@ -754,27 +754,6 @@ impl Drop for Controller {
     }
 }
 
-fn controller_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = flag {
-        if p.is_file() {
-            return Ok(p.to_path_buf());
-        }
-        bail!("--controller {}: no such file", p.display());
-    }
-    // `cargo run --release -p ambit-bench` puts this binary in target/release, where
-    // `cargo build --release -p ambit-controller` puts the controller.
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let dir = exe.parent().context("this binary's directory")?;
-    let bin = dir.join("ambit-controller");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: build it in the same profile first (cargo build --release -p ambit-controller), or pass --controller",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 /// Polls `cond` every 20 ms until it holds, the controller dies, or `limit` passes.
 async fn wait_for<T>(
     what: &str,
@@ -811,7 +790,12 @@ fn mib(kib: u64) -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = Config::from_args(&args)?;
-    let bin = controller_binary(args.controller.as_deref())?;
+    let bin = ambit_bench::binary(
+        "--controller",
+        args.controller.as_deref(),
+        "ambit-controller",
+        "cargo build --release -p ambit-controller",
+    )?;
     // Two workers: the subscribers should not be the bottleneck, but on a small machine
     // they share the cores with the controller (their CPU is reported).
     let runtime = tokio::runtime::Builder::new_multi_thread()

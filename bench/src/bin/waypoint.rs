@@ -221,18 +221,12 @@ async fn paced(path: &Path, rate: u64, seconds: u64) -> anyhow::Result<u64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let waypoint_bin = match args.waypoint_bin.clone() {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory for the current executable")?
-            .join("waypoint"),
-    };
-    anyhow::ensure!(
-        waypoint_bin.exists(),
-        "{} not found: build it with `cargo build --release -p ambit-waypoint` or pass --waypoint-bin",
-        waypoint_bin.display()
-    );
+    let waypoint_bin = ambit_bench::binary(
+        "--waypoint-bin",
+        args.waypoint_bin.as_deref(),
+        "waypoint",
+        "cargo build --release -p ambit-waypoint",
+    )?;
 
     let backend_listener = TcpListener::bind("127.0.0.1:0").await?;
     let backend = backend_listener.local_addr()?;

@@ -665,7 +665,9 @@ fn ratio(a: &[f64], b: &[f64]) -> String {
 /// Prints one row per figure: a cell per path that ran (median and spread over rounds), then
 /// the ratios. `floor/peer` is the most any proxy pair could reach against the peer, on the
 /// figures the floor bounds.
-fn print_report(rounds: &[Vec<(PathKind, Run)>], has_peer: bool, has_floor: bool) {
+fn print_report(rounds: &[Vec<(PathKind, Run)>]) {
+    let ran = |path: PathKind| rounds.iter().flatten().any(|(p, _)| *p == path);
+    let (has_peer, has_floor) = (ran(PathKind::Peer), ran(PathKind::Floor));
     let values = |path: PathKind, get: fn(&Run) -> Option<f64>| -> Vec<f64> {
         rounds
             .iter()
@@ -787,33 +789,27 @@ fn main() -> anyhow::Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    let ours = match &args.ztunnel {
-        Some(p) => p.clone(),
-        None => beside_this("ztunnel")?,
-    };
-    if !ours.is_file() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p ambit-ztunnel --bin ztunnel) or pass --ztunnel",
-            ours.display()
-        );
-    }
+    let ours = ambit_bench::binary(
+        "--ztunnel",
+        args.ztunnel.as_deref(),
+        "ztunnel",
+        "cargo build --release -p ambit-ztunnel --bin ztunnel",
+    )?;
     let mut flavors = vec![(PathKind::Ambit, Flavor::Ambit(ours))];
-    match &args.peer_ztunnel {
-        Some(p) if !p.is_file() => bail!("--peer-ztunnel {}: no such file", p.display()),
-        Some(p) => flavors.push((PathKind::Peer, Flavor::Peer(p.clone()))),
-        None => {}
+    if let Some(peer) = &args.peer_ztunnel {
+        if !peer.is_file() {
+            bail!("--peer-ztunnel {}: no such file", peer.display());
+        }
+        flavors.push((PathKind::Peer, Flavor::Peer(peer.clone())));
     }
     if !args.no_floor {
-        let relay = match &args.floor_relay {
-            Some(p) => p.clone(),
-            None => beside_this("floor_relay")?,
-        };
-        if !relay.is_file() {
-            bail!(
-                "{} not found: build it first (cargo build --release -p ambit-bench --bin floor_relay), pass --floor-relay, or skip the floor with --no-floor",
-                relay.display()
-            );
-        }
+        let relay = ambit_bench::binary(
+            "--floor-relay",
+            args.floor_relay.as_deref(),
+            "floor_relay",
+            "cargo build --release -p ambit-bench --bin floor_relay",
+        )
+        .context("the floor path's relay (--no-floor skips that path)")?;
         flavors.push((PathKind::Floor, Flavor::Floor(relay, args.floor_tunnel)));
     }
     for tool in ["iperf3", "sockperf", "wrk", "nginx", "iptables"] {
@@ -922,7 +918,7 @@ fn main() -> anyhow::Result<()> {
     }
     let load_after = loadavg();
     println!();
-    print_report(&rounds, has_peer, has_floor);
+    print_report(&rounds);
     println!(
         "load average: before {load_before}, after {load_after} (1, 5, 15 min; {} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -943,14 +939,6 @@ fn main() -> anyhow::Result<()> {
     drop(_servers);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
-}
-
-/// `name` in the directory of this binary (where cargo puts the workspace's binaries).
-fn beside_this(name: &str) -> anyhow::Result<PathBuf> {
-    Ok(std::env::current_exe()?
-        .parent()
-        .context("no directory for this binary")?
-        .join(name))
 }
 
 fn which(program: &str) -> Option<PathBuf> {

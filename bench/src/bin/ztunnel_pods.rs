@@ -500,19 +500,12 @@ fn measure(client: &Pod, srv: &Pod, args: &Args) -> anyhow::Result<PathResult> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin = match &args.ztunnel {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no exe dir")?
-            .join("ztunnel"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build [--release] -p ambit-ztunnel --bin ztunnel)",
-            bin.display()
-        );
-    }
+    let bin = ambit_bench::binary(
+        "--ztunnel",
+        args.ztunnel.as_deref(),
+        "ztunnel",
+        "cargo build [--release] -p ambit-ztunnel --bin ztunnel",
+    )?;
     let Some(topo) = Topology::client_and_server("zt_bench").build_or_skip() else {
         bail!("needs root");
     };
